@@ -1,0 +1,25 @@
+/**
+ * Error type names carried by ApplicationFailure.type. Activities throw these as
+ * non-retryable for permanent failures; workflows and the CLI match on them.
+ */
+export const ErrorType = {
+  DomainNotFound: 'DomainNotFound',
+  DomainGone: 'DomainGone',
+  DomainStarted: 'DomainStarted',
+  UnsupportedDisk: 'UnsupportedDisk',
+  BackupApiUnavailable: 'BackupApiUnavailable',
+  BackupJobFailed: 'BackupJobFailed',
+  QuiesceFailed: 'QuiesceFailed',
+  PivotFailed: 'PivotFailed',
+  ImageCorrupt: 'ImageCorrupt',
+  ChecksumMismatch: 'ChecksumMismatch',
+  InvalidInput: 'InvalidInput',
+  HypervisorUnreachable: 'HypervisorUnreachable',
+  // storage
+  NotFound: 'StorageNotFound',
+  PermissionDenied: 'StoragePermissionDenied',
+  NoSpace: 'StorageNoSpace',
+  Unreachable: 'StorageUnreachable',
+  InvalidTarget: 'InvalidTarget',
+} as const;
+export type ErrorTypeName = (typeof ErrorType)[keyof typeof ErrorType];

@@ -1,0 +1,39 @@
+/**
+ * Names shared by workflows (sandboxed) and Node code: task queues, workflow ids, search
+ * attributes. Nothing here may import Node built-ins.
+ */
+
+/** Anything touching a VM or its disk files runs on the task queue of the VM's host. */
+export function hostTaskQueue(host: string): string {
+  return `vmbackup-host-${host}`;
+}
+
+/**
+ * One workflow id per domain and host: Temporal itself refuses a second backup of the same
+ * VM while one runs (WorkflowExecutionAlreadyStarted), so no lock of our own is needed.
+ */
+export function backupWorkflowId(host: string, domain: string): string {
+  return `vmbackup-backup-${host}-${domain}`;
+}
+
+/** Backup ids are file- and key-safe: `<domain>-<UTC yyyymmddThhmmssZ>-<4 hex>`. */
+export function makeBackupId(domain: string, at: Date, suffix: string): string {
+  const ts = at
+    .toISOString()
+    .replace(/[-:]/g, '')
+    .replace(/\.\d+Z$/, 'Z');
+  return `${domain}-${ts}-${suffix}`;
+}
+
+export const SEARCH_ATTRIBUTES = {
+  domain: 'VmbackupDomain',
+  host: 'VmbackupHost',
+  state: 'VmbackupState',
+  backupId: 'VmbackupBackupId',
+  method: 'VmbackupMethod',
+} as const;
+
+/** Libvirt domain names we accept: no shell metacharacters, no path separators. */
+export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
+/** Host names used in task queues. */
+export const HOST_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;

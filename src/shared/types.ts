@@ -1,0 +1,142 @@
+/** Types exchanged between the CLI, workflows and activities (all JSON-serialisable). */
+
+export type BackupMethod = 'push' | 'snapshot' | 'offline';
+export type RequestedMethod = 'auto' | 'push' | 'snapshot';
+export type DomainState = 'running' | 'paused' | 'shut off' | 'other';
+
+export interface DiskInfo {
+  /** target dev, e.g. vda */
+  name: string;
+  /** absolute path of the image the disk currently uses */
+  source: string;
+  /** qcow2 | raw */
+  format: string;
+  device: 'disk' | 'cdrom' | 'floppy' | 'lun';
+  readonly: boolean;
+  shareable: boolean;
+  /** bytes the guest sees */
+  virtualSize: number;
+  /** bytes allocated on the host */
+  allocation: number;
+  /** backing chain below `source` (file paths, top first); empty for a standalone image */
+  backingChain: string[];
+}
+
+export interface SkippedDisk {
+  name: string;
+  reason: string;
+}
+
+export interface DomainInfo {
+  domain: string;
+  uuid: string;
+  state: DomainState;
+  /** disks vmbackup will back up */
+  disks: DiskInfo[];
+  /** disks left out (cdrom, read-only, shareable unless asked for) */
+  skipped: SkippedDisk[];
+  libvirtVersion: string;
+  qemuVersion: string;
+  /** virDomainBackupBegin usable: libvirt >= 7.2 and QEMU >= 4.2 */
+  backupApi: boolean;
+  hasGuestAgent: boolean;
+}
+
+export interface BackupOptions {
+  /** include cdrom, read-only and shareable disks */
+  includeAllDisks?: boolean;
+  /** snapshot method: freeze guest filesystems through the guest agent */
+  quiesce?: boolean;
+  /** snapshot method: fail rather than fall back to crash-consistent */
+  requireQuiesce?: boolean;
+  /** snapshot method: copy tool */
+  copyTool?: 'rsync' | 'cp';
+  /** S3 options applied to every s3:// target */
+  s3?: S3TargetOptions;
+}
+
+export interface S3TargetOptions {
+  forcePathStyle?: boolean;
+  storageClass?: string;
+  serverSideEncryption?: string;
+  partSizeMiB?: number;
+  concurrency?: number;
+  /** bytes per second, 0 = unlimited */
+  bandwidthLimit?: number;
+}
+
+export interface BackupRequest {
+  backupId: string;
+  domain: string;
+  host: string;
+  method: RequestedMethod;
+  /** target URLs (file://, nfs://, s3://); never empty (the CLI fills the default) */
+  targets: string[];
+  options: BackupOptions;
+  /** ISO time the request was made (set by the client; workflows have no clock for logic) */
+  requestedAt: string;
+}
+
+/** An image produced on the host, ready for shipping. */
+export interface DiskImage {
+  name: string;
+  /** format of the backup image (qcow2 for push/offline, same as the base for snapshot) */
+  format: string;
+  /** absolute path of the image on the host */
+  path: string;
+  virtualSize: number;
+  /** bytes of the image file */
+  size: number;
+  sha256: string;
+}
+
+export interface TargetResult {
+  target: string;
+  ok: boolean;
+  error?: string;
+  /** per disk: where it was stored on that target (key or URL) */
+  locations?: Record<string, string>;
+}
+
+export type BackupStatus = 'running' | 'completed' | 'failed' | 'cancelled' | 'partial';
+
+export type BackupPhase =
+  | 'starting'
+  | 'inspecting'
+  | 'creating-overlays'
+  | 'backing-up'
+  | 'copying'
+  | 'committing'
+  | 'finalizing'
+  | 'uploading'
+  | 'cleaning-up'
+  | 'done';
+
+export interface BackupProgress {
+  backupId: string;
+  domain: string;
+  host: string;
+  method?: BackupMethod;
+  phase: BackupPhase;
+  bytesDone: number;
+  bytesTotal: number;
+  /** per-target upload progress */
+  targets: Record<string, { bytesDone: number; bytesTotal: number; state: 'pending' | 'uploading' | 'done' | 'failed' }>;
+  error?: string;
+}
+
+export interface BackupResult {
+  backupId: string;
+  domain: string;
+  host: string;
+  method: BackupMethod;
+  status: BackupStatus;
+  startedAt: string;
+  finishedAt: string;
+  quiesced: boolean;
+  libvirtVersion: string;
+  qemuVersion: string;
+  disks: Array<{ name: string; format: string; virtualSize: number; size: number; sha256: string; location: string }>;
+  skipped: SkippedDisk[];
+  targets: TargetResult[];
+}

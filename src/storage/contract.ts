@@ -1,0 +1,90 @@
+/**
+ * The storage-target contract (after flydrive's DriverContract and restic's Backend).
+ *
+ * Keys are relative, '/'-separated, normalised; a key containing '..', a leading '/', an
+ * empty segment or a NUL is rejected with StorageError kind 'invalid-key' before any I/O.
+ * Every method names whether it is idempotent and what happens when the object is missing.
+ * Drivers throw StorageError (errors.ts) with a kind, so activities can make permanent
+ * failures non-retryable.
+ */
+import type { Readable } from 'node:stream';
+
+export interface TargetCapabilities {
+  /** putManifest/putImage replace an existing object atomically */
+  atomicReplace: boolean;
+  /** images are uploaded in parts that survive a crash (resume from a checkpoint) */
+  multipart: boolean;
+  /** get() honours byte ranges without reading the whole object */
+  rangeReads: boolean;
+  /** a local directory backs this target: images may be moved in with rename(2) */
+  localPath?: string;
+}
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+  modified: Date;
+  /** user metadata, e.g. sha256 for images */
+  metadata?: Record<string, string>;
+}
+
+/** Opaque resume state a driver hands out during putImage and accepts back after a crash. */
+export type PutCheckpoint = Record<string, unknown>;
+
+export interface PutImageOptions {
+  /** called with bytes sent so far (monotonic within one call) */
+  onProgress?: (bytesDone: number, bytesTotal: number) => void;
+  /** called whenever durable progress was made; persist it (heartbeat) and pass it back as resume */
+  onCheckpoint?: (checkpoint: PutCheckpoint) => void;
+  /** checkpoint from an earlier, interrupted attempt */
+  resume?: PutCheckpoint;
+  /** aborts the transfer; the driver leaves no visible object and cleans temporary state */
+  signal?: AbortSignal;
+  /** stored with the object (S3 user metadata / sidecar) */
+  metadata?: Record<string, string>;
+  /** if set, the driver may move (rename) the source instead of copying it (same filesystem only) */
+  allowMove?: boolean;
+}
+
+export interface PutImageResult {
+  key: string;
+  size: number;
+  /** SHA-256 of the bytes stored, computed while streaming (hex) */
+  sha256: string;
+  /** bytes actually transferred in this call (less than size after a resume) */
+  bytesSent: number;
+}
+
+export interface StorageTarget {
+  /** URL of the target with credentials removed; safe to print */
+  readonly displayUrl: string;
+  readonly capabilities: TargetCapabilities;
+
+  /**
+   * Store the file at `sourcePath` under `key`. Atomic: the object becomes visible whole or
+   * not at all. Idempotent: storing the same bytes again leaves one object. Overwrites an
+   * existing object only if `atomicReplace`; otherwise the driver replaces it safely.
+   */
+  putImage(key: string, sourcePath: string, opts?: PutImageOptions): Promise<PutImageResult>;
+
+  /** Store a small object (manifest) atomically. Idempotent. */
+  putManifest(key: string, body: Buffer): Promise<void>;
+
+  /** Read an object, whole or `range` (inclusive start, exclusive end). Missing -> 'not-found'. */
+  get(key: string, range?: { start: number; end: number }): Promise<Readable>;
+
+  /** Small objects into memory. Missing -> 'not-found'. */
+  getBuffer(key: string): Promise<Buffer>;
+
+  /** Metadata, or undefined when the object is missing. Idempotent, no error when missing. */
+  stat(key: string): Promise<ObjectInfo | undefined>;
+
+  /** Every object whose key starts with `prefix` (recursive); empty when none. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
+
+  /** Remove an object. Idempotent: a missing object is not an error. */
+  delete(key: string): Promise<void>;
+
+  /** Release sockets/handles. */
+  close(): Promise<void>;
+}
