@@ -53,6 +53,8 @@ export interface BackupOptions {
   copyTool?: 'rsync' | 'cp';
   /** S3 options applied to every s3:// target */
   s3?: S3TargetOptions;
+  /** how long a silent long-running step may go before Temporal retries it on another worker (default 30) */
+  heartbeatTimeoutSeconds?: number;
 }
 
 export interface S3TargetOptions {

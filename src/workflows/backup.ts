@@ -1,0 +1,315 @@
+/**
+ * backupDomain: one full backup of one VM, as a durable sequence of idempotent activities.
+ *
+ * Every step runs on the VM's host task queue and is recorded in the workflow history, so
+ * after a worker, host, libvirtd or Temporal restart the backup resumes at the step it was
+ * in. Undo steps (abort the push job, commit and pivot the overlays, remove the staging
+ * files) are registered right after the step that needs them and run in a non-cancellable
+ * scope, so a cancel or a failure never leaves the VM on an overlay or a job running.
+ */
+import {
+  ApplicationFailure,
+  CancellationScope,
+  isCancellation,
+  log,
+  proxyActivities,
+  setHandler,
+  upsertSearchAttributes,
+  workflowInfo,
+} from '@temporalio/workflow';
+import type { ActivityOptions } from '@temporalio/workflow';
+import type { HostActivities, ImageFile, OverlayRecord, StagingArea } from '../shared/activities';
+import { ErrorType } from '../shared/errors';
+import { hostTaskQueue } from '../shared/names';
+import { progressQuery } from '../shared/queries';
+import { StateKey, MethodKey } from '../shared/search';
+import type {
+  BackupMethod,
+  BackupPhase,
+  BackupProgress,
+  BackupRequest,
+  BackupResult,
+  DiskImage,
+  DomainInfo,
+  TargetResult,
+} from '../shared/types';
+
+/** Failures no retry can fix. Storage/hypervisor "unreachable" stays retryable. */
+const PERMANENT: string[] = Object.values(ErrorType).filter(
+  (t) => t !== ErrorType.Unreachable && t !== ErrorType.HypervisorUnreachable,
+);
+
+function activities(host: string, heartbeatTimeoutSec: number) {
+  const base: ActivityOptions = {
+    taskQueue: hostTaskQueue(host),
+    retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s', nonRetryableErrorTypes: PERMANENT },
+  };
+  const short = proxyActivities<HostActivities>({ ...base, startToCloseTimeout: '5m' });
+  // Long steps heartbeat: a dead worker is noticed after heartbeatTimeout and the step is retried elsewhere
+  // (on this host's queue) from its last heartbeat.
+  const long = proxyActivities<HostActivities>({
+    ...base,
+    startToCloseTimeout: '24h',
+    heartbeatTimeout: `${heartbeatTimeoutSec}s`,
+  });
+  return { short, long };
+}
+
+export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
+  const { backupId, domain, host } = req;
+  const { short, long } = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
+  const startedAt = workflowInfo().startTime.toISOString();
+
+  const progress: BackupProgress = {
+    backupId,
+    domain,
+    host,
+    phase: 'starting',
+    bytesDone: 0,
+    bytesTotal: 0,
+    targets: Object.fromEntries(req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }])),
+  };
+  setHandler(progressQuery, () => progress);
+  const phase = (p: BackupPhase) => {
+    progress.phase = p;
+    upsertSearchAttributes([{ key: StateKey, value: p }]);
+  };
+
+  phase('inspecting');
+  const info = await short.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
+  const method = chooseMethod(req, info);
+  progress.method = method;
+  progress.bytesTotal = info.disks.reduce((n, d) => n + d.virtualSize, 0);
+  upsertSearchAttributes([{ key: MethodKey, value: method }]);
+  log.info('backup planned', { backupId, domain, method, disks: info.disks.map((d) => d.name) });
+
+  const staging = await short.prepareStaging({ backupId, domain, targets: req.targets });
+  // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
+  const compensations: Array<() => Promise<void>> = [
+    () => short.cleanupStaging({ backupId, stagingDir: staging.dir }),
+  ];
+
+  let images: DiskImage[];
+  let quiesced = false;
+  try {
+    let files: ImageFile[];
+    if (method === 'push') {
+      phase('backing-up');
+      const job = await short.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+      const jobInput = { backupId, domain, images: job.images };
+      compensations.unshift(() => short.abortPushBackup(jobInput));
+      const stats = await long.awaitBackupJob(jobInput);
+      compensations.shift();
+      progress.bytesDone = stats.bytes;
+      files = job.images;
+    } else if (method === 'offline') {
+      phase('copying');
+      files = await long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+    } else {
+      phase('creating-overlays');
+      const created = await short.createOverlays({
+        backupId,
+        domain,
+        disks: info.disks,
+        quiesce: req.options.quiesce ?? false,
+        requireQuiesce: req.options.requireQuiesce ?? false,
+      });
+      quiesced = created.quiesced;
+      const overlays: OverlayRecord[] = created.overlays;
+      const undoOverlays = async () => {
+        await long.commitAndPivot({ backupId, domain, overlays });
+        await short.removeOverlays({ backupId, domain, overlays });
+      };
+      compensations.unshift(undoOverlays);
+      phase('copying');
+      files = await long.copyBaseImages({
+        backupId,
+        domain,
+        overlays,
+        stagingDir: staging.dir,
+        copyTool: req.options.copyTool ?? 'rsync',
+      });
+      phase('committing');
+      // The saga step itself: from here on the VM is put back on its base whatever happens.
+      compensations.shift();
+      await CancellationScope.nonCancellable(undoOverlays);
+    }
+    phase('finalizing');
+    images = await long.finalizeImages({ backupId, images: files });
+  } catch (err) {
+    await runCompensations(compensations);
+    progress.error = errorMessage(err);
+    upsertSearchAttributes([{ key: StateKey, value: isCancellation(err) ? 'cancelled' : 'failed' }]);
+    throw err;
+  }
+
+  phase('uploading');
+  const targets = await shipToTargets(req, { short, long }, staging, images, progress, {
+    method,
+    startedAt,
+    quiesced,
+    info,
+  });
+
+  phase('cleaning-up');
+  await CancellationScope.nonCancellable(() => short.cleanupStaging({ backupId, stagingDir: staging.dir }));
+
+  const okTargets = targets.filter((t) => t.ok);
+  const first = okTargets[0];
+  const result: BackupResult = {
+    backupId,
+    domain,
+    host,
+    method,
+    status: okTargets.length === targets.length ? 'completed' : 'partial',
+    startedAt,
+    finishedAt: new Date().toISOString(),
+    quiesced,
+    libvirtVersion: info.libvirtVersion,
+    qemuVersion: info.qemuVersion,
+    disks: images.map((img) => ({
+      name: img.name,
+      format: img.format,
+      virtualSize: img.virtualSize,
+      size: img.size,
+      sha256: img.sha256,
+      location: first?.locations?.[img.name] ?? '',
+    })),
+    skipped: info.skipped,
+    targets,
+  };
+  if (!first) {
+    progress.error = targets.map((t) => t.error).join('; ');
+    upsertSearchAttributes([{ key: StateKey, value: 'failed' }]);
+    throw ApplicationFailure.create({
+      message: `backup ${backupId} of ${domain} reached no target: ${progress.error}`,
+      type: 'NoTargetSucceeded',
+      nonRetryable: true,
+      details: [result],
+    });
+  }
+  phase('done');
+  upsertSearchAttributes([{ key: StateKey, value: result.status }]);
+  return result;
+}
+
+function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
+  if (info.disks.length === 0) {
+    throw ApplicationFailure.nonRetryable(
+      `${req.domain} has no disk to back up (skipped: ${info.skipped.map((s) => `${s.name}: ${s.reason}`).join(', ') || 'none'})`,
+      ErrorType.UnsupportedDisk,
+    );
+  }
+  // A shut-off domain has no QEMU process: no backup job and no snapshot, copy the files directly.
+  if (info.state === 'shut off') return 'offline';
+  if (req.method === 'snapshot') return 'snapshot';
+  if (req.method === 'push') {
+    if (!info.backupApi) {
+      throw ApplicationFailure.nonRetryable(
+        `push mode needs libvirt >= 7.2 and QEMU >= 4.2, ${req.host} has libvirt ${info.libvirtVersion} and QEMU ${info.qemuVersion}: use --method snapshot`,
+        ErrorType.BackupApiUnavailable,
+      );
+    }
+    return 'push';
+  }
+  return info.backupApi ? 'push' : 'snapshot';
+}
+
+async function shipToTargets(
+  req: BackupRequest,
+  acts: ReturnType<typeof activities>,
+  staging: StagingArea,
+  images: DiskImage[],
+  progress: BackupProgress,
+  meta: { method: BackupMethod; startedAt: string; quiesced: boolean; info: DomainInfo },
+): Promise<TargetResult[]> {
+  const { backupId, domain, host } = req;
+  const total = images.reduce((n, i) => n + i.size, 0);
+  // The target whose filesystem holds the staging dir takes the images by rename; it goes last so the
+  // other targets can still read the staged files.
+  const order = [...req.targets].sort((a, b) => Number(a === staging.localTarget) - Number(b === staging.localTarget));
+  const results = new Map<string, TargetResult>();
+  const shipOne = async (target: string): Promise<void> => {
+    const state = progress.targets[target] ?? { bytesDone: 0, bytesTotal: total, state: 'pending' as const };
+    progress.targets[target] = state;
+    state.bytesTotal = total;
+    state.state = 'uploading';
+    try {
+      const locations: Record<string, string> = {};
+      const disks = [];
+      for (const disk of images) {
+        const shipped = await acts.long.shipImage({
+          backupId,
+          domain,
+          target,
+          disk,
+          allowMove: target === staging.localTarget,
+          s3Options: req.options.s3,
+        });
+        locations[disk.name] = shipped.key;
+        state.bytesDone += shipped.size;
+        disks.push({ ...disk, size: shipped.size, key: shipped.key });
+      }
+      await acts.short.writeManifest({
+        target,
+        manifest: {
+          backupId,
+          domain,
+          host,
+          method: meta.method,
+          startedAt: meta.startedAt,
+          finishedAt: new Date().toISOString(),
+          quiesced: meta.quiesced,
+          libvirtVersion: meta.info.libvirtVersion,
+          qemuVersion: meta.info.qemuVersion,
+          disks: disks.map((d) => ({
+            name: d.name,
+            format: d.format,
+            virtualSize: d.virtualSize,
+            size: d.size,
+            sha256: d.sha256,
+            key: d.key,
+          })),
+        },
+      });
+      state.state = 'done';
+      results.set(target, { target, ok: true, locations });
+    } catch (err) {
+      if (isCancellation(err)) throw err;
+      state.state = 'failed';
+      results.set(target, { target, ok: false, error: errorMessage(err) });
+      // Never leave a half backup on a target: no manifest was written, remove what was uploaded.
+      await CancellationScope.nonCancellable(() =>
+        acts.short.deleteBackupObjects({ target, domain, backupId }).catch((e: unknown) => {
+          log.warn('could not remove partial upload', { target, error: errorMessage(e) });
+        }),
+      );
+    }
+  };
+  // Remote targets in parallel, each retried independently; the rename target after them.
+  const remote = order.filter((t) => t !== staging.localTarget);
+  await Promise.all(remote.map(shipOne));
+  if (staging.localTarget && req.targets.includes(staging.localTarget)) await shipOne(staging.localTarget);
+  return req.targets.map((t) => results.get(t) ?? { target: t, ok: false, error: 'not attempted' });
+}
+
+async function runCompensations(compensations: Array<() => Promise<void>>): Promise<void> {
+  await CancellationScope.nonCancellable(async () => {
+    for (const undo of compensations) {
+      try {
+        await undo();
+      } catch (err) {
+        log.error('undo step failed', { error: errorMessage(err) });
+      }
+    }
+  });
+}
+
+function errorMessage(err: unknown): string {
+  if (err instanceof Error) {
+    const cause = (err as { cause?: unknown }).cause;
+    if (cause instanceof Error && cause.message) return cause.message;
+    return err.message;
+  }
+  return String(err);
+}

@@ -1,0 +1,3 @@
+export { backupDomain } from './backup';
+export { recoverHost } from './recover';
+export type { RecoverHostInput } from './recover';
