@@ -246,7 +246,7 @@ async function shipToTargets(
           allowMove: target === staging.localTarget,
           s3Options: req.options.s3,
         });
-        locations[disk.name] = shipped.key;
+        locations[disk.name] = `${target.replace(/\/+$/, '')}/${shipped.key}`;
         state.bytesDone += shipped.size;
         disks.push({ ...disk, size: shipped.size, key: shipped.key });
       }

@@ -1,0 +1,145 @@
+/**
+ * Image steps shared by every method: copying the disks of a shut-off domain, and the final
+ * check + SHA-256 of each image before it is shipped.
+ */
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Context } from '@temporalio/activity';
+import type { Hypervisor } from '../hypervisor/port';
+import { checkImage, convertImage, imageInfo, sha256File } from '../hypervisor/qemu-img';
+import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
+import { ErrorType } from '../shared/errors';
+import type { DiskImage } from '../shared/types';
+import { hypervisorFailure, permanent } from './failures';
+import type { ByteProgress } from './push';
+
+export interface ImageDeps {
+  hypervisor: Hypervisor;
+}
+
+interface FinalizeCheckpoint extends ByteProgress {
+  done: DiskImage[];
+}
+
+export function createImageActivities(deps: ImageDeps) {
+  const hv = deps.hypervisor;
+
+  /**
+   * A shut-off domain has no QEMU process, so no backup job: copy each disk with
+   * `qemu-img convert` (sparse). A start during the copy would make a mixed image, so the
+   * domain state and the source files are watched, and the copy is discarded if either moves.
+   */
+  async function copyOfflineDisks(input: OfflineCopyInput): Promise<ImageFile[]> {
+    const ctx = Context.current();
+    const total = input.disks.reduce((n, d) => n + d.virtualSize, 0);
+    const images: ImageFile[] = [];
+    let before = 0;
+    for (const disk of input.disks) {
+      const dst = join(input.stagingDir, `${disk.name}.qcow2`);
+      const stamp = await fileStamp(disk.source);
+      await assertShutOff(input.domain);
+      await rm(dst, { force: true });
+      const watch = new AbortController();
+      ctx.cancellationSignal.addEventListener('abort', () => watch.abort(), { once: true });
+      let started = false;
+      const watcher = setInterval(() => {
+        hv.state(input.domain).then(
+          (s) => {
+            if (s !== 'shut off') {
+              started = true;
+              watch.abort();
+            }
+          },
+          () => undefined,
+        );
+      }, 500);
+      try {
+        await convertImage(disk.source, dst, {
+          srcFormat: disk.format,
+          dstFormat: 'qcow2',
+          signal: watch.signal,
+          onProgress: (fraction) =>
+            ctx.heartbeat({ bytesDone: before + Math.round(fraction * disk.virtualSize), bytesTotal: total }),
+        });
+      } catch (err) {
+        await rm(dst, { force: true });
+        if (started) throw startedDuringCopy(input.domain);
+        throw err;
+      } finally {
+        clearInterval(watcher);
+      }
+      await assertShutOff(input.domain).catch(async (err: unknown) => {
+        await rm(dst, { force: true });
+        throw err;
+      });
+      if ((await fileStamp(disk.source)) !== stamp) {
+        await rm(dst, { force: true });
+        throw startedDuringCopy(input.domain);
+      }
+      before += disk.virtualSize;
+      images.push({ name: disk.name, format: 'qcow2', path: dst, virtualSize: disk.virtualSize });
+    }
+    return images;
+  }
+
+  async function assertShutOff(domain: string): Promise<void> {
+    let state: string;
+    try {
+      state = await hv.state(domain);
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+    if (state !== 'shut off') throw startedDuringCopy(domain);
+  }
+
+  /** `qemu-img check` and SHA-256 of each image; resumes after the last image finished. */
+  async function finalizeImages(input: FinalizeImagesInput): Promise<DiskImage[]> {
+    const ctx = Context.current();
+    const prior = ctx.info.heartbeatDetails as FinalizeCheckpoint | undefined;
+    const done: DiskImage[] = prior?.done ?? [];
+    const sizes = await Promise.all(input.images.map((i) => stat(i.path).then((s) => s.size)));
+    const total = sizes.reduce((n, s) => n + s, 0);
+    let before = done.reduce((n, d) => n + d.size, 0);
+    for (const [idx, image] of input.images.entries()) {
+      if (done.some((d) => d.name === image.name)) continue;
+      const check = await checkImage(image.path);
+      if (!check.ok) {
+        throw permanent(
+          `the backup image of disk ${image.name} (${image.path}) failed qemu-img check: ${check.summary}`,
+          ErrorType.ImageCorrupt,
+        );
+      }
+      const info = await imageInfo(image.path);
+      const sha256 = await sha256File(image.path, {
+        signal: ctx.cancellationSignal,
+        onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
+      });
+      const size = sizes[idx] ?? 0;
+      done.push({
+        name: image.name,
+        format: image.format,
+        path: image.path,
+        virtualSize: info.virtualSize,
+        size,
+        sha256,
+      });
+      before += size;
+      ctx.heartbeat({ done, bytesDone: before, bytesTotal: total } satisfies FinalizeCheckpoint);
+    }
+    return input.images.map((i) => done.find((d) => d.name === i.name)).filter((d): d is DiskImage => !!d);
+  }
+
+  return { copyOfflineDisks, finalizeImages };
+}
+
+function startedDuringCopy(domain: string) {
+  return permanent(
+    `${domain} was started during the offline copy, so the copy was discarded: run the backup again (a running domain is backed up live)`,
+    ErrorType.DomainStarted,
+  );
+}
+
+async function fileStamp(path: string): Promise<string> {
+  const s = await stat(path);
+  return `${s.size}:${s.mtimeMs}`;
+}

@@ -1,0 +1,24 @@
+/** All host activities, built over injected ports (samples-typescript activities-dependency-injection). */
+import type { Hypervisor } from '../hypervisor/port';
+import type { HostActivities } from '../shared/activities';
+import { createImageActivities } from './images';
+import { createPushActivities } from './push';
+import { createSnapshotActivities } from './snapshot';
+import { createStorageActivities } from './storage';
+import type { StorageActivityDeps } from './storage';
+
+export interface ActivityDeps {
+  hypervisor: Hypervisor;
+  stateDir: string;
+  pollIntervalMs?: number;
+  openTarget: StorageActivityDeps['openTarget'];
+}
+
+export function createActivities(deps: ActivityDeps): HostActivities {
+  return {
+    ...createPushActivities(deps),
+    ...createImageActivities(deps),
+    ...createSnapshotActivities(deps),
+    ...createStorageActivities({ openTarget: deps.openTarget }),
+  } satisfies HostActivities;
+}

@@ -1,0 +1,215 @@
+/**
+ * Push-mode backup (virDomainBackupBegin) and the steps every method shares: inspect the
+ * domain, prepare and clean the staging directory. Each activity looks at the world first
+ * and does only what is missing, so a retry after a worker or host crash is safe.
+ */
+import { mkdir, readdir, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Context } from '@temporalio/activity';
+import type { Hypervisor, JobInfo } from '../hypervisor/port';
+import { HypervisorError } from '../hypervisor/errors';
+import type {
+  AwaitBackupJobInput,
+  BackupJobStats,
+  CleanupStagingInput,
+  ImageFile,
+  InspectDomainInput,
+  PrepareStagingInput,
+  PushBackupInput,
+  PushBackupJob,
+  StagingArea,
+} from '../shared/activities';
+import { ErrorType } from '../shared/errors';
+import type { DomainInfo } from '../shared/types';
+import { hypervisorFailure, permanent } from './failures';
+
+export interface PushDeps {
+  hypervisor: Hypervisor;
+  stateDir: string;
+  /** how often awaitBackupJob asks libvirt (ms); small, since it bounds the end-to-end overhead */
+  pollIntervalMs?: number;
+}
+
+/** Progress a long activity heartbeats; the client reads it from the pending activity. */
+export interface ByteProgress {
+  bytesDone: number;
+  bytesTotal: number;
+}
+
+const ACTIVE: ReadonlySet<JobInfo['type']> = new Set(['Bounded', 'Unbounded']);
+
+export function createPushActivities(deps: PushDeps) {
+  const hv = deps.hypervisor;
+  const pollMs = deps.pollIntervalMs ?? 200;
+
+  async function inspectDomain(input: InspectDomainInput): Promise<DomainInfo> {
+    try {
+      return await hv.inspect(input.domain, { includeAllDisks: input.includeAllDisks });
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+  }
+
+  /**
+   * The staging directory lives inside the first local (file://) target when there is one, so
+   * shipping to it is a rename and a push backup costs no extra copy; else under the state dir.
+   */
+  async function prepareStaging(input: PrepareStagingInput): Promise<StagingArea> {
+    const localTarget = input.targets.find((t) => t.startsWith('file://'));
+    const root = localTarget ? join(fileURLToPath(localTarget), '.staging') : join(deps.stateDir, 'staging');
+    const dir = join(root, input.backupId);
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EACCES' || code === 'EROFS' || code === 'ENOSPC' || code === 'ENOTDIR') {
+        throw permanent(
+          `cannot create the staging directory ${dir} (${code}): check that ${localTarget ?? deps.stateDir} is writable`,
+          code === 'ENOSPC' ? ErrorType.NoSpace : ErrorType.PermissionDenied,
+        );
+      }
+      throw err;
+    }
+    return { dir, localTarget };
+  }
+
+  async function cleanupStaging(input: CleanupStagingInput): Promise<void> {
+    await rm(input.stagingDir, { recursive: true, force: true });
+    // Drop the parent `.staging` too when nothing else is in it (ignore races with other backups).
+    const parent = join(input.stagingDir, '..');
+    try {
+      if ((await readdir(parent)).length === 0) await rm(parent, { recursive: false, force: true });
+    } catch {
+      /* another backup is using it, or it is gone already */
+    }
+  }
+
+  function imagesFor(input: PushBackupInput): ImageFile[] {
+    return input.disks.map((d) => ({
+      name: d.name,
+      format: 'qcow2',
+      path: join(input.stagingDir, `${d.name}.qcow2`),
+      virtualSize: d.virtualSize,
+    }));
+  }
+
+  async function beginPushBackup(input: PushBackupInput): Promise<PushBackupJob> {
+    const images = imagesFor(input);
+    try {
+      const job = await hv.jobInfo(input.domain);
+      if (ACTIVE.has(job.type)) {
+        // After a retry our own job may already run: libvirt creates every target file at job start.
+        const ours = await allExist(images.map((i) => i.path));
+        if (ours) return { images, attached: true };
+        throw permanent(
+          `another job (${job.operation ?? 'unknown'}) is running on ${input.domain}: wait for it to end or abort it with \`virsh domjobabort ${input.domain}\``,
+          ErrorType.BackupJobFailed,
+        );
+      }
+      // A staging file of a dead attempt makes libvirt refuse ("store ... for backup of 'vda' exists").
+      await Promise.all(images.map((i) => rm(i.path, { force: true })));
+      await mkdir(input.stagingDir, { recursive: true });
+      await hv.beginPushBackup(
+        input.domain,
+        images.map((i) => ({ disk: i.name, file: i.path })),
+      );
+      return { images, attached: false };
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+  }
+
+  async function awaitBackupJob(input: AwaitBackupJobInput): Promise<BackupJobStats> {
+    const ctx = Context.current();
+    const total = input.images.reduce((n, i) => n + i.virtualSize, 0);
+    let lastSeenActive = false;
+    let quietSince: number | undefined;
+    for (;;) {
+      let job: JobInfo;
+      try {
+        job = await hv.jobInfo(input.domain);
+      } catch (err) {
+        if (err instanceof HypervisorError && err.kind === 'not-found') {
+          throw permanent(`${input.domain} disappeared during the backup (undefined)`, ErrorType.DomainGone);
+        }
+        hypervisorFailure(err); // libvirtd restarting: transient, Temporal retries and we attach again
+      }
+      if (ACTIVE.has(job.type)) {
+        lastSeenActive = true;
+        quietSince = undefined;
+        ctx.heartbeat({ bytesDone: job.dataProcessed ?? 0, bytesTotal: job.dataTotal ?? total } satisfies ByteProgress);
+      } else {
+        const done = await hv.completedJobInfo(input.domain).catch((err: unknown) => hypervisorFailure(err));
+        if (done.type === 'Completed') {
+          const missing = await firstMissing(input.images.map((i) => i.path));
+          if (missing) {
+            throw permanent(
+              `the backup job of ${input.domain} completed but ${missing} is missing`,
+              ErrorType.BackupJobFailed,
+            );
+          }
+          ctx.heartbeat({ bytesDone: done.dataProcessed ?? total, bytesTotal: done.dataTotal ?? total });
+          return { bytes: done.dataProcessed ?? total, elapsedMs: done.timeElapsedMs ?? 0 };
+        }
+        if (done.type === 'Failed' || done.type === 'Cancelled') {
+          const state = await hv.state(input.domain).catch(() => 'other' as const);
+          const why = state === 'shut off' ? `${input.domain} stopped during the backup` : (done.errorMessage ?? done.type);
+          throw permanent(
+            `the backup job of ${input.domain} ended ${done.type.toLowerCase()}: ${why}`,
+            state === 'shut off' ? ErrorType.DomainGone : ErrorType.BackupJobFailed,
+          );
+        }
+        // No job and no completed stats: either the stats are not published yet (libvirt needs a moment after
+        // the job ends) or the domain went away with its job.
+        const state = await hv.state(input.domain).catch((err: unknown) => hypervisorFailure(err));
+        if (state === 'shut off') {
+          throw permanent(`${input.domain} stopped during the backup; nothing was kept`, ErrorType.DomainGone);
+        }
+        quietSince ??= Date.now();
+        if (Date.now() - quietSince > 30_000) {
+          throw permanent(
+            `the backup job of ${input.domain} is gone and libvirt kept no result${lastSeenActive ? '' : ' (it was never seen running)'}`,
+            ErrorType.BackupJobFailed,
+          );
+        }
+        ctx.heartbeat({ bytesDone: 0, bytesTotal: total });
+      }
+      await ctx.sleep(pollMs); // throws CancelledFailure when the workflow cancels us
+    }
+  }
+
+  /** Undo of beginPushBackup: abort our job if it runs, remove the staging files. Idempotent. */
+  async function abortPushBackup(input: AwaitBackupJobInput): Promise<void> {
+    try {
+      const job = await hv.jobInfo(input.domain);
+      if (ACTIVE.has(job.type) && (await allExist(input.images.map((i) => i.path)))) {
+        await hv.abortJob(input.domain);
+        // domjobabort returns at once; libvirt removes the partial file a moment later.
+        for (let i = 0; i < 100 && ACTIVE.has((await hv.jobInfo(input.domain)).type); i++) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+    } catch (err) {
+      if (!(err instanceof HypervisorError && err.kind === 'not-found')) hypervisorFailure(err);
+    }
+    await Promise.all(input.images.map((i) => rm(i.path, { force: true })));
+  }
+
+  return { inspectDomain, prepareStaging, cleanupStaging, beginPushBackup, awaitBackupJob, abortPushBackup };
+}
+
+async function allExist(paths: string[]): Promise<boolean> {
+  return (await firstMissing(paths)) === undefined;
+}
+
+async function firstMissing(paths: string[]): Promise<string | undefined> {
+  for (const p of paths) {
+    try {
+      await stat(p);
+    } catch {
+      return p;
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,157 @@
+/** `vmbackup backup <domain>`: start a backup, optionally follow it to the end. */
+import { Option } from 'commander';
+import type { Command } from 'commander';
+import { startBackup } from '../../client/backups';
+import type { BackupStatusView } from '../../client/backups';
+import { openSession } from '../../client/connect';
+import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
+import type { BackupOptions, BackupResult, RequestedMethod } from '../../shared/types';
+import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
+import { loadConfig } from '../../worker/config';
+import type { Config } from '../../worker/config';
+import { createHostWorker } from '../../worker';
+import { action, CliError, printJson } from '../output';
+import { watchBackup } from '../watch';
+import { addS3Options, s3OptionsFrom } from './s3-options';
+
+interface BackupFlags {
+  host?: string;
+  method: RequestedMethod;
+  target: string[];
+  wait?: boolean;
+  json?: boolean;
+  quiesce?: boolean;
+  requireQuiesce?: boolean;
+  copyTool: 'rsync' | 'cp';
+  includeAllDisks?: boolean;
+  heartbeatTimeout?: string;
+  [s3: string]: unknown;
+}
+
+export function register(program: Command): void {
+  const cmd = program
+    .command('backup')
+    .description('back up a VM (running: push mode or snapshot method; shut off: direct copy)')
+    .argument('<domain>', 'libvirt domain name')
+    .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
+    .addOption(new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'))
+    .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
+    .option('--wait', 'follow the backup to the end; exit 0 only on success')
+    .option('--json', 'print one JSON object with the result')
+    .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
+    .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
+    .addOption(new Option('--copy-tool <tool>', 'snapshot method: copy with').choices(['rsync', 'cp']).default('rsync'))
+    .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
+    .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
+  addS3Options(cmd);
+  cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
+  if (!DOMAIN_NAME_RE.test(domain)) {
+    throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
+  }
+  const config = loadConfig();
+  const host = flags.host ?? config.host;
+  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+  const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];
+  for (const t of targets) parseTargetUrl(t); // one clear sentence for a bad URL, before anything starts
+  const options: BackupOptions = {
+    quiesce: Boolean(flags.quiesce || flags.requireQuiesce),
+    requireQuiesce: Boolean(flags.requireQuiesce),
+    copyTool: flags.copyTool,
+    includeAllDisks: Boolean(flags.includeAllDisks),
+    s3: s3OptionsFrom(flags),
+    ...(flags.heartbeatTimeout ? { heartbeatTimeoutSeconds: Number(flags.heartbeatTimeout) } : {}),
+  };
+
+  const log = (line: string) => {
+    if (!flags.json) process.stderr.write(`${line}\n`);
+  };
+  const session = await openSession(config, { log });
+  let stopWorker: (() => Promise<void>) | undefined;
+  try {
+    if (session.embedded && host === config.host) {
+      // Embedded default: this process is the host's worker for as long as the backup runs.
+      stopWorker = await startInProcessWorker(config, session.address);
+    }
+    const { backupId, handle } = await startBackup(session.client, {
+      domain,
+      host,
+      method: flags.method,
+      targets,
+      options,
+    });
+    if (!flags.json) process.stdout.write(`${backupId}\n`);
+    // Without a cluster nobody else would run the backup, so the embedded default always waits.
+    if (!flags.wait && !stopWorker) {
+      if (flags.json) printJson({ backupId, domain, host, status: 'running' });
+      return;
+    }
+    const view = await watchBackup(session.client, handle, backupId, { showProgress: !flags.json });
+    report(view, flags.json ?? false, { domain, host });
+  } finally {
+    await stopWorker?.();
+    await session.close();
+  }
+}
+
+async function startInProcessWorker(config: Config, address: string): Promise<() => Promise<void>> {
+  const { worker, connection } = await createHostWorker({ config, address });
+  const running = worker.run();
+  return async () => {
+    worker.shutdown();
+    await running.catch(() => undefined);
+    await connection.close();
+  };
+}
+
+/** Prints the outcome and sets the exit code: 0 only for a backup stored on every target. */
+export function report(view: BackupStatusView, json: boolean, ctx: { domain: string; host: string }): void {
+  const r: BackupResult | undefined = view.result;
+  if (json) {
+    printJson(
+      r
+        ? {
+            backupId: r.backupId,
+            domain: r.domain,
+            host: r.host,
+            method: r.method,
+            status: r.status,
+            startedAt: r.startedAt,
+            finishedAt: r.finishedAt,
+            quiesced: r.quiesced,
+            disks: r.disks.map((d) => ({
+              name: d.name,
+              format: d.format,
+              virtualSize: d.virtualSize,
+              sha256: d.sha256,
+              location: d.location,
+            })),
+            skipped: r.skipped,
+            targets: r.targets,
+          }
+        : {
+            backupId: view.backupId,
+            domain: ctx.domain,
+            host: ctx.host,
+            status: view.execution.toLowerCase(),
+            error: view.error,
+          },
+    );
+  } else if (r) {
+    process.stderr.write(`${r.backupId}: ${r.status} (${r.method}) ${r.disks.length} disk(s)\n`);
+    for (const t of r.targets) {
+      process.stderr.write(`  ${t.ok ? 'ok    ' : 'FAILED'} ${t.target}${t.error ? `: ${t.error}` : ''}\n`);
+    }
+    for (const d of r.disks) process.stderr.write(`  ${d.name} ${d.format} sha256:${d.sha256} -> ${d.location}\n`);
+    for (const s of r.skipped) process.stderr.write(`  skipped ${s.name}: ${s.reason}\n`);
+  } else {
+    process.stderr.write(`vmbackup: backup ${view.backupId} ${view.execution.toLowerCase()}: ${view.error ?? 'no result'}\n`);
+  }
+  if (!r || r.status !== 'completed') process.exitCode = 1;
+}

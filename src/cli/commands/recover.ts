@@ -1,0 +1,46 @@
+/** `vmbackup recover [--host H]`: commit overlays left by backups that no longer run. */
+import type { Command } from 'commander';
+import { HOST_NAME_RE } from '../../shared/names';
+import { createHostWorker, recoverHostOverlays } from '../../worker';
+import { LOCAL_TEMPORAL_ADDRESS, loadConfig } from '../../worker/config';
+import { openSession } from '../../client/connect';
+import { action, CliError, printJson } from '../output';
+
+export function register(program: Command): void {
+  program
+    .command('recover')
+    .description('commit and pivot overlays left by dead snapshot-method backups, and report what was done')
+    .option('--host <name>', 'host to recover (its worker does the work); default: this machine')
+    .option('--domain <name>', 'only this domain')
+    .option('--json', 'print one JSON array')
+    .action(
+      action(async (flags: { host?: string; domain?: string; json?: boolean }) => {
+        const base = loadConfig();
+        const host = flags.host ?? base.host;
+        if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+        const config = { ...base, host };
+        const session = await openSession(config);
+        const address = config.temporalAddress ?? LOCAL_TEMPORAL_ADDRESS;
+        let stop: (() => Promise<void>) | undefined;
+        try {
+          if (session.embedded && host === base.host) {
+            const { worker, connection } = await createHostWorker({ config, address });
+            const running = worker.run();
+            stop = async () => {
+              worker.shutdown();
+              await running.catch(() => undefined);
+              await connection.close();
+            };
+          }
+          const actions = await recoverHostOverlays(address, config, { domain: flags.domain });
+          if (flags.json) printJson(actions);
+          else if (actions.length === 0) process.stdout.write(`nothing to recover on ${host}\n`);
+          else for (const a of actions) process.stdout.write(`${a.domain} ${a.disk}: ${a.action} ${a.overlay}${a.detail ? ` (${a.detail})` : ''}\n`);
+          if (actions.some((a) => a.action === 'failed')) process.exitCode = 1;
+        } finally {
+          await stop?.();
+          await session.close();
+        }
+      }),
+    );
+}

@@ -1,0 +1,48 @@
+/** `vmbackup status <backupId>`: where a backup is, from its workflow. */
+import type { Command } from 'commander';
+import { backupStatus, findBackup } from '../../client/backups';
+import { openSession } from '../../client/connect';
+import { loadConfig } from '../../worker/config';
+import { action, formatBytes, printJson } from '../output';
+import { watchBackup } from '../watch';
+import { report } from './backup';
+
+export function register(program: Command): void {
+  program
+    .command('status')
+    .description('show where a backup is (phase, bytes, targets) or how it ended')
+    .argument('<backupId>')
+    .option('--wait', 'follow it to the end; exit 0 only on success')
+    .option('--json', 'print one JSON object')
+    .action(
+      action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
+        const config = loadConfig();
+        const session = await openSession({ ...config, temporalAddress: config.temporalAddress ?? '127.0.0.1:7233' });
+        try {
+          const handle = await findBackup(session.client, backupId);
+          const view = flags.wait
+            ? await watchBackup(session.client, handle, backupId, { showProgress: !flags.json })
+            : await backupStatus(session.client, handle, backupId);
+          if (view.execution !== 'RUNNING') {
+            const desc = await handle.describe();
+            const sa = desc.searchAttributes;
+            report(view, flags.json ?? false, { domain: String(sa.VmbackupDomain?.[0] ?? ''), host: String(sa.VmbackupHost?.[0] ?? '') });
+            return;
+          }
+          if (flags.json) {
+            printJson({ backupId, status: 'running', progress: view.progress, activity: view.activity });
+            return;
+          }
+          const p = view.progress;
+          const a = view.activity;
+          process.stdout.write(
+            `${backupId}: running, ${p?.phase ?? 'starting'}${p?.method ? ` (${p.method})` : ''}` +
+              (a ? `, ${a.name} ${formatBytes(a.bytesDone)}/${formatBytes(a.bytesTotal)}${a.attempt > 1 ? ` attempt ${a.attempt}` : ''}` : '') +
+              '\n',
+          );
+        } finally {
+          await session.close();
+        }
+      }),
+    );
+}

@@ -1,0 +1,36 @@
+/** `vmbackup worker [--host H]`: serve this host's task queue until SIGINT/SIGTERM. */
+import type { Command } from 'commander';
+import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
+import { createHostWorker, recoverHostOverlays } from '../../worker';
+import { LOCAL_TEMPORAL_ADDRESS, loadConfig } from '../../worker/config';
+import { action, CliError } from '../output';
+
+export function register(program: Command): void {
+  program
+    .command('worker')
+    .description("run this host's worker: executes backups of the VMs on this host")
+    .option('--host <name>', 'host name (task queue vmbackup-host-<name>); default: this machine')
+    .option('--no-recover', 'do not commit leftover overlays of dead backups at start')
+    .action(
+      action(async (flags: { host?: string; recover: boolean }) => {
+        const base = loadConfig();
+        const host = flags.host ?? base.host;
+        if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+        const config = { ...base, host };
+        const address = config.temporalAddress ?? LOCAL_TEMPORAL_ADDRESS;
+        const { worker, connection } = await createHostWorker({ config, address });
+        process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
+        const running = worker.run();
+        if (flags.recover) {
+          recoverHostOverlays(address, config).then(
+            (actions) => {
+              for (const a of actions) process.stderr.write(`recover: ${a.domain} ${a.disk} ${a.action} ${a.overlay}\n`);
+            },
+            (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
+          );
+        }
+        await running;
+        await connection.close();
+      }),
+    );
+}

@@ -1,0 +1,31 @@
+/** The vmbackup command line: thin commands over client/ and storage/. */
+import { Command } from 'commander';
+import { register as backup } from './commands/backup';
+import { register as copy } from './commands/copy';
+import { register as list } from './commands/list';
+import { register as prune } from './commands/prune';
+import { register as recover } from './commands/recover';
+import { register as restore } from './commands/restore';
+import { register as status } from './commands/status';
+import { register as verify } from './commands/verify';
+import { register as worker } from './commands/worker';
+
+export function buildProgram(): Command {
+  const program = new Command('vmbackup')
+    .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
+    .version('0.1.0')
+    .showHelpAfterError();
+  for (const reg of [backup, status, list, verify, restore, copy, prune, recover, worker]) reg(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (err) {
+    process.stderr.write(`vmbackup: ${(err as Error).message}\n`);
+    process.exitCode = 1;
+  }
+}
+
+if (require.main === module) void main(process.argv);

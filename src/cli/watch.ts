@@ -1,0 +1,68 @@
+/**
+ * Following a backup until it ends: a progress bar on a TTY (bytes, rate, ETA), phase lines
+ * on stderr otherwise. Progress is read from the workflow (progress query) and the running
+ * activity's last heartbeat, so any client can follow any backup.
+ */
+import { SingleBar } from 'cli-progress';
+import type { Client, WorkflowHandle } from '@temporalio/client';
+import { backupStatus } from '../client/backups';
+import type { BackupStatusView } from '../client/backups';
+import type { backupDomain } from '../workflows/backup';
+import { formatBytes } from './output';
+
+export async function watchBackup(
+  client: Client,
+  handle: WorkflowHandle<typeof backupDomain>,
+  backupId: string,
+  opts: { showProgress: boolean; intervalMs?: number },
+): Promise<BackupStatusView> {
+  const interval = opts.intervalMs ?? 500;
+  const tty = opts.showProgress && process.stderr.isTTY;
+  const bar = tty
+    ? new SingleBar({
+        stream: process.stderr,
+        format: ' {phase} |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted}',
+        hideCursor: true,
+        etaBuffer: 20,
+      })
+    : undefined;
+  let started = false;
+  let lastPhase = '';
+  let lastBytes = 0;
+  let lastAt = Date.now();
+  let rate = 0;
+  // Wait on the result in parallel with polling: the result is the authority on the end.
+  let finished = false;
+  const done = handle.result().then(
+    () => (finished = true),
+    () => (finished = true),
+  );
+  for (;;) {
+    const view = await backupStatus(client, handle, backupId);
+    if (view.execution !== 'RUNNING') {
+      bar?.stop();
+      return view;
+    }
+    const phase = view.progress?.phase ?? 'starting';
+    const bytesDone = view.activity?.bytesDone ?? 0;
+    const bytesTotal = view.activity?.bytesTotal || view.progress?.bytesTotal || 0;
+    const now = Date.now();
+    if (bytesDone >= lastBytes && now > lastAt) rate = ((bytesDone - lastBytes) * 1000) / (now - lastAt);
+    lastBytes = bytesDone;
+    lastAt = now;
+    if (bar) {
+      const payload = { phase: phase.padEnd(17), done: formatBytes(bytesDone), total: formatBytes(bytesTotal), rate: formatBytes(rate) };
+      if (!started) {
+        bar.start(Math.max(bytesTotal, 1), bytesDone, payload);
+        started = true;
+      } else {
+        bar.setTotal(Math.max(bytesTotal, 1));
+        bar.update(bytesDone, payload);
+      }
+    } else if (opts.showProgress && phase !== lastPhase) {
+      process.stderr.write(`${backupId}: ${phase}\n`);
+    }
+    lastPhase = phase;
+    if (!finished) await Promise.race([done, new Promise((r) => setTimeout(r, interval))]);
+  }
+}

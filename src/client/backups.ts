@@ -1,0 +1,151 @@
+/**
+ * Starting, finding and watching backups. A backup is a `backupDomain` workflow; its id is
+ * a search attribute, so `status` finds it from the backup id alone.
+ */
+import { randomBytes } from 'node:crypto';
+import { WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
+import type { Client, WorkflowExecutionDescription, WorkflowHandle } from '@temporalio/client';
+import { backupWorkflowId, hostTaskQueue, makeBackupId, SEARCH_ATTRIBUTES } from '../shared/names';
+import { progressQuery } from '../shared/queries';
+import { BackupIdKey, DomainKey, HostKey, MethodKey, StateKey } from '../shared/search';
+import type { BackupOptions, BackupProgress, BackupRequest, BackupResult, RequestedMethod } from '../shared/types';
+import type { backupDomain } from '../workflows/backup';
+
+export class BackupAlreadyRunningError extends Error {
+  constructor(
+    readonly domain: string,
+    readonly backupId: string,
+  ) {
+    super(`a backup of ${domain} is already running: ${backupId}`);
+  }
+}
+
+export class BackupNotFoundError extends Error {
+  constructor(readonly backupId: string) {
+    super(`no backup ${backupId} is known to Temporal: check the id with \`vmbackup list\``);
+  }
+}
+
+export interface StartBackupInput {
+  domain: string;
+  host: string;
+  method: RequestedMethod;
+  targets: string[];
+  options: BackupOptions;
+}
+
+export async function startBackup(
+  client: Client,
+  input: StartBackupInput,
+): Promise<{ backupId: string; handle: WorkflowHandle<typeof backupDomain> }> {
+  const now = new Date();
+  const backupId = makeBackupId(input.domain, now, randomBytes(2).toString('hex'));
+  const req: BackupRequest = { ...input, backupId, requestedAt: now.toISOString() };
+  const workflowId = backupWorkflowId(input.host, input.domain);
+  try {
+    const handle = await client.workflow.start<typeof backupDomain>('backupDomain', {
+      taskQueue: hostTaskQueue(input.host),
+      workflowId,
+      // Temporal refuses a second running workflow with this id: one backup per VM and host at a time.
+      workflowIdConflictPolicy: WorkflowIdConflictPolicy.FAIL,
+      args: [req],
+      typedSearchAttributes: [
+        { key: BackupIdKey, value: backupId },
+        { key: DomainKey, value: input.domain },
+        { key: HostKey, value: input.host },
+        { key: StateKey, value: 'starting' },
+        { key: MethodKey, value: input.method },
+      ],
+      memo: { backupId },
+    });
+    return { backupId, handle };
+  } catch (err) {
+    if (err instanceof WorkflowExecutionAlreadyStartedError) {
+      const running = await client.workflow.getHandle(workflowId).describe();
+      const memoId = running.memo?.backupId;
+      throw new BackupAlreadyRunningError(input.domain, typeof memoId === 'string' ? memoId : workflowId);
+    }
+    throw err;
+  }
+}
+
+/** The workflow of a backup id: the running one first (cheap), else a visibility query. */
+export async function findBackup(client: Client, backupId: string): Promise<WorkflowHandle<typeof backupDomain>> {
+  const query = `${SEARCH_ATTRIBUTES.backupId} = '${backupId.replace(/'/g, '')}'`;
+  for await (const wf of client.workflow.list({ query, pageSize: 1 })) {
+    return client.workflow.getHandle(wf.workflowId, wf.runId);
+  }
+  throw new BackupNotFoundError(backupId);
+}
+
+export interface BackupStatusView {
+  backupId: string;
+  workflowId: string;
+  runId: string;
+  /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, TIMED_OUT */
+  execution: string;
+  progress?: BackupProgress;
+  /** bytes of the running long step (from its last heartbeat) */
+  activity?: { name: string; bytesDone: number; bytesTotal: number; attempt: number };
+  result?: BackupResult;
+  error?: string;
+}
+
+export async function backupStatus(
+  client: Client,
+  handle: WorkflowHandle<typeof backupDomain>,
+  backupId: string,
+): Promise<BackupStatusView> {
+  const desc: WorkflowExecutionDescription = await handle.describe();
+  const view: BackupStatusView = {
+    backupId,
+    workflowId: desc.workflowId,
+    runId: desc.runId,
+    execution: desc.status.name,
+  };
+  if (desc.status.name === 'RUNNING') {
+    view.progress = await handle.query(progressQuery).catch(() => undefined);
+    const pending = desc.raw.pendingActivities?.[0];
+    if (pending) {
+      const details = pending.heartbeatDetails?.payloads?.[0];
+      const decoded = details ? await decodePayload(client, details) : undefined;
+      view.activity = {
+        name: pending.activityType?.name ?? 'activity',
+        bytesDone: Number((decoded as { bytesDone?: number } | undefined)?.bytesDone ?? 0),
+        bytesTotal: Number((decoded as { bytesTotal?: number } | undefined)?.bytesTotal ?? 0),
+        attempt: pending.attempt ?? 1,
+      };
+    }
+  } else if (desc.status.name === 'COMPLETED') {
+    view.result = await handle.result();
+  } else {
+    try {
+      await handle.result();
+    } catch (err) {
+      view.error = failureMessage(err);
+    }
+  }
+  return view;
+}
+
+async function decodePayload(client: Client, payload: unknown): Promise<unknown> {
+  const converter = client.options.loadedDataConverter.payloadConverter;
+  try {
+    return converter.fromPayload(payload as Parameters<typeof converter.fromPayload>[0]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The innermost message of a workflow/activity failure chain: the one sentence a user needs. */
+export function failureMessage(err: unknown): string {
+  let cur: unknown = err;
+  let msg = err instanceof Error ? err.message : String(err);
+  while (cur instanceof Error) {
+    if (cur.message && !/^(Workflow execution failed|Activity task failed|Activity function .* failed)$/.test(cur.message)) {
+      msg = cur.message;
+    }
+    cur = (cur as { cause?: unknown }).cause;
+  }
+  return msg;
+}

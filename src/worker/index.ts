@@ -1,0 +1,76 @@
+/**
+ * Composition root: config -> ports (libvirt, storage drivers) -> activities -> a Worker on
+ * this host's task queue. One worker per hypervisor host; the workflows of a host's backups
+ * run on the same queue, so a host needs nothing but its worker.
+ */
+import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client';
+import { NativeConnection, Worker } from '@temporalio/worker';
+import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import { createActivities } from '../activities';
+import { createVirshHypervisor } from '../hypervisor/virsh';
+import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
+import { openTarget } from '../storage/registry';
+import type { RecoveryAction } from '../shared/activities';
+import type { Config } from './config';
+
+export interface HostWorkerOptions {
+  config: Config;
+  address: string;
+  /** a prebuilt workflow bundle (tests share one); default: bundle src/dist workflows */
+  workflowBundle?: WorkflowBundleWithSourceMap;
+  maxConcurrentActivityTaskExecutions?: number;
+}
+
+export async function createHostWorker(opts: HostWorkerOptions): Promise<{ worker: Worker; connection: NativeConnection }> {
+  const { config } = opts;
+  const connection = await NativeConnection.connect({ address: opts.address });
+  const hypervisor = createVirshHypervisor({ uri: config.libvirtUri });
+  const activities = createActivities({
+    hypervisor,
+    stateDir: config.stateDir,
+    pollIntervalMs: config.pollIntervalMs,
+    openTarget,
+  });
+  const worker = await Worker.create({
+    connection,
+    namespace: config.namespace,
+    taskQueue: hostTaskQueue(config.host),
+    activities,
+    ...(opts.workflowBundle
+      ? { workflowBundle: opts.workflowBundle }
+      : { workflowsPath: require.resolve('../workflows') }),
+    maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
+    // Activities heartbeat their progress often; let the SDK coalesce them.
+    defaultHeartbeatThrottleInterval: '1s',
+  });
+  return { worker, connection };
+}
+
+/**
+ * Ask this host's worker to commit leftover overlays of backups that no longer run. Called by
+ * `vmbackup recover` and when a worker starts.
+ */
+export async function recoverHostOverlays(
+  address: string,
+  config: Config,
+  opts: { domain?: string } = {},
+): Promise<RecoveryAction[]> {
+  const connection = await Connection.connect({ address });
+  try {
+    const client = new Client({ connection, namespace: config.namespace });
+    const active: string[] = [];
+    const query = `${SEARCH_ATTRIBUTES.host} = '${config.host}' AND ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
+    for await (const wf of client.workflow.list({ query })) {
+      const id = wf.searchAttributes[SEARCH_ATTRIBUTES.backupId];
+      if (Array.isArray(id) && typeof id[0] === 'string') active.push(id[0]);
+    }
+    return await client.workflow.execute('recoverHost', {
+      taskQueue: hostTaskQueue(config.host),
+      workflowId: `vmbackup-recover-${config.host}`,
+      workflowIdConflictPolicy: WorkflowIdConflictPolicy.USE_EXISTING,
+      args: [{ host: config.host, activeBackupIds: active, domain: opts.domain }],
+    });
+  } finally {
+    await connection.close();
+  }
+}
