@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# All set-up, then every test: Node deps, the real local stack (Temporal, libvirt/QEMU, Ceph radosgw,
+# nfs-ganesha), lint, typecheck, unit tests, integration tests against the real stack.
+# Re-runnable; used as-is by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+
+bash scripts/node-deps.sh
+bash scripts/stack.sh up
+eval "$(bash scripts/stack.sh env)"
+
+echo "== lint" >&2
+npm run --silent lint
+echo "== typecheck" >&2
+npm run --silent typecheck
+
+results=$(mktemp -d)
+status=0
+echo "== unit tests" >&2
+npx jest --selectProjects unit --json --outputFile "$results/unit.json" || status=1
+echo "== integration tests (real Temporal, libvirt/QEMU, radosgw, ganesha)" >&2
+npx jest --selectProjects integration --runInBand --json --outputFile "$results/integration.json" || status=1
+
+# One plain summary line over both runs.
+node -e '
+  let p = 0, f = 0;
+  for (const file of process.argv.slice(1)) {
+    try { const r = require(file); p += r.numPassedTests; f += r.numFailedTests + (r.numRuntimeErrorTestSuites || 0); }
+    catch { f += 1; }
+  }
+  console.log(`tests: ${p} passed, ${f} failed`);
+' "$results/unit.json" "$results/integration.json"
+echo "vmbackup: tests took $(( $(date +%s) - t0 ))s" >&2
+exit $status
