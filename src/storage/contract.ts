@@ -40,10 +40,19 @@ export interface PutImageOptions {
   resume?: PutCheckpoint;
   /** aborts the transfer; the driver leaves no visible object and cleans temporary state */
   signal?: AbortSignal;
-  /** stored with the object (S3 user metadata / sidecar) */
+  /**
+   * stored with the object (S3 user metadata / sidecar). A `sha256` entry is the expected
+   * digest: the driver fails with kind 'checksum' and leaves no visible object when the
+   * bytes it stored hash differently (S3 needs the digest before the upload starts).
+   */
   metadata?: Record<string, string>;
   /** if set, the driver may move (rename) the source instead of copying it (same filesystem only) */
   allowMove?: boolean;
+  /**
+   * Awaited before each chunk of `bytes` is read from the source. Set by wrappers (bandwidth
+   * limit) so cross-cutting pacing is not copied into each driver; drivers only call it.
+   */
+  pace?: (bytes: number, signal?: AbortSignal) => Promise<void>;
 }
 
 export interface PutImageResult {

@@ -1,0 +1,61 @@
+/**
+ * Bandwidth limit as a wrapper around any target: it only supplies `pace`, which every driver
+ * awaits before reading the next chunk of the source, so the limit is not copied into drivers.
+ */
+import type { PutImageOptions, PutImageResult, StorageTarget } from './contract';
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const onAbort = (): void => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** A pacer shared by all transfers through one wrapped target: the sum stays under `bytesPerSecond`. */
+export function createPacer(bytesPerSecond: number): (bytes: number, signal?: AbortSignal) => Promise<void> {
+  let nextFree = 0;
+  return async (bytes, signal) => {
+    const now = Date.now();
+    const start = Math.max(now, nextFree);
+    nextFree = start + (bytes / bytesPerSecond) * 1000;
+    if (start > now) await sleep(start - now, signal);
+  };
+}
+
+export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number): StorageTarget {
+  if (!(bytesPerSecond > 0)) return target;
+  const pace = createPacer(bytesPerSecond);
+  return {
+    get displayUrl() {
+      return target.displayUrl;
+    },
+    get capabilities() {
+      return target.capabilities;
+    },
+    putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+      const inner = opts.pace;
+      return target.putImage(key, sourcePath, {
+        ...opts,
+        pace: async (bytes, signal) => {
+          await pace(bytes, signal);
+          if (inner) await inner(bytes, signal);
+        },
+      });
+    },
+    putManifest: (key, body) => target.putManifest(key, body),
+    get: (key, range) => target.get(key, range),
+    getBuffer: (key) => target.getBuffer(key),
+    stat: (key) => target.stat(key),
+    list: (prefix) => target.list(prefix),
+    delete: (key) => target.delete(key),
+    close: () => target.close(),
+  };
+}

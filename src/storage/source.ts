@@ -1,0 +1,65 @@
+/**
+ * Reading a local source file for upload: sequential chunks (so SHA-256 can be computed in
+ * order while streaming), with pacing and cancellation. Shared by every driver.
+ */
+import { createHash, type Hash } from 'node:crypto';
+import { open } from 'node:fs/promises';
+
+export interface ReadChunksOptions {
+  start?: number;
+  /** exclusive; defaults to the file size at open time */
+  end?: number;
+  chunkSize: number;
+  signal?: AbortSignal;
+  pace?: (bytes: number, signal?: AbortSignal) => Promise<void>;
+}
+
+/** Yields consecutive chunks of exactly `chunkSize` bytes (the last may be shorter). */
+export async function* readChunks(path: string, opts: ReadChunksOptions): AsyncGenerator<Buffer> {
+  const fh = await open(path, 'r');
+  try {
+    const end = opts.end ?? (await fh.stat()).size;
+    let pos = opts.start ?? 0;
+    while (pos < end) {
+      opts.signal?.throwIfAborted();
+      const want = Math.min(opts.chunkSize, end - pos);
+      if (opts.pace) await opts.pace(want, opts.signal);
+      const buf = Buffer.allocUnsafe(want);
+      let got = 0;
+      while (got < want) {
+        const { bytesRead } = await fh.read(buf, got, want - got, pos + got);
+        if (bytesRead === 0) throw new Error(`${path} shrank while it was being read (expected ${end} bytes)`);
+        got += bytesRead;
+      }
+      pos += want;
+      yield buf;
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Feeds bytes [start, end) of `path` into `hash`. */
+export async function hashRange(
+  path: string,
+  hash: Hash,
+  start: number,
+  end: number,
+  signal?: AbortSignal,
+): Promise<void> {
+  for await (const chunk of readChunks(path, { start, end, chunkSize: 4 << 20, signal })) hash.update(chunk);
+}
+
+export async function sha256File(path: string, signal?: AbortSignal): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of readChunks(path, { chunkSize: 4 << 20, signal })) hash.update(chunk);
+  return hash.digest('hex');
+}
+
+/** Digest of what was hashed so far without ending the running hash. */
+export function prefixDigest(hash: Hash): string {
+  return hash.copy().digest('hex');
+}
+
+/** Hex SHA-256 of a string in the manifest/metadata format. */
+export const SHA256_RE = /^[0-9a-f]{64}$/;
