@@ -1,0 +1,582 @@
+/**
+ * S3 target (s3://bucket[/prefix]) over @aws-sdk/client-s3; tested against Ceph radosgw.
+ *
+ * Images go up as multipart uploads with several parts in flight. The source is read in
+ * order, so the whole-image SHA-256 is computed while streaming; each part carries
+ * Content-MD5 so the server rejects a damaged part (radosgw ignores the SDK's flexible
+ * checksums). The checkpoint is { uploadId, parts done }: a hash state cannot be persisted,
+ * so a resume re-reads the prefix locally and sends only parts that ListParts does not show
+ * with a matching ETag (the MD5 of the local bytes).
+ */
+import { createHash } from 'node:crypto';
+import { stat as fsStat } from 'node:fs/promises';
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import { Readable } from 'node:stream';
+import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  ListPartsCommand,
+  PutObjectCommand,
+  S3Client,
+  UploadPartCommand,
+  type ServerSideEncryption,
+  type StorageClass,
+} from '@aws-sdk/client-s3';
+import type { S3TargetOptions } from '../../shared/types';
+import type {
+  ObjectInfo,
+  PutCheckpoint,
+  PutImageOptions,
+  PutImageResult,
+  StorageTarget,
+  TargetCapabilities,
+} from '../contract';
+import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
+import { normaliseKey, normalisePrefix } from '../keys';
+import { readChunks, sha256File } from '../source';
+
+const DRIVER = 's3';
+const MiB = 1 << 20;
+export const DEFAULT_PART_SIZE_MIB = 64;
+export const MIN_PART_SIZE_MIB = 5;
+export const DEFAULT_CONCURRENCY = 4;
+const MAX_PARTS = 10_000;
+
+/** Variables of the standard AWS configuration this driver reads (passed in, never read from process.env here). */
+export interface S3Environment {
+  AWS_ENDPOINT_URL?: string;
+  AWS_ENDPOINT_URL_S3?: string;
+  AWS_REGION?: string;
+  AWS_DEFAULT_REGION?: string;
+  AWS_ACCESS_KEY_ID?: string;
+  AWS_SECRET_ACCESS_KEY?: string;
+  AWS_SESSION_TOKEN?: string;
+  AWS_PROFILE?: string;
+}
+
+interface DonePart {
+  PartNumber: number;
+  ETag: string;
+  size: number;
+}
+
+interface S3Checkpoint {
+  uploadId: string;
+  key: string;
+  partSize: number;
+  size: number;
+  parts: DonePart[];
+}
+
+function asS3Checkpoint(
+  cp: PutCheckpoint | undefined,
+  key: string,
+  partSize: number,
+  size: number,
+): S3Checkpoint | undefined {
+  if (!cp) return undefined;
+  const c = cp as Partial<S3Checkpoint>;
+  if (typeof c.uploadId !== 'string' || c.key !== key || c.partSize !== partSize || c.size !== size) return undefined;
+  if (!Array.isArray(c.parts)) return undefined;
+  return c as S3Checkpoint;
+}
+
+function unquote(etag: string | undefined): string {
+  return (etag ?? '').replace(/^"|"$/g, '').toLowerCase();
+}
+
+interface SdkError {
+  name?: string;
+  Code?: string;
+  code?: string;
+  $metadata?: { httpStatusCode?: number };
+}
+
+export class S3Target implements StorageTarget {
+  readonly capabilities: TargetCapabilities = { atomicReplace: true, multipart: true, rangeReads: true };
+  private readonly client: S3Client;
+  private readonly bucket: string;
+  private readonly prefix: string;
+  private readonly endpointDisplay: string;
+  private readonly partSize: number;
+  private readonly concurrency: number;
+
+  constructor(
+    spec: { bucket: string; prefix: string },
+    readonly displayUrl: string,
+    private readonly options: S3TargetOptions,
+    env: S3Environment,
+  ) {
+    this.bucket = spec.bucket;
+    this.prefix = spec.prefix;
+    const endpoint = env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL;
+    this.endpointDisplay = endpoint ? ` at ${endpoint.replace(/\/\/[^/@]*@/, '//')}` : '';
+    this.partSize = Math.max(MIN_PART_SIZE_MIB, options.partSizeMiB ?? DEFAULT_PART_SIZE_MIB) * MiB;
+    this.concurrency = Math.max(1, Math.floor(options.concurrency ?? DEFAULT_CONCURRENCY));
+    const agentOptions = { keepAlive: true, maxSockets: this.concurrency + 4 };
+    this.client = new S3Client({
+      region: env.AWS_REGION ?? env.AWS_DEFAULT_REGION ?? 'us-east-1',
+      ...(endpoint ? { endpoint } : {}),
+      // radosgw/MinIO-style servers need path-style addressing; AWS itself prefers virtual hosts
+      forcePathStyle: options.forcePathStyle ?? Boolean(endpoint),
+      // without these a streamed PutObject gets 411 MissingContentLength from radosgw
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      ...(env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
+        ? {
+            credentials: {
+              accessKeyId: env.AWS_ACCESS_KEY_ID,
+              secretAccessKey: env.AWS_SECRET_ACCESS_KEY,
+              ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}),
+            },
+          }
+        : {}),
+      ...(env.AWS_PROFILE ? { profile: env.AWS_PROFILE } : {}),
+      maxAttempts: 3,
+      requestHandler: {
+        connectionTimeout: 5_000,
+        requestTimeout: 120_000,
+        httpAgent: new HttpAgent(agentOptions),
+        httpsAgent: new HttpsAgent(agentOptions),
+      },
+    });
+  }
+
+  private fullKey(key: string): string {
+    const k = normaliseKey(key);
+    return this.prefix ? `${this.prefix}/${k}` : k;
+  }
+
+  private keyOf(fullKey: string): string | undefined {
+    const rel = this.prefix
+      ? fullKey.startsWith(`${this.prefix}/`)
+        ? fullKey.slice(this.prefix.length + 1)
+        : undefined
+      : fullKey;
+    if (rel === undefined) return undefined;
+    try {
+      return normaliseKey(rel);
+    } catch {
+      return undefined; // a foreign object that is not ours to list
+    }
+  }
+
+  /** One sentence, no credentials: what failed on which target, and what to do. */
+  private error(err: unknown, what: string): StorageError {
+    if (err instanceof StorageError) return err;
+    const e = (typeof err === 'object' && err !== null ? err : {}) as SdkError;
+    const code = e.Code ?? e.name ?? e.code ?? '';
+    const status = e.$metadata?.httpStatusCode;
+    const where = `S3 target ${this.displayUrl}${this.endpointDisplay}`;
+    let kind: StorageErrorKind;
+    let sentence: string;
+    if (code === 'NoSuchBucket') {
+      kind = 'not-found';
+      sentence = `${where} could not ${what}: bucket "${this.bucket}" does not exist; create the bucket or fix the URL.`;
+    } else if (code === 'NoSuchKey' || code === 'NotFound' || status === 404) {
+      kind = 'not-found';
+      sentence = `${where} could not ${what}: the object does not exist; ${adviceFor('not-found')}.`;
+    } else if (
+      [
+        'InvalidAccessKeyId',
+        'SignatureDoesNotMatch',
+        'AccessDenied',
+        'Forbidden',
+        'ExpiredToken',
+        'InvalidToken',
+        'CredentialsProviderError',
+      ].includes(code) ||
+      status === 403
+    ) {
+      kind = 'permission';
+      sentence = `${where} refused to ${what} (${code || 'HTTP 403'}); check the S3 credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile) and the bucket policy.`;
+    } else if (code === 'QuotaExceeded' || code === 'EntityTooLarge' || status === 507) {
+      kind = 'no-space';
+      sentence = `${where} has no room to ${what} (${code}); ${adviceFor('no-space')}.`;
+    } else if (
+      kindOfErrno(errnoCode(err)) === 'unreachable' ||
+      code === 'TimeoutError' ||
+      code === 'RequestTimeout' ||
+      code === 'ECONNREFUSED'
+    ) {
+      kind = 'unreachable';
+      sentence = `${where} is unreachable while trying to ${what} (${errnoCode(err) ?? code}); ${adviceFor('unreachable')}.`;
+    } else {
+      kind = 'failed';
+      const detail = code || (status ? `HTTP ${status}` : err instanceof Error ? err.message : 'error');
+      sentence = `${where} failed to ${what} (${detail}); ${adviceFor('failed')}.`;
+    }
+    const permanent =
+      kind === 'failed'
+        ? status !== undefined && status >= 400 && status < 500 && status !== 408 && status !== 429
+        : undefined;
+    return new StorageError(kind, sentence, {
+      driver: DRIVER,
+      cause: err,
+      ...(permanent !== undefined ? { permanent } : {}),
+    });
+  }
+
+  async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+    const full = this.fullKey(key);
+    let size: number;
+    try {
+      size = (await fsStat(sourcePath)).size;
+    } catch (err) {
+      throw new StorageError(
+        'not-found',
+        `Source image ${sourcePath} for ${key} cannot be read (${errnoCode(err) ?? 'error'}); check that it exists.`,
+        {
+          driver: DRIVER,
+          cause: err,
+        },
+      );
+    }
+    // S3 allows at most 10000 parts: grow the part size for very large images
+    const partSize = Math.max(this.partSize, Math.ceil(size / MAX_PARTS / MiB) * MiB);
+    if (size <= partSize) return this.putSingle(key, full, sourcePath, size, opts);
+    return this.putMultipart(key, full, sourcePath, size, partSize, opts);
+  }
+
+  private storageOptions(): { StorageClass?: StorageClass; ServerSideEncryption?: ServerSideEncryption } {
+    return {
+      ...(this.options.storageClass ? { StorageClass: this.options.storageClass as StorageClass } : {}),
+      ...(this.options.serverSideEncryption
+        ? { ServerSideEncryption: this.options.serverSideEncryption as ServerSideEncryption }
+        : {}),
+    };
+  }
+
+  private checksumError(key: string, got: string, expected: string): StorageError {
+    return new StorageError(
+      'checksum',
+      `Uploading ${key} to ${this.displayUrl} read bytes with SHA-256 ${got} but ${expected} was expected; the source changed or is corrupt, run the backup again.`,
+      { driver: DRIVER },
+    );
+  }
+
+  /** One PutObject: atomic by itself, nothing to resume. */
+  private async putSingle(
+    key: string,
+    full: string,
+    sourcePath: string,
+    size: number,
+    opts: PutImageOptions,
+  ): Promise<PutImageResult> {
+    const chunks: Buffer[] = [];
+    for await (const chunk of readChunks(sourcePath, {
+      end: size,
+      chunkSize: size || 1,
+      signal: opts.signal,
+      pace: opts.pace,
+    }))
+      chunks.push(chunk);
+    const body = Buffer.concat(chunks, size);
+    const sha256 = createHash('sha256').update(body).digest('hex');
+    const expected = opts.metadata?.sha256;
+    if (expected && expected !== sha256) throw this.checksumError(key, sha256, expected);
+    try {
+      await this.client.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: full,
+          Body: body,
+          ContentLength: size,
+          ContentMD5: createHash('md5').update(body).digest('base64'),
+          ContentType: 'application/octet-stream',
+          Metadata: { ...opts.metadata, sha256 },
+          ...this.storageOptions(),
+        }),
+        { abortSignal: opts.signal },
+      );
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason;
+      throw this.error(err, `upload ${key}`);
+    }
+    opts.onProgress?.(size, size);
+    return { key: normaliseKey(key), size, sha256, bytesSent: size };
+  }
+
+  private async putMultipart(
+    key: string,
+    full: string,
+    sourcePath: string,
+    size: number,
+    partSize: number,
+    opts: PutImageOptions,
+  ): Promise<PutImageResult> {
+    // x-amz-meta-* is fixed when the upload is created, so the digest must be known first:
+    // callers pass it (the backup computed it); otherwise hash the source once beforehand.
+    const expected = opts.metadata?.sha256 ?? (await sha256File(sourcePath, opts.signal));
+    const metadata = { ...opts.metadata, sha256: expected };
+    const signal = opts.signal;
+
+    let uploadId: string | undefined;
+    const onServer = new Map<number, { etag: string; size: number }>();
+    const resume = asS3Checkpoint(opts.resume, full, partSize, size);
+    if (resume) {
+      try {
+        for (const p of await this.listParts(full, resume.uploadId, signal))
+          onServer.set(p.PartNumber, { etag: unquote(p.ETag), size: p.size });
+        uploadId = resume.uploadId;
+      } catch (err) {
+        if (signal?.aborted) throw signal.reason;
+        if ((err as SdkError).Code !== 'NoSuchUpload' && (err as SdkError).name !== 'NoSuchUpload')
+          throw this.error(err, `resume the upload of ${key}`);
+        // the upload was completed or aborted meanwhile: start a new one
+      }
+    }
+    if (!uploadId) {
+      try {
+        const created = await this.client.send(
+          new CreateMultipartUploadCommand({
+            Bucket: this.bucket,
+            Key: full,
+            ContentType: 'application/octet-stream',
+            Metadata: metadata,
+            ...this.storageOptions(),
+          }),
+          { abortSignal: signal },
+        );
+        if (!created.UploadId) throw new Error('CreateMultipartUpload returned no UploadId');
+        uploadId = created.UploadId;
+      } catch (err) {
+        if (signal?.aborted) throw signal.reason;
+        throw this.error(err, `start the upload of ${key}`);
+      }
+    }
+    const id = uploadId;
+    const done: DonePart[] = [];
+    const checkpoint = (): void =>
+      opts.onCheckpoint?.({
+        uploadId: id,
+        key: full,
+        partSize,
+        size,
+        parts: [...done].sort((a, b) => a.PartNumber - b.PartNumber),
+      } satisfies S3Checkpoint);
+    checkpoint();
+
+    let bytesDone = 0;
+    let bytesSent = 0;
+    const inFlight = new Set<Promise<void>>();
+    let failure: unknown;
+    const hash = createHash('sha256');
+    try {
+      let partNumber = 0;
+      for await (const chunk of readChunks(sourcePath, { end: size, chunkSize: partSize, signal, pace: opts.pace })) {
+        partNumber += 1;
+        hash.update(chunk);
+        const md5 = createHash('md5').update(chunk);
+        const md5hex = md5.copy().digest('hex');
+        const have = onServer.get(partNumber);
+        if (have && have.size === chunk.length && have.etag === md5hex) {
+          done.push({ PartNumber: partNumber, ETag: have.etag, size: chunk.length });
+          bytesDone += chunk.length;
+          opts.onProgress?.(bytesDone, size);
+          continue;
+        }
+        while (inFlight.size >= this.concurrency) await Promise.race(inFlight);
+        if (failure) throw failure;
+        const n = partNumber;
+        const p: Promise<void> = this.client
+          .send(
+            new UploadPartCommand({
+              Bucket: this.bucket,
+              Key: full,
+              UploadId: id,
+              PartNumber: n,
+              Body: chunk,
+              ContentLength: chunk.length,
+              ContentMD5: md5.digest('base64'),
+            }),
+            { abortSignal: signal },
+          )
+          .then((out) => {
+            done.push({ PartNumber: n, ETag: unquote(out.ETag) || md5hex, size: chunk.length });
+            bytesDone += chunk.length;
+            bytesSent += chunk.length;
+            checkpoint();
+            opts.onProgress?.(bytesDone, size);
+          })
+          .catch((err: unknown) => {
+            failure ??= err;
+          })
+          .finally(() => inFlight.delete(p));
+        inFlight.add(p);
+      }
+      await Promise.all(inFlight);
+      if (failure) throw failure;
+      const sha256 = hash.digest('hex');
+      if (sha256 !== expected) throw this.checksumError(key, sha256, expected);
+      await this.client.send(
+        new CompleteMultipartUploadCommand({
+          Bucket: this.bucket,
+          Key: full,
+          UploadId: id,
+          MultipartUpload: {
+            Parts: [...done]
+              .sort((a, b) => a.PartNumber - b.PartNumber)
+              .map((d) => ({ PartNumber: d.PartNumber, ETag: `"${d.ETag}"` })),
+          },
+        }),
+        { abortSignal: signal },
+      );
+      // radosgw answers Complete with an empty ETag: confirm with HeadObject instead
+      const head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: full }), {
+        abortSignal: signal,
+      });
+      if (head.ContentLength !== size || head.Metadata?.sha256 !== sha256) {
+        throw new StorageError(
+          'checksum',
+          `S3 target ${this.displayUrl} stored ${key} with ${head.ContentLength} bytes and SHA-256 ${head.Metadata?.sha256 ?? 'none'} instead of ${size} bytes and ${sha256}; run the backup again.`,
+          { driver: DRIVER },
+        );
+      }
+      return { key: normaliseKey(key), size, sha256, bytesSent };
+    } catch (err) {
+      await Promise.allSettled(inFlight);
+      const aborted = signal?.aborted || isAbortError(err);
+      const classified = aborted ? undefined : this.error(err, `upload ${key}`);
+      // keep the upload for a resume unless this attempt is final
+      if (aborted || classified?.permanent) await this.abortUpload(full, id);
+      if (aborted) throw signal?.reason ?? err;
+      throw classified;
+    }
+  }
+
+  private async abortUpload(full: string, uploadId: string): Promise<void> {
+    await this.client
+      .send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: full, UploadId: uploadId }))
+      .catch(() => undefined);
+  }
+
+  private async listParts(full: string, uploadId: string, signal?: AbortSignal): Promise<DonePart[]> {
+    const parts: DonePart[] = [];
+    let marker: string | undefined;
+    for (;;) {
+      const out = await this.client.send(
+        new ListPartsCommand({
+          Bucket: this.bucket,
+          Key: full,
+          UploadId: uploadId,
+          ...(marker ? { PartNumberMarker: marker } : {}),
+        }),
+        { abortSignal: signal },
+      );
+      for (const p of out.Parts ?? []) {
+        if (p.PartNumber && p.ETag) parts.push({ PartNumber: p.PartNumber, ETag: p.ETag, size: p.Size ?? 0 });
+      }
+      if (!out.IsTruncated || !out.NextPartNumberMarker) return parts;
+      marker = out.NextPartNumberMarker;
+    }
+  }
+
+  async putManifest(key: string, body: Buffer): Promise<void> {
+    try {
+      await this.client.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: this.fullKey(key),
+          Body: body,
+          ContentLength: body.length,
+          ContentMD5: createHash('md5').update(body).digest('base64'),
+          ContentType: 'application/json',
+          ...this.storageOptions(),
+        }),
+      );
+    } catch (err) {
+      throw this.error(err, `write ${key}`);
+    }
+  }
+
+  async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
+    const full = this.fullKey(key);
+    if (range && range.end <= range.start) {
+      if (!(await this.stat(key))) throw this.error({ name: 'NoSuchKey' }, `read ${key}`);
+      return Readable.from([]);
+    }
+    try {
+      const out = await this.client.send(
+        new GetObjectCommand({
+          Bucket: this.bucket,
+          Key: full,
+          ...(range ? { Range: `bytes=${range.start}-${range.end - 1}` } : {}),
+        }),
+      );
+      return out.Body as Readable;
+    } catch (err) {
+      throw this.error(err, `read ${key}`);
+    }
+  }
+
+  async getBuffer(key: string): Promise<Buffer> {
+    try {
+      const out = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.fullKey(key) }));
+      return Buffer.from(await (out.Body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray());
+    } catch (err) {
+      throw this.error(err, `read ${key}`);
+    }
+  }
+
+  async stat(key: string): Promise<ObjectInfo | undefined> {
+    try {
+      const out = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.fullKey(key) }));
+      return {
+        key: normaliseKey(key),
+        size: out.ContentLength ?? 0,
+        modified: out.LastModified ?? new Date(0),
+        ...(out.Metadata && Object.keys(out.Metadata).length > 0 ? { metadata: out.Metadata } : {}),
+      };
+    } catch (err) {
+      const e = err as SdkError;
+      if (e.$metadata?.httpStatusCode === 404 || e.name === 'NotFound' || e.name === 'NoSuchKey') return undefined;
+      throw this.error(err, `stat ${key}`);
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    const p = normalisePrefix(prefix);
+    const full = this.prefix ? `${this.prefix}/${p}` : p;
+    let token: string | undefined;
+    do {
+      let out;
+      try {
+        out = await this.client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            ...(full ? { Prefix: full } : {}),
+            ...(token ? { ContinuationToken: token } : {}),
+          }),
+        );
+      } catch (err) {
+        throw this.error(err, 'list objects');
+      }
+      for (const o of out.Contents ?? []) {
+        const key = o.Key ? this.keyOf(o.Key) : undefined;
+        if (key === undefined) continue;
+        yield { key, size: o.Size ?? 0, modified: o.LastModified ?? new Date(0) };
+      }
+      token = out.IsTruncated ? out.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async delete(key: string): Promise<void> {
+    try {
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: this.fullKey(key) }));
+    } catch (err) {
+      if ((err as SdkError).$metadata?.httpStatusCode === 404 && (err as SdkError).name !== 'NoSuchBucket') return;
+      throw this.error(err, `delete ${key}`);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.client.destroy();
+  }
+}
