@@ -1,0 +1,140 @@
+/**
+ * Storage activities: ship an image to a target, commit a backup by writing its manifest, and
+ * clean up the images of a backup that failed before its manifest was written.
+ *
+ * Each activity looks at the target first and does only what is missing, so a retry after a
+ * worker crash is safe. shipImage heartbeats the driver's checkpoint and resumes from it.
+ */
+import { Context } from '@temporalio/activity';
+import { ApplicationFailure } from '@temporalio/common';
+import type { HostActivities, ManifestInput, ShipImageInput, ShippedImage } from '../shared/activities';
+import { ErrorType } from '../shared/errors';
+import type { S3TargetOptions } from '../shared/types';
+import { deleteObjectsUnder } from '../storage/catalog';
+import type { PutCheckpoint, StorageTarget } from '../storage/contract';
+import { StorageError, type StorageErrorKind } from '../storage/errors';
+import { imageKey, manifestKey } from '../storage/keys';
+import { buildManifest, encodeManifest } from '../storage/manifest';
+
+export interface StorageActivityDeps {
+  openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
+}
+
+/** What shipImage heartbeats: the driver's resume point and the bytes done so far. */
+export interface ShipHeartbeat {
+  checkpoint?: PutCheckpoint;
+  bytesDone: number;
+}
+
+const FAILURE_TYPE: Record<StorageErrorKind, string> = {
+  'not-found': ErrorType.NotFound,
+  permission: ErrorType.PermissionDenied,
+  'no-space': ErrorType.NoSpace,
+  unreachable: ErrorType.Unreachable,
+  'invalid-key': ErrorType.InvalidInput,
+  'invalid-target': ErrorType.InvalidTarget,
+  checksum: ErrorType.ChecksumMismatch,
+  failed: 'StorageFailed',
+};
+
+/** Permanent storage errors become non-retryable; transient ones keep their sentence and reach the retry policy. */
+export function toActivityFailure(err: unknown): unknown {
+  if (!(err instanceof StorageError)) return err;
+  const type = FAILURE_TYPE[err.kind];
+  return err.permanent
+    ? ApplicationFailure.nonRetryable(err.message, type)
+    : ApplicationFailure.retryable(err.message, type);
+}
+
+async function withTarget<T>(
+  deps: StorageActivityDeps,
+  url: string,
+  s3: S3TargetOptions | undefined,
+  fn: (t: StorageTarget) => Promise<T>,
+): Promise<T> {
+  let target: StorageTarget | undefined;
+  try {
+    target = deps.openTarget(url, s3 ? { s3 } : {});
+    return await fn(target);
+  } catch (err) {
+    throw toActivityFailure(err);
+  } finally {
+    await target?.close().catch(() => undefined);
+  }
+}
+
+export function createStorageActivities(
+  deps: StorageActivityDeps,
+): Pick<HostActivities, 'shipImage' | 'writeManifest' | 'deleteBackupObjects'> {
+  return {
+    async shipImage(input: ShipImageInput): Promise<ShippedImage> {
+      const { backupId, domain, disk } = input;
+      return withTarget(deps, input.target, input.s3Options, async (target) => {
+        const key = imageKey(domain, backupId, disk.name, disk.format);
+        const there = await target.stat(key);
+        if (there && there.size === disk.size && there.metadata?.sha256 === disk.sha256) {
+          return { key, size: there.size, sha256: disk.sha256, bytesSent: 0 };
+        }
+        const ctx = Context.current();
+        const previous = ctx.info.heartbeatDetails as ShipHeartbeat | undefined;
+        const beat: ShipHeartbeat = {
+          bytesDone: previous?.bytesDone ?? 0,
+          ...(previous?.checkpoint ? { checkpoint: previous.checkpoint } : {}),
+        };
+        const result = await target.putImage(key, disk.path, {
+          ...(beat.checkpoint ? { resume: beat.checkpoint } : {}),
+          signal: ctx.cancellationSignal,
+          allowMove: Boolean(input.allowMove),
+          // the driver fails with 'checksum' unless the bytes it stored hash to this
+          metadata: { sha256: disk.sha256, domain, backupid: backupId, disk: disk.name, format: disk.format },
+          onCheckpoint: (checkpoint) => {
+            beat.checkpoint = checkpoint;
+            ctx.heartbeat(beat);
+          },
+          onProgress: (bytesDone) => {
+            beat.bytesDone = bytesDone;
+            ctx.heartbeat(beat);
+          },
+        });
+        if (result.sha256 !== disk.sha256 || result.size !== disk.size) {
+          throw ApplicationFailure.nonRetryable(
+            `Disk ${disk.name} of ${domain} was stored on ${target.displayUrl} with SHA-256 ${result.sha256} (${result.size} bytes) instead of ${disk.sha256} (${disk.size} bytes); the image changed while it was shipped, run the backup again.`,
+            ErrorType.ChecksumMismatch,
+          );
+        }
+        return result;
+      });
+    },
+
+    async writeManifest(input: ManifestInput): Promise<void> {
+      await withTarget(deps, input.target, undefined, async (target) => {
+        const manifest = buildManifest(input.manifest);
+        const key = manifestKey(manifest.domain, manifest.backupId);
+        const body = encodeManifest(manifest);
+        const existing = await target.stat(key);
+        if (existing && (await target.getBuffer(key)).equals(body)) return;
+        // the manifest commits the backup: it may only point at images that are there, whole
+        for (const disk of manifest.disks) {
+          const info = await target.stat(disk.key);
+          const stored = info?.metadata?.sha256;
+          if (!info || info.size !== disk.size || (stored !== undefined && stored !== disk.sha256)) {
+            throw new StorageError(
+              'not-found',
+              `Backup ${manifest.backupId} cannot be committed on ${target.displayUrl}: disk ${disk.name} (${disk.key}) is ${info ? 'not the image that was shipped' : 'missing'}; run the backup again.`,
+              { driver: 'catalog' },
+            );
+          }
+        }
+        await target.putManifest(key, body);
+      });
+    },
+
+    async deleteBackupObjects(input: { target: string; domain: string; backupId: string }): Promise<void> {
+      await withTarget(deps, input.target, undefined, async (target) => {
+        // a committed backup is never removed here (only `prune` removes those, manifest first)
+        if (await target.stat(manifestKey(input.domain, input.backupId))) return;
+        await deleteObjectsUnder(target, input.domain, input.backupId);
+      });
+    },
+  };
+}
