@@ -1,0 +1,45 @@
+/** `vmbackup copy <backupId> --from URL --to URL`: resumable; images already there are skipped, manifest last. */
+import type { Command } from 'commander';
+import { copyBackup } from '../../storage/catalog';
+import { action, printJson } from '../output';
+import { addS3Options } from './s3-options';
+import { openCliTarget } from './target-options';
+
+interface CopyFlags {
+  from: string;
+  to: string;
+  json?: boolean;
+  [flag: string]: unknown;
+}
+
+export function register(program: Command): void {
+  const cmd = program
+    .command('copy')
+    .description('copy a committed backup to another target (skips images already copied; manifest last)')
+    .argument('<backupId>', 'backup id (see `vmbackup list`)')
+    .requiredOption('--from <url>', 'target holding the backup')
+    .requiredOption('--to <url>', 'target to copy it to')
+    .option('--json', 'print one JSON object');
+  addS3Options(cmd);
+  cmd.action(action(async (backupId: string, flags: CopyFlags) => runCopy(backupId, flags)));
+}
+
+async function runCopy(backupId: string, flags: CopyFlags): Promise<void> {
+  const from = openCliTarget(flags.from, flags);
+  try {
+    const to = openCliTarget(flags.to, flags);
+    try {
+      const report = await copyBackup(from, to, backupId);
+      if (flags.json) printJson(report);
+      else {
+        process.stdout.write(
+          `Copied backup ${backupId} from ${report.from} to ${report.to}: ${report.copied.length} object(s) written, ${report.skipped.length} already there.\n`,
+        );
+      }
+    } finally {
+      await to.close();
+    }
+  } finally {
+    await from.close();
+  }
+}
