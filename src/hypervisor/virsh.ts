@@ -1,0 +1,589 @@
+/**
+ * The Hypervisor port over virsh (libvirt >= 7.2 for the backup API). Every call is one virsh
+ * child process with an argument array and `-c <uri>`; a non-zero exit becomes a HypervisorError
+ * whose kind comes from virsh's stderr (errors.ts).
+ *
+ * Disk policy (inspect): file and block disks are backed up; cdrom, floppy, read-only and
+ * shareable disks are skipped unless includeAllDisks (empty drives always). A writable disk of any
+ * other type (network: rbd/nbd/iscsi..., volume, lun) makes inspect throw `unsupported`: a backup
+ * that silently leaves out a data disk is worse than no backup. Such disks that would be skipped
+ * anyway (read-only, cdrom) are only reported in `skipped`.
+ */
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { isAbsolute, join } from 'node:path';
+import { DOMAIN_NAME_RE } from '../shared/names';
+import type { DiskInfo, DomainInfo, DomainState, SkippedDisk } from '../shared/types';
+import { HypervisorError, classifyHypervisorError, toolErrorText } from './errors';
+import { ExecStartError, execTool } from './exec';
+import type { BackupTargetSpec, BlockJobInfo, Hypervisor, JobInfo, JobType, OverlaySpec } from './port';
+import { imageInfo } from './qemu-img';
+import { parseDomainXml, pushBackupXml } from './xml';
+import type { DomainXml, XmlDisk } from './xml';
+
+export const DEFAULT_URI = 'qemu:///system';
+export const DISK_NAME_RE = /^[a-z]+[a-z0-9]*$/;
+/** Oldest versions with a usable virDomainBackupBegin (libvirt 7.2 enabled it by default; QEMU 4.2 has blockdev-backup with bitmaps). */
+export const MIN_LIBVIRT_FOR_BACKUP = '7.2.0';
+export const MIN_QEMU_FOR_BACKUP = '4.2.0';
+
+/** A push backup-begin waits for a running job (up to libvirt's 30 s state-lock timeout): leave room. */
+const DEFAULT_TIMEOUT_MS = 120_000;
+
+export interface VirshHypervisorOptions {
+  /** libvirt connection URI; default qemu:///system */
+  uri?: string;
+  /** per virsh call; default 120 s */
+  timeoutMs?: number;
+  /** the virsh executable; default `virsh` on PATH */
+  virsh?: string;
+}
+
+export function createVirshHypervisor(opts: VirshHypervisorOptions = {}): VirshHypervisor {
+  return new VirshHypervisor(opts);
+}
+
+// ------------------------------------------------------------------------------------------ validation
+
+export function validateDomainName(domain: string): void {
+  if (!DOMAIN_NAME_RE.test(domain)) {
+    throw new HypervisorError(
+      'invalid',
+      `${JSON.stringify(domain)} is not a valid domain name: use letters, digits, '.', '_', '+', '-' (at most 64, starting with a letter or digit)`,
+      { domain },
+    );
+  }
+}
+
+export function validateDiskName(domain: string, disk: string): void {
+  if (!DISK_NAME_RE.test(disk)) {
+    throw new HypervisorError(
+      'invalid',
+      `${JSON.stringify(disk)} is not a valid disk name for domain "${domain}": use a target dev such as vda or sdb`,
+      { domain, disk },
+    );
+  }
+}
+
+function validateImagePath(domain: string, disk: string, file: string, what: string): void {
+  // eslint-disable-next-line no-control-regex
+  if (!isAbsolute(file) || /[\u0000-\u001f]/.test(file)) {
+    throw new HypervisorError(
+      'invalid',
+      `the ${what} file for disk ${disk} of domain "${domain}" must be an absolute path without control characters, not ${JSON.stringify(file)}`,
+      { domain, disk },
+    );
+  }
+}
+
+// ------------------------------------------------------------------------------------------ parsers
+
+const JOB_TYPES: readonly JobType[] = ['None', 'Bounded', 'Unbounded', 'Completed', 'Failed', 'Cancelled'];
+/** virDomainJobOperation, as virsh names them in its human output. */
+const JOB_OPERATIONS = [
+  'Unknown',
+  'Start',
+  'Save',
+  'Restore',
+  'Incoming migration',
+  'Outgoing migration',
+  'Snapshot',
+  'Snapshot revert',
+  'Dump',
+  'Backup',
+  'Snapshot delete',
+];
+const UNITS: Record<string, number> = {
+  B: 1,
+  KiB: 1024,
+  MiB: 1024 ** 2,
+  GiB: 1024 ** 3,
+  TiB: 1024 ** 4,
+  PiB: 1024 ** 5,
+  EiB: 1024 ** 6,
+};
+
+function keyValues(output: string): Map<string, string> {
+  const map = new Map<string, string>();
+  for (const line of output.split('\n')) {
+    const m = /^\s*([^:=]+?)\s*[:=]\s*(.*?)\s*$/.exec(line);
+    if (m?.[1] !== undefined && m[2] !== undefined && !map.has(m[1])) map.set(m[1], m[2]);
+  }
+  return map;
+}
+
+/** "64.000 MiB" -> bytes (virsh's human output rounds to 3 decimals). */
+export function parseSize(value: string): number | undefined {
+  const m = /^([\d.]+)\s*([KMGTPE]iB|B)?$/.exec(value.trim());
+  if (!m?.[1]) return undefined;
+  return Math.round(Number(m[1]) * (UNITS[m[2] ?? 'B'] ?? 1));
+}
+
+function int(value: string | undefined): number | undefined {
+  if (value === undefined || !/^\d+$/.test(value)) return undefined;
+  return Number(value);
+}
+
+/**
+ * `virsh domjobinfo [--completed] --rawstats` (exact byte counts, numeric enums) or the human
+ * output (sizes rounded to units: virsh's domjobinfo has no --bytes). Both seen on libvirt 9.0.
+ */
+export function parseJobInfo(output: string): JobInfo {
+  const kv = keyValues(output);
+  const rawType = kv.get('Job type') ?? 'None';
+  const typeIndex = int(rawType);
+  const type: JobType =
+    typeIndex !== undefined
+      ? (JOB_TYPES[typeIndex] ?? 'None')
+      : (JOB_TYPES.find((t) => t.toLowerCase() === rawType.toLowerCase()) ?? 'None');
+  const info: JobInfo = { type };
+
+  const rawOperation = kv.get('operation') ?? kv.get('Operation');
+  if (rawOperation !== undefined) {
+    const opIndex = int(rawOperation);
+    info.operation = opIndex !== undefined ? (JOB_OPERATIONS[opIndex] ?? `operation ${opIndex}`) : rawOperation;
+  }
+
+  const processed = int(kv.get('data_processed')) ?? int(kv.get('disk_processed'));
+  const total = int(kv.get('data_total')) ?? int(kv.get('disk_total'));
+  const human = (key: string): number | undefined => {
+    for (const prefix of ['Data', 'File']) {
+      const v = kv.get(`${prefix} ${key}`);
+      if (v !== undefined) return parseSize(v);
+    }
+    return undefined;
+  };
+  const dataProcessed = processed ?? human('processed');
+  const dataTotal = total ?? human('total');
+  if (dataProcessed !== undefined) info.dataProcessed = dataProcessed;
+  if (dataTotal !== undefined) info.dataTotal = dataTotal;
+
+  const elapsed = int(kv.get('time_elapsed')) ?? int(/^(\d+)/.exec(kv.get('Time elapsed') ?? '')?.[1]);
+  if (elapsed !== undefined) info.timeElapsedMs = elapsed;
+
+  const error = kv.get('errmsg') ?? kv.get('Error message');
+  if (error) info.errorMessage = error;
+  return info;
+}
+
+/**
+ * `virsh blockjob DOM DISK --raw`: ` type=Active Block Commit`, ` cur=...`, ` end=...`, or an empty
+ * line when no job runs. The ready flag is not in this output (it is in the XML's <mirror ready>).
+ */
+export function parseBlockJobRaw(output: string): Omit<BlockJobInfo, 'ready'> {
+  const kv = keyValues(output);
+  const type = kv.get('type');
+  if (!type) return { type: undefined, cur: 0, end: 0 };
+  return { type, cur: int(kv.get('cur')) ?? 0, end: int(kv.get('end')) ?? 0 };
+}
+
+/** `virsh version`: libvirt from "Using library", QEMU from "Running hypervisor". */
+export function parseVersions(output: string): { libvirt: string; qemu: string } {
+  const libvirt = /Using library:\s*libvirt\s+(\S+)/.exec(output)?.[1];
+  const qemu = /Running hypervisor:\s*QEMU\s+(\S+)/.exec(output)?.[1];
+  if (!libvirt || !qemu) {
+    throw new HypervisorError(
+      'failed',
+      `cannot read the libvirt and QEMU versions from virsh version: ${output.trim()}`,
+    );
+  }
+  return { libvirt, qemu };
+}
+
+/** `virsh domblkinfo DOM DEV` (bytes by default; --human would round). */
+export function parseDomBlkInfo(output: string): { capacity: number; allocation: number; physical: number } {
+  const kv = keyValues(output);
+  return {
+    capacity: int(kv.get('Capacity')) ?? 0,
+    allocation: int(kv.get('Allocation')) ?? 0,
+    physical: int(kv.get('Physical')) ?? 0,
+  };
+}
+
+export function parseDomainState(output: string): DomainState {
+  const s = output.trim().split('\n')[0]?.trim() ?? '';
+  if (s === 'running' || s === 'paused' || s === 'shut off') return s;
+  return 'other';
+}
+
+/** "9.0.0" >= "7.2"? Missing parts count as 0; non-numeric suffixes ("7.2.22") are ignored. */
+export function versionAtLeast(version: string, minimum: string): boolean {
+  const a = version.split('.').map((p) => parseInt(p, 10) || 0);
+  const b = minimum.split('.').map((p) => parseInt(p, 10) || 0);
+  for (let i = 0; i < Math.max(a.length, b.length); i++) {
+    const x = a[i] ?? 0;
+    const y = b[i] ?? 0;
+    if (x !== y) return x > y;
+  }
+  return true;
+}
+
+/** virsh --diskspec separates fields with commas; a literal comma in a file name is doubled. */
+function diskspecValue(file: string): string {
+  return file.replace(/,/g, ',,');
+}
+
+// ------------------------------------------------------------------------------------------ the port
+
+interface CallContext {
+  /** what we were doing, for the message: "start the push backup of domain "vm1"" */
+  action: string;
+  domain?: string;
+  disk?: string;
+  timeoutMs?: number;
+}
+
+export class VirshHypervisor implements Hypervisor {
+  readonly uri: string;
+  private readonly timeoutMs: number;
+  private readonly virshBin: string;
+
+  constructor(opts: VirshHypervisorOptions = {}) {
+    this.uri = opts.uri ?? DEFAULT_URI;
+    this.timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.virshBin = opts.virsh ?? 'virsh';
+  }
+
+  /** Runs `virsh -c URI args...`; stdout on success, a classified HypervisorError otherwise. */
+  async virsh(args: readonly string[], ctx: CallContext): Promise<string> {
+    const fullArgs = ['-c', this.uri, ...args];
+    let result;
+    try {
+      result = await execTool(this.virshBin, fullArgs, { timeoutMs: ctx.timeoutMs ?? this.timeoutMs });
+    } catch (err) {
+      if (err instanceof ExecStartError) {
+        const missing = err.code === 'ENOENT';
+        throw new HypervisorError(
+          missing ? 'unsupported' : 'failed',
+          missing
+            ? `cannot ${ctx.action}: virsh is not installed (apt-get install libvirt-clients, or npm run stack:up -- libvirt)`
+            : `cannot ${ctx.action}: ${err.message}`,
+          { command: err.command, domain: ctx.domain, disk: ctx.disk, cause: err },
+        );
+      }
+      throw err;
+    }
+    if (result.timedOut) {
+      throw new HypervisorError(
+        'failed',
+        `cannot ${ctx.action}: virsh ${args[0] ?? ''} did not answer within ${Math.round((ctx.timeoutMs ?? this.timeoutMs) / 1000)} s`,
+        { command: result.command, stderr: result.stderr, domain: ctx.domain, disk: ctx.disk },
+      );
+    }
+    if (result.code !== 0) throw this.errorFrom(result.stderr, result.command, ctx);
+    return result.stdout;
+  }
+
+  private errorFrom(stderr: string, command: readonly string[], ctx: CallContext): HypervisorError {
+    const kind = classifyHypervisorError(stderr);
+    const said = toolErrorText(stderr) || `virsh exited with an error and printed nothing`;
+    const details = { stderr, command, domain: ctx.domain, disk: ctx.disk };
+    if (kind === 'unreachable') {
+      return new HypervisorError(
+        kind,
+        `cannot ${ctx.action}: libvirt is not reachable at ${this.uri} (${said}); is libvirtd running?`,
+        details,
+      );
+    }
+    if (kind === 'not-found' && ctx.domain && /failed to get domain|domain not found|no domain with/i.test(stderr)) {
+      return new HypervisorError(
+        kind,
+        `domain "${ctx.domain}" does not exist on ${this.uri} (virsh: ${said})`,
+        details,
+      );
+    }
+    if (kind === 'not-found' && ctx.disk) {
+      return new HypervisorError(kind, `domain "${ctx.domain}" has no disk ${ctx.disk} (virsh: ${said})`, details);
+    }
+    return new HypervisorError(kind, `cannot ${ctx.action}: ${said}`, details);
+  }
+
+  async versions(): Promise<{ libvirt: string; qemu: string }> {
+    return parseVersions(await this.virsh(['version'], { action: 'read the libvirt and QEMU versions' }));
+  }
+
+  async state(domain: string): Promise<DomainState> {
+    validateDomainName(domain);
+    const out = await this.virsh(['domstate', domain], { action: `read the state of domain "${domain}"`, domain });
+    return parseDomainState(out);
+  }
+
+  async domainXml(domain: string, opts: { inactive?: boolean } = {}): Promise<string> {
+    validateDomainName(domain);
+    return this.virsh(['dumpxml', domain, ...(opts.inactive ? ['--inactive'] : [])], {
+      action: `read the XML of domain "${domain}"`,
+      domain,
+    });
+  }
+
+  private async parsedXml(domain: string): Promise<DomainXml> {
+    return parseDomainXml(await this.domainXml(domain));
+  }
+
+  async inspect(domain: string, opts: { includeAllDisks?: boolean } = {}): Promise<DomainInfo> {
+    validateDomainName(domain);
+    const [xml, state, versions] = await Promise.all([this.parsedXml(domain), this.state(domain), this.versions()]);
+    const includeAll = opts.includeAllDisks ?? false;
+
+    const chosen: XmlDisk[] = [];
+    const skipped: SkippedDisk[] = [];
+    for (const disk of xml.disks) {
+      const reason = skipReason(disk, includeAll);
+      if (reason) {
+        skipped.push({ name: disk.target, reason });
+        continue;
+      }
+      if (disk.type !== 'file' && disk.type !== 'block') {
+        throw new HypervisorError(
+          'unsupported',
+          `disk ${disk.target} of domain "${domain}" is a ${describeSource(disk)}: vmbackup backs up file and block disks only ` +
+            `(mark it <readonly/> or <shareable/> to leave it out)`,
+          { domain, disk: disk.target },
+        );
+      }
+      chosen.push(disk);
+    }
+
+    const disks = await Promise.all(chosen.map((d) => this.diskInfo(domain, d)));
+    return {
+      domain: xml.name,
+      uuid: xml.uuid,
+      state,
+      disks,
+      skipped,
+      libvirtVersion: versions.libvirt,
+      qemuVersion: versions.qemu,
+      backupApi:
+        versionAtLeast(versions.libvirt, MIN_LIBVIRT_FOR_BACKUP) && versionAtLeast(versions.qemu, MIN_QEMU_FOR_BACKUP),
+      hasGuestAgent: xml.hasGuestAgentChannel,
+    };
+  }
+
+  async disks(domain: string): Promise<DiskInfo[]> {
+    validateDomainName(domain);
+    const xml = await this.parsedXml(domain);
+    return Promise.all(xml.disks.map((d) => this.diskInfo(domain, d)));
+  }
+
+  /** Sizes from QEMU (`domblkinfo`), backing chain from the live XML or, when inactive, qemu-img. */
+  private async diskInfo(domain: string, disk: XmlDisk): Promise<DiskInfo> {
+    const info: DiskInfo = {
+      name: disk.target,
+      source: disk.source ?? '',
+      format: disk.format ?? 'raw',
+      device: disk.device,
+      readonly: disk.readonly,
+      shareable: disk.shareable,
+      virtualSize: 0,
+      allocation: 0,
+      backingChain: [],
+    };
+    const local = disk.type === 'file' || disk.type === 'block';
+    if (!disk.source || !local) return info;
+
+    const sizes = parseDomBlkInfo(
+      await this.virsh(['domblkinfo', domain, disk.target], {
+        action: `read the size of disk ${disk.target} of domain "${domain}"`,
+        domain,
+        disk: disk.target,
+      }),
+    );
+    info.virtualSize = sizes.capacity;
+    info.allocation = sizes.allocation;
+    if (disk.backingChain) {
+      info.backingChain = disk.backingChain.map((b) => b.path ?? '').filter((p) => p.length > 0);
+    } else if (disk.format === 'qcow2') {
+      const image = await imageInfo(disk.source, { backingChain: true, forceShare: true });
+      info.backingChain = (image.chain ?? []).map((i) => i.filename);
+    }
+    return info;
+  }
+
+  async beginPushBackup(domain: string, targets: BackupTargetSpec[]): Promise<void> {
+    validateDomainName(domain);
+    if (targets.length === 0) {
+      throw new HypervisorError('invalid', `a push backup of domain "${domain}" needs at least one disk`, { domain });
+    }
+    const seen = new Set<string>();
+    for (const t of targets) {
+      validateDiskName(domain, t.disk);
+      validateImagePath(domain, t.disk, t.file, 'backup target');
+      if (seen.has(t.disk)) {
+        throw new HypervisorError('invalid', `disk ${t.disk} of domain "${domain}" is listed twice in the backup`, {
+          domain,
+          disk: t.disk,
+        });
+      }
+      seen.add(t.disk);
+    }
+    const xml = await this.parsedXml(domain);
+    const all = xml.disks.map((d) => d.target);
+    for (const t of targets) {
+      if (!all.includes(t.disk)) {
+        throw new HypervisorError('not-found', `domain "${domain}" has no disk ${t.disk} (it has ${all.join(', ')})`, {
+          domain,
+          disk: t.disk,
+        });
+      }
+    }
+
+    const dir = await mkdtemp(join(tmpdir(), 'vmbackup-backup-xml-'));
+    try {
+      const file = join(dir, 'backup.xml');
+      await writeFile(file, pushBackupXml(targets, all), { mode: 0o600 });
+      await this.virsh(['backup-begin', domain, file], {
+        action: `start the push backup of domain "${domain}" (${targets.map((t) => t.disk).join(', ')})`,
+        domain,
+      });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  async jobInfo(domain: string): Promise<JobInfo> {
+    validateDomainName(domain);
+    const out = await this.virsh(['domjobinfo', domain, '--rawstats'], {
+      action: `read the running job of domain "${domain}"`,
+      domain,
+    });
+    return parseJobInfo(out);
+  }
+
+  async completedJobInfo(domain: string): Promise<JobInfo> {
+    validateDomainName(domain);
+    // plain --completed forgets the statistics after one read
+    const out = await this.virsh(['domjobinfo', domain, '--completed', '--keep-completed', '--rawstats'], {
+      action: `read the last completed job of domain "${domain}"`,
+      domain,
+    });
+    return parseJobInfo(out);
+  }
+
+  async abortJob(domain: string): Promise<void> {
+    validateDomainName(domain);
+    try {
+      await this.virsh(['domjobabort', domain], { action: `abort the job of domain "${domain}"`, domain });
+    } catch (err) {
+      // "Requested operation is not valid: no job is active on the domain"
+      if (err instanceof HypervisorError && err.kind === 'no-job') return;
+      throw err;
+    }
+  }
+
+  async createOverlays(domain: string, overlays: OverlaySpec[], opts: { quiesce: boolean }): Promise<void> {
+    validateDomainName(domain);
+    if (overlays.length === 0) {
+      throw new HypervisorError('invalid', `an overlay snapshot of domain "${domain}" needs at least one disk`, {
+        domain,
+      });
+    }
+    for (const o of overlays) {
+      validateDiskName(domain, o.disk);
+      validateImagePath(domain, o.disk, o.file, 'overlay');
+    }
+    const xml = await this.parsedXml(domain);
+    const all = xml.disks.map((d) => d.target);
+    const missing = overlays.find((o) => !all.includes(o.disk));
+    if (missing) {
+      throw new HypervisorError(
+        'not-found',
+        `domain "${domain}" has no disk ${missing.disk} (it has ${all.join(', ')})`,
+        { domain, disk: missing.disk },
+      );
+    }
+    const listed = new Set(overlays.map((o) => o.disk));
+    const args = [
+      'snapshot-create-as',
+      '--domain',
+      domain,
+      '--name',
+      `vmbackup-overlay-${Date.now()}`,
+      '--disk-only',
+      '--atomic',
+      '--no-metadata',
+      ...(opts.quiesce ? ['--quiesce'] : []),
+    ];
+    for (const o of overlays) args.push('--diskspec', `${o.disk},snapshot=external,file=${diskspecValue(o.file)}`);
+    // Without an explicit snapshot=no libvirt would snapshot every other disk too.
+    for (const d of all) if (!listed.has(d)) args.push('--diskspec', `${d},snapshot=no`);
+    await this.virsh(args, {
+      action: `create ${opts.quiesce ? 'quiesced ' : ''}overlays for domain "${domain}" (${overlays.map((o) => o.disk).join(', ')})`,
+      domain,
+    });
+  }
+
+  async startActiveCommit(domain: string, disk: string): Promise<void> {
+    validateDomainName(domain);
+    validateDiskName(domain, disk);
+    // --shallow: commit the overlay into its immediate backing file only. Without it libvirt commits
+    // into the bottom of the chain: a disk based on a template image would be merged into the template
+    // and the domain left running on the template.
+    await this.virsh(['blockcommit', domain, disk, '--active', '--shallow'], {
+      action: `start committing the overlay of disk ${disk} of domain "${domain}"`,
+      domain,
+      disk,
+    });
+  }
+
+  async blockJobInfo(domain: string, disk: string): Promise<BlockJobInfo> {
+    validateDomainName(domain);
+    validateDiskName(domain, disk);
+    const out = await this.virsh(['blockjob', domain, disk, '--raw'], {
+      action: `read the block job of disk ${disk} of domain "${domain}"`,
+      domain,
+      disk,
+    });
+    const job = parseBlockJobRaw(out);
+    if (job.type === undefined) return { ...job, ready: false };
+    // virsh --raw does not print the ready flag; the live XML has it as <mirror ready='yes'>
+    const xml = await this.parsedXml(domain);
+    const mirror = xml.disks.find((d) => d.target === disk)?.mirror;
+    return { ...job, ready: mirror?.ready ?? false };
+  }
+
+  async pivot(domain: string, disk: string): Promise<void> {
+    validateDomainName(domain);
+    validateDiskName(domain, disk);
+    // not ready yet: "block copy still active: block job '...' not ready for pivot yet" (kind not-ready)
+    await this.virsh(['blockjob', domain, disk, '--pivot'], {
+      action: `pivot disk ${disk} of domain "${domain}" back to its base image`,
+      domain,
+      disk,
+    });
+  }
+
+  async abortBlockJob(domain: string, disk: string): Promise<void> {
+    validateDomainName(domain);
+    validateDiskName(domain, disk);
+    try {
+      await this.virsh(['blockjob', domain, disk, '--abort'], {
+        action: `abort the block job of disk ${disk} of domain "${domain}"`,
+        domain,
+        disk,
+      });
+    } catch (err) {
+      // "invalid argument: disk vda does not have an active block job"
+      if (err instanceof HypervisorError && err.kind === 'no-job') return;
+      throw err;
+    }
+  }
+}
+
+function skipReason(disk: XmlDisk, includeAll: boolean): string | undefined {
+  if (disk.device === 'cdrom' || disk.device === 'floppy') {
+    if (!disk.source) return `${disk.device} drive without media`;
+    if (!includeAll) return `${disk.device} (use --include-all-disks to back it up)`;
+  }
+  if (!includeAll && disk.readonly) return 'read-only disk (use --include-all-disks to back it up)';
+  if (!includeAll && disk.shareable) return 'shareable disk (use --include-all-disks to back it up)';
+  if (disk.type !== 'file' && disk.type !== 'block' && (disk.readonly || disk.device !== 'disk')) {
+    return `${describeSource(disk)}: vmbackup backs up file and block disks only`;
+  }
+  return undefined;
+}
+
+function describeSource(disk: XmlDisk): string {
+  if (disk.type === 'network') return `network disk (${disk.source ?? disk.protocol ?? 'unknown source'})`;
+  if (disk.device === 'lun') return 'SCSI passthrough (lun) disk';
+  return `disk of type '${disk.type}'${disk.source ? ` (${disk.source})` : ''}`;
+}
