@@ -9,7 +9,6 @@ import { createConnection } from 'node:net';
 import { resolve } from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import type { Config } from '../worker/config';
-import { LOCAL_TEMPORAL_ADDRESS } from '../worker/config';
 
 export interface Session {
   client: Client;
@@ -24,7 +23,7 @@ export const PACKAGE_ROOT = resolve(__dirname, '..', '..');
 
 export async function openSession(config: Config, opts: { log?: (line: string) => void } = {}): Promise<Session> {
   const embedded = !config.temporalAddress;
-  const address = config.temporalAddress ?? LOCAL_TEMPORAL_ADDRESS;
+  const address = config.temporalAddress ?? config.localTemporalAddress;
   if (embedded && !(await answers(address))) {
     opts.log?.(`starting the local Temporal dev server on ${address} (state in ${config.stateDir})`);
     await startLocalServer(config);

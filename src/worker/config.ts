@@ -14,6 +14,7 @@ const EnvSchema = z.object({
   TEMPORAL_NAMESPACE: z.string().min(1).default('default'),
   LIBVIRT_DEFAULT_URI: z.string().min(1).default('qemu:///system'),
   VMBACKUP_POLL_MS: z.coerce.number().int().positive().optional(),
+  VMBACKUP_TEMPORAL_PORT: z.coerce.number().int().min(1).max(65535).default(7233),
 });
 
 export interface Config {
@@ -25,9 +26,9 @@ export interface Config {
   namespace: string;
   libvirtUri: string;
   pollIntervalMs?: number;
+  /** the embedded default's dev server (scripts/stack.sh honours VMBACKUP_TEMPORAL_PORT too) */
+  localTemporalAddress: string;
 }
-
-export const LOCAL_TEMPORAL_ADDRESS = '127.0.0.1:7233';
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const parsed = EnvSchema.safeParse(env);
@@ -42,6 +43,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     namespace: e.TEMPORAL_NAMESPACE,
     libvirtUri: e.LIBVIRT_DEFAULT_URI,
     pollIntervalMs: e.VMBACKUP_POLL_MS,
+    localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
   };
 }
 

@@ -44,7 +44,13 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     taskQueue: hostTaskQueue(host),
     retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s', nonRetryableErrorTypes: PERMANENT },
   };
-  const short = proxyActivities<HostActivities>({ ...base, startToCloseTimeout: '5m' });
+  // Short steps give up after ~30 s of a transient failure (libvirt unreachable) so the user gets an answer;
+  // long steps keep retrying: a libvirtd restart or a flaky network must not lose an hour-long copy.
+  const short = proxyActivities<HostActivities>({
+    ...base,
+    startToCloseTimeout: '5m',
+    retry: { ...base.retry, maximumAttempts: 6 },
+  });
   // Long steps heartbeat: a dead worker is noticed after heartbeatTimeout and the step is retried elsewhere
   // (on this host's queue) from its last heartbeat.
   const long = proxyActivities<HostActivities>({

@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { HOST_NAME_RE } from '../../shared/names';
 import { createHostWorker, recoverHostOverlays } from '../../worker';
-import { LOCAL_TEMPORAL_ADDRESS, loadConfig } from '../../worker/config';
+import { loadConfig } from '../../worker/config';
 import { openSession } from '../../client/connect';
 import { action, CliError, printJson } from '../output';
 
@@ -20,7 +20,7 @@ export function register(program: Command): void {
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
         const session = await openSession(config);
-        const address = config.temporalAddress ?? LOCAL_TEMPORAL_ADDRESS;
+        const address = config.temporalAddress ?? config.localTemporalAddress;
         let stop: (() => Promise<void>) | undefined;
         try {
           if (session.embedded && host === base.host) {

@@ -17,7 +17,7 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
-        const session = await openSession({ ...config, temporalAddress: config.temporalAddress ?? '127.0.0.1:7233' });
+        const session = await openSession({ ...config, temporalAddress: config.temporalAddress ?? config.localTemporalAddress });
         try {
           const handle = await findBackup(session.client, backupId);
           const view = flags.wait

@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { createHostWorker, recoverHostOverlays } from '../../worker';
-import { LOCAL_TEMPORAL_ADDRESS, loadConfig } from '../../worker/config';
+import { loadConfig } from '../../worker/config';
 import { action, CliError } from '../output';
 
 export function register(program: Command): void {
@@ -17,7 +17,7 @@ export function register(program: Command): void {
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
-        const address = config.temporalAddress ?? LOCAL_TEMPORAL_ADDRESS;
+        const address = config.temporalAddress ?? config.localTemporalAddress;
         const { worker, connection } = await createHostWorker({ config, address });
         process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
         const running = worker.run();

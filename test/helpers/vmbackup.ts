@@ -1,0 +1,135 @@
+/**
+ * Running vmbackup itself in tests: the built CLI (`bin/vmbackup.js`, built by `npm run build`)
+ * as a child process, and host workers as child processes we can kill -9.
+ */
+import { spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+import { stackEnv } from './stack';
+
+export const REPO_ROOT = resolve(__dirname, '..', '..');
+const BIN = join(REPO_ROOT, 'bin', 'vmbackup.js');
+
+function requireBuilt(): void {
+  if (!existsSync(join(REPO_ROOT, 'dist', 'cli', 'main.js'))) {
+    throw new Error('dist/ is missing: run `npm run build` (npm test does it)');
+  }
+}
+
+/** A host name of our own: its task queue is not served by any other test's worker. */
+export function uniqueHost(prefix: string): string {
+  return `t${prefix}-${randomBytes(3).toString('hex')}`;
+}
+
+/** Environment for CLI and worker children: the stack's addresses, a cluster configured. */
+export function cliEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env = stackEnv();
+  return {
+    ...process.env,
+    VMBACKUP_STATE_DIR: env.stateDir,
+    TEMPORAL_ADDRESS: env.temporal.address,
+    TEMPORAL_NAMESPACE: env.temporal.namespace,
+    LIBVIRT_DEFAULT_URI: env.libvirt.uri,
+    AWS_ENDPOINT_URL: env.s3.endpoint,
+    AWS_ACCESS_KEY_ID: env.s3.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: env.s3.secretAccessKey,
+    AWS_REGION: env.s3.region,
+    ...extra,
+  };
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliResult> {
+  requireBuilt();
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, [BIN, ...args], { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 600_000);
+    child.on('error', reject);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolvePromise({ code: code ?? -1, stdout, stderr });
+    });
+  });
+}
+
+export interface WorkerProcess {
+  host: string;
+  child: ChildProcess;
+  /** everything the worker printed */
+  output(): string;
+  kill9(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+/** Starts `vmbackup worker --host H` and resolves once it polls its task queue. */
+export async function startWorkerProcess(
+  host: string,
+  opts: { env?: NodeJS.ProcessEnv; recover?: boolean } = {},
+): Promise<WorkerProcess> {
+  requireBuilt();
+  const args = [BIN, 'worker', '--host', host, ...(opts.recover ? [] : ['--no-recover'])];
+  const child = spawn(process.execPath, args, { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  await new Promise<void>((resolvePromise, reject) => {
+    const deadline = setTimeout(() => reject(new Error(`worker for ${host} did not start in 120 s:\n${out}`)), 120_000);
+    const check = setInterval(() => {
+      if (/vmbackup worker for host/.test(out)) {
+        clearInterval(check);
+        clearTimeout(deadline);
+        resolvePromise();
+      }
+    }, 100);
+    child.once('exit', (code) => {
+      clearInterval(check);
+      clearTimeout(deadline);
+      reject(new Error(`worker for ${host} exited with ${code}:\n${out}`));
+    });
+  });
+  const stopWith = async (signal: NodeJS.Signals) => {
+    if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    await exited;
+  };
+  return { host, child, output: () => out, kill9: () => stopWith('SIGKILL'), stop: () => stopWith('SIGTERM') };
+}
+
+export async function temporalClient(): Promise<{ client: Client; close(): Promise<void> }> {
+  const env = stackEnv();
+  const connection = await Connection.connect({ address: env.temporal.address });
+  return { client: new Client({ connection, namespace: env.temporal.namespace }), close: () => connection.close() };
+}
+
+export async function waitFor<T>(
+  what: string,
+  probe: () => Promise<T | undefined | false>,
+  opts: { timeoutMs?: number; intervalMs?: number } = {},
+): Promise<T> {
+  const deadline = Date.now() + (opts.timeoutMs ?? 120_000);
+  let lastErr: unknown;
+  for (;;) {
+    try {
+      const v = await probe();
+      if (v !== undefined && v !== false) return v;
+    } catch (err) {
+      lastErr = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}${lastErr ? `: ${(lastErr as Error).message}` : ''}`);
+    }
+    await new Promise((r) => setTimeout(r, opts.intervalMs ?? 100));
+  }
+}

@@ -1,0 +1,15 @@
+/**
+ * A deliberately changed backupDomain: it stages before it inspects. Replaying a recorded
+ * history against it must fail with a non-determinism error, which proves the replay test
+ * would catch an unguarded change to the real workflow (one made without `patched()`).
+ */
+import { proxyActivities } from '@temporalio/workflow';
+import type { HostActivities } from '../../src/shared/activities';
+import { hostTaskQueue } from '../../src/shared/names';
+import type { BackupRequest } from '../../src/shared/types';
+
+export async function backupDomain(req: BackupRequest): Promise<void> {
+  const acts = proxyActivities<HostActivities>({ taskQueue: hostTaskQueue(req.host), startToCloseTimeout: '5m' });
+  await acts.prepareStaging({ backupId: req.backupId, domain: req.domain, targets: req.targets });
+  await acts.inspectDomain({ domain: req.domain });
+}
