@@ -1,5 +1,5 @@
 /** Two projects: fast unit tests, and integration tests against the real stack (Temporal, libvirt/QEMU, radosgw, ganesha). */
-const tsJest = { '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.json', isolatedModules: true }] };
+const tsJest = { '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.json' }] };
 module.exports = {
   projects: [
     {
