@@ -14,6 +14,7 @@ import { Context } from '@temporalio/activity';
 import { execTool } from '../hypervisor/exec';
 import { classifyHypervisorError, HypervisorError, toolErrorText } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
+import { VirshHypervisor } from '../hypervisor/virsh';
 import type {
   CopyBaseImagesInput,
   CreateOverlaysInput,
@@ -78,7 +79,9 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
   const paths = new OverlayPaths(deps.stateDir);
   const pollMs = deps.pollIntervalMs ?? 200;
   const rsyncPath = deps.rsyncPath ?? 'rsync';
-  const listDomains = deps.listDomains ?? (() => virshListDomains(deps.libvirtUri));
+  // The URI the port itself talks to, unless told otherwise: recovery must scan the same libvirt.
+  const uri = deps.libvirtUri ?? (hv instanceof VirshHypervisor ? hv.uri : undefined);
+  const listDomains = deps.listDomains ?? (() => virshListDomains(uri));
 
   // ---------------------------------------------------------------- looking at the world
 
@@ -539,6 +542,27 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
 
   // ---------------------------------------------------------------- recoverOverlays
 
+  /**
+   * Disks of each domain. A domain that vanished meanwhile is left out; one whose disks cannot be read
+   * is reported in `unreadable` (its disks might use an overlay, so no overlay file is deleted then).
+   */
+  async function readDomains(
+    domains: string[],
+  ): Promise<{ disks: Map<string, DiskInfo[]>; unreadable: Map<string, string> }> {
+    const disks = new Map<string, DiskInfo[]>();
+    const unreadable = new Map<string, string>();
+    for (const domain of domains) {
+      try {
+        disks.set(domain, await hv.disks(domain));
+      } catch (err) {
+        if (err instanceof HypervisorError && err.kind === 'not-found') continue;
+        if (err instanceof HypervisorError && err.kind === 'unreachable') hypervisorFailure(err);
+        unreadable.set(domain, err instanceof Error ? err.message : String(err));
+      }
+    }
+    return { disks, unreadable };
+  }
+
   async function recoverOverlays(input: RecoverInput): Promise<RecoveryAction[]> {
     const ctx = Context.current();
     const active = new Set(input.activeBackupIds);
@@ -546,51 +570,40 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
     const domains = input.domain ? [input.domain] : await listDomains();
 
     // 1. disks running on an overlay of a backup that no longer runs: commit, pivot, remove.
-    for (const domain of domains) {
-      const live = await hv.disks(domain).catch((err: unknown) => {
-        if (err instanceof HypervisorError && err.kind === 'not-found') return [] as DiskInfo[];
-        hypervisorFailure(err);
-      });
+    const before = await readDomains(domains);
+    if (input.domain && before.unreadable.has(input.domain)) {
+      throw new Error(`cannot read the disks of ${input.domain}: ${before.unreadable.get(input.domain)}`);
+    }
+    for (const [domain, why] of before.unreadable) ctx.log.warn('cannot read the disks of a domain', { domain, why });
+    for (const [domain, live] of before.disks) {
       const byBackup = new Map<string, CommitTarget[]>();
       for (const d of live) {
         const loc = paths.locate(d.source);
         if (loc && !active.has(loc.backupId)) {
           const base = d.backingChain[0];
-          if (!base) {
-            actions.push({
-              domain,
-              disk: d.name,
-              overlay: d.source,
-              backupId: loc.backupId,
-              action: 'failed',
-              detail: 'the overlay has no backing file any more (a block pull ran?); left as is',
-            });
-            continue;
+          if (base) {
+            byBackup.set(loc.backupId, [
+              ...(byBackup.get(loc.backupId) ?? []),
+              { disk: d.name, overlay: d.source, base },
+            ]);
+          } else {
+            const detail = 'the overlay has no backing file any more (a block pull ran?): left as it is';
+            actions.push({ domain, disk: d.name, overlay: d.source, backupId: loc.backupId, action: 'failed', detail });
           }
-          byBackup.set(loc.backupId, [
-            ...(byBackup.get(loc.backupId) ?? []),
-            { disk: d.name, overlay: d.source, base },
-          ]);
         }
-        // Someone's snapshot on top of one of our overlays: not ours to flatten.
+        // Someone's snapshot stacked on one of our overlays: not ours to flatten.
         for (const below of d.backingChain) {
-          const loc2 = paths.locate(below);
-          if (loc2 && !active.has(loc2.backupId)) {
-            actions.push({
-              domain,
-              disk: d.name,
-              overlay: below,
-              backupId: loc2.backupId,
-              action: 'failed',
-              detail: `runs on ${d.source} stacked on the overlay; remove that snapshot first`,
-            });
+          const under = paths.locate(below);
+          if (under && !active.has(under.backupId)) {
+            const detail = `the disk runs on ${d.source}, stacked on the overlay: remove that snapshot first`;
+            actions.push({ domain, disk: d.name, overlay: below, backupId: under.backupId, action: 'failed', detail });
           }
         }
       }
       for (const [backupId, targets] of byBackup) {
         try {
           await commitDisks(domain, targets);
-          const after = await hv.disks(domain).catch(() => [] as DiskInfo[]);
+          const after = await liveDisks(domain);
           for (const t of targets) {
             if (!after.some((d) => usesFile(d, t.overlay))) await rm(t.overlay, { force: true });
             actions.push({ domain, disk: t.disk, overlay: t.overlay, backupId, action: 'committed' });
@@ -604,19 +617,24 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       }
     }
 
-    // 2. overlay files of dead backups that no domain uses (crash before the snapshot took them, or
+    // 2. overlay files of dead backups that no domain uses (a crash before the snapshot took them, or
     //    after the pivot): remove. Usage is checked over every domain, whatever input.domain says.
-    const backupIds = (await listDir(paths.root)).filter((id) => paths.isValidBackupId(id) && !active.has(id));
+    const entries = await readdir(paths.root, { withFileTypes: true }).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return [];
+      throw err;
+    });
+    const backupIds = entries
+      .filter((e) => e.isDirectory() && paths.isValidBackupId(e.name) && !active.has(e.name))
+      .map((e) => e.name);
     if (backupIds.length === 0) return actions;
-    const allDomains = input.domain ? await listDomains() : domains;
+    const now = await readDomains(await listDomains());
     const used = new Set<string>();
-    for (const domain of allDomains) {
-      const live = await hv.disks(domain).catch((err: unknown) => {
-        if (err instanceof HypervisorError && err.kind === 'not-found') return [] as DiskInfo[];
-        hypervisorFailure(err);
-      });
+    for (const live of now.disks.values())
       for (const d of live) for (const f of [d.source, ...d.backingChain]) used.add(f);
-    }
+    const unsure =
+      now.unreadable.size > 0
+        ? `kept: the disks of ${[...now.unreadable.keys()].join(', ')} could not be read (${[...now.unreadable.values()][0]})`
+        : undefined;
     for (const backupId of backupIds) {
       const dir = paths.backupDir(backupId);
       for (const file of await listDir(dir)) {
@@ -624,7 +642,18 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         const loc = paths.locate(path);
         if (!loc?.domain || !loc.disk) continue; // not an overlay file of ours
         if (input.domain && loc.domain !== input.domain) continue;
-        if (used.has(path)) continue; // a failed commit above, or in use some other way: keep
+        if (used.has(path)) continue; // a failed commit above: reported there
+        if (unsure) {
+          actions.push({
+            domain: loc.domain,
+            disk: loc.disk,
+            overlay: path,
+            backupId,
+            action: 'failed',
+            detail: unsure,
+          });
+          continue;
+        }
         await rm(path, { force: true });
         actions.push({ domain: loc.domain, disk: loc.disk, overlay: path, backupId, action: 'removed-unused-overlay' });
       }
@@ -632,8 +661,9 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       const left = await listDir(dir);
       for (const file of left) {
         const owner = /^(.+)\.snapshot\.json$/.exec(file)?.[1];
-        if (owner && !left.some((f) => f.startsWith(`${owner}.`) && f.endsWith('.qcow2')))
+        if (owner && !left.some((f) => f.startsWith(`${owner}.`) && f.endsWith('.qcow2'))) {
           await rm(join(dir, file), { force: true });
+        }
       }
       await removeEmptyDir(dir);
     }
