@@ -63,9 +63,12 @@ export function rsyncOptions(resume: boolean): string[] {
   return cmd.args();
 }
 
-/** Bytes done from an rsync `--info=progress2` line: `   233078784  55%  222.25MB/s    0:00:01`. */
+/**
+ * Bytes done from a whole rsync `--info=progress2` line, `   233078784  55%  222.25MB/s    0:00:01`;
+ * undefined for anything else, including a line cut short.
+ */
 export function parseRsyncProgress(line: string): number | undefined {
-  const m = /^\s*(\d+)\s+\d+%/.exec(line);
+  const m = /^\s*(\d+)\s+\d+%\s+\S+\s+(\d+:\d+:\d+|\?\?:\?\?:\?\?)/.exec(line);
   return m ? Number(m[1]) : undefined;
 }
 
@@ -157,11 +160,13 @@ async function runTool(
     signal: opts.signal,
     maxOutput: 1 << 20,
     onStdout: (chunk) => {
-      // progress2 redraws its line with \r; --outbuf=L flushes each one
+      // progress2 redraws its line about once a second, each redraw starting with \r
       pending += chunk;
       const lines = pending.split(/[\r\n]/);
       pending = lines.pop() ?? '';
       for (const line of lines) opts.onLine?.(line);
+      // rsync starts each redraw with \r and ends it with nothing: the newest line is the pending one
+      if (parseRsyncProgress(pending) !== undefined) opts.onLine?.(pending);
     },
   }).catch((err: unknown) => {
     if (err instanceof ExecStartError) throw new Error(`cannot run ${file} (through setpriv): ${err.message}`);

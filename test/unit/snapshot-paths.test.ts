@@ -43,7 +43,9 @@ describe('overlay paths', () => {
 describe('rsync command line', () => {
   it('writes a fresh copy sparse and in place', () => {
     const args = rsyncOptions(false);
-    expect(args).toEqual(expect.arrayContaining(['--inplace', '--sparse', '--info=progress2', '--outbuf=L', '--stats']));
+    expect(args).toEqual(
+      expect.arrayContaining(['--inplace', '--sparse', '--info=progress2', '--outbuf=L', '--stats']),
+    );
     expect(args).not.toContain('--append-verify');
   });
 
@@ -57,6 +59,8 @@ describe('rsync command line', () => {
     expect(parseRsyncProgress('      233078784  55%  222.25MB/s    0:00:00  ')).toBe(233078784);
     expect(parseRsyncProgress('      419430400 100%  172.70MB/s    0:00:02 (xfr#1, to-chk=0/1)')).toBe(419430400);
     expect(parseRsyncProgress('Number of files: 1 (reg: 1)')).toBeUndefined();
+    expect(parseRsyncProgress('      2330')).toBeUndefined(); // a redraw cut by the pipe
+    expect(parseRsyncProgress('      501972992 119%   41.75MB/s   ??:??:??  ')).toBe(501972992);
     expect(parseRsyncLiteral('Total transferred file size: 419430400 bytes\nLiteral data: 173342720 bytes\n')).toBe(
       173342720,
     );
