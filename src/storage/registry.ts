@@ -130,8 +130,13 @@ export interface OpenTargetOptions {
   env?: TargetEnvironment;
 }
 
+/**
+ * Opens the driver for `url`. `env` should be passed by the caller's edge (CLI, worker); when it
+ * is omitted the process environment is used, which is what the AWS SDK's own chain would read.
+ */
 export function openTarget(url: string, options: OpenTargetOptions = {}): StorageTarget {
   const spec = parseTargetUrl(url);
+  const env = options.env ?? targetEnvironmentFrom(process.env);
   const display = redactUrl(url);
   switch (spec.kind) {
     case 'file':
@@ -139,7 +144,7 @@ export function openTarget(url: string, options: OpenTargetOptions = {}): Storag
     case 'nfs':
       return new NfsTarget(spec, display);
     case 's3': {
-      const target = new S3Target(spec, display, options.s3 ?? {}, options.env ?? {});
+      const target = new S3Target(spec, display, options.s3 ?? {}, env);
       return withBandwidthLimit(target, options.s3?.bandwidthLimit ?? 0);
     }
   }

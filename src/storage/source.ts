@@ -14,27 +14,45 @@ export interface ReadChunksOptions {
   pace?: (bytes: number, signal?: AbortSignal) => Promise<void>;
 }
 
-/** Yields consecutive chunks of exactly `chunkSize` bytes (the last may be shorter). */
+/**
+ * Yields consecutive chunks of exactly `chunkSize` bytes (the last may be shorter). The next
+ * chunk is read while the caller works on the current one (hashing, sending), so disk reads
+ * overlap with the rest of the pipeline.
+ */
 export async function* readChunks(path: string, opts: ReadChunksOptions): AsyncGenerator<Buffer> {
   const fh = await open(path, 'r');
+  let pending: Promise<Buffer> | undefined;
   try {
     const end = opts.end ?? (await fh.stat()).size;
     let pos = opts.start ?? 0;
-    while (pos < end) {
-      opts.signal?.throwIfAborted();
-      const want = Math.min(opts.chunkSize, end - pos);
+    const readAt = async (at: number, want: number): Promise<Buffer> => {
       if (opts.pace) await opts.pace(want, opts.signal);
       const buf = Buffer.allocUnsafe(want);
       let got = 0;
       while (got < want) {
-        const { bytesRead } = await fh.read(buf, got, want - got, pos + got);
+        const { bytesRead } = await fh.read(buf, got, want - got, at + got);
         if (bytesRead === 0) throw new Error(`${path} shrank while it was being read (expected ${end} bytes)`);
         got += bytesRead;
       }
+      return buf;
+    };
+    const next = (): Promise<Buffer> | undefined => {
+      if (pos >= end) return undefined;
+      const want = Math.min(opts.chunkSize, end - pos);
+      const p = readAt(pos, want);
+      p.catch(() => undefined); // surfaced when awaited
       pos += want;
+      return p;
+    };
+    pending = next();
+    while (pending) {
+      opts.signal?.throwIfAborted();
+      const buf = await pending;
+      pending = next();
       yield buf;
     }
   } finally {
+    await pending?.catch(() => undefined);
     await fh.close();
   }
 }

@@ -278,23 +278,33 @@ export class NfsTarget implements StorageTarget {
       const startOffset = offset;
       const wsize = this.wsize(client);
       opts.onProgress?.(offset, size);
-      while (offset < size) {
-        const windowEnd = Math.min(size, offset + CHECKPOINT_EVERY);
-        let verifiers = await this.sendRange(client, file, sourcePath, offset, windowEnd, wsize, opts, hash);
-        for (let attempt = 0; ; attempt++) {
-          const committed = await client.commit(file);
-          if ([...verifiers].every((v) => v === committed)) break;
+      // COMMIT of one window runs while the next window is sent; its checkpoint is emitted once it is durable
+      let pending:
+        { commit: Promise<string>; verifiers: Set<string>; start: number; end: number; prefix: string } | undefined;
+      const settle = async (w: NonNullable<typeof pending>): Promise<void> => {
+        let committed = await w.commit;
+        for (let attempt = 0; ![...w.verifiers].every((v) => v === committed); attempt++) {
           // the server restarted between WRITE and COMMIT and may have lost the window: send it again
           if (attempt >= 3) throw new NfsStatusError(5, 'NFS3ERR_IO', 'COMMIT verifier keeps changing');
-          verifiers = await this.sendRange(client, file, sourcePath, offset, windowEnd, wsize, {
+          w.verifiers = await this.sendRange(client, file, sourcePath, w.start, w.end, wsize, {
             signal,
             pace: opts.pace,
           });
+          committed = await client.commit(file);
         }
+        if (w.end < size)
+          opts.onCheckpoint?.({ temp: tempFile, offset: w.end, prefixSha256: w.prefix } satisfies NfsCheckpoint);
+      };
+      while (offset < size) {
+        const windowEnd = Math.min(size, offset + CHECKPOINT_EVERY);
+        const verifiers = await this.sendRange(client, file, sourcePath, offset, windowEnd, wsize, opts, hash);
+        if (pending) await settle(pending);
+        const commit = client.commit(file);
+        commit.catch(() => undefined); // awaited in settle
+        pending = { commit, verifiers, start: offset, end: windowEnd, prefix: prefixDigest(hash) };
         offset = windowEnd;
-        if (offset < size)
-          opts.onCheckpoint?.({ temp: tempFile, offset, prefixSha256: prefixDigest(hash) } satisfies NfsCheckpoint);
       }
+      if (pending) await settle(pending);
       const sha256 = hash.digest('hex');
       const expected = opts.metadata?.sha256;
       if (expected && expected !== sha256) {

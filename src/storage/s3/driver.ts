@@ -402,8 +402,8 @@ export class S3Target implements StorageTarget {
             done.push({ PartNumber: n, ETag: unquote(out.ETag) || md5hex, size: chunk.length });
             bytesDone += chunk.length;
             bytesSent += chunk.length;
-            checkpoint();
             opts.onProgress?.(bytesDone, size);
+            checkpoint();
           })
           .catch((err: unknown) => {
             failure ??= err;
