@@ -21,21 +21,9 @@ export type TargetSpec =
 
 const SUPPORTED = 'use file:///abs/dir, nfs://host/export/path or s3://bucket/prefix';
 
-/** Removes user info and query strings (which may carry secrets) from anything URL-shaped. */
+/** Removes user info and query strings (which may carry secrets) from anything URL-shaped; other URLs come back as given. */
 export function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.username || u.password) {
-      u.username = '***';
-      u.password = '';
-    }
-    if (u.search) u.search = '';
-    if (u.hash) u.hash = '';
-    return u.toString();
-  } catch {
-    // not parseable: strip anything between '//' and '@', and the query
-    return url.replace(/\/\/[^/@]*@/, '//***@').replace(/[?#].*$/, '');
-  }
+  return url.replace(/^([a-z0-9+.-]+:\/\/)[^/@]*@/i, '$1***@').replace(/[?#].*$/s, '');
 }
 
 function bad(url: string, why?: string): StorageError {
@@ -65,6 +53,11 @@ const TargetUrlSchema = z.string().transform((url, ctx): TargetSpec => {
     ctx.addIssue({ code: z.ZodIssueCode.custom, message: bad(url, why).message });
     return z.NEVER;
   };
+  // WHATWG URL parsing silently resolves '.' and '..': refuse them on the raw text instead
+  const afterScheme = url.replace(/^[a-z0-9+.-]+:\/\/[^/]*/i, '').replace(/[?#].*$/, '');
+  if (afterScheme.split('/').some((s) => s === '..' || s === '.' || s === '%2e%2e' || s === '%2E%2E')) {
+    return fail('the path contains "." or ".."');
+  }
   let u: URL;
   try {
     u = new URL(url);
