@@ -133,6 +133,10 @@ export function createPushActivities(deps: PushDeps) {
         if (err instanceof HypervisorError && err.kind === 'not-found') {
           throw permanent(`${input.domain} disappeared during the backup (undefined)`, ErrorType.DomainGone);
         }
+        // "Requested operation is not valid: domain is not running": destroyed or shut down mid-job.
+        if ((await hv.state(input.domain).catch(() => undefined)) === 'shut off') {
+          throw permanent(`${input.domain} stopped during the backup; nothing was kept`, ErrorType.DomainGone);
+        }
         hypervisorFailure(err); // libvirtd restarting: transient, Temporal retries and we attach again
       }
       if (ACTIVE.has(job.type)) {
@@ -154,7 +158,8 @@ export function createPushActivities(deps: PushDeps) {
         }
         if (done.type === 'Failed' || done.type === 'Cancelled') {
           const state = await hv.state(input.domain).catch(() => 'other' as const);
-          const why = state === 'shut off' ? `${input.domain} stopped during the backup` : (done.errorMessage ?? done.type);
+          const why =
+            state === 'shut off' ? `${input.domain} stopped during the backup` : (done.errorMessage ?? done.type);
           throw permanent(
             `the backup job of ${input.domain} ended ${done.type.toLowerCase()}: ${why}`,
             state === 'shut off' ? ErrorType.DomainGone : ErrorType.BackupJobFailed,

@@ -51,7 +51,12 @@ export async function watchBackup(
     lastBytes = bytesDone;
     lastAt = now;
     if (bar) {
-      const payload = { phase: phase.padEnd(17), done: formatBytes(bytesDone), total: formatBytes(bytesTotal), rate: formatBytes(rate) };
+      const payload = {
+        phase: phase.padEnd(17),
+        done: formatBytes(bytesDone),
+        total: formatBytes(bytesTotal),
+        rate: formatBytes(rate),
+      };
       if (!started) {
         bar.start(Math.max(bytesTotal, 1), bytesDone, payload);
         started = true;

@@ -142,7 +142,10 @@ export function failureMessage(err: unknown): string {
   let cur: unknown = err;
   let msg = err instanceof Error ? err.message : String(err);
   while (cur instanceof Error) {
-    if (cur.message && !/^(Workflow execution failed|Activity task failed|Activity function .* failed)$/.test(cur.message)) {
+    if (
+      cur.message &&
+      !/^(Workflow execution failed|Activity task failed|Activity function .* failed)$/.test(cur.message)
+    ) {
       msg = cur.message;
     }
     cur = (cur as { cause?: unknown }).cause;

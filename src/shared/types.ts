@@ -123,7 +123,10 @@ export interface BackupProgress {
   bytesDone: number;
   bytesTotal: number;
   /** per-target upload progress */
-  targets: Record<string, { bytesDone: number; bytesTotal: number; state: 'pending' | 'uploading' | 'done' | 'failed' }>;
+  targets: Record<
+    string,
+    { bytesDone: number; bytesTotal: number; state: 'pending' | 'uploading' | 'done' | 'failed' }
+  >;
   error?: string;
 }
 

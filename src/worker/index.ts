@@ -21,7 +21,9 @@ export interface HostWorkerOptions {
   maxConcurrentActivityTaskExecutions?: number;
 }
 
-export async function createHostWorker(opts: HostWorkerOptions): Promise<{ worker: Worker; connection: NativeConnection }> {
+export async function createHostWorker(
+  opts: HostWorkerOptions,
+): Promise<{ worker: Worker; connection: NativeConnection }> {
   const { config } = opts;
   const connection = await NativeConnection.connect({ address: opts.address });
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri });

@@ -73,7 +73,9 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     phase: 'starting',
     bytesDone: 0,
     bytesTotal: 0,
-    targets: Object.fromEntries(req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }])),
+    targets: Object.fromEntries(
+      req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }]),
+    ),
   };
   setHandler(progressQuery, () => progress);
   const phase = (p: BackupPhase) => {
@@ -91,9 +93,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
 
   const staging = await short.prepareStaging({ backupId, domain, targets: req.targets });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
-  const compensations: Array<() => Promise<void>> = [
-    () => short.cleanupStaging({ backupId, stagingDir: staging.dir }),
-  ];
+  const compensations: Array<() => Promise<void>> = [() => short.cleanupStaging({ backupId, stagingDir: staging.dir })];
 
   let images: DiskImage[];
   let quiesced = false;

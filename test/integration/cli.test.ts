@@ -90,7 +90,11 @@ describe('vmbackup CLI', () => {
   test.each([
     [['backup', 'no-such-vm-x1'], /no-such-vm-x1/, 'unknown domain'],
     [['backup', 'vm;rm -rf /'], /"vm;rm -rf \/" is not a valid domain name/, 'shell metacharacters'],
-    [['backup', 'vm1', '--target', 'ftp://host/dir'], /"ftp:\/\/host\/dir" is not a supported target URL/, 'bad target URL'],
+    [
+      ['backup', 'vm1', '--target', 'ftp://host/dir'],
+      /"ftp:\/\/host\/dir" is not a supported target URL/,
+      'bad target URL',
+    ],
     [['backup', 'vm1', '--target', 'file://relative/dir'], /file:/, 'relative file URL'],
   ])('%j fails with one clear sentence (%s)', async (args, pattern, _what) => {
     const res = await runCli([...args, '--host', host, '--wait']);

@@ -44,8 +44,20 @@ async function identical(a: string, b: string): Promise<boolean> {
 
 /** Reads `len` MiB at `off` MiB of an image and checks every byte is `byte`. */
 async function holds(path: string, byte: number, offMiB: number, lenMiB: number): Promise<boolean> {
-  const { stdout } = await run('qemu-io', ['-U', '-c', `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`, path]);
-  return !/Pattern verification failed/.test(stdout);
+  try {
+    const { stdout } = await run('qemu-io', [
+      '-r',
+      '-U',
+      '-c',
+      `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`,
+      path,
+    ]);
+    return !/Pattern verification failed/.test(stdout);
+  } catch (err) {
+    // qemu-io exits non-zero when the pattern does not match
+    if (/Pattern verification failed/.test(String((err as { stdout?: string }).stdout))) return false;
+    throw err;
+  }
 }
 
 function imagePath(result: BackupResult, disk: string): string {
@@ -111,20 +123,28 @@ describe('push-mode backup workflow', () => {
 
     const { handle } = await backup(dom, await newTarget('two-disks'));
     await waitFor('the backup job to start', () => jobActive(dom.name), { intervalMs: 20 });
-    await dom.writeThroughDevice('vda', 0xee, 100, 4);
-    await dom.writeThroughDevice('vdb', 0xee, 100, 4);
-    const writesDuringJob = await jobActive(dom.name);
+    // Keep writing to both disks while the job runs; a write followed by a still-running job certainly
+    // arrived during the job. The backup must hold none of them, the live disks all of them.
+    let during = 0;
+    let written = 0;
+    while (written < 16) {
+      await dom.writeThroughDevice('vda', 0xee, 100 + written * 4, 4);
+      await dom.writeThroughDevice('vdb', 0xee, 100 + written * 4, 4);
+      written++;
+      if (!(await jobActive(dom.name))) break;
+      during++;
+    }
     const result = await handle.result();
 
-    expect(writesDuringJob).toBe(true); // the writes really landed while the job ran
+    expect(during).toBeGreaterThan(0); // the writes really landed while the job ran
     expect(result.status).toBe('completed');
     expect(result.method).toBe('push');
     expect(result.disks.map((d) => d.name).sort()).toEqual(['vda', 'vdb']);
     expect(await identical(imagePath(result, 'vda'), refA)).toBe(true);
     expect(await identical(imagePath(result, 'vdb'), refB)).toBe(true);
     // ... and the live disks hold the new writes, which the backup does not.
-    expect(await holds(vda.path, 0xee, 100, 4)).toBe(true);
-    expect(await holds(vdb.path, 0xee, 100, 4)).toBe(true);
+    expect(await holds(vda.path, 0xee, 100, written * 4)).toBe(true);
+    expect(await holds(vdb.path, 0xee, 100, written * 4)).toBe(true);
     expect(await holds(imagePath(result, 'vdb'), 0xee, 100, 4)).toBe(false);
     expect(await dom.state()).toBe('running');
   });
@@ -179,9 +199,11 @@ describe('push-mode backup workflow', () => {
     // The client connection reconnects; the result call retries until the server answers again.
     const fresh = await temporalClient();
     try {
-      const result = await waitFor('the workflow result after the restart', async () =>
-        fresh.client.workflow.getHandle(handle.workflowId).result(),
-      { timeoutMs: 300_000, intervalMs: 1000 });
+      const result = await waitFor(
+        'the workflow result after the restart',
+        async () => fresh.client.workflow.getHandle(handle.workflowId).result(),
+        { timeoutMs: 300_000, intervalMs: 1000 },
+      );
       expect(result.backupId).toBe(backupId);
       expect(await identical(imagePath(result, 'vda'), ref)).toBe(true);
     } finally {

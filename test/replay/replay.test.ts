@@ -12,7 +12,10 @@ const dir = join(__dirname, 'histories');
 const files = readdirSync(dir).filter((f) => f.endsWith('.json'));
 
 function histories() {
-  return files.map((f) => ({ workflowId: f.replace(/\.json$/, ''), history: JSON.parse(readFileSync(join(dir, f), 'utf8')) }));
+  return files.map((f) => ({
+    workflowId: f.replace(/\.json$/, ''),
+    history: JSON.parse(readFileSync(join(dir, f), 'utf8')),
+  }));
 }
 
 async function replay(workflowsPath: string): Promise<ReplayResult[]> {
@@ -31,7 +34,8 @@ describe('workflow history replay', () => {
   test('every committed history replays against the current workflows', async () => {
     const results = await replay(require.resolve('../../src/workflows'));
     expect(results).toHaveLength(files.length);
-    for (const r of results) expect({ id: r.workflowId, error: r.error?.message }).toEqual({ id: r.workflowId, error: undefined });
+    for (const r of results)
+      expect({ id: r.workflowId, error: r.error?.message }).toEqual({ id: r.workflowId, error: undefined });
   });
 
   test('a deliberately changed workflow fails the replay with a non-determinism error', async () => {

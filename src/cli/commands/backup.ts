@@ -34,7 +34,9 @@ export function register(program: Command): void {
     .description('back up a VM (running: push mode or snapshot method; shut off: direct copy)')
     .argument('<domain>', 'libvirt domain name')
     .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
-    .addOption(new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'))
+    .addOption(
+      new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'),
+    )
     .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
     .option('--wait', 'follow the backup to the end; exit 0 only on success')
     .option('--json', 'print one JSON object with the result')
@@ -151,7 +153,9 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
     for (const d of r.disks) process.stderr.write(`  ${d.name} ${d.format} sha256:${d.sha256} -> ${d.location}\n`);
     for (const s of r.skipped) process.stderr.write(`  skipped ${s.name}: ${s.reason}\n`);
   } else {
-    process.stderr.write(`vmbackup: backup ${view.backupId} ${view.execution.toLowerCase()}: ${view.error ?? 'no result'}\n`);
+    process.stderr.write(
+      `vmbackup: backup ${view.backupId} ${view.execution.toLowerCase()}: ${view.error ?? 'no result'}\n`,
+    );
   }
   if (!r || r.status !== 'completed') process.exitCode = 1;
 }

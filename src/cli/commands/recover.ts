@@ -35,7 +35,11 @@ export function register(program: Command): void {
           const actions = await recoverHostOverlays(address, config, { domain: flags.domain });
           if (flags.json) printJson(actions);
           else if (actions.length === 0) process.stdout.write(`nothing to recover on ${host}\n`);
-          else for (const a of actions) process.stdout.write(`${a.domain} ${a.disk}: ${a.action} ${a.overlay}${a.detail ? ` (${a.detail})` : ''}\n`);
+          else
+            for (const a of actions)
+              process.stdout.write(
+                `${a.domain} ${a.disk}: ${a.action} ${a.overlay}${a.detail ? ` (${a.detail})` : ''}\n`,
+              );
           if (actions.some((a) => a.action === 'failed')) process.exitCode = 1;
         } finally {
           await stop?.();

@@ -17,7 +17,10 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
-        const session = await openSession({ ...config, temporalAddress: config.temporalAddress ?? config.localTemporalAddress });
+        const session = await openSession({
+          ...config,
+          temporalAddress: config.temporalAddress ?? config.localTemporalAddress,
+        });
         try {
           const handle = await findBackup(session.client, backupId);
           const view = flags.wait
@@ -26,7 +29,10 @@ export function register(program: Command): void {
           if (view.execution !== 'RUNNING') {
             const desc = await handle.describe();
             const sa = desc.searchAttributes;
-            report(view, flags.json ?? false, { domain: String(sa.VmbackupDomain?.[0] ?? ''), host: String(sa.VmbackupHost?.[0] ?? '') });
+            report(view, flags.json ?? false, {
+              domain: String(sa.VmbackupDomain?.[0] ?? ''),
+              host: String(sa.VmbackupHost?.[0] ?? ''),
+            });
             return;
           }
           if (flags.json) {
@@ -37,7 +43,9 @@ export function register(program: Command): void {
           const a = view.activity;
           process.stdout.write(
             `${backupId}: running, ${p?.phase ?? 'starting'}${p?.method ? ` (${p.method})` : ''}` +
-              (a ? `, ${a.name} ${formatBytes(a.bytesDone)}/${formatBytes(a.bytesTotal)}${a.attempt > 1 ? ` attempt ${a.attempt}` : ''}` : '') +
+              (a
+                ? `, ${a.name} ${formatBytes(a.bytesDone)}/${formatBytes(a.bytesTotal)}${a.attempt > 1 ? ` attempt ${a.attempt}` : ''}`
+                : '') +
               '\n',
           );
         } finally {

@@ -24,7 +24,8 @@ export function register(program: Command): void {
         if (flags.recover) {
           recoverHostOverlays(address, config).then(
             (actions) => {
-              for (const a of actions) process.stderr.write(`recover: ${a.domain} ${a.disk} ${a.action} ${a.overlay}\n`);
+              for (const a of actions)
+                process.stderr.write(`recover: ${a.domain} ${a.disk} ${a.action} ${a.overlay}\n`);
             },
             (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
           );
