@@ -31,7 +31,10 @@ export default tseslint.config(
         {
           paths: nodeBuiltins.map((name) => ({ name, message: 'Workflows must be deterministic: no Node built-ins.' })),
           patterns: [
-            { group: ['**/hypervisor', '**/hypervisor/**'], message: 'Workflows call activities; never the hypervisor port.' },
+            {
+              group: ['**/hypervisor', '**/hypervisor/**'],
+              message: 'Workflows call activities; never the hypervisor port.',
+            },
             { group: ['**/storage', '**/storage/**'], message: 'Workflows call activities; never storage drivers.' },
             { group: ['@aws-sdk/*'], message: 'Workflows call activities; never the AWS SDK.' },
           ],
@@ -42,6 +45,15 @@ export default tseslint.config(
   {
     files: ['**/*.js', '**/*.mjs'],
     ...tseslint.configs.disableTypeChecked,
-    languageOptions: { globals: { require: 'readonly', module: 'writable', process: 'readonly', __dirname: 'readonly', console: 'readonly' } },
+    rules: { ...tseslint.configs.disableTypeChecked.rules, '@typescript-eslint/no-require-imports': 'off' },
+    languageOptions: {
+      globals: {
+        require: 'readonly',
+        module: 'writable',
+        process: 'readonly',
+        __dirname: 'readonly',
+        console: 'readonly',
+      },
+    },
   },
 );
