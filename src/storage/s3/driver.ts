@@ -171,7 +171,13 @@ export class S3Target implements StorageTarget {
   private error(err: unknown, what: string): StorageError {
     if (err instanceof StorageError) return err;
     const e = (typeof err === 'object' && err !== null ? err : {}) as SdkError;
-    const code = e.Code ?? e.name ?? e.code ?? '';
+    // network failures arrive as a plain Error whose code (or cause's code) says what happened
+    const generic = !e.Code && (!e.name || e.name === 'Error' || e.name === 'TypeError');
+    const sysCode = errnoCode(err) ?? errnoCode((err as { cause?: unknown }).cause);
+    const message = err instanceof Error ? (err.message.split('\n')[0] ?? '') : '';
+    const code = generic
+      ? (sysCode ?? (/socket hang up|ECONNRESET/i.test(message) ? 'ECONNRESET' : ''))
+      : (e.Code ?? e.name ?? '');
     const status = e.$metadata?.httpStatusCode;
     const where = `S3 target ${this.displayUrl}${this.endpointDisplay}`;
     let kind: StorageErrorKind;
@@ -199,17 +205,12 @@ export class S3Target implements StorageTarget {
     } else if (code === 'QuotaExceeded' || code === 'EntityTooLarge' || status === 507) {
       kind = 'no-space';
       sentence = `${where} has no room to ${what} (${code}); ${adviceFor('no-space')}.`;
-    } else if (
-      kindOfErrno(errnoCode(err)) === 'unreachable' ||
-      code === 'TimeoutError' ||
-      code === 'RequestTimeout' ||
-      code === 'ECONNREFUSED'
-    ) {
+    } else if (kindOfErrno(sysCode ?? code) === 'unreachable' || code === 'TimeoutError' || code === 'RequestTimeout') {
       kind = 'unreachable';
-      sentence = `${where} is unreachable while trying to ${what} (${errnoCode(err) ?? code}); ${adviceFor('unreachable')}.`;
+      sentence = `${where} is unreachable while trying to ${what} (${sysCode ?? code}); ${adviceFor('unreachable')}.`;
     } else {
       kind = 'failed';
-      const detail = code || (status ? `HTTP ${status}` : err instanceof Error ? err.message : 'error');
+      const detail = code || (status ? `HTTP ${status}` : message || 'error');
       sentence = `${where} failed to ${what} (${detail}); ${adviceFor('failed')}.`;
     }
     const permanent =
