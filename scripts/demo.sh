@@ -28,6 +28,9 @@ if ! virsh dominfo "$DOM" >/dev/null 2>&1; then
     <serial type='file'><source path='$DIR/serial.log'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
+  <!-- QEMU runs as root here: the disk and the default staging dir live under \$HOME, which the
+       libvirt-qemu user cannot reach (see README, "Where QEMU writes"). -->
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
 </domain>
 XML
   virsh define "$DIR/domain.xml" >/dev/null

@@ -21,7 +21,7 @@ export async function watchBackup(
   const bar = tty
     ? new SingleBar({
         stream: process.stderr,
-        format: ' {phase} |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted}',
+        format: ' {phase} |{bar}| {percentage}% {doneH}/{totalH} {rateH}/s ETA {eta_formatted}',
         hideCursor: true,
         etaBuffer: 20,
       })
@@ -53,9 +53,9 @@ export async function watchBackup(
     if (bar) {
       const payload = {
         phase: phase.padEnd(17),
-        done: formatBytes(bytesDone),
-        total: formatBytes(bytesTotal),
-        rate: formatBytes(rate),
+        doneH: formatBytes(bytesDone),
+        totalH: formatBytes(bytesTotal),
+        rateH: formatBytes(rate),
       };
       if (!started) {
         bar.start(Math.max(bytesTotal, 1), bytesDone, payload);

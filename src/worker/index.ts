@@ -4,7 +4,7 @@
  * run on the same queue, so a host needs nothing but its worker.
  */
 import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client';
-import { NativeConnection, Worker } from '@temporalio/worker';
+import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { createVirshHypervisor } from '../hypervisor/virsh';
@@ -75,4 +75,9 @@ export async function recoverHostOverlays(
   } finally {
     await connection.close();
   }
+}
+
+/** An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. */
+export function quietWorkerLogs(): void {
+  Runtime.install({ logger: new DefaultLogger('WARN') });
 }

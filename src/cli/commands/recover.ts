@@ -1,7 +1,7 @@
 /** `vmbackup recover [--host H]`: commit overlays left by backups that no longer run. */
 import type { Command } from 'commander';
 import { HOST_NAME_RE } from '../../shared/names';
-import { createHostWorker, recoverHostOverlays } from '../../worker';
+import { createHostWorker, quietWorkerLogs, recoverHostOverlays } from '../../worker';
 import { loadConfig } from '../../worker/config';
 import { openSession } from '../../client/connect';
 import { action, CliError, printJson } from '../output';
@@ -24,6 +24,7 @@ export function register(program: Command): void {
         let stop: (() => Promise<void>) | undefined;
         try {
           if (session.embedded && host === base.host) {
+            quietWorkerLogs();
             const { worker, connection } = await createHostWorker({ config, address });
             const running = worker.run();
             stop = async () => {
