@@ -194,6 +194,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
     } catch (err) {
       if (!(input.quiesce && err instanceof HypervisorError && err.kind === 'quiesce')) {
         await removeUnusedFiles(records, domain);
+        await removeEmptyDir(dir);
         throw snapshotFailure(err, domain, dir);
       }
       // "QEMU guest agent is not configured" (no channel) / "Guest agent is not responding: QEMU guest
@@ -215,6 +216,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         await hv.createOverlays(domain, specs, { quiesce: false });
       } catch (err2) {
         await removeUnusedFiles(records, domain);
+        await removeEmptyDir(dir);
         throw snapshotFailure(err2, domain, dir);
       }
     }
