@@ -173,8 +173,13 @@ export class S3Target implements StorageTarget {
     const e = (typeof err === 'object' && err !== null ? err : {}) as SdkError;
     // network failures arrive as a plain Error whose code (or cause's code) says what happened
     const generic = !e.Code && (!e.name || e.name === 'Error' || e.name === 'TypeError');
-    const sysCode = errnoCode(err) ?? errnoCode((err as { cause?: unknown }).cause);
-    const message = err instanceof Error ? (err.message.split('\n')[0] ?? '') : '';
+    const rawMessage = (e as { message?: unknown }).message;
+    const message = typeof rawMessage === 'string' ? (rawMessage.split('\n')[0] ?? '') : '';
+    // the SDK may wrap a socket error from another realm into "AWS SDK error wrapper for Error: connect ECONNREFUSED"
+    const sysCode =
+      errnoCode(err) ??
+      errnoCode((err as { cause?: unknown }).cause) ??
+      /\b(ECONNREFUSED|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH|EPIPE|ENOTFOUND|EAI_AGAIN)\b/.exec(message)?.[1];
     const code = generic
       ? (sysCode ?? (/socket hang up|ECONNRESET/i.test(message) ? 'ECONNRESET' : ''))
       : (e.Code ?? e.name ?? '');
