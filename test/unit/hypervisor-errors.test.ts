@@ -1,0 +1,117 @@
+/**
+ * The error classifier against the stderr virsh and qemu-img printed on the test hosts
+ * (test/fixtures/virsh/stderr.*.txt, captured by capture.sh) and texts recorded in the stack notes.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { HypervisorError, classifyHypervisorError, toolErrorText } from '../../src/hypervisor/errors';
+import type { HypervisorErrorKind } from '../../src/hypervisor/errors';
+
+const captured = (file: string): string => readFileSync(join(__dirname, '..', 'fixtures', 'virsh', file), 'utf8');
+
+describe('classifyHypervisorError on captured stderr', () => {
+  const cases: Array<[string, HypervisorErrorKind]> = [
+    ['stderr.no-domain.txt', 'not-found'],
+    ['stderr.no-disk.txt', 'not-found'],
+    ['stderr.exists.txt', 'exists'],
+    ['stderr.overlay-exists.txt', 'exists'],
+    ['stderr.quiesce-no-agent.txt', 'quiesce'],
+    ['stderr.quiesce-no-channel.txt', 'quiesce'],
+    ['stderr.not-ready.txt', 'not-ready'],
+    ['stderr.commit-busy.txt', 'busy'],
+    ['stderr.backup-busy.txt', 'busy'],
+    ['stderr.no-job.txt', 'no-job'],
+    ['stderr.no-block-job.txt', 'no-job'],
+    ['stderr.not-running.txt', 'not-running'],
+    ['stderr.no-base.txt', 'failed'],
+  ];
+  test.each(cases)('%s -> %s', (file, kind) => {
+    expect(classifyHypervisorError(captured(file))).toBe(kind);
+  });
+});
+
+describe('classifyHypervisorError on recorded texts', () => {
+  const cases: Array<[string, HypervisorErrorKind]> = [
+    // libvirtd down, or restarting under a running call
+    [
+      "error: failed to connect to the hypervisor\nerror: Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory",
+      'unreachable',
+    ],
+    ["error: Failed to connect socket to '/var/run/libvirt/libvirt-sock': Connection refused", 'unreachable'],
+    ['error: Cannot recv data: Connection reset by peer', 'unreachable'],
+    ['error: End of file while reading data: Input/output error', 'unreachable'],
+    ["error: Domain not found: no domain with matching name 'vm1'", 'not-found'],
+    [
+      'error: Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)',
+      'busy',
+    ],
+    ['error: Requested operation is not valid: domain is not running', 'not-running'],
+    ["error: operation failed: domain 'cap1' already exists with uuid 77a1b499-f0c6-4b89-863a-256e69eb5b0b", 'exists'],
+    ['error: invalid argument: invalid path vdz not assigned to domain', 'not-found'],
+    ['error: this function is not supported by the connection driver: virDomainBackupBegin', 'unsupported'],
+    [
+      "error: internal error: unable to execute QEMU command 'blockdev-add': Could not open '/root/x/full.qcow2': Permission denied",
+      'failed',
+    ],
+    ['', 'failed'],
+  ];
+  test.each(cases)('%s -> %s', (stderr, kind) => {
+    expect(classifyHypervisorError(stderr)).toBe(kind);
+  });
+});
+
+describe('toolErrorText', () => {
+  test("keeps virsh's error lines, without the prefixes", () => {
+    expect(toolErrorText(captured('stderr.exists.txt'))).toBe(
+      "invalid argument: store '/VM/full.qcow2' for backup of 'vda' exists",
+    );
+    expect(
+      toolErrorText(
+        "error: failed to connect to the hypervisor\nerror: Failed to connect socket to '/x': No such file or directory\n",
+      ),
+    ).toBe("failed to connect to the hypervisor; Failed to connect socket to '/x': No such file or directory");
+  });
+
+  test('qemu-img: the first line says it', () => {
+    expect(toolErrorText(captured('qemu-img-check.locked.stderr.txt'))).toBe(
+      `Could not open '/VM/vda.qcow2': Failed to get shared "write" lock; Is another process using the image [/VM/vda.qcow2]?`,
+    );
+  });
+});
+
+describe('HypervisorError', () => {
+  test('permanent follows the kind', () => {
+    const permanent: HypervisorErrorKind[] = [
+      'not-found',
+      'unsupported',
+      'quiesce',
+      'exists',
+      'invalid',
+      'not-running',
+      'no-job',
+    ];
+    const transient: HypervisorErrorKind[] = ['unreachable', 'busy', 'not-ready', 'failed'];
+    for (const kind of permanent) expect(new HypervisorError(kind, 'x').permanent).toBe(true);
+    for (const kind of transient) expect(new HypervisorError(kind, 'x').permanent).toBe(false);
+  });
+
+  test('keeps stderr, command, domain and cause', () => {
+    const cause = new Error('inner');
+    const err = new HypervisorError('busy', 'cannot start', {
+      stderr: 'error: x',
+      command: ['virsh', 'backup-begin'],
+      domain: 'vm1',
+      disk: 'vda',
+      cause,
+    });
+    expect(err).toBeInstanceOf(Error);
+    expect(err).toMatchObject({
+      name: 'HypervisorError',
+      kind: 'busy',
+      stderr: 'error: x',
+      domain: 'vm1',
+      disk: 'vda',
+    });
+    expect(err.cause).toBe(cause);
+  });
+});

@@ -1,0 +1,77 @@
+/** The child-process runner and the streaming SHA-256 (no libvirt needed). */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ExecStartError, execTool } from '../../src/hypervisor/exec';
+import { sha256File } from '../../src/hypervisor/qemu-img';
+
+describe('execTool', () => {
+  test('collects stdout, stderr and the exit code; arguments are not interpreted by a shell', async () => {
+    const r = await execTool('sh', ['-c', 'echo "$1"; echo err >&2; exit 3', 'sh', '$(rm -rf /); `x`']);
+    expect(r).toMatchObject({ code: 3, signal: null, stdout: '$(rm -rf /); `x`\n', stderr: 'err\n', timedOut: false });
+  });
+
+  test('runs in the C locale', async () => {
+    expect((await execTool('sh', ['-c', 'echo $LC_ALL'])).stdout).toBe('C\n');
+  });
+
+  test('a missing program is an ExecStartError with ENOENT', async () => {
+    await expect(execTool('/nonexistent/tool', [])).rejects.toMatchObject({ name: 'ExecStartError', code: 'ENOENT' });
+    await expect(execTool('/nonexistent/tool', [])).rejects.toBeInstanceOf(ExecStartError);
+  });
+
+  test('the timeout kills the child', async () => {
+    const started = Date.now();
+    const r = await execTool('sleep', ['30'], { timeoutMs: 100 });
+    expect(r).toMatchObject({ timedOut: true, code: null, signal: 'SIGTERM' });
+    expect(Date.now() - started).toBeLessThan(10_000);
+  });
+
+  test('an abort kills the child and rejects with the reason', async () => {
+    const ac = new AbortController();
+    const run = execTool('sleep', ['30'], { signal: ac.signal });
+    setTimeout(() => ac.abort(new Error('cancelled by the workflow')), 50);
+    await expect(run).rejects.toThrow('cancelled by the workflow');
+    await expect(execTool('true', [], { signal: ac.signal })).rejects.toThrow('cancelled by the workflow');
+  });
+
+  test('streams stdout chunks', async () => {
+    const chunks: string[] = [];
+    await execTool('sh', ['-c', 'printf "a\\r"; sleep 0.05; printf "b\\r"'], { onStdout: (c) => chunks.push(c) });
+    expect(chunks.join('')).toBe('a\rb\r');
+  });
+});
+
+describe('sha256File', () => {
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmbackup-sha-'));
+  });
+  afterAll(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test.each([0, 1, 4 << 20, (9 << 20) + 123])('equals crypto over the whole file (%i bytes)', async (size) => {
+    const data = randomBytes(size);
+    const file = join(dir, `f${size}`);
+    await writeFile(file, data);
+    const progress: number[] = [];
+    const digest = await sha256File(file, { onProgress: (n) => progress.push(n) });
+    expect(digest).toBe(createHash('sha256').update(data).digest('hex'));
+    if (size > 0) expect(progress.at(-1)).toBe(size);
+    expect([...progress].sort((a, b) => a - b)).toEqual(progress);
+  });
+
+  test('stops when aborted', async () => {
+    const file = join(dir, 'big');
+    await writeFile(file, Buffer.alloc(12 << 20));
+    const ac = new AbortController();
+    const run = sha256File(file, { signal: ac.signal, onProgress: () => ac.abort(new Error('stop')) });
+    await expect(run).rejects.toThrow('stop');
+  });
+
+  test('a missing file rejects with ENOENT', async () => {
+    await expect(sha256File(join(dir, 'missing'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
