@@ -93,6 +93,18 @@ describe('VirshHypervisor on real libvirt', () => {
     expect(all.skipped).toEqual([]);
   });
 
+  test('inspect of a shut-off domain reads sizes without a QEMU process', async () => {
+    const off = await newDomain({ prefix: 'hvoff', disks: [{ format: 'qcow2', sizeMiB: 48 }], start: false });
+    const info = await hv.inspect(off.name);
+    expect(info).toMatchObject({ state: 'shut off', skipped: [] });
+    expect(info.disks).toEqual([
+      expect.objectContaining({ name: 'vda', source: off.disks[0]!.path, virtualSize: 48 * MiB, backingChain: [] }),
+    ]);
+    const err = await rejection(hv.beginPushBackup(off.name, [{ disk: 'vda', file: join(off.dir, 'b.qcow2') }]));
+    expect(err).toMatchObject({ kind: 'not-running', permanent: true });
+    expect(err.message).toMatch(/cannot perform disk backup for inactive domain/);
+  });
+
   test('an unknown domain is a permanent not-found error naming it', async () => {
     const err = await rejection(hv.inspect('vmbt-no-such-domain'));
     expect(err).toMatchObject({ kind: 'not-found', permanent: true, domain: 'vmbt-no-such-domain' });
