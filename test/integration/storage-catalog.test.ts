@@ -4,14 +4,12 @@
  * restore (qemu-img compare), copy between targets, prune, and catch a corrupted object.
  */
 import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { createStorageActivities } from '../../src/activities/storage';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
 import {
@@ -24,70 +22,14 @@ import {
 } from '../../src/storage/catalog';
 import type { StorageTarget } from '../../src/storage/contract';
 import { StorageError } from '../../src/storage/errors';
-import { openTarget } from '../../src/storage/registry';
-import { localTarget, nfsTarget, s3Env, s3Target } from '../storage/fixtures';
+import { backUp, makeImage, storageActivities } from '../storage/backups';
+import { localTarget, nfsTarget, s3Target } from '../storage/fixtures';
 import type { ConformanceTarget } from '../storage/conformance';
 import { requireNfs, requireS3, stackEnv } from '../helpers/stack';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;
-
-async function sha256Of(path: string): Promise<string> {
-  return createHash('sha256')
-    .update(await readFile(path))
-    .digest('hex');
-}
-
-async function makeImage(dir: string, name: string, format: 'qcow2' | 'raw', pattern: number): Promise<DiskImage> {
-  const path = join(dir, `${name}.${format}`);
-  // raw images are stored whole: keep them small
-  const virtualSize = format === 'raw' ? 16 * MiB : 64 * MiB;
-  await run('qemu-img', ['create', '-q', '-f', format, path, String(virtualSize)]);
-  await run('qemu-io', ['-f', format, '-c', `write -P ${pattern} 0 4M`, '-c', `write -P ${pattern + 1} 8M 1M`, path]);
-  return { name, format, path, virtualSize, size: (await stat(path)).size, sha256: await sha256Of(path) };
-}
-
-const activities = createStorageActivities({
-  openTarget: (url, options) => openTarget(url, { ...options, env: s3Env() }),
-});
-
-/** What the backup workflow does per target: ship every disk, then write the manifest. */
-async function backUp(
-  url: string,
-  domain: string,
-  backupId: string,
-  startedAt: string,
-  disks: DiskImage[],
-): Promise<void> {
-  const env = new MockActivityEnvironment();
-  const shipped: ShippedImage[] = [];
-  for (const disk of disks)
-    shipped.push(
-      await env.run(activities.shipImage, { backupId, domain, target: url, disk, s3Options: { partSizeMiB: 5 } }),
-    );
-  await env.run(activities.writeManifest, {
-    target: url,
-    manifest: {
-      backupId,
-      domain,
-      host: 'hv1',
-      method: 'push' as const,
-      startedAt,
-      finishedAt: startedAt,
-      quiesced: false,
-      libvirtVersion: '9.0.0',
-      qemuVersion: '7.2.0',
-      disks: disks.map((d, i) => ({
-        name: d.name,
-        format: d.format,
-        virtualSize: d.virtualSize,
-        size: d.size,
-        sha256: d.sha256,
-        key: shipped[i]!.key,
-      })),
-    },
-  });
-}
+const activities = storageActivities();
 
 type Made = ConformanceTarget & { url: string };
 const kinds: Array<[string, () => Promise<Made>]> = [
