@@ -3,7 +3,6 @@
  * dependencies): each .ts file is transpiled on load with the project's own `typescript`.
  * Used by the kill -9 tests, which need a process they can really kill.
  */
-/* eslint-disable @typescript-eslint/no-require-imports -- a CommonJS require hook */
 'use strict';
 const fs = require('node:fs');
 const ts = require('typescript');
