@@ -41,6 +41,8 @@ interface PendingCall {
   resolve: (r: XdrReader) => void;
   reject: (e: Error) => void;
   timer: NodeJS.Timeout;
+  /** the connection this call was last written to (retransmitted on a new one) */
+  sentOn?: Socket;
 }
 
 const LAST_FRAGMENT = 0x80000000;
@@ -105,14 +107,15 @@ export class RpcConnection {
       }, this.opts.callTimeoutMs ?? 60_000);
       const call: PendingCall = { xid, message, resolve, reject, timer };
       this.pending.set(xid, call);
-      if (this.socket && !this.connecting) this.send(call);
+      if (this.socket) this.send(call);
       else this.ensureConnected().catch(() => undefined);
     });
   }
 
   private send(call: PendingCall): void {
     const s = this.socket;
-    if (!s) return;
+    if (!s || call.sentOn === s) return;
+    call.sentOn = s;
     s.cork();
     for (const part of call.message) s.write(part);
     s.uncork();
