@@ -110,10 +110,13 @@ export function createImageActivities(deps: ImageDeps) {
         );
       }
       const info = await imageInfo(image.path);
-      const sha256 = await sha256File(image.path, {
-        signal: ctx.cancellationSignal,
-        onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
-      });
+      // The snapshot copy was already hashed against its base; read the image a second time only when needed.
+      const sha256 =
+        image.sha256 ??
+        (await sha256File(image.path, {
+          signal: ctx.cancellationSignal,
+          onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
+        }));
       const size = sizes[idx] ?? 0;
       done.push({
         name: image.name,

@@ -10,6 +10,8 @@ import type { StorageActivityDeps } from './storage';
 export interface ActivityDeps {
   hypervisor: Hypervisor;
   stateDir: string;
+  /** a state dir QEMU can reach, for files QEMU opens itself (snapshot overlays); default stateDir */
+  qemuStateDir?: string;
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
 }
@@ -18,7 +20,7 @@ export function createActivities(deps: ActivityDeps): HostActivities {
   return {
     ...createPushActivities(deps),
     ...createImageActivities(deps),
-    ...createSnapshotActivities(deps),
+    ...createSnapshotActivities({ ...deps, stateDir: deps.qemuStateDir ?? deps.stateDir }),
     ...createStorageActivities({ openTarget: deps.openTarget }),
   } satisfies HostActivities;
 }

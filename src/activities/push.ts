@@ -23,12 +23,15 @@ import type {
 import { ErrorType } from '../shared/errors';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
+import { qemuWritableDir } from './qemu-paths';
 
 export interface PushDeps {
   hypervisor: Hypervisor;
   stateDir: string;
   /** how often awaitBackupJob asks libvirt (ms); small, since it bounds the end-to-end overhead */
   pollIntervalMs?: number;
+  /** where QEMU-written files go when the state dir is private (default /var/lib/vmbackup) */
+  systemQemuDir?: string;
 }
 
 /** Progress a long activity heartbeats; the client reads it from the pending activity. */
@@ -58,19 +61,27 @@ export function createPushActivities(deps: PushDeps) {
   async function prepareStaging(input: PrepareStagingInput): Promise<StagingArea> {
     const localTarget = input.targets.find((t) => t.startsWith('file://'));
     const root = localTarget ? join(fileURLToPath(localTarget), '.staging') : join(deps.stateDir, 'staging');
-    const dir = join(root, input.backupId);
+    let dir: string;
     try {
-      await mkdir(dir, { recursive: true });
+      const preferred = join(root, input.backupId);
+      if (input.writtenByQemu) {
+        dir = await qemuWritableDir(preferred, join('staging', input.backupId), deps.systemQemuDir);
+      } else {
+        dir = preferred;
+        await mkdir(dir, { recursive: true });
+      }
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'EACCES' || code === 'EROFS' || code === 'ENOSPC' || code === 'ENOTDIR') {
         throw permanent(
-          `cannot create the staging directory ${dir} (${code}): check that ${localTarget ?? deps.stateDir} is writable`,
+          `cannot create the staging directory for ${input.backupId} (${code}): check that ${localTarget ?? deps.stateDir} is writable`,
           code === 'ENOSPC' ? ErrorType.NoSpace : ErrorType.PermissionDenied,
         );
       }
       throw err;
     }
+    // A fallback staging dir outside the target still lets the target take the images by rename when both
+    // are on one filesystem; the local driver copies otherwise.
     return { dir, localTarget };
   }
 

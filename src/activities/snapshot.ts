@@ -332,7 +332,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       }
       disksDone.push(r.disk);
       beat('verify', bytesTotal, outcome.bytesCopied);
-      images.push({ name: r.disk, format: r.baseFormat, path: dest, virtualSize: r.virtualSize });
+      images.push({ name: r.disk, format: r.baseFormat, path: dest, virtualSize: r.virtualSize, sha256: got });
     }
     await assertOnOverlays(domain, overlays, 'after the copy');
     return images;

@@ -1,6 +1,6 @@
 /**
- * Following a backup until it ends: a progress bar on a TTY (bytes, rate, ETA), phase lines
- * on stderr otherwise. Progress is read from the workflow (progress query) and the running
+ * Following a backup until it ends: a progress bar on a TTY (bytes, rate, ETA), nothing
+ * otherwise (scripts read the final result). Progress is read from the workflow (progress query) and the running
  * activity's last heartbeat, so any client can follow any backup.
  */
 import { SingleBar } from 'cli-progress';
@@ -27,7 +27,6 @@ export async function watchBackup(
       })
     : undefined;
   let started = false;
-  let lastPhase = '';
   let lastBytes = 0;
   let lastAt = Date.now();
   let rate = 0;
@@ -64,10 +63,7 @@ export async function watchBackup(
         bar.setTotal(Math.max(bytesTotal, 1));
         bar.update(bytesDone, payload);
       }
-    } else if (opts.showProgress && phase !== lastPhase) {
-      process.stderr.write(`${backupId}: ${phase}\n`);
     }
-    lastPhase = phase;
     if (!finished) await Promise.race([done, new Promise((r) => setTimeout(r, interval))]);
   }
 }

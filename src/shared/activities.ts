@@ -10,12 +10,16 @@ export interface ImageFile {
   format: string;
   path: string;
   virtualSize: number;
+  /** SHA-256 when the step that wrote the image already computed it (finalizeImages then trusts it) */
+  sha256?: string;
 }
 
 export interface PrepareStagingInput {
   backupId: string;
   domain: string;
   targets: string[];
+  /** QEMU itself writes the images (push mode): the directory must be reachable by the QEMU user */
+  writtenByQemu?: boolean;
 }
 export interface StagingArea {
   /** absolute directory on the host, unique to the backup */

@@ -10,6 +10,7 @@ import { createActivities } from '../activities';
 import { createVirshHypervisor } from '../hypervisor/virsh';
 import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget } from '../storage/registry';
+import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
 import type { Config } from './config';
 
@@ -30,6 +31,7 @@ export async function createHostWorker(
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
+    qemuStateDir: await qemuWritableDir(config.stateDir, '.', SYSTEM_QEMU_DIR),
     pollIntervalMs: config.pollIntervalMs,
     openTarget,
   });
@@ -61,7 +63,9 @@ export async function recoverHostOverlays(
   try {
     const client = new Client({ connection, namespace: config.namespace });
     const active: string[] = [];
-    const query = `${SEARCH_ATTRIBUTES.host} = '${config.host}' AND ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
+    // Every running backup, whatever its host: backup ids are unique, and several hosts may share a libvirt
+    // (tests do), so an overlay of another host's running backup must be left alone too.
+    const query = `ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
     for await (const wf of client.workflow.list({ query })) {
       const id = wf.searchAttributes[SEARCH_ATTRIBUTES.backupId];
       if (Array.isArray(id) && typeof id[0] === 'string') active.push(id[0]);

@@ -58,12 +58,18 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     startToCloseTimeout: '24h',
     heartbeatTimeout: `${heartbeatTimeoutSec}s`,
   });
-  return { short, long };
+  // Overlay creation and removal are quick and do not heartbeat: a dead worker is noticed after a minute.
+  const overlaySteps = proxyActivities<HostActivities>({
+    ...base,
+    startToCloseTimeout: '1m',
+    retry: { ...base.retry, maximumAttempts: 10 },
+  });
+  return { short, long, overlaySteps };
 }
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   const { backupId, domain, host } = req;
-  const { short, long } = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
+  const { short, long, overlaySteps } = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
   const startedAt = workflowInfo().startTime.toISOString();
 
   const progress: BackupProgress = {
@@ -91,7 +97,12 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   upsertSearchAttributes([{ key: MethodKey, value: method }]);
   log.info('backup planned', { backupId, domain, method, disks: info.disks.map((d) => d.name) });
 
-  const staging = await short.prepareStaging({ backupId, domain, targets: req.targets });
+  const staging = await short.prepareStaging({
+    backupId,
+    domain,
+    targets: req.targets,
+    writtenByQemu: method === 'push',
+  });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
   const compensations: Array<() => Promise<void>> = [() => short.cleanupStaging({ backupId, stagingDir: staging.dir })];
 
@@ -113,7 +124,14 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
       files = await long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
     } else {
       phase('creating-overlays');
-      const created = await short.createOverlays({
+      // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
+      // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
+      const undoUnknown = async () => {
+        await long.commitAndPivot({ backupId, domain, overlays: [] });
+        await short.removeOverlays({ backupId, domain, overlays: [] });
+      };
+      compensations.unshift(undoUnknown);
+      const created = await overlaySteps.createOverlays({
         backupId,
         domain,
         disks: info.disks,
@@ -124,9 +142,9 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
       const overlays: OverlayRecord[] = created.overlays;
       const undoOverlays = async () => {
         await long.commitAndPivot({ backupId, domain, overlays });
-        await short.removeOverlays({ backupId, domain, overlays });
+        await overlaySteps.removeOverlays({ backupId, domain, overlays });
       };
-      compensations.unshift(undoOverlays);
+      compensations[0] = undoOverlays;
       phase('copying');
       files = await long.copyBaseImages({
         backupId,
@@ -150,7 +168,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   }
 
   phase('uploading');
-  const targets = await shipToTargets(req, { short, long }, staging, images, progress, {
+  const targets = await shipToTargets(req, { short, long, overlaySteps }, staging, images, progress, {
     method,
     startedAt,
     quiesced,

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import type { Client, WorkflowHandle } from '@temporalio/client';
+import { qemuWritableDir } from '../../src/activities/qemu-paths';
 import { startBackup } from '../../src/client/backups';
 import type { BackupResult } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
@@ -113,9 +114,12 @@ describe('snapshot-method backup workflow', () => {
   /** 1 GiB of random data: a copy and a SHA-256 take seconds. Shared: each backup ends on the base again. */
   let big: FixtureDomain;
   let refs = 0;
-  const overlaysOf = (backupId: string) => join(stackEnv().stateDir, 'overlays', backupId);
+  /** The worker keeps overlays where QEMU can open them (the state dir, or /var/lib/vmbackup when that is private). */
+  let qemuStateDir: string;
+  const overlaysOf = (backupId: string) => join(qemuStateDir, 'overlays', backupId);
 
   beforeAll(async () => {
+    qemuStateDir = await qemuWritableDir(stackEnv().stateDir, '.');
     await requireTemporal();
     await requireLibvirt();
     ({ client, close: closeClient } = await temporalClient());
