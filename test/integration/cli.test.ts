@@ -105,6 +105,22 @@ describe('vmbackup CLI', () => {
     expect(res.stderr).not.toMatch(/\n\s+at /); // no stack trace
   });
 
+  test('libvirt unreachable on the host: the backup fails with one sentence naming libvirt, not a hang', async () => {
+    const deadHost = uniqueHost('cli');
+    const dead = await startWorkerProcess(deadHost, {
+      env: cliEnv({ LIBVIRT_DEFAULT_URI: 'qemu:///system?socket=/nonexistent/libvirt-sock' }),
+    });
+    try {
+      const res = await runCli(['backup', 'vm1', '--host', deadHost, '--wait']);
+      expect(res.code).not.toBe(0);
+      const lines = res.stderr.trim().split('\n');
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(/vm1.*(connect|libvirt)/i);
+    } finally {
+      await dead.stop();
+    }
+  });
+
   test('embedded default: with no TEMPORAL_ADDRESS the CLI starts a dev server and a worker itself', async () => {
     const state = await mkdtemp(join(stackEnv().stateDir, 'test-embedded-'));
     const env = { ...cliEnv({ VMBACKUP_STATE_DIR: state, VMBACKUP_TEMPORAL_PORT: '7299' }) };
