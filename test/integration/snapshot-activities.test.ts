@@ -14,6 +14,7 @@ import { createSnapshotActivities } from '../../src/activities/snapshot';
 import { HypervisorError } from '../../src/hypervisor/errors';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
+import { sha256File } from '../../src/hypervisor/qemu-img';
 import type { RecoveryAction } from '../../src/shared/activities';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
@@ -155,9 +156,23 @@ describe('snapshot activities on real domains', () => {
     await dom.writeThroughDevice('vdb', 0xc2, 40, 8);
     const images = await copying;
     expect(images).toEqual([
-      { name: 'vda', format: 'qcow2', path: join(staging, 'vda.qcow2'), virtualSize: 64 << 20 },
-      { name: 'vdb', format: 'raw', path: join(staging, 'vdb.raw'), virtualSize: 64 << 20 },
+      {
+        name: 'vda',
+        format: 'qcow2',
+        path: join(staging, 'vda.qcow2'),
+        virtualSize: 64 << 20,
+        sha256: expect.stringMatching(/^[0-9a-f]{64}$/),
+      },
+      {
+        name: 'vdb',
+        format: 'raw',
+        path: join(staging, 'vdb.raw'),
+        virtualSize: 64 << 20,
+        sha256: expect.stringMatching(/^[0-9a-f]{64}$/),
+      },
     ]);
+    // The hash the copy step reports is the copy's own (finalizeImages trusts it).
+    for (const img of images) expect(img.sha256).toBe(await sha256File(img.path));
     expect(await identical(images[0]!.path, refs[0]!)).toBe(true);
     expect(await identical(images[1]!.path, refs[1]!)).toBe(true);
     expect(heartbeats).toContainEqual(expect.objectContaining({ disk: 'vdb', phase: 'verify', bytesDone: 64 << 20 }));
