@@ -40,7 +40,7 @@ describe('vmbackup CLI', () => {
   });
   afterAll(async () => {
     await worker?.stop();
-    await rm(work, { recursive: true, force: true });
+    if (work) await rm(work, { recursive: true, force: true });
   });
 
   test('backup --wait --json prints one JSON object; status and list find the backup', async () => {

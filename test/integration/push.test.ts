@@ -83,7 +83,7 @@ describe('push-mode backup workflow', () => {
   afterAll(async () => {
     await worker?.stop();
     await closeClient?.();
-    await rm(work, { recursive: true, force: true });
+    if (work) await rm(work, { recursive: true, force: true });
   });
   beforeEach(async () => {
     host = uniqueHost('push');

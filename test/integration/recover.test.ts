@@ -65,7 +65,7 @@ describe('recovery of overlays left by dead backups', () => {
   afterAll(async () => {
     for (const w of workers) await w.stop();
     await closeClient?.();
-    await rm(work, { recursive: true, force: true });
+    if (work) await rm(work, { recursive: true, force: true });
   });
 
   /** Starts a snapshot backup, and kills it for good once the VM runs on the overlay. */

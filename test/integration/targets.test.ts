@@ -40,7 +40,7 @@ describe('backups to several targets', () => {
   });
   afterAll(async () => {
     await worker?.stop();
-    await rm(work, { recursive: true, force: true });
+    if (work) await rm(work, { recursive: true, force: true });
   });
 
   test('file + nfs + s3 in one backup: every target lists, verifies and restores it', async () => {
