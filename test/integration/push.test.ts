@@ -16,9 +16,9 @@ import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv, stackScript } from '../helpers/stack';
 import { startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
+import { holds, identical, virsh } from '../helpers/images';
 
 const run = promisify(execFile);
-const virsh = async (...args: string[]) => (await run('virsh', ['-c', stackEnv().libvirt.uri, ...args])).stdout;
 
 async function jobActive(domain: string): Promise<boolean> {
   const out = await virsh('domjobinfo', domain);
@@ -30,34 +30,6 @@ async function snapshotOf(path: string, dir: string, name: string): Promise<stri
   const ref = join(dir, `${name}.ref.raw`);
   await run('qemu-img', ['convert', '-U', '-O', 'raw', path, ref]);
   return ref;
-}
-
-async function identical(a: string, b: string): Promise<boolean> {
-  try {
-    await run('qemu-img', ['compare', '-U', a, b]);
-    return true;
-  } catch (err) {
-    if ((err as { code?: number }).code === 1) return false;
-    throw err;
-  }
-}
-
-/** Reads `len` MiB at `off` MiB of an image and checks every byte is `byte`. */
-async function holds(path: string, byte: number, offMiB: number, lenMiB: number): Promise<boolean> {
-  try {
-    const { stdout } = await run('qemu-io', [
-      '-r',
-      '-U',
-      '-c',
-      `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`,
-      path,
-    ]);
-    return !/Pattern verification failed/.test(stdout);
-  } catch (err) {
-    // qemu-io exits non-zero when the pattern does not match
-    if (/Pattern verification failed/.test(String((err as { stdout?: string }).stdout))) return false;
-    throw err;
-  }
 }
 
 function imagePath(result: BackupResult, disk: string): string {

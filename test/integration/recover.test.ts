@@ -4,7 +4,7 @@
  * its base image with every write, and the overlay is gone.
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
@@ -16,6 +16,7 @@ import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
+import { exists, holds } from '../helpers/images';
 
 const run = promisify(execFile);
 
@@ -24,28 +25,6 @@ async function diskSource(domain: string): Promise<string> {
   const line = stdout.split('\n').find((l) => /^\s*vda\s/.test(l));
   return line?.trim().split(/\s+/)[1] ?? '';
 }
-
-async function holds(path: string, byte: number, offMiB: number, lenMiB: number): Promise<boolean> {
-  try {
-    const { stdout } = await run('qemu-io', [
-      '-r',
-      '-U',
-      '-c',
-      `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`,
-      path,
-    ]);
-    return !/Pattern verification failed/.test(stdout);
-  } catch (err) {
-    if (/Pattern verification failed/.test(String((err as { stdout?: string }).stdout))) return false;
-    throw err;
-  }
-}
-
-const exists = (p: string) =>
-  stat(p).then(
-    () => true,
-    () => false,
-  );
 
 describe('recovery of overlays left by dead backups', () => {
   const newDomain = useFixtureDomains();

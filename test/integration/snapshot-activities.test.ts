@@ -4,7 +4,7 @@
  * the hypervisor, the disks and the copy tools are real.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { MockActivityEnvironment } from '@temporalio/testing';
@@ -19,18 +19,9 @@ import type { RecoveryAction } from '../../src/shared/activities';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, stackEnv } from '../helpers/stack';
+import { domblklist, exists, holds, identical, reference, virsh } from '../helpers/images';
 
 const run = promisify(execFile);
-const virsh = async (...args: string[]) => (await run('virsh', ['-c', stackEnv().libvirt.uri, ...args])).stdout;
-
-/** target dev -> source file, as `virsh domblklist` shows it */
-async function domblklist(domain: string): Promise<Record<string, string>> {
-  const out = await virsh('domblklist', domain);
-  const rows = out.split('\n').slice(2);
-  return Object.fromEntries(
-    rows.map((l) => l.trim().split(/\s+/)).filter((r): r is [string, string] => r.length === 2 && r[0] !== ''),
-  );
-}
 
 function sources(dom: FixtureDomain): Record<string, string> {
   return Object.fromEntries(dom.disks.map((d) => [d.dev, d.path]));
@@ -38,41 +29,6 @@ function sources(dom: FixtureDomain): Record<string, string> {
 
 async function noBlockJob(domain: string, dev: string): Promise<boolean> {
   return /No current block job/.test(await virsh('blockjob', domain, dev, '--info'));
-}
-
-/** The image as it is now, as raw: the reference a backup of this moment must equal. */
-async function reference(path: string, dest: string): Promise<string> {
-  await run('qemu-img', ['convert', '-U', '-O', 'raw', path, dest]);
-  return dest;
-}
-
-async function identical(a: string, b: string): Promise<boolean> {
-  try {
-    await run('qemu-img', ['compare', '-U', a, b]);
-    return true;
-  } catch (err) {
-    if ((err as { code?: number }).code === 1) return false;
-    throw err;
-  }
-}
-
-/** Every byte of `len` MiB at `off` MiB is `byte`. qemu-io needs -r with -U: "force-share=on can only be used with read-only images". */
-async function holds(path: string, byte: number, offMiB: number, lenMiB: number): Promise<boolean> {
-  const { stdout } = await run('qemu-io', [
-    '-r',
-    '-U',
-    '-c',
-    `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`,
-    path,
-  ]);
-  return !/Pattern verification failed/.test(stdout);
-}
-
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(
-    () => true,
-    () => false,
-  );
 }
 
 describe('snapshot activities on real domains', () => {

@@ -14,6 +14,7 @@ import type { CopyHeartbeat } from '../../src/activities/snapshot';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import { useFixtureDomains } from '../fixtures/domains';
 import { requireLibvirt, stackEnv } from '../helpers/stack';
+import { identical } from '../helpers/images';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;
@@ -30,16 +31,6 @@ async function killChildNamed(comm: string): Promise<void> {
     }
   }
   throw new Error(`no child process named ${comm}`);
-}
-
-async function identical(a: string, b: string): Promise<boolean> {
-  try {
-    await run('qemu-img', ['compare', '-U', a, b]);
-    return true;
-  } catch (err) {
-    if ((err as { code?: number }).code === 1) return false;
-    throw err;
-  }
 }
 
 describe('snapshot copy after a crash', () => {

@@ -4,11 +4,9 @@
  * made, right after the pivot). Whatever happens, the backup equals the disk at the snapshot, the VM
  * ends on its original images with every write, and no overlay is left.
  */
-import { execFile } from 'node:child_process';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { promisify } from 'node:util';
 import type { Client, WorkflowHandle } from '@temporalio/client';
 import { qemuWritableDir } from '../../src/activities/qemu-paths';
 import { startBackup } from '../../src/client/backups';
@@ -18,50 +16,9 @@ import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
+import { domblklist, exists, holds, identical, reference } from '../helpers/images';
 
-const run = promisify(execFile);
-const virsh = async (...args: string[]) => (await run('virsh', ['-c', stackEnv().libvirt.uri, ...args])).stdout;
 const MiB = 1 << 20;
-
-async function domblklist(domain: string): Promise<Record<string, string>> {
-  const rows = (await virsh('domblklist', domain)).split('\n').slice(2);
-  return Object.fromEntries(
-    rows.map((l) => l.trim().split(/\s+/)).filter((r): r is [string, string] => r.length === 2 && r[0] !== ''),
-  );
-}
-
-async function reference(path: string, dest: string): Promise<string> {
-  await run('qemu-img', ['convert', '-U', '-O', 'raw', path, dest]);
-  return dest;
-}
-
-async function identical(a: string, b: string): Promise<boolean> {
-  try {
-    await run('qemu-img', ['compare', '-U', a, b]);
-    return true;
-  } catch (err) {
-    if ((err as { code?: number }).code === 1) return false;
-    throw err;
-  }
-}
-
-async function holds(path: string, byte: number, offMiB: number, lenMiB: number): Promise<boolean> {
-  const { stdout } = await run('qemu-io', [
-    '-r',
-    '-U',
-    '-c',
-    `read -P 0x${byte.toString(16)} ${offMiB}M ${lenMiB}M`,
-    path,
-  ]);
-  return !/Pattern verification failed/.test(stdout);
-}
-
-async function exists(path: string): Promise<boolean> {
-  return stat(path).then(
-    () => true,
-    () => false,
-  );
-}
 
 function imagePath(result: BackupResult, disk: string): string {
   const d = result.disks.find((x) => x.name === disk);
