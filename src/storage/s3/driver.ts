@@ -141,7 +141,8 @@ export class S3Target implements StorageTarget {
       maxAttempts: 3,
       requestHandler: {
         connectionTimeout: 5_000,
-        requestTimeout: 120_000,
+        // no byte in either direction for a minute: a hung server, fail the request (requestTimeout only warns)
+        socketTimeout: 60_000,
         httpAgent: new HttpAgent(agentOptions),
         httpsAgent: new HttpsAgent(agentOptions),
       },
