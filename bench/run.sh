@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# npm run bench [-- --large] [-- --reps N] [-- --only limit,push,...] [-- --smoke]
+# Brings up the real stack, builds vmbackup and the bench, installs the tools it compares with,
+# runs bench/main.ts and renders the chart. Results: bench/results/latest.{json,md}, ratios.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf 'bench: %s\n' "$*" >&2; }
+[[ $(id -u) == 0 ]] || { say 'run as root (libvirt system domains, drop_caches)'; exit 1; }
+
+missing=()
+command -v virtnbdbackup >/dev/null || missing+=(virtnbdbackup)
+command -v rsvg-convert >/dev/null || missing+=(librsvg2-bin)
+[[ -x /usr/bin/time ]] || missing+=(time)
+command -v nfs-cp >/dev/null || missing+=(libnfs-utils)
+if ((${#missing[@]})); then
+  say "installing ${missing[*]}"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+bash scripts/stack.sh up
+eval "$(bash scripts/stack.sh env)"
+[[ -d node_modules ]] || npm ci --no-audit --no-fund
+npm run --silent build
+# compiled outside the tree (lint and prettier never see it); NODE_PATH finds the repo's node_modules
+BUILD=$(mktemp -d /tmp/vmbackup-bench.XXXXXX)
+trap 'rm -rf "$BUILD"' EXIT
+# tsc still emits when another engineer's work in progress has a type error; the run shows if it matters
+npx tsc -p bench/tsconfig.json --outDir "$BUILD" || say 'bench/tsconfig.json: type errors (emitted anyway)'
+export NODE_PATH=$PWD/node_modules
+
+# the AWS SDK warns on every start that future versions need Node 22; keep the log readable
+export NODE_NO_WARNINGS=1
+mkdir -p bench/results
+node "$BUILD/bench/main.js" "$@"
+rsvg-convert -w 1000 -b white -o bench/results/ratios.png bench/results/latest.svg
+say "bench/results/latest.md, latest.json, ratios.png"
+cat bench/results/latest.md
