@@ -130,6 +130,19 @@ export class LocalTarget implements StorageTarget {
       const tempPath = temp as string;
       const startOffset = offset;
       let sinceCheckpoint = 0;
+      // the fdatasync of one window runs while the next is written; its checkpoint is emitted once it is durable
+      let syncing: { done: Promise<void>; offset: number; prefix: string } | undefined;
+      const settle = async (): Promise<void> => {
+        if (!syncing) return;
+        const s = syncing;
+        syncing = undefined;
+        await s.done;
+        opts.onCheckpoint?.({
+          temp: basename(tempPath),
+          offset: s.offset,
+          prefixSha256: s.prefix,
+        } satisfies LocalCheckpoint);
+      };
       opts.onProgress?.(offset, size);
       for await (const chunk of readChunks(sourcePath, {
         start: offset,
@@ -138,25 +151,33 @@ export class LocalTarget implements StorageTarget {
         signal: opts.signal,
         pace: opts.pace,
       })) {
-        let written = 0;
-        while (written < chunk.length) {
-          const { bytesWritten } = await fh.write(chunk, written, chunk.length - written, offset + written);
-          written += bytesWritten;
-        }
+        // hash while the write is in flight (the write runs on libuv's thread pool)
+        const writing = (async () => {
+          let written = 0;
+          while (written < chunk.length) {
+            const { bytesWritten } = await (fh as FileHandle).write(
+              chunk,
+              written,
+              chunk.length - written,
+              offset + written,
+            );
+            written += bytesWritten;
+          }
+        })();
         hash.update(chunk);
+        await writing;
         offset += chunk.length;
         sinceCheckpoint += chunk.length;
         opts.onProgress?.(offset, size);
         if (sinceCheckpoint >= CHECKPOINT_EVERY && offset < size) {
-          await fh.datasync();
+          await settle();
+          const done = fh.datasync();
+          done.catch(() => undefined); // awaited in settle
+          syncing = { done, offset, prefix: prefixDigest(hash) };
           sinceCheckpoint = 0;
-          opts.onCheckpoint?.({
-            temp: basename(tempPath),
-            offset,
-            prefixSha256: prefixDigest(hash),
-          } satisfies LocalCheckpoint);
         }
       }
+      await settle();
       await fh.sync();
       await fh.close();
       fh = undefined;
@@ -195,9 +216,12 @@ export class LocalTarget implements StorageTarget {
     const dir = dirname(final);
     const [src, dst] = await Promise.all([stat(sourcePath), stat(dir)]);
     if (src.dev !== dst.dev) return undefined;
-    const sha256 = await sha256File(sourcePath, opts.signal);
-    opts.onProgress?.(size, size);
     const expected = opts.metadata?.sha256;
+    // The digest was taken by the caller on this very file (same inode, size and mtime): a rename does not
+    // change a byte, so reading the whole image again would only cost time.
+    const trusted = expected !== undefined && opts.sourceStamp !== undefined && opts.sourceStamp === fileStamp(src);
+    const sha256 = trusted ? expected : await sha256File(sourcePath, opts.signal);
+    opts.onProgress?.(size, size);
     if (expected && expected !== sha256) {
       throw new StorageError(
         'checksum',
@@ -406,4 +430,9 @@ export class LocalTarget implements StorageTarget {
   }
 
   async close(): Promise<void> {}
+}
+
+/** `ino:size:mtimeMs`, as PutImageOptions.sourceStamp records it. */
+export function fileStamp(s: { ino: number; size: number; mtimeMs: number }): string {
+  return `${s.ino}:${s.size}:${s.mtimeMs}`;
 }
