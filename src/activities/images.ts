@@ -12,6 +12,7 @@ import { ErrorType } from '../shared/errors';
 import type { DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import type { ByteProgress } from './push';
+import { fileStamp as stampOf } from '../storage/local/driver';
 
 export interface ImageDeps {
   hypervisor: Hypervisor;
@@ -110,6 +111,7 @@ export function createImageActivities(deps: ImageDeps) {
         );
       }
       const info = await imageInfo(image.path);
+      const stampBefore = stampOf(await stat(image.path));
       // The snapshot copy was already hashed against its base; read the image a second time only when needed.
       const sha256 =
         image.sha256 ??
@@ -118,7 +120,11 @@ export function createImageActivities(deps: ImageDeps) {
           onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
         }));
       const size = sizes[idx] ?? 0;
+      if (stampOf(await stat(image.path)) !== stampBefore) {
+        throw new Error(`the backup image of disk ${image.name} changed while it was being hashed`);
+      }
       done.push({
+        stamp: stampBefore,
         name: image.name,
         format: image.format,
         path: image.path,

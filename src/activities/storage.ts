@@ -81,21 +81,26 @@ export function createStorageActivities(
           bytesDone: previous?.bytesDone ?? 0,
           ...(previous?.checkpoint ? { checkpoint: previous.checkpoint } : {}),
         };
-        const result = await target.putImage(key, disk.path, {
-          ...(beat.checkpoint ? { resume: beat.checkpoint } : {}),
-          signal: ctx.cancellationSignal,
-          allowMove: Boolean(input.allowMove),
-          // the driver fails with 'checksum' unless the bytes it stored hash to this
-          metadata: { sha256: disk.sha256, domain, backupid: backupId, disk: disk.name, format: disk.format },
-          onCheckpoint: (checkpoint) => {
-            beat.checkpoint = checkpoint;
-            ctx.heartbeat(beat);
-          },
-          onProgress: (bytesDone) => {
-            beat.bytesDone = bytesDone;
-            ctx.heartbeat(beat);
-          },
-        });
+        // Drivers report progress per part or chunk; a slow part must not look like a dead worker.
+        const keepAlive = setInterval(() => ctx.heartbeat(beat), 5_000);
+        const result = await target
+          .putImage(key, disk.path, {
+            ...(beat.checkpoint ? { resume: beat.checkpoint } : {}),
+            signal: ctx.cancellationSignal,
+            allowMove: Boolean(input.allowMove),
+            ...(disk.stamp ? { sourceStamp: disk.stamp } : {}),
+            // the driver fails with 'checksum' unless the bytes it stored hash to this
+            metadata: { sha256: disk.sha256, domain, backupid: backupId, disk: disk.name, format: disk.format },
+            onCheckpoint: (checkpoint) => {
+              beat.checkpoint = checkpoint;
+              ctx.heartbeat(beat);
+            },
+            onProgress: (bytesDone) => {
+              beat.bytesDone = bytesDone;
+              ctx.heartbeat(beat);
+            },
+          })
+          .finally(() => clearInterval(keepAlive));
         if (result.sha256 !== disk.sha256 || result.size !== disk.size) {
           throw ApplicationFailure.nonRetryable(
             `Disk ${disk.name} of ${domain} was stored on ${target.displayUrl} with SHA-256 ${result.sha256} (${result.size} bytes) instead of ${disk.sha256} (${disk.size} bytes); the image changed while it was shipped, run the backup again.`,

@@ -90,6 +90,11 @@ export interface DiskImage {
   /** bytes of the image file */
   size: number;
   sha256: string;
+  /**
+   * `ino:size:mtimeMs` of the file when `sha256` was computed: a target that can take the file by
+   * rename trusts the digest while the file still has this stamp, instead of reading it again.
+   */
+  stamp?: string;
 }
 
 export interface TargetResult {

@@ -49,6 +49,11 @@ export interface PutImageOptions {
   /** if set, the driver may move (rename) the source instead of copying it (same filesystem only) */
   allowMove?: boolean;
   /**
+   * `ino:size:mtimeMs` of the source when `metadata.sha256` was computed. A driver that moves the
+   * file may trust that digest while the source still has this stamp (no second read of the image).
+   */
+  sourceStamp?: string;
+  /**
    * Awaited before each chunk of `bytes` is read from the source. Set by wrappers (bandwidth
    * limit) so cross-cutting pacing is not copied into each driver; drivers only call it.
    */

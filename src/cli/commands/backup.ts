@@ -9,7 +9,6 @@ import type { BackupOptions, BackupResult, RequestedMethod } from '../../shared/
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
-import { createHostWorker, quietWorkerLogs } from '../../worker';
 import { action, CliError, printJson } from '../output';
 import { watchBackup } from '../watch';
 import { addS3Options, s3OptionsFrom } from './s3-options';
@@ -103,6 +102,8 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
 }
 
 async function startInProcessWorker(config: Config, address: string): Promise<() => Promise<void>> {
+  // Loaded only here: a CLI that just submits to a cluster need not load the worker, webpack and the SDKs.
+  const { createHostWorker, quietWorkerLogs } = await import('../../worker');
   quietWorkerLogs();
   const { worker, connection } = await createHostWorker({ config, address });
   const running = worker.run();

@@ -1,7 +1,6 @@
 /** `vmbackup recover [--host H]`: commit overlays left by backups that no longer run. */
 import type { Command } from 'commander';
 import { HOST_NAME_RE } from '../../shared/names';
-import { createHostWorker, quietWorkerLogs, recoverHostOverlays } from '../../worker';
 import { loadConfig } from '../../worker/config';
 import { openSession } from '../../client/connect';
 import { action, CliError, printJson } from '../output';
@@ -15,6 +14,7 @@ export function register(program: Command): void {
     .option('--json', 'print one JSON array')
     .action(
       action(async (flags: { host?: string; domain?: string; json?: boolean }) => {
+        const { createHostWorker, quietWorkerLogs, recoverHostOverlays } = await import('../../worker');
         const base = loadConfig();
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);

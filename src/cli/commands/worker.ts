@@ -1,7 +1,6 @@
 /** `vmbackup worker [--host H]`: serve this host's task queue until SIGINT/SIGTERM. */
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
-import { createHostWorker, recoverHostOverlays } from '../../worker';
 import { loadConfig } from '../../worker/config';
 import { action, CliError } from '../output';
 
@@ -13,6 +12,7 @@ export function register(program: Command): void {
     .option('--no-recover', 'do not commit leftover overlays of dead backups at start')
     .action(
       action(async (flags: { host?: string; recover: boolean }) => {
+        const { createHostWorker, recoverHostOverlays } = await import('../../worker');
         const base = loadConfig();
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
