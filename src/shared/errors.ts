@@ -21,5 +21,6 @@ export const ErrorType = {
   NoSpace: 'StorageNoSpace',
   Unreachable: 'StorageUnreachable',
   InvalidTarget: 'InvalidTarget',
+  StorageFailed: 'StorageFailed',
 } as const;
 export type ErrorTypeName = (typeof ErrorType)[keyof typeof ErrorType];
