@@ -9,7 +9,7 @@ import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { createVirshHypervisor } from '../hypervisor/virsh';
 import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
-import { openTarget } from '../storage/registry';
+import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
 import type { Config } from './config';
@@ -28,12 +28,14 @@ export async function createHostWorker(
   const { config } = opts;
   const connection = await NativeConnection.connect({ address: opts.address });
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri });
+  const targetEnv = targetEnvironmentFrom(process.env);
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
     qemuStateDir: await qemuWritableDir(config.stateDir, '.', SYSTEM_QEMU_DIR),
     pollIntervalMs: config.pollIntervalMs,
-    openTarget,
+    // S3 credentials, region and endpoint are read once, here at the edge (standard AWS variables).
+    openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
   });
   const worker = await Worker.create({
     connection,
