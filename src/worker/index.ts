@@ -3,6 +3,8 @@
  * this host's task queue. One worker per hypervisor host; the workflows of a host's backups
  * run on the same queue, so a host needs nothing but its worker.
  */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
@@ -42,14 +44,22 @@ export async function createHostWorker(
     namespace: config.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
-    ...(opts.workflowBundle
-      ? { workflowBundle: opts.workflowBundle }
-      : { workflowsPath: require.resolve('../workflows') }),
+    ...workflowCode(opts.workflowBundle),
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
   });
   return { worker, connection };
+}
+
+/** The bundle `npm run build` made (dist/workflow-bundle.js), else bundle the workflows now (ts sources in tests). */
+function workflowCode(
+  bundle: WorkflowBundleWithSourceMap | undefined,
+): { workflowBundle: WorkflowBundleWithSourceMap | { codePath: string } } | { workflowsPath: string } {
+  if (bundle) return { workflowBundle: bundle };
+  const prebuilt = join(__dirname, '..', 'workflow-bundle.js');
+  if (existsSync(prebuilt)) return { workflowBundle: { codePath: prebuilt } };
+  return { workflowsPath: require.resolve('../workflows') };
 }
 
 /**
