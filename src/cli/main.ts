@@ -1,6 +1,7 @@
 /** The vmbackup command line: thin commands over client/ and storage/. */
 import { Command } from 'commander';
 import { register as backup } from './commands/backup';
+import { register as cancel } from './commands/cancel';
 import { register as copy } from './commands/copy';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
@@ -15,7 +16,7 @@ export function buildProgram(): Command {
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, list, verify, restore, copy, prune, recover, worker]) reg(program);
+  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, recover, worker]) reg(program);
   return program;
 }
 

@@ -14,7 +14,7 @@ import type { BackupResult } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv, stackScript } from '../helpers/stack';
-import { startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
+import { runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 import { holds, identical, virsh } from '../helpers/images';
 
@@ -204,9 +204,11 @@ describe('push-mode backup workflow', () => {
     const dom = await newDomain({ prefix: 'push', disks: [{ format: 'qcow2', sizeMiB: 2048, randomMiB: 1024 }] });
     const before = await virsh('domblklist', dom.name);
     const target = await newTarget('cancel');
-    const { handle } = await backup(dom, target);
+    const { handle, backupId } = await backup(dom, target);
     await waitFor('the backup job to start', () => jobActive(dom.name), { intervalMs: 20 });
-    await handle.cancel();
+    const cancelled = await runCli(['cancel', backupId, '--wait', '--json']);
+    expect(cancelled.code).toBe(0);
+    expect(JSON.parse(cancelled.stdout)).toEqual({ backupId, status: 'cancelled' });
     const err = await handle.result().then(
       () => undefined,
       (e: unknown) => e,

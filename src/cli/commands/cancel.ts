@@ -1,0 +1,43 @@
+/** `vmbackup cancel <backupId>`: stop a running backup; its undo steps put everything back. */
+import type { Command } from 'commander';
+import { findBackup } from '../../client/backups';
+import { openSession } from '../../client/connect';
+import { loadConfig } from '../../worker/config';
+import { action, CliError, printJson } from '../output';
+
+export function register(program: Command): void {
+  program
+    .command('cancel')
+    .description('cancel a running backup: the job is aborted or the overlays committed, staging removed')
+    .argument('<backupId>')
+    .option('--wait', 'return once the backup has stopped and cleaned up')
+    .option('--json', 'print one JSON object')
+    .action(
+      action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
+        const config = loadConfig();
+        const session = await openSession({
+          ...config,
+          temporalAddress: config.temporalAddress ?? config.localTemporalAddress,
+        });
+        try {
+          const handle = await findBackup(session.client, backupId);
+          const before = await handle.describe();
+          if (before.status.name !== 'RUNNING') {
+            throw new CliError(
+              `backup ${backupId} is not running (${before.status.name.toLowerCase()}): nothing to cancel`,
+            );
+          }
+          await handle.cancel();
+          let status = 'cancelling';
+          if (flags.wait) {
+            await handle.result().catch(() => undefined);
+            status = (await handle.describe()).status.name.toLowerCase();
+          }
+          if (flags.json) printJson({ backupId, status });
+          else process.stderr.write(`${backupId}: ${status}\n`);
+        } finally {
+          await session.close();
+        }
+      }),
+    );
+}
