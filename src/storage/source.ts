@@ -3,7 +3,9 @@
  * order while streaming), with pacing and cancellation. Shared by every driver.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { open } from 'node:fs/promises';
+import { open, stat } from 'node:fs/promises';
+import type { PutCheckpoint } from './contract';
+import { errnoCode, StorageError } from './errors';
 
 export interface ReadChunksOptions {
   start?: number;
@@ -81,3 +83,36 @@ export function prefixDigest(hash: Hash): string {
 
 /** Hex SHA-256 of a string in the manifest/metadata format. */
 export const SHA256_RE = /^[0-9a-f]{64}$/;
+
+/**
+ * Resume point of a driver that writes a temp object then renames it (local, NFS): the temp name, the
+ * bytes already durable in it, and the SHA-256 state of that prefix (re-checked before resuming).
+ */
+export interface TempFileCheckpoint {
+  temp: string;
+  offset: number;
+  prefixSha256: string;
+}
+
+/** A checkpoint handed back by an activity, validated (never a path outside the target's directory). */
+export function asTempFileCheckpoint(cp: PutCheckpoint | undefined): TempFileCheckpoint | undefined {
+  if (!cp) return undefined;
+  const { temp, offset, prefixSha256 } = cp as Partial<TempFileCheckpoint>;
+  if (typeof temp !== 'string' || !temp.startsWith('.') || temp.includes('/')) return undefined;
+  if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) return undefined;
+  if (typeof prefixSha256 !== 'string') return undefined;
+  return { temp, offset, prefixSha256 };
+}
+
+/** Size of the image to store; a missing or unreadable source is a 'not-found' StorageError. */
+export async function sourceSize(sourcePath: string, key: string, driver: string): Promise<number> {
+  try {
+    return (await stat(sourcePath)).size;
+  } catch (err) {
+    throw new StorageError(
+      'not-found',
+      `Source image ${sourcePath} for ${key} cannot be read (${errnoCode(err) ?? 'error'}); check that it exists.`,
+      { driver, cause: err },
+    );
+  }
+}

@@ -9,38 +9,17 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
-import type {
-  ObjectInfo,
-  PutCheckpoint,
-  PutImageOptions,
-  PutImageResult,
-  StorageTarget,
-  TargetCapabilities,
-} from '../contract';
+import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName } from '../sidecar';
-import { hashRange, prefixDigest, readChunks, sha256File } from '../source';
+import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sha256File, sourceSize } from '../source';
+import type { TempFileCheckpoint } from '../source';
 
 const DRIVER = 'local';
 const CHUNK = 4 << 20;
 /** fdatasync + checkpoint this often: the resume point after a crash */
 const CHECKPOINT_EVERY = 64 << 20;
-
-interface LocalCheckpoint {
-  temp: string;
-  offset: number;
-  prefixSha256: string;
-}
-
-function asLocalCheckpoint(cp: PutCheckpoint | undefined): LocalCheckpoint | undefined {
-  if (!cp) return undefined;
-  const { temp, offset, prefixSha256 } = cp as Partial<LocalCheckpoint>;
-  if (typeof temp !== 'string' || !temp.startsWith('.') || temp.includes('/')) return undefined;
-  if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) return undefined;
-  if (typeof prefixSha256 !== 'string') return undefined;
-  return { temp, offset, prefixSha256 };
-}
 
 async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
@@ -87,19 +66,7 @@ export class LocalTarget implements StorageTarget {
     const dir = dirname(final);
     const name = basename(final);
     const expected = opts.metadata?.sha256;
-    let size: number;
-    try {
-      size = (await stat(sourcePath)).size;
-    } catch (err) {
-      throw new StorageError(
-        'not-found',
-        `Source image ${sourcePath} for ${key} cannot be read (${errnoCode(err) ?? 'error'}); check that it exists.`,
-        {
-          driver: DRIVER,
-          cause: err,
-        },
-      );
-    }
+    const size = await sourceSize(sourcePath, key, DRIVER);
     await this.mkdirs(dir, `create the directory for ${key}`);
 
     if (opts.allowMove) {
@@ -112,7 +79,7 @@ export class LocalTarget implements StorageTarget {
     try {
       let offset = 0;
       let hash: Hash = createHash('sha256');
-      const resume = asLocalCheckpoint(opts.resume);
+      const resume = asTempFileCheckpoint(opts.resume);
       if (resume && resume.offset <= size) {
         const resumed = await this.openResumed(join(dir, resume.temp), resume, opts.signal);
         if (resumed) {
@@ -141,7 +108,7 @@ export class LocalTarget implements StorageTarget {
           temp: basename(tempPath),
           offset: s.offset,
           prefixSha256: s.prefix,
-        } satisfies LocalCheckpoint);
+        } satisfies TempFileCheckpoint);
       };
       opts.onProgress?.(offset, size);
       for await (const chunk of readChunks(sourcePath, {
@@ -250,7 +217,7 @@ export class LocalTarget implements StorageTarget {
   /** Reopen a temp file from a checkpoint if its durable prefix still hashes as recorded. */
   private async openResumed(
     temp: string,
-    cp: LocalCheckpoint,
+    cp: TempFileCheckpoint,
     signal?: AbortSignal,
   ): Promise<{ fh: FileHandle; hash: Hash } | undefined> {
     try {

@@ -14,18 +14,12 @@ import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { stat as fsStat } from 'node:fs/promises';
 import { posix } from 'node:path';
 import { Readable } from 'node:stream';
-import type {
-  ObjectInfo,
-  PutCheckpoint,
-  PutImageOptions,
-  PutImageResult,
-  StorageTarget,
-  TargetCapabilities,
-} from '../contract';
+import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName, type Sidecar } from '../sidecar';
-import { hashRange, prefixDigest, readChunks } from '../source';
+import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sourceSize } from '../source';
+import type { TempFileCheckpoint } from '../source';
 import { NfsClient, NfsStatusError, Stable, type Fattr } from './client';
 import { RpcError } from './rpc';
 
@@ -37,21 +31,6 @@ const WRITE_DEPTH = 8;
 const READ_DEPTH = 4;
 const MAX_IO = 1 << 20;
 const NFS3ERR_STALE = 70;
-
-interface NfsCheckpoint {
-  temp: string;
-  offset: number;
-  prefixSha256: string;
-}
-
-function asNfsCheckpoint(cp: PutCheckpoint | undefined): NfsCheckpoint | undefined {
-  if (!cp) return undefined;
-  const { temp, offset, prefixSha256 } = cp as Partial<NfsCheckpoint>;
-  if (typeof temp !== 'string' || !temp.startsWith('.') || temp.includes('/')) return undefined;
-  if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) return undefined;
-  if (typeof prefixSha256 !== 'string') return undefined;
-  return { temp, offset, prefixSha256 };
-}
 
 export interface NfsTargetSpec {
   host: string;
@@ -224,19 +203,7 @@ export class NfsTarget implements StorageTarget {
     const k = normaliseKey(key);
     const dirKey = posix.dirname(k) === '.' ? '' : posix.dirname(k);
     const name = posix.basename(k);
-    let size: number;
-    try {
-      size = (await fsStat(sourcePath)).size;
-    } catch (err) {
-      throw new StorageError(
-        'not-found',
-        `Source image ${sourcePath} for ${key} cannot be read (${errnoCode(err) ?? 'error'}); check that it exists.`,
-        {
-          driver: DRIVER,
-          cause: err,
-        },
-      );
-    }
+    const size = await sourceSize(sourcePath, key, DRIVER);
     const signal = opts.signal;
     let c: NfsClient | undefined;
     let dir: Buffer | undefined;
@@ -249,7 +216,7 @@ export class NfsTarget implements StorageTarget {
       let hash: Hash = createHash('sha256');
       let offset = 0;
       let fh: Buffer | undefined;
-      const resume = asNfsCheckpoint(opts.resume);
+      const resume = asTempFileCheckpoint(opts.resume);
       if (resume && resume.offset <= size) {
         const found = await client.lookup(d, resume.temp);
         const attrs = found ? (found.attrs ?? (await client.getattr(found.fh))) : undefined;
@@ -293,7 +260,7 @@ export class NfsTarget implements StorageTarget {
           committed = await client.commit(file);
         }
         if (w.end < size)
-          opts.onCheckpoint?.({ temp: tempFile, offset: w.end, prefixSha256: w.prefix } satisfies NfsCheckpoint);
+          opts.onCheckpoint?.({ temp: tempFile, offset: w.end, prefixSha256: w.prefix } satisfies TempFileCheckpoint);
       };
       while (offset < size) {
         const windowEnd = Math.min(size, offset + CHECKPOINT_EVERY);

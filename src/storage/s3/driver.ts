@@ -9,7 +9,6 @@
  * with a matching ETag (the MD5 of the local bytes).
  */
 import { createHash } from 'node:crypto';
-import { stat as fsStat } from 'node:fs/promises';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
@@ -39,7 +38,7 @@ import type {
 } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
 import { normaliseKey, normalisePrefix } from '../keys';
-import { readChunks, sha256File } from '../source';
+import { readChunks, sha256File, sourceSize } from '../source';
 
 const DRIVER = 's3';
 const MiB = 1 << 20;
@@ -233,19 +232,7 @@ export class S3Target implements StorageTarget {
 
   async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
     const full = this.fullKey(key);
-    let size: number;
-    try {
-      size = (await fsStat(sourcePath)).size;
-    } catch (err) {
-      throw new StorageError(
-        'not-found',
-        `Source image ${sourcePath} for ${key} cannot be read (${errnoCode(err) ?? 'error'}); check that it exists.`,
-        {
-          driver: DRIVER,
-          cause: err,
-        },
-      );
-    }
+    const size = await sourceSize(sourcePath, key, DRIVER);
     // S3 allows at most 10000 parts: grow the part size for very large images
     const partSize = Math.max(this.partSize, Math.ceil(size / MAX_PARTS / MiB) * MiB);
     if (size <= partSize) return this.putSingle(key, full, sourcePath, size, opts);
