@@ -67,3 +67,8 @@ function answers(address: string, timeoutMs = 1000): Promise<boolean> {
     sock.once('error', () => done(false));
   });
 }
+
+/** For commands that read what exists (status, cancel): never start a server, use the local one if no cluster. */
+export function openExistingSession(config: Config): Promise<Session> {
+  return openSession({ ...config, temporalAddress: config.temporalAddress ?? config.localTemporalAddress });
+}

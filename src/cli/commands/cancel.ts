@@ -1,7 +1,7 @@
 /** `vmbackup cancel <backupId>`: stop a running backup; its undo steps put everything back. */
 import type { Command } from 'commander';
 import { findBackup } from '../../client/backups';
-import { openSession } from '../../client/connect';
+import { openExistingSession } from '../../client/connect';
 import { loadConfig } from '../../worker/config';
 import { action, CliError, printJson } from '../output';
 
@@ -15,10 +15,7 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
-        const session = await openSession({
-          ...config,
-          temporalAddress: config.temporalAddress ?? config.localTemporalAddress,
-        });
+        const session = await openExistingSession(config);
         try {
           const handle = await findBackup(session.client, backupId);
           const before = await handle.describe();

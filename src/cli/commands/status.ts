@@ -1,7 +1,7 @@
 /** `vmbackup status <backupId>`: where a backup is, from its workflow. */
 import type { Command } from 'commander';
 import { backupStatus, findBackup } from '../../client/backups';
-import { openSession } from '../../client/connect';
+import { openExistingSession } from '../../client/connect';
 import { loadConfig } from '../../worker/config';
 import { action, formatBytes, printJson } from '../output';
 import { watchBackup } from '../watch';
@@ -17,10 +17,7 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
-        const session = await openSession({
-          ...config,
-          temporalAddress: config.temporalAddress ?? config.localTemporalAddress,
-        });
+        const session = await openExistingSession(config);
         try {
           const handle = await findBackup(session.client, backupId);
           const view = flags.wait
