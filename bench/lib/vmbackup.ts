@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { stackEnv } from '../../test/helpers/stack';
+import { cliEnv } from '../../test/helpers/vmbackup';
 import { ProcessMeter, timed } from './measure';
 import type { RunResult } from './measure';
 
@@ -20,20 +21,8 @@ export function benchHost(): string {
   return `bench-${randomBytes(3).toString('hex')}`;
 }
 
-export function vmbackupEnv(): NodeJS.ProcessEnv {
-  const env = stackEnv();
-  return {
-    ...process.env,
-    VMBACKUP_STATE_DIR: env.stateDir,
-    TEMPORAL_ADDRESS: env.temporal.address,
-    TEMPORAL_NAMESPACE: env.temporal.namespace,
-    LIBVIRT_DEFAULT_URI: env.libvirt.uri,
-    AWS_ENDPOINT_URL: env.s3.endpoint,
-    AWS_ACCESS_KEY_ID: env.s3.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: env.s3.secretAccessKey,
-    AWS_REGION: env.s3.region,
-  };
-}
+/** The CLI and worker environment: the stack's addresses, a cluster configured (same as the tests'). */
+export const vmbackupEnv = (): NodeJS.ProcessEnv => cliEnv();
 
 /** `vmbackup ARGS` under /usr/bin/time; parses the --json object it prints. */
 export async function cli(args: string[]): Promise<RunResult & { json: Record<string, unknown> }> {
