@@ -9,6 +9,8 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { stackEnv } from '../../test/helpers/stack';
+import { activityTimeline } from '../../test/helpers/history';
+import type { ActivityTimeline as BackupTimeline } from '../../test/helpers/history';
 import { cliEnv } from '../../test/helpers/vmbackup';
 import { ProcessMeter, timed } from './measure';
 import type { RunResult } from './measure';
@@ -87,35 +89,9 @@ export async function temporal(): Promise<{ client: Client; close(): Promise<voi
   return { client: new Client({ connection, namespace: env.temporal.namespace }), close: () => connection.close() };
 }
 
-export interface ActivitySpan {
-  name: string;
-  /** ms after the workflow started */
-  scheduledAt: number;
-  startedAt: number;
-  closedAt: number;
-  attempts: number;
-  result?: unknown;
-}
+export type { ActivitySpan, ActivityTimeline as BackupTimeline } from '../../test/helpers/history';
 
-export interface BackupTimeline {
-  workflowMs: number;
-  activities: ActivitySpan[];
-}
-
-type Ts = { seconds?: unknown; nanos?: number | null } | null | undefined;
-const tsMs = (t: Ts): number => (t ? Number(t.seconds ?? 0) * 1000 + (t.nanos ?? 0) / 1e6 : NaN);
-
-function decode(payloads: Array<{ data?: Uint8Array | null }> | null | undefined): unknown {
-  const data = payloads?.[0]?.data;
-  if (!data) return undefined;
-  try {
-    return JSON.parse(Buffer.from(data).toString('utf8'));
-  } catch {
-    return undefined;
-  }
-}
-
-/** The activities of the backup workflow of DOMAIN on HOST (latest run, or RUNID), from its history. */
+/** The activities (regular and local) of the backup workflow of DOMAIN on HOST (latest run, or RUNID), from its history. */
 export async function backupTimeline(
   client: Client,
   host: string,
@@ -123,41 +99,7 @@ export async function backupTimeline(
   runId?: string,
 ): Promise<BackupTimeline> {
   const history = await client.workflow.getHandle(`vmbackup-backup-${host}-${domain}`, runId).fetchHistory();
-  const events = history.events ?? [];
-  const t0 = tsMs(events[0]?.eventTime as Ts);
-  const spans = new Map<string, ActivitySpan>();
-  let end = t0;
-  for (const e of events) {
-    const at = tsMs(e.eventTime as Ts) - t0;
-    end = Math.max(end, at + t0);
-    const id = String(e.eventId);
-    if (e.activityTaskScheduledEventAttributes) {
-      const name = e.activityTaskScheduledEventAttributes.activityType?.name ?? '?';
-      spans.set(id, { name, scheduledAt: at, startedAt: NaN, closedAt: NaN, attempts: 0 });
-    }
-    const started = e.activityTaskStartedEventAttributes;
-    if (started) {
-      const s = spans.get(String(started.scheduledEventId));
-      if (s) {
-        s.startedAt = at;
-        s.attempts = started.attempt ?? 1;
-      }
-    }
-    const done =
-      e.activityTaskCompletedEventAttributes ??
-      e.activityTaskFailedEventAttributes ??
-      e.activityTaskTimedOutEventAttributes ??
-      e.activityTaskCanceledEventAttributes;
-    if (done) {
-      const s = spans.get(String(done.scheduledEventId));
-      if (s) {
-        s.closedAt = at;
-        if (e.activityTaskCompletedEventAttributes)
-          s.result = decode(e.activityTaskCompletedEventAttributes.result?.payloads);
-      }
-    }
-  }
-  return { workflowMs: end - t0, activities: [...spans.values()] };
+  return activityTimeline(history.events ?? []);
 }
 
 /** Run time (start -> close) summed per activity type; "temporal" = workflow time not inside any activity run. */

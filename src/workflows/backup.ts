@@ -12,7 +12,9 @@ import {
   CancellationScope,
   isCancellation,
   log,
+  patched,
   proxyActivities,
+  proxyLocalActivities,
   setHandler,
   upsertSearchAttributes,
   workflowInfo,
@@ -33,6 +35,8 @@ import type {
   DomainInfo,
   TargetResult,
 } from '../shared/types';
+
+type ActivityProxy = ReturnType<typeof proxyActivities<HostActivities>>;
 
 /** Failures no retry can fix. Storage/hypervisor "unreachable" stays retryable. */
 const PERMANENT: string[] = Object.values(ErrorType).filter(
@@ -64,12 +68,29 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     startToCloseTimeout: '1m',
     retry: { ...base.retry, maximumAttempts: 10 },
   });
-  return { short, long, overlaySteps };
+  // The same short steps as local activities: they run inside the workflow task on the worker that runs the
+  // workflow (always this host's: the workflow is on the host's queue), with no task round trip through the
+  // server. A crash re-runs them when the workflow task is retried; each of them is idempotent.
+  const local = proxyLocalActivities<HostActivities>({
+    startToCloseTimeout: '2m',
+    localRetryThreshold: '10s',
+    retry: { ...base.retry, maximumAttempts: 6 },
+  });
+  return { short, long, overlaySteps, local };
 }
+
+/**
+ * Backups started before this change ran inspectDomain, prepareStaging, beginPushBackup, writeManifest and
+ * cleanupStaging as regular activities; their histories must replay with the same commands.
+ */
+export const SHORT_STEPS_LOCAL_PATCH = 'short-steps-as-local-activities';
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   const { backupId, domain, host } = req;
-  const { short, long, overlaySteps } = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
+  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
+  const { short, long, overlaySteps } = acts;
+  // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
+  const quick = patched(SHORT_STEPS_LOCAL_PATCH) ? acts.local : short;
   const startedAt = workflowInfo().startTime.toISOString();
 
   const progress: BackupProgress = {
@@ -90,21 +111,21 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   };
 
   phase('inspecting');
-  const info = await short.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
+  const info = await quick.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
   const method = chooseMethod(req, info);
   progress.method = method;
   progress.bytesTotal = info.disks.reduce((n, d) => n + d.virtualSize, 0);
   upsertSearchAttributes([{ key: MethodKey, value: method }]);
   log.info('backup planned', { backupId, domain, method, disks: info.disks.map((d) => d.name) });
 
-  const staging = await short.prepareStaging({
+  const staging = await quick.prepareStaging({
     backupId,
     domain,
     targets: req.targets,
     writtenByQemu: method === 'push',
   });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
-  const compensations: Array<() => Promise<void>> = [() => short.cleanupStaging({ backupId, stagingDir: staging.dir })];
+  const compensations: Array<() => Promise<void>> = [() => quick.cleanupStaging({ backupId, stagingDir: staging.dir })];
 
   let images: DiskImage[];
   let quiesced = false;
@@ -112,7 +133,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     let files: ImageFile[];
     if (method === 'push') {
       phase('backing-up');
-      const job = await short.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+      const job = await quick.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
       const jobInput = { backupId, domain, images: job.images };
       compensations.unshift(() => short.abortPushBackup(jobInput));
       const stats = await long.awaitBackupJob(jobInput);
@@ -168,7 +189,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   }
 
   phase('uploading');
-  const targets = await shipToTargets(req, { short, long, overlaySteps }, staging, images, progress, {
+  const targets = await shipToTargets(req, { long, quick }, staging, images, progress, {
     method,
     startedAt,
     quiesced,
@@ -176,7 +197,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   });
 
   phase('cleaning-up');
-  await CancellationScope.nonCancellable(() => short.cleanupStaging({ backupId, stagingDir: staging.dir }));
+  await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
 
   const okTargets = targets.filter((t) => t.ok);
   const first = okTargets[0];
@@ -241,7 +262,7 @@ function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
 
 async function shipToTargets(
   req: BackupRequest,
-  acts: ReturnType<typeof activities>,
+  acts: { long: ActivityProxy; quick: ActivityProxy },
   staging: StagingArea,
   images: DiskImage[],
   progress: BackupProgress,
@@ -274,7 +295,7 @@ async function shipToTargets(
         state.bytesDone += shipped.size;
         disks.push({ ...disk, size: shipped.size, key: shipped.key });
       }
-      await acts.short.writeManifest({
+      await acts.quick.writeManifest({
         target,
         manifest: {
           backupId,
@@ -304,7 +325,7 @@ async function shipToTargets(
       results.set(target, { target, ok: false, error: errorMessage(err) });
       // Never leave a half backup on a target: no manifest was written, remove what was uploaded.
       await CancellationScope.nonCancellable(() =>
-        acts.short.deleteBackupObjects({ target, domain, backupId }).catch((e: unknown) => {
+        acts.quick.deleteBackupObjects({ target, domain, backupId }).catch((e: unknown) => {
           log.warn('could not remove partial upload', { target, error: errorMessage(e) });
         }),
       );
