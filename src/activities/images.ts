@@ -103,22 +103,24 @@ export function createImageActivities(deps: ImageDeps) {
     let before = done.reduce((n, d) => n + d.size, 0);
     for (const [idx, image] of input.images.entries()) {
       if (done.some((d) => d.name === image.name)) continue;
-      const check = await checkImage(image.path);
+      const stampBefore = stampOf(await stat(image.path));
+      // qemu-img check and info read the metadata, the hash reads the data: run them side by side. The snapshot
+      // copy was already hashed against its base, so then the data is not read a second time.
+      const [check, info, sha256] = await Promise.all([
+        checkImage(image.path),
+        imageInfo(image.path),
+        image.sha256 ??
+          sha256File(image.path, {
+            signal: ctx.cancellationSignal,
+            onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
+          }),
+      ]);
       if (!check.ok) {
         throw permanent(
           `the backup image of disk ${image.name} (${image.path}) failed qemu-img check: ${check.summary}`,
           ErrorType.ImageCorrupt,
         );
       }
-      const info = await imageInfo(image.path);
-      const stampBefore = stampOf(await stat(image.path));
-      // The snapshot copy was already hashed against its base; read the image a second time only when needed.
-      const sha256 =
-        image.sha256 ??
-        (await sha256File(image.path, {
-          signal: ctx.cancellationSignal,
-          onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
-        }));
       const size = sizes[idx] ?? 0;
       if (stampOf(await stat(image.path)) !== stampBefore) {
         throw new Error(`the backup image of disk ${image.name} changed while it was being hashed`);

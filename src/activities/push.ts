@@ -136,6 +136,8 @@ export function createPushActivities(deps: PushDeps) {
     const total = input.images.reduce((n, i) => n + i.virtualSize, 0);
     let lastSeenActive = false;
     let quietSince: number | undefined;
+    // A small disk's job ends within a few hundred ms: look often at first, then every pollMs.
+    let wait = Math.min(25, pollMs);
     for (;;) {
       let job: JobInfo;
       try {
@@ -191,7 +193,8 @@ export function createPushActivities(deps: PushDeps) {
         }
         ctx.heartbeat({ bytesDone: 0, bytesTotal: total });
       }
-      await ctx.sleep(pollMs); // throws CancelledFailure when the workflow cancels us
+      await ctx.sleep(wait); // throws CancelledFailure when the workflow cancels us
+      wait = Math.min(wait * 2, pollMs);
     }
   }
 
