@@ -36,10 +36,15 @@ export async function watchBackup(
     () => (finished = true),
     () => (finished = true),
   );
+  if (!bar) {
+    // Nothing to draw: wait on the result alone (no describe and no query to the worker every interval).
+    await done;
+    return backupStatus(client, handle, backupId);
+  }
   for (;;) {
     const view = await backupStatus(client, handle, backupId);
     if (view.execution !== 'RUNNING') {
-      bar?.stop();
+      bar.stop();
       return view;
     }
     const phase = view.progress?.phase ?? 'starting';
@@ -49,20 +54,18 @@ export async function watchBackup(
     if (bytesDone >= lastBytes && now > lastAt) rate = ((bytesDone - lastBytes) * 1000) / (now - lastAt);
     lastBytes = bytesDone;
     lastAt = now;
-    if (bar) {
-      const payload = {
-        phase: phase.padEnd(17),
-        doneH: formatBytes(bytesDone),
-        totalH: formatBytes(bytesTotal),
-        rateH: formatBytes(rate),
-      };
-      if (!started) {
-        bar.start(Math.max(bytesTotal, 1), bytesDone, payload);
-        started = true;
-      } else {
-        bar.setTotal(Math.max(bytesTotal, 1));
-        bar.update(bytesDone, payload);
-      }
+    const payload = {
+      phase: phase.padEnd(17),
+      doneH: formatBytes(bytesDone),
+      totalH: formatBytes(bytesTotal),
+      rateH: formatBytes(rate),
+    };
+    if (!started) {
+      bar.start(Math.max(bytesTotal, 1), bytesDone, payload);
+      started = true;
+    } else {
+      bar.setTotal(Math.max(bytesTotal, 1));
+      bar.update(bytesDone, payload);
     }
     if (!finished) await Promise.race([done, new Promise((r) => setTimeout(r, interval))]);
   }

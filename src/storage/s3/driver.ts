@@ -39,26 +39,15 @@ import type {
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
 import { normaliseKey, normalisePrefix } from '../keys';
 import { readChunks, sha256File, sourceSize } from '../source';
+import { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from './settings';
+import type { S3Environment } from './settings';
+
+export { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB };
+export type { S3Environment };
 
 const DRIVER = 's3';
 const MiB = 1 << 20;
-// 16 MiB parts, 4 in flight: ~80 MiB of buffers per upload (64 MiB parts made a worker peak at 670 MiB).
-export const DEFAULT_PART_SIZE_MIB = 16;
-export const MIN_PART_SIZE_MIB = 5;
-export const DEFAULT_CONCURRENCY = 4;
 const MAX_PARTS = 10_000;
-
-/** Variables of the standard AWS configuration this driver reads (passed in, never read from process.env here). */
-export interface S3Environment {
-  AWS_ENDPOINT_URL?: string;
-  AWS_ENDPOINT_URL_S3?: string;
-  AWS_REGION?: string;
-  AWS_DEFAULT_REGION?: string;
-  AWS_ACCESS_KEY_ID?: string;
-  AWS_SECRET_ACCESS_KEY?: string;
-  AWS_SESSION_TOKEN?: string;
-  AWS_PROFILE?: string;
-}
 
 interface DonePart {
   PartNumber: number;
