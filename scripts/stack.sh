@@ -21,6 +21,11 @@ TEMPORAL_VERSION=1.5.1
 TEMPORAL_PORT=${VMBACKUP_TEMPORAL_PORT:-7233}
 TEMPORAL_ADDR=127.0.0.1:$TEMPORAL_PORT
 TEMPORAL_SEARCH_ATTRIBUTES=(VmbackupDomain VmbackupHost VmbackupState VmbackupBackupId VmbackupMethod)
+# Dynamic config of the dev server. Eager activity dispatch: when a workflow task schedules an activity on its
+# own task queue, the server hands the activity straight back to that worker in the reply instead of through
+# another poll (the SDK requests it by default; servers before 1.32 have it off). On a real cluster set it in
+# the cluster's dynamic config.
+TEMPORAL_DYNAMIC_CONFIG=(system.enableActivityEagerExecution=true)
 S3_PORT=7480
 S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 S3_KEY=BACKUPKEY
@@ -214,17 +219,30 @@ temporal_ensure_search_attributes() {
     fail temporal "cannot create search attributes ${missing[*]}" "$T_LOG"
 }
 
+temporal_has_dynamic_config() {
+  local cmdline v
+  cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+  for v in "${TEMPORAL_DYNAMIC_CONFIG[@]}"; do grep -qF -- "--dynamic-config-value $v" <<<"$cmdline" || return 1; done
+}
+
 temporal_up() {
   local t0 p args=() name
   t0=$(now_ms)
   temporal_install
   mkdir -p "$T_DIR"
   p=$(live_pid "$T_PID" 'server start-dev')
+  if [[ -n $p ]] && ! temporal_has_dynamic_config "$p"; then
+    # a server started by an older checkout: restart it with today's settings (its SQLite file keeps the data)
+    say "temporal: restarting (pid $p) to apply ${TEMPORAL_DYNAMIC_CONFIG[*]}"
+    stop_pid "$p" temporal
+    p=
+  fi
   if [[ -z $p ]]; then
     require_free_port temporal "$TEMPORAL_PORT"
     args=(server start-dev --ip 127.0.0.1 --port "$TEMPORAL_PORT" --log-level error
       --db-filename "$T_DIR/temporal.db" --sqlite-pragma journal_mode=WAL)
     for name in "${TEMPORAL_SEARCH_ATTRIBUTES[@]}"; do args+=(--search-attribute "$name=Keyword"); done
+    for name in "${TEMPORAL_DYNAMIC_CONFIG[@]}"; do args+=(--dynamic-config-value "$name"); done
     if [[ -n ${VMBACKUP_TEMPORAL_UI_PORT:-} ]]; then
       args+=(--ui-port "$VMBACKUP_TEMPORAL_UI_PORT")
     else
