@@ -39,7 +39,7 @@ fi
 
 # The embedded default: no cluster configured.
 unset TEMPORAL_ADDRESS
-node bin/vmbackup.js backup "$DOM" --wait
+bin/vmbackup backup "$DOM" --wait
 echo >&2
 echo "vmbackup: backups of $DOM in the default local target ($STATE/backups):" >&2
-node bin/vmbackup.js list --domain "$DOM"
+bin/vmbackup list --domain "$DOM"

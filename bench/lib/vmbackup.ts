@@ -17,7 +17,7 @@ import type { RunResult } from './measure';
 
 /** bench/run.sh runs the compiled bench from the repository root (the build itself lives in a temp dir) */
 export const REPO = process.cwd();
-const BIN = join(REPO, 'bin', 'vmbackup.js');
+const BIN = join(REPO, 'bin', 'vmbackup');
 
 export function benchHost(): string {
   return `bench-${randomBytes(3).toString('hex')}`;
@@ -28,7 +28,7 @@ export const vmbackupEnv = (): NodeJS.ProcessEnv => cliEnv();
 
 /** `vmbackup ARGS` under /usr/bin/time; parses the --json object it prints. */
 export async function cli(args: string[]): Promise<RunResult & { json: Record<string, unknown> }> {
-  const r = await timed(process.execPath, [BIN, ...args], { env: vmbackupEnv() });
+  const r = await timed(BIN, args, { env: vmbackupEnv() });
   let json: Record<string, unknown> = {};
   try {
     // --json prints one (pretty-printed) object; warnings may precede it
@@ -48,7 +48,7 @@ export interface WorkerProcess {
 }
 
 export async function startWorker(host: string): Promise<WorkerProcess> {
-  const child = spawn(process.execPath, [BIN, 'worker', '--host', host, '--no-recover'], {
+  const child = spawn(BIN, ['worker', '--host', host, '--no-recover'], {
     env: vmbackupEnv(),
     stdio: ['ignore', 'pipe', 'pipe'],
   });

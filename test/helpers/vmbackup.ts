@@ -1,5 +1,5 @@
 /**
- * Running vmbackup itself in tests: the built CLI (`bin/vmbackup.js`, built by `npm run build`)
+ * Running vmbackup itself in tests: the built CLI (`bin/vmbackup`, built by `npm run build`)
  * as a child process, and host workers as child processes we can kill -9.
  */
 import { spawn } from 'node:child_process';
@@ -11,7 +11,7 @@ import { Client, Connection } from '@temporalio/client';
 import { stackEnv } from './stack';
 
 export const REPO_ROOT = resolve(__dirname, '..', '..');
-const BIN = join(REPO_ROOT, 'bin', 'vmbackup.js');
+const BIN = join(REPO_ROOT, 'bin', 'vmbackup');
 
 function requireBuilt(): void {
   if (!existsSync(join(REPO_ROOT, 'dist', 'cli', 'main.js'))) {
@@ -50,7 +50,7 @@ export interface CliResult {
 export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliResult> {
   requireBuilt();
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], {
+    const child = spawn(BIN, args, {
       env: opts.env ?? cliEnv(),
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -82,8 +82,8 @@ export async function startWorkerProcess(
   opts: { env?: NodeJS.ProcessEnv; recover?: boolean } = {},
 ): Promise<WorkerProcess> {
   requireBuilt();
-  const args = [BIN, 'worker', '--host', host, ...(opts.recover ? [] : ['--no-recover'])];
-  const child = spawn(process.execPath, args, { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+  const args = ['worker', '--host', host, ...(opts.recover ? [] : ['--no-recover'])];
+  const child = spawn(BIN, args, { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr?.on('data', (d: Buffer) => (out += d.toString()));

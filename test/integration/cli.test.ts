@@ -1,5 +1,5 @@
 /**
- * The vmbackup CLI as an operator runs it (built bin/vmbackup.js), against the real stack:
+ * The vmbackup CLI as an operator runs it (built bin/vmbackup), against the real stack:
  * JSON output, status, one backup per VM at a time, clear one-sentence errors, and the
  * embedded default (no TEMPORAL_ADDRESS: the CLI starts a dev server and a worker itself).
  */
