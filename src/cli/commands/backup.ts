@@ -1,16 +1,13 @@
 /** `vmbackup backup <domain>`: start a backup, optionally follow it to the end. */
 import { Option } from 'commander';
 import type { Command } from 'commander';
-import { startBackup } from '../../client/backups';
 import type { BackupStatusView } from '../../client/backups';
-import { openSession } from '../../client/connect';
 import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
 import type { BackupOptions, BackupResult, RequestedMethod } from '../../shared/types';
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
 import { action, CliError, printJson } from '../output';
-import { watchBackup } from '../watch';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 
 interface BackupFlags {
@@ -73,6 +70,12 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   const log = (line: string) => {
     if (!flags.json) process.stderr.write(`${line}\n`);
   };
+  // The Temporal client loads only for a command that talks to Temporal (help and --version stay instant).
+  const [{ openSession }, { startBackup }, { watchBackup }] = await Promise.all([
+    import('../../client/connect'),
+    import('../../client/backups'),
+    import('../watch'),
+  ]);
   const session = await openSession(config, { log });
   let stopWorker: (() => Promise<void>) | undefined;
   try {

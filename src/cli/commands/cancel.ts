@@ -1,7 +1,5 @@
 /** `vmbackup cancel <backupId>`: stop a running backup; its undo steps put everything back. */
 import type { Command } from 'commander';
-import { findBackup } from '../../client/backups';
-import { openExistingSession } from '../../client/connect';
 import { loadConfig } from '../../worker/config';
 import { action, CliError, printJson } from '../output';
 
@@ -15,6 +13,10 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
+        const [{ openExistingSession }, { findBackup }] = await Promise.all([
+          import('../../client/connect'),
+          import('../../client/backups'),
+        ]);
         const session = await openExistingSession(config);
         try {
           const handle = await findBackup(session.client, backupId);

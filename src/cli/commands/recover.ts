@@ -2,7 +2,6 @@
 import type { Command } from 'commander';
 import { HOST_NAME_RE } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
-import { openSession } from '../../client/connect';
 import { action, CliError, printJson } from '../output';
 
 export function register(program: Command): void {
@@ -19,6 +18,7 @@ export function register(program: Command): void {
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
+        const { openSession } = await import('../../client/connect');
         const session = await openSession(config);
         const address = config.temporalAddress ?? config.localTemporalAddress;
         let stop: (() => Promise<void>) | undefined;

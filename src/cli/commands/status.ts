@@ -1,10 +1,7 @@
 /** `vmbackup status <backupId>`: where a backup is, from its workflow. */
 import type { Command } from 'commander';
-import { backupStatus, findBackup } from '../../client/backups';
-import { openExistingSession } from '../../client/connect';
 import { loadConfig } from '../../worker/config';
 import { action, formatBytes, printJson } from '../output';
-import { watchBackup } from '../watch';
 import { report } from './backup';
 
 export function register(program: Command): void {
@@ -17,6 +14,11 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig();
+        const [{ openExistingSession }, { backupStatus, findBackup }, { watchBackup }] = await Promise.all([
+          import('../../client/connect'),
+          import('../../client/backups'),
+          import('../watch'),
+        ]);
         const session = await openExistingSession(config);
         try {
           const handle = await findBackup(session.client, backupId);
