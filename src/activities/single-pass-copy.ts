@@ -1,0 +1,286 @@
+/**
+ * vmbackup's own single-pass copy of a quiet base image. The base is read once, in large chunks; every
+ * chunk is written to the destination (all-zero blocks are skipped and end up as holes, as with
+ * `cp --sparse=always`) and fed to one SHA-256, which is therefore the digest of the copy. Reads run
+ * ahead of and writes behind the hashing (libuv thread pool vs. this thread), so the disk and the CPU
+ * work at the same time.
+ *
+ * Resume: the destination is fdatasync'ed every few hundred MiB or seconds (a checkpoint: what a host
+ * crash can lose is bounded). A later attempt never trusts a partial destination: it reads it back next
+ * to the base, folds the matching prefix into the hash, truncates at the first block that differs and
+ * copies the rest. A destination longer than the base is not a copy of it and is started over.
+ */
+import { createHash } from 'node:crypto';
+import type { Hash } from 'node:crypto';
+import { constants } from 'node:fs';
+import { open } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+
+/** Hole granularity: the file system block (cp --sparse=always looks at blocks too). */
+export const COPY_BLOCK = 4096;
+
+export interface SinglePassCopyRequest {
+  source: string;
+  dest: string;
+  signal: AbortSignal;
+  /** bytes of the source done so far: compared with the partial destination ('verify') or copied ('copy') */
+  onProgress(bytesDone: number, phase: 'verify' | 'copy'): void;
+  /** the first `bytes` of the destination are on disk (fdatasync) */
+  onCheckpoint?(bytes: number): void;
+  /** read/write size; default 8 MiB */
+  chunkSize?: number;
+  /** fdatasync the destination after this many bytes (default 512 MiB) ... */
+  checkpointBytes?: number;
+  /** ... or after this long (default 10 s), whichever comes first */
+  checkpointMs?: number;
+}
+
+export interface SinglePassCopyOutcome {
+  size: number;
+  /** bytes of a partial destination found equal to the base and kept (0: copied from the start) */
+  resumedFrom: number;
+  /** bytes of the base this attempt read and wrote (holes included) */
+  bytesCopied: number;
+  /** SHA-256 of the whole copy (hex) */
+  sha256: string;
+}
+
+const CHUNK = 8 << 20;
+/** reads in flight ahead of the chunk being hashed, and writes in flight behind it */
+const READ_AHEAD = 2;
+const WRITE_BEHIND = 2;
+const CHECKPOINT_BYTES = 512 << 20;
+const CHECKPOINT_MS = 10_000;
+const PROGRESS_MS = 200;
+
+/** Destinations being copied by this process: a retry must not write beside an attempt that has not stopped yet. */
+const busy = new Set<string>();
+
+const noop = (): void => undefined;
+
+export async function singlePassCopy(req: SinglePassCopyRequest): Promise<SinglePassCopyOutcome> {
+  req.signal.throwIfAborted();
+  if (busy.has(req.dest)) {
+    // retryable: the earlier attempt stops at its next chunk once it sees its cancellation
+    throw new Error(`an earlier attempt is still copying to ${req.dest}`);
+  }
+  busy.add(req.dest);
+  let src: FileHandle | undefined;
+  let dst: FileHandle | undefined;
+  try {
+    src = await open(req.source, 'r');
+    const { size, mode } = await src.stat();
+    dst = await open(req.dest, constants.O_RDWR | constants.O_CREAT, mode & 0o666);
+    const chunk = req.chunkSize ?? CHUNK;
+    const progress = throttled(req.onProgress);
+    const hash = createHash('sha256');
+
+    const resumedFrom = await verifiedPrefix(req, src, dst, size, chunk, hash, progress);
+    await dst.truncate(resumedFrom); // nothing past it may stay: skipped zero blocks must read as holes
+    progress.now(resumedFrom, 'copy');
+    await copyRange(req, src, dst, resumedFrom, size, chunk, hash, progress);
+    await dst.truncate(size); // a trailing run of zeros was skipped: the size makes it a hole
+    await dst.sync();
+    await syncDir(dirname(req.dest));
+    progress.now(size, 'copy');
+    return { size, resumedFrom, bytesCopied: size - resumedFrom, sha256: hash.digest('hex') };
+  } finally {
+    await dst?.close().catch(noop);
+    await src?.close().catch(noop);
+    busy.delete(req.dest);
+  }
+}
+
+/**
+ * Compares an existing destination with the base, chunk by chunk; the matching prefix goes into `hash`.
+ * Returns its length: where the copy continues.
+ */
+async function verifiedPrefix(
+  req: SinglePassCopyRequest,
+  src: FileHandle,
+  dst: FileHandle,
+  size: number,
+  chunk: number,
+  hash: Hash,
+  progress: Progress,
+): Promise<number> {
+  const have = (await dst.stat()).size;
+  if (have === 0 || have > size) return 0; // empty, or not a prefix of this base
+  const base = Buffer.allocUnsafe(chunk);
+  const copy = Buffer.allocUnsafe(chunk);
+  let pos = 0;
+  while (pos < have) {
+    const len = Math.min(chunk, have - pos);
+    await Promise.all([readExactly(src, req.source, base, len, pos), readExactly(dst, req.dest, copy, len, pos)]);
+    const same = matchingPrefix(base, copy, len);
+    hash.update(base.subarray(0, same));
+    pos += same;
+    progress(pos, 'verify');
+    if (same < len) break;
+    req.signal.throwIfAborted();
+  }
+  return pos;
+}
+
+interface Pending {
+  buf: Buffer;
+  end: number;
+  done: Promise<void>;
+}
+
+/** The copy loop: [from, size) of the base into the destination and the hash. */
+async function copyRange(
+  req: SinglePassCopyRequest,
+  src: FileHandle,
+  dst: FileHandle,
+  from: number,
+  size: number,
+  chunk: number,
+  hash: Hash,
+  progress: Progress,
+): Promise<void> {
+  const checkpointBytes = req.checkpointBytes ?? CHECKPOINT_BYTES;
+  const checkpointMs = req.checkpointMs ?? CHECKPOINT_MS;
+  const free: Buffer[] = Array.from({ length: READ_AHEAD + WRITE_BEHIND }, () => Buffer.allocUnsafe(chunk));
+  const reads: Array<Pending & { pos: number }> = [];
+  const writes: Pending[] = [];
+  let next = from;
+  let sync: Promise<void> | undefined;
+  let lastCheckpoint = from;
+  let lastCheckpointAt = Date.now();
+
+  const readMore = () => {
+    while (reads.length < READ_AHEAD && next < size) {
+      const buf = free.pop();
+      if (!buf) return;
+      const pos = next;
+      const len = Math.min(chunk, size - pos);
+      next += len;
+      const done = readExactly(src, req.source, buf, len, pos);
+      done.catch(noop); // awaited in order below; this only keeps an early failure from being "unhandled"
+      reads.push({ buf, pos, end: pos + len, done });
+    }
+  };
+  const retireWrite = async () => {
+    const w = writes.shift();
+    if (!w) return;
+    await w.done;
+    free.push(w.buf);
+  };
+
+  try {
+    readMore();
+    for (let c = reads.shift(); c; c = reads.shift()) {
+      await c.done;
+      const len = c.end - c.pos;
+      const done = writeData(dst, c.buf, len, c.pos);
+      done.catch(noop);
+      writes.push({ buf: c.buf, end: c.end, done });
+      while (writes.length > WRITE_BEHIND) await retireWrite();
+      readMore();
+      hash.update(c.buf.subarray(0, len)); // while the write and the next reads are in flight
+      progress(c.end, 'copy');
+      req.signal.throwIfAborted();
+
+      const now = Date.now();
+      if (c.end < size && (c.end - lastCheckpoint >= checkpointBytes || now - lastCheckpointAt >= checkpointMs)) {
+        if (sync) await sync; // one fdatasync at a time: a slow disk slows the copy down
+        while (writes.length > 0) await retireWrite(); // a checkpoint covers only finished writes
+        const upTo = c.end;
+        sync = dst.datasync().then(() => req.onCheckpoint?.(upTo));
+        sync.catch(noop);
+        lastCheckpoint = upTo;
+        lastCheckpointAt = now;
+      }
+    }
+    while (writes.length > 0) await retireWrite();
+    if (sync) await sync;
+  } finally {
+    // never close a file under a read or write in flight
+    await Promise.allSettled([...reads.map((r) => r.done), ...writes.map((w) => w.done), sync]);
+  }
+}
+
+/** Writes the blocks of `buf[0, len)` that hold data at `pos`; all-zero blocks are left to be holes. */
+async function writeData(fh: FileHandle, buf: Buffer, len: number, pos: number): Promise<void> {
+  for (const [start, end] of dataRuns(buf, len)) {
+    let off = start;
+    while (off < end) {
+      const { bytesWritten } = await fh.write(buf, off, end - off, pos + off);
+      off += bytesWritten;
+    }
+  }
+}
+
+async function readExactly(fh: FileHandle, path: string, buf: Buffer, len: number, pos: number): Promise<void> {
+  let got = 0;
+  while (got < len) {
+    const { bytesRead } = await fh.read(buf, got, len - got, pos + got);
+    if (bytesRead === 0) throw new Error(`${path} ended at byte ${pos + got} while being copied: it changed meanwhile`);
+    got += bytesRead;
+  }
+}
+
+/** fsync of a directory, so the new file's entry survives a host crash too. */
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * `[start, end)` ranges of `buf[0, len)` that hold a non-zero byte, whole `block`s at a time, adjacent
+ * blocks merged into one range (one write each).
+ */
+export function dataRuns(buf: Buffer, len: number, block = COPY_BLOCK): Array<[number, number]> {
+  const zeros = zeroBlock(block);
+  const runs: Array<[number, number]> = [];
+  let start = -1;
+  for (let off = 0; off < len; off += block) {
+    const end = Math.min(off + block, len);
+    // a non-zero first or last byte settles most data blocks without a call into C++
+    const zero = buf[off] === 0 && buf[end - 1] === 0 && buf.compare(zeros, 0, end - off, off, end) === 0;
+    if (!zero && start < 0) start = off;
+    if (zero && start >= 0) {
+      runs.push([start, off]);
+      start = -1;
+    }
+  }
+  if (start >= 0) runs.push([start, len]);
+  return runs;
+}
+
+/** Length of the common prefix of `a[0, len)` and `b[0, len)`: all of `len`, or whole blocks up to the first difference. */
+export function matchingPrefix(a: Buffer, b: Buffer, len: number, block = COPY_BLOCK): number {
+  if (a.compare(b, 0, len, 0, len) === 0) return len;
+  let off = 0;
+  while (off + block <= len && a.compare(b, off, off + block, off, off + block) === 0) off += block;
+  return off;
+}
+
+let zeroCache: Buffer | undefined;
+function zeroBlock(block: number): Buffer {
+  if (!zeroCache || zeroCache.length < block) zeroCache = Buffer.alloc(block);
+  return zeroCache;
+}
+
+type Progress = ((bytes: number, phase: 'verify' | 'copy') => void) & {
+  now(bytes: number, phase: 'verify' | 'copy'): void;
+};
+
+/** At most one progress report every PROGRESS_MS (each becomes a heartbeat), and every one asked for with now(). */
+function throttled(report: SinglePassCopyRequest['onProgress']): Progress {
+  let last = 0;
+  const now = (bytes: number, phase: 'verify' | 'copy') => {
+    last = Date.now();
+    report(bytes, phase);
+  };
+  const progress = (bytes: number, phase: 'verify' | 'copy') => {
+    if (Date.now() - last >= PROGRESS_MS) now(bytes, phase);
+  };
+  return Object.assign(progress, { now });
+}
