@@ -28,6 +28,12 @@ export interface SinglePassCopyRequest {
   onProgress(bytesDone: number, phase: 'verify' | 'copy'): void;
   /** the first `bytes` of the destination are on disk (fdatasync) */
   onCheckpoint?(bytes: number): void;
+  /**
+   * Byte ranges of the source that are holes (no data, read as zeros: SEEK_HOLE, `qemu-img map`). They
+   * are hashed as zeros without being read and stay holes in the copy. Optional: without them every byte
+   * is read, and all-zero blocks still become holes.
+   */
+  holes?: Array<[number, number]>;
   /** read/write size; default 8 MiB */
   chunkSize?: number;
   /** fdatasync the destination after this many bytes (default 512 MiB) ... */
@@ -50,6 +56,10 @@ const CHUNK = 8 << 20;
 /** reads in flight ahead of the chunk being hashed, and writes in flight behind it */
 const READ_AHEAD = 2;
 const WRITE_BEHIND = 2;
+/** hole pieces queued beside the reads, so the reads after a hole start while it is hashed */
+const HOLES_AHEAD = 4;
+/** a smaller hole is read like data (its zero blocks still become holes in the copy) */
+const MIN_HOLE = 1 << 20;
 const CHECKPOINT_BYTES = 512 << 20;
 const CHECKPOINT_MS = 10_000;
 const PROGRESS_MS = 200;
@@ -124,10 +134,14 @@ async function verifiedPrefix(
 }
 
 interface Pending {
-  buf: Buffer;
+  pos: number;
   end: number;
+  /** undefined: a hole of the source, nothing to read or write */
+  buf?: Buffer;
   done: Promise<void>;
 }
+
+const settled = Promise.resolve();
 
 /** The copy loop: [from, size) of the base into the destination and the hash. */
 async function copyRange(
@@ -143,7 +157,8 @@ async function copyRange(
   const checkpointBytes = req.checkpointBytes ?? CHECKPOINT_BYTES;
   const checkpointMs = req.checkpointMs ?? CHECKPOINT_MS;
   const free: Buffer[] = Array.from({ length: READ_AHEAD + WRITE_BEHIND }, () => Buffer.allocUnsafe(chunk));
-  const reads: Array<Pending & { pos: number }> = [];
+  const pieces = new SourcePieces(req.holes ?? [], size, chunk);
+  const reads: Pending[] = [];
   const writes: Pending[] = [];
   let next = from;
   let sync: Promise<void> | undefined;
@@ -151,22 +166,28 @@ async function copyRange(
   let lastCheckpointAt = Date.now();
 
   const readMore = () => {
-    while (reads.length < READ_AHEAD && next < size) {
+    while (next < size && reads.length < READ_AHEAD + HOLES_AHEAD) {
+      const { end, hole } = pieces.from(next);
+      if (hole) {
+        reads.push({ pos: next, end, done: settled });
+        next = end;
+        continue;
+      }
+      if (reads.filter((r) => r.buf).length >= READ_AHEAD) return;
       const buf = free.pop();
       if (!buf) return;
       const pos = next;
-      const len = Math.min(chunk, size - pos);
-      next += len;
-      const done = readExactly(src, req.source, buf, len, pos);
+      next = end;
+      const done = readExactly(src, req.source, buf, end - pos, pos);
       done.catch(noop); // awaited in order below; this only keeps an early failure from being "unhandled"
-      reads.push({ buf, pos, end: pos + len, done });
+      reads.push({ buf, pos, end, done });
     }
   };
   const retireWrite = async () => {
     const w = writes.shift();
     if (!w) return;
     await w.done;
-    free.push(w.buf);
+    if (w.buf) free.push(w.buf);
   };
 
   try {
@@ -174,12 +195,19 @@ async function copyRange(
     for (let c = reads.shift(); c; c = reads.shift()) {
       await c.done;
       const len = c.end - c.pos;
-      const done = writeData(dst, c.buf, len, c.pos);
-      done.catch(noop);
-      writes.push({ buf: c.buf, end: c.end, done });
-      while (writes.length > WRITE_BEHIND) await retireWrite();
-      readMore();
-      hash.update(c.buf.subarray(0, len)); // while the write and the next reads are in flight
+      if (c.buf) {
+        const done = writeData(dst, c.buf, len, c.pos);
+        done.catch(noop);
+        writes.push({ ...c, done });
+        while (writes.length > WRITE_BEHIND) await retireWrite();
+        readMore();
+        hash.update(c.buf.subarray(0, len)); // while the write and the next reads are in flight
+      } else {
+        readMore();
+        hash.update(zeroes(len).subarray(0, len)); // a hole reads as zeros; the copy gets the same hole
+        // no I/O to wait for here: let heartbeats and a cancellation in during a long hole
+        await new Promise<void>((r) => setImmediate(r));
+      }
       progress(c.end, 'copy');
       req.signal.throwIfAborted();
 
@@ -199,6 +227,35 @@ async function copyRange(
   } finally {
     // never close a file under a read or write in flight
     await Promise.allSettled([...reads.map((r) => r.done), ...writes.map((w) => w.done), sync]);
+  }
+}
+
+/**
+ * Cuts the source into the pieces the copy loop works on, front to back: holes of at least MIN_HOLE
+ * (nothing read, nothing written) and data pieces of at most `chunk` bytes that stop where a hole starts.
+ */
+export class SourcePieces {
+  private readonly holes: Array<[number, number]>;
+  private i = 0;
+
+  constructor(
+    holes: Array<[number, number]>,
+    private readonly size: number,
+    private readonly chunk: number,
+    minHole = MIN_HOLE,
+  ) {
+    this.holes = holes
+      .map(([a, b]): [number, number] => [a, Math.min(b, size)])
+      .filter(([a, b]) => b - a >= minHole)
+      .sort((x, y) => x[0] - y[0]);
+  }
+
+  /** The piece that starts at `pos` (never before the previous one's start). */
+  from(pos: number): { end: number; hole: boolean } {
+    while (this.i < this.holes.length && this.holes[this.i]![1] <= pos) this.i++;
+    const h = this.holes[this.i];
+    if (h && h[0] <= pos) return { end: Math.min(h[1], pos + this.chunk), hole: true };
+    return { end: Math.min(this.size, pos + this.chunk, h ? h[0] : this.size), hole: false };
   }
 }
 
@@ -237,8 +294,10 @@ async function syncDir(dir: string): Promise<void> {
  * blocks merged into one range (one write each).
  */
 export function dataRuns(buf: Buffer, len: number, block = COPY_BLOCK): Array<[number, number]> {
-  const zeros = zeroBlock(block);
   const runs: Array<[number, number]> = [];
+  // a chunk read from a hole: one memcmp instead of one per block
+  if (buf[0] === 0 && buf.compare(zeroes(len), 0, len, 0, len) === 0) return runs;
+  const zeros = zeroes(block);
   let start = -1;
   for (let off = 0; off < len; off += block) {
     const end = Math.min(off + block, len);
@@ -263,8 +322,9 @@ export function matchingPrefix(a: Buffer, b: Buffer, len: number, block = COPY_B
 }
 
 let zeroCache: Buffer | undefined;
-function zeroBlock(block: number): Buffer {
-  if (!zeroCache || zeroCache.length < block) zeroCache = Buffer.alloc(block);
+/** `len` or more zero bytes, allocated once per size class */
+function zeroes(len: number): Buffer {
+  if (!zeroCache || zeroCache.length < len) zeroCache = Buffer.alloc(len);
   return zeroCache;
 }
 

@@ -1,4 +1,4 @@
-import { COPY_BLOCK, dataRuns, matchingPrefix } from '../../src/activities/single-pass-copy';
+import { COPY_BLOCK, dataRuns, matchingPrefix, SourcePieces } from '../../src/activities/single-pass-copy';
 
 /** A buffer of `blocks` blocks of 8 bytes; the listed blocks hold data (one non-zero byte at `at`). */
 function blocks(n: number, data: number[], at = 3): Buffer {
@@ -72,5 +72,53 @@ describe('matchingPrefix: how much of a partial copy equals the base', () => {
     const b = Buffer.alloc(32, 1);
     b[30] = 2;
     expect(matchingPrefix(a, b, 24, 8)).toBe(24);
+  });
+});
+
+describe('SourcePieces: holes are skipped whole, data is read in chunks that stop at a hole', () => {
+  const walk = (p: SourcePieces, from: number, size: number) => {
+    const out: Array<[number, number, boolean]> = [];
+    for (let pos = from; pos < size;) {
+      const { end, hole } = p.from(pos);
+      out.push([pos, end, hole]);
+      pos = end;
+    }
+    return out;
+  };
+
+  it('reads everything in chunks when there are no holes', () => {
+    expect(walk(new SourcePieces([], 25, 10, 4), 0, 25)).toEqual([
+      [0, 10, false],
+      [10, 20, false],
+      [20, 25, false],
+    ]);
+  });
+
+  it('stops a data piece where a hole starts and cuts a long hole into chunks', () => {
+    expect(walk(new SourcePieces([[14, 40]], 50, 10, 4), 0, 50)).toEqual([
+      [0, 10, false],
+      [10, 14, false],
+      [14, 24, true],
+      [24, 34, true],
+      [34, 40, true],
+      [40, 50, false],
+    ]);
+  });
+
+  it('reads holes shorter than the minimum, clips holes at the end of the file, resumes inside a hole', () => {
+    const p = new SourcePieces(
+      [
+        [30, 60],
+        [2, 5],
+      ],
+      40,
+      100,
+      4,
+    );
+    expect(walk(p, 0, 40)).toEqual([
+      [0, 30, false],
+      [30, 40, true],
+    ]);
+    expect(walk(new SourcePieces([[30, 60]], 40, 100, 4), 33, 40)).toEqual([[33, 40, true]]);
   });
 });
