@@ -7,9 +7,10 @@
 #   own         vmbackup's own single-pass copy (--copy-tool auto: copyImage, holes from qemu-img map), from dist/
 #   cp+hashes   --copy-tool cp as copyBaseImages runs it: cp, then SHA-256 of the base and of the copy
 #   rsync+hashes --copy-tool rsync likewise
-# The cases take turns within each repetition. Wall times include process start-up; for the Node cases
-# the time inside the copy function (what a running worker spends) is printed too. Medians go to
-# DIR/results.json. Needs `npm run build` first.
+# The cases take turns within each repetition. Wall and CPU times (user+sys, /usr/bin/time) include
+# process start-up; for the Node cases the time inside the copy function (what a running worker
+# spends) is recorded too, and the load average beside each sample (the machine may be shared).
+# Samples: DIR/samples.txt; medians: DIR/results.json. Needs `npm run build` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT='' SIZE=1024 REPS=3
@@ -37,35 +38,34 @@ if [[ ! -f $base ]]; then
 fi
 
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s%N; }
 
-# each case: prints "<wall ms> <in-function ms or ->"
-case_cp() {
-  local t0; t0=$(now)
-  cp --sparse=always "$base" "$1" && sync -f "$1"
-  echo "$((($(now) - t0) / 1000000)) -"
-}
-case_own() { # copyImage as copyBaseImages calls it for --copy-tool auto (qemu-img map, then the copy)
-  local t0; t0=$(now)
+# The Node cases print the milliseconds spent inside the copy (and hashing) functions.
+OWN="
+  const { copyImage } = require('$DIST/activities/snapshot-copy.js');
+  const [dest] = process.argv.slice(1);
+  const t = performance.now();
+  copyImage({ source: '$base', dest, tool: 'auto', rsyncPath: 'rsync', signal: new AbortController().signal, onProgress() {} })
+    .then(() => console.log(Math.round(performance.now() - t)));"
+HASHED="
+  const { copyImage, sha256File } = require('$DIST/activities/snapshot-copy.js');
+  const [dest, tool] = process.argv.slice(1);
+  const signal = new AbortController().signal;
+  const t = performance.now();
+  copyImage({ source: '$base', dest, tool, rsyncPath: 'rsync', signal, onProgress() {} })
+    .then(() => Promise.all([sha256File('$base', signal, () => {}), sha256File(dest, signal, () => {})]))
+    .then(([a, b]) => { if (a !== b) throw new Error('copy differs'); console.log(Math.round(performance.now() - t)); });"
+
+# one run of a case: prints "<wall ms> <cpu ms, user+sys, children included> <in-function ms or ->"
+run_case() { # $1 case, $2 dest
   local fn
-  fn=$(node -e "
-    const { copyImage } = require('$DIST/activities/snapshot-copy.js');
-    const t = performance.now();
-    copyImage({ source: '$base', dest: '$1', tool: 'auto', rsyncPath: 'rsync', signal: new AbortController().signal, onProgress() {} })
-      .then(() => console.log(Math.round(performance.now() - t)));")
-  echo "$((($(now) - t0) / 1000000)) $fn"
-}
-case_hashed() { # $1 dest, $2 tool
-  local t0; t0=$(now)
-  local fn
-  fn=$(node -e "
-    const { copyImage, sha256File } = require('$DIST/activities/snapshot-copy.js');
-    const signal = new AbortController().signal;
-    const t = performance.now();
-    copyImage({ source: '$base', dest: '$1', tool: '$2', rsyncPath: 'rsync', signal, onProgress() {} })
-      .then(() => Promise.all([sha256File('$base', signal, () => {}), sha256File('$1', signal, () => {})]))
-      .then(([a, b]) => { if (a !== b) throw new Error('copy differs'); console.log(Math.round(performance.now() - t)); });")
-  echo "$((($(now) - t0) / 1000000)) $fn"
+  # shellcheck disable=SC2016 # "$1" and "$2" of the cp line are the inner shell's
+  case $1 in
+    cp) /usr/bin/time -f '%e %U %S' -o "$OUT/time" sh -c 'cp --sparse=always "$1" "$2" && sync -f "$2"' sh "$base" "$2"; fn=- ;;
+    own) fn=$(/usr/bin/time -f '%e %U %S' -o "$OUT/time" node -e "$OWN" "$2") ;;
+    cp+hashes) fn=$(/usr/bin/time -f '%e %U %S' -o "$OUT/time" node -e "$HASHED" "$2" cp) ;;
+    rsync+hashes) fn=$(/usr/bin/time -f '%e %U %S' -o "$OUT/time" node -e "$HASHED" "$2" rsync) ;;
+  esac
+  awk -v fn="$fn" '{ printf "%d %d %s\n", $1 * 1000, ($2 + $3) * 1000, fn }' "$OUT/time"
 }
 
 cases=(cp own cp+hashes rsync+hashes)
@@ -76,14 +76,9 @@ for ((r = 1; r <= REPS; r++)); do
     dest=$OUT/copy.qcow2
     rm -f "$dest"
     cold
-    case $c in
-      cp) res=$(case_cp "$dest") ;;
-      own) res=$(case_own "$dest") ;;
-      cp+hashes) res=$(case_hashed "$dest" cp) ;;
-      rsync+hashes) res=$(case_hashed "$dest" rsync) ;;
-    esac
+    res=$(run_case "$c" "$dest")
     cmp -s "$base" "$dest" || { echo "$c: the copy differs from the base" >&2; exit 1; }
-    echo "$r $c $res" | tee -a "$OUT/samples.txt" >&2
+    echo "$r $c $res $(cut -d' ' -f1 /proc/loadavg)" | tee -a "$OUT/samples.txt" >&2
     rm -f "$dest"
   done
 done
@@ -94,7 +89,11 @@ node -e "
   const out = {};
   for (const c of '${cases[*]}'.split(' ')) {
     const mine = lines.filter((l) => l[1] === c);
-    out[c] = { wallMs: median(mine.map((l) => Number(l[2]))), inFunctionMs: median(mine.map((l) => Number(l[3]))) };
+    out[c] = {
+      wallMs: median(mine.map((l) => Number(l[2]))),
+      cpuMs: median(mine.map((l) => Number(l[3]))),
+      inFunctionMs: median(mine.map((l) => Number(l[4]))),
+    };
   }
   for (const c of Object.keys(out)) {
     out[c].vsCp = +(out[c].wallMs / out.cp.wallMs).toFixed(2);

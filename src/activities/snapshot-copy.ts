@@ -94,20 +94,27 @@ export function parseRsyncLiteral(output: string): number | undefined {
 
 export async function copyImage(req: CopyRequest): Promise<CopyOutcome> {
   if (req.tool === 'auto') {
-    // Holes are hashed without being read. Without the map every byte is read: slower, just as right.
-    const holes = await fileHoles(req.source, { signal: req.signal }).catch(() => undefined);
-    req.signal.throwIfAborted();
-    const { resumedFrom, bytesCopied, sha256 } = await singlePassCopy({
-      source: req.source,
-      dest: req.dest,
-      holes,
-      signal: req.signal,
-      onProgress: req.onProgress,
-      onCheckpoint: req.onCheckpoint,
-    }).catch((err: unknown) => {
+    // Holes are hashed without being read. The map arrives while the copy starts (qemu-img takes tens of
+    // milliseconds); until then, and without it, every byte is read: slower, just as right.
+    const mapping = new AbortController();
+    const holes = fileHoles(req.source, { signal: AbortSignal.any([req.signal, mapping.signal]) }).catch(
+      () => undefined,
+    );
+    try {
+      const { resumedFrom, bytesCopied, sha256 } = await singlePassCopy({
+        source: req.source,
+        dest: req.dest,
+        holes,
+        signal: req.signal,
+        onProgress: req.onProgress,
+        onCheckpoint: req.onCheckpoint,
+      });
+      return { resumedFrom, bytesCopied, sha256 };
+    } catch (err) {
       throw ownCopyFailure(err, req.dest);
-    });
-    return { resumedFrom, bytesCopied, sha256 };
+    } finally {
+      mapping.abort(); // a copy faster than qemu-img (a tiny image) does not leave it running
+    }
   }
   const size = (await stat(req.source)).size;
   let partial = await fileSize(req.dest);

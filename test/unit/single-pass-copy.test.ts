@@ -76,6 +76,7 @@ describe('matchingPrefix: how much of a partial copy equals the base', () => {
 });
 
 describe('SourcePieces: holes are skipped whole, data is read in chunks that stop at a hole', () => {
+  /** pieces from `from` to the end: [start, end, hole] */
   const walk = (p: SourcePieces, from: number, size: number) => {
     const out: Array<[number, number, boolean]> = [];
     for (let pos = from; pos < size;) {
@@ -85,40 +86,63 @@ describe('SourcePieces: holes are skipped whole, data is read in chunks that sto
     }
     return out;
   };
+  const pieces = (size: number, holes: Array<[number, number]>) => {
+    const p = new SourcePieces(size, 10, 15, 4); // chunks of 10, hole pieces of 15, holes from 4
+    p.addHoles(holes);
+    return p;
+  };
 
   it('reads everything in chunks when there are no holes', () => {
-    expect(walk(new SourcePieces([], 25, 10, 4), 0, 25)).toEqual([
+    expect(walk(new SourcePieces(25, 10, 15, 4), 0, 25)).toEqual([
       [0, 10, false],
       [10, 20, false],
       [20, 25, false],
     ]);
   });
 
-  it('stops a data piece where a hole starts and cuts a long hole into chunks', () => {
-    expect(walk(new SourcePieces([[14, 40]], 50, 10, 4), 0, 50)).toEqual([
+  it('stops a data piece where a hole starts and cuts a long hole into hole pieces', () => {
+    expect(walk(pieces(60, [[14, 50]]), 0, 60)).toEqual([
       [0, 10, false],
       [10, 14, false],
-      [14, 24, true],
-      [24, 34, true],
-      [34, 40, true],
-      [40, 50, false],
+      [14, 29, true],
+      [29, 44, true],
+      [44, 50, true],
+      [50, 60, false],
     ]);
   });
 
   it('reads holes shorter than the minimum, clips holes at the end of the file, resumes inside a hole', () => {
-    const p = new SourcePieces(
-      [
-        [30, 60],
-        [2, 5],
-      ],
-      40,
-      100,
-      4,
-    );
-    expect(walk(p, 0, 40)).toEqual([
-      [0, 30, false],
+    expect(
+      walk(
+        pieces(40, [
+          [30, 60],
+          [2, 5],
+        ]),
+        0,
+        40,
+      ),
+    ).toEqual([
+      [0, 10, false],
+      [10, 20, false],
+      [20, 30, false],
       [30, 40, true],
     ]);
-    expect(walk(new SourcePieces([[30, 60]], 40, 100, 4), 33, 40)).toEqual([[33, 40, true]]);
+    expect(walk(pieces(40, [[30, 60]]), 33, 40)).toEqual([[33, 40, true]]);
+  });
+
+  it('uses holes that arrive during the walk from where the walk is', () => {
+    const p = new SourcePieces(60, 10, 15, 4);
+    expect(p.from(0)).toEqual({ end: 10, hole: false });
+    p.addHoles([
+      [5, 25],
+      [40, 60],
+    ]);
+    expect(walk(p, 10, 60)).toEqual([
+      [10, 25, true],
+      [25, 35, false],
+      [35, 40, false],
+      [40, 55, true],
+      [55, 60, true],
+    ]);
   });
 });
