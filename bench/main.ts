@@ -195,7 +195,7 @@ async function imageCases(ctx: Ctx, sz: string, dom: FixtureDomain, rep: number)
     }
 
     if (want(ctx, 'snapshot')) {
-      for (const tool of ['rsync', 'cp'] as const) {
+      for (const tool of ['auto', 'rsync', 'cp'] as const) {
         await dropCaches();
         const t = join(scratch, `snap-${tool}`);
         const b = await vmbackupBackup(ctx, dom.name, [

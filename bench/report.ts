@@ -75,6 +75,13 @@ function ratioDefs(sizes: string[]): RatioDef[] {
         goal: { op: '<=', value: 0.8 },
       },
       {
+        name: `snapshot auto / cp --sparse (${sz})`,
+        num: `${sz}/snapshot-auto`,
+        den: `${sz}/cp-sparse`,
+        metric: 'wallMs',
+        goal: { op: '<=', value: 1.15 },
+      },
+      {
         name: `snapshot rsync / cp --sparse (${sz})`,
         num: `${sz}/snapshot-rsync`,
         den: `${sz}/cp-sparse`,

@@ -1,23 +1,30 @@
 /**
  * Copying a quiet base image (the overlay takes the guest's writes) into the staging directory,
- * resumable after a crash, with progress, and the SHA-256 check that proves the copy is the base.
+ * resumable after a crash, with progress, and a SHA-256 of the copy.
  *
- * rsync runs with `--inplace`, so the bytes a killed attempt wrote stay in the destination file;
- * the next attempt continues from there with `--append-verify`, which re-reads the partial file,
- * checks it against the source and sends only the rest (and the whole file if the check fails).
+ * `auto` is vmbackup's own single-pass copy (./single-pass-copy): it hashes what it writes, so the base
+ * is read once. `rsync` and `cp` run the external tool; their copy is then proven equal to the base by
+ * hashing both (copyBaseImages). rsync runs with `--inplace`, so the bytes a killed attempt wrote stay
+ * in the destination file; the next attempt continues from there with `--append-verify`, which re-reads
+ * the partial file, checks it against the source and sends only the rest (and the whole file if the
+ * check fails).
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
 import Rsync from 'rsync';
 import { execTool, ExecStartError } from '../hypervisor/exec';
+import { fileHoles } from '../hypervisor/qemu-img';
 import type { ExecResult } from '../hypervisor/exec';
 import { ErrorType } from '../shared/errors';
+import type { CopyTool } from '../shared/types';
 import { permanent } from './failures';
+import { singlePassCopy } from './single-pass-copy';
 
 /** What copyBaseImages heartbeats; the next attempt reads it back from `heartbeatDetails`. */
 export interface CopyHeartbeat {
   disk: string;
+  /** 'verify': hashing base and copy after rsync/cp, or (auto) checking a partial copy before continuing it */
   phase: 'copy' | 'verify';
   bytesDone: number;
   bytesTotal: number;
@@ -25,6 +32,8 @@ export interface CopyHeartbeat {
   resumedFrom: number;
   /** bytes this attempt actually transferred for `disk` (rsync's "Literal data"), once its copy ended */
   bytesCopied?: number;
+  /** own copy: the first `durable` bytes of the destination are on disk (its last fdatasync) */
+  durable?: number;
   /** disks finished and verified so far in this attempt */
   disksDone: string[];
 }
@@ -32,15 +41,20 @@ export interface CopyHeartbeat {
 export interface CopyRequest {
   source: string;
   dest: string;
-  tool: 'rsync' | 'cp';
+  tool: CopyTool;
   rsyncPath: string;
   signal: AbortSignal;
-  onProgress(bytesDone: number): void;
+  /** 'verify': the own copy is comparing a partial destination with the base before it continues */
+  onProgress(bytesDone: number, phase: 'copy' | 'verify'): void;
+  /** own copy: the first `bytes` of the destination were fdatasync'ed */
+  onCheckpoint?(bytes: number): void;
 }
 
 export interface CopyOutcome {
   resumedFrom: number;
   bytesCopied: number;
+  /** SHA-256 of the copy when the tool computed it from the bytes it wrote (`auto`); else to be verified */
+  sha256?: string;
 }
 
 /**
@@ -79,6 +93,29 @@ export function parseRsyncLiteral(output: string): number | undefined {
 }
 
 export async function copyImage(req: CopyRequest): Promise<CopyOutcome> {
+  if (req.tool === 'auto') {
+    // Holes are hashed without being read. The map arrives while the copy starts (qemu-img takes tens of
+    // milliseconds); until then, and without it, every byte is read: slower, just as right.
+    const mapping = new AbortController();
+    const holes = fileHoles(req.source, { signal: AbortSignal.any([req.signal, mapping.signal]) }).catch(
+      () => undefined,
+    );
+    try {
+      const { resumedFrom, bytesCopied, sha256 } = await singlePassCopy({
+        source: req.source,
+        dest: req.dest,
+        holes,
+        signal: req.signal,
+        onProgress: req.onProgress,
+        onCheckpoint: req.onCheckpoint,
+      });
+      return { resumedFrom, bytesCopied, sha256 };
+    } catch (err) {
+      throw ownCopyFailure(err, req.dest);
+    } finally {
+      mapping.abort(); // a copy faster than qemu-img (a tiny image) does not leave it running
+    }
+  }
   const size = (await stat(req.source)).size;
   let partial = await fileSize(req.dest);
   if (partial !== undefined && partial > size) {
@@ -89,13 +126,13 @@ export async function copyImage(req: CopyRequest): Promise<CopyOutcome> {
   if (req.tool === 'cp') {
     // cp cannot resume: it starts over.
     await rm(req.dest, { force: true });
-    const stop = pollSize(req.dest, req.onProgress);
+    const stop = pollSize(req.dest, (n) => req.onProgress(n, 'copy'));
     try {
       await runTool('cp', ['--sparse=always', '--', req.source, req.dest], { signal: req.signal });
     } finally {
       stop();
     }
-    req.onProgress(size);
+    req.onProgress(size, 'copy');
     return { resumedFrom: 0, bytesCopied: size };
   }
 
@@ -106,11 +143,11 @@ export async function copyImage(req: CopyRequest): Promise<CopyOutcome> {
     signal: req.signal,
     onLine: (line) => {
       const done = parseRsyncProgress(line);
-      if (done !== undefined) req.onProgress(done);
+      if (done !== undefined) req.onProgress(done, 'copy');
     },
   });
   if (resume) await runTool('fallocate', ['--dig-holes', req.dest], { signal: req.signal });
-  req.onProgress(size);
+  req.onProgress(size, 'copy');
   return { resumedFrom, bytesCopied: parseRsyncLiteral(out.stdout) ?? size - resumedFrom };
 }
 
@@ -180,17 +217,27 @@ function toolFailure(file: string, args: string[], result: ExecResult): Error {
   const name = file.split('/').pop() ?? file;
   const dest = args[args.length - 1] ?? '';
   const last = result.stderr.trim().split('\n').filter(Boolean).pop() ?? '';
-  if (/No space left on device/.test(result.stderr)) {
-    return permanent(
-      `${name} ran out of space writing ${dest}: free space in the staging directory`,
-      ErrorType.NoSpace,
-    );
-  }
-  if (/Permission denied/.test(result.stderr)) {
-    return permanent(`${name} was denied access copying to ${dest}: ${last}`, ErrorType.PermissionDenied);
-  }
+  if (/No space left on device/.test(result.stderr)) return noSpace(name, dest);
+  if (/Permission denied/.test(result.stderr)) return denied(name, dest, last);
   // Killed (worker shutdown, OOM) or an I/O hiccup: retryable; the next attempt resumes from the partial file.
   return new Error(
     `${name} failed (${result.signal ?? `exit ${result.code}`}) copying to ${dest}: ${last || 'no message'}`,
   );
+}
+
+/** The own copy's file-system errors, in the same sentences as the external tools'. */
+function ownCopyFailure(err: unknown, dest: string): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code === 'ENOSPC' || code === 'EDQUOT') return noSpace('vmbackup', dest);
+  if (code === 'EACCES' || code === 'EPERM') return denied('vmbackup', dest, (err as Error).message);
+  // EIO and the like: retryable; the next attempt verifies the partial file and continues
+  return err;
+}
+
+function noSpace(tool: string, dest: string): Error {
+  return permanent(`${tool} ran out of space writing ${dest}: free space in the staging directory`, ErrorType.NoSpace);
+}
+
+function denied(tool: string, dest: string, detail: string): Error {
+  return permanent(`${tool} was denied access copying to ${dest}: ${detail}`, ErrorType.PermissionDenied);
 }

@@ -200,6 +200,42 @@ export async function compareImages(
   throw imageError(result, action);
 }
 
+interface QemuImgMapJson {
+  start: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+}
+
+/**
+ * Parses `qemu-img map -f raw --output=json`: the byte ranges of the file it reports as holes (no data,
+ * reads as zeros), adjacent ones merged. A range it does not mention is not a hole.
+ */
+export function parseFileHoles(json: string): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (const e of JSON.parse(json) as QemuImgMapJson[]) {
+    if (e.data !== false || e.zero !== true || !(e.length > 0)) continue;
+    const last = out.at(-1);
+    if (last && last[1] === e.start) last[1] = e.start + e.length;
+    else out.push([e.start, e.start + e.length]);
+  }
+  return out;
+}
+
+/**
+ * The holes of the FILE `path`, whatever its format (`-f raw`: the file's own allocation, which QEMU
+ * finds with SEEK_DATA/SEEK_HOLE as `cp --sparse` does). `-U`: a running QEMU holds the image.
+ */
+export async function fileHoles(path: string, opts: { signal?: AbortSignal } = {}): Promise<Array<[number, number]>> {
+  const action = `map the holes of ${path}`;
+  const result = await qemuImg(['map', '-U', '-f', 'raw', '--output=json', '--', path], action, {
+    signal: opts.signal,
+    timeoutMs: 60_000,
+  });
+  if (result.code !== 0) throw imageError(result, action);
+  return parseFileHoles(result.stdout);
+}
+
 /** The last `(12.34/100%)` in a chunk of `qemu-img convert -p` output, as a fraction. */
 export function parseConvertProgress(chunk: string): number | undefined {
   let last: string | undefined;

@@ -2,7 +2,7 @@
  * Inputs and outputs of the host activities. Workflows see only these types; the
  * implementations live in src/activities and run on the VM's host task queue.
  */
-import type { BackupMethod, DiskImage, DiskInfo, DomainInfo, S3TargetOptions } from './types';
+import type { BackupMethod, CopyTool, DiskImage, DiskInfo, DomainInfo, S3TargetOptions } from './types';
 
 /** An image file written on the host, before checks and hashing. */
 export interface ImageFile {
@@ -86,7 +86,7 @@ export interface CopyBaseImagesInput {
   domain: string;
   overlays: OverlayRecord[];
   stagingDir: string;
-  copyTool: 'rsync' | 'cp';
+  copyTool: CopyTool;
 }
 export interface OverlaysInput {
   backupId: string;

@@ -42,6 +42,12 @@ export interface DomainInfo {
   hasGuestAgent: boolean;
 }
 
+/**
+ * How the snapshot method copies a base image: `auto` is vmbackup's own single-pass copy (reads the base
+ * once and hashes what it writes); `rsync` and `cp` run that tool and then hash the base and the copy.
+ */
+export type CopyTool = 'auto' | 'rsync' | 'cp';
+
 export interface BackupOptions {
   /** include cdrom, read-only and shareable disks */
   includeAllDisks?: boolean;
@@ -49,8 +55,8 @@ export interface BackupOptions {
   quiesce?: boolean;
   /** snapshot method: fail rather than fall back to crash-consistent */
   requireQuiesce?: boolean;
-  /** snapshot method: copy tool */
-  copyTool?: 'rsync' | 'cp';
+  /** snapshot method: how the base images are copied (default `auto`) */
+  copyTool?: CopyTool;
   /** S3 options applied to every s3:// target */
   s3?: S3TargetOptions;
   /** how long a silent long-running step may go before Temporal retries it on another worker (default 30) */

@@ -172,7 +172,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
         domain,
         overlays,
         stagingDir: staging.dir,
-        copyTool: req.options.copyTool ?? 'rsync',
+        copyTool: req.options.copyTool ?? 'auto',
       });
       phase('committing');
       // The saga step itself: from here on the VM is put back on its base whatever happens.

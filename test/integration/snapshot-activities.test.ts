@@ -4,13 +4,14 @@
  * the hypervisor, the disks and the copy tools are real.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger } from '@temporalio/worker';
 import type { LogEntry } from '@temporalio/worker';
 import { createSnapshotActivities } from '../../src/activities/snapshot';
+import type { CopyHeartbeat } from '../../src/activities/snapshot';
 import { HypervisorError } from '../../src/hypervisor/errors';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
@@ -148,6 +149,70 @@ describe('snapshot activities on real domains', () => {
     await act(a.removeOverlays, { backupId: id, domain: dom.name, overlays: created.overlays });
     expect(await exists(join(stateDir, 'overlays', id))).toBe(false);
     expect(await dom.state()).toBe('running');
+  });
+
+  test("the own single-pass copy (auto): copies equal the bases, the hash is the copy's, a retry keeps a partial copy", async () => {
+    const dom = await newDomain({
+      prefix: 'snapcp',
+      disks: [
+        { format: 'qcow2', sizeMiB: 64, randomMiB: 24, patterns: [{ byte: 0xa7, offsetMiB: 40, lengthMiB: 8 }] },
+        { format: 'raw', sizeMiB: 64, randomMiB: 16, patterns: [{ byte: 0xb7, offsetMiB: 32, lengthMiB: 8 }] },
+      ],
+    });
+    const a = activities();
+    const id = backupId('auto');
+    const staging = join(work, id);
+    const info = await hv.inspect(dom.name);
+    const refs = await Promise.all(dom.disks.map((d) => reference(d.path, join(work, `${id}-${d.dev}.ref.raw`))));
+    const created = await act(a.createOverlays, {
+      backupId: id,
+      domain: dom.name,
+      disks: info.disks,
+      quiesce: false,
+      requireQuiesce: false,
+    });
+    const input = {
+      backupId: id,
+      domain: dom.name,
+      overlays: created.overlays,
+      stagingDir: staging,
+      copyTool: 'auto' as const,
+    };
+
+    const heartbeats: CopyHeartbeat[] = [];
+    const copying = act(a.copyBaseImages, input, { heartbeats });
+    await dom.writeThroughDevice('vdb', 0xc7, 48, 8); // into the overlay, not the base being copied
+    const images = await copying;
+    for (const [i, img] of images.entries()) {
+      expect(img.sha256).toBe(await sha256File(img.path));
+      expect(await identical(img.path, refs[i]!)).toBe(true);
+    }
+    const vdbSize = (await stat(dom.disks[1]!.path)).size;
+    expect(heartbeats.at(-1)).toMatchObject({
+      disk: 'vdb',
+      phase: 'copy',
+      bytesDone: vdbSize,
+      bytesTotal: vdbSize,
+      resumedFrom: 0,
+      bytesCopied: vdbSize,
+      disksDone: ['vda', 'vdb'],
+    });
+    expect(heartbeats.some((h) => h.phase === 'verify')).toBe(false); // one pass: nothing is read back
+
+    // A retry after a crash mid-copy of vdb: the first 24 MiB of its copy are kept after a check.
+    const vdbCopy = images[1]!.path;
+    await truncate(vdbCopy, 24 << 20);
+    const retry: CopyHeartbeat[] = [];
+    const again = await act(a.copyBaseImages, input, { heartbeats: retry, heartbeatDetails: heartbeats.at(-1) });
+    expect(again).toEqual(images);
+    expect(retry.at(-1)).toMatchObject({ disk: 'vdb', resumedFrom: 24 << 20, bytesCopied: vdbSize - (24 << 20) });
+    expect(retry).toContainEqual(expect.objectContaining({ disk: 'vdb', phase: 'verify' }));
+    expect(await identical(vdbCopy, refs[1]!)).toBe(true);
+
+    await act(a.commitAndPivot, { backupId: id, domain: dom.name, overlays: created.overlays });
+    await act(a.removeOverlays, { backupId: id, domain: dom.name, overlays: created.overlays });
+    expect(await domblklist(dom.name)).toEqual(sources(dom));
+    expect(await holds(dom.disks[1]!.path, 0xc7, 48, 8)).toBe(true);
   });
 
   test('every step is idempotent: a retry never stacks a second overlay, re-commits or fails on a missing file', async () => {

@@ -4,7 +4,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { parseConvertProgress, parseImageCheck, parseImageInfo } from '../../src/hypervisor/qemu-img';
+import { parseConvertProgress, parseFileHoles, parseImageCheck, parseImageInfo } from '../../src/hypervisor/qemu-img';
 import {
   parseBlockJobRaw,
   parseDomBlkInfo,
@@ -134,6 +134,26 @@ describe('version, domblkinfo, domstate', () => {
 });
 
 describe('qemu-img', () => {
+  test('map -f raw: the holes of an image file (qcow2 metadata preallocated, two ranges written)', () => {
+    expect(parseFileHoles(captured('qemu-img-map.raw.json.txt'))).toEqual([
+      [200704, 262144],
+      [327680, 1376256],
+      [3473408, 42270720],
+      [43319296, 67436544],
+    ]);
+    // adjacent holes merge; data and "zero but allocated" ranges are not holes
+    expect(
+      parseFileHoles(
+        JSON.stringify([
+          { start: 0, length: 10, data: false, zero: true },
+          { start: 10, length: 5, data: false, zero: true },
+          { start: 15, length: 5, data: true, zero: true },
+          { start: 20, length: 5, data: false, zero: false },
+        ]),
+      ),
+    ).toEqual([[0, 15]]);
+  });
+
   test('info --backing-chain: the top image and the chain below it', () => {
     const info = parseImageInfo(captured('qemu-img-info.chain.json.txt'));
     expect(info).toMatchObject({

@@ -3,7 +3,7 @@ import { Option } from 'commander';
 import type { Command } from 'commander';
 import type { BackupStatusView } from '../../client/backups';
 import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
-import type { BackupOptions, BackupResult, RequestedMethod } from '../../shared/types';
+import type { BackupOptions, BackupResult, CopyTool, RequestedMethod } from '../../shared/types';
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
@@ -18,7 +18,7 @@ interface BackupFlags {
   json?: boolean;
   quiesce?: boolean;
   requireQuiesce?: boolean;
-  copyTool: 'rsync' | 'cp';
+  copyTool: CopyTool;
   includeAllDisks?: boolean;
   heartbeatTimeout?: string;
   [s3: string]: unknown;
@@ -38,7 +38,14 @@ export function register(program: Command): void {
     .option('--json', 'print one JSON object with the result')
     .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
     .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
-    .addOption(new Option('--copy-tool <tool>', 'snapshot method: copy with').choices(['rsync', 'cp']).default('rsync'))
+    .addOption(
+      new Option(
+        '--copy-tool <tool>',
+        "snapshot method: how base images are copied (auto: vmbackup's own single-pass copy, which hashes what it writes; rsync, cp: that tool, then both files hashed)",
+      )
+        .choices(['auto', 'rsync', 'cp'])
+        .default('auto'),
+    )
     .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
