@@ -150,6 +150,9 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       };
     });
 
+    // The state matters only for a new snapshot; asked now, beside the XML, it costs no round trip of its own.
+    const statePromise = domainState(domain);
+    statePromise.catch(() => undefined); // awaited below, after the checks on the live disks
     const live = await liveDisks(domain);
     const onOverlay: string[] = [];
     const onBase: string[] = [];
@@ -176,7 +179,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       );
     }
 
-    const state = await domainState(domain);
+    const state = await statePromise;
     if (state !== 'running' && state !== 'paused') {
       throw permanent(`${domain} is ${state}: the snapshot method needs a running domain`, ErrorType.DomainGone);
     }
@@ -377,16 +380,16 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         );
       }
     }
-    await commitDisks(input.domain, [...targets.values()]);
+    await commitDisks(input.domain, [...targets.values()], live);
   }
 
   /**
    * Active-commit each target's overlay into its base and pivot back to the base. A disk already
    * on its base is skipped; a commit job already running on it (a previous attempt's) is attached to.
    */
-  async function commitDisks(domain: string, targets: CommitTarget[]): Promise<void> {
+  async function commitDisks(domain: string, targets: CommitTarget[], seen?: DiskInfo[]): Promise<void> {
     const ctx = Context.current();
-    const live = await liveDisks(domain);
+    const live = seen ?? (await liveDisks(domain));
     const pending = new Map<string, CommitTarget>();
     for (const t of targets) {
       const d = live.find((x) => x.name === t.disk);
@@ -429,6 +432,8 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
 
     const progress: CommitHeartbeat = { phase: 'commit', disks: {} };
     const notReadySince = new Map<string, number>();
+    // A quiet overlay commits in a few ms: look often at first, then every pollMs.
+    let wait = Math.min(25, pollMs);
     while (pending.size > 0) {
       for (const t of [...pending.values()]) {
         const job = await hv.blockJobInfo(domain, t.disk).catch((err: unknown) => hypervisorFailure(err));
@@ -466,7 +471,8 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         }
       }
       ctx.heartbeat(progress);
-      if (pending.size > 0) await ctx.sleep(pollMs);
+      if (pending.size > 0) await ctx.sleep(wait);
+      wait = Math.min(wait * 2, pollMs);
     }
 
     const after = await liveDisks(domain);

@@ -76,21 +76,30 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     localRetryThreshold: '10s',
     retry: { ...base.retry, maximumAttempts: 6 },
   });
-  return { short, long, overlaySteps, local };
+  const localOverlaySteps = proxyLocalActivities<HostActivities>({
+    startToCloseTimeout: '1m',
+    localRetryThreshold: '10s',
+    retry: { ...base.retry, maximumAttempts: 10 },
+  });
+  return { short, long, overlaySteps, local, localOverlaySteps };
 }
 
 /**
- * Backups started before this change ran inspectDomain, prepareStaging, beginPushBackup, writeManifest and
- * cleanupStaging as regular activities; their histories must replay with the same commands.
+ * Backups started before this change ran inspectDomain, prepareStaging, beginPushBackup, createOverlays,
+ * removeOverlays, writeManifest and cleanupStaging as regular activities; their histories must replay with the
+ * same commands.
  */
 export const SHORT_STEPS_LOCAL_PATCH = 'short-steps-as-local-activities';
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   const { backupId, domain, host } = req;
   const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
-  const { short, long, overlaySteps } = acts;
+  const { short, long } = acts;
   // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
-  const quick = patched(SHORT_STEPS_LOCAL_PATCH) ? acts.local : short;
+  const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
+  const quick = localSteps ? acts.local : short;
+  const overlaySteps = localSteps ? acts.localOverlaySteps : acts.overlaySteps;
+  const removeUnknownOverlays = localSteps ? acts.localOverlaySteps : short;
   const startedAt = workflowInfo().startTime.toISOString();
 
   const progress: BackupProgress = {
@@ -149,7 +158,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
       // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
       const undoUnknown = async () => {
         await long.commitAndPivot({ backupId, domain, overlays: [] });
-        await short.removeOverlays({ backupId, domain, overlays: [] });
+        await removeUnknownOverlays.removeOverlays({ backupId, domain, overlays: [] });
       };
       compensations.unshift(undoUnknown);
       const created = await overlaySteps.createOverlays({

@@ -17,6 +17,7 @@ import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 import { domblklist, exists, holds, identical, reference } from '../helpers/images';
+import { activityTimeline, runsOf } from '../helpers/history';
 
 const MiB = 1 << 20;
 
@@ -28,32 +29,18 @@ function imagePath(result: BackupResult, disk: string): string {
 
 type Handle = WorkflowHandle;
 
-async function events(handle: Handle) {
-  return (await handle.fetchHistory()).events ?? [];
+async function timeline(handle: Handle) {
+  return activityTimeline((await handle.fetchHistory()).events ?? []);
 }
 
-/** How often an activity was scheduled, and the highest attempt any of its tasks started with. */
+/** How often an activity (regular or local) was scheduled, and the highest attempt any of its runs reached. */
 async function activityRuns(handle: Handle, name: string): Promise<{ scheduled: number; maxAttempt: number }> {
-  const all = await events(handle);
-  const ids = new Set(
-    all
-      .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === name)
-      .map((e) => e.eventId?.toString()),
-  );
-  const attempts = all
-    .filter((e) => ids.has(e.activityTaskStartedEventAttributes?.scheduledEventId?.toString()))
-    .map((e) => Number(e.activityTaskStartedEventAttributes?.attempt ?? 1));
-  return { scheduled: ids.size, maxAttempt: Math.max(0, ...attempts) };
+  const runs = runsOf(await timeline(handle), name);
+  return { scheduled: runs.length, maxAttempt: Math.max(0, ...runs.map((r) => r.attempts)) };
 }
 
 async function completed(handle: Handle, name: string): Promise<boolean> {
-  const all = await events(handle);
-  const ids = new Set(
-    all
-      .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === name)
-      .map((e) => e.eventId?.toString()),
-  );
-  return all.some((e) => ids.has(e.activityTaskCompletedEventAttributes?.scheduledEventId?.toString()));
+  return runsOf(await timeline(handle), name).some((r) => r.outcome === 'completed');
 }
 
 async function pending(handle: Handle, name: string): Promise<boolean> {
