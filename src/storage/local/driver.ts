@@ -17,10 +17,14 @@ import { asTempFileCheckpoint, hashRange, prefixDigest, sha256File, sourceSize }
 import type { TempFileCheckpoint } from '../source';
 
 const DRIVER = 'local';
-/** One read or write; large enough that the per-call cost (thread-pool hop, event-loop turn) is noise. */
-const CHUNK = 8 << 20;
+/**
+ * One read or write. Small on purpose: the chunk read into a buffer is still in the CPU cache when it is
+ * hashed and when the kernel copies it into the page cache. With 8 MiB chunks (32 MiB of buffers) every
+ * pass went to memory and the copy spent about twice the kernel time (1 GiB: 2.7 s sys vs 1.2 s).
+ */
+const CHUNK = 1 << 20;
 /** Buffers reused for the whole copy: one being written and hashed, the others already being read ahead. */
-const RING = 4;
+const RING = 3;
 /**
  * fdatasync + checkpoint after this many bytes or this long, whichever comes first. The trade-off: a
  * crash re-copies at most one window (about a second at local-disk speed, 10 s on a slow one), and in
