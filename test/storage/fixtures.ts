@@ -11,6 +11,7 @@ import {
   S3Client,
 } from '@aws-sdk/client-s3';
 import type { S3TargetOptions } from '../../src/shared/types';
+import { LocalTarget, type LocalTargetOptions } from '../../src/storage/local/driver';
 import { openTarget, type TargetEnvironment } from '../../src/storage/registry';
 import { s3ClientConfig, stackEnv } from '../helpers/stack';
 import type { ConformanceTarget } from './conformance';
@@ -49,13 +50,16 @@ export async function filesUnder(dir: string): Promise<string[]> {
   return out.sort();
 }
 
-export async function localTarget(): Promise<ConformanceTarget & { dir: string; url: string }> {
+/** A fresh local target; `options` (a smaller checkpoint window) builds the driver directly instead of through the registry. */
+export async function localTarget(
+  options?: LocalTargetOptions,
+): Promise<ConformanceTarget & { dir: string; url: string }> {
   const dir = await mkdtemp(join(tmpdir(), 'vmbackup-local-target-'));
   const url = `file://${dir}`;
   return {
     dir,
     url,
-    target: openTarget(url, { env: {} }),
+    target: options ? new LocalTarget(dir, url, options) : openTarget(url, { env: {} }),
     leftovers: () => filesUnder(dir),
     cleanup: () => rm(dir, { recursive: true, force: true }),
   };

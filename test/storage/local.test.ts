@@ -1,12 +1,21 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { PutCheckpoint } from '../../src/storage/contract';
+import { LocalTarget } from '../../src/storage/local/driver';
+import type { TempFileCheckpoint } from '../../src/storage/source';
 import { describeConformance } from './conformance';
 import { localTarget } from './fixtures';
 
-// the local driver fsyncs and checkpoints every 64 MiB
-describeConformance('local', localTarget, { checkpointBytes: 64 << 20 });
+const MiB = 1 << 20;
+// The driver fsyncs and checkpoints every 512 MiB or 10 s; a 16 MiB window (sixteen copy chunks) runs
+// the same code with a resume image of 35 MiB instead of 1 GiB.
+const WINDOW = 16 * MiB;
+describeConformance('local', () => localTarget({ checkpointBytes: WINDOW }), { checkpointBytes: WINDOW });
+
+function sha(b: Buffer): string {
+  return createHash('sha256').update(b).digest('hex');
+}
 
 describe('local target specifics', () => {
   test('allowMove renames a staged image into place: no copy, source gone, staging never listed', async () => {
@@ -34,9 +43,9 @@ describe('local target specifics', () => {
   });
 
   test('a temp file whose durable prefix no longer hashes as checkpointed is not trusted: the copy starts over', async () => {
-    const t = await localTarget();
+    const t = await localTarget({ checkpointBytes: WINDOW });
     try {
-      const bytes = randomBytes((64 << 20) + (3 << 20));
+      const bytes = randomBytes(WINDOW + 3 * MiB);
       const src = join(t.dir, '..', `${t.dir.split('/').pop()}-src.raw`);
       await writeFile(src, bytes);
       let checkpoint: PutCheckpoint | undefined;
@@ -59,6 +68,33 @@ describe('local target specifics', () => {
       expect((await readdir(join(t.dir, 'd/b'))).filter((n) => n.includes('.tmp-'))).toEqual([]);
       await writeFile(src, '');
     } finally {
+      await t.cleanup();
+    }
+  });
+
+  test('a checkpoint is also taken when the time window ends first; each one names a durable, correctly hashed prefix', async () => {
+    const t = await localTarget();
+    const target = new LocalTarget(t.dir, t.url, { checkpointBytes: 1 << 40, checkpointMs: 0 });
+    const src = `${t.dir}-src.raw`;
+    try {
+      const bytes = randomBytes(5 * MiB + 4321); // several copy chunks, the last one short
+      await writeFile(src, bytes);
+      const checkpoints: TempFileCheckpoint[] = [];
+      const r = await target.putImage('d/b/vda.raw', src, {
+        onCheckpoint: (cp) => checkpoints.push(cp as unknown as TempFileCheckpoint),
+      });
+      expect(r.sha256).toBe(sha(bytes));
+      // a window ends after every chunk but the last (the end of the copy is made durable by fsync + rename)
+      const offsets = checkpoints.map((c) => c.offset);
+      const chunk = offsets[0] ?? 0;
+      expect(offsets.length).toBeGreaterThan(1);
+      expect(offsets).toEqual(offsets.map((_, i) => (i + 1) * chunk));
+      expect(bytes.length - (offsets.at(-1) ?? 0)).toBeGreaterThan(0);
+      expect(bytes.length - (offsets.at(-1) ?? 0)).toBeLessThanOrEqual(chunk);
+      for (const c of checkpoints) expect(c.prefixSha256).toBe(sha(bytes.subarray(0, c.offset)));
+      expect((await readFile(join(t.dir, 'd/b/vda.raw'))).equals(bytes)).toBe(true);
+    } finally {
+      await rm(src, { force: true });
       await t.cleanup();
     }
   });

@@ -2,19 +2,29 @@
  * A putImage in its own process, so a test can kill -9 it mid-upload. Every checkpoint is appended
  * to a file as one JSON line (what Temporal's heartbeat would have recorded), then `{"done": ...}`.
  *
- *   node -r ./test/storage/ts-register.js test/storage/upload-child.ts URL KEY FILE CHECKPOINTS [S3OPTIONS_JSON]
+ *   node -r ./test/storage/ts-register.js test/storage/upload-child.ts URL KEY FILE CHECKPOINTS [OPTIONS_JSON]
  *
+ * OPTIONS_JSON is the S3 target options for an s3:// URL; for a file:// URL it is the local driver's
+ * options (a small checkpoint window) plus `bandwidthLimit` (bytes/s), so the copy is slow enough to kill.
  * The S3 endpoint and credentials come from the environment (this process is an edge).
  */
 import { appendFileSync } from 'node:fs';
-import { openTarget, targetEnvironmentFrom } from '../../src/storage/registry';
+import { withBandwidthLimit } from '../../src/storage/bandwidth';
+import type { StorageTarget } from '../../src/storage/contract';
+import { LocalTarget } from '../../src/storage/local/driver';
+import { openTarget, parseTargetUrl, targetEnvironmentFrom } from '../../src/storage/registry';
 
-const [url, key, file, checkpoints, s3json] = process.argv.slice(2);
+const [url, key, file, checkpoints, optionsJson] = process.argv.slice(2);
 if (!url || !key || !file || !checkpoints) {
-  process.stderr.write('usage: upload-child.ts URL KEY FILE CHECKPOINTS [S3OPTIONS_JSON]\n');
+  process.stderr.write('usage: upload-child.ts URL KEY FILE CHECKPOINTS [OPTIONS_JSON]\n');
   process.exit(2);
 }
-const target = openTarget(url, { env: targetEnvironmentFrom(process.env), s3: JSON.parse(s3json ?? '{}') });
+const options = JSON.parse(optionsJson ?? '{}') as Record<string, number | undefined>;
+const spec = parseTargetUrl(url);
+const target: StorageTarget =
+  spec.kind === 'file'
+    ? withBandwidthLimit(new LocalTarget(spec.path, url, options), options.bandwidthLimit ?? 0)
+    : openTarget(url, { env: targetEnvironmentFrom(process.env), s3: options });
 target.putImage(key, file, { onCheckpoint: (cp) => appendFileSync(checkpoints, `${JSON.stringify(cp)}\n`) }).then(
   (r) => {
     appendFileSync(checkpoints, `${JSON.stringify({ done: r })}\n`);

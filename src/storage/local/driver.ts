@@ -13,13 +13,34 @@ import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, Target
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName } from '../sidecar';
-import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sha256File, sourceSize } from '../source';
+import { asTempFileCheckpoint, hashRange, prefixDigest, sha256File, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
 
 const DRIVER = 'local';
-const CHUNK = 4 << 20;
-/** fdatasync + checkpoint this often: the resume point after a crash */
-const CHECKPOINT_EVERY = 64 << 20;
+/**
+ * One read or write. Small on purpose: the chunk read into a buffer is still in the CPU cache when it is
+ * hashed and when the kernel copies it into the page cache. With 8 MiB chunks (32 MiB of buffers) every
+ * pass went to memory and the copy spent about twice the kernel time (1 GiB: 2.7 s sys vs 1.2 s).
+ */
+const CHUNK = 1 << 20;
+/** Buffers reused for the whole copy: one being written and hashed, the others already being read ahead. */
+const RING = 3;
+/**
+ * fdatasync + checkpoint after this many bytes or this long, whichever comes first. The trade-off: a
+ * crash re-copies at most one window (about a second at local-disk speed, 10 s on a slow one), and in
+ * exchange the copy pays one journal commit per 512 MiB instead of one per 64 MiB and keeps streaming;
+ * each fdatasync runs in the background while the next window is copied, so the disk writes back
+ * during the copy rather than all at the final fsync.
+ */
+const CHECKPOINT_BYTES = 512 << 20;
+const CHECKPOINT_MS = 10_000;
+
+export interface LocalTargetOptions {
+  /** checkpoint window in bytes (tests shrink it so a resume needs only a small image) */
+  checkpointBytes?: number;
+  /** checkpoint window in milliseconds */
+  checkpointMs?: number;
+}
 
 async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
@@ -36,11 +57,16 @@ async function unlinkQuietly(path: string): Promise<void> {
 
 export class LocalTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities;
+  private readonly checkpointBytes: number;
+  private readonly checkpointMs: number;
 
   constructor(
     private readonly root: string,
     readonly displayUrl: string,
+    options: LocalTargetOptions = {},
   ) {
+    this.checkpointBytes = options.checkpointBytes ?? CHECKPOINT_BYTES;
+    this.checkpointMs = options.checkpointMs ?? CHECKPOINT_MS;
     // multipart: a copy resumes from its durable prefix after a crash
     this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root };
   }
@@ -96,55 +122,10 @@ export class LocalTarget implements StorageTarget {
       }
       const tempPath = temp as string;
       const startOffset = offset;
-      let sinceCheckpoint = 0;
-      // the fdatasync of one window runs while the next is written; its checkpoint is emitted once it is durable
-      let syncing: { done: Promise<void>; offset: number; prefix: string } | undefined;
-      const settle = async (): Promise<void> => {
-        if (!syncing) return;
-        const s = syncing;
-        syncing = undefined;
-        await s.done;
-        opts.onCheckpoint?.({
-          temp: basename(tempPath),
-          offset: s.offset,
-          prefixSha256: s.prefix,
-        } satisfies TempFileCheckpoint);
-      };
       opts.onProgress?.(offset, size);
-      for await (const chunk of readChunks(sourcePath, {
-        start: offset,
-        end: size,
-        chunkSize: CHUNK,
-        signal: opts.signal,
-        pace: opts.pace,
-      })) {
-        // hash while the write is in flight (the write runs on libuv's thread pool)
-        const writing = (async () => {
-          let written = 0;
-          while (written < chunk.length) {
-            const { bytesWritten } = await (fh as FileHandle).write(
-              chunk,
-              written,
-              chunk.length - written,
-              offset + written,
-            );
-            written += bytesWritten;
-          }
-        })();
-        hash.update(chunk);
-        await writing;
-        offset += chunk.length;
-        sinceCheckpoint += chunk.length;
-        opts.onProgress?.(offset, size);
-        if (sinceCheckpoint >= CHECKPOINT_EVERY && offset < size) {
-          await settle();
-          const done = fh.datasync();
-          done.catch(() => undefined); // awaited in settle
-          syncing = { done, offset, prefix: prefixDigest(hash) };
-          sinceCheckpoint = 0;
-        }
-      }
-      await settle();
+      await this.copyInto(fh, sourcePath, offset, size, hash, opts, (checkpoint) =>
+        opts.onCheckpoint?.({ temp: basename(tempPath), ...checkpoint } satisfies TempFileCheckpoint),
+      );
       await fh.sync();
       await fh.close();
       fh = undefined;
@@ -169,6 +150,99 @@ export class LocalTarget implements StorageTarget {
       if (temp && (aborted || classified?.permanent)) await unlinkQuietly(temp);
       if (aborted) throw opts.signal?.reason ?? err;
       throw classified;
+    }
+  }
+
+  /**
+   * Copies [start, size) of the source into `fh` at the same offsets, feeding `hash` on the way. Reads run
+   * ahead into a small ring of reused buffers while the current chunk is written (one write in flight, so
+   * the file grows in order) and hashed on this thread meanwhile. Every checkpoint window the written prefix
+   * is fdatasync'ed in the background and reported through `checkpoint` once it is durable.
+   */
+  private async copyInto(
+    fh: FileHandle,
+    sourcePath: string,
+    start: number,
+    size: number,
+    hash: Hash,
+    opts: PutImageOptions,
+    checkpoint: (cp: Omit<TempFileCheckpoint, 'temp'>) => void,
+  ): Promise<void> {
+    const { signal, pace } = opts;
+    const src = await open(sourcePath, 'r');
+    const reads: Array<Promise<{ view: Buffer; buf: Buffer }>> = [];
+    const free: Buffer[] = Array.from({ length: RING }, () =>
+      Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(size - start, 1))),
+    );
+    let readPos = start;
+    let stopped = false;
+    const readInto = async (buf: Buffer, at: number, want: number): Promise<{ view: Buffer; buf: Buffer }> => {
+      if (pace) await pace(want, signal);
+      if (stopped) throw new Error('copy stopped');
+      let got = 0;
+      while (got < want) {
+        const { bytesRead } = await src.read(buf, got, want - got, at + got);
+        if (bytesRead === 0) throw new Error(`${sourcePath} shrank while it was being copied (expected ${size} bytes)`);
+        got += bytesRead;
+      }
+      return { view: buf.subarray(0, want), buf };
+    };
+    const readAhead = (): void => {
+      while (!stopped && free.length > 0 && readPos < size) {
+        const want = Math.min(CHUNK, size - readPos);
+        const p = readInto(free.pop() as Buffer, readPos, want);
+        p.catch(() => undefined); // surfaced when awaited
+        reads.push(p);
+        readPos += want;
+      }
+    };
+    let writing: Promise<void> | undefined;
+    // the fdatasync of one window runs while the next is written; its checkpoint is emitted once it is durable
+    let syncing: { done: Promise<void>; offset: number; prefixSha256: string } | undefined;
+    const settle = async (): Promise<void> => {
+      if (!syncing) return;
+      const s = syncing;
+      syncing = undefined;
+      await s.done;
+      checkpoint({ offset: s.offset, prefixSha256: s.prefixSha256 });
+    };
+    let offset = start;
+    let windowStart = start;
+    let windowSince = Date.now();
+    try {
+      readAhead();
+      while (reads.length > 0) {
+        signal?.throwIfAborted();
+        const { view, buf } = await (reads.shift() as Promise<{ view: Buffer; buf: Buffer }>);
+        await writing; // one write in flight at a time
+        const at = offset;
+        writing = writeFully(fh, view, at).then(() => {
+          free.push(buf);
+          readAhead();
+          opts.onProgress?.(at + view.length, size);
+        });
+        writing.catch(() => undefined); // awaited above or below
+        hash.update(view); // on this thread while the write runs on the thread pool
+        offset += view.length;
+        const due = offset - windowStart >= this.checkpointBytes || Date.now() - windowSince >= this.checkpointMs;
+        if (due && offset < size) {
+          await writing;
+          await settle();
+          const done = fh.datasync();
+          done.catch(() => undefined); // awaited in settle
+          syncing = { done, offset, prefixSha256: prefixDigest(hash) };
+          windowStart = offset;
+          windowSince = Date.now();
+        }
+      }
+      await writing;
+      await settle();
+    } finally {
+      stopped = true;
+      // nothing may still use fh when the caller closes or removes the temp file; reads still waiting for
+      // their pace (a bandwidth limit) are not waited for, the source is closed once they are done
+      await Promise.allSettled([writing, syncing?.done]);
+      void Promise.allSettled(reads).then(() => src.close().catch(() => undefined));
     }
   }
 
@@ -397,6 +471,15 @@ export class LocalTarget implements StorageTarget {
   }
 
   async close(): Promise<void> {}
+}
+
+/** pwrite until the kernel took every byte (a regular file may take less than asked, e.g. near ENOSPC). */
+async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<void> {
+  let written = 0;
+  while (written < data.length) {
+    const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
+    written += bytesWritten;
+  }
 }
 
 /** `ino:size:mtimeMs`, as PutImageOptions.sourceStamp records it. */

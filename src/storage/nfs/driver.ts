@@ -28,8 +28,11 @@ const DRIVER = 'nfs';
 const CHECKPOINT_EVERY = 64 << 20;
 /** WRITEs in flight on the one TCP connection */
 const WRITE_DEPTH = 8;
-const READ_DEPTH = 4;
+/** READs in flight for get(): enough to keep the server's disk and the socket busy while one reply is consumed */
+const READ_DEPTH = 16;
 const MAX_IO = 1 << 20;
+/** READ size for get() (the server's rtmax permitting) */
+const READ_SIZE = 1 << 20;
 const NFS3ERR_STALE = 70;
 
 export interface NfsTargetSpec {
@@ -160,7 +163,7 @@ export class NfsTarget implements StorageTarget {
     const chunk = Math.min(c.fsinfo.rtmax || MAX_IO, MAX_IO);
     for (;;) {
       const { data, eof } = await c.read(fh, offset, chunk);
-      parts.push(Buffer.from(data));
+      parts.push(data);
       offset += data.length;
       if (eof || data.length === 0) return Buffer.concat(parts);
     }
@@ -378,40 +381,49 @@ export class NfsTarget implements StorageTarget {
     if (!file) throw this.notFound(key);
     const start = range?.start ?? 0;
     const end = Math.min(range?.end ?? file.attrs.size, file.attrs.size);
-    const rsize = Math.min(c.fsinfo.rtmax || MAX_IO, MAX_IO);
+    const rsize = Math.min(c.fsinfo.rtmax || READ_SIZE, READ_SIZE);
+    const fh = file.fh;
     const fail = (err: unknown): StorageError => this.error(err, `read ${key}`);
+    const truncated = (at: number): StorageError =>
+      new StorageError(
+        'failed',
+        `NFS target ${this.displayUrl} ended ${key} at byte ${at} of ${end} (the object shrank while it was read); read it again or verify the backup.`,
+        { driver: DRIVER },
+      );
+    /** [at, at + n) as views of the READ replies (no copy); a short reply is completed by more READs */
+    const readRange = async (at: number, n: number): Promise<Buffer[]> => {
+      const parts: Buffer[] = [];
+      let got = 0;
+      while (got < n) {
+        const { data } = await c.read(fh, at + got, n - got);
+        if (data.length === 0) throw truncated(at + got);
+        parts.push(data.length > n - got ? data.subarray(0, n - got) : data);
+        got += data.length;
+      }
+      return parts;
+    };
     async function* chunks(): AsyncGenerator<Buffer> {
-      const queue: Array<Promise<Buffer>> = [];
+      const queue: Array<Promise<Buffer[]>> = [];
       let next = start;
       const issue = (): void => {
         if (next >= end) return;
-        const at = next;
-        const n = Math.min(rsize, end - at);
+        const n = Math.min(rsize, end - next);
+        const p = readRange(next, n);
+        p.catch(() => undefined); // surfaced when its turn comes
+        queue.push(p);
         next += n;
-        queue.push(
-          c.read(file!.fh, at, n).then(async ({ data }) => {
-            // a short read (server limit) is completed before handing the chunk on
-            let out = Buffer.from(data);
-            while (out.length < n) {
-              const more = await c.read(file!.fh, at + out.length, n - out.length);
-              if (more.data.length === 0) break;
-              out = Buffer.concat([out, more.data]);
-            }
-            return out;
-          }),
-        );
       };
       for (let i = 0; i < READ_DEPTH; i++) issue();
       while (queue.length > 0) {
-        let data: Buffer;
+        let parts: Buffer[];
         try {
-          data = await (queue.shift() as Promise<Buffer>);
+          parts = await (queue.shift() as Promise<Buffer[]>);
         } catch (err) {
           await Promise.allSettled(queue);
           throw fail(err);
         }
         issue();
-        if (data.length > 0) yield data;
+        yield* parts;
       }
     }
     return Readable.from(chunks(), { objectMode: false });

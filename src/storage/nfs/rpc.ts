@@ -46,6 +46,12 @@ interface PendingCall {
 }
 
 const LAST_FRAGMENT = 0x80000000;
+/** Larger than any reply we ask for (READ count <= 64 MiB); a bigger record mark is a broken stream. */
+const MAX_RECORD = 256 << 20;
+/** Socket reads land here unless a large fragment is being received (record marks, small replies). */
+const SCRATCH = 64 << 10;
+/** A fragment with at least this much still to come is read by the kernel straight into its own buffer. */
+const DIRECT_MIN = 16 << 10;
 
 export class RpcConnection {
   private socket: Socket | undefined;
@@ -55,12 +61,15 @@ export class RpcConnection {
   private readonly pending = new Map<number, PendingCall>();
   private xid = (Math.random() * 0xffffffff) >>> 0;
   private readonly cred: Buffer;
-  // receive state
-  private chunks: Buffer[] = [];
-  private buffered = 0;
-  private fragmentLeft = -1;
+  // receive state: the 4-byte record mark being read, the fragment being filled, earlier fragments of the record
+  private readonly scratch = Buffer.allocUnsafeSlow(SCRATCH);
+  private readonly mark = Buffer.alloc(4);
+  private markFill = 0;
+  private fragment: Buffer | undefined;
+  private fragmentFill = 0;
   private fragmentLast = false;
   private recordParts: Buffer[] = [];
+  private recordSize = 0;
 
   constructor(private readonly opts: RpcConnectionOptions) {
     const machine = hostname().slice(0, 255);
@@ -153,7 +162,16 @@ export class RpcConnection {
 
   private connectOnce(): Promise<void> {
     return new Promise((resolve, reject) => {
-      const s = connect({ host: this.opts.host, port: this.opts.port });
+      this.resetReceive();
+      // onread instead of 'data' events: no 64 KiB buffer per socket read, and READ data is received in place
+      const s: Socket = connect({
+        host: this.opts.host,
+        port: this.opts.port,
+        onread: {
+          buffer: () => this.readTarget(),
+          callback: (n: number, buf: Uint8Array): boolean => this.onRead(s, n, buf),
+        },
+      });
       const timer = setTimeout(() => {
         s.destroy(Object.assign(new Error(`connect to ${this.endpoint} timed out`), { code: 'ETIMEDOUT' }));
       }, this.opts.connectTimeoutMs ?? 5_000);
@@ -166,9 +184,7 @@ export class RpcConnection {
         s.removeAllListeners('error');
         s.setNoDelay(true);
         s.setKeepAlive(true, 10_000);
-        this.resetReceive();
         this.socket = s;
-        s.on('data', (chunk: Buffer) => this.onData(chunk));
         s.on('error', () => undefined); // 'close' follows and handles it
         s.on('close', () => this.onClose(s));
         resolve();
@@ -193,62 +209,102 @@ export class RpcConnection {
   }
 
   private resetReceive(): void {
-    this.chunks = [];
-    this.buffered = 0;
-    this.fragmentLeft = -1;
+    this.markFill = 0;
+    this.fragment = undefined;
+    this.fragmentFill = 0;
     this.recordParts = [];
+    this.recordSize = 0;
   }
 
-  private take(n: number): Buffer {
-    const first = this.chunks[0] as Buffer;
-    if (first.length >= n) {
-      const out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      this.buffered -= n;
-      return out;
-    }
-    const out = Buffer.allocUnsafe(n);
-    let got = 0;
-    while (got < n) {
-      const c = this.chunks[0] as Buffer;
-      const k = Math.min(c.length, n - got);
-      c.copy(out, got, 0, k);
-      got += k;
-      if (k === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(k);
-    }
-    this.buffered -= n;
-    return out;
+  /** Where the next socket read goes: the rest of a large fragment, else the scratch buffer. Never empty. */
+  private readTarget(): Buffer {
+    const f = this.fragment;
+    if (f && f.length - this.fragmentFill >= DIRECT_MIN) return f.subarray(this.fragmentFill);
+    return this.scratch;
   }
 
+  private onRead(s: Socket, n: number, buf: Uint8Array): boolean {
+    if (this.socket !== s) return true;
+    const f = this.fragment;
+    if (f && buf.buffer === f.buffer && buf.byteOffset === f.byteOffset + this.fragmentFill) {
+      this.fragmentFill += n;
+      if (this.fragmentFill === f.length) {
+        this.fragment = undefined;
+        this.fragmentDone(f, this.fragmentLast);
+      }
+    } else {
+      this.onData(Buffer.from(buf.buffer, buf.byteOffset, n));
+    }
+    return true;
+  }
+
+  /**
+   * Record-marking reassembly (RFC 5531 section 11) of bytes read into the scratch buffer, which is reused:
+   * a fragment that is there whole (a small reply) is copied out; a larger one (a READ reply) gets a buffer
+   * of the size its record mark announced, and readTarget() has the kernel fill the rest of it in place. A
+   * record of several fragments is joined once at its end.
+   */
   private onData(chunk: Buffer): void {
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
-    for (;;) {
-      if (this.fragmentLeft < 0) {
-        if (this.buffered < 4) return;
-        const mark = this.take(4).readUInt32BE(0);
-        this.fragmentLast = (mark & LAST_FRAGMENT) !== 0;
-        this.fragmentLeft = mark & 0x7fffffff;
+    let pos = 0;
+    while (pos < chunk.length) {
+      if (!this.fragment) {
+        if (this.markFill === 0 && chunk.length - pos >= 4) {
+          this.mark.writeUInt32BE(chunk.readUInt32BE(pos), 0);
+          pos += 4;
+        } else {
+          const k = Math.min(4 - this.markFill, chunk.length - pos);
+          chunk.copy(this.mark, this.markFill, pos, pos + k);
+          this.markFill += k;
+          pos += k;
+          if (this.markFill < 4) return;
+        }
+        this.markFill = 0;
+        const word = this.mark.readUInt32BE(0);
+        const length = word & 0x7fffffff;
+        const last = (word & LAST_FRAGMENT) !== 0;
+        if (this.recordSize + length > MAX_RECORD) {
+          this.protocolError(`a reply of more than ${MAX_RECORD} bytes`);
+          return;
+        }
+        if (length <= chunk.length - pos) {
+          this.fragmentDone(Buffer.from(chunk.subarray(pos, pos + length)), last);
+          pos += length;
+          continue;
+        }
+        this.fragment = Buffer.allocUnsafe(length);
+        this.fragmentFill = 0;
+        this.fragmentLast = last;
       }
-      if (this.buffered < this.fragmentLeft && this.buffered > 0) {
-        // take what is there to keep memory flat for big READ replies
-        const n = this.buffered;
-        this.recordParts.push(this.take(n));
-        this.fragmentLeft -= n;
-        return;
-      }
-      if (this.buffered < this.fragmentLeft) return;
-      if (this.fragmentLeft > 0) this.recordParts.push(this.take(this.fragmentLeft));
-      this.fragmentLeft = -1;
-      if (this.fragmentLast) {
-        const record =
-          this.recordParts.length === 1 ? (this.recordParts[0] as Buffer) : Buffer.concat(this.recordParts);
-        this.recordParts = [];
-        this.onRecord(record);
+      const f = this.fragment;
+      const k = Math.min(f.length - this.fragmentFill, chunk.length - pos);
+      chunk.copy(f, this.fragmentFill, pos, pos + k);
+      this.fragmentFill += k;
+      pos += k;
+      if (this.fragmentFill === f.length) {
+        this.fragment = undefined;
+        this.fragmentDone(f, this.fragmentLast);
       }
     }
+  }
+
+  private fragmentDone(fragment: Buffer, last: boolean): void {
+    if (!last) {
+      this.recordParts.push(fragment);
+      this.recordSize += fragment.length;
+      return;
+    }
+    const record = this.recordParts.length === 0 ? fragment : Buffer.concat([...this.recordParts, fragment]);
+    this.recordParts = [];
+    this.recordSize = 0;
+    this.onRecord(record);
+  }
+
+  /** The byte stream cannot be resynchronised: fail what is outstanding and drop the connection. */
+  private protocolError(what: string): void {
+    const s = this.socket;
+    this.failAll(new RpcError(`server at ${this.endpoint} sent ${what}`, 'EPROTO'));
+    this.resetReceive();
+    s?.destroy();
   }
 
   private onRecord(record: Buffer): void {
