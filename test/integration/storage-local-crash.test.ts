@@ -88,7 +88,7 @@ test('kill -9 mid-copy: the retry resumes from the checkpoint, copies only the r
   const target = new LocalTarget(dir, url, { checkpointBytes: WINDOW });
   const r = await target.putImage(key, image, { resume: checkpoint, metadata: { sha256: sha } });
   process.stderr.write(
-    `local kill -9 test: killed after ${checkpoint.offset / MiB} MiB were durable, the retry copied ${r.bytesSent / MiB} MiB\n`,
+    `local kill -9 test: killed after ${checkpoint.offset / MiB} MiB were durable, the retry copied ${(r.bytesSent / MiB).toFixed(1)} MiB\n`,
   );
   expect(r.bytesSent).toBe(bytes.length - checkpoint.offset);
   expect(r.sha256).toBe(sha);
