@@ -51,10 +51,19 @@ export function activityTimeline(events: HistoryEvent[]): ActivityTimeline {
   const spans = new Map<string, ActivitySpan>();
   const locals: ActivitySpan[] = [];
   let end = t0;
+  // Local activities run inside the workflow task whose completion records their markers, one after the other
+  // (our workflows await each): one starts when the task started or when the previous one completed. The
+  // marker's original_schedule_time is not that (core stamps later ones after they completed).
+  let taskStartedAt = NaN;
+  let lastLocalDone = NaN;
   for (const e of events) {
     const abs = tsMs(e.eventTime as Ts);
     const at = abs - t0;
     end = Math.max(end, abs);
+    if (e.workflowTaskStartedEventAttributes) {
+      taskStartedAt = at;
+      lastLocalDone = NaN;
+    }
     const scheduled = e.activityTaskScheduledEventAttributes;
     if (scheduled) {
       const name = scheduled.activityType?.name ?? '?';
@@ -85,13 +94,15 @@ export function activityTimeline(events: HistoryEvent[]): ActivityTimeline {
     if (marker?.markerName === 'core_local_activity') {
       const data = decode(marker.details?.data?.payloads) as LocalActivityMarkerData | undefined;
       const result = marker.details?.result?.payloads;
+      const closedAt = tsMs(data?.complete_time) - t0;
+      const startedAt = Math.min(closedAt, Number.isNaN(lastLocalDone) ? taskStartedAt : lastLocalDone);
+      lastLocalDone = closedAt;
       locals.push({
         name: data?.activity_type ?? '?',
         local: true,
-        scheduledAt: tsMs(data?.original_schedule_time) - t0,
-        // a local activity has no start event: it runs from its schedule time
-        startedAt: tsMs(data?.original_schedule_time) - t0,
-        closedAt: tsMs(data?.complete_time) - t0,
+        scheduledAt: startedAt,
+        startedAt,
+        closedAt,
         attempts: data?.attempt ?? 1,
         outcome: marker.failure ? 'failed' : 'completed',
         result: result ? decode(result) : undefined,
