@@ -18,6 +18,7 @@ import {
   CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
+  HeadBucketCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
   ListPartsCommand,
@@ -224,8 +225,36 @@ export class S3Target implements StorageTarget {
     const size = await sourceSize(sourcePath, key, DRIVER);
     // S3 allows at most 10000 parts: grow the part size for very large images
     const partSize = Math.max(this.partSize, Math.ceil(size / MAX_PARTS / MiB) * MiB);
-    if (size <= partSize) return this.putSingle(key, full, sourcePath, size, opts);
-    return this.putMultipart(key, full, sourcePath, size, partSize, opts);
+    try {
+      if (size <= partSize) return await this.putSingle(key, full, sourcePath, size, opts);
+      return await this.putMultipart(key, full, sourcePath, size, partSize, opts);
+    } catch (err) {
+      throw await this.explainUnreachable(err, `upload ${key}`);
+    }
+  }
+
+  /**
+   * A server may answer an upload into a missing bucket with 404 and close the connection while the body is
+   * still being sent: the client then sees ECONNRESET/EPIPE, not the 404. Before calling the target unreachable
+   * (and retrying for ever), ask whether the bucket exists.
+   */
+  private async explainUnreachable(err: unknown, what: string): Promise<unknown> {
+    if (!(err instanceof StorageError) || err.kind !== 'unreachable') return err;
+    try {
+      await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }), {
+        abortSignal: AbortSignal.timeout(10_000),
+      });
+      return err;
+    } catch (probe) {
+      const status = (probe as SdkError).$metadata?.httpStatusCode;
+      const code = (probe as SdkError).Code ?? (probe as SdkError).name;
+      if (status !== 404 && code !== 'NoSuchBucket' && code !== 'NotFound') return err;
+      return new StorageError(
+        'not-found',
+        `S3 target ${this.displayUrl}${this.endpointDisplay} could not ${what}: bucket "${this.bucket}" does not exist; create the bucket or fix the URL.`,
+        { driver: DRIVER, cause: err },
+      );
+    }
   }
 
   private storageOptions(): { StorageClass?: StorageClass; ServerSideEncryption?: ServerSideEncryption } {
