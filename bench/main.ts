@@ -17,7 +17,7 @@ import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { cleanupStaleFixtures, createFixtureDomain } from '../test/fixtures/domains';
 import type { FixtureDomain } from '../test/fixtures/domains';
-import { stackEnv } from '../test/helpers/stack';
+import { s3ClientConfig, stackEnv } from '../test/helpers/stack';
 import { startBackup } from '../src/client/backups';
 import { openTarget } from '../src/storage/registry';
 import { dropCaches, elapsed, must, run, timed } from './lib/measure';
@@ -310,14 +310,7 @@ async function storageCases(ctx: Ctx, f: StorageFixture, rep: number): Promise<v
   const env = stackEnv();
   const meta = { sha256: f.sha256, domain: 'bench', backupid: `r${rep}`, disk: 'vda', format: 'raw' };
   const back = join(ctx.work, `get-r${rep}.img`);
-  const s3 = new S3Client({
-    endpoint: env.s3.endpoint,
-    region: env.s3.region,
-    credentials: { accessKeyId: env.s3.accessKeyId, secretAccessKey: env.s3.secretAccessKey },
-    forcePathStyle: true,
-    requestChecksumCalculation: 'WHEN_REQUIRED',
-    responseChecksumValidation: 'WHEN_REQUIRED',
-  });
+  const s3 = new S3Client(s3ClientConfig(env));
   const prefix = ctx.s3Url.replace(/^s3:\/\/[^/]+\//, '');
   const sink = async (body: Readable, to: string) => {
     await pipeline(body, createWriteStream(to));

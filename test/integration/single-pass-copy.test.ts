@@ -16,6 +16,7 @@ import type { SinglePassCopyOutcome } from '../../src/activities/single-pass-cop
 import { copyImage } from '../../src/activities/snapshot-copy';
 import { fileHoles } from '../../src/hypervisor/qemu-img';
 import { ErrorType } from '../../src/shared/errors';
+import { jsonLines } from '../helpers/jsonl';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;
@@ -68,14 +69,6 @@ async function expectGoodCopy(dest: string, outcome: SinglePassCopyOutcome): Pro
   expect(await allocated(dest)).toBeLessThanOrEqual(cpAllocated + MiB);
 }
 
-async function lines(file: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(file, 'utf8').catch(() => '');
-  return text
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-}
-
 /**
  * Copies in a child process and kill -9s it once a checkpoint reached `stopAt` bytes (it then stands
  * still, with the writes that were in flight finished). Returns the last checkpoint and the partial size.
@@ -101,7 +94,7 @@ async function killedCopy(dest: string, stopAt: number): Promise<{ checkpoint: n
   const exited = new Promise<string | null>((r) => child.on('exit', (_code, signal) => r(signal)));
   let checkpoint = 0;
   for (let i = 0; i < 1200 && checkpoint < stopAt; i++) {
-    const ev = await lines(events);
+    const ev = await jsonLines(events);
     if (ev.some((e) => 'done' in e)) throw new Error('the copy finished before it could be killed');
     checkpoint = Math.max(0, ...ev.map((e) => Number(e.checkpoint ?? 0)));
     if (child.exitCode !== null) throw new Error(`the copy child exited (${child.exitCode}): ${stderr}`);

@@ -11,6 +11,7 @@ import { join, resolve } from 'node:path';
 import type { PutCheckpoint } from '../../src/storage/contract';
 import { LocalTarget } from '../../src/storage/local/driver';
 import { filesUnder } from '../storage/fixtures';
+import { jsonLines } from '../helpers/jsonl';
 
 const MiB = 1 << 20;
 const ROOT = resolve(__dirname, '..', '..');
@@ -28,14 +29,6 @@ afterAll(async () => {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-async function lines(file: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(file, 'utf8').catch(() => '');
-  return text
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
 test('kill -9 mid-copy: the retry resumes from the checkpoint, copies only the rest, and the image is byte-identical', async () => {
@@ -67,7 +60,7 @@ test('kill -9 mid-copy: the retry resumes from the checkpoint, copies only the r
   const exited = new Promise<number | null>((r) => child.on('exit', (code, signal) => r(signal ? null : code)));
   let last: Record<string, unknown> | undefined;
   for (let i = 0; i < 600; i++) {
-    const cps = await lines(cpFile);
+    const cps = await jsonLines(cpFile);
     if (cps.some((c) => 'done' in c)) throw new Error('the child finished before it could be killed');
     last = cps.at(-1);
     if (last && (last.offset as number) >= 2 * WINDOW) break;
@@ -76,7 +69,7 @@ test('kill -9 mid-copy: the retry resumes from the checkpoint, copies only the r
   if (!last || (last.offset as number) < 2 * WINDOW) throw new Error(`the child made no progress: ${stderr}`);
   child.kill('SIGKILL');
   expect(await exited).toBeNull();
-  const checkpoint = (await lines(cpFile)).at(-1) as PutCheckpoint & { temp: string; offset: number };
+  const checkpoint = (await jsonLines(cpFile)).at(-1) as PutCheckpoint & { temp: string; offset: number };
   expect(checkpoint.offset % WINDOW).toBe(0);
   expect(checkpoint.offset).toBeLessThan(bytes.length);
   // what the dead copy left: its temp file, holding at least the durable prefix, and no visible object

@@ -4,7 +4,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { HeadObjectCommand, ListMultipartUploadsCommand, ListPartsCommand } from '@aws-sdk/client-s3';
@@ -13,6 +13,7 @@ import { StorageError } from '../../src/storage/errors';
 import { openTarget } from '../../src/storage/registry';
 import { requireS3, stackEnv, stackScript } from '../helpers/stack';
 import { s3Env, s3Target } from '../storage/fixtures';
+import { jsonLines } from '../helpers/jsonl';
 
 const MiB = 1 << 20;
 const PART = 5 * MiB;
@@ -38,14 +39,6 @@ afterAll(async () => {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-async function lines(file: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(file, 'utf8').catch(() => '');
-  return text
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
 test('kill -9 mid-upload: the resumed upload sends only the missing parts and the SHA-256 is right', async () => {
@@ -74,7 +67,7 @@ test('kill -9 mid-upload: the resumed upload sends only the missing parts and th
     const exited = new Promise<number | null>((r) => child.on('exit', (code, signal) => r(signal ? null : code)));
     let last: PutCheckpoint | undefined;
     for (let i = 0; i < 600; i++) {
-      const cps = await lines(cpFile);
+      const cps = await jsonLines(cpFile);
       if (cps.some((c) => 'done' in c)) throw new Error('the child finished before it could be killed');
       last = cps.at(-1);
       if (last && (last.parts as unknown[]).length >= 3) break;
@@ -83,7 +76,7 @@ test('kill -9 mid-upload: the resumed upload sends only the missing parts and th
     if (!last || (last.parts as unknown[]).length < 3) throw new Error(`the child made no progress: ${stderr}`);
     child.kill('SIGKILL');
     expect(await exited).toBeNull();
-    const checkpoint = (await lines(cpFile)).at(-1) as PutCheckpoint;
+    const checkpoint = (await jsonLines(cpFile)).at(-1) as PutCheckpoint;
     expect((checkpoint.parts as unknown[]).length).toBeGreaterThanOrEqual(3);
 
     const onServer = await t.client.send(
