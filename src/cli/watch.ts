@@ -4,7 +4,7 @@
  * activity's last heartbeat, so any client can follow any backup.
  */
 import { SingleBar } from 'cli-progress';
-import type { Client, WorkflowHandle } from '@temporalio/client';
+import type { Client, WorkflowHandle, WorkflowHandleWithFirstExecutionRunId } from '@temporalio/client';
 import { backupStatus } from '../client/backups';
 import type { BackupStatusView } from '../client/backups';
 import type { backupDomain } from '../workflows/backup';
@@ -32,13 +32,23 @@ export async function watchBackup(
   let rate = 0;
   // Wait on the result in parallel with polling: the result is the authority on the end.
   let finished = false;
-  const done = handle.result().then(
-    () => (finished = true),
-    () => (finished = true),
+  const outcome = handle.result().then(
+    (result) => {
+      finished = true;
+      return result;
+    },
+    () => {
+      finished = true;
+      return undefined;
+    },
   );
+  const done = outcome.then(() => undefined);
   if (!bar) {
     // Nothing to draw: wait on the result alone (no describe and no query to the worker every interval).
-    await done;
+    const result = await outcome;
+    // A completed backup's result is the whole answer; any other end is read back (failed, cancelled...).
+    if (result)
+      return { backupId, workflowId: handle.workflowId, runId: runIdOf(handle), execution: 'COMPLETED', result };
     return backupStatus(client, handle, backupId);
   }
   for (;;) {
@@ -69,4 +79,9 @@ export async function watchBackup(
     }
     if (!finished) await Promise.race([done, new Promise((r) => setTimeout(r, interval))]);
   }
+}
+
+/** The run a started handle points at (from the start response; a looked-up handle has none). */
+function runIdOf(handle: WorkflowHandle<typeof backupDomain>): string {
+  return (handle as Partial<WorkflowHandleWithFirstExecutionRunId>).firstExecutionRunId ?? '';
 }
