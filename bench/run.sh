@@ -31,8 +31,10 @@ export NODE_PATH=$PWD/node_modules
 
 # the AWS SDK warns on every start that future versions need Node 22; keep the log readable
 export NODE_NO_WARNINGS=1
-mkdir -p bench/results
+OUT=bench/results
+for ((i = 1; i < $#; i++)); do [[ ${!i} == --out ]] && { j=$((i + 1)); OUT=${!j}; }; done
+mkdir -p "$OUT"
 node "$BUILD/bench/main.js" "$@"
-rsvg-convert -w 1000 -b white -o bench/results/ratios.png bench/results/latest.svg
-say "bench/results/latest.md, latest.json, ratios.png"
-cat bench/results/latest.md
+rsvg-convert -w 1000 -b white -o "$OUT/ratios.png" "$OUT/latest.svg"
+say "$OUT/latest.md, latest.json, ratios.png"
+cat "$OUT/latest.md"
