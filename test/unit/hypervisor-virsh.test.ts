@@ -55,8 +55,9 @@ beforeEach(async () => {
 const calls = async (): Promise<string[]> =>
   (await readFile(join(dir, 'calls.log'), 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
 
+// The fake answers one command per process: no virsh sessions (test/integration/hypervisor-session.test.ts).
 function hv(): VirshHypervisor {
-  return new VirshHypervisor({ uri: 'qemu:///fake', virsh: fake });
+  return new VirshHypervisor({ uri: 'qemu:///fake', virsh: fake, sessions: false });
 }
 
 describe('inspect: disk policy', () => {
