@@ -124,6 +124,7 @@ export function createPushActivities(deps: PushDeps) {
       await hv.beginPushBackup(
         input.domain,
         images.map((i) => ({ disk: i.name, file: i.path })),
+        { disks: input.disks.map((d) => d.name) }, // as inspectDomain read them: no second dumpxml
       );
       return { images, attached: false };
     } catch (err) {

@@ -420,7 +420,7 @@ export class VirshHypervisor implements Hypervisor {
     return info;
   }
 
-  async beginPushBackup(domain: string, targets: BackupTargetSpec[]): Promise<void> {
+  async beginPushBackup(domain: string, targets: BackupTargetSpec[], opts: { disks?: string[] } = {}): Promise<void> {
     validateDomainName(domain);
     if (targets.length === 0) {
       throw new HypervisorError('invalid', `a push backup of domain "${domain}" needs at least one disk`, { domain });
@@ -437,8 +437,7 @@ export class VirshHypervisor implements Hypervisor {
       }
       seen.add(t.disk);
     }
-    const xml = await this.parsedXml(domain);
-    const all = xml.disks.map((d) => d.target);
+    const all = opts.disks ?? (await this.parsedXml(domain)).disks.map((d) => d.target);
     for (const t of targets) {
       if (!all.includes(t.disk)) {
         throw new HypervisorError('not-found', `domain "${domain}" has no disk ${t.disk} (it has ${all.join(', ')})`, {

@@ -137,6 +137,16 @@ describe('commands and messages', () => {
     });
   });
 
+  test('beginPushBackup with the disks the caller read: no second dumpxml, the same check and sentence', async () => {
+    await hv().beginPushBackup('vm1', [{ disk: 'vda', file: '/backups/vm1/vda.qcow2' }], { disks: ['vda'] });
+    expect(await calls()).toEqual([expect.stringMatching(/^-c qemu:\/\/\/fake backup-begin vm1 \/.*\/backup.xml$/)]);
+    const xml = await readFile(join(dir, 'backup.xml'), 'utf8');
+    expect(xml).toContain(`<disk name='vda' backup='yes' type='file'><target file='/backups/vm1/vda.qcow2'/>`);
+    await expect(
+      hv().beginPushBackup('vm1', [{ disk: 'vdz', file: '/b/vdz.qcow2' }], { disks: ['vda', 'vdb', 'sda'] }),
+    ).rejects.toMatchObject({ kind: 'not-found', message: 'domain "vm1" has no disk vdz (it has vda, vdb, sda)' });
+  });
+
   test('createOverlays: one external diskspec, snapshot=no for every other disk, commas doubled', async () => {
     await hv().createOverlays('vm1', [{ disk: 'vda', file: '/ov/a,b.qcow2' }], { quiesce: true });
     const line = (await calls()).at(-1)!;
