@@ -47,9 +47,13 @@ export interface WorkerProcess {
   stop(): Promise<void>;
 }
 
-export async function startWorker(host: string): Promise<WorkerProcess> {
-  const child = spawn(BIN, ['worker', '--host', host, '--no-recover'], {
-    env: vmbackupEnv(),
+/** `vmbackup worker --host HOST`; `bin` runs another build of vmbackup (a baseline), `env` adds variables. */
+export async function startWorker(
+  host: string,
+  opts: { bin?: string; env?: Record<string, string> } = {},
+): Promise<WorkerProcess> {
+  const child = spawn(opts.bin ?? BIN, ['worker', '--host', host, '--no-recover'], {
+    env: { ...vmbackupEnv(), ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';

@@ -23,6 +23,7 @@ import type {
 import { ErrorType } from '../shared/errors';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
+import { pollDelays } from './poll';
 import { qemuWritableDir } from './qemu-paths';
 
 export interface PushDeps {
@@ -124,6 +125,7 @@ export function createPushActivities(deps: PushDeps) {
       await hv.beginPushBackup(
         input.domain,
         images.map((i) => ({ disk: i.name, file: i.path })),
+        { disks: input.disks.map((d) => d.name) }, // as inspectDomain read them: no second dumpxml
       );
       return { images, attached: false };
     } catch (err) {
@@ -136,8 +138,7 @@ export function createPushActivities(deps: PushDeps) {
     const total = input.images.reduce((n, i) => n + i.virtualSize, 0);
     let lastSeenActive = false;
     let quietSince: number | undefined;
-    // A small disk's job ends within a few hundred ms: look often at first, then every pollMs.
-    let wait = Math.min(25, pollMs);
+    const nextWait = pollDelays(pollMs);
     for (;;) {
       let job: JobInfo;
       try {
@@ -193,8 +194,7 @@ export function createPushActivities(deps: PushDeps) {
         }
         ctx.heartbeat({ bytesDone: 0, bytesTotal: total });
       }
-      await ctx.sleep(wait); // throws CancelledFailure when the workflow cancels us
-      wait = Math.min(wait * 2, pollMs);
+      await ctx.sleep(nextWait()); // throws CancelledFailure when the workflow cancels us
     }
   }
 

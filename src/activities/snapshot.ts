@@ -28,6 +28,7 @@ import type {
 import { ErrorType } from '../shared/errors';
 import type { DiskInfo, DomainState } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
+import { pollDelays } from './poll';
 import { copyImage, sha256File } from './snapshot-copy';
 import type { CopyHeartbeat } from './snapshot-copy';
 import { OverlayPaths } from './snapshot-paths';
@@ -432,8 +433,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
 
     const progress: CommitHeartbeat = { phase: 'commit', disks: {} };
     const notReadySince = new Map<string, number>();
-    // A quiet overlay commits in a few ms: look often at first, then every pollMs.
-    let wait = Math.min(25, pollMs);
+    const nextWait = pollDelays(pollMs); // a quiet overlay commits in a few ms
     while (pending.size > 0) {
       for (const t of [...pending.values()]) {
         const job = await hv.blockJobInfo(domain, t.disk).catch((err: unknown) => hypervisorFailure(err));
@@ -471,8 +471,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         }
       }
       ctx.heartbeat(progress);
-      if (pending.size > 0) await ctx.sleep(wait);
-      wait = Math.min(wait * 2, pollMs);
+      if (pending.size > 0) await ctx.sleep(nextWait());
     }
 
     const after = await liveDisks(domain);

@@ -40,6 +40,11 @@ export class ExecStartError extends Error {
 }
 
 const KILL_GRACE_MS = 5_000;
+
+/** The environment virsh and qemu-img run in: the C locale, since the error classifier matches English texts. */
+export function toolEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  return { ...process.env, LC_ALL: 'C', LANG: 'C', ...extra };
+}
 const DEFAULT_MAX_OUTPUT = 16 << 20;
 
 /**
@@ -57,7 +62,7 @@ export function execTool(file: string, args: readonly string[], opts: ExecOption
   return new Promise<ExecResult>((resolve, reject) => {
     const child = spawn(file, args, {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, LC_ALL: 'C', LANG: 'C' },
+      env: toolEnv(),
     });
     let stdout = '';
     let stderr = '';

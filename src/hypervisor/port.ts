@@ -50,8 +50,13 @@ export interface Hypervisor {
   disks(domain: string): Promise<DiskInfo[]>;
   domainXml(domain: string, opts?: { inactive?: boolean }): Promise<string>;
 
-  /** virDomainBackupBegin in push mode, one job for all listed disks, explicit qcow2 targets. */
-  beginPushBackup(domain: string, targets: BackupTargetSpec[]): Promise<void>;
+  /**
+   * virDomainBackupBegin in push mode, one job for all listed disks, explicit qcow2 targets. `disks`: the
+   * domain's disk targets as the caller already read them (inspect), so the XML is not read again to check
+   * the targets; it may leave out disks that are not backed up (libvirt backs up only the disks a backup
+   * XML lists as soon as it lists one).
+   */
+  beginPushBackup(domain: string, targets: BackupTargetSpec[], opts?: { disks?: string[] }): Promise<void>;
   /** The running job (`domjobinfo`). */
   jobInfo(domain: string): Promise<JobInfo>;
   /** The last completed job, kept (`domjobinfo --completed --keep-completed`). */

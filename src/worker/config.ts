@@ -14,6 +14,9 @@ const EnvSchema = z.object({
   TEMPORAL_NAMESPACE: z.string().min(1).default('default'),
   LIBVIRT_DEFAULT_URI: z.string().min(1).default('qemu:///system'),
   VMBACKUP_POLL_MS: z.coerce.number().int().positive().optional(),
+  VMBACKUP_VIRSH_SESSION: z
+    .enum(['0', '1'], { message: 'VMBACKUP_VIRSH_SESSION must be 1 (default) or 0 (a virsh process per query)' })
+    .default('1'),
   VMBACKUP_TEMPORAL_PORT: z.coerce.number().int().min(1).max(65535).default(7233),
 });
 
@@ -26,6 +29,8 @@ export interface Config {
   namespace: string;
   libvirtUri: string;
   pollIntervalMs?: number;
+  /** answer libvirt queries from long-lived virsh shells (VMBACKUP_VIRSH_SESSION=0 turns it off, for debugging) */
+  virshSessions: boolean;
   /** the embedded default's dev server (scripts/stack.sh honours VMBACKUP_TEMPORAL_PORT too) */
   localTemporalAddress: string;
 }
@@ -43,6 +48,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     namespace: e.TEMPORAL_NAMESPACE,
     libvirtUri: e.LIBVIRT_DEFAULT_URI,
     pollIntervalMs: e.VMBACKUP_POLL_MS,
+    virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',
     localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
   };
 }

@@ -24,12 +24,16 @@ export interface HostWorkerOptions {
   maxConcurrentActivityTaskExecutions?: number;
 }
 
-export async function createHostWorker(
-  opts: HostWorkerOptions,
-): Promise<{ worker: Worker; connection: NativeConnection }> {
+export interface HostWorker {
+  worker: Worker;
+  /** after worker.run() has returned: ends the virsh sessions and the connection to Temporal */
+  close(): Promise<void>;
+}
+
+export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWorker> {
   const { config } = opts;
   const connection = await NativeConnection.connect({ address: opts.address });
-  const hypervisor = createVirshHypervisor({ uri: config.libvirtUri });
+  const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
   const activities = createActivities({
     hypervisor,
@@ -49,7 +53,13 @@ export async function createHostWorker(
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
   });
-  return { worker, connection };
+  return {
+    worker,
+    close: async () => {
+      hypervisor.close();
+      await connection.close();
+    },
+  };
 }
 
 /** The bundle `npm run build` made (dist/workflow-bundle.js), else bundle the workflows now (ts sources in tests). */

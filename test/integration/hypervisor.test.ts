@@ -2,6 +2,7 @@
  * VirshHypervisor against the real libvirt + QEMU (TCG): inspect, typed errors, the overlay ->
  * active commit -> pivot round trip, guest-visible writes, and the tiny writing guest.
  */
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HypervisorError } from '../../src/hypervisor/errors';
 import { execTool } from '../../src/hypervisor/exec';
@@ -153,6 +154,25 @@ describe('VirshHypervisor on real libvirt', () => {
     expect(err).toMatchObject({ kind: 'exists', permanent: true });
     expect(err.message).toContain(`store '${vdb.path}' for backup of 'vdb' exists`);
     expect((await hv.jobInfo(dom.name)).type).toBe('None');
+  });
+
+  test('a push backup given the disks inspect read backs up only the listed disk, not the others or the cdrom', async () => {
+    const before = await readdir(dom.dir);
+    const target = join(dom.dir, 'push-vda.qcow2');
+    const info = await hv.inspect(dom.name);
+    // only vda, though inspect found vdb too: the XML then says nothing about vdb nor about the skipped cdrom
+    await hv.beginPushBackup(dom.name, [{ disk: 'vda', file: target }], { disks: ['vda'] });
+    const done = await until('the push job to end', async () => {
+      if ((await hv.jobInfo(dom.name)).type !== 'None') return undefined;
+      const job = await hv.completedJobInfo(dom.name);
+      return job.type === 'None' ? undefined : job;
+    });
+    expect(done.type).toBe('Completed');
+    expect(await compareImages(dom.disks[0]!.path, target)).toBe(true);
+    // libvirt would have written `<source>.<timestamp>` next to any other disk taking part in the job
+    expect((await readdir(dom.dir)).sort()).toEqual([...before, 'push-vda.qcow2'].sort());
+    expect(info.skipped.map((s) => s.name)).toEqual(['sda']);
+    await rm(target);
   });
 
   test('overlay -> write -> active commit -> pivot leaves the domain on its base with the writes', async () => {

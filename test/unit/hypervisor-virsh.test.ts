@@ -55,8 +55,9 @@ beforeEach(async () => {
 const calls = async (): Promise<string[]> =>
   (await readFile(join(dir, 'calls.log'), 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
 
+// The fake answers one command per process: no virsh sessions (test/integration/hypervisor-session.test.ts).
 function hv(): VirshHypervisor {
-  return new VirshHypervisor({ uri: 'qemu:///fake', virsh: fake });
+  return new VirshHypervisor({ uri: 'qemu:///fake', virsh: fake, sessions: false });
 }
 
 describe('inspect: disk policy', () => {
@@ -134,6 +135,16 @@ describe('commands and messages', () => {
       kind: 'not-found',
       message: 'domain "vm1" has no disk vdz (it has vda, vdb, sda)',
     });
+  });
+
+  test('beginPushBackup with the disks the caller read: no second dumpxml, the same check and sentence', async () => {
+    await hv().beginPushBackup('vm1', [{ disk: 'vda', file: '/backups/vm1/vda.qcow2' }], { disks: ['vda'] });
+    expect(await calls()).toEqual([expect.stringMatching(/^-c qemu:\/\/\/fake backup-begin vm1 \/.*\/backup.xml$/)]);
+    const xml = await readFile(join(dir, 'backup.xml'), 'utf8');
+    expect(xml).toContain(`<disk name='vda' backup='yes' type='file'><target file='/backups/vm1/vda.qcow2'/>`);
+    await expect(
+      hv().beginPushBackup('vm1', [{ disk: 'vdz', file: '/b/vdz.qcow2' }], { disks: ['vda', 'vdb', 'sda'] }),
+    ).rejects.toMatchObject({ kind: 'not-found', message: 'domain "vm1" has no disk vdz (it has vda, vdb, sda)' });
   });
 
   test('createOverlays: one external diskspec, snapshot=no for every other disk, commas doubled', async () => {

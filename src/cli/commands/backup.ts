@@ -115,12 +115,12 @@ async function startInProcessWorker(config: Config, address: string): Promise<()
   // Loaded only here: a CLI that just submits to a cluster need not load the worker, webpack and the SDKs.
   const { createHostWorker, quietWorkerLogs } = await import('../../worker');
   quietWorkerLogs();
-  const { worker, connection } = await createHostWorker({ config, address });
+  const { worker, close } = await createHostWorker({ config, address });
   const running = worker.run();
   return async () => {
     worker.shutdown();
     await running.catch(() => undefined);
-    await connection.close();
+    await close();
   };
 }
 

@@ -25,12 +25,12 @@ export function register(program: Command): void {
         try {
           if (session.embedded && host === base.host) {
             quietWorkerLogs();
-            const { worker, connection } = await createHostWorker({ config, address });
+            const { worker, close } = await createHostWorker({ config, address });
             const running = worker.run();
             stop = async () => {
               worker.shutdown();
               await running.catch(() => undefined);
-              await connection.close();
+              await close();
             };
           }
           const actions = await recoverHostOverlays(address, config, { domain: flags.domain });

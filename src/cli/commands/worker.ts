@@ -18,7 +18,7 @@ export function register(program: Command): void {
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
         const address = config.temporalAddress ?? config.localTemporalAddress;
-        const { worker, connection } = await createHostWorker({ config, address });
+        const { worker, close } = await createHostWorker({ config, address });
         process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
         const running = worker.run();
         if (flags.recover) {
@@ -31,7 +31,7 @@ export function register(program: Command): void {
           );
         }
         await running;
-        await connection.close();
+        await close();
       }),
     );
 }

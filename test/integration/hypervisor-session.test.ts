@@ -1,0 +1,255 @@
+/**
+ * Virsh sessions against the real libvirt: every query a session answers prints what a one-shot virsh
+ * prints, failures read the same, and a session that dies, hangs or loses libvirtd hands the query to a
+ * one-shot process instead.
+ */
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { HypervisorError } from '../../src/hypervisor/errors';
+import { execTool } from '../../src/hypervisor/exec';
+import { createVirshHypervisor } from '../../src/hypervisor/virsh';
+import type { VirshHypervisor } from '../../src/hypervisor/virsh';
+import { VirshSessions } from '../../src/hypervisor/virsh-session';
+import { useFixtureDomains } from '../fixtures/domains';
+import type { FixtureDomain } from '../fixtures/domains';
+import { stackEnv, stackScript } from '../helpers/stack';
+
+const exec = promisify(execFile);
+const uri = stackEnv().libvirt.uri;
+const TIMEOUT_MS = 60_000;
+
+function oneShot(args: readonly string[]) {
+  return execTool('virsh', ['-c', uri, ...args], { timeoutMs: TIMEOUT_MS });
+}
+
+/** pids of this process's virsh shells (`virsh -c URI` and nothing else: a one-shot run has a command) */
+async function sessionPids(): Promise<number[]> {
+  const { stdout } = await exec('ps', ['-o', 'pid=,args=', '--ppid', String(process.pid)]);
+  return stdout
+    .split('\n')
+    .map((l) => /^\s*(\d+)\s+(.*)$/.exec(l))
+    .filter((m): m is RegExpExecArray => m?.[2] === `virsh -c ${uri}`)
+    .map((m) => Number(m[1]));
+}
+
+async function failure(p: Promise<unknown>): Promise<HypervisorError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (err instanceof HypervisorError) return err;
+  throw new Error(`expected a HypervisorError, got ${String(err)}`);
+}
+
+function sameError(err: HypervisorError) {
+  return { kind: err.kind, message: err.message, stderr: err.stderr, domain: err.domain, disk: err.disk };
+}
+
+describe('virsh sessions on real libvirt', () => {
+  const newDomain = useFixtureDomains();
+  let running: FixtureDomain;
+  let off: FixtureDomain;
+  const opened: Array<VirshSessions | VirshHypervisor> = [];
+  const sessions = (opts: { idleMs?: number } = {}) => {
+    const s = new VirshSessions({ virsh: 'virsh', uri, ...opts });
+    opened.push(s);
+    return s;
+  };
+  const hypervisor = (opts: { timeoutMs?: number } = {}) => {
+    const hv = createVirshHypervisor({ uri, ...opts });
+    opened.push(hv);
+    return hv;
+  };
+  const oneShotHypervisor = createVirshHypervisor({ uri, sessions: false });
+
+  beforeAll(async () => {
+    [running, off] = await Promise.all([
+      newDomain({
+        prefix: 'vs',
+        disks: [
+          { format: 'qcow2', sizeMiB: 32, patterns: [{ byte: 0xab, offsetMiB: 0, lengthMiB: 4 }] },
+          { format: 'raw', sizeMiB: 16 },
+        ],
+        cdrom: true,
+      }),
+      newDomain({
+        prefix: 'vs-off',
+        disks: [
+          { format: 'qcow2', sizeMiB: 16 },
+          { format: 'raw', sizeMiB: 8 },
+        ],
+        start: false,
+      }),
+    ]);
+  });
+  afterEach(() => {
+    for (const s of opened.splice(0)) s.close();
+  });
+
+  const queries = (dom: string): string[][] => [
+    ['version'],
+    ['domstate', dom],
+    ['dumpxml', dom],
+    ['dumpxml', dom, '--inactive'],
+    ['domblkinfo', dom, 'vda'],
+    ['domblkinfo', dom, 'vdb'],
+    ['domjobinfo', dom, '--rawstats'],
+    ['domjobinfo', dom, '--completed', '--keep-completed', '--rawstats'],
+    ['blockjob', dom, 'vda', '--raw'],
+  ];
+
+  test.each(['running', 'shut off'])('each query prints what a one-shot virsh prints (%s domain)', async (state) => {
+    const dom = state === 'running' ? running : off;
+    expect(await dom.state()).toBe(state);
+    const s = sessions();
+    for (const args of queries(dom.name)) {
+      const want = await oneShot(args);
+      const got = await s.run(args, TIMEOUT_MS);
+      expect(got).toBeDefined(); // a session answered it, not the one-shot fallback
+      expect({ args, code: got?.code, stdout: got?.stdout, stderr: got?.stderr }).toEqual({
+        args,
+        code: want.code,
+        stdout: want.stdout,
+        stderr: want.stderr,
+      });
+    }
+    expect((await sessionPids()).length).toBe(1); // one shell answered them all
+  });
+
+  test('an unknown domain or disk fails with the same kind and sentence as one-shot', async () => {
+    const s = sessions();
+    const unknown: string[][] = [
+      ['domstate', 'vmbt-vs-no-such-domain'],
+      ['domblkinfo', running.name, 'vdz'],
+      ['blockjob', running.name, 'vdz', '--raw'],
+      ['blockjob', off.name, 'vda', '--raw'], // a block job of a shut-off domain
+    ];
+    for (const args of unknown) {
+      const want = await oneShot(args);
+      const got = await s.run(args, TIMEOUT_MS);
+      expect(want.code).toBe(1);
+      expect({ args, code: got?.code, stdout: got?.stdout, stderr: got?.stderr }).toEqual({
+        args,
+        code: 1,
+        stdout: want.stdout,
+        stderr: want.stderr,
+      });
+    }
+
+    const hv = hypervisor();
+    const calls: Array<(h: VirshHypervisor) => Promise<unknown>> = [
+      (h) => h.state('vmbt-vs-no-such-domain'),
+      (h) => h.inspect('vmbt-vs-no-such-domain'),
+      (h) => h.jobInfo('vmbt-vs-no-such-domain'),
+      (h) => h.blockJobInfo(running.name, 'vdz'),
+      (h) => h.blockJobInfo(off.name, 'vda'),
+    ];
+    for (const call of calls) {
+      const [viaSession, viaProcess] = await Promise.all([failure(call(hv)), failure(call(oneShotHypervisor))]);
+      expect(sameError(viaSession)).toEqual(sameError(viaProcess));
+    }
+    expect(sameError(await failure(hv.state('vmbt-vs-no-such-domain')))).toMatchObject({
+      kind: 'not-found',
+      message: `domain "vmbt-vs-no-such-domain" does not exist on ${uri} (virsh: failed to get domain 'vmbt-vs-no-such-domain')`,
+    });
+  });
+
+  test('arguments reach virsh exactly: quotes, spaces, backslashes, ; and # in a path, . _ + in a domain name, long lines', async () => {
+    const s = sessions();
+    const path = `/tmp/vmbt vs/it's a "path"; \\with #things`;
+    const weirdName = 'vmbt-vs-no.such_dom+1';
+    const longName = `vmbt-vs-${'x'.repeat(56)}`; // readline scrolls lines wider than its 80 columns unless told
+    const cases: Array<[string[], string]> = [
+      [['domblkinfo', running.name, path], path],
+      [['domstate', weirdName], weirdName],
+      [['domjobinfo', longName, '--completed', '--keep-completed', '--rawstats'], longName],
+    ];
+    for (const [args, named] of cases) {
+      const want = await oneShot(args);
+      const got = await s.run(args, TIMEOUT_MS);
+      expect(got?.stderr).toBe(want.stderr);
+      expect(got?.stderr).toContain(named); // libvirt names the path or domain it was given
+    }
+  });
+
+  test('many concurrent callers: right answers, at most 4 shells, the rest one-shot', async () => {
+    const hv = hypervisor();
+    const [xml, blk] = await Promise.all([hv.domainXml(running.name), hv.inspect(running.name)]);
+    const results = await Promise.all(
+      Array.from({ length: 40 }, (_, i) =>
+        i % 4 === 0
+          ? hv.domainXml(running.name)
+          : i % 4 === 1
+            ? hv.state(off.name)
+            : i % 4 === 2
+              ? hv.jobInfo(running.name)
+              : hv.inspect(running.name),
+      ),
+    );
+    results.forEach((r, i) => {
+      if (i % 4 === 0) expect(r).toBe(xml);
+      else if (i % 4 === 1) expect(r).toBe('shut off');
+      else if (i % 4 === 2) expect(r).toEqual({ type: 'None' });
+      else expect(r).toEqual(blk);
+    });
+    expect((await sessionPids()).length).toBeLessThanOrEqual(4);
+  });
+
+  test('a shell killed with SIGKILL in the middle of a query: the query is answered one-shot', async () => {
+    const hv = hypervisor();
+    expect(await hv.state(running.name)).toBe('running');
+    const [pid] = await sessionPids();
+    expect(pid).toBeDefined();
+    process.kill(pid!, 'SIGSTOP'); // it cannot answer before the kill
+    const answer = hv.domainXml(running.name);
+    await new Promise((r) => setTimeout(r, 100));
+    process.kill(pid!, 'SIGKILL');
+    expect(await answer).toBe((await oneShot(['dumpxml', running.name])).stdout);
+    expect(await sessionPids()).not.toContain(pid);
+    expect(await hv.state(running.name)).toBe('running'); // and a new shell takes the next one
+    expect((await sessionPids()).length).toBe(1);
+  });
+
+  test('a shell that does not answer in time is killed and the query answered one-shot', async () => {
+    const hv = hypervisor({ timeoutMs: 1_000 });
+    expect(await hv.state(off.name)).toBe('shut off');
+    const [pid] = await sessionPids();
+    process.kill(pid!, 'SIGSTOP');
+    expect(await hv.state(off.name)).toBe('shut off');
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await sessionPids()).not.toContain(pid);
+  });
+
+  test('an idle shell exits after the idle time', async () => {
+    const s = sessions({ idleMs: 200 });
+    expect((await s.run(['domstate', off.name], TIMEOUT_MS))?.stdout).toBe('shut off\n\n');
+    expect((await sessionPids()).length).toBe(1);
+    await new Promise((r) => setTimeout(r, 600));
+    expect(await sessionPids()).toEqual([]);
+  });
+
+  test('libvirtd restart: while it is down the error is the one-shot sentence, after it the shell answers again', async () => {
+    const hv = hypervisor();
+    const s = sessions();
+    expect(await hv.state(running.name)).toBe('running');
+    expect((await s.run(['domstate', running.name], TIMEOUT_MS))?.stdout).toBe('running\n\n');
+    const { stdout: pid } = await exec('cat', ['/run/libvirtd.pid']);
+    try {
+      await exec('kill', ['-9', pid.trim()]);
+      await new Promise((r) => setTimeout(r, 500));
+      const [viaSession, viaProcess] = await Promise.all([
+        failure(hv.state(running.name)),
+        failure(oneShotHypervisor.state(running.name)),
+      ]);
+      expect(viaSession.kind).toBe('unreachable');
+      expect(sameError(viaSession)).toEqual(sameError(viaProcess));
+      expect(viaSession.message).toMatch(/^cannot read the state of domain ".*": libvirt is not reachable at /);
+      expect(await s.run(['domstate', running.name], TIMEOUT_MS)).toBeUndefined(); // no session can answer
+    } finally {
+      await stackScript('up', 'libvirt');
+    }
+    expect(await hv.state(running.name)).toBe('running');
+    expect(await hv.domainXml(running.name)).toBe((await oneShot(['dumpxml', running.name])).stdout);
+    expect((await s.run(['domstate', running.name], TIMEOUT_MS))?.stdout).toBe('running\n\n');
+  });
+});
