@@ -85,7 +85,9 @@ describe('push-mode backup workflow', () => {
     const dom = await newDomain({
       prefix: 'push',
       disks: [
-        { format: 'qcow2', sizeMiB: 2048, randomMiB: 1024 },
+        // 2 GiB of data: under TCG the monitor answers slowly while the job runs (seen: 0.2-0.8 s per write),
+        // so the job must outlast a few of them
+        { format: 'qcow2', sizeMiB: 2048, randomMiB: 2048 },
         { format: 'raw', sizeMiB: 512, patterns: [{ byte: 0xab, offsetMiB: 0, lengthMiB: 256 }] },
       ],
     });
@@ -94,10 +96,13 @@ describe('push-mode backup workflow', () => {
     const refA = await snapshotOf(vda.path, work, `${dom.name}-vda`);
     const refB = await snapshotOf(vdb.path, work, `${dom.name}-vdb`);
 
-    // A cold page cache makes the job read from disk: it then runs for seconds, not a blink.
+    // A cold page cache makes the job read from disk: it then runs for seconds, not a blink. Still, the first
+    // write must land quickly (seen: a job over before a dumpxml + monitor command went through): the device
+    // aliases are read beforehand, so each write is a single monitor command.
+    await dom.resolveDevices();
     await run('sh', ['-c', 'sync && echo 3 > /proc/sys/vm/drop_caches']).catch(() => undefined);
     const { handle } = await backup(dom, await newTarget('two-disks'));
-    await waitFor('the backup job to start', () => jobActive(dom.name), { intervalMs: 20 });
+    await waitFor('the backup job to start', () => jobActive(dom.name), { intervalMs: 5 });
     // Keep writing to both disks while the job runs; a write followed by a still-running job certainly
     // arrived during the job. The backup must hold none of them, the live disks all of them.
     const during = { vda: 0, vdb: 0 };
@@ -110,6 +115,7 @@ describe('push-mode backup workflow', () => {
       }
     }
     const result = await handle.result();
+    console.log(`push two-disk test: ${during.vda} + ${during.vdb} writes landed while the job ran`);
 
     expect(during.vda).toBeGreaterThan(0); // the writes really landed while the job ran
     expect(result.status).toBe('completed');
