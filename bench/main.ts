@@ -630,6 +630,9 @@ async function main(): Promise<void> {
       }
       if (storage) await storageCases(ctx, storage, rep);
       if (want(ctx, 'e2e-remote')) await remoteE2E(ctx, dom1, rep);
+      // radosgw's OSD is 10 GiB and frees deleted objects only at its next GC: keep one repetition's objects at most
+      if (storage || want(ctx, 'e2e-remote'))
+        await cleanS3(ctx.s3Url).catch((e: unknown) => log(`S3 cleanup: ${String(e)}`));
       if (small) {
         for (let i = 0; i < 2; i++) {
           await overheadCase(ctx, small, rep * 10 + i, 'cold');
