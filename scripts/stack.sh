@@ -458,6 +458,11 @@ s3_ensure_bucket() {
     fi
     break
   done
+  local health
+  health=$(timeout 10 ceph -c "$CONF" health 2>/dev/null || true)
+  if [[ $health == *'full osd'* ]]; then
+    fail s3 "creating bucket $S3_BUCKET failed: the OSD ($C/osd0-block.img, 10 GiB) is full ($health); remove leftover objects (radosgw-admin -c $CONF bucket list --bucket $S3_BUCKET), then radosgw-admin -c $CONF gc process --include-all" "$C/log/client.rgw.gw.log"
+  fi
   fail s3 "creating bucket $S3_BUCKET failed: ${out//$'\n'/ }" "$C/log/client.rgw.gw.log"
 }
 
