@@ -18,6 +18,7 @@ import { Upload } from '@aws-sdk/lib-storage';
 import { cleanupStaleFixtures, createFixtureDomain } from '../test/fixtures/domains';
 import type { FixtureDomain } from '../test/fixtures/domains';
 import { s3ClientConfig, stackEnv } from '../test/helpers/stack';
+import { emptyS3Prefix } from '../test/storage/fixtures';
 import { startBackup } from '../src/client/backups';
 import { openTarget } from '../src/storage/registry';
 import { dropCaches, elapsed, must, run, timed } from './lib/measure';
@@ -648,16 +649,9 @@ async function main(): Promise<void> {
   }
 }
 
+/** Everything under the bench's prefix: the driver's objects, the SDK baseline's, unfinished multipart uploads. */
 async function cleanS3(url: string): Promise<void> {
-  const t = openTarget(url, { s3: { forcePathStyle: true } });
-  try {
-    const keys: string[] = [];
-    for await (const o of t.list('')) keys.push(o.key);
-    for (const k of keys) await t.delete(k);
-  } finally {
-    await t.close();
-  }
-  // the lib-storage uploads are outside the driver's prefix layout but under the same prefix
+  await emptyS3Prefix(url.replace(/^s3:\/\/[^/]+\//, ''));
 }
 
 async function machineInfo(): Promise<Record<string, string>> {

@@ -10,9 +10,8 @@ import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { useFixtureDomains } from '../fixtures/domains';
-import { openTarget } from '../../src/storage/registry';
 import { requireLibvirt, requireNfs, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
-import { s3Env } from '../storage/fixtures';
+import { emptyS3Prefix } from '../storage/fixtures';
 import { runCli, startWorkerProcess, uniqueHost } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 
@@ -45,17 +44,7 @@ describe('backups to several targets', () => {
     if (work) await rm(work, { recursive: true, force: true });
     // the NFS and S3 copies too: radosgw's OSD is 10 GiB, and every run would leave ~100 MiB in it
     await rm(join(stackEnv().nfs.exportDir, `targets-${tag}`), { recursive: true, force: true });
-    const s3 = openTarget(`s3://${stackEnv().s3.bucket}/targets-${tag}`, {
-      env: s3Env(),
-      s3: { forcePathStyle: true },
-    });
-    try {
-      const keys: string[] = [];
-      for await (const o of s3.list('')) keys.push(o.key);
-      for (const key of keys) await s3.delete(key);
-    } finally {
-      await s3.close();
-    }
+    await emptyS3Prefix(`targets-${tag}`);
   });
 
   test('file + nfs + s3 in one backup: every target lists, verifies and restores it', async () => {

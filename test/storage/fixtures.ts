@@ -101,15 +101,36 @@ export async function s3Target(
     target: openTarget(url, { env: s3Env(), s3: { partSizeMiB: 5, ...options } }),
     leftovers,
     cleanup: async () => {
-      const objects = await client.send(new ListObjectsV2Command({ Bucket: s3.bucket, Prefix: `${prefix}/` }));
-      const keys = (objects.Contents ?? []).map((o) => ({ Key: o.Key ?? '' }));
-      if (keys.length > 0)
-        await client.send(new DeleteObjectsCommand({ Bucket: s3.bucket, Delete: { Objects: keys } }));
-      const uploads = await client.send(new ListMultipartUploadsCommand({ Bucket: s3.bucket, Prefix: `${prefix}/` }));
-      for (const u of uploads.Uploads ?? []) {
-        await client.send(new AbortMultipartUploadCommand({ Bucket: s3.bucket, Key: u.Key, UploadId: u.UploadId }));
-      }
+      await emptyS3Prefix(prefix, client);
       client.destroy();
     },
   };
+}
+
+/**
+ * Deletes every object under `prefix/` in the stack's bucket and aborts unfinished multipart uploads there.
+ * radosgw's OSD is 10 GiB: tests and the bench leave nothing behind.
+ */
+export async function emptyS3Prefix(prefix: string, shared?: S3Client): Promise<void> {
+  const client = shared ?? new S3Client(s3ClientConfig());
+  try {
+    await emptyWith(client, prefix);
+  } finally {
+    if (!shared) client.destroy();
+  }
+}
+
+async function emptyWith(client: S3Client, prefix: string): Promise<void> {
+  const { bucket } = stackEnv().s3;
+  const Prefix = `${prefix.replace(/\/+$/, '')}/`;
+  for (;;) {
+    const objects = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix }));
+    const keys = (objects.Contents ?? []).map((o) => ({ Key: o.Key ?? '' }));
+    if (keys.length === 0) break;
+    await client.send(new DeleteObjectsCommand({ Bucket: bucket, Delete: { Objects: keys } }));
+  }
+  const uploads = await client.send(new ListMultipartUploadsCommand({ Bucket: bucket, Prefix }));
+  for (const u of uploads.Uploads ?? []) {
+    await client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key: u.Key, UploadId: u.UploadId }));
+  }
 }
