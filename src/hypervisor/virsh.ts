@@ -552,17 +552,17 @@ export class VirshHypervisor implements Hypervisor {
   async blockJobInfo(domain: string, disk: string): Promise<BlockJobInfo> {
     validateDomainName(domain);
     validateDiskName(domain, disk);
+    // virsh --raw does not print the ready flag; the live XML has it as <mirror ready='yes'>. The XML is read
+    // first: a job that turns ready between the two reads must not be reported ready with the progress read
+    // before (cur < end), and once ready the progress read after it has cur = end unless the guest writes.
+    const mirror = (await this.parsedXml(domain)).disks.find((d) => d.target === disk)?.mirror;
     const out = await this.virsh(['blockjob', domain, disk, '--raw'], {
       action: `read the block job of disk ${disk} of domain "${domain}"`,
       domain,
       disk,
     });
     const job = parseBlockJobRaw(out);
-    if (job.type === undefined) return { ...job, ready: false };
-    // virsh --raw does not print the ready flag; the live XML has it as <mirror ready='yes'>
-    const xml = await this.parsedXml(domain);
-    const mirror = xml.disks.find((d) => d.target === disk)?.mirror;
-    return { ...job, ready: mirror?.ready ?? false };
+    return { ...job, ready: job.type !== undefined && (mirror?.ready ?? false) };
   }
 
   async pivot(domain: string, disk: string): Promise<void> {
