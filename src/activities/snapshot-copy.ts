@@ -9,8 +9,6 @@
  * the partial file, checks it against the source and sends only the rest (and the whole file if the
  * check fails).
  */
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
 import Rsync from 'rsync';
 import { execTool, ExecStartError } from '../hypervisor/exec';
@@ -149,18 +147,6 @@ export async function copyImage(req: CopyRequest): Promise<CopyOutcome> {
   if (resume) await runTool('fallocate', ['--dig-holes', req.dest], { signal: req.signal });
   req.onProgress(size, 'copy');
   return { resumedFrom, bytesCopied: parseRsyncLiteral(out.stdout) ?? size - resumedFrom };
-}
-
-/** SHA-256 of a file, reporting bytes read. */
-export async function sha256File(path: string, signal: AbortSignal, onBytes: (n: number) => void): Promise<string> {
-  const hash = createHash('sha256');
-  let n = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20, signal })) {
-    hash.update(chunk as Buffer);
-    n += (chunk as Buffer).length;
-    onBytes(n);
-  }
-  return hash.digest('hex');
 }
 
 async function fileSize(path: string): Promise<number | undefined> {

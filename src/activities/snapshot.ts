@@ -29,7 +29,8 @@ import { ErrorType } from '../shared/errors';
 import type { DiskInfo, DomainState } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import { pollDelays } from './poll';
-import { copyImage, sha256File } from './snapshot-copy';
+import { sha256File } from '../shared/sha256-file';
+import { copyImage } from './snapshot-copy';
 import type { CopyHeartbeat } from './snapshot-copy';
 import { OverlayPaths } from './snapshot-paths';
 
@@ -330,8 +331,8 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         let readCopy = 0;
         const progress = () => beat('verify', Math.min(readBase, readCopy), outcome.bytesCopied);
         const [want, got] = await Promise.all([
-          sha256File(r.base, ctx.cancellationSignal, (n) => ((readBase = n), progress())),
-          sha256File(dest, ctx.cancellationSignal, (n) => ((readCopy = n), progress())),
+          sha256File(r.base, { signal: ctx.cancellationSignal, onProgress: (n) => ((readBase = n), progress()) }),
+          sha256File(dest, { signal: ctx.cancellationSignal, onProgress: (n) => ((readCopy = n), progress()) }),
         ]);
         if (want !== got) {
           await rm(dest, { force: true });

@@ -4,7 +4,7 @@ export { HypervisorError, classifyHypervisorError, isPermanentKind } from './err
 export type { HypervisorErrorKind } from './errors';
 export { VirshHypervisor, createVirshHypervisor, DEFAULT_URI } from './virsh';
 export type { VirshHypervisorOptions } from './virsh';
-export { checkImage, compareImages, convertImage, imageInfo, sha256File } from './qemu-img';
+export { checkImage, compareImages, convertImage, imageInfo } from './qemu-img';
 export type { ImageCheck, ImageInfo } from './qemu-img';
 export { parseDomainXml } from './xml';
 export type { DomainXml, XmlDisk } from './xml';

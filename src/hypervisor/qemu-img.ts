@@ -2,8 +2,7 @@
  * Image files: qemu-img info/check/compare/convert (JSON where qemu-img offers it) and the SHA-256
  * every backup image gets before it is shipped.
  */
-import { createHash } from 'node:crypto';
-import { open, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { HypervisorError, toolErrorText } from './errors';
 import { ExecStartError, execTool } from './exec';
 import type { ExecOptions, ExecResult } from './exec';
@@ -287,61 +286,4 @@ export async function convertImage(
     throw imageError(result, action);
   }
   if (last < 1) opts.onProgress?.(1);
-}
-
-/**
- * Read size of sha256File: two buffers of it overlap I/O and hashing. 4 MiB reads hash a big image 5-8% faster
- * than 1 MiB ones (512 MiB from the page cache: 368-404 vs 398-497 ms); a small image gets 1 MiB, where the
- * difference is a few ms and 20 backups finishing at once would otherwise hold 160 MiB of read buffers in the
- * worker (measured: peak RSS of 20 concurrent 64 MiB backups).
- */
-const MiB = 1 << 20;
-
-export function hashChunkSize(fileSize: number): number {
-  return fileSize > 256 * MiB ? 4 * MiB : MiB;
-}
-
-/**
- * Hex SHA-256 of a file. Double-buffered: the next chunk is read (libuv thread pool) while the
- * current one is hashed (OpenSSL, on this thread), so disk and CPU work at the same time.
- * onProgress gets the bytes hashed so far after each chunk.
- */
-export async function sha256File(
-  path: string,
-  opts: { onProgress?: (bytesDone: number) => void; signal?: AbortSignal } = {},
-): Promise<string> {
-  opts.signal?.throwIfAborted();
-  const hash = createHash('sha256');
-  const fh = await open(path, 'r');
-  let chunk: number;
-  try {
-    chunk = hashChunkSize((await fh.stat()).size);
-  } catch (err) {
-    await fh.close();
-    throw err;
-  }
-  const buffers = [Buffer.allocUnsafe(chunk), Buffer.allocUnsafe(chunk)] as const;
-  let pending: Promise<{ bytesRead: number }> | undefined;
-  try {
-    let position = 0;
-    let which = 0;
-    pending = fh.read(buffers[0], 0, chunk, 0);
-    for (;;) {
-      const { bytesRead } = await pending;
-      pending = undefined;
-      if (bytesRead === 0) break;
-      const current = buffers[which as 0 | 1];
-      position += bytesRead;
-      which ^= 1;
-      pending = fh.read(buffers[which as 0 | 1], 0, chunk, position);
-      hash.update(current.subarray(0, bytesRead));
-      opts.onProgress?.(position);
-      opts.signal?.throwIfAborted();
-    }
-    return hash.digest('hex');
-  } finally {
-    // never close the handle under a read in flight
-    if (pending) await pending.catch(() => undefined);
-    await fh.close();
-  }
 }

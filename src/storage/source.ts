@@ -2,7 +2,7 @@
  * Reading a local source file for upload: sequential chunks (so SHA-256 can be computed in
  * order while streaming), with pacing and cancellation. Shared by every driver.
  */
-import { createHash, type Hash } from 'node:crypto';
+import type { Hash } from 'node:crypto';
 import { open, stat } from 'node:fs/promises';
 import type { PutCheckpoint } from './contract';
 import { errnoCode, StorageError } from './errors';
@@ -68,12 +68,6 @@ export async function hashRange(
   signal?: AbortSignal,
 ): Promise<void> {
   for await (const chunk of readChunks(path, { start, end, chunkSize: 4 << 20, signal })) hash.update(chunk);
-}
-
-export async function sha256File(path: string, signal?: AbortSignal): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of readChunks(path, { chunkSize: 4 << 20, signal })) hash.update(chunk);
-  return hash.digest('hex');
 }
 
 /** Digest of what was hashed so far without ending the running hash. */

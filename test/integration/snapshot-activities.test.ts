@@ -15,7 +15,7 @@ import type { CopyHeartbeat } from '../../src/activities/snapshot';
 import { HypervisorError } from '../../src/hypervisor/errors';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
-import { sha256File } from '../../src/hypervisor/qemu-img';
+import { sha256File } from '../../src/shared/sha256-file';
 import type { RecoveryAction } from '../../src/shared/activities';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';

@@ -13,7 +13,8 @@ import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, Target
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName } from '../sidecar';
-import { asTempFileCheckpoint, hashRange, prefixDigest, sha256File, sourceSize } from '../source';
+import { sha256File } from '../../shared/sha256-file';
+import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
 
 const DRIVER = 'local';
@@ -261,7 +262,7 @@ export class LocalTarget implements StorageTarget {
     // The digest was taken by the caller on this very file (same inode, size and mtime): a rename does not
     // change a byte, so reading the whole image again would only cost time.
     const trusted = expected !== undefined && opts.sourceStamp !== undefined && opts.sourceStamp === fileStamp(src);
-    const sha256 = trusted ? expected : await sha256File(sourcePath, opts.signal);
+    const sha256 = trusted ? expected : await sha256File(sourcePath, { signal: opts.signal });
     opts.onProgress?.(size, size);
     if (expected && expected !== sha256) {
       throw new StorageError(

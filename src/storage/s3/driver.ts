@@ -39,7 +39,8 @@ import type {
 } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
 import { normaliseKey, normalisePrefix } from '../keys';
-import { readChunks, sha256File, sourceSize } from '../source';
+import { sha256File } from '../../shared/sha256-file';
+import { readChunks, sourceSize } from '../source';
 import { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from './settings';
 import type { S3Environment } from './settings';
 
@@ -326,7 +327,7 @@ export class S3Target implements StorageTarget {
   ): Promise<PutImageResult> {
     // x-amz-meta-* is fixed when the upload is created, so the digest must be known first:
     // callers pass it (the backup computed it); otherwise hash the source once beforehand.
-    const expected = opts.metadata?.sha256 ?? (await sha256File(sourcePath, opts.signal));
+    const expected = opts.metadata?.sha256 ?? (await sha256File(sourcePath, { signal: opts.signal }));
     const metadata = { ...opts.metadata, sha256: expected };
     const signal = opts.signal;
 
