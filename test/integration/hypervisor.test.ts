@@ -197,13 +197,19 @@ describe('VirshHypervisor on real libvirt', () => {
     expect(await holdsPattern(vda!.path, 'qcow2', 0xee, 16, 4)).toBe(false);
 
     await hv.startActiveCommit(dom.name, 'vda');
-    const ready = await until<BlockJobInfo>('the commit to be ready', async () => {
-      const job = await hv.blockJobInfo(dom.name, 'vda');
-      return job.ready ? job : undefined;
-    });
-    expect(ready).toMatchObject({ type: 'Active Block Commit', ready: true });
-    expect(ready.cur).toBe(ready.end);
-    await hv.pivot(dom.name, 'vda');
+    try {
+      const ready = await until<BlockJobInfo>('the commit to be ready', async () => {
+        const job = await hv.blockJobInfo(dom.name, 'vda');
+        return job.ready ? job : undefined;
+      });
+      expect(ready).toMatchObject({ type: 'Active Block Commit', ready: true });
+      expect(ready.cur).toBe(ready.end);
+      await hv.pivot(dom.name, 'vda');
+    } catch (err) {
+      // a commit left running would make the next tests on this domain fail as "busy", hiding this failure
+      await hv.abortBlockJob(dom.name, 'vda').catch(() => undefined);
+      throw err;
+    }
 
     const after = await hv.disks(dom.name);
     expect(after.map((d) => [d.name, d.source])).toEqual(
