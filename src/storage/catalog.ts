@@ -556,10 +556,15 @@ export async function deleteBackup(target: StorageTarget, domain: string, backup
   await deleteObjectsUnder(target, domain, backupId);
 }
 
-/** Removes every object under `<domain>/<backupId>/` (images of an uncommitted backup). */
+/**
+ * Removes every object under `<domain>/<backupId>/` (images of an uncommitted backup), and what unfinished puts
+ * left there: temp files and S3 multipart uploads, which no listing shows and S3 bills until they are aborted.
+ */
 export async function deleteObjectsUnder(target: StorageTarget, domain: string, backupId: string): Promise<string[]> {
+  const prefix = backupPrefix(domain, backupId);
   const keys: string[] = [];
-  for await (const obj of target.list(backupPrefix(domain, backupId))) keys.push(obj.key);
+  for await (const obj of target.list(prefix)) keys.push(obj.key);
   for (const key of keys) await target.delete(key);
+  await target.removeUnfinished(prefix);
   return keys;
 }

@@ -99,6 +99,13 @@ export interface StorageTarget {
   /** Remove an object. Idempotent: a missing object is not an error. */
   delete(key: string): Promise<void>;
 
+  /**
+   * Remove what unfinished puts of keys under `prefix` left on the server, which `list` never shows: temp files
+   * (local, NFS) and multipart uploads (S3, where they are stored and billed until aborted). Finished objects
+   * stay. A put still running under the prefix fails. Returns how many unfinished puts were removed.
+   */
+  removeUnfinished(prefix: string): Promise<number>;
+
   /** Release sockets/handles. */
   close(): Promise<void>;
 }

@@ -25,6 +25,16 @@ export function isTempFor(basename: string, name: string): boolean {
   return name.startsWith(`.${basename}.tmp-`);
 }
 
+/** The object a temp file (`.name.tmp-suffix`) was to become, or undefined for any other name. */
+export function tempOwner(name: string): string | undefined {
+  return /^\.(.+)\.tmp-[0-9a-f]+$/.exec(name)?.[1];
+}
+
+/** The object a sidecar (`.name.meta.json`) describes, or undefined for any other name. */
+export function sidecarOwner(name: string): string | undefined {
+  return /^\.(.+)\.meta\.json$/.exec(name)?.[1];
+}
+
 export function encodeSidecar(s: Sidecar): Buffer {
   return Buffer.from(JSON.stringify(s));
 }

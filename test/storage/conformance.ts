@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { PutCheckpoint, StorageTarget } from '../../src/storage/contract';
+import { deleteObjectsUnder } from '../../src/storage/catalog';
 import { StorageError } from '../../src/storage/errors';
 
 export interface ConformanceTarget {
@@ -244,6 +245,52 @@ export function describeConformance(
       expect(resumed.bytesSent).toBeLessThanOrEqual(bigBytes.length - opts.checkpointBytes);
       expect((await collect(await t.get('d/b/vda.raw'))).equals(bigBytes)).toBe(true);
       expect((await ct.leftovers()).filter((n) => /tmp|upload/.test(n))).toEqual([]);
+    });
+
+    test('removeUnfinished removes what crashed puts left under the prefix, and nothing else', async () => {
+      const crashedPut = async (key: string) => {
+        let crashed = false;
+        let progress = 0;
+        const err = await t
+          .putImage(key, big, {
+            onProgress: (done) => {
+              progress = done;
+            },
+            // as in the resume test: the crash comes after durable progress
+            onCheckpoint: () => {
+              if (!crashed && progress >= opts.checkpointBytes) {
+                crashed = true;
+                throw simulatedCrash();
+              }
+            },
+          })
+          .catch((e: unknown) => e);
+        expect(crashed).toBe(true);
+        expect((err as StorageError).permanent).toBe(false);
+      };
+      const unfinished = async () => (await ct.leftovers()).filter((n) => /tmp|upload/.test(n));
+      await t.putImage('d/b/vdb.raw', small);
+      await t.putImage('d/keep/vda.raw', small);
+      await crashedPut('d/b/vda.raw');
+      await crashedPut('d/keep/vdc.raw');
+      await crashedPut('d/bb/vda.raw'); // shares the text "d/b", not the prefix "d/b/"
+      expect(await unfinished()).toHaveLength(3);
+
+      expect(await t.removeUnfinished('d/b/')).toBe(1);
+      const left = await unfinished();
+      expect(left).toHaveLength(2);
+      expect(left.every((n) => n.includes('d/keep/') || n.includes('d/bb/'))).toBe(true);
+      expect(await keys(t)).toEqual(['d/b/vdb.raw', 'd/keep/vda.raw']);
+      expect((await collect(await t.get('d/b/vdb.raw'))).equals(smallBytes)).toBe(true);
+      expect(await t.removeUnfinished('d/b/')).toBe(0);
+      expect(await t.removeUnfinished('nothing/here/')).toBe(0);
+
+      // what the cleanup of a failed target (and prune) runs for one backup: its objects and its unfinished puts
+      expect(await deleteObjectsUnder(t, 'd', 'keep')).toEqual(['d/keep/vda.raw']);
+      expect(await unfinished()).toEqual([expect.stringContaining('d/bb/')]);
+      expect(await t.removeUnfinished('d/')).toBe(1);
+      await t.delete('d/b/vdb.raw');
+      expect(await ct.leftovers()).toEqual([]);
     });
 
     test('a stale or foreign checkpoint is ignored: the put starts over and is correct', async () => {

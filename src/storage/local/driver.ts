@@ -12,7 +12,16 @@ import type { Readable } from 'node:stream';
 import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
-import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName } from '../sidecar';
+import {
+  decodeSidecar,
+  encodeSidecar,
+  isTempFor,
+  metadataOf,
+  sidecarName,
+  sidecarOwner,
+  tempName,
+  tempOwner,
+} from '../sidecar';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
@@ -444,6 +453,51 @@ export class LocalTarget implements StorageTarget {
         if (info) yield info;
       }
     }
+  }
+
+  async removeUnfinished(prefix: string): Promise<number> {
+    const p = normalisePrefix(prefix);
+    const slash = p.lastIndexOf('/');
+    return this.sweep(slash >= 0 ? p.slice(0, slash) : '', p);
+  }
+
+  /** Temp files (and the sidecars written for them) of keys under `prefix`, below `dirKey`. */
+  private async sweep(dirKey: string, prefix: string): Promise<number> {
+    const dir = dirKey ? join(this.root, dirKey) : this.root;
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return 0;
+      throw this.error(err, `list ${dirKey || 'its directory'}`);
+    }
+    const names = new Set(entries.map((e) => e.name));
+    let removed = 0;
+    for (const entry of entries) {
+      const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
+      if (entry.isDirectory()) {
+        if (
+          !isReservedName(entry.name) &&
+          (prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix))
+        ) {
+          removed += await this.sweep(key, prefix);
+        }
+        continue;
+      }
+      const temp = tempOwner(entry.name);
+      const side = sidecarOwner(entry.name);
+      const owner = temp ?? (side !== undefined && !names.has(side) ? side : undefined);
+      if (owner === undefined || !(dirKey ? `${dirKey}/${owner}` : owner).startsWith(prefix)) continue;
+      try {
+        await unlink(join(dir, entry.name));
+      } catch (err) {
+        if (errnoCode(err) === 'ENOENT') continue;
+        throw this.error(err, `remove ${key}`);
+      }
+      if (temp !== undefined) removed++;
+    }
+    if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyParents(dir);
+    return removed;
   }
 
   async delete(key: string): Promise<void> {

@@ -17,7 +17,17 @@ import { Readable } from 'node:stream';
 import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
 import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
-import { decodeSidecar, encodeSidecar, isTempFor, metadataOf, sidecarName, tempName, type Sidecar } from '../sidecar';
+import {
+  decodeSidecar,
+  encodeSidecar,
+  isTempFor,
+  metadataOf,
+  sidecarName,
+  sidecarOwner,
+  tempName,
+  tempOwner,
+  type Sidecar,
+} from '../sidecar';
 import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
 import { NfsClient, NfsStatusError, Stable, type Fattr } from './client';
@@ -495,17 +505,64 @@ export class NfsTarget implements StorageTarget {
       if (!dir) return;
       await c.remove(dir, posix.basename(k));
       await c.remove(dir, sidecarName(posix.basename(k)));
-      // drop now-empty <domain>/<backupId> directories
-      let child = dirKey;
-      while (child) {
-        const parent = posix.dirname(child) === '.' ? '' : posix.dirname(child);
-        const parentFh = await this.dir(c, parent, false);
-        if (!parentFh || !(await c.rmdir(parentFh, posix.basename(child)))) break;
-        for (const cachedKey of [...this.dirs.keys()])
-          if (cachedKey === child || cachedKey.startsWith(`${child}/`)) this.dirs.delete(cachedKey);
-        child = parent;
-      }
+      await this.removeEmptyDirs(c, dirKey);
     });
+  }
+
+  /** Drop `dirKey` and its parents while they are empty (pruning leaves no empty <domain>/<backupId>). */
+  private async removeEmptyDirs(c: NfsClient, dirKey: string): Promise<void> {
+    let child = dirKey;
+    while (child) {
+      const parent = posix.dirname(child) === '.' ? '' : posix.dirname(child);
+      const parentFh = await this.dir(c, parent, false);
+      if (!parentFh || !(await c.rmdir(parentFh, posix.basename(child)))) break;
+      for (const cachedKey of [...this.dirs.keys()])
+        if (cachedKey === child || cachedKey.startsWith(`${child}/`)) this.dirs.delete(cachedKey);
+      child = parent;
+    }
+  }
+
+  async removeUnfinished(prefix: string): Promise<number> {
+    const p = normalisePrefix(prefix);
+    const slash = p.lastIndexOf('/');
+    const baseKey = slash >= 0 ? p.slice(0, slash) : '';
+    return this.op('remove unfinished uploads', async (c) => {
+      const base = await this.dir(c, baseKey, false);
+      return base ? this.sweep(c, base, baseKey, p) : 0;
+    });
+  }
+
+  /** Temp files (and the sidecars written for them) of keys under `prefix`, below `dirKey`. */
+  private async sweep(c: NfsClient, dir: Buffer, dirKey: string, prefix: string): Promise<number> {
+    const entries = await c.readdirplus(dir);
+    const names = new Set(entries.map((e) => e.name));
+    let removed = 0;
+    for (const e of entries) {
+      if (e.name === '.' || e.name === '..') continue;
+      const key = dirKey ? `${dirKey}/${e.name}` : e.name;
+      const temp = tempOwner(e.name);
+      const side = sidecarOwner(e.name);
+      const owner = temp ?? (side !== undefined && !names.has(side) ? side : undefined);
+      if (owner !== undefined) {
+        if ((dirKey ? `${dirKey}/${owner}` : owner).startsWith(prefix) && (await c.remove(dir, e.name))) {
+          if (temp !== undefined) removed++;
+        }
+        continue;
+      }
+      if (isReservedName(e.name)) continue;
+      if (!(prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix))) continue;
+      let attrs = e.attrs;
+      let fh = e.fh;
+      if (!attrs || !fh) {
+        const found = await c.lookup(dir, e.name);
+        if (!found) continue;
+        fh = found.fh;
+        attrs = found.attrs ?? (await c.getattr(found.fh));
+      }
+      if (attrs.type === 2) removed += await this.sweep(c, fh, key, prefix);
+    }
+    if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyDirs(c, dirKey);
+    return removed;
   }
 
   async close(): Promise<void> {

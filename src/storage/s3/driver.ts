@@ -20,6 +20,7 @@ import {
   GetObjectCommand,
   HeadBucketCommand,
   HeadObjectCommand,
+  ListMultipartUploadsCommand,
   ListObjectsV2Command,
   ListPartsCommand,
   PutObjectCommand,
@@ -579,6 +580,44 @@ export class S3Target implements StorageTarget {
       }
       token = out.IsTruncated ? out.NextContinuationToken : undefined;
     } while (token);
+  }
+
+  async removeUnfinished(prefix: string): Promise<number> {
+    const p = normalisePrefix(prefix);
+    const full = this.prefix ? `${this.prefix}/${p}` : p;
+    let removed = 0;
+    let keyMarker: string | undefined;
+    let uploadIdMarker: string | undefined;
+    for (;;) {
+      let out;
+      try {
+        out = await this.client.send(
+          new ListMultipartUploadsCommand({
+            Bucket: this.bucket,
+            ...(full ? { Prefix: full } : {}),
+            ...(keyMarker ? { KeyMarker: keyMarker } : {}),
+            ...(uploadIdMarker ? { UploadIdMarker: uploadIdMarker } : {}),
+          }),
+        );
+      } catch (err) {
+        throw this.error(err, 'list unfinished uploads');
+      }
+      for (const u of out.Uploads ?? []) {
+        if (!u.Key || !u.UploadId) continue;
+        try {
+          await this.client.send(
+            new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: u.Key, UploadId: u.UploadId }),
+          );
+          removed++;
+        } catch (err) {
+          if ((err as SdkError).name === 'NoSuchUpload') continue;
+          throw this.error(err, `abort the unfinished upload of ${this.keyOf(u.Key) ?? u.Key}`);
+        }
+      }
+      if (!out.IsTruncated) return removed;
+      keyMarker = out.NextKeyMarker;
+      uploadIdMarker = out.NextUploadIdMarker;
+    }
   }
 
   async delete(key: string): Promise<void> {
