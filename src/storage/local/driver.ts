@@ -11,7 +11,7 @@ import { basename, dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
-import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -445,7 +445,7 @@ export class LocalTarget implements StorageTarget {
       if (isReservedName(entry.name)) continue;
       const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
       if (entry.isDirectory()) {
-        if (prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix)) {
+        if (dirMayHold(key, prefix)) {
           yield* this.walk(key, prefix);
         }
       } else if (entry.isFile() && key.startsWith(prefix)) {
@@ -476,10 +476,7 @@ export class LocalTarget implements StorageTarget {
     for (const entry of entries) {
       const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
       if (entry.isDirectory()) {
-        if (
-          !isReservedName(entry.name) &&
-          (prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix))
-        ) {
+        if (!isReservedName(entry.name) && dirMayHold(key, prefix)) {
           removed += await this.sweep(key, prefix);
         }
         continue;

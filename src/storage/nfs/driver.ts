@@ -16,7 +16,7 @@ import { posix } from 'node:path';
 import { Readable } from 'node:stream';
 import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
-import { isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -30,7 +30,7 @@ import {
 } from '../sidecar';
 import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
-import { NfsClient, NfsStatusError, Stable, type Fattr } from './client';
+import { NfsClient, NfsStatusError, Stable, type DirEntry, type Fattr } from './client';
 import { RpcError } from './rpc';
 
 const DRIVER = 'nfs';
@@ -473,21 +473,23 @@ export class NfsTarget implements StorageTarget {
     yield* found;
   }
 
+  /** A directory entry's handle and attributes (READDIRPLUS may leave them out); undefined once it is gone. */
+  private async entry(c: NfsClient, dir: Buffer, e: DirEntry): Promise<{ fh: Buffer; attrs: Fattr } | undefined> {
+    if (e.attrs && e.fh) return { fh: e.fh, attrs: e.attrs };
+    const found = await c.lookup(dir, e.name);
+    return found && { fh: found.fh, attrs: found.attrs ?? (await c.getattr(found.fh)) };
+  }
+
   private async walk(c: NfsClient, dir: Buffer, dirKey: string, prefix: string, out: ObjectInfo[]): Promise<void> {
     const entries = (await c.readdirplus(dir)).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     for (const e of entries) {
       if (isReservedName(e.name)) continue;
       const key = dirKey ? `${dirKey}/${e.name}` : e.name;
-      let attrs = e.attrs;
-      let fh = e.fh;
-      if (!attrs || !fh) {
-        const found = await c.lookup(dir, e.name);
-        if (!found) continue;
-        fh = found.fh;
-        attrs = found.attrs ?? (await c.getattr(found.fh));
-      }
+      const found = await this.entry(c, dir, e);
+      if (!found) continue;
+      const { fh, attrs } = found;
       if (attrs.type === 2) {
-        if (prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix)) {
+        if (dirMayHold(key, prefix)) {
           this.dirs.set(key, fh);
           await this.walk(c, fh, key, prefix, out);
         }
@@ -550,15 +552,10 @@ export class NfsTarget implements StorageTarget {
         continue;
       }
       if (isReservedName(e.name)) continue;
-      if (!(prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix))) continue;
-      let attrs = e.attrs;
-      let fh = e.fh;
-      if (!attrs || !fh) {
-        const found = await c.lookup(dir, e.name);
-        if (!found) continue;
-        fh = found.fh;
-        attrs = found.attrs ?? (await c.getattr(found.fh));
-      }
+      if (!dirMayHold(key, prefix)) continue;
+      const found = await this.entry(c, dir, e);
+      if (!found) continue;
+      const { fh, attrs } = found;
       if (attrs.type === 2) removed += await this.sweep(c, fh, key, prefix);
     }
     if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyDirs(c, dirKey);
