@@ -26,10 +26,10 @@ import type {
   RecoveryAction,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { sha256File } from '../shared/sha256-file';
 import type { DiskInfo, DomainState } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import { pollDelays } from './poll';
-import { sha256File } from '../shared/sha256-file';
 import { copyImage } from './snapshot-copy';
 import type { CopyHeartbeat } from './snapshot-copy';
 import { OverlayPaths } from './snapshot-paths';

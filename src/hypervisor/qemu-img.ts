@@ -1,6 +1,6 @@
 /**
- * Image files: qemu-img info/check/compare/convert (JSON where qemu-img offers it) and the SHA-256
- * every backup image gets before it is shipped.
+ * Image files: qemu-img info/check/compare/convert (JSON where qemu-img offers it). The SHA-256 every backup
+ * image gets before it is shipped is src/shared/sha256-file.ts.
  */
 import { rm } from 'node:fs/promises';
 import { HypervisorError, toolErrorText } from './errors';

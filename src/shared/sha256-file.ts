@@ -14,7 +14,7 @@ const MiB = 1 << 20;
  * difference is a few ms and 20 backups finishing at once would otherwise hold 160 MiB of read buffers in the
  * worker (measured: peak RSS of 20 concurrent 64 MiB backups).
  */
-export function hashChunkSize(fileSize: number): number {
+function hashChunkSize(fileSize: number): number {
   return fileSize > 256 * MiB ? 4 * MiB : MiB;
 }
 

@@ -50,12 +50,12 @@ export function normalisePrefix(prefix: string): string {
   return normaliseKey(body) + (trailing ? '/' : '');
 }
 
-/** True when `name` is a driver-internal file or directory that must never be listed. */
 /** Whether the directory `dirKey` may hold keys that start with `prefix` (it is above, at or below the prefix). */
 export function dirMayHold(dirKey: string, prefix: string): boolean {
   return prefix.startsWith(`${dirKey}/`) || dirKey.startsWith(prefix) || `${dirKey}/`.startsWith(prefix);
 }
 
+/** True when `name` is a driver-internal file or directory that must never be listed. */
 export function isReservedName(name: string): boolean {
   return name.startsWith('.');
 }
