@@ -21,10 +21,13 @@ export interface Session {
 /** package root: dist/client or src/client -> .. -> .. */
 export const PACKAGE_ROOT = resolve(__dirname, '..', '..');
 
-export async function openSession(config: Config, opts: { log?: (line: string) => void } = {}): Promise<Session> {
+export async function openSession(
+  config: Config,
+  opts: { log?: (line: string) => void; startLocalServer?: boolean } = {},
+): Promise<Session> {
   const embedded = !config.temporalAddress;
   const address = config.temporalAddress ?? config.localTemporalAddress;
-  if (embedded && !(await answers(address))) {
+  if (embedded && (opts.startLocalServer ?? true) && !(await answers(address))) {
     opts.log?.(`starting the local Temporal dev server on ${address} (state in ${config.stateDir})`);
     await startLocalServer(config);
   }
@@ -70,5 +73,5 @@ function answers(address: string, timeoutMs = 1000): Promise<boolean> {
 
 /** For commands that read what exists (status, cancel): never start a server, use the local one if no cluster. */
 export function openExistingSession(config: Config): Promise<Session> {
-  return openSession({ ...config, temporalAddress: config.temporalAddress ?? config.localTemporalAddress });
+  return openSession(config, { startLocalServer: false });
 }

@@ -103,7 +103,11 @@ export async function recoverHostOverlays(
   }
 }
 
-/** An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. */
+/**
+ * An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. It
+ * does not stop on SIGINT/SIGTERM (the runtime's default): the command decides (src/cli/interrupt.ts), and a
+ * backup's undo steps need the worker until the workflow has closed.
+ */
 export function quietWorkerLogs(): void {
-  Runtime.install({ logger: new DefaultLogger('WARN') });
+  Runtime.install({ logger: new DefaultLogger('WARN'), shutdownSignals: [] });
 }

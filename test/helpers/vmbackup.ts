@@ -67,6 +67,87 @@ export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; timeoutM
   });
 }
 
+/**
+ * The embedded default as a user runs it: no TEMPORAL_ADDRESS, so the CLI uses (or starts) the dev server on
+ * 127.0.0.1:VMBACKUP_TEMPORAL_PORT and runs its own worker for VMBACKUP_HOST. Defaults to the stack's server.
+ */
+export function embeddedEnv(host: string, extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env = cliEnv({ VMBACKUP_HOST: host, ...extra });
+  delete env.TEMPORAL_ADDRESS;
+  env.VMBACKUP_TEMPORAL_PORT ??= stackEnv().temporal.address.split(':').pop();
+  return env;
+}
+
+export interface CliProcess {
+  child: ChildProcess;
+  stdout(): string;
+  stderr(): string;
+  /** a terminal's Ctrl-C (SIGINT) or a service manager's SIGTERM: sent to the CLI's whole process group */
+  signal(signal: NodeJS.Signals): void;
+  /** resolves when the process has exited; rejects after `deadlineMs` (and kills the group) */
+  exited(deadlineMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** waits until stdout has a line matching `re` and returns the match */
+  line(re: RegExp, timeoutMs?: number): Promise<RegExpMatchArray>;
+}
+
+/**
+ * Starts `vmbackup ...args` in a process group of its own, as a shell runs a foreground command: a signal to the
+ * group reaches the CLI and every child it started (virsh shells, qemu-img, ...), like Ctrl-C in a terminal.
+ */
+export function spawnCli(args: string[], opts: { env?: NodeJS.ProcessEnv } = {}): CliProcess {
+  requireBuilt();
+  const child = spawn(BIN, args, { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let out = '';
+  let err = '';
+  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (err += d.toString()));
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) =>
+    child.once('exit', (code, signal) => r({ code, signal })),
+  );
+  const signalGroup = (signal: NodeJS.Signals) => {
+    try {
+      process.kill(-child.pid!, signal);
+    } catch {
+      /* the group is gone */
+    }
+  };
+  return {
+    child,
+    stdout: () => out,
+    stderr: () => err,
+    signal: signalGroup,
+    exited: async (deadlineMs = 600_000) => {
+      let timer: NodeJS.Timeout | undefined;
+      const deadline = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          signalGroup('SIGKILL');
+          reject(new Error(`vmbackup ${args.join(' ')} did not exit within ${deadlineMs / 1000} s; stderr:\n${err}`));
+        }, deadlineMs);
+      });
+      try {
+        return await Promise.race([exit, deadline]);
+      } finally {
+        clearTimeout(timer);
+      }
+    },
+    line: async (re, timeoutMs = 120_000) => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const m = out.match(re);
+        if (m) return m;
+        if (child.exitCode !== null || child.signalCode !== null) {
+          throw new Error(
+            `vmbackup ${args.join(' ')} exited (${child.exitCode ?? child.signalCode}) before printing ${re}: ${err}`,
+          );
+        }
+        if (Date.now() > deadline)
+          throw new Error(`vmbackup ${args.join(' ')} printed no ${re} in ${timeoutMs / 1000} s: ${err}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    },
+  };
+}
+
 export interface WorkerProcess {
   host: string;
   child: ChildProcess;

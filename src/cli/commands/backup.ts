@@ -6,7 +6,9 @@ import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
 import type { BackupOptions, BackupResult, CopyTool, RequestedMethod } from '../../shared/types';
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
-import type { Config } from '../../worker/config';
+import { startInProcessWorker } from '../in-process-worker';
+import { signalExitCode, watchInterrupts } from '../interrupt';
+import type { InterruptWatch } from '../interrupt';
 import { action, CliError, printJson } from '../output';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 
@@ -85,11 +87,13 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   ]);
   const session = await openSession(config, { log });
   let stopWorker: (() => Promise<void>) | undefined;
+  let interrupts: InterruptWatch | undefined;
   try {
     if (session.embedded && host === config.host) {
       // Embedded default: this process is the host's worker for as long as the backup runs.
       stopWorker = await startInProcessWorker(config, session.address);
     }
+    interrupts = watchInterrupts();
     const { backupId, handle } = await startBackup(session.client, {
       domain,
       host,
@@ -103,25 +107,55 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
       if (flags.json) printJson({ backupId, domain, host, status: 'running' });
       return;
     }
-    const view = await watchBackup(session.client, handle, backupId, { showProgress: !flags.json });
+    const watching = watchBackup(session.client, handle, backupId, { showProgress: !flags.json });
+    void watching.catch(() => undefined); // after a detach nobody awaits it; the process exits
+    if (!stopWorker) {
+      // Another process runs the backup (a cluster's worker): Ctrl-C only stops following it.
+      const outcome = await Promise.race([watching, interrupts.received]);
+      if (typeof outcome === 'string') {
+        if (flags.json) printJson({ backupId, domain, host, status: 'running' });
+        process.stderr.write(
+          `vmbackup: detached from backup ${backupId}, which goes on on host ${host}: follow it with ` +
+            `\`vmbackup status ${backupId} --wait\`, stop it with \`vmbackup cancel ${backupId}\`\n`,
+        );
+        process.exitCode = signalExitCode(outcome);
+        return;
+      }
+      report(outcome, flags.json ?? false, { domain, host });
+      return;
+    }
+    // This process is the backup's worker: Ctrl-C cancels it, and we wait (as the worker) for its undo steps.
+    const signals = interrupts;
+    void signals.received.then((signal) => {
+      process.stderr.write(
+        `vmbackup: ${signal}: cancelling backup ${backupId}; waiting for its undo steps ` +
+          `(the VM goes back on its own disks, staging files are removed)\n`,
+      );
+      signals.onRepeat((_again, ms) =>
+        process.stderr.write(
+          `vmbackup: still running the undo steps of backup ${backupId} (${(ms / 1000).toFixed(1)} s so far); ` +
+            `vmbackup exits once they are done (kill -9 would leave them to \`vmbackup cancel ${backupId}\`)\n`,
+        ),
+      );
+      handle.cancel().catch((err: unknown) => {
+        process.stderr.write(`vmbackup: could not cancel backup ${backupId}: ${(err as Error).message}\n`);
+      });
+    });
+    const view = await watching;
+    if (signals.first && view.execution === 'CANCELLED') {
+      process.stderr.write(
+        `vmbackup: interrupted: backup ${backupId} was cancelled; its undo steps ran ` +
+          `(backup job aborted or overlays committed, staging removed)\n`,
+      );
+      process.exitCode = signalExitCode(signals.first);
+      return;
+    }
     report(view, flags.json ?? false, { domain, host });
   } finally {
     await stopWorker?.();
+    interrupts?.dispose();
     await session.close();
   }
-}
-
-async function startInProcessWorker(config: Config, address: string): Promise<() => Promise<void>> {
-  // Loaded only here: a CLI that just submits to a cluster need not load the worker, webpack and the SDKs.
-  const { createHostWorker, quietWorkerLogs } = await import('../../worker');
-  quietWorkerLogs();
-  const { worker, close } = await createHostWorker({ config, address });
-  const running = worker.run();
-  return async () => {
-    worker.shutdown();
-    await running.catch(() => undefined);
-    await close();
-  };
 }
 
 /** Prints the outcome and sets the exit code: 0 only for a backup stored on every target. */
