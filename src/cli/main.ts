@@ -10,6 +10,9 @@ import { register as restore } from './commands/restore';
 import { register as status } from './commands/status';
 import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
+import { addTemporalOptions } from './commands/temporal-options';
+
+const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker']);
 
 export function buildProgram(): Command {
   const program = new Command('vmbackup')
@@ -17,6 +20,8 @@ export function buildProgram(): Command {
     .version('0.1.0')
     .showHelpAfterError();
   for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, recover, worker]) reg(program);
+  // --tls-*, --api-key: on every command that connects to Temporal
+  for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;
 }
 

@@ -7,10 +7,15 @@ import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { HOST_NAME_RE } from '../shared/names';
 
+const optionalText = z
+  .string()
+  .optional()
+  .transform((v) => (v ? v : undefined));
+
 const EnvSchema = z.object({
   VMBACKUP_STATE_DIR: z.string().min(1).optional(),
   VMBACKUP_HOST: z.string().regex(HOST_NAME_RE, 'VMBACKUP_HOST must be letters, digits, ".", "_" or "-"').optional(),
-  TEMPORAL_ADDRESS: z.string().min(1).optional(),
+  TEMPORAL_ADDRESS: optionalText, // empty = unset, as bin/vmbackup.js reads it
   TEMPORAL_NAMESPACE: z.string().min(1).default('default'),
   LIBVIRT_DEFAULT_URI: z.string().min(1).default('qemu:///system'),
   VMBACKUP_POLL_MS: z.coerce.number().int().positive().optional(),
@@ -18,6 +23,16 @@ const EnvSchema = z.object({
     .enum(['0', '1'], { message: 'VMBACKUP_VIRSH_SESSION must be 1 (default) or 0 (a virsh process per query)' })
     .default('1'),
   VMBACKUP_TEMPORAL_PORT: z.coerce.number().int().min(1).max(65535).default(7233),
+  // How to reach a cluster, named as the Temporal CLI names them; an empty variable counts as unset.
+  TEMPORAL_TLS: z
+    .enum(['true', 'false', '1', '0', ''], { message: 'TEMPORAL_TLS must be true or false' })
+    .optional()
+    .transform((v) => (v ? v === 'true' || v === '1' : undefined)),
+  TEMPORAL_TLS_CERT: optionalText,
+  TEMPORAL_TLS_KEY: optionalText,
+  TEMPORAL_TLS_CA: optionalText,
+  TEMPORAL_TLS_SERVER_NAME: optionalText,
+  TEMPORAL_API_KEY: optionalText,
 });
 
 export interface Config {
@@ -27,6 +42,8 @@ export interface Config {
   /** set: submit to that cluster only; unset: embedded local server + in-process worker */
   temporalAddress?: string;
   namespace: string;
+  /** TLS and API key for every connection to a cluster (src/client/access.ts reads the files) */
+  temporalAccess: TemporalAccessConfig;
   libvirtUri: string;
   pollIntervalMs?: number;
   /** answer libvirt queries from long-lived virsh shells (VMBACKUP_VIRSH_SESSION=0 turns it off, for debugging) */
@@ -35,7 +52,36 @@ export interface Config {
   localTemporalAddress: string;
 }
 
-export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+/** A file named in the configuration, with where it was named (a flag or a variable), for messages. */
+export interface ConfigFile {
+  path: string;
+  from: string;
+}
+
+export interface TemporalAccessConfig {
+  /** TLS on: TEMPORAL_TLS / --tls, else implied by any other TLS option or an API key (as the Temporal CLI does) */
+  tls: boolean;
+  /** what decided `tls`, for messages */
+  tlsFrom: string;
+  clientCert?: ConfigFile;
+  clientKey?: ConfigFile;
+  serverCa?: ConfigFile;
+  serverName?: string;
+  apiKey?: string;
+  apiKeyFrom: string;
+}
+
+/** The connection flags of the commands that talk to Temporal; each wins over its variable. */
+export interface TemporalFlags {
+  tls?: boolean;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+  tlsServerName?: string;
+  apiKey?: string;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: TemporalFlags = {}): Config {
   const parsed = EnvSchema.safeParse(env);
   if (!parsed.success) {
     throw new Error(parsed.error.issues.map((i) => i.message).join('; '));
@@ -46,10 +92,37 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     host: e.VMBACKUP_HOST ?? defaultHost(),
     temporalAddress: e.TEMPORAL_ADDRESS,
     namespace: e.TEMPORAL_NAMESPACE,
+    temporalAccess: temporalAccess(e, flags),
     libvirtUri: e.LIBVIRT_DEFAULT_URI,
     pollIntervalMs: e.VMBACKUP_POLL_MS,
     virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',
     localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
+  };
+}
+
+function file(flag: string | undefined, flagName: string, variable: string | undefined, varName: string) {
+  if (flag) return { path: resolve(flag), from: flagName };
+  if (variable) return { path: resolve(variable), from: varName };
+  return undefined;
+}
+
+function temporalAccess(e: z.infer<typeof EnvSchema>, flags: TemporalFlags): TemporalAccessConfig {
+  const clientCert = file(flags.tlsCert, '--tls-cert', e.TEMPORAL_TLS_CERT, 'TEMPORAL_TLS_CERT');
+  const clientKey = file(flags.tlsKey, '--tls-key', e.TEMPORAL_TLS_KEY, 'TEMPORAL_TLS_KEY');
+  const serverCa = file(flags.tlsCa, '--tls-ca', e.TEMPORAL_TLS_CA, 'TEMPORAL_TLS_CA');
+  const serverName = flags.tlsServerName || e.TEMPORAL_TLS_SERVER_NAME;
+  const apiKey = flags.apiKey || e.TEMPORAL_API_KEY;
+  const implied = !!(clientCert || clientKey || serverCa || serverName || apiKey);
+  const explicit = flags.tls ? true : e.TEMPORAL_TLS;
+  return {
+    tls: explicit ?? implied,
+    tlsFrom: flags.tls ? '--tls' : e.TEMPORAL_TLS !== undefined ? 'TEMPORAL_TLS' : 'the TLS options',
+    ...(clientCert ? { clientCert } : {}),
+    ...(clientKey ? { clientKey } : {}),
+    ...(serverCa ? { serverCa } : {}),
+    ...(serverName ? { serverName } : {}),
+    ...(apiKey ? { apiKey } : {}),
+    apiKeyFrom: flags.apiKey ? '--api-key' : 'TEMPORAL_API_KEY',
   };
 }
 

@@ -9,6 +9,8 @@ import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
+import { explainConnectFailure, temporalConnectOptions } from '../client/access';
+import { unreachableSentence } from '../client/connect';
 import { createVirshHypervisor } from '../hypervisor/virsh';
 import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
@@ -32,7 +34,7 @@ export interface HostWorker {
 
 export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWorker> {
   const { config } = opts;
-  const connection = await NativeConnection.connect({ address: opts.address });
+  const connection = await connectNative(config, opts.address);
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
   const activities = createActivities({
@@ -62,6 +64,21 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
   };
 }
 
+/** The worker's connection, with the cluster's TLS and API key; a refusal is one sentence (access.ts). */
+async function connectNative(config: Config, address: string): Promise<NativeConnection> {
+  const access = temporalConnectOptions(config);
+  try {
+    return await NativeConnection.connect({ address, ...access });
+  } catch (err) {
+    throw await explainConnectFailure(err, {
+      address,
+      embedded: !config.temporalAddress,
+      config,
+      unreachable: (reason) => unreachableSentence(config, address, reason),
+    });
+  }
+}
+
 /** The bundle `npm run build` made (dist/workflow-bundle.js), else bundle the workflows now (ts sources in tests). */
 function workflowCode(
   bundle: WorkflowBundleWithSourceMap | undefined,
@@ -81,7 +98,7 @@ export async function recoverHostOverlays(
   config: Config,
   opts: { domain?: string } = {},
 ): Promise<RecoveryAction[]> {
-  const connection = await Connection.connect({ address });
+  const connection = await Connection.connect({ address, ...temporalConnectOptions(config) });
   try {
     const client = new Client({ connection, namespace: config.namespace });
     const active: string[] = [];

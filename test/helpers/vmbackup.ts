@@ -160,10 +160,10 @@ export interface WorkerProcess {
 /** Starts `vmbackup worker --host H` and resolves once it polls its task queue. */
 export async function startWorkerProcess(
   host: string,
-  opts: { env?: NodeJS.ProcessEnv; recover?: boolean } = {},
+  opts: { env?: NodeJS.ProcessEnv; recover?: boolean; args?: string[] } = {},
 ): Promise<WorkerProcess> {
   requireBuilt();
-  const args = ['worker', '--host', host, ...(opts.recover ? [] : ['--no-recover'])];
+  const args = ['worker', '--host', host, ...(opts.recover ? [] : ['--no-recover']), ...(opts.args ?? [])];
   const child = spawn(BIN, args, { env: opts.env ?? cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d.toString()));

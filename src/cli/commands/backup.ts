@@ -11,6 +11,7 @@ import { signalExitCode, watchInterrupts } from '../interrupt';
 import type { InterruptWatch } from '../interrupt';
 import { action, CliError, printJson } from '../output';
 import { addS3Options, s3OptionsFrom } from './s3-options';
+import { temporalFlagsFrom } from './temporal-options';
 
 interface BackupFlags {
   host?: string;
@@ -62,7 +63,7 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   if (!DOMAIN_NAME_RE.test(domain)) {
     throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
   }
-  const config = loadConfig();
+  const config = loadConfig(process.env, temporalFlagsFrom(flags));
   const host = flags.host ?? config.host;
   if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
   const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];

@@ -4,6 +4,7 @@ import { SEARCH_ATTRIBUTES } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
 import { action, CliError, printJson } from '../output';
+import { temporalFlagsFrom } from './temporal-options';
 
 export function register(program: Command): void {
   program
@@ -14,7 +15,7 @@ export function register(program: Command): void {
     .option('--json', 'print one JSON object')
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
-        const config = loadConfig();
+        const config = loadConfig(process.env, temporalFlagsFrom(flags));
         const [{ openExistingSession }, { findBackup }] = await Promise.all([
           import('../../client/connect'),
           import('../../client/backups'),

@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { loadConfig } from '../../worker/config';
 import { action, formatBytes, printJson } from '../output';
 import { report } from './backup';
+import { temporalFlagsFrom } from './temporal-options';
 
 export function register(program: Command): void {
   program
@@ -13,7 +14,7 @@ export function register(program: Command): void {
     .option('--json', 'print one JSON object')
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
-        const config = loadConfig();
+        const config = loadConfig(process.env, temporalFlagsFrom(flags));
         const [{ openExistingSession }, { backupStatus, findBackup }, { watchBackup }] = await Promise.all([
           import('../../client/connect'),
           import('../../client/backups'),

@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
+import { temporalFlagsFrom } from './temporal-options';
 import { action, CliError } from '../output';
 
 export function register(program: Command): void {
@@ -13,7 +14,7 @@ export function register(program: Command): void {
     .action(
       action(async (flags: { host?: string; recover: boolean }) => {
         const { createHostWorker, recoverHostOverlays } = await import('../../worker');
-        const base = loadConfig();
+        const base = loadConfig(process.env, temporalFlagsFrom(flags));
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
