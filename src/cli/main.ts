@@ -20,7 +20,7 @@ export function buildProgram(): Command {
     .version('0.1.0')
     .showHelpAfterError();
   for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, recover, worker]) reg(program);
-  // --tls-*, --api-key: on every command that connects to Temporal
+  // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;
 }

@@ -5,6 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import { WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import type { Client, WorkflowExecutionDescription, WorkflowHandle } from '@temporalio/client';
+import type { Payload } from '@temporalio/common';
 import { backupWorkflowId, hostTaskQueue, makeBackupId, SEARCH_ATTRIBUTES } from '../shared/names';
 import { progressQuery } from '../shared/queries';
 import { BackupIdKey, DomainKey, HostKey, MethodKey, StateKey } from '../shared/search';
@@ -69,12 +70,19 @@ export async function startBackup(
   }
 }
 
-/** The workflow of a backup id: the running one first (cheap), else a visibility query. */
+/**
+ * The workflow of a backup id, by its search attribute. Read raw: the ids are all it needs, and the memo of a
+ * backup started with a payload key is ciphertext to a client without it.
+ */
 export async function findBackup(client: Client, backupId: string): Promise<WorkflowHandle<typeof backupDomain>> {
   const query = `${SEARCH_ATTRIBUTES.backupId} = '${backupId.replace(/'/g, '')}'`;
-  for await (const wf of client.workflow.list({ query, pageSize: 1 })) {
-    return client.workflow.getHandle(wf.workflowId, wf.runId);
-  }
+  const { executions } = await client.workflowService.listWorkflowExecutions({
+    namespace: client.options.namespace,
+    query,
+    pageSize: 1,
+  });
+  const wf = executions?.[0]?.execution;
+  if (wf?.workflowId && wf.runId) return client.workflow.getHandle(wf.workflowId, wf.runId);
   throw new BackupNotFoundError(backupId);
 }
 
@@ -128,10 +136,13 @@ export async function backupStatus(
   return view;
 }
 
-async function decodePayload(client: Client, payload: unknown): Promise<unknown> {
-  const converter = client.options.loadedDataConverter.payloadConverter;
+/** A raw payload of a describe() answer (heartbeat details): through the client's codecs, then its converter. */
+async function decodePayload(client: Client, payload: Payload): Promise<unknown> {
+  const { payloadCodecs, payloadConverter } = client.options.loadedDataConverter;
   try {
-    return converter.fromPayload(payload as Parameters<typeof converter.fromPayload>[0]);
+    let payloads = [payload];
+    for (const codec of [...payloadCodecs].reverse()) payloads = await codec.decode(payloads);
+    return payloads[0] ? payloadConverter.fromPayload(payloads[0]) : undefined;
   } catch {
     return undefined;
   }

@@ -2,7 +2,7 @@
  * Connecting to Temporal. With TEMPORAL_ADDRESS set we only talk to that cluster (workers on
  * each host do the work), with its TLS and API key (access.ts). Without it we are the embedded default: use the
  * local dev server on 127.0.0.1:7233, starting it (SQLite under the state dir) through the project's stack
- * script when nothing answers.
+ * script when nothing answers. Every connection carries the payload codec when a payload key is configured.
  */
 import { spawn } from 'node:child_process';
 import { createConnection } from 'node:net';
@@ -10,6 +10,7 @@ import { join, resolve } from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import type { Config } from '../worker/config';
 import { explainConnectFailure, splitAddress, temporalConnectOptions } from './access';
+import { payloadCodecs } from './codec';
 
 export interface Session {
   client: Client;
@@ -30,6 +31,7 @@ export async function openSession(
   const address = config.temporalAddress ?? config.localTemporalAddress;
   // Files are read and checked before anything starts: a bad certificate path fails with its own sentence.
   const access = temporalConnectOptions(config);
+  const dataConverter = payloadCodecs(config, 'client');
   let started = false;
   if (embedded && (opts.startLocalServer ?? true) && !(await answers(address))) {
     opts.log?.(`starting the local Temporal dev server on ${address} (state in ${config.stateDir})`);
@@ -47,7 +49,7 @@ export async function openSession(
       unreachable: (reason) => unreachableSentence(config, address, reason, started),
     });
   }
-  const client = new Client({ connection, namespace: config.namespace });
+  const client = new Client({ connection, namespace: config.namespace, dataConverter });
   return { client, address, embedded, close: () => connection.close() };
 }
 

@@ -33,6 +33,7 @@ const EnvSchema = z.object({
   TEMPORAL_TLS_CA: optionalText,
   TEMPORAL_TLS_SERVER_NAME: optionalText,
   TEMPORAL_API_KEY: optionalText,
+  VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
 });
 
 export interface Config {
@@ -44,6 +45,8 @@ export interface Config {
   namespace: string;
   /** TLS and API key for every connection to a cluster (src/client/access.ts reads the files) */
   temporalAccess: TemporalAccessConfig;
+  /** a 32-byte AES key: every payload to and from Temporal is encrypted with it (src/client/codec.ts) */
+  payloadKeyFile?: ConfigFile;
   libvirtUri: string;
   pollIntervalMs?: number;
   /** answer libvirt queries from long-lived virsh shells (VMBACKUP_VIRSH_SESSION=0 turns it off, for debugging) */
@@ -79,6 +82,7 @@ export interface TemporalFlags {
   tlsCa?: string;
   tlsServerName?: string;
   apiKey?: string;
+  payloadKeyFile?: string;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: TemporalFlags = {}): Config {
@@ -93,6 +97,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     temporalAddress: e.TEMPORAL_ADDRESS,
     namespace: e.TEMPORAL_NAMESPACE,
     temporalAccess: temporalAccess(e, flags),
+    payloadKeyFile: file(
+      flags.payloadKeyFile,
+      '--payload-key-file',
+      e.VMBACKUP_PAYLOAD_KEY_FILE,
+      'VMBACKUP_PAYLOAD_KEY_FILE',
+    ),
     libvirtUri: e.LIBVIRT_DEFAULT_URI,
     pollIntervalMs: e.VMBACKUP_POLL_MS,
     virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',

@@ -10,6 +10,7 @@ import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/wo
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
+import { payloadCodecs } from '../client/codec';
 import { unreachableSentence } from '../client/connect';
 import { createVirshHypervisor } from '../hypervisor/virsh';
 import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
@@ -51,6 +52,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     taskQueue: hostTaskQueue(config.host),
     activities,
     ...workflowCode(opts.workflowBundle),
+    dataConverter: payloadCodecs(config, 'worker'),
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
@@ -100,7 +102,11 @@ export async function recoverHostOverlays(
 ): Promise<RecoveryAction[]> {
   const connection = await Connection.connect({ address, ...temporalConnectOptions(config) });
   try {
-    const client = new Client({ connection, namespace: config.namespace });
+    const client = new Client({
+      connection,
+      namespace: config.namespace,
+      dataConverter: payloadCodecs(config, 'client'),
+    });
     const active: string[] = [];
     // Every running backup, whatever its host: backup ids are unique, and several hosts may share a libvirt
     // (tests do), so an overlay of another host's running backup must be left alone too.

@@ -16,6 +16,11 @@ export function addTemporalOptions(cmd: Command): Command {
     .option(
       '--api-key <key>',
       'API key, sent as "authorization: Bearer"; prefer env TEMPORAL_API_KEY, which other users cannot see in ps',
+    )
+    .option(
+      '--payload-key-file <file>',
+      'encrypt every workflow payload with the 32-byte key (base64 or hex) in this file, mode 0600; ' +
+        'workers and clients need the same key (env VMBACKUP_PAYLOAD_KEY_FILE)',
     );
 }
 
@@ -30,5 +35,6 @@ export function temporalFlagsFrom(flags: object): TemporalFlags {
     tlsCa: text('tlsCa'),
     tlsServerName: text('tlsServerName'),
     apiKey: text('apiKey'),
+    payloadKeyFile: text('payloadKeyFile'),
   };
 }
