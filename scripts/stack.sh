@@ -201,9 +201,11 @@ temporal_install() {
 }
 
 TEMPORAL_BIN=
+# The Temporal CLI reads TEMPORAL_API_KEY, TEMPORAL_TLS_* (and a profile under $HOME) for a cluster: the local
+# server has no TLS and no API keys, so it runs without a caller's settings.
 temporal_cli() {
   [[ -n $TEMPORAL_BIN ]] || TEMPORAL_BIN=$(temporal_path)
-  "$TEMPORAL_BIN" "$@" --address "$TEMPORAL_ADDR" --command-timeout 5s
+  env -i PATH="$PATH" HOME="$HOME" "$TEMPORAL_BIN" "$@" --address "$TEMPORAL_ADDR" --command-timeout 5s
 }
 temporal_healthy() { temporal_cli operator cluster health 2>/dev/null | grep -q SERVING; }
 
@@ -249,7 +251,10 @@ temporal_up() {
       args+=(--headless)
     fi
     printf '\n=== %s start-dev\n' "$(date -Is)" >>"$T_LOG"
-    spawn "$T_LOG" "$(temporal_path)" "${args[@]}"
+    # The server outlives us and needs nothing of the caller's environment (AWS credentials, TEMPORAL_API_KEY,
+    # key files): it gets a clean one.
+    spawn "$T_LOG" env -i PATH="$PATH" HOME="$HOME" LANG="${LANG:-C.UTF-8}" ${TMPDIR:+TMPDIR="$TMPDIR"} \
+      ${TZ:+TZ="$TZ"} "$(temporal_path)" "${args[@]}"
     p=$SPAWNED
     echo "$p" >"$T_PID"
   fi

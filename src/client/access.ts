@@ -227,7 +227,7 @@ type Probe =
   | { kind: 'unreachable'; reason: string };
 
 const UNREACHABLE: Record<string, string> = {
-  ECONNREFUSED: 'nothing listens there (connection refused)',
+  ECONNREFUSED: 'connection refused',
   ENOTFOUND: 'no such host',
   EAI_AGAIN: 'the host name does not resolve now',
   EHOSTUNREACH: 'no route to the host',

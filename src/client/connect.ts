@@ -33,7 +33,9 @@ export async function openSession(
   const access = temporalConnectOptions(config);
   const dataConverter = payloadCodecs(config, 'client');
   let started = false;
-  if (embedded && (opts.startLocalServer ?? true) && !(await answers(address))) {
+  if (embedded && !(await answers(address))) {
+    // status and cancel only read what exists: no server, no backup to read
+    if (!(opts.startLocalServer ?? true)) throw new Error(unreachableSentence(config, address, 'connection refused'));
     opts.log?.(`starting the local Temporal dev server on ${address} (state in ${config.stateDir})`);
     await startLocalServer(config);
     started = true;
@@ -65,9 +67,9 @@ export function unreachableSentence(config: Config, address: string, reason: str
     return `the local Temporal dev server vmbackup started does not answer on ${address} (${reason}): see ${join(config.stateDir, 'stack', 'temporal', 'temporal.log')}`;
   }
   return (
-    `no Temporal server answers on ${address} (${reason}): without TEMPORAL_ADDRESS vmbackup uses the local dev server ` +
-    `(port VMBACKUP_TEMPORAL_PORT, default 7233), which \`vmbackup backup\` starts, so no backup was started here; ` +
-    `to use a cluster, set TEMPORAL_ADDRESS`
+    `no Temporal server answers on ${address} (${reason}): without TEMPORAL_ADDRESS vmbackup uses its local dev server ` +
+    `(port VMBACKUP_TEMPORAL_PORT, default 7233), which only \`vmbackup backup\` starts; ` +
+    `to use a Temporal cluster instead, set TEMPORAL_ADDRESS`
   );
 }
 
