@@ -2,8 +2,20 @@
  * bin/code-cache.js, the loader of the one-file CLI, in real Node processes: each run is a new process, as each
  * vmbackup command is.
  */
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import {
+  chmodSync,
+  chownSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -14,6 +26,8 @@ interface Run {
   saved: boolean;
   cacheFile: string | null;
   value: unknown;
+  /** what the process printed on stderr (VMBACKUP_DEBUG lines) */
+  stderr: string;
 }
 
 let dir: string;
@@ -47,11 +61,12 @@ function run(env: Record<string, string>): Run {
     const value = [b.exports.main(), b.exports.dir, b.exports.self];
     const saved = b.save();
     process.stdout.write(JSON.stringify({ usedCache: b.usedCache, saved, cacheFile: b.cacheFile ?? null, value }));`;
-  const out = execFileSync(process.execPath, ['-e', script], {
+  const res = spawnSync(process.execPath, ['-e', script], {
     env: { PATH: process.env.PATH ?? '', HOME: dir, ...env },
     encoding: 'utf8',
   });
-  return JSON.parse(out) as Run;
+  if (res.status !== 0) throw new Error(`the loader failed: ${res.stderr}`);
+  return { ...(JSON.parse(res.stdout) as Omit<Run, 'stderr'>), stderr: res.stderr };
 }
 
 const v8Files = (cacheDir: string) => readdirSync(cacheDir).filter((n) => n.endsWith('.v8'));
@@ -113,4 +128,70 @@ test('a cache directory that cannot be written only means no cache', () => {
     value: [42, 'dist', true],
   });
   expect(readdirSync(dir).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+});
+
+describe('a cache someone else could have written is never run', () => {
+  // V8 runs an accepted cache's code without compiling the source: a cache others can write is their code.
+  const NOBODY = 65534;
+  const requireRoot = () => {
+    if (process.getuid?.() !== 0) throw new Error('this test gives files to another user (chown): run it as root');
+  };
+
+  test('a cache file that group or others may write: not used, replaced by one of our own', () => {
+    const cacheDir = join(dir, 'cache');
+    const { cacheFile } = run({ VMBACKUP_CODE_CACHE: cacheDir });
+    chmodSync(cacheFile!, 0o666);
+    const refused = run({ VMBACKUP_CODE_CACHE: cacheDir, VMBACKUP_DEBUG: '1' });
+    expect(refused).toMatchObject({ usedCache: false, value: [42, 'dist', true] });
+    expect(refused.stderr).toContain(`not using the code cache ${cacheFile}: group or others may write it (mode 666)`);
+    expect(statSync(cacheFile!).mode & 0o777).toBe(0o600);
+    expect(run({ VMBACKUP_CODE_CACHE: cacheDir })).toMatchObject({ usedCache: true });
+  });
+
+  test("another user's cache file: not used", () => {
+    requireRoot();
+    const cacheDir = join(dir, 'cache');
+    const { cacheFile } = run({ VMBACKUP_CODE_CACHE: cacheDir });
+    chownSync(cacheFile!, NOBODY, NOBODY);
+    const refused = run({ VMBACKUP_CODE_CACHE: cacheDir, VMBACKUP_DEBUG: '1' });
+    expect(refused).toMatchObject({ usedCache: false, value: [42, 'dist', true] });
+    expect(refused.stderr).toContain(`it belongs to uid ${NOBODY}, not to this user (uid 0)`);
+  });
+
+  test('a symbolic link in place of the cache file: not followed', () => {
+    const cacheDir = join(dir, 'cache');
+    const { cacheFile } = run({ VMBACKUP_CODE_CACHE: cacheDir });
+    const elsewhere = join(dir, 'elsewhere.v8');
+    writeFileSync(elsewhere, readFileSync(cacheFile!), { mode: 0o600 });
+    rmSync(cacheFile!);
+    symlinkSync(elsewhere, cacheFile!);
+    expect(run({ VMBACKUP_CODE_CACHE: cacheDir })).toMatchObject({ usedCache: false, value: [42, 'dist', true] });
+    expect(lstatSync(cacheFile!).isSymbolicLink()).toBe(false); // replaced by a file of our own
+  });
+
+  test('a cache directory that others may write: neither read nor written', () => {
+    const cacheDir = join(dir, 'shared');
+    const { cacheFile } = run({ VMBACKUP_CODE_CACHE: cacheDir });
+    chmodSync(cacheDir, 0o777);
+    const before = readFileSync(cacheFile!);
+    const refused = run({ VMBACKUP_CODE_CACHE: cacheDir, VMBACKUP_DEBUG: '1' });
+    expect(refused).toMatchObject({ usedCache: false, saved: false, value: [42, 'dist', true] });
+    expect(refused.stderr).toContain(
+      `not using the code cache in ${cacheDir}: group or others may write it (mode 777)`,
+    );
+    expect(readFileSync(cacheFile!).equals(before)).toBe(true);
+    expect(v8Files(cacheDir)).toHaveLength(1);
+  });
+
+  test("another user's cache directory: neither read nor written", () => {
+    requireRoot();
+    const cacheDir = join(dir, 'theirs');
+    mkdirSync(cacheDir, { mode: 0o755 });
+    chownSync(cacheDir, NOBODY, NOBODY);
+    const refused = run({ VMBACKUP_CODE_CACHE: cacheDir, VMBACKUP_DEBUG: '1' });
+    expect(refused).toMatchObject({ usedCache: false, saved: false, value: [42, 'dist', true] });
+    expect(v8Files(cacheDir)).toEqual([]);
+    // without VMBACKUP_DEBUG nothing is printed: a refused cache only costs the time it would save
+    expect(run({ VMBACKUP_CODE_CACHE: cacheDir }).stderr).toBe('');
+  });
 });
