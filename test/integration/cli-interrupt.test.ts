@@ -14,7 +14,15 @@ import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { domblklist, exists, virsh } from '../helpers/images';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
-import { embeddedEnv, runCli, spawnCli, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
+import {
+  embeddedEnv,
+  runCli,
+  spawnCli,
+  startWorkerProcess,
+  temporalClient,
+  uniqueHost,
+  waitFor,
+} from '../helpers/vmbackup';
 import type { CliProcess } from '../helpers/vmbackup';
 
 const MiB = 1 << 20;
@@ -32,7 +40,7 @@ async function jobType(domain: string): Promise<string> {
   return /Job type:\s+(\S+)/.exec(await virsh('domjobinfo', domain))?.[1] ?? '';
 }
 
-describe('Ctrl-C and cancel in the embedded default', () => {
+describe('Ctrl-C, SIGTERM and cancel of a running backup', () => {
   const newDomain = useFixtureDomains();
   let client: Client;
   let closeClient: () => Promise<void>;
@@ -181,6 +189,33 @@ describe('Ctrl-C and cancel in the embedded default', () => {
     expect(await workflowStatus(backupId)).toBe('CANCELLED');
     expect(await domblklist(dom.name)).toEqual({ vda });
     expect(await stagingLeft(target.dir, backupId)).toEqual([]);
+  });
+
+  test('with a cluster (TEMPORAL_ADDRESS), Ctrl-C only detaches: the backup goes on and completes', async () => {
+    const dom = await newDomain({ prefix: 'intr', disks: [{ format: 'qcow2', sizeMiB: 1024, randomMiB: 512 }] });
+    const host = uniqueHost('intr');
+    const worker = await startWorkerProcess(host);
+    try {
+      const target = await newTarget('detach');
+      const entry: { cli?: CliProcess; backupId?: string } = {};
+      started.push(entry);
+      const cli = spawnCli(['backup', dom.name, '--host', host, '--target', target.url, '--wait']);
+      entry.cli = cli;
+      const backupId = (await cli.line(/^(vmbt-\S+)$/m))[1]!;
+      entry.backupId = backupId;
+      const exit = await interrupt(cli, 'SIGINT');
+
+      expect(exit.code).toBe(130);
+      expect(cli.stderr().trim().split('\n').pop()).toBe(
+        `vmbackup: detached from backup ${backupId}, which goes on on host ${host}: follow it with ` +
+          `\`vmbackup status ${backupId} --wait\`, stop it with \`vmbackup cancel ${backupId}\``,
+      );
+      const done = await runCli(['status', backupId, '--wait', '--json']);
+      expect(done.code).toBe(0);
+      expect(JSON.parse(done.stdout)).toMatchObject({ backupId, status: 'completed' });
+    } finally {
+      await worker.stop();
+    }
   });
 
   test('kill -9 of the embedded CLI mid-copy, then `vmbackup cancel`: the VM is back on its disk, the workflow closed', async () => {
