@@ -65,6 +65,7 @@ describe('Ctrl-C, SIGTERM and cancel of a running backup', () => {
         // a failed test left it to nobody: end it, and drop the overlay the fixture's removal leaves behind
         await handle.terminate('test cleanup');
         await rm(join(qemuStateDir, 'overlays', s.backupId), { recursive: true, force: true });
+        await rm(join(SYSTEM_QEMU_DIR, 'staging', s.backupId), { recursive: true, force: true });
       }
     }
   });
