@@ -5,12 +5,14 @@
 import { randomBytes } from 'node:crypto';
 import { WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import type { Client, WorkflowExecutionDescription, WorkflowHandle } from '@temporalio/client';
+import { defaultPayloadConverter } from '@temporalio/common';
 import type { Payload } from '@temporalio/common';
 import { backupWorkflowId, hostTaskQueue, makeBackupId, SEARCH_ATTRIBUTES } from '../shared/names';
 import { progressQuery } from '../shared/queries';
 import { BackupIdKey, DomainKey, HostKey, MethodKey, StateKey } from '../shared/search';
 import type { BackupOptions, BackupProgress, BackupRequest, BackupResult, RequestedMethod } from '../shared/types';
 import type { backupDomain } from '../workflows/backup';
+import { PayloadKeyError } from './codec';
 
 export class BackupAlreadyRunningError extends Error {
   constructor(
@@ -57,22 +59,33 @@ export async function startBackup(
         { key: StateKey, value: 'starting' },
         { key: MethodKey, value: input.method },
       ],
-      memo: { backupId },
+      // No memo: every client lists workflows (and their memos) through its codec, and a memo encrypted with a
+      // payload key would make a listing fail for every client with another key or none.
     });
     return { backupId, handle };
   } catch (err) {
     if (err instanceof WorkflowExecutionAlreadyStartedError) {
-      const running = await client.workflow.getHandle(workflowId).describe();
-      const memoId = running.memo?.backupId;
-      throw new BackupAlreadyRunningError(input.domain, typeof memoId === 'string' ? memoId : workflowId);
+      throw new BackupAlreadyRunningError(input.domain, (await runningBackupId(client, workflowId)) ?? workflowId);
     }
     throw err;
   }
 }
 
+/** The backup id of a running workflow, from its search attribute (read raw: no codec, no memo). */
+async function runningBackupId(client: Client, workflowId: string): Promise<string | undefined> {
+  const { workflowExecutionInfo } = await client.workflowService.describeWorkflowExecution({
+    namespace: client.options.namespace,
+    execution: { workflowId },
+  });
+  const attr = workflowExecutionInfo?.searchAttributes?.indexedFields?.[SEARCH_ATTRIBUTES.backupId];
+  const value: unknown = attr ? defaultPayloadConverter.fromPayload(attr) : undefined;
+  const id = Array.isArray(value) ? (value[0] as unknown) : value;
+  return typeof id === 'string' ? id : undefined;
+}
+
 /**
  * The workflow of a backup id, by its search attribute. Read raw: the ids are all it needs, and the memo of a
- * backup started with a payload key is ciphertext to a client without it.
+ * backup started with a payload key (before memos were dropped) is ciphertext to a client without it.
  */
 export async function findBackup(client: Client, backupId: string): Promise<WorkflowHandle<typeof backupDomain>> {
   const query = `${SEARCH_ATTRIBUTES.backupId} = '${backupId.replace(/'/g, '')}'`;
@@ -112,7 +125,12 @@ export async function backupStatus(
     execution: desc.status.name,
   };
   if (desc.status.name === 'RUNNING') {
-    view.progress = await handle.query(progressQuery).catch(() => undefined);
+    // A worker that is busy or gone answers no query: status shows no phase then. A payload key this client
+    // lacks is another matter: it must say so.
+    view.progress = await handle.query(progressQuery).catch((err: unknown) => {
+      if (err instanceof PayloadKeyError) throw err;
+      return undefined;
+    });
     const pending = desc.raw.pendingActivities?.[0];
     if (pending) {
       const details = pending.heartbeatDetails?.payloads?.[0];
@@ -143,7 +161,8 @@ async function decodePayload(client: Client, payload: Payload): Promise<unknown>
     let payloads = [payload];
     for (const codec of [...payloadCodecs].reverse()) payloads = await codec.decode(payloads);
     return payloads[0] ? payloadConverter.fromPayload(payloads[0]) : undefined;
-  } catch {
+  } catch (err) {
+    if (err instanceof PayloadKeyError) throw err;
     return undefined;
   }
 }

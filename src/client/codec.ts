@@ -27,6 +27,9 @@ const NONCE_BYTES = 12;
 const TAG_BYTES = 16;
 const KEY_BYTES = 32;
 
+/** A payload this process cannot open: no key, another key, or refused plaintext. Callers must not swallow it. */
+export class PayloadKeyError extends Error {}
+
 export interface PayloadKey {
   /** 16 hex digits; names the key in payload metadata, reveals nothing about it */
   id: string;
@@ -113,18 +116,19 @@ export class PayloadEncryption implements PayloadCodec {
     return payloads.map((p) => {
       if (str(p.metadata?.encoding) !== ENCRYPTED_ENCODING) {
         if (!this.requireEncrypted) return p;
-        throw new Error(
+        throw new PayloadKeyError(
           `a payload is not encrypted: this worker has a payload key (${this.key.file.from}) and runs only what a client with that key started`,
         );
       }
       const id = str(p.metadata?.[KEY_ID_METADATA]);
       if (id !== this.key.id) {
-        throw new Error(
+        throw new PayloadKeyError(
           `a payload was encrypted with another key (key id ${id ?? 'none'}; the key in ${this.key.file.from} has key id ${this.key.id}): use the key the backup was started with`,
         );
       }
       const data = Buffer.from(p.data ?? []);
-      if (data.length < NONCE_BYTES + TAG_BYTES) throw new Error(`an encrypted payload (key id ${id}) is truncated`);
+      if (data.length < NONCE_BYTES + TAG_BYTES)
+        throw new PayloadKeyError(`an encrypted payload (key id ${id}) is truncated`);
       const decipher = createDecipheriv(ALGORITHM, this.key.key, data.subarray(0, NONCE_BYTES));
       decipher.setAAD(text(id));
       decipher.setAuthTag(data.subarray(data.length - TAG_BYTES));
@@ -132,7 +136,9 @@ export class PayloadEncryption implements PayloadCodec {
       try {
         plain = Buffer.concat([decipher.update(data.subarray(NONCE_BYTES, data.length - TAG_BYTES)), decipher.final()]);
       } catch {
-        throw new Error(`an encrypted payload (key id ${id}) failed authentication: it was altered after encryption`);
+        throw new PayloadKeyError(
+          `an encrypted payload (key id ${id}) failed authentication: it was altered after encryption`,
+        );
       }
       return temporal.api.common.v1.Payload.decode(plain);
     });
@@ -151,7 +157,7 @@ export class MissingPayloadKey implements PayloadCodec {
   async decode(payloads: Payload[]): Promise<Payload[]> {
     for (const p of payloads) {
       if (str(p.metadata?.encoding) === ENCRYPTED_ENCODING) {
-        throw new Error(
+        throw new PayloadKeyError(
           `this backup's workflow data is encrypted (key id ${str(p.metadata?.[KEY_ID_METADATA]) ?? 'unknown'}): ` +
             'give its payload key with VMBACKUP_PAYLOAD_KEY_FILE or --payload-key-file',
         );
