@@ -1,6 +1,6 @@
 /**
  * The payload codec: AES-256-GCM over every payload that goes to Temporal (workflow and activity inputs and
- * results, heartbeat details, query results, memos), with a 32-byte key the worker and its clients share
+ * results, heartbeat details, query results), with a 32-byte key the worker and its clients share
  * (VMBACKUP_PAYLOAD_KEY_FILE / --payload-key-file). A shared cluster's history then holds no host, path, target
  * URL or domain name inside a payload. Search attributes, workflow ids, task queues, activity types, timings and
  * failure messages are not payloads and stay readable (docs/security.md).

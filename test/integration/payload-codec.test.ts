@@ -140,6 +140,39 @@ describe('payload codec on the real server', () => {
     expect(defaultPayloadConverter.fromPayload(domainAttr!)).toBe(dom.name);
   });
 
+  test("status of a running backup reads its step's progress (heartbeat details) through the codec", async () => {
+    const dom = await newDomain({ prefix: 'codec', disks: [{ format: 'raw', sizeMiB: 1024, randomMiB: 1024 }] });
+    const host = uniqueHost('codec');
+    workers.push(await startWorkerProcess(host, { env: withKey(keyA) }));
+    const target = pathToFileURL(join(work, 'progress')).href;
+    const started = await runCli(['backup', dom.name, '--host', host, '--method', 'snapshot', '--target', target], {
+      env: withKey(keyA),
+    });
+    expect(started.code).toBe(0);
+    const backupId = started.stdout.trim();
+    const handle = await findBackup(client, backupId);
+    try {
+      const progress = await waitFor(
+        'status to show the copy progress',
+        async () => {
+          const res = await runCli(['status', backupId, '--json'], { env: withKey(keyA) });
+          const view = JSON.parse(res.stdout) as { activity?: { name: string; bytesDone: number; bytesTotal: number } };
+          return view.activity?.name === 'copyBaseImages' && view.activity.bytesTotal > 0 ? view.activity : undefined;
+        },
+        { intervalMs: 200 },
+      );
+      expect(progress.bytesTotal).toBe(1024 * 1024 * 1024);
+      const done = await runCli(['status', backupId, '--wait', '--json'], { env: withKey(keyA) });
+      expect(JSON.parse(done.stdout)).toMatchObject({ backupId, status: 'completed' });
+    } finally {
+      // a failed check must not leave the VM on its overlay: cancel runs the undo steps
+      if ((await handle.describe()).status.name === 'RUNNING') {
+        await handle.cancel();
+        await handle.result().catch(() => undefined);
+      }
+    }
+  });
+
   /** Starts a backup (no --wait) and returns its handle once the worker's workflow task failed, with the failure. */
   async function refusedBackup(host: string, domain: string, key: string | undefined) {
     const started = await runCli(['backup', domain, '--host', host, '--target', pathToFileURL(join(work, 'b')).href], {
