@@ -48,7 +48,12 @@ export async function openSession(
       address,
       embedded,
       config,
-      unreachable: (reason) => unreachableSentence(config, address, reason, started),
+      unreachable: (reason) =>
+        embedded && !started
+          ? // something took the port: our TCP probe got an answer, gRPC did not
+            `something answers on ${address}, but not as a Temporal server (${reason}): another program uses the ` +
+            `port of vmbackup's local dev server; give the dev server another one with VMBACKUP_TEMPORAL_PORT`
+          : unreachableSentence(config, address, reason, started),
     });
   }
   const client = new Client({ connection, namespace: config.namespace, dataConverter });

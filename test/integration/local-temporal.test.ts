@@ -188,6 +188,24 @@ describe('the local Temporal dev server of the embedded default', () => {
           '`vmbackup backup` starts; to use a Temporal cluster instead, set TEMPORAL_ADDRESS',
       ]);
     }
+    // a port some other program holds: said so, rather than "start the server"
+    // (it reads what it gets and answers nothing; resume(): a paused socket would never see the client go)
+    const squatter = createServer((socket) => socket.on('error', () => undefined).resume());
+    await new Promise<void>((r) => squatter.listen(port, '127.0.0.1', () => r()));
+    try {
+      const res = await runCli(['status', 'x'], { env: embedded });
+      expect(res.code).not.toBe(0);
+      expect(res.stderr.trim().split('\n')).toEqual([
+        expect.stringMatching(
+          new RegExp(
+            `^vmbackup: something answers on 127\\.0\\.0\\.1:${port}, but not as a Temporal server \\(.*\\): ` +
+              `another program uses the port of vmbackup's local dev server; give the dev server another one with VMBACKUP_TEMPORAL_PORT$`,
+          ),
+        ),
+      ]);
+    } finally {
+      await new Promise<void>((r) => squatter.close(() => r()));
+    }
     const cluster = { ...embedded, TEMPORAL_ADDRESS: `127.0.0.1:${port}` };
     const res = await runCli(['status', 'x'], { env: cluster });
     expect(res.code).not.toBe(0);
