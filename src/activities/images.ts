@@ -7,13 +7,13 @@ import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import type { Hypervisor } from '../hypervisor/port';
 import { checkImage, convertImage, imageInfo } from '../hypervisor/qemu-img';
+import { fileStamp as stampOf } from '../shared/file-stamp';
 import { sha256File } from '../shared/sha256-file';
 import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import type { ByteProgress } from './push';
-import { fileStamp as stampOf } from '../storage/local/driver';
 
 export interface ImageDeps {
   hypervisor: Hypervisor;

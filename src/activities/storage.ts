@@ -10,11 +10,11 @@ import { ApplicationFailure } from '@temporalio/common';
 import type { HostActivities, ManifestInput, ShipImageInput, ShippedImage } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { S3TargetOptions } from '../shared/types';
-import { deleteObjectsUnder } from '../storage/catalog';
+import { deleteObjectsUnder } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest } from '../storage/manifest';
+import { buildManifest, encodeManifest } from '../repository/manifest';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;

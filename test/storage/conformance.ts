@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { PutCheckpoint, StorageTarget } from '../../src/storage/contract';
-import { deleteObjectsUnder } from '../../src/storage/catalog';
+import { deleteObjectsUnder } from '../../src/repository';
 import { StorageError } from '../../src/storage/errors';
 
 export interface ConformanceTarget {

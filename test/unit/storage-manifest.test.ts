@@ -1,5 +1,5 @@
 import { StorageError } from '../../src/storage/errors';
-import { buildManifest, decodeManifest, encodeManifest } from '../../src/storage/manifest';
+import { buildManifest, decodeManifest, encodeManifest } from '../../src/repository/manifest';
 
 const input = {
   backupId: 'web-20261128T010000Z-ab12',

@@ -1,5 +1,5 @@
-import { applyPolicy } from '../../src/storage/catalog';
-import type { Manifest } from '../../src/storage/manifest';
+import { applyPolicy } from '../../src/repository';
+import type { Manifest } from '../../src/repository/manifest';
 
 function backup(at: string): Manifest {
   return { backupId: `web-${at}`, domain: 'web', startedAt: at } as Manifest;

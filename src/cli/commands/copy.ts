@@ -1,6 +1,6 @@
 /** `vmbackup copy <backupId> --from URL --to URL`: resumable; images already there are skipped, manifest last. */
 import type { Command } from 'commander';
-import { copyBackup } from '../../storage/catalog';
+import { copyBackup } from '../../repository';
 import { action, printJson } from '../output';
 import { addS3Options } from './s3-options';
 import { openCliTarget } from './target-options';

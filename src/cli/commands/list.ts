@@ -1,6 +1,6 @@
 /** `vmbackup list`: the committed backups on a target, read from their manifests. */
 import type { Command } from 'commander';
-import { listBackups } from '../../storage/catalog';
+import { listBackups } from '../../repository';
 import { action, formatBytes, printJson } from '../output';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
 

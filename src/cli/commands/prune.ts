@@ -1,6 +1,6 @@
 /** `vmbackup prune`: restic-style retention; manifests are deleted first, then images. */
 import type { Command } from 'commander';
-import { pruneBackups } from '../../storage/catalog';
+import { pruneBackups } from '../../repository';
 import { action, CliError, printJson } from '../output';
 import { printTable } from './list';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';

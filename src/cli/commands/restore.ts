@@ -1,7 +1,7 @@
 /** `vmbackup restore <backupId> --to PATH`: one disk to a file, or all disks into a directory. */
 import type { Command } from 'commander';
 import { resolve } from 'node:path';
-import { restoreBackup } from '../../storage/catalog';
+import { restoreBackup } from '../../repository';
 import { action, formatBytes, printJson } from '../output';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
 

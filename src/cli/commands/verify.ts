@@ -1,6 +1,6 @@
 /** `vmbackup verify <backupId>`: re-read every image, compare SHA-256 with the manifest, qemu-img check qcow2. */
 import type { Command } from 'commander';
-import { verifyBackup } from '../../storage/catalog';
+import { verifyBackup } from '../../repository';
 import { action, CliError, printJson } from '../output';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
 

@@ -22,6 +22,7 @@ import {
   tempName,
   tempOwner,
 } from '../sidecar';
+import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
@@ -532,9 +533,4 @@ async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<voi
     const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
     written += bytesWritten;
   }
-}
-
-/** `ino:size:mtimeMs`, as PutImageOptions.sourceStamp records it. */
-export function fileStamp(s: { ino: number; size: number; mtimeMs: number }): string {
-  return `${s.ino}:${s.size}:${s.mtimeMs}`;
 }

@@ -6,8 +6,8 @@
  */
 import { z } from 'zod';
 import { DOMAIN_NAME_RE } from '../shared/names';
-import { StorageError } from './errors';
-import { imageKey, normaliseKey } from './keys';
+import { StorageError } from '../storage/errors';
+import { imageKey, normaliseKey } from '../storage/keys';
 
 export const MANIFEST_VERSION = 1;
 
