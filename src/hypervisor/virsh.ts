@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { isAbsolute, join } from 'node:path';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import type { DiskInfo, DomainInfo, DomainState, SkippedDisk } from '../shared/types';
+import { boundedTimeout } from './deadline';
 import { HypervisorError, classifyHypervisorError, toolErrorText } from './errors';
 import { ExecStartError, execTool } from './exec';
 import type { ExecResult } from './exec';
@@ -259,7 +260,8 @@ export class VirshHypervisor implements Hypervisor {
    * stdout on success, a classified HypervisorError otherwise.
    */
   async virsh(args: readonly string[], ctx: CallContext): Promise<string> {
-    const timeoutMs = ctx.timeoutMs ?? this.timeoutMs;
+    // never longer than the activity attempt that asks (deadline.ts): a retry must not race our child
+    const timeoutMs = boundedTimeout(ctx.timeoutMs ?? this.timeoutMs) ?? this.timeoutMs;
     const result = (await this.sessions?.run(args, timeoutMs)) ?? (await this.runOnce(args, ctx, timeoutMs));
     if (result.timedOut) {
       throw new HypervisorError(
