@@ -21,6 +21,7 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { pushImageFiles } from '../shared/names';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import { pollDelays } from './poll';
@@ -98,12 +99,7 @@ export function createPushActivities(deps: PushDeps) {
   }
 
   function imagesFor(input: PushBackupInput): ImageFile[] {
-    return input.disks.map((d) => ({
-      name: d.name,
-      format: 'qcow2',
-      path: join(input.stagingDir, `${d.name}.qcow2`),
-      virtualSize: d.virtualSize,
-    }));
+    return pushImageFiles(input.stagingDir, input.disks);
   }
 
   async function beginPushBackup(input: PushBackupInput): Promise<PushBackupJob> {

@@ -7,7 +7,13 @@
  */
 import { Context } from '@temporalio/activity';
 import { ApplicationFailure } from '@temporalio/common';
-import type { HostActivities, ManifestInput, ShipImageInput, ShippedImage } from '../shared/activities';
+import type {
+  DeleteBackupObjectsInput,
+  HostActivities,
+  ManifestInput,
+  ShipImageInput,
+  ShippedImage,
+} from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { S3TargetOptions } from '../shared/types';
 import { deleteObjectsUnder } from '../repository/catalog';
@@ -112,7 +118,7 @@ export function createStorageActivities(
     },
 
     async writeManifest(input: ManifestInput): Promise<void> {
-      await withTarget(deps, input.target, undefined, async (target) => {
+      await withTarget(deps, input.target, input.s3Options, async (target) => {
         const manifest = buildManifest(input.manifest);
         const key = manifestKey(manifest.domain, manifest.backupId);
         const body = encodeManifest(manifest);
@@ -134,8 +140,8 @@ export function createStorageActivities(
       });
     },
 
-    async deleteBackupObjects(input: { target: string; domain: string; backupId: string }): Promise<void> {
-      await withTarget(deps, input.target, undefined, async (target) => {
+    async deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void> {
+      await withTarget(deps, input.target, input.s3Options, async (target) => {
         // a committed backup is never removed here (only `prune` removes those, manifest first)
         if (await target.stat(manifestKey(input.domain, input.backupId))) return;
         await deleteObjectsUnder(target, input.domain, input.backupId);

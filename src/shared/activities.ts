@@ -130,6 +130,8 @@ export interface ShippedImage {
 
 export interface ManifestInput {
   target: string;
+  /** the backup's S3 options: the manifest is written with the same storage class, encryption and addressing as the images */
+  s3Options?: S3TargetOptions;
   manifest: {
     backupId: string;
     domain: string;
@@ -142,6 +144,13 @@ export interface ManifestInput {
     qemuVersion: string;
     disks: Array<{ name: string; format: string; virtualSize: number; size: number; sha256: string; key: string }>;
   };
+}
+
+export interface DeleteBackupObjectsInput {
+  target: string;
+  domain: string;
+  backupId: string;
+  s3Options?: S3TargetOptions;
 }
 
 export interface InspectDomainInput {
@@ -174,5 +183,5 @@ export interface HostActivities {
   // storage
   shipImage(input: ShipImageInput): Promise<ShippedImage>;
   writeManifest(input: ManifestInput): Promise<void>;
-  deleteBackupObjects(input: { target: string; domain: string; backupId: string }): Promise<void>;
+  deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void>;
 }

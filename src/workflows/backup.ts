@@ -20,9 +20,17 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ActivityOptions } from '@temporalio/workflow';
-import type { HostActivities, ImageFile, OverlayRecord, StagingArea } from '../shared/activities';
+import type { AwaitBackupJobInput, HostActivities, ImageFile, OverlayRecord, StagingArea } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import { hostTaskQueue } from '../shared/names';
+import {
+  BACKUP_ID_RE,
+  DOMAIN_NAME_RE,
+  HOST_NAME_RE,
+  MAX_HEARTBEAT_SECONDS,
+  MIN_HEARTBEAT_SECONDS,
+  hostTaskQueue,
+  pushImageFiles,
+} from '../shared/names';
 import { progressQuery } from '../shared/queries';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
@@ -38,15 +46,35 @@ import type {
 
 type ActivityProxy = ReturnType<typeof proxyActivities<HostActivities>>;
 
-/** Failures no retry can fix. Storage/hypervisor "unreachable" stays retryable. */
-const PERMANENT: string[] = Object.values(ErrorType).filter(
+/**
+ * Before HARDENED_SAGA_PATCH the workflow also listed every error type but the two `Unreachable` ones as
+ * non-retryable, which overrode the activities' own decision (a transient S3 5xx, `StorageFailed`, was never
+ * retried). Histories recorded then keep that policy; new backups let the activity layer alone decide
+ * (src/activities/failures.ts and toActivityFailure mark permanent failures non-retryable).
+ */
+const LEGACY_PERMANENT: string[] = Object.values(ErrorType).filter(
   (t) => t !== ErrorType.Unreachable && t !== ErrorType.HypervisorUnreachable,
 );
 
-function activities(host: string, heartbeatTimeoutSec: number) {
+/**
+ * Every retry loop is capped: a failure that keeps coming back (a guest-made image that qemu-img refuses, a target
+ * that keeps answering 500) must end the backup with its sentence, not block the VM's next backup forever. Long
+ * steps resume from their heartbeat, so 25 attempts with backoff up to a minute ride out ~20 minutes of libvirtd
+ * restarts, worker crashes or a flaky network.
+ */
+const LONG_STEP_ATTEMPTS = 25;
+
+function activities(host: string, heartbeatTimeoutSec: number, legacyRetries: boolean) {
   const base: ActivityOptions = {
     taskQueue: hostTaskQueue(host),
-    retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s', nonRetryableErrorTypes: PERMANENT },
+    retry: legacyRetries
+      ? {
+          initialInterval: '1s',
+          backoffCoefficient: 2,
+          maximumInterval: '20s',
+          nonRetryableErrorTypes: LEGACY_PERMANENT,
+        }
+      : { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s' },
   };
   // Short steps give up after ~30 s of a transient failure (libvirt unreachable) so the user gets an answer;
   // long steps keep retrying: a libvirtd restart or a flaky network must not lose an hour-long copy.
@@ -61,8 +89,11 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     ...base,
     startToCloseTimeout: '24h',
     heartbeatTimeout: `${heartbeatTimeoutSec}s`,
+    retry: legacyRetries ? base.retry : { ...base.retry, maximumInterval: '60s', maximumAttempts: LONG_STEP_ATTEMPTS },
   });
-  // Overlay creation and removal are quick and do not heartbeat: a dead worker is noticed after a minute.
+  // Overlay creation and removal are quick and do not heartbeat: a dead worker is noticed after the timeout. The
+  // activities keep every virsh call inside it (src/activities/deadline.ts): a retry never starts while the first
+  // attempt's virsh still runs.
   const overlaySteps = proxyActivities<HostActivities>({
     ...base,
     startToCloseTimeout: '1m',
@@ -91,9 +122,18 @@ function activities(host: string, heartbeatTimeoutSec: number) {
  */
 export const SHORT_STEPS_LOCAL_PATCH = 'short-steps-as-local-activities';
 
+/**
+ * Backups started before this change: the push-job abort was registered only after `beginPushBackup` returned,
+ * shipping and staging cleanup ran outside the saga (a cancel while uploading left staging images on the host and
+ * manifest-less images on the targets), and the workflow's own list of non-retryable types applied.
+ */
+export const HARDENED_SAGA_PATCH = 'saga-covers-every-phase';
+
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
+  validateRequest(req);
   const { backupId, domain, host } = req;
-  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
+  const hardened = patched(HARDENED_SAGA_PATCH);
+  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
   const { short, long } = acts;
   // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
   const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
@@ -138,13 +178,28 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
 
   let images: DiskImage[];
   let quiesced = false;
+  let targets: TargetResult[] | undefined;
+  const ship = () =>
+    shipToTargets(req, { long, quick }, staging, images, progress, { method, startedAt, quiesced, info });
   try {
     let files: ImageFile[];
     if (method === 'push') {
       phase('backing-up');
+      let jobInput: AwaitBackupJobInput | undefined;
+      if (hardened) {
+        // Registered before the step: a beginPushBackup that fails after libvirt started the job (a timeout, a
+        // crash) must still abort it, or QEMU keeps writing into a staging dir that is about to be removed.
+        // abortPushBackup aborts only a job whose files are ours, so it is harmless when no job was started.
+        jobInput = { backupId, domain, images: pushImageFiles(staging.dir, info.disks) };
+        const undoJob = jobInput;
+        compensations.unshift(() => short.abortPushBackup(undoJob));
+      }
       const job = await quick.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
-      const jobInput = { backupId, domain, images: job.images };
-      compensations.unshift(() => short.abortPushBackup(jobInput));
+      if (!jobInput) {
+        jobInput = { backupId, domain, images: job.images };
+        const undoJob = jobInput;
+        compensations.unshift(() => short.abortPushBackup(undoJob));
+      }
       const stats = await long.awaitBackupJob(jobInput);
       compensations.shift();
       progress.bytesDone = stats.bytes;
@@ -190,6 +245,13 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     }
     phase('finalizing');
     images = await long.finalizeImages({ backupId, images: files });
+    if (hardened) {
+      phase('uploading');
+      // A cancel (or any failure) while shipping removes what this backup put on its targets; a target where the
+      // manifest was already written keeps its committed backup (deleteBackupObjects never removes one).
+      compensations.unshift(() => removeUncommitted(req, quick));
+      targets = await ship();
+    }
   } catch (err) {
     await runCompensations(compensations);
     progress.error = errorMessage(err);
@@ -197,13 +259,10 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     throw err;
   }
 
-  phase('uploading');
-  const targets = await shipToTargets(req, { long, quick }, staging, images, progress, {
-    method,
-    startedAt,
-    quiesced,
-    info,
-  });
+  if (!targets) {
+    phase('uploading');
+    targets = await ship();
+  }
 
   phase('cleaning-up');
   await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
@@ -306,6 +365,7 @@ async function shipToTargets(
       }
       await acts.quick.writeManifest({
         target,
+        s3Options: req.options.s3,
         manifest: {
           backupId,
           domain,
@@ -334,7 +394,7 @@ async function shipToTargets(
       results.set(target, { target, ok: false, error: errorMessage(err) });
       // Never leave a half backup on a target: no manifest was written, remove what was uploaded.
       await CancellationScope.nonCancellable(() =>
-        acts.quick.deleteBackupObjects({ target, domain, backupId }).catch((e: unknown) => {
+        acts.quick.deleteBackupObjects({ target, domain, backupId, s3Options: req.options.s3 }).catch((e: unknown) => {
           log.warn('could not remove partial upload', { target, error: errorMessage(e) });
         }),
       );
@@ -345,6 +405,44 @@ async function shipToTargets(
   await Promise.all(remote.map(shipOne));
   if (staging.localTarget && req.targets.includes(staging.localTarget)) await shipOne(staging.localTarget);
   return req.targets.map((t) => results.get(t) ?? { target: t, ok: false, error: 'not attempted' });
+}
+
+/** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */
+async function removeUncommitted(req: BackupRequest, quick: ActivityProxy): Promise<void> {
+  const { domain, backupId } = req;
+  await Promise.all(
+    req.targets.map((target) =>
+      quick.deleteBackupObjects({ target, domain, backupId, s3Options: req.options.s3 }).catch((e: unknown) => {
+        log.warn('could not remove the uploads of a cancelled backup', { target, error: errorMessage(e) });
+      }),
+    ),
+  );
+}
+
+/**
+ * Anyone on the cluster can start this workflow: its input is checked before anything runs (the activities check
+ * the paths and targets they are given again, on the host).
+ */
+function validateRequest(req: BackupRequest): void {
+  const bad = (why: string): never => {
+    throw ApplicationFailure.nonRetryable(`invalid backup request: ${why}`, ErrorType.InvalidInput);
+  };
+  if (typeof req !== 'object' || req === null) bad('no request');
+  if (typeof req.domain !== 'string' || !DOMAIN_NAME_RE.test(req.domain))
+    bad(`"${String(req.domain)}" is not a domain name`);
+  if (typeof req.host !== 'string' || !HOST_NAME_RE.test(req.host)) bad(`"${String(req.host)}" is not a host name`);
+  if (typeof req.backupId !== 'string' || !BACKUP_ID_RE.test(req.backupId))
+    bad(`"${String(req.backupId)}" is not a backup id`);
+  if (!Array.isArray(req.targets) || req.targets.length === 0 || req.targets.some((t) => typeof t !== 'string')) {
+    bad('it names no target');
+  }
+  if (new Set(req.targets).size !== req.targets.length) bad('a target is named twice');
+  const hb = req.options?.heartbeatTimeoutSeconds;
+  if (hb !== undefined && !(Number.isInteger(hb) && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS)) {
+    bad(
+      `the heartbeat timeout must be a whole number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}, not ${String(hb)}`,
+    );
+  }
 }
 
 async function runCompensations(compensations: Array<() => Promise<void>>): Promise<void> {
