@@ -157,7 +157,8 @@ export interface Hypervisor {
   /**
    * `checkpoint-create --redefine [--redefine-validate]` of a checkpoint XML (checkpointXml's output, e.g. from
    * a manifest): gives libvirt back the metadata of a checkpoint whose bitmaps are still in the disks. The XML
-   * is parsed and written anew (name, parent, creation time, disks) so nothing else in it reaches libvirt. With
+   * is parsed and written anew (name, parent, creation time, disks) so nothing else in it reaches libvirt, and
+   * each bitmap must be named after the checkpoint, as libvirt names them (`invalid` otherwise). With
    * `validate`, libvirt checks that each bitmap exists and is consistent (`checkpoint-inconsistent`
    * otherwise). Its parent must exist (redefine parents first) or be left out (`dropParent`). Redefining a
    * checkpoint libvirt has replaces its metadata. Resolves the checkpoint as redefined.

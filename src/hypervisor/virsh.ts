@@ -802,6 +802,17 @@ export class VirshHypervisor implements Hypervisor {
   ): Promise<Checkpoint> {
     validateDomainName(domain);
     const parsed = parseCheckpointXml(xml);
+    // libvirt names each bitmap after its checkpoint ("bitmap for disk 'vda' must match checkpoint name"): a saved
+    // XML that points a checkpoint at another bitmap is not one libvirt wrote, and an incremental from it would
+    // hold the changes since some other point in time
+    const foreign = parsed.disks.find((d) => d.checkpoint === 'bitmap' && d.bitmap !== parsed.name);
+    if (foreign) {
+      throw new HypervisorError(
+        'invalid',
+        `cannot redefine checkpoint ${parsed.name} of domain "${domain}": its XML gives disk ${foreign.name} the bitmap ${foreign.bitmap ?? '?'}, not ${parsed.name}`,
+        { domain, disk: foreign.name, checkpoint: parsed.name },
+      );
+    }
     const checkpoint: Checkpoint = {
       name: parsed.name,
       creationTime: parsed.creationTime,

@@ -339,6 +339,17 @@ describe('redefineCheckpoint', () => {
     );
   });
 
+  test('a checkpoint pointed at another bitmap (not what libvirt writes) is refused', async () => {
+    const err = await rejection(
+      hv().redefineCheckpoint('vm1', (await saved()).replace("bitmap='c1'", "bitmap='c0'"), { validate: true }),
+    );
+    expect(err).toMatchObject({ kind: 'invalid', disk: 'vda', checkpoint: 'c1' });
+    expect(err.message).toBe(
+      'cannot redefine checkpoint c1 of domain "vm1": its XML gives disk vda the bitmap c0, not c1',
+    );
+    expect(await calls()).toEqual([]);
+  });
+
   test('XML that is not a sane checkpoint never reaches libvirt', async () => {
     const err = await rejection(
       hv().redefineCheckpoint('vm1', (await saved()).replace("name='vda'", "name='/dev/sda'"), { validate: true }),
