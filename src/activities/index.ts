@@ -3,6 +3,7 @@ import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
+import { createChainActivities } from './chain';
 import { createImageActivities } from './images';
 import { createPushActivities } from './push';
 import { createSnapshotActivities } from './snapshot';
@@ -24,6 +25,7 @@ export function createActivities(deps: ActivityDeps): HostActivities {
     ...createImageActivities(deps),
     ...createSnapshotActivities({ ...deps, stateDir: deps.qemuStateDir ?? deps.stateDir }),
     ...createStorageActivities({ openTarget: deps.openTarget }),
+    ...createChainActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget }),
   } satisfies HostActivities);
 }
 

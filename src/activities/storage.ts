@@ -52,7 +52,8 @@ export function toActivityFailure(err: unknown): unknown {
     : ApplicationFailure.retryable(err.message, type);
 }
 
-async function withTarget<T>(
+/** Opens `url` with the backup's S3 options, runs `fn`, closes it; storage errors become what Temporal should do. */
+export async function withTarget<T>(
   deps: StorageActivityDeps,
   url: string,
   s3: S3TargetOptions | undefined,

@@ -287,3 +287,20 @@ export async function convertImage(
   }
   if (last < 1) opts.onProgress?.(1);
 }
+
+/**
+ * `qemu-img rebase -u -f qcow2 -F FMT -b BACKING IMAGE`: rewrites the backing file name recorded in a qcow2 header
+ * and nothing else (-u: the backing file is not opened, so it need not exist yet; a relative name is relative to
+ * the image's directory). Idempotent.
+ */
+export async function rebaseUnsafe(path: string, backing: string, backingFormat: 'qcow2' | 'raw'): Promise<void> {
+  const action = `set the backing file of ${path} to ${backing}`;
+  const result = await qemuImg(
+    ['rebase', '-u', '-f', 'qcow2', '-F', backingFormat, '-b', backing, '--', path],
+    action,
+    {
+      timeoutMs: 60_000,
+    },
+  );
+  if (result.code !== 0) throw imageError(result, action);
+}

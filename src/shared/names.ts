@@ -56,6 +56,17 @@ export function pushImageFiles(
   }));
 }
 
+/** Checkpoints vmbackup creates are named `vmbackup.<backupId>`; any other checkpoint is left alone. */
+export const CHECKPOINT_PREFIX = 'vmbackup.';
+
+/** The checkpoint a push backup creates, in libvirt's alphabet ([A-Za-z0-9_.-], '+' of a domain name becomes '_'). */
+export function checkpointName(backupId: string): string {
+  return `${CHECKPOINT_PREFIX}${backupId.replace(/[^A-Za-z0-9_.-]/g, '_')}`;
+}
+
+/** Defaults of `--max-chain`: increments since the full before a new full. */
+export const DEFAULT_MAX_CHAIN = 14;
+
 /** Libvirt domain names we accept: no shell metacharacters, no path separators. */
 export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
 /** Host names used in task queues. */

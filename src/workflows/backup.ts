@@ -20,10 +20,19 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ActivityOptions } from '@temporalio/workflow';
-import type { AwaitBackupJobInput, HostActivities, ImageFile, OverlayRecord, StagingArea } from '../shared/activities';
+import type {
+  AwaitBackupJobInput,
+  BackupPlan,
+  HostActivities,
+  ImageFile,
+  ManifestInput,
+  OverlayRecord,
+  StagingArea,
+} from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import {
   BACKUP_ID_RE,
+  DEFAULT_MAX_CHAIN,
   DOMAIN_NAME_RE,
   HOST_NAME_RE,
   MAX_HEARTBEAT_SECONDS,
@@ -129,6 +138,12 @@ export const SHORT_STEPS_LOCAL_PATCH = 'short-steps-as-local-activities';
  */
 export const HARDENED_SAGA_PATCH = 'saga-covers-every-phase';
 
+/**
+ * Backups started before this change were always full and created no checkpoint: no planBackup, no
+ * prepareChainImages, no checkpoint steps, manifests without a chain.
+ */
+export const INCREMENTAL_PATCH = 'incremental-chains';
+
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   validateRequest(req);
   const { backupId, domain, host } = req;
@@ -167,6 +182,27 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   upsertSearchAttributes([{ key: MethodKey, value: method }]);
   log.info('backup planned', { backupId, domain, method, disks: info.disks.map((d) => d.name) });
 
+  let plan: BackupPlan | undefined;
+  if (patched(INCREMENTAL_PATCH)) {
+    phase('planning');
+    // Reads the targets' catalogs and libvirt's checkpoints: a regular activity, it may take a while on a big target.
+    plan = await short.planBackup({
+      backupId,
+      domain,
+      host,
+      method,
+      targets: req.targets,
+      s3Options: req.options.s3,
+      requested: req.options.level ?? 'auto',
+      maxChain: req.options.maxChain ?? DEFAULT_MAX_CHAIN,
+      ...(req.options.fullEverySeconds !== undefined ? { fullEverySeconds: req.options.fullEverySeconds } : {}),
+      disks: info.disks,
+      requestedAt: req.requestedAt,
+    });
+    progress.level = plan.level;
+    log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
+  }
+
   const staging = await quick.prepareStaging({
     backupId,
     domain,
@@ -179,8 +215,16 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   let images: DiskImage[];
   let quiesced = false;
   let targets: TargetResult[] | undefined;
+  let checkpointXml: string | undefined;
   const ship = () =>
-    shipToTargets(req, { long, quick }, staging, images, progress, { method, startedAt, quiesced, info });
+    shipToTargets(req, { long, quick }, staging, images, progress, {
+      method,
+      startedAt,
+      quiesced,
+      info,
+      chain: plan ? manifestChain(plan, checkpointXml) : undefined,
+      backing: plan ? manifestBacking(plan) : {},
+    });
   try {
     let files: ImageFile[];
     if (method === 'push') {
@@ -194,7 +238,20 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
         const undoJob = jobInput;
         compensations.unshift(() => short.abortPushBackup(undoJob));
       }
-      const job = await quick.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+      if (plan?.checkpoint) {
+        // The checkpoint counts only once the backup is committed: a failed or cancelled backup deletes it, and the
+        // next one builds on the last committed checkpoint. Registered before the job that creates it.
+        const checkpoint = { domain, name: plan.checkpoint.name };
+        compensations.splice(1, 0, () => quick.dropCheckpoint(checkpoint));
+      }
+      const job = await quick.beginPushBackup({
+        backupId,
+        domain,
+        disks: info.disks,
+        stagingDir: staging.dir,
+        ...(plan?.incremental ? { incremental: plan.incremental, fullDisks: plan.fullDisks } : {}),
+        ...(plan?.checkpoint ? { checkpoint: plan.checkpoint } : {}),
+      });
       if (!jobInput) {
         jobInput = { backupId, domain, images: job.images };
         const undoJob = jobInput;
@@ -204,6 +261,16 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
       compensations.shift();
       progress.bytesDone = stats.bytes;
       files = job.images;
+      if (plan?.checkpoint) {
+        // Increments name the live disk as their backing file: point them at the parent's image on the target.
+        const prepared = await quick.prepareChainImages({
+          domain,
+          images: files,
+          backing: incrementBacking(plan),
+          checkpoint: plan.checkpoint.name,
+        });
+        checkpointXml = prepared.checkpointXml;
+      }
     } else if (method === 'offline') {
       phase('copying');
       files = await long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
@@ -264,10 +331,28 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     targets = await ship();
   }
 
+  const okTargets = targets.filter((t) => t.ok);
+  if (plan?.checkpoint) {
+    const checkpoint = plan.checkpoint.name;
+    await CancellationScope.nonCancellable(async () => {
+      if (okTargets.length === 0) {
+        // committed nowhere: the checkpoint never counts
+        await quick.dropCheckpoint({ domain, name: checkpoint }).catch((e: unknown) => {
+          log.warn('could not delete the checkpoint of a backup that reached no target', { error: errorMessage(e) });
+        });
+        return;
+      }
+      // Committed: older checkpoints of ours that no chain builds on any more go (each bitmap slows guest writes).
+      const keep = [checkpoint, ...(plan.level !== 'full' && plan.baseCheckpoint ? [plan.baseCheckpoint] : [])];
+      await quick.retireCheckpoints({ domain, keep }).catch((e: unknown) => {
+        log.warn('could not delete old checkpoints', { error: errorMessage(e) });
+      });
+    });
+  }
+
   phase('cleaning-up');
   await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
 
-  const okTargets = targets.filter((t) => t.ok);
   const first = okTargets[0];
   const result: BackupResult = {
     backupId,
@@ -280,6 +365,18 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     quiesced,
     libvirtVersion: info.libvirtVersion,
     qemuVersion: info.qemuVersion,
+    ...(plan
+      ? {
+          chain: {
+            level: plan.level,
+            requested: plan.requested,
+            ...(plan.reason ? { reason: plan.reason } : {}),
+            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
+            base: plan.base,
+            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
+          },
+        }
+      : {}),
     disks: images.map((img) => ({
       name: img.name,
       format: img.format,
@@ -334,7 +431,14 @@ async function shipToTargets(
   staging: StagingArea,
   images: DiskImage[],
   progress: BackupProgress,
-  meta: { method: BackupMethod; startedAt: string; quiesced: boolean; info: DomainInfo },
+  meta: {
+    method: BackupMethod;
+    startedAt: string;
+    quiesced: boolean;
+    info: DomainInfo;
+    chain: ManifestInput['manifest']['chain'];
+    backing: Record<string, { backupId: string; key: string; sha256: string }>;
+  },
 ): Promise<TargetResult[]> {
   const { backupId, domain, host } = req;
   const total = images.reduce((n, i) => n + i.size, 0);
@@ -383,7 +487,9 @@ async function shipToTargets(
             size: d.size,
             sha256: d.sha256,
             key: d.key,
+            ...(meta.backing[d.name] ? { backing: meta.backing[d.name] } : {}),
           })),
+          ...(meta.chain ? { chain: meta.chain } : {}),
         },
       });
       state.state = 'done';
@@ -405,6 +511,38 @@ async function shipToTargets(
   await Promise.all(remote.map(shipOne));
   if (staging.localTarget && req.targets.includes(staging.localTarget)) await shipOne(staging.localTarget);
   return req.targets.map((t) => results.get(t) ?? { target: t, ok: false, error: 'not attempted' });
+}
+
+/** Per disk of an increment: its parent's image, relative to it in the target layout `<domain>/<backupId>/<disk>`. */
+function incrementBacking(plan: BackupPlan): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (!plan.parent) return out;
+  for (const d of plan.parent.disks) {
+    if (!plan.fullDisks.includes(d.name)) out[d.name] = `../${plan.parent.backupId}/${d.name}.${d.format}`;
+  }
+  return out;
+}
+
+function manifestBacking(plan: BackupPlan): Record<string, { backupId: string; key: string; sha256: string }> {
+  const out: Record<string, { backupId: string; key: string; sha256: string }> = {};
+  if (!plan.parent) return out;
+  for (const d of plan.parent.disks) {
+    if (!plan.fullDisks.includes(d.name))
+      out[d.name] = { backupId: plan.parent.backupId, key: d.key, sha256: d.sha256 };
+  }
+  return out;
+}
+
+function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+  return {
+    level: plan.level,
+    requested: plan.requested,
+    ...(plan.reason ? { reason: plan.reason } : {}),
+    ...(plan.parent ? { parent: plan.parent.backupId } : {}),
+    base: plan.base,
+    ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
+    ...(checkpointXml ? { checkpointXml } : {}),
+  };
 }
 
 /** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */
@@ -437,6 +575,16 @@ function validateRequest(req: BackupRequest): void {
     bad('it names no target');
   }
   if (new Set(req.targets).size !== req.targets.length) bad('a target is named twice');
+  const level = req.options?.level;
+  if (level !== undefined && !['auto', 'full', 'inc', 'diff'].includes(level)) bad(`"${String(level)}" is not a level`);
+  const maxChain = req.options?.maxChain;
+  if (maxChain !== undefined && !(Number.isInteger(maxChain) && maxChain >= 1 && maxChain <= 1000)) {
+    bad(`--max-chain must be a whole number from 1 to 1000, not ${String(maxChain)}`);
+  }
+  const fullEvery = req.options?.fullEverySeconds;
+  if (fullEvery !== undefined && !(Number.isInteger(fullEvery) && fullEvery > 0)) {
+    bad(`--full-every must be a positive duration, not ${String(fullEvery)} seconds`);
+  }
   const hb = req.options?.heartbeatTimeoutSeconds;
   if (hb !== undefined && !(Number.isInteger(hb) && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS)) {
     bad(
