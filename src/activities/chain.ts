@@ -34,6 +34,8 @@ import type { StorageActivityDeps } from './storage';
 export interface ChainDeps {
   hypervisor: Hypervisor;
   openTarget: StorageActivityDeps['openTarget'];
+  /** manifest signing key: with one, only manifests signed with it are built on (docs/security.md) */
+  manifestKey?: Buffer;
 }
 
 export function createChainActivities(deps: ChainDeps) {
@@ -151,7 +153,12 @@ export function createChainActivities(deps: ChainDeps) {
   async function readCatalogs(input: PlanBackupInput): Promise<Array<{ target: string; catalog: TargetCatalog }>> {
     const out: Array<{ target: string; catalog: TargetCatalog }> = [];
     for (const target of input.targets) {
-      const entries = await withTarget(deps, target, input.s3Options, (t) => listBackups(t, { domain: input.domain }));
+      const listed = await withTarget(deps, target, input.s3Options, (t) =>
+        listBackups(t, { domain: input.domain, ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}) }),
+      );
+      // With a key, a manifest someone else wrote (unsigned, or signed with another key) is never built on: it could
+      // name any parent and carry any checkpoint XML.
+      const entries = deps.manifestKey ? listed.filter((e) => e.signed === true) : listed;
       out.push({ target, catalog: { target: redactUrl(target), entries } });
     }
     return out;

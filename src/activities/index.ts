@@ -17,6 +17,7 @@ export interface ActivityDeps {
   qemuStateDir?: string;
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
+  manifestKey?: Buffer;
 }
 
 export function createActivities(deps: ActivityDeps): HostActivities {
@@ -24,8 +25,12 @@ export function createActivities(deps: ActivityDeps): HostActivities {
     ...createPushActivities(deps),
     ...createImageActivities(deps),
     ...createSnapshotActivities({ ...deps, stateDir: deps.qemuStateDir ?? deps.stateDir }),
-    ...createStorageActivities({ openTarget: deps.openTarget }),
-    ...createChainActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget }),
+    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey }),
+    ...createChainActivities({
+      hypervisor: deps.hypervisor,
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
+    }),
   } satisfies HostActivities);
 }
 

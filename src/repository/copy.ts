@@ -6,7 +6,7 @@ import { basename, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { StorageTarget } from '../storage/contract';
 import { findBackup } from './catalog';
-import { encodeManifest, type ManifestDisk } from './manifest';
+import type { ManifestDisk } from './manifest';
 export interface CopyOptions {
   /** where images from a remote source are staged; default the OS temp dir */
   tempDir?: string;
@@ -33,7 +33,8 @@ export async function copyBackup(
   backupId: string,
   opts: CopyOptions = {},
 ): Promise<CopyReport> {
-  const { manifest, key: mKey } = await findBackup(from, backupId);
+  // the stored bytes, not a re-encoding: a signature and fields this version does not know survive the copy
+  const { manifest, key: mKey, body } = await findBackup(from, backupId);
   const report: CopyReport = { backupId, from: from.displayUrl, to: to.displayUrl, copied: [], skipped: [] };
   for (const disk of manifest.disks) {
     const there = await to.stat(disk.key);
@@ -45,7 +46,6 @@ export async function copyBackup(
     report.copied.push(disk.key);
   }
   const existing = await to.stat(mKey);
-  const body = encodeManifest(manifest);
   if (existing && existing.size === body.length && (await to.getBuffer(mKey)).equals(body)) report.skipped.push(mKey);
   else {
     await to.putManifest(mKey, body);

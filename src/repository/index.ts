@@ -5,6 +5,7 @@
  */
 export * from './catalog';
 export * from './copy';
+export * from './gc';
 export * from './manifest';
 export * from './prune';
 export * from './restore';

@@ -7,9 +7,9 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { StorageTarget } from '../storage/contract';
 import { StorageError, errnoCode } from '../storage/errors';
-import { findBackup } from './catalog';
+import { findBackup, type CatalogOptions } from './catalog';
 import type { ManifestDisk } from './manifest';
-export interface RestoreOptions {
+export interface RestoreOptions extends CatalogOptions {
   /** restore only this disk, to a file (or into `to` when it is a directory) */
   disk?: string;
   /** a file path for one disk; a directory for all disks */
@@ -36,7 +36,7 @@ export async function restoreBackup(
   backupId: string,
   opts: RestoreOptions,
 ): Promise<RestoredDisk[]> {
-  const { manifest } = await findBackup(target, backupId);
+  const { manifest } = await findBackup(target, backupId, { manifestKey: opts.manifestKey });
   let plan: Array<{ disk: ManifestDisk; path: string }>;
   const toStat = await stat(opts.to).catch(() => undefined);
   if (opts.disk) {

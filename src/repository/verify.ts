@@ -8,7 +8,7 @@ import { basename, join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { StorageTarget } from '../storage/contract';
-import { findBackup } from './catalog';
+import { findBackup, type CatalogOptions } from './catalog';
 import type { ManifestDisk } from './manifest';
 export interface DiskVerification {
   name: string;
@@ -32,7 +32,7 @@ export interface VerifyReport {
   disks: DiskVerification[];
 }
 
-export interface VerifyOptions {
+export interface VerifyOptions extends CatalogOptions {
   /** where downloaded qcow2 images are checked; default the OS temp dir */
   tempDir?: string;
   signal?: AbortSignal;
@@ -72,7 +72,7 @@ export async function verifyBackup(
   backupId: string,
   opts: VerifyOptions = {},
 ): Promise<VerifyReport> {
-  const { manifest } = await findBackup(target, backupId);
+  const { manifest } = await findBackup(target, backupId, { manifestKey: opts.manifestKey });
   const disks: DiskVerification[] = [];
   for (const disk of manifest.disks) disks.push(await verifyDisk(target, disk, opts));
   return { backupId, domain: manifest.domain, target: target.displayUrl, ok: disks.every((d) => d.ok), disks };

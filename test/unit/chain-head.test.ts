@@ -41,7 +41,7 @@ function link(id: string, level: 'full' | 'inc' | 'diff', parent?: string, base?
 }
 
 const entries = (...ms: Manifest[]): BackupEntry[] =>
-  ms.map((m) => ({ manifest: m, key: `vm1/${m.backupId}/manifest.json`, size: 1 }));
+  ms.map((m) => ({ manifest: m, key: `vm1/${m.backupId}/manifest.json`, size: 1, body: Buffer.from('{}') }));
 
 const full = link('b0', 'full');
 const inc1 = link('b1', 'inc', 'b0', 'b0');

@@ -1,8 +1,7 @@
 /** `vmbackup prune`: restic-style retention; manifests are deleted first, then images. */
 import type { Command } from 'commander';
 import { pruneBackups } from '../../repository';
-import { action, CliError, printJson } from '../output';
-import { printTable } from './list';
+import { action, CliError, printJson, printTable } from '../output';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
 
 interface PruneFlags extends TargetFlags {

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { restoreBackup } from '../../repository';
 import { action, formatBytes, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 interface RestoreFlags extends TargetFlags {
   disk?: string;
@@ -25,8 +25,10 @@ export function register(program: Command): void {
 }
 
 async function runRestore(backupId: string, flags: RestoreFlags): Promise<void> {
+  const manifestKey = cliManifestKey();
   await withCliTarget(flags.target, flags, async (target) => {
     const restored = await restoreBackup(target, backupId, {
+      manifestKey,
       to: resolve(flags.to),
       ...(flags.disk ? { disk: flags.disk } : {}),
       force: Boolean(flags.force),

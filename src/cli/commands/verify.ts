@@ -1,8 +1,8 @@
 /** `vmbackup verify <backupId>`: re-read every image, compare SHA-256 with the manifest, qemu-img check qcow2. */
 import type { Command } from 'commander';
 import { verifyBackup } from '../../repository';
-import { action, CliError, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { action, CliError, printJson, safeText } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 export function register(program: Command): void {
   const cmd = program
@@ -15,8 +15,9 @@ export function register(program: Command): void {
 }
 
 async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
+  const manifestKey = cliManifestKey();
   await withCliTarget(flags.target, flags, async (target) => {
-    const report = await verifyBackup(target, backupId);
+    const report = await verifyBackup(target, backupId, { manifestKey });
     if (flags.json) {
       printJson(report);
       if (!report.ok) process.exitCode = 1;
@@ -24,7 +25,7 @@ async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
     }
     for (const d of report.disks) {
       process.stdout.write(
-        `${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}\n`,
+        `${safeText(`${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}`)}\n`,
       );
     }
     const bad = report.disks.filter((d) => !d.ok);
