@@ -8,6 +8,7 @@
  * Never anything a running backup owns: a prefix goes only when its newest object is older than the policy's age
  * AND `isRunning(backupId)` says no backup with that id runs (the CLI asks Temporal's visibility).
  */
+import { parseDuration } from '../shared/duration';
 import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { backupPrefix, MANIFEST_NAME, manifestKey } from '../storage/keys';
 import { removeBackupPrefix } from './catalog';
@@ -132,10 +133,6 @@ export async function collectGarbage(
 
 /** Parses `30s`, `15m`, `12h`, `1d`, `2w` (and `0s`) into milliseconds; undefined for anything else. */
 export function parseAge(text: string): number | undefined {
-  const m = /^(\d{1,9})(s|m|h|d|w)$/.exec(text.trim());
-  if (!m) return undefined;
-  const unit = { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 }[
-    m[2] as 's' | 'm' | 'h' | 'd' | 'w'
-  ];
-  return Number(m[1]) * unit;
+  const seconds = parseDuration(text);
+  return seconds === undefined ? undefined : seconds * 1000;
 }
