@@ -1,4 +1,7 @@
-/** `vmbackup copy <backupId> --from URL --to URL`: resumable; images already there are skipped, manifest last. */
+/**
+ * `vmbackup copy <backupId> --from URL --to URL`: the backup and the links of its chain the destination lacks, oldest
+ * first; resumable (images already there are skipped), each manifest last.
+ */
 import type { Command } from 'commander';
 import { copyBackup } from '../../repository';
 import { action, printJson } from '../output';
@@ -15,7 +18,9 @@ interface CopyFlags {
 export function register(program: Command): void {
   const cmd = program
     .command('copy')
-    .description('copy a committed backup to another target (skips images already copied; manifest last)')
+    .description(
+      'copy a committed backup, and the backups of its chain it depends on that are missing there, to another target (skips images already copied; manifests last)',
+    )
     .argument('<backupId>', 'backup id (see `vmbackup list`)')
     .requiredOption('--from <url>', 'target holding the backup')
     .requiredOption('--to <url>', 'target to copy it to')
@@ -32,8 +37,16 @@ async function runCopy(backupId: string, flags: CopyFlags): Promise<void> {
       const report = await copyBackup(from, to, backupId);
       if (flags.json) printJson(report);
       else {
+        const parents = report.links.filter((l) => l.backupId !== backupId);
+        const copiedParents = parents.filter((l) => l.action === 'copied').map((l) => l.backupId);
+        const chain =
+          parents.length === 0
+            ? ''
+            : copiedParents.length > 0
+              ? ` (with ${copiedParents.length} backup(s) of its chain that were missing there: ${copiedParents.join(', ')})`
+              : ` (the ${parents.length} backup(s) of its chain it depends on were there already)`;
         process.stdout.write(
-          `Copied backup ${backupId} from ${report.from} to ${report.to}: ${report.copied.length} object(s) written, ${report.skipped.length} already there.\n`,
+          `Copied backup ${backupId} from ${report.from} to ${report.to}: ${report.copied.length} object(s) written, ${report.skipped.length} already there${chain}.\n`,
         );
       }
     } finally {

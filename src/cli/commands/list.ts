@@ -1,6 +1,6 @@
-/** `vmbackup list`: the committed backups on a target, read from their manifests. */
+/** `vmbackup list`: the committed backups on a target, read from their manifests, with their place in a chain. */
 import type { Command } from 'commander';
-import { listBackups } from '../../repository';
+import { listBackups, type Manifest } from '../../repository';
 import { action, formatBytes, printJson } from '../output';
 import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
 
@@ -26,7 +26,11 @@ async function runList(flags: ListFlags): Promise<void> {
       onInvalid: (key, error) => invalid.push({ key, error: error.message }),
     });
     if (flags.json) {
-      printJson({ target: target.displayUrl, backups: backups.map((b) => ({ ...b.manifest, size: b.size })), invalid });
+      printJson({
+        target: target.displayUrl,
+        backups: backups.map((b) => ({ ...b.manifest, chain: chainOf(b.manifest), size: b.size })),
+        invalid,
+      });
       return;
     }
     for (const bad of invalid) process.stderr.write(`vmbackup: skipping ${bad.key}: ${bad.error}\n`);
@@ -38,12 +42,20 @@ async function runList(flags: ListFlags): Promise<void> {
       b.manifest.backupId,
       b.manifest.domain,
       b.manifest.startedAt,
+      b.manifest.chain.level,
+      b.manifest.chain.parent ?? '-',
       b.manifest.method + (b.manifest.quiesced ? ' (quiesced)' : ''),
       b.manifest.disks.map((d) => d.name).join(','),
       formatBytes(b.size),
     ]);
-    printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'METHOD', 'DISKS', 'SIZE'], rows);
+    printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'LEVEL', 'PARENT', 'METHOD', 'DISKS', 'SIZE'], rows);
   });
+}
+
+/** Where a backup sits in its chain, as scripts read it (`--json`): the checkpoint XML stays in the manifest. */
+function chainOf(m: Manifest): { level: string; parent: string | null; base: string; checkpoint: string | null } {
+  const { level, parent, base, checkpoint } = m.chain;
+  return { level, parent: parent ?? null, base, checkpoint: checkpoint ?? null };
 }
 
 export function printTable(header: string[], rows: string[][]): void {
