@@ -46,9 +46,13 @@ export interface ImageCheck {
   summary: string;
 }
 
-/** Builds a HypervisorError for a failed qemu-img run. */
-function imageError(result: ExecResult, action: string): HypervisorError {
-  const said = toolErrorText(result.stderr) || `qemu-img exited with code ${result.code ?? result.signal}`;
+/**
+ * Builds a HypervisorError for a failed qemu-img run. `opened` is the json: filename qemu-img was given and `path`
+ * the file it stands for: qemu-img repeats the filename in its errors, and a person wants to read the path.
+ */
+function imageError(result: ExecResult, action: string, opened?: { filename: string; path: string }): HypervisorError {
+  let said = toolErrorText(result.stderr) || `qemu-img exited with code ${result.code ?? result.signal}`;
+  if (opened) said = said.split(opened.filename).join(opened.path);
   // 'Failed to get shared "write" lock': a running QEMU holds the image
   const kind = /Failed to get .* lock/i.test(result.stderr) ? 'busy' : 'failed';
   return new HypervisorError(kind, `cannot ${action}: ${said}`, { stderr: result.stderr, command: result.command });
@@ -158,11 +162,12 @@ export async function imageInfo(
 ): Promise<ImageInfo> {
   const args = ['info', '--output=json'];
   if (opts.forceShare ?? true) args.push('-U');
-  if (opts.backingChain) args.push('--backing-chain', '-f', opts.format, '--', path);
-  else args.push('-f', opts.format, '--', imageSpecFilename({ path, format: opts.format, backing: null }));
+  const filename = opts.backingChain ? path : imageSpecFilename({ path, format: opts.format, backing: null });
+  if (opts.backingChain) args.push('--backing-chain');
+  args.push('-f', opts.format, '--', filename);
   const action = `read the image information of ${path}`;
   const result = await qemuImg(args, action, { signal: opts.signal, timeoutMs: 60_000 });
-  if (result.code !== 0) throw imageError(result, action);
+  if (result.code !== 0) throw imageError(result, action, { filename, path });
   const info = parseImageInfo(result.stdout);
   return opts.backingChain ? info : { ...info, filename: path };
 }
@@ -207,7 +212,8 @@ export async function checkImage(
 ): Promise<ImageCheck> {
   const args = ['check', '--output=json'];
   if (opts.forceShare) args.push('-U');
-  args.push('-f', opts.format, '--', imageSpecFilename({ path, format: opts.format, backing: null }));
+  const filename = imageSpecFilename({ path, format: opts.format, backing: null });
+  args.push('-f', opts.format, '--', filename);
   const action = `check the image ${path}`;
   const result = await qemuImg(args, action, { signal: opts.signal });
   if (result.code === 63 || /does not support checks/.test(result.stderr)) {
@@ -224,7 +230,7 @@ export async function checkImage(
   if (result.stdout.trim().startsWith('{') && result.code !== null && [0, 1, 2, 3].includes(result.code)) {
     return parseImageCheck(result.stdout, result.code);
   }
-  throw imageError(result, action);
+  throw imageError(result, action, { filename, path });
 }
 
 /**
@@ -345,7 +351,7 @@ export async function convertImage(
   }
   if (result.code !== 0) {
     await rm(dst, { force: true });
-    throw imageError(result, action);
+    throw imageError(result, action, { filename: source, path: src.path });
   }
   if (last < 1) opts.onProgress?.(1);
 }
