@@ -218,7 +218,7 @@ describe.each(kinds)('chains on a %s target', (kind, make) => {
       const nbdSpec = `json:{"driver":"nbd","host":"127.0.0.1","port":"${nbd.port}"}`;
       for (const [backing, format] of [
         [decoy, 'raw'],
-        [nbdSpec, 'raw'],
+        [nbdSpec, 'nbd'],
       ] as const) {
         const forged = await withForgedHeader('inc2', backing, format);
         expect(await backingOf(join(forged.layout, forged.m.disks[0]!.key))).toBe(backing);
