@@ -14,6 +14,7 @@ export interface ActivityDeps {
   qemuStateDir?: string;
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
+  manifestKey?: Buffer;
 }
 
 export function createActivities(deps: ActivityDeps): HostActivities {
@@ -21,6 +22,6 @@ export function createActivities(deps: ActivityDeps): HostActivities {
     ...createPushActivities(deps),
     ...createImageActivities(deps),
     ...createSnapshotActivities({ ...deps, stateDir: deps.qemuStateDir ?? deps.stateDir }),
-    ...createStorageActivities({ openTarget: deps.openTarget }),
+    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey }),
   } satisfies HostActivities;
 }

@@ -14,10 +14,12 @@ import { deleteObjectsUnder } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest } from '../repository/manifest';
+import { buildManifest, encodeManifest, signManifest } from '../repository/manifest';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
+  /** the user's manifest signing key (VMBACKUP_MANIFEST_KEY_FILE): every manifest written is signed with it */
+  manifestKey?: Buffer;
 }
 
 /** What shipImage heartbeats: the driver's resume point and the bytes done so far. */
@@ -113,7 +115,8 @@ export function createStorageActivities(
 
     async writeManifest(input: ManifestInput): Promise<void> {
       await withTarget(deps, input.target, undefined, async (target) => {
-        const manifest = buildManifest(input.manifest);
+        const built = buildManifest(input.manifest);
+        const manifest = deps.manifestKey ? signManifest(built, deps.manifestKey) : built;
         const key = manifestKey(manifest.domain, manifest.backupId);
         const body = encodeManifest(manifest);
         const existing = await target.stat(key);

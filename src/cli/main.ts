@@ -3,6 +3,7 @@ import { Command } from 'commander';
 import { register as backup } from './commands/backup';
 import { register as cancel } from './commands/cancel';
 import { register as copy } from './commands/copy';
+import { register as gc } from './commands/gc';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
@@ -16,7 +17,7 @@ export function buildProgram(): Command {
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, recover, worker]) reg(program);
+  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker]) reg(program);
   return program;
 }
 

@@ -10,7 +10,7 @@
  */
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
-import { findBackup, type BackupEntry } from './catalog';
+import { findBackup, type BackupEntry, type CatalogOptions } from './catalog';
 import type { Manifest, ManifestDisk } from './manifest';
 
 /** More links than any real chain (a new full is forced long before); a bound against a forged loop. */
@@ -137,11 +137,14 @@ export function diskChain(links: readonly Manifest[], name: string): DiskLink[] 
   return out;
 }
 
-/** Looks manifests up on a target; a backup with no committed manifest there is undefined. */
-export function lookupOn(target: StorageTarget, domain: string): ManifestLookup {
+/**
+ * Looks manifests up on a target; a backup with no committed manifest there is undefined. With a manifestKey, a
+ * link whose manifest is not signed with it throws (the walk reports it as the broken link).
+ */
+export function lookupOn(target: StorageTarget, domain: string, opts: CatalogOptions = {}): ManifestLookup {
   return async (backupId) => {
     try {
-      const { manifest } = await findBackup(target, backupId);
+      const { manifest } = await findBackup(target, backupId, opts);
       return manifest.domain === domain ? manifest : undefined;
     } catch (err) {
       if (err instanceof StorageError && err.kind === 'not-found' && err.driver === 'catalog') return undefined;
@@ -161,9 +164,14 @@ export interface ResolvedChain {
  * The backup and every link it depends on, read from the manifests on `target`. A broken chain throws one sentence
  * that starts with `action` ("Cannot restore X from T"), names the missing link and says what to do.
  */
-export async function resolveChain(target: StorageTarget, backupId: string, action: string): Promise<ResolvedChain> {
-  const top = await findBackup(target, backupId);
-  const walk = await walkChain(top.manifest, lookupOn(target, top.manifest.domain), target.displayUrl);
+export async function resolveChain(
+  target: StorageTarget,
+  backupId: string,
+  action: string,
+  opts: CatalogOptions = {},
+): Promise<ResolvedChain> {
+  const top = await findBackup(target, backupId, opts);
+  const walk = await walkChain(top.manifest, lookupOn(target, top.manifest.domain, opts), target.displayUrl);
   if (walk.broken) throw brokenChainError(action, walk.broken, target);
   return { top, links: walk.links };
 }

@@ -8,13 +8,12 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
-import { manifestKey } from '../storage/keys';
 import { brokenChainError, lookupOn, walkChain } from './chain';
-import { findBackup } from './catalog';
+import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
 import { writeSparseFile } from './local-copy';
-import { decodeManifest, type ChainLevel, type Manifest, type ManifestDisk } from './manifest';
+import type { ChainLevel, Manifest, ManifestDisk } from './manifest';
 
-export interface CopyOptions {
+export interface CopyOptions extends CatalogOptions {
   /** where images from a remote source are staged; default the OS temp dir */
   tempDir?: string;
   signal?: AbortSignal;
@@ -49,8 +48,9 @@ export async function copyBackup(
   backupId: string,
   opts: CopyOptions = {},
 ): Promise<CopyReport> {
-  const { manifest } = await findBackup(from, backupId);
-  const walk = await walkChain(manifest, lookupOn(from, manifest.domain), from.displayUrl);
+  const catalog = { manifestKey: opts.manifestKey };
+  const { manifest } = await findBackup(from, backupId, catalog);
+  const walk = await walkChain(manifest, lookupOn(from, manifest.domain, catalog), from.displayUrl);
   if (walk.broken) throw brokenChainError(`Cannot copy backup ${backupId} from ${from.displayUrl}`, walk.broken, from);
   const report: CopyReport = { backupId, from: from.displayUrl, to: to.displayUrl, copied: [], skipped: [], links: [] };
   for (const link of walk.links) await copyLink(from, to, link, report, opts);
@@ -64,17 +64,18 @@ async function copyLink(
   report: CopyReport,
   opts: CopyOptions,
 ): Promise<void> {
-  const mKey = manifestKey(m.domain, m.backupId);
   // the stored bytes, not a re-encoding: a signature and fields this version does not know stay as they are
-  const body = await from.getBuffer(mKey);
-  if (JSON.stringify(decodeManifest(body, `${mKey} on ${from.displayUrl}`)) !== JSON.stringify(m)) {
+  const { key: mKey, body, manifest: again } = await findBackup(from, m.backupId, { manifestKey: opts.manifestKey });
+  if (JSON.stringify(again) !== JSON.stringify(m)) {
     throw new StorageError(
       'checksum',
       `The manifest ${mKey} on ${from.displayUrl} changed while it was being copied; run the copy again.`,
       { driver: 'catalog', permanent: true },
     );
   }
-  const existing = (await to.stat(mKey)) ? await to.getBuffer(mKey).catch(() => undefined) : undefined;
+  const existing = (await to.stat(mKey))
+    ? await to.getBuffer(mKey, { maxBytes: MAX_MANIFEST_BYTES }).catch(() => undefined)
+    : undefined;
   const sameManifest = existing?.equals(body) ?? false;
   const copiedBefore = report.copied.length;
   for (const disk of m.disks) {

@@ -1,7 +1,7 @@
 /** prune: restic's retention policy per domain; manifests are deleted first, then images. */
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
-import { deleteBackup, listBackups } from './catalog';
+import { deleteBackup, listBackups, type CatalogOptions } from './catalog';
 import type { ChainLevel, Manifest } from './manifest';
 export interface PrunePolicy {
   keepLast?: number;
@@ -10,7 +10,7 @@ export interface PrunePolicy {
   keepMonthly?: number;
 }
 
-export interface PruneOptions extends PrunePolicy {
+export interface PruneOptions extends PrunePolicy, CatalogOptions {
   domain?: string;
   dryRun?: boolean;
 }
@@ -195,10 +195,28 @@ export async function pruneBackups(target: StorageTarget, opts: PruneOptions): P
       },
     );
   }
-  const entries = await listBackups(target, opts.domain ? { domain: opts.domain } : {});
-  const byDomain = new Map<string, Manifest[]>();
-  for (const e of entries) byDomain.set(e.manifest.domain, [...(byDomain.get(e.manifest.domain) ?? []), e.manifest]);
+  const entries = await listBackups(target, {
+    ...(opts.domain ? { domain: opts.domain } : {}),
+    ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
+  });
   const report: PruneReport = { target: target.displayUrl, dryRun: Boolean(opts.dryRun), keep: [], remove: [] };
+  const byDomain = new Map<string, Manifest[]>();
+  for (const e of entries) {
+    if (opts.manifestKey && !e.signed) {
+      // someone else wrote it: it neither counts as a point (a forged newer backup would push real ones out) nor
+      // is removed on its word
+      report.keep.push({
+        backupId: e.manifest.backupId,
+        domain: e.manifest.domain,
+        startedAt: e.manifest.startedAt,
+        level: e.manifest.chain.level,
+        ...(e.manifest.chain.parent ? { parent: e.manifest.chain.parent } : {}),
+        reasons: ['not signed with your key: not counted'],
+      });
+      continue;
+    }
+    byDomain.set(e.manifest.domain, [...(byDomain.get(e.manifest.domain) ?? []), e.manifest]);
+  }
   for (const manifests of [...byDomain.values()]) {
     const { keep, remove } = applyPolicy(manifests, policy);
     report.keep.push(...keep);

@@ -20,6 +20,7 @@ import { HypervisorError } from '../hypervisor/errors';
 import { chainSpec, convertImage } from '../hypervisor/qemu-img';
 import type { StorageTarget } from '../storage/contract';
 import { StorageError, errnoCode, isAbortError } from '../storage/errors';
+import type { CatalogOptions } from './catalog';
 import { diskChain, resolveChain, type DiskLink } from './chain';
 import { hashFile, writeSparseFile, type WrittenFile } from './local-copy';
 import type { Manifest, ManifestDisk } from './manifest';
@@ -27,7 +28,7 @@ import type { Manifest, ManifestDisk } from './manifest';
 export type RestoreFormat = 'qcow2' | 'raw';
 export const RESTORE_FORMATS: readonly RestoreFormat[] = ['qcow2', 'raw'];
 
-export interface RestoreOptions {
+export interface RestoreOptions extends CatalogOptions {
   /** restore only this disk, to a file (or into `to` when it is a directory) */
   disk?: string;
   /** a file path for one disk; a directory for all disks */
@@ -95,7 +96,7 @@ export async function restoreBackup(
   opts: RestoreOptions,
 ): Promise<RestoredDisk[]> {
   const where = `Cannot restore backup ${backupId} from ${target.displayUrl}`;
-  const { top, links } = await resolveChain(target, backupId, where);
+  const { top, links } = await resolveChain(target, backupId, where, { manifestKey: opts.manifestKey });
   const created = new CreatedFiles();
   try {
     const plan = await planRestore(top.manifest, opts, created);

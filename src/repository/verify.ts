@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import { HypervisorError } from '../hypervisor/errors';
 import { checkImage } from '../hypervisor/qemu-img';
 import type { StorageTarget } from '../storage/contract';
-import { findBackup } from './catalog';
+import { findBackup, type CatalogOptions } from './catalog';
 import { lookupOn, walkChain } from './chain';
 import { writeSparseFile, type WrittenFile } from './local-copy';
 import type { ChainLevel, Manifest, ManifestDisk } from './manifest';
@@ -53,7 +53,7 @@ export interface VerifyReport {
   links: LinkVerification[];
 }
 
-export interface VerifyOptions {
+export interface VerifyOptions extends CatalogOptions {
   /** where downloaded qcow2 images are checked; default the OS temp dir */
   tempDir?: string;
   signal?: AbortSignal;
@@ -65,8 +65,9 @@ export async function verifyBackup(
   backupId: string,
   opts: VerifyOptions = {},
 ): Promise<VerifyReport> {
-  const { manifest } = await findBackup(target, backupId);
-  const walk = await walkChain(manifest, lookupOn(target, manifest.domain), target.displayUrl);
+  const catalog = { manifestKey: opts.manifestKey };
+  const { manifest } = await findBackup(target, backupId, catalog);
+  const walk = await walkChain(manifest, lookupOn(target, manifest.domain, catalog), target.displayUrl);
   const links: LinkVerification[] = [];
   if (walk.broken) {
     links.push({

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import { copyBackup } from '../../repository';
 import { action, printJson } from '../output';
 import { addS3Options } from './s3-options';
-import { openCliTarget } from './target-options';
+import { cliManifestKey, openCliTarget } from './target-options';
 
 interface CopyFlags {
   from: string;
@@ -34,7 +34,7 @@ async function runCopy(backupId: string, flags: CopyFlags): Promise<void> {
   try {
     const to = openCliTarget(flags.to, flags);
     try {
-      const report = await copyBackup(from, to, backupId);
+      const report = await copyBackup(from, to, backupId, { manifestKey: cliManifestKey() });
       if (flags.json) printJson(report);
       else {
         const parents = report.links.filter((l) => l.backupId !== backupId);

@@ -4,9 +4,8 @@
  */
 import type { Command } from 'commander';
 import { pruneBackups } from '../../repository';
-import { action, CliError, printJson } from '../output';
-import { printTable } from './list';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { action, CliError, printJson, printTable } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 interface PruneFlags extends TargetFlags {
   domain?: string;
@@ -51,6 +50,7 @@ async function runPrune(flags: PruneFlags): Promise<void> {
     const report = await pruneBackups(target, {
       ...policy,
       ...(flags.domain ? { domain: flags.domain } : {}),
+      manifestKey: cliManifestKey(),
       dryRun: Boolean(flags.dryRun),
     });
     if (flags.json) {

@@ -7,7 +7,7 @@ import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { RESTORE_FORMATS, restoreBackup, type RestoreFormat } from '../../repository';
 import { action, CliError, formatBytes, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 interface RestoreFlags extends TargetFlags {
   disk?: string;
@@ -56,6 +56,7 @@ function checkUsage(
 
 async function runRestore(id: string | undefined, flags: RestoreFlags): Promise<void> {
   const { backupId, to, format } = checkUsage(id, flags);
+  const manifestKey = cliManifestKey();
   const stop = new AbortController();
   let stoppedBy: NodeJS.Signals | undefined;
   const onSignal = (signal: NodeJS.Signals): void => {
@@ -74,6 +75,7 @@ async function runRestore(id: string | undefined, flags: RestoreFlags): Promise<
   try {
     await withCliTarget(flags.target, flags, async (target) => {
       const restored = await restoreBackup(target, backupId, {
+        manifestKey,
         to: resolve(to),
         ...(flags.disk ? { disk: flags.disk } : {}),
         ...(format ? { format } : {}),

@@ -4,8 +4,8 @@
  */
 import type { Command } from 'commander';
 import { verifyBackup } from '../../repository';
-import { action, CliError, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { action, CliError, printJson, safeText } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 export function register(program: Command): void {
   const cmd = program
@@ -20,8 +20,9 @@ export function register(program: Command): void {
 }
 
 async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
+  const manifestKey = cliManifestKey();
   await withCliTarget(flags.target, flags, async (target) => {
-    const report = await verifyBackup(target, backupId);
+    const report = await verifyBackup(target, backupId, { manifestKey });
     if (flags.json) {
       printJson(report);
       if (!report.ok) process.exitCode = 1;
@@ -30,11 +31,13 @@ async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
     const chained = report.links.length > 1;
     for (const link of report.links) {
       if (chained || link.problem) {
-        process.stdout.write(`${link.ok ? 'ok  ' : 'BAD '} ${link.backupId}  ${link.level ?? 'missing'}\n`);
+        process.stdout.write(
+          `${safeText(`${link.ok ? 'ok  ' : 'BAD '} ${link.backupId}  ${link.level ?? 'missing'}`)}\n`,
+        );
       }
       for (const d of link.disks) {
         process.stdout.write(
-          `${chained ? '  ' : ''}${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}\n`,
+          `${safeText(`${chained ? '  ' : ''}${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}`)}\n`,
         );
       }
     }
