@@ -5,13 +5,14 @@
  * chain gives one sentence naming the missing link.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { copyBackup, deleteBackup, listBackups, pruneBackups, restoreBackup, verifyBackup } from '../../src/repository';
-import { buildManifest, type Manifest } from '../../src/repository/manifest';
+import { buildManifest, signManifest, type Manifest } from '../../src/repository/manifest';
 import type { StorageTarget } from '../../src/storage/contract';
 import { sha256Of } from '../storage/backups';
 import { buildChain, putChain, putPoint, POINTS, type BuiltChain, type PointName } from '../storage/chains';
@@ -282,5 +283,51 @@ describe.each(kinds)('chains on a %s target', (kind, make) => {
     expect((await listBackups(t)).map((b) => b.manifest.backupId)).toEqual([chain.ids.full, chain.ids.diff]);
     const [vda] = await restoreBackup(t, chain.ids.diff, { to: join(out, 'after-prune') });
     expect(await sameAs(vda!.path, 'qcow2', chain.refs.diff.vda!)).toBe(true);
+  });
+});
+
+describe('a chain signed with the manifest key', () => {
+  test('a link whose manifest is not signed with the key breaks the chain: restore, verify and copy name it; prune leaves it', async () => {
+    const key = randomBytes(32);
+    const made = await localTarget();
+    const out = await mkdtemp(join(work, 'signed-'));
+    try {
+      for (const p of ['full', 'inc1', 'inc2'] as const) {
+        await putPoint(made.target, chain.layout, signManifest(chain.manifests[p], key));
+      }
+      const ok = await restoreBackup(made.target, chain.ids.inc2, { to: join(out, 'ok'), manifestKey: key });
+      expect(await sameAs(ok[0]!.path, 'qcow2', chain.refs.inc2.vda!)).toBe(true);
+      // someone who can write the target replaces inc1's manifest (same content, no signature of ours)
+      await putPoint(made.target, chain.layout, chain.manifests.inc1);
+      const err = await failure(restoreBackup(made.target, chain.ids.inc2, { to: join(out, 'x'), manifestKey: key }));
+      expect(err.message).toMatch(
+        new RegExp(
+          `^Cannot restore backup ${chain.ids.inc2} from .*: it depends on backup ${chain.ids.inc1} \\(the parent of ${chain.ids.inc2}\\), whose manifest cannot be used: The manifest of ${chain.ids.inc1} on .* is not signed with your key`,
+        ),
+      );
+      const report = await verifyBackup(made.target, chain.ids.inc2, { manifestKey: key });
+      expect(report.ok).toBe(false);
+      expect(report.links[0]).toMatchObject({ backupId: chain.ids.inc1, ok: false });
+      const dest = await localTarget();
+      try {
+        await expect(copyBackup(made.target, dest.target, chain.ids.inc2, { manifestKey: key })).rejects.toThrow(
+          new RegExp(`^Cannot copy backup ${chain.ids.inc2} .*not signed with your key`),
+        );
+      } finally {
+        await dest.cleanup();
+        await dest.target.close();
+      }
+      // without the key nothing is checked, as before signing existed
+      expect((await verifyBackup(made.target, chain.ids.inc2)).ok).toBe(true);
+      const pruned = await pruneBackups(made.target, { keepLast: 1, manifestKey: key, dryRun: true });
+      expect(pruned.keep.find((k) => k.backupId === chain.ids.inc1)?.reasons).toEqual([
+        'not signed with your key: not counted',
+      ]);
+      expect(pruned.remove).toEqual([]);
+    } finally {
+      await made.cleanup();
+      await made.target.close();
+      await rm(out, { recursive: true, force: true });
+    }
   });
 });
