@@ -37,18 +37,24 @@ export async function writeSparseFile(
   if (opts.signal) addAbortSignal(opts.signal, source);
   const hash = createHash('sha256');
   let position = 0;
+  // one write in flight while the next chunk is hashed: disk and CPU work at the same time
+  let writing: Promise<void> = Promise.resolve();
   try {
     for await (const chunk of source as AsyncIterable<Buffer>) {
       hash.update(chunk);
-      await writeNonZero(fh, chunk, position);
+      await writing;
+      writing = writeNonZero(fh, chunk, position);
+      writing.catch(() => undefined); // surfaced when awaited
       position += chunk.length;
       opts.onBytes?.(position);
     }
+    await writing;
     opts.signal?.throwIfAborted();
     await fh.truncate(position);
     await fh.sync();
   } finally {
     source.destroy();
+    await writing.catch(() => undefined); // never close the handle under a write
     await fh.close();
   }
   return { sha256: hash.digest('hex'), bytes: position };
