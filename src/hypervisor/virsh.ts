@@ -476,7 +476,7 @@ export class VirshHypervisor implements Hypervisor {
     if (disk.backingChain) {
       info.backingChain = disk.backingChain.map((b) => b.path ?? '').filter((p) => p.length > 0);
     } else if (disk.format === 'qcow2') {
-      const image = await imageInfo(disk.source, { backingChain: true, forceShare: true });
+      const image = await imageInfo(disk.source, { format: 'qcow2', backingChain: true, forceShare: true });
       info.backingChain = (image.chain ?? []).map((i) => i.filename);
     }
     return info;

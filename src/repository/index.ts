@@ -4,6 +4,7 @@
  * a driver for anything but opening a target.
  */
 export * from './catalog';
+export * from './chain';
 export * from './copy';
 export * from './gc';
 export * from './manifest';

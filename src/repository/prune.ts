@@ -1,8 +1,8 @@
 /** prune: restic's retention policy per domain; manifests are deleted first, then images. */
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
-import { deleteBackup, listBackups } from './catalog';
-import type { Manifest } from './manifest';
+import { deleteBackup, listBackups, type CatalogOptions } from './catalog';
+import type { ChainLevel, Manifest } from './manifest';
 export interface PrunePolicy {
   keepLast?: number;
   keepDaily?: number;
@@ -10,7 +10,7 @@ export interface PrunePolicy {
   keepMonthly?: number;
 }
 
-export interface PruneOptions extends PrunePolicy {
+export interface PruneOptions extends PrunePolicy, CatalogOptions {
   domain?: string;
   dryRun?: boolean;
 }
@@ -19,7 +19,14 @@ export interface PruneDecision {
   backupId: string;
   domain: string;
   startedAt: string;
-  /** why it is kept: 'last', 'daily', 'weekly', 'monthly', 'only backup'; empty when removed */
+  level: ChainLevel;
+  /** the backup it depends on (inc: the previous link, diff: the full) */
+  parent?: string;
+  /**
+   * why it is kept: 'last', 'daily', 'weekly', 'monthly', 'only backup', 'parent of <id>' (a kept backup depends
+   * on it), 'not restorable: …' (its chain is broken on this target: not counted, left for a person to decide);
+   * empty when removed
+   */
   reasons: string[];
 }
 
@@ -27,6 +34,7 @@ export interface PruneReport {
   target: string;
   dryRun: boolean;
   keep: PruneDecision[];
+  /** in the order they are removed: every backup before the backups it depends on */
   remove: PruneDecision[];
 }
 
@@ -41,14 +49,26 @@ function isoWeek(d: Date): string {
 }
 
 /**
- * restic's policy for one domain's backups: keep the newest `keepLast`, and the newest backup of
- * each of the last `keepDaily` days / `keepWeekly` ISO weeks / `keepMonthly` months (UTC) that
- * have backups. The newest backup is always kept, so a domain never loses its only backup.
+ * restic's policy for one domain's backups, counted in restorable points (every full, inc or diff is one): keep the
+ * newest `keepLast`, and the newest backup of each of the last `keepDaily` days / `keepWeekly` ISO weeks /
+ * `keepMonthly` months (UTC) that have backups. The newest point is always kept, so a domain never loses its only
+ * backup. Then every backup a kept one depends on is kept too ('parent of <id>'), so nothing kept stops being
+ * restorable. A backup whose chain is broken on this target (its parent is missing) is no restorable point: it is
+ * neither counted nor removed ('not restorable: …'), `verify` names the missing link.
+ *
+ * `remove` comes out in a safe order: every backup before the ones it depends on, so a prune stopped half way never
+ * leaves a committed backup whose parent is gone.
  */
 export function applyPolicy(
   backups: Manifest[],
   policy: PrunePolicy,
 ): { keep: PruneDecision[]; remove: PruneDecision[] } {
+  const byId = new Map(backups.map((m) => [m.backupId, m]));
+  const broken = new Map<string, string>();
+  for (const m of backups) {
+    const missing = missingAncestor(m, byId);
+    if (missing) broken.set(m.backupId, `not restorable: ${missing} is missing`);
+  }
   const newestFirst = [...backups].sort(
     (a, b) => b.startedAt.localeCompare(a.startedAt) || b.backupId.localeCompare(a.backupId),
   );
@@ -59,11 +79,11 @@ export function applyPolicy(
     { name: 'monthly', limit: policy.keepMonthly ?? 0, bucket: (d) => d.toISOString().slice(0, 7) },
   ];
   const state = rules.map(() => ({ count: 0, last: undefined as string | undefined }));
-  const keep: PruneDecision[] = [];
-  const remove: PruneDecision[] = [];
-  newestFirst.forEach((m, i) => {
+  const reasons = new Map<string, string[]>(backups.map((m) => [m.backupId, []]));
+  const points = newestFirst.filter((m) => !broken.has(m.backupId));
+  points.forEach((m, i) => {
     const at = new Date(m.startedAt);
-    const reasons: string[] = [];
+    const why = reasons.get(m.backupId) as string[];
     rules.forEach((rule, r) => {
       const s = state[r] as { count: number; last: string | undefined };
       if (s.count >= rule.limit) return;
@@ -71,18 +91,74 @@ export function applyPolicy(
       if (b !== s.last) {
         s.last = b;
         s.count += 1;
-        reasons.push(rule.name);
+        why.push(rule.name);
       }
     });
-    if (i === 0 && reasons.length === 0) reasons.push('only backup');
-    (reasons.length > 0 ? keep : remove).push({
-      backupId: m.backupId,
-      domain: m.domain,
-      startedAt: m.startedAt,
-      reasons,
-    });
+    if (i === 0 && why.length === 0) why.push('only backup');
   });
+  for (const [id, why] of broken) reasons.get(id)?.push(why);
+  // a kept backup keeps its whole chain: walk from each kept one (newest first) to its full
+  for (const m of points) {
+    if ((reasons.get(m.backupId) ?? []).length === 0) continue;
+    let child = m;
+    let parent = child.chain.parent ? byId.get(child.chain.parent) : undefined;
+    while (parent) {
+      const why = reasons.get(parent.backupId) as string[];
+      const reason = `parent of ${child.backupId}`;
+      if (why.includes(reason)) break;
+      why.push(reason);
+      child = parent;
+      parent = child.chain.parent ? byId.get(child.chain.parent) : undefined;
+    }
+  }
+  const decision = (m: Manifest): PruneDecision => ({
+    backupId: m.backupId,
+    domain: m.domain,
+    startedAt: m.startedAt,
+    level: m.chain.level,
+    ...(m.chain.parent ? { parent: m.chain.parent } : {}),
+    reasons: reasons.get(m.backupId) ?? [],
+  });
+  const keep = newestFirst.filter((m) => (reasons.get(m.backupId) ?? []).length > 0).map(decision);
+  const remove = dependentsFirst(newestFirst.filter((m) => (reasons.get(m.backupId) ?? []).length === 0)).map(decision);
   return { keep, remove };
+}
+
+/** The first ancestor of `m` that is not among `byId` (its chain is broken here), or undefined. */
+function missingAncestor(m: Manifest, byId: ReadonlyMap<string, Manifest>): string | undefined {
+  const seen = new Set<string>();
+  let link = m;
+  while (link.chain.level !== 'full') {
+    const parentId = link.chain.parent;
+    if (!parentId || seen.has(parentId)) return parentId ?? '(no parent)';
+    seen.add(parentId);
+    const parent = byId.get(parentId);
+    if (!parent) return parentId;
+    link = parent;
+  }
+  return undefined;
+}
+
+/** Orders backups so that each comes before every backup it depends on (children before parents). */
+function dependentsFirst(victims: Manifest[]): Manifest[] {
+  const ids = new Set(victims.map((m) => m.backupId));
+  const children = new Map<string, number>();
+  for (const m of victims) {
+    const p = m.chain.parent;
+    if (p && ids.has(p)) children.set(p, (children.get(p) ?? 0) + 1);
+  }
+  const out: Manifest[] = [];
+  const pending = [...victims];
+  while (pending.length > 0) {
+    const i = pending.findIndex((m) => (children.get(m.backupId) ?? 0) === 0);
+    // no such backup only with a loop of parents, which the walk above already treats as broken
+    const [next] = pending.splice(i < 0 ? 0 : i, 1);
+    if (!next) break;
+    out.push(next);
+    const p = next.chain.parent;
+    if (p && children.has(p)) children.set(p, (children.get(p) ?? 1) - 1);
+  }
+  return out;
 }
 
 /**
@@ -119,10 +195,28 @@ export async function pruneBackups(target: StorageTarget, opts: PruneOptions): P
       },
     );
   }
-  const entries = await listBackups(target, opts.domain ? { domain: opts.domain } : {});
-  const byDomain = new Map<string, Manifest[]>();
-  for (const e of entries) byDomain.set(e.manifest.domain, [...(byDomain.get(e.manifest.domain) ?? []), e.manifest]);
+  const entries = await listBackups(target, {
+    ...(opts.domain ? { domain: opts.domain } : {}),
+    ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
+  });
   const report: PruneReport = { target: target.displayUrl, dryRun: Boolean(opts.dryRun), keep: [], remove: [] };
+  const byDomain = new Map<string, Manifest[]>();
+  for (const e of entries) {
+    if (opts.manifestKey && !e.signed) {
+      // someone else wrote it: it neither counts as a point (a forged newer backup would push real ones out) nor
+      // is removed on its word
+      report.keep.push({
+        backupId: e.manifest.backupId,
+        domain: e.manifest.domain,
+        startedAt: e.manifest.startedAt,
+        level: e.manifest.chain.level,
+        ...(e.manifest.chain.parent ? { parent: e.manifest.chain.parent } : {}),
+        reasons: ['not signed with your key: not counted'],
+      });
+      continue;
+    }
+    byDomain.set(e.manifest.domain, [...(byDomain.get(e.manifest.domain) ?? []), e.manifest]);
+  }
   for (const manifests of [...byDomain.values()]) {
     const { keep, remove } = applyPolicy(manifests, policy);
     report.keep.push(...keep);

@@ -70,7 +70,9 @@ afterAll(async () => {
 test('list prints a table, --json one object; an empty target says so', async () => {
   const table = await vmbackup('list', '--target', a.url);
   expect(table.code).toBe(0);
-  expect(table.stdout.split('\n')[0]).toMatch(/^BACKUP ID\s+DOMAIN\s+STARTED\s+METHOD\s+DISKS\s+SIZE$/);
+  expect(table.stdout.split('\n')[0]).toMatch(
+    /^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+SIZE$/,
+  );
   for (const id of ids) expect(table.stdout).toContain(id);
   const json = await vmbackup('list', '--target', a.url, '--domain', 'web', '--json');
   const parsed = JSON.parse(json.stdout) as { backups: Array<{ backupId: string }> };

@@ -1,6 +1,6 @@
-/** `vmbackup list`: the committed backups on a target, read from their manifests. */
+/** `vmbackup list`: the committed backups on a target, read from their manifests, with their place in a chain. */
 import type { Command } from 'commander';
-import { listBackups } from '../../repository';
+import { listBackups, type Manifest } from '../../repository';
 import { action, formatBytes, printJson, printTable, printWarning, safeText } from '../output';
 import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
@@ -32,7 +32,12 @@ async function runList(flags: ListFlags): Promise<void> {
     if (flags.json) {
       printJson({
         target: target.displayUrl,
-        backups: backups.map((b) => ({ ...b.manifest, size: b.size, ...(manifestKey ? { signed: b.signed } : {}) })),
+        backups: backups.map((b) => ({
+          ...b.manifest,
+          chain: chainOf(b.manifest),
+          size: b.size,
+          ...(manifestKey ? { signed: b.signed } : {}),
+        })),
         invalid,
       });
       return;
@@ -54,11 +59,32 @@ async function runList(flags: ListFlags): Promise<void> {
       b.manifest.backupId,
       b.manifest.domain,
       b.manifest.startedAt,
+      b.manifest.chain.level,
+      b.manifest.chain.parent ?? '-',
       b.manifest.method + (b.manifest.quiesced ? ' (quiesced)' : ''),
       b.manifest.disks.map((d) => d.name).join(','),
       formatBytes(b.size),
       ...(manifestKey ? [b.signed ? 'yes' : 'NO'] : []),
     ]);
-    printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'METHOD', 'DISKS', 'SIZE', ...(manifestKey ? ['SIGNED'] : [])], rows);
+    printTable(
+      [
+        'BACKUP ID',
+        'DOMAIN',
+        'STARTED',
+        'LEVEL',
+        'PARENT',
+        'METHOD',
+        'DISKS',
+        'SIZE',
+        ...(manifestKey ? ['SIGNED'] : []),
+      ],
+      rows,
+    );
   });
+}
+
+/** Where a backup sits in its chain, as scripts read it (`--json`): the checkpoint XML stays in the manifest. */
+function chainOf(m: Manifest): { level: string; parent: string | null; base: string; checkpoint: string | null } {
+  const { level, parent, base, checkpoint } = m.chain;
+  return { level, parent: parent ?? null, base, checkpoint: checkpoint ?? null };
 }
