@@ -125,7 +125,7 @@ describe('checkpoints on real libvirt', () => {
       },
     ]);
     // a full push backup is standalone
-    expect((await imageInfo(full['vda']!)).backingFile).toBeUndefined();
+    expect((await imageInfo(full['vda']!, { format: 'qcow2' })).backingFile).toBeUndefined();
 
     await dom.writeThroughDevice('vda', 0xc1, 10, 2);
     await dom.writeThroughDevice('vda', 0xc2, 40, 1);
@@ -139,7 +139,7 @@ describe('checkpoints on real libvirt', () => {
 
     const inc = await backup(dom, 'inc1', disks, { disks, incremental: 'ckp-0', checkpoint: { name: 'ckp-1', disks } });
     // libvirt gives a push increment the LIVE disk as backing file
-    expect((await imageInfo(inc['vda']!)).backingFile).toBe(dom.disks[0]!.path);
+    expect((await imageInfo(inc['vda']!, { format: 'qcow2' })).backingFile).toBe(dom.disks[0]!.path);
     expect(await ownData(inc['vda']!)).toEqual([
       [10 * MiB, 2 * MiB],
       [40 * MiB, 1 * MiB],
@@ -148,7 +148,7 @@ describe('checkpoints on real libvirt', () => {
 
     await rebase(inc['vda']!, full['vda']!);
     await rebase(inc['vdb']!, full['vdb']!);
-    expect((await imageInfo(inc['vda']!)).backingFile).toBe(full['vda']);
+    expect((await imageInfo(inc['vda']!, { format: 'qcow2' })).backingFile).toBe(full['vda']);
     expect(await identical(inc['vda']!, refVda)).toBe(true);
     expect(await identical(inc['vdb']!, refVdb)).toBe(true);
     // and not merely because the full already held it
@@ -360,9 +360,9 @@ describe('checkpoints on real libvirt', () => {
       checkpoint: { name: 'ckp-1', disks },
     });
     // the whole disk, standalone; the other disk an increment on the live disk as usual
-    expect((await imageInfo(inc['vdb']!)).backingFile).toBeUndefined();
+    expect((await imageInfo(inc['vdb']!, { format: 'qcow2' })).backingFile).toBeUndefined();
     expect(await identical(inc['vdb']!, refVdb)).toBe(true);
-    expect((await imageInfo(inc['vda']!)).backingFile).toBe(dom.disks[0]!.path);
+    expect((await imageInfo(inc['vda']!, { format: 'qcow2' })).backingFile).toBe(dom.disks[0]!.path);
     expect(await ownData(inc['vda']!)).toEqual([[16 * MiB, 1 * MiB]]);
     await rebase(inc['vda']!, full['vda']!);
     expect(await identical(inc['vda']!, refVda)).toBe(true);
@@ -391,7 +391,7 @@ describe('checkpoints on real libvirt', () => {
     ]);
     const ref = await pausedCopy(dom, 'vda', join(dom.dir, 'ref.raw'));
     const inc = await backup(dom, 'inc1', disks, { disks, incremental: 'ckp-0', checkpoint: { name: 'ckp-1', disks } });
-    expect((await imageInfo(inc['vda']!)).virtualSize).toBe(96 * MiB);
+    expect((await imageInfo(inc['vda']!, { format: 'qcow2' })).virtualSize).toBe(96 * MiB);
     expect(await ownData(inc['vda']!)).toEqual([
       [20 * MiB, 1 * MiB],
       [80 * MiB, 1 * MiB],
