@@ -290,6 +290,8 @@ describe('incremental and differential chains (real stack)', () => {
     const { handle } = await start(dom, [target]);
     await waitFor('the incremental job to run', () => jobActive(dom.name), { intervalMs: 10, timeoutMs: 120_000 });
     await worker!.kill9();
+    // the job outlived the worker that started it: the new worker must attach to it, not start another
+    expect(await jobActive(dom.name)).toBe(true);
     worker = await startWorkerProcess(host);
     const resumed = await handle.result();
     expect(resumed.chain?.level).toBe('inc');
@@ -302,7 +304,11 @@ describe('incremental and differential chains (real stack)', () => {
     const cancelled = await start(dom, [target]);
     await waitFor('the incremental job to run', () => jobActive(dom.name), { intervalMs: 10, timeoutMs: 120_000 });
     await (cancelled.handle as WorkflowHandle).cancel();
+    const cancelledWhileRunning = await jobActive(dom.name);
     await expect(cancelled.handle.result()).rejects.toThrow(WorkflowFailedError);
+    expect(cancelledWhileRunning).toBe(true);
+    // the job was aborted, and the checkpoint it created is gone
+    expect(await virsh('domjobinfo', dom.name, '--completed')).toMatch(/Job type:\s+Cancelled/);
     expect(await checkpoints(dom.name)).toEqual(before);
     await dom.writeThroughDevice('vda', 0x73, 5, 1);
     const ref2 = await pausedCopy(dom, 'vda', join(work, `${dom.name}-after-cancel.ref.raw`));
