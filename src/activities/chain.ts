@@ -66,7 +66,7 @@ export function createChainActivities(deps: ChainDeps) {
 
     // The chain on the targets: the same newest backup everywhere, whole, young and short enough.
     const catalogs = await readCatalogs(input);
-    const head = findChainHead(
+    const head = await findChainHead(
       catalogs.map((c) => c.catalog),
       {
         domain,
@@ -81,9 +81,8 @@ export function createChainActivities(deps: ChainDeps) {
     if (!head.ok) return full(head.reason);
     const { parent, base } = head;
     for (const { target, catalog } of catalogs) {
-      const problem = await withTarget(deps, target, input.s3Options, (t) =>
-        chainProblem(t, chainOf(parent, catalog.entries).links),
-      );
+      const { links } = await chainOf(parent, catalog.entries, catalog.target);
+      const problem = await withTarget(deps, target, input.s3Options, (t) => chainProblem(t, links));
       if (problem) return full(problem);
     }
 

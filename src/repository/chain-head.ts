@@ -5,6 +5,8 @@
  */
 import type { StorageTarget } from '../storage/contract';
 import type { BackupEntry } from './catalog';
+import { walkChain } from './chain';
+import type { ChainWalk } from './chain';
 import type { Manifest } from './manifest';
 
 export interface ChainHeadQuery {
@@ -36,27 +38,17 @@ export interface TargetCatalog {
   entries: BackupEntry[];
 }
 
-/** The chain (newest first, ending at its full) that `head` depends on, from one target's entries. */
-export function chainOf(head: Manifest, entries: BackupEntry[]): { links: Manifest[]; missing?: string } {
+/**
+ * The links `head` depends on and itself, oldest first, from one target's committed backups (the walk and its
+ * checks are the repository's one chain walk, src/repository/chain.ts); `broken`: why the chain does not reach a full.
+ */
+export async function chainOf(head: Manifest, entries: BackupEntry[], where: string): Promise<ChainWalk> {
   const byId = new Map(entries.map((e) => [e.manifest.backupId, e.manifest]));
-  const links: Manifest[] = [];
-  const seen = new Set<string>();
-  let cur: Manifest | undefined = head;
-  while (cur) {
-    if (seen.has(cur.backupId)) return { links, missing: `${cur.backupId} (a loop in the chain)` };
-    seen.add(cur.backupId);
-    links.push(cur);
-    if (cur.chain.level === 'full') return { links };
-    const parentId: string | undefined = cur.chain.parent;
-    if (!parentId) return { links, missing: `the parent of ${cur.backupId}` };
-    cur = byId.get(parentId);
-    if (!cur) return { links, missing: parentId };
-  }
-  return { links };
+  return walkChain(head, (id) => Promise.resolve(byId.get(id)), where);
 }
 
 /** Decides on the manifests alone (no I/O): see the file comment. */
-export function findChainHead(catalogs: TargetCatalog[], q: ChainHeadQuery): ChainHead {
+export async function findChainHead(catalogs: TargetCatalog[], q: ChainHeadQuery): Promise<ChainHead> {
   if (catalogs.length === 0) return { ok: false, reason: 'no target was given' };
   const heads: Array<{ target: string; head: Manifest; entries: BackupEntry[] }> = [];
   for (const { target, entries } of catalogs) {
@@ -79,9 +71,9 @@ export function findChainHead(catalogs: TargetCatalog[], q: ChainHeadQuery): Cha
   }
   let result: { parent: Manifest; base: Manifest; depth: number } | undefined;
   for (const { target, entries } of heads) {
-    const { links, missing } = chainOf(head, entries);
-    if (missing) return { ok: false, reason: `the chain of ${head.backupId} on ${target} lacks ${missing}` };
-    const base = links.at(-1)!;
+    const { links, broken } = await chainOf(head, entries, target);
+    if (broken) return { ok: false, reason: `the chain of ${head.backupId} on ${target} is broken: ${broken.reason}` };
+    const base = links[0]!;
     if (q.level === 'inc') {
       // links after the full, and the new one
       result = { parent: head, base, depth: links.length };
