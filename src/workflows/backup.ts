@@ -149,30 +149,18 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   const { backupId, domain, host } = req;
   const hardened = patched(HARDENED_SAGA_PATCH);
   const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
-  const { short, long } = acts;
   // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
   const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
-  const quick = localSteps ? acts.local : short;
-  const overlaySteps = localSteps ? acts.localOverlaySteps : acts.overlaySteps;
-  const removeUnknownOverlays = localSteps ? acts.localOverlaySteps : short;
+  const steps: Steps = {
+    short: acts.short,
+    long: acts.long,
+    quick: localSteps ? acts.local : acts.short,
+    overlaySteps: localSteps ? acts.localOverlaySteps : acts.overlaySteps,
+    removeUnknownOverlays: localSteps ? acts.localOverlaySteps : acts.short,
+  };
+  const { quick } = steps;
   const startedAt = workflowInfo().startTime.toISOString();
-
-  const progress: BackupProgress = {
-    backupId,
-    domain,
-    host,
-    phase: 'starting',
-    bytesDone: 0,
-    bytesTotal: 0,
-    targets: Object.fromEntries(
-      req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }]),
-    ),
-  };
-  setHandler(progressQuery, () => progress);
-  const phase = (p: BackupPhase) => {
-    progress.phase = p;
-    upsertSearchAttributes([{ key: StateKey, value: p }]);
-  };
+  const { progress, phase } = trackProgress(req);
 
   phase('inspecting');
   const info = await quick.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
@@ -185,20 +173,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   let plan: BackupPlan | undefined;
   if (patched(INCREMENTAL_PATCH)) {
     phase('planning');
-    // Reads the targets' catalogs and libvirt's checkpoints: a regular activity, it may take a while on a big target.
-    plan = await short.planBackup({
-      backupId,
-      domain,
-      host,
-      method,
-      targets: req.targets,
-      s3Options: req.options.s3,
-      requested: req.options.level ?? 'auto',
-      maxChain: req.options.maxChain ?? DEFAULT_MAX_CHAIN,
-      ...(req.options.fullEverySeconds !== undefined ? { fullEverySeconds: req.options.fullEverySeconds } : {}),
-      disks: info.disks,
-      requestedAt: req.requestedAt,
-    });
+    plan = await planLevel(req, steps, method, info);
     progress.level = plan.level;
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
   }
@@ -211,107 +186,35 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
   const compensations: Array<() => Promise<void>> = [() => quick.cleanupStaging({ backupId, stagingDir: staging.dir })];
+  const run: BackupRun = { req, steps, info, plan, staging, compensations, phase, hardened };
 
   let images: DiskImage[];
-  let quiesced = false;
+  let made: MadeImages;
   let targets: TargetResult[] | undefined;
-  let checkpointXml: string | undefined;
   const ship = () =>
-    shipToTargets(req, { long, quick }, staging, images, progress, {
+    shipToTargets(req, steps, staging, images, progress, {
       method,
       startedAt,
-      quiesced,
+      quiesced: made.quiesced,
       info,
-      chain: plan ? manifestChain(plan, checkpointXml) : undefined,
+      chain: plan ? manifestChain(plan, made.checkpointXml) : undefined,
       backing: plan ? manifestBacking(plan) : {},
     });
   try {
-    let files: ImageFile[];
     if (method === 'push') {
-      phase('backing-up');
-      let jobInput: AwaitBackupJobInput | undefined;
-      if (hardened) {
-        // Registered before the step: a beginPushBackup that fails after libvirt started the job (a timeout, a
-        // crash) must still abort it, or QEMU keeps writing into a staging dir that is about to be removed.
-        // abortPushBackup aborts only a job whose files are ours, so it is harmless when no job was started.
-        jobInput = { backupId, domain, images: pushImageFiles(staging.dir, info.disks) };
-        const undoJob = jobInput;
-        compensations.unshift(() => short.abortPushBackup(undoJob));
-      }
-      if (plan?.checkpoint) {
-        // The checkpoint counts only once the backup is committed: a failed or cancelled backup deletes it, and the
-        // next one builds on the last committed checkpoint. Registered before the job that creates it.
-        const checkpoint = { domain, name: plan.checkpoint.name };
-        compensations.splice(1, 0, () => quick.dropCheckpoint(checkpoint));
-      }
-      const job = await quick.beginPushBackup({
-        backupId,
-        domain,
-        disks: info.disks,
-        stagingDir: staging.dir,
-        ...(plan?.incremental ? { incremental: plan.incremental, fullDisks: plan.fullDisks } : {}),
-        ...(plan?.checkpoint ? { checkpoint: plan.checkpoint } : {}),
-      });
-      if (!jobInput) {
-        jobInput = { backupId, domain, images: job.images };
-        const undoJob = jobInput;
-        compensations.unshift(() => short.abortPushBackup(undoJob));
-      }
-      const stats = await long.awaitBackupJob(jobInput);
-      compensations.shift();
-      progress.bytesDone = stats.bytes;
-      files = job.images;
-      if (plan?.checkpoint) {
-        // Increments name the live disk as their backing file: point them at the parent's image on the target.
-        const prepared = await quick.prepareChainImages({
-          domain,
-          images: files,
-          backing: incrementBacking(plan),
-          checkpoint: plan.checkpoint.name,
-        });
-        checkpointXml = prepared.checkpointXml;
-      }
+      made = await pushImages(run);
+      progress.bytesDone = made.bytes ?? 0;
     } else if (method === 'offline') {
       phase('copying');
-      files = await long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+      made = {
+        files: await steps.long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir }),
+        quiesced: false,
+      };
     } else {
-      phase('creating-overlays');
-      // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
-      // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
-      const undoUnknown = async () => {
-        await long.commitAndPivot({ backupId, domain, overlays: [] });
-        await removeUnknownOverlays.removeOverlays({ backupId, domain, overlays: [] });
-      };
-      compensations.unshift(undoUnknown);
-      const created = await overlaySteps.createOverlays({
-        backupId,
-        domain,
-        disks: info.disks,
-        quiesce: req.options.quiesce ?? false,
-        requireQuiesce: req.options.requireQuiesce ?? false,
-      });
-      quiesced = created.quiesced;
-      const overlays: OverlayRecord[] = created.overlays;
-      const undoOverlays = async () => {
-        await long.commitAndPivot({ backupId, domain, overlays });
-        await overlaySteps.removeOverlays({ backupId, domain, overlays });
-      };
-      compensations[0] = undoOverlays;
-      phase('copying');
-      files = await long.copyBaseImages({
-        backupId,
-        domain,
-        overlays,
-        stagingDir: staging.dir,
-        copyTool: req.options.copyTool ?? 'auto',
-      });
-      phase('committing');
-      // The saga step itself: from here on the VM is put back on its base whatever happens.
-      compensations.shift();
-      await CancellationScope.nonCancellable(undoOverlays);
+      made = await snapshotImages(run);
     }
     phase('finalizing');
-    images = await long.finalizeImages({ backupId, images: files });
+    images = await steps.long.finalizeImages({ backupId, images: made.files });
     if (hardened) {
       phase('uploading');
       // A cancel (or any failure) while shipping removes what this backup put on its targets; a target where the
@@ -332,63 +235,13 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   }
 
   const okTargets = targets.filter((t) => t.ok);
-  if (plan?.checkpoint) {
-    const checkpoint = plan.checkpoint.name;
-    await CancellationScope.nonCancellable(async () => {
-      if (okTargets.length === 0) {
-        // committed nowhere: the checkpoint never counts
-        await quick.dropCheckpoint({ domain, name: checkpoint }).catch((e: unknown) => {
-          log.warn('could not delete the checkpoint of a backup that reached no target', { error: errorMessage(e) });
-        });
-        return;
-      }
-      // Committed: older checkpoints of ours that no chain builds on any more go (each bitmap slows guest writes).
-      const keep = [checkpoint, ...(plan.level !== 'full' && plan.baseCheckpoint ? [plan.baseCheckpoint] : [])];
-      await quick.retireCheckpoints({ domain, keep }).catch((e: unknown) => {
-        log.warn('could not delete old checkpoints', { error: errorMessage(e) });
-      });
-    });
-  }
+  if (plan?.checkpoint) await settleCheckpoint(req, quick, plan, plan.checkpoint.name, okTargets.length > 0);
 
   phase('cleaning-up');
   await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
 
-  const first = okTargets[0];
-  const result: BackupResult = {
-    backupId,
-    domain,
-    host,
-    method,
-    status: okTargets.length === targets.length ? 'completed' : 'partial',
-    startedAt,
-    finishedAt: new Date().toISOString(),
-    quiesced,
-    libvirtVersion: info.libvirtVersion,
-    qemuVersion: info.qemuVersion,
-    ...(plan
-      ? {
-          chain: {
-            level: plan.level,
-            requested: plan.requested,
-            ...(plan.reason ? { reason: plan.reason } : {}),
-            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
-            base: plan.base,
-            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
-          },
-        }
-      : {}),
-    disks: images.map((img) => ({
-      name: img.name,
-      format: img.format,
-      virtualSize: img.virtualSize,
-      size: img.size,
-      sha256: img.sha256,
-      location: first?.locations?.[img.name] ?? '',
-    })),
-    skipped: info.skipped,
-    targets,
-  };
-  if (!first) {
+  const result = resultOf(req, { method, startedAt, quiesced: made.quiesced, info, plan, images, targets });
+  if (okTargets.length === 0) {
     progress.error = targets.map((t) => t.error).join('; ');
     upsertSearchAttributes([{ key: StateKey, value: 'failed' }]);
     throw ApplicationFailure.create({
@@ -401,6 +254,242 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   phase('done');
   upsertSearchAttributes([{ key: StateKey, value: result.status }]);
   return result;
+}
+
+/** The activity proxies a backup uses, chosen once from its patch markers. */
+interface Steps {
+  short: ActivityProxy;
+  long: ActivityProxy;
+  /** quick steps: local activities since SHORT_STEPS_LOCAL_PATCH */
+  quick: ActivityProxy;
+  overlaySteps: ActivityProxy;
+  removeUnknownOverlays: ActivityProxy;
+}
+
+/** What the image-making steps of one backup share. */
+interface BackupRun {
+  req: BackupRequest;
+  steps: Steps;
+  info: DomainInfo;
+  plan: BackupPlan | undefined;
+  staging: StagingArea;
+  /** undo steps, newest first */
+  compensations: Array<() => Promise<void>>;
+  phase: (p: BackupPhase) => void;
+  hardened: boolean;
+}
+
+/** The images a method wrote into staging, before they are checked and hashed. */
+interface MadeImages {
+  files: ImageFile[];
+  quiesced: boolean;
+  /** push: bytes the job processed */
+  bytes?: number;
+  /** push with a checkpoint: its XML, for the manifest */
+  checkpointXml?: string;
+}
+
+function trackProgress(req: BackupRequest): { progress: BackupProgress; phase: (p: BackupPhase) => void } {
+  const progress: BackupProgress = {
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    phase: 'starting',
+    bytesDone: 0,
+    bytesTotal: 0,
+    targets: Object.fromEntries(
+      req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }]),
+    ),
+  };
+  setHandler(progressQuery, () => progress);
+  const phase = (p: BackupPhase) => {
+    progress.phase = p;
+    upsertSearchAttributes([{ key: StateKey, value: p }]);
+  };
+  return { progress, phase };
+}
+
+/** Which level this backup takes: reads the targets' catalogs and libvirt's checkpoints (a regular activity). */
+function planLevel(req: BackupRequest, steps: Steps, method: BackupMethod, info: DomainInfo): Promise<BackupPlan> {
+  return steps.short.planBackup({
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    method,
+    targets: req.targets,
+    s3Options: req.options.s3,
+    requested: req.options.level ?? 'auto',
+    maxChain: req.options.maxChain ?? DEFAULT_MAX_CHAIN,
+    ...(req.options.fullEverySeconds !== undefined ? { fullEverySeconds: req.options.fullEverySeconds } : {}),
+    disks: info.disks,
+    requestedAt: req.requestedAt,
+  });
+}
+
+/** Push mode: QEMU writes each disk's image (whole, or the clusters changed since the parent checkpoint). */
+async function pushImages(run: BackupRun): Promise<MadeImages> {
+  const { req, steps, info, plan, staging, compensations } = run;
+  const { backupId, domain } = req;
+  run.phase('backing-up');
+  let jobInput: AwaitBackupJobInput | undefined;
+  if (run.hardened) {
+    // Registered before the step: a beginPushBackup that fails after libvirt started the job (a timeout, a
+    // crash) must still abort it, or QEMU keeps writing into a staging dir that is about to be removed.
+    // abortPushBackup aborts only a job whose files are ours, so it is harmless when no job was started.
+    jobInput = { backupId, domain, images: pushImageFiles(staging.dir, info.disks) };
+    const undoJob = jobInput;
+    compensations.unshift(() => steps.short.abortPushBackup(undoJob));
+  }
+  if (plan?.checkpoint) {
+    // The checkpoint counts only once the backup is committed: a failed or cancelled backup deletes it, and the
+    // next one builds on the last committed checkpoint. Registered before the job that creates it.
+    const checkpoint = { domain, name: plan.checkpoint.name };
+    compensations.splice(1, 0, () => steps.quick.dropCheckpoint(checkpoint));
+  }
+  const job = await steps.quick.beginPushBackup({
+    backupId,
+    domain,
+    disks: info.disks,
+    stagingDir: staging.dir,
+    ...(plan?.incremental ? { incremental: plan.incremental, fullDisks: plan.fullDisks } : {}),
+    ...(plan?.checkpoint ? { checkpoint: plan.checkpoint } : {}),
+  });
+  if (!jobInput) {
+    jobInput = { backupId, domain, images: job.images };
+    const undoJob = jobInput;
+    compensations.unshift(() => steps.short.abortPushBackup(undoJob));
+  }
+  const stats = await steps.long.awaitBackupJob(jobInput);
+  compensations.shift();
+  const made: MadeImages = { files: job.images, quiesced: false, bytes: stats.bytes };
+  if (plan?.checkpoint) {
+    // Increments name the live disk as their backing file: point them at the parent's image on the target.
+    const prepared = await steps.quick.prepareChainImages({
+      domain,
+      images: job.images,
+      backing: incrementBacking(plan),
+      checkpoint: plan.checkpoint.name,
+    });
+    if (prepared.checkpointXml) made.checkpointXml = prepared.checkpointXml;
+  }
+  return made;
+}
+
+/** The snapshot method: overlays take the guest's writes while the quiet bases are copied, then commit + pivot. */
+async function snapshotImages(run: BackupRun): Promise<MadeImages> {
+  const { req, steps, info, staging, compensations } = run;
+  const { backupId, domain } = req;
+  run.phase('creating-overlays');
+  // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
+  // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
+  const undoUnknown = async () => {
+    await steps.long.commitAndPivot({ backupId, domain, overlays: [] });
+    await steps.removeUnknownOverlays.removeOverlays({ backupId, domain, overlays: [] });
+  };
+  compensations.unshift(undoUnknown);
+  const created = await steps.overlaySteps.createOverlays({
+    backupId,
+    domain,
+    disks: info.disks,
+    quiesce: req.options.quiesce ?? false,
+    requireQuiesce: req.options.requireQuiesce ?? false,
+  });
+  const overlays: OverlayRecord[] = created.overlays;
+  const undoOverlays = async () => {
+    await steps.long.commitAndPivot({ backupId, domain, overlays });
+    await steps.overlaySteps.removeOverlays({ backupId, domain, overlays });
+  };
+  compensations[0] = undoOverlays;
+  run.phase('copying');
+  const files = await steps.long.copyBaseImages({
+    backupId,
+    domain,
+    overlays,
+    stagingDir: staging.dir,
+    copyTool: req.options.copyTool ?? 'auto',
+  });
+  run.phase('committing');
+  // The saga step itself: from here on the VM is put back on its base whatever happens.
+  compensations.shift();
+  await CancellationScope.nonCancellable(undoOverlays);
+  return { files, quiesced: created.quiesced };
+}
+
+/**
+ * After the targets: a backup committed nowhere never counts, so its checkpoint goes; a committed one retires
+ * vmbackup's older checkpoints that no chain builds on any more (each bitmap slows the guest's writes).
+ */
+async function settleCheckpoint(
+  req: BackupRequest,
+  quick: ActivityProxy,
+  plan: BackupPlan,
+  checkpoint: string,
+  committed: boolean,
+): Promise<void> {
+  const { domain } = req;
+  await CancellationScope.nonCancellable(async () => {
+    if (!committed) {
+      await quick.dropCheckpoint({ domain, name: checkpoint }).catch((e: unknown) => {
+        log.warn('could not delete the checkpoint of a backup that reached no target', { error: errorMessage(e) });
+      });
+      return;
+    }
+    const keep = [checkpoint, ...(plan.level !== 'full' && plan.baseCheckpoint ? [plan.baseCheckpoint] : [])];
+    await quick.retireCheckpoints({ domain, keep }).catch((e: unknown) => {
+      log.warn('could not delete old checkpoints', { error: errorMessage(e) });
+    });
+  });
+}
+
+function resultOf(
+  req: BackupRequest,
+  r: {
+    method: BackupMethod;
+    startedAt: string;
+    quiesced: boolean;
+    info: DomainInfo;
+    plan: BackupPlan | undefined;
+    images: DiskImage[];
+    targets: TargetResult[];
+  },
+): BackupResult {
+  const okTargets = r.targets.filter((t) => t.ok);
+  const first = okTargets[0];
+  const { plan } = r;
+  return {
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    method: r.method,
+    status: okTargets.length === r.targets.length ? 'completed' : 'partial',
+    startedAt: r.startedAt,
+    finishedAt: new Date().toISOString(),
+    quiesced: r.quiesced,
+    libvirtVersion: r.info.libvirtVersion,
+    qemuVersion: r.info.qemuVersion,
+    ...(plan
+      ? {
+          chain: {
+            level: plan.level,
+            requested: plan.requested,
+            ...(plan.reason ? { reason: plan.reason } : {}),
+            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
+            base: plan.base,
+            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
+          },
+        }
+      : {}),
+    disks: r.images.map((img) => ({
+      name: img.name,
+      format: img.format,
+      virtualSize: img.virtualSize,
+      size: img.size,
+      sha256: img.sha256,
+      location: first?.locations?.[img.name] ?? '',
+    })),
+    skipped: r.info.skipped,
+    targets: r.targets,
+  };
 }
 
 function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
