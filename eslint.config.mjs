@@ -42,6 +42,82 @@ export default tseslint.config(
       ],
     },
   },
+  // restic's layers, direction enforced: storage (backends) <- repository (what a backup is on a target) <- activities
+  // and cli. Storage knows nothing above it; activities and the CLI open targets through the registry and never
+  // reach into a driver.
+  {
+    files: ['src/storage/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: [
+                '**/repository',
+                '**/repository/**',
+                '**/activities',
+                '**/activities/**',
+                '**/hypervisor',
+                '**/hypervisor/**',
+              ],
+              message: 'storage/ holds the backends only: it never imports repository/, activities/ or hypervisor/.',
+            },
+            {
+              group: ['**/workflows', '**/workflows/**', '**/cli/**', '**/client/**', '**/worker', '**/worker/**'],
+              message: 'storage/ holds the backends only.',
+            },
+          ],
+        },
+      ],
+    },
+  },
+  {
+    files: ['src/repository/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: [
+                '**/activities',
+                '**/activities/**',
+                '**/workflows',
+                '**/workflows/**',
+                '**/cli/**',
+                '**/client/**',
+                '**/worker',
+                '**/worker/**',
+              ],
+              message: 'repository/ is below activities and the CLI: it never imports them.',
+            },
+            {
+              group: ['**/storage/local/**', '**/storage/nfs/**', '**/storage/s3/**'],
+              message: 'repository/ works through the StorageTarget contract, never a driver.',
+            },
+          ],
+        },
+      ],
+    },
+  },
+  {
+    files: ['src/activities/**/*.ts', 'src/cli/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: ['**/storage/local/**', '**/storage/nfs/**', '**/storage/s3/**'],
+              message:
+                'Activities and the CLI go through repository/ (and open targets with storage/registry), never a driver.',
+            },
+          ],
+        },
+      ],
+    },
+  },
   {
     files: ['**/*.js', '**/*.mjs'],
     ...tseslint.configs.disableTypeChecked,

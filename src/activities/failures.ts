@@ -14,6 +14,11 @@ const HYPERVISOR_TYPES: Record<string, ErrorTypeName> = {
   unsupported: ErrorType.UnsupportedDisk,
   quiesce: ErrorType.QuiesceFailed,
   unreachable: ErrorType.HypervisorUnreachable,
+  'checkpoint-inconsistent': ErrorType.CheckpointUnusable,
+  'checkpoint-not-found': ErrorType.CheckpointUnusable,
+  'checkpoint-exists': ErrorType.CheckpointUnusable,
+  'bitmap-exists': ErrorType.CheckpointUnusable,
+  'checkpoint-unsupported': ErrorType.CheckpointUnusable,
 };
 
 /** Rethrow `err` as what Temporal should do with it. Never returns. */

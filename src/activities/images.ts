@@ -5,15 +5,16 @@
 import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
+import { HypervisorError } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
 import { checkImage, convertImage, imageInfo } from '../hypervisor/qemu-img';
+import { fileStamp as stampOf } from '../shared/file-stamp';
 import { sha256File } from '../shared/sha256-file';
 import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import type { ByteProgress } from './push';
-import { fileStamp as stampOf } from '../storage/local/driver';
 
 export interface ImageDeps {
   hypervisor: Hypervisor;
@@ -56,8 +57,7 @@ export function createImageActivities(deps: ImageDeps) {
         );
       }, 500);
       try {
-        await convertImage(disk.source, dst, {
-          srcFormat: disk.format,
+        await convertImage({ path: disk.source, format: disk.format, backing: 'from-header' }, dst, {
           dstFormat: 'qcow2',
           signal: watch.signal,
           onProgress: (fraction) =>
@@ -106,10 +106,16 @@ export function createImageActivities(deps: ImageDeps) {
       if (done.some((d) => d.name === image.name)) continue;
       const stampBefore = stampOf(await stat(image.path));
       // qemu-img check and info read the metadata, the hash reads the data: run them side by side. The snapshot
-      // copy was already hashed against its base, so then the data is not read a second time.
+      // copy was already hashed against its base, so then the data is not read a second time. Both name the format
+      // we wrote and open no backing file: a copy of a raw disk starts with whatever the guest wrote, e.g. a qcow2
+      // header naming /etc/hostname or an NBD server, which a probing qemu-img would open.
       const [check, info, sha256] = await Promise.all([
-        checkImage(image.path),
-        imageInfo(image.path),
+        checkImage(image.path, { format: image.format, forceShare: true }).catch((err: unknown) =>
+          unreadableImage(image, err),
+        ),
+        imageInfo(image.path, { format: image.format, forceShare: true }).catch((err: unknown) =>
+          unreadableImage(image, err),
+        ),
         image.sha256 ??
           sha256File(image.path, {
             signal: ctx.cancellationSignal,
@@ -142,6 +148,21 @@ export function createImageActivities(deps: ImageDeps) {
   }
 
   return { copyOfflineDisks, finalizeImages };
+}
+
+/**
+ * qemu-img could not open or read a backup image in the format we wrote ("Image is not in qcow2 format", a bad
+ * header): the same bytes fail the same way on every retry, so the failure is permanent. A lock held by a running
+ * QEMU, or qemu-img missing, stays what the hypervisor port says.
+ */
+function unreadableImage(image: ImageFile, err: unknown): never {
+  if (err instanceof HypervisorError && err.kind === 'failed') {
+    throw permanent(
+      `the backup image of disk ${image.name} (${image.path}) cannot be read as ${image.format}: ${err.message}`,
+      ErrorType.ImageCorrupt,
+    );
+  }
+  hypervisorFailure(err);
 }
 
 function startedDuringCopy(domain: string) {

@@ -21,6 +21,7 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { pushImageFiles } from '../shared/names';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import { pollDelays } from './poll';
@@ -98,12 +99,7 @@ export function createPushActivities(deps: PushDeps) {
   }
 
   function imagesFor(input: PushBackupInput): ImageFile[] {
-    return input.disks.map((d) => ({
-      name: d.name,
-      format: 'qcow2',
-      path: join(input.stagingDir, `${d.name}.qcow2`),
-      virtualSize: d.virtualSize,
-    }));
+    return pushImageFiles(input.stagingDir, input.disks);
   }
 
   async function beginPushBackup(input: PushBackupInput): Promise<PushBackupJob> {
@@ -121,11 +117,19 @@ export function createPushActivities(deps: PushDeps) {
       }
       // A staging file of a dead attempt makes libvirt refuse ("store ... for backup of 'vda' exists").
       await Promise.all(images.map((i) => rm(i.path, { force: true })));
+      // So does the checkpoint a dead attempt's job created ("domain moment ... already exists"): the name is this
+      // backup's own, and that job is over (no job runs), so it never counted.
+      if (input.checkpoint) await hv.deleteCheckpoint(input.domain, input.checkpoint.name);
       await mkdir(input.stagingDir, { recursive: true });
       await hv.beginPushBackup(
         input.domain,
         images.map((i) => ({ disk: i.name, file: i.path })),
-        { disks: input.disks.map((d) => d.name) }, // as inspectDomain read them: no second dumpxml
+        {
+          disks: input.disks.map((d) => d.name), // as inspectDomain read them: no second dumpxml
+          ...(input.incremental ? { incremental: input.incremental } : {}),
+          ...(input.checkpoint ? { checkpoint: input.checkpoint } : {}),
+          ...(input.fullDisks?.length ? { fullDisks: input.fullDisks } : {}),
+        },
       );
       return { images, attached: false };
     } catch (err) {

@@ -7,17 +7,25 @@
  */
 import { Context } from '@temporalio/activity';
 import { ApplicationFailure } from '@temporalio/common';
-import type { HostActivities, ManifestInput, ShipImageInput, ShippedImage } from '../shared/activities';
+import type {
+  DeleteBackupObjectsInput,
+  HostActivities,
+  ManifestInput,
+  ShipImageInput,
+  ShippedImage,
+} from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { S3TargetOptions } from '../shared/types';
-import { deleteObjectsUnder } from '../storage/catalog';
+import { deleteObjectsUnder } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest } from '../storage/manifest';
+import { buildManifest, encodeManifest, signManifest } from '../repository/manifest';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
+  /** the user's manifest signing key (VMBACKUP_MANIFEST_KEY_FILE): every manifest written is signed with it */
+  manifestKey?: Buffer;
 }
 
 /** What shipImage heartbeats: the driver's resume point and the bytes done so far. */
@@ -46,7 +54,8 @@ export function toActivityFailure(err: unknown): unknown {
     : ApplicationFailure.retryable(err.message, type);
 }
 
-async function withTarget<T>(
+/** Opens `url` with the backup's S3 options, runs `fn`, closes it; storage errors become what Temporal should do. */
+export async function withTarget<T>(
   deps: StorageActivityDeps,
   url: string,
   s3: S3TargetOptions | undefined,
@@ -112,8 +121,9 @@ export function createStorageActivities(
     },
 
     async writeManifest(input: ManifestInput): Promise<void> {
-      await withTarget(deps, input.target, undefined, async (target) => {
-        const manifest = buildManifest(input.manifest);
+      await withTarget(deps, input.target, input.s3Options, async (target) => {
+        const built = buildManifest(input.manifest);
+        const manifest = deps.manifestKey ? signManifest(built, deps.manifestKey) : built;
         const key = manifestKey(manifest.domain, manifest.backupId);
         const body = encodeManifest(manifest);
         const existing = await target.stat(key);
@@ -134,8 +144,8 @@ export function createStorageActivities(
       });
     },
 
-    async deleteBackupObjects(input: { target: string; domain: string; backupId: string }): Promise<void> {
-      await withTarget(deps, input.target, undefined, async (target) => {
+    async deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void> {
+      await withTarget(deps, input.target, input.s3Options, async (target) => {
         // a committed backup is never removed here (only `prune` removes those, manifest first)
         if (await target.stat(manifestKey(input.domain, input.backupId))) return;
         await deleteObjectsUnder(target, input.domain, input.backupId);

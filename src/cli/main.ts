@@ -3,6 +3,7 @@ import { Command } from 'commander';
 import { register as backup } from './commands/backup';
 import { register as cancel } from './commands/cancel';
 import { register as copy } from './commands/copy';
+import { register as gc } from './commands/gc';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
@@ -12,14 +13,14 @@ import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
 import { addTemporalOptions } from './commands/temporal-options';
 
-const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker']);
+const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker', 'gc']);
 
 export function buildProgram(): Command {
   const program = new Command('vmbackup')
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, recover, worker]) reg(program);
+  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker]) reg(program);
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;

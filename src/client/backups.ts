@@ -99,6 +99,23 @@ export async function findBackup(client: Client, backupId: string): Promise<Work
   throw new BackupNotFoundError(backupId);
 }
 
+/**
+ * Whether a `backupDomain` workflow with this backup id is running, from Temporal's visibility (gc asks before it
+ * removes what looks like a dead backup's objects). An id that could not be quoted safely in the query counts as
+ * running: gc then keeps its objects.
+ */
+export async function isBackupRunning(client: Client, backupId: string): Promise<boolean> {
+  if (!/^[A-Za-z0-9_.+@=,:-]+$/.test(backupId)) return true;
+  const query = `WorkflowType = 'backupDomain' AND ExecutionStatus = 'Running' AND ${SEARCH_ATTRIBUTES.backupId} = '${backupId}'`;
+  // raw: a listing through the client would decode each workflow's memo, which needs every other backup's key
+  const { executions } = await client.workflowService.listWorkflowExecutions({
+    namespace: client.options.namespace,
+    query,
+    pageSize: 1,
+  });
+  return (executions?.length ?? 0) > 0;
+}
+
 export interface BackupStatusView {
   backupId: string;
   workflowId: string;

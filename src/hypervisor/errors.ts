@@ -25,6 +25,19 @@ export type HypervisorErrorKind =
   | 'no-job'
   /** rejected before libvirt was asked: a bad domain or disk name, a relative path */
   | 'invalid'
+  /**
+   * a checkpoint's dirty bitmap is missing or inconsistent (QEMU was killed, or the disk was not in that
+   * checkpoint): an incremental from it cannot be taken, a full backup can
+   */
+  | 'checkpoint-inconsistent'
+  /** no checkpoint of that name (in libvirt's metadata), or a redefined checkpoint's parent is missing */
+  | 'checkpoint-not-found'
+  /** libvirt already has a checkpoint of that name */
+  | 'checkpoint-exists'
+  /** libvirt has no checkpoint of that name but the qcow2 still holds a bitmap of that name (metadata lost) */
+  | 'bitmap-exists'
+  /** this host or this disk cannot have checkpoints (libvirt or QEMU too old, a raw disk) */
+  | 'checkpoint-unsupported'
   /** anything else */
   | 'failed';
 
@@ -36,6 +49,11 @@ const PERMANENT: ReadonlySet<HypervisorErrorKind> = new Set([
   'invalid',
   'not-running',
   'no-job',
+  'checkpoint-inconsistent',
+  'checkpoint-not-found',
+  'checkpoint-exists',
+  'bitmap-exists',
+  'checkpoint-unsupported',
 ]);
 
 export function isPermanentKind(kind: HypervisorErrorKind): boolean {
@@ -49,6 +67,8 @@ export interface HypervisorErrorDetails {
   command?: readonly string[];
   domain?: string;
   disk?: string;
+  /** the checkpoint the error is about (checkpoint kinds) */
+  checkpoint?: string;
   cause?: unknown;
 }
 
@@ -61,6 +81,7 @@ export class HypervisorError extends Error {
   readonly command?: readonly string[];
   readonly domain?: string;
   readonly disk?: string;
+  readonly checkpoint?: string;
 
   constructor(kind: HypervisorErrorKind, message: string, details: HypervisorErrorDetails = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
@@ -70,7 +91,68 @@ export class HypervisorError extends Error {
     this.command = details.command;
     this.domain = details.domain;
     this.disk = details.disk;
+    this.checkpoint = details.checkpoint;
   }
+}
+
+/**
+ * Checkpoint texts of libvirt 9.0 / QEMU 7.2 (captured in test/fixtures/virsh/stderr.checkpoint-*.txt, see
+ * docs/checkpoints.md), checked before the general rules: "Bitmap already exists" would otherwise be
+ * `exists` (a backup target), "Domain checkpoint not found" a domain, and "unsupported configuration:
+ * checkpoint for disk vdb unsupported for storage type raw" a disk vmbackup cannot back up at all.
+ */
+const CHECKPOINT_RULES: ReadonlyArray<readonly [HypervisorErrorKind, RegExp]> = [
+  // backup-begin <incremental> and checkpoint-create --redefine-validate: "checkpoint inconsistent: missing or
+  // broken bitmap 'c2' for disk 'vda'"; checkpoint-delete of a checkpoint whose bitmap QEMU never stored:
+  // "internal error: bitmap 'c2' not found in backing chain of 'vda'"
+  [
+    'checkpoint-inconsistent',
+    /checkpoint inconsistent|missing or broken bitmap|bitmap '[^']*' not found in backing chain/i,
+  ],
+  // "Domain checkpoint not found: no domain checkpoint with matching name 'c9'", "... Checkpoint 'c9' for
+  // incremental backup of disk 'vda' not found"; redefining a child first: "invalid argument: parent c1 for
+  // moment c2 not found"
+  [
+    'checkpoint-not-found',
+    /domain checkpoint not found|no domain checkpoint with matching name|parent \S+ for moment \S+ not found/i,
+  ],
+  // "operation failed: domain moment c0 already exists"
+  ['checkpoint-exists', /domain moment \S+ already exists/i],
+  // "internal error: unable to execute QEMU command 'transaction': Bitmap already exists: c0"
+  ['bitmap-exists', /bitmap already exists/i],
+  // a raw disk: "unsupported configuration: checkpoint for disk vdb unsupported for storage type raw"; QEMU
+  // without the feature: "Operation not supported: incremental backup is not supported yet" (also
+  // "creating checkpoint for incremental backup is not supported yet"); libvirt < 5.6 has no checkpoint API
+  // ("this function is not supported by the connection driver: virDomainCheckpointCreateXML") and its virsh
+  // no checkpoint commands ("unknown command: 'checkpoint-list'")
+  [
+    'checkpoint-unsupported',
+    /checkpoint for disk \S+ unsupported|incremental backup is not supported|not supported by the connection driver: virDomainCheckpoint|unknown command: '?checkpoint-/i,
+  ],
+];
+
+/** The checkpoint and disk named in a checkpoint error text, when it names them. */
+export function checkpointErrorSubject(stderr: string): { checkpoint?: string; disk?: string } {
+  const patterns: RegExp[] = [
+    /missing or broken bitmap '(?<checkpoint>[^']+)' for disk '(?<disk>[^']+)'/,
+    /bitmap '(?<checkpoint>[^']+)' not found in backing chain of '(?<disk>[^']+)'/,
+    /Checkpoint '(?<checkpoint>[^']+)' for incremental backup of disk '(?<disk>[^']+)' not found/,
+    /no domain checkpoint with matching name '(?<checkpoint>[^']+)'/,
+    /parent (?<checkpoint>\S+) for moment \S+ not found/,
+    /domain moment (?<checkpoint>\S+) already exists/,
+    /Bitmap already exists: (?<checkpoint>[^\s;,]+)/,
+    /checkpoint for disk (?<disk>\S+) unsupported/,
+  ];
+  for (const re of patterns) {
+    const groups = re.exec(stderr)?.groups;
+    if (groups) {
+      const subject: { checkpoint?: string; disk?: string } = {};
+      if (groups['checkpoint']) subject.checkpoint = groups['checkpoint'];
+      if (groups['disk']) subject.disk = groups['disk'];
+      return subject;
+    }
+  }
+  return {};
 }
 
 /**
@@ -80,6 +162,7 @@ export class HypervisorError extends Error {
  * lock" is `busy`.
  */
 const RULES: ReadonlyArray<readonly [HypervisorErrorKind, RegExp]> = [
+  ...CHECKPOINT_RULES,
   [
     'unreachable',
     /failed to connect to the hypervisor|Failed to connect socket|Cannot recv data|Cannot write data|End of file while reading data|Connection refused|Connection reset by peer|Broken pipe|client socket is closed|no valid connection|Unable to connect|not connected to the hypervisor/i,

@@ -4,6 +4,7 @@
  * child, and stdout/stderr collected (or streamed, for progress output).
  */
 import { spawn } from 'node:child_process';
+import { boundedTimeout } from './deadline';
 
 export interface ExecOptions {
   signal?: AbortSignal;
@@ -58,6 +59,8 @@ export function execTool(file: string, args: readonly string[], opts: ExecOption
   const { signal } = opts;
   if (signal?.aborted) return Promise.reject(abortReason(signal));
   const max = opts.maxOutput ?? DEFAULT_MAX_OUTPUT;
+  // never longer than the activity attempt that runs us (deadline.ts)
+  const timeoutMs = boundedTimeout(opts.timeoutMs);
 
   return new Promise<ExecResult>((resolve, reject) => {
     const child = spawn(file, args, {
@@ -83,12 +86,12 @@ export function execTool(file: string, args: readonly string[], opts: ExecOption
     };
     signal?.addEventListener('abort', onAbort, { once: true });
     const timer =
-      opts.timeoutMs === undefined
+      timeoutMs === undefined
         ? undefined
         : setTimeout(() => {
             timedOut = true;
             kill();
-          }, opts.timeoutMs);
+          }, timeoutMs);
 
     const cleanup = (): void => {
       settled = true;

@@ -31,6 +31,66 @@ export interface OverlaySpec {
   file: string;
 }
 
+/** A disk as a checkpoint records it. */
+export interface CheckpointDisk {
+  /** disk target, e.g. vda */
+  name: string;
+  /** 'bitmap': QEMU tracks this disk's writes since the checkpoint; 'no': it does not */
+  checkpoint: 'bitmap' | 'no';
+  /** the QEMU dirty bitmap's name (libvirt 9.0 names it after the checkpoint) */
+  bitmap?: string;
+}
+
+/** A libvirt checkpoint (`checkpoint-dumpxml`): a point in time from which QEMU tracks each disk's writes. */
+export interface Checkpoint {
+  name: string;
+  /**
+   * the checkpoint that was libvirt's newest when this one was made (NOT necessarily the one its backup was
+   * incremental from); absent for a root. Each checkpoint has its own bitmap that records every write since it
+   * was made, so an incremental from any checkpoint is exact whatever its parent is, and deleting one never
+   * changes another.
+   */
+  parent?: string;
+  /** seconds since the epoch */
+  creationTime: number;
+  disks: CheckpointDisk[];
+}
+
+/** The checkpoint a backup creates: its name and the disks QEMU tracks from now on. */
+export interface CheckpointSpec {
+  name: string;
+  /** disks with checkpoint='bitmap' (qcow2 only); every other disk of the domain gets checkpoint='no' */
+  disks: string[];
+}
+
+export interface PushBackupOptions {
+  /**
+   * the domain's disk targets as the caller already read them (inspect), so the XML is not read again to check
+   * the targets; it may leave out disks that are not backed up (libvirt backs up only the disks a backup XML
+   * lists as soon as it lists one).
+   */
+  disks?: string[];
+  /** the parent checkpoint: the backup is incremental, each image holds only what changed since it */
+  incremental?: string;
+  /** the checkpoint to create with the backup, at the backup's point in time */
+  checkpoint?: CheckpointSpec;
+  /** inside an incremental backup, disks copied whole (backupmode='full'): a disk new to the chain */
+  fullDisks?: string[];
+}
+
+/** Whether an incremental from a checkpoint can be taken for one disk, as libvirt sees it now. */
+export interface CheckpointBitmapState {
+  disk: string;
+  /**
+   * ok: the bitmap exists and records writes; broken: missing, or inconsistent since QEMU stopped without
+   * saving it (kill -9); no-bitmap: the checkpoint has checkpoint='no' for this disk; no-disk: the domain no
+   * longer has this disk
+   */
+  state: 'ok' | 'broken' | 'no-bitmap' | 'no-disk';
+  /** bytes written since the checkpoint (state ok only), in the bitmap's granularity (64 KiB clusters) */
+  changedBytes?: number;
+}
+
 export interface BlockJobInfo {
   /** e.g. "Active Block Commit"; undefined when no job runs on the disk */
   type?: string;
@@ -51,12 +111,13 @@ export interface Hypervisor {
   domainXml(domain: string, opts?: { inactive?: boolean }): Promise<string>;
 
   /**
-   * virDomainBackupBegin in push mode, one job for all listed disks, explicit qcow2 targets. `disks`: the
-   * domain's disk targets as the caller already read them (inspect), so the XML is not read again to check
-   * the targets; it may leave out disks that are not backed up (libvirt backs up only the disks a backup
-   * XML lists as soon as it lists one).
+   * virDomainBackupBegin in push mode, one job for all listed disks, explicit qcow2 targets; with
+   * `incremental` only what changed since that checkpoint (an increment's image names the LIVE disk as its
+   * backing file: rebase it before use), with `checkpoint` a new checkpoint at this backup's point in time. A
+   * backup-begin that libvirt refuses creates no checkpoint; once the job runs the checkpoint stays, even if
+   * the job then fails or is aborted (delete it then).
    */
-  beginPushBackup(domain: string, targets: BackupTargetSpec[], opts?: { disks?: string[] }): Promise<void>;
+  beginPushBackup(domain: string, targets: BackupTargetSpec[], opts?: PushBackupOptions): Promise<void>;
   /** The running job (`domjobinfo`). */
   jobInfo(domain: string): Promise<JobInfo>;
   /** The last completed job, kept (`domjobinfo --completed --keep-completed`). */
@@ -73,4 +134,38 @@ export interface Hypervisor {
   pivot(domain: string, disk: string): Promise<void>;
   /** `blockjob DOM DISK --abort` */
   abortBlockJob(domain: string, disk: string): Promise<void>;
+
+  /** The domain's checkpoints as libvirt's metadata has them, parents before children. */
+  listCheckpoints(domain: string): Promise<Checkpoint[]>;
+  /**
+   * `checkpoint-dumpxml --no-domain`: the XML to keep (in a manifest) and give to redefineCheckpoint when
+   * libvirt has lost its metadata. Throws `checkpoint-not-found`.
+   */
+  checkpointXml(domain: string, name: string): Promise<string>;
+  /**
+   * For each disk of the checkpoint: can an incremental from it be taken now? Asks libvirt the same question
+   * backup-begin asks (`checkpoint-dumpxml --size`), without starting a job. Needs a running domain. `disks`:
+   * the domain's disk targets if the caller has them. Throws `checkpoint-not-found`.
+   */
+  checkpointBitmaps(domain: string, name: string, opts?: { disks?: string[] }): Promise<CheckpointBitmapState[]>;
+  /**
+   * `checkpoint-delete`: the metadata and each disk's bitmap (`metadataOnly`: the metadata only, bitmaps stay in
+   * the qcow2). A disk whose bitmap is already gone (QEMU killed before it stored the bitmap) does not stop
+   * the others' bitmaps from being removed. Idempotent: resolves false when there was no such checkpoint.
+   */
+  deleteCheckpoint(domain: string, name: string, opts?: { metadataOnly?: boolean }): Promise<boolean>;
+  /**
+   * `checkpoint-create --redefine [--redefine-validate]` of a checkpoint XML (checkpointXml's output, e.g. from
+   * a manifest): gives libvirt back the metadata of a checkpoint whose bitmaps are still in the disks. The XML
+   * is parsed and written anew (name, parent, creation time, disks) so nothing else in it reaches libvirt, and
+   * each bitmap must be named after the checkpoint, as libvirt names them (`invalid` otherwise). With
+   * `validate`, libvirt checks that each bitmap exists and is consistent (`checkpoint-inconsistent`
+   * otherwise). Its parent must exist (redefine parents first) or be left out (`dropParent`). Redefining a
+   * checkpoint libvirt has replaces its metadata. Resolves the checkpoint as redefined.
+   */
+  redefineCheckpoint(
+    domain: string,
+    xml: string,
+    opts: { validate: boolean; dropParent?: boolean },
+  ): Promise<Checkpoint>;
 }

@@ -1,6 +1,11 @@
 /**
  * Image files: qemu-img info/check/compare/convert (JSON where qemu-img offers it). The SHA-256 every backup
  * image gets before it is shipped is src/shared/sha256-file.ts.
+ *
+ * A guest controls every byte of a raw disk, so a copy of it may start with a qcow2 header naming any backing
+ * file (`/etc/hostname`, `json:{"driver":"nbd",...}`). qemu-img probes the format when it is not given and opens
+ * the backing file a header names, so every call here that reads an image we did not configure ourselves names its
+ * format and opens it through an explicit `json:` spec whose backing is the one we name, or none (ImageSpec).
  */
 import { rm } from 'node:fs/promises';
 import { HypervisorError, toolErrorText } from './errors';
@@ -41,12 +46,54 @@ export interface ImageCheck {
   summary: string;
 }
 
-/** Builds a HypervisorError for a failed qemu-img run. */
-function imageError(result: ExecResult, action: string): HypervisorError {
-  const said = toolErrorText(result.stderr) || `qemu-img exited with code ${result.code ?? result.signal}`;
+/**
+ * Builds a HypervisorError for a failed qemu-img run. `opened` is the json: filename qemu-img was given and `path`
+ * the file it stands for: qemu-img repeats the filename in its errors, and a person wants to read the path.
+ */
+function imageError(result: ExecResult, action: string, opened?: { filename: string; path: string }): HypervisorError {
+  let said = toolErrorText(result.stderr) || `qemu-img exited with code ${result.code ?? result.signal}`;
+  if (opened) said = said.split(opened.filename).join(opened.path);
   // 'Failed to get shared "write" lock': a running QEMU holds the image
   const kind = /Failed to get .* lock/i.test(result.stderr) ? 'busy' : 'failed';
   return new HypervisorError(kind, `cannot ${action}: ${said}`, { stderr: result.stderr, command: result.command });
+}
+
+/**
+ * One image opened exactly as described: its format, and for a format with backing files the image below it as
+ * WE name it (from a manifest), or none. The backing file recorded in the image's header is never followed.
+ */
+export interface ImageSpec {
+  path: string;
+  /** qcow2, raw, ...: never probed */
+  format: string;
+  /** the image its unallocated clusters read from; null or absent: none (the header's backing name is ignored) */
+  backing?: ImageSpec | null;
+}
+
+/** Formats whose images can name a backing file; only these take (and need) an explicit `backing`. */
+const BACKING_FORMATS: ReadonlySet<string> = new Set(['qcow2', 'qcow', 'qed', 'vmdk']);
+
+function specNode(spec: ImageSpec): Record<string, unknown> {
+  if (!/^[a-z0-9]+$/.test(spec.format)) throw new Error(`"${spec.format}" is not an image format name`);
+  const node: Record<string, unknown> = { driver: spec.format, file: { driver: 'file', filename: spec.path } };
+  if (BACKING_FORMATS.has(spec.format)) node.backing = spec.backing ? specNode(spec.backing) : null;
+  else if (spec.backing) throw new Error(`a ${spec.format} image has no backing file (${spec.path})`);
+  return node;
+}
+
+/**
+ * The `json:` filename that opens `spec` (and the backing chain it names) with every format given and no backing
+ * file read from a header: `json:{"driver":"qcow2","file":{"driver":"file","filename":…},"backing":null}`.
+ */
+export function imageSpecFilename(spec: ImageSpec): string {
+  return `json:${JSON.stringify(specNode(spec))}`;
+}
+
+/** A chain of images top first (each reads its unallocated clusters from the next) as one ImageSpec. */
+export function chainSpec(links: ReadonlyArray<{ path: string; format: string }>): ImageSpec {
+  const [top, ...below] = links;
+  if (!top) throw new Error('an image chain needs at least one image');
+  return { path: top.path, format: top.format, backing: below.length > 0 ? chainSpec(below) : null };
 }
 
 async function qemuImg(args: readonly string[], action: string, opts: ExecOptions = {}): Promise<ExecResult> {
@@ -103,22 +150,26 @@ export function parseImageInfo(json: string): ImageInfo {
 }
 
 /**
- * `qemu-img info --output=json`. forceShare (default true) adds -U, needed to read an image a
- * running QEMU holds ('Failed to get shared "write" lock' otherwise).
+ * `qemu-img info --output=json` of an image in a known format (never probed). The image is opened without its
+ * backing file, whatever its header names. backingChain: true follows the chain the header names instead, for a
+ * running domain's own disk, whose header the host configured (a guest writes only what the image holds).
+ * forceShare (default true) adds -U, needed to read an image a running QEMU holds ('Failed to get shared "write"
+ * lock' otherwise).
  */
 export async function imageInfo(
   path: string,
-  opts: { backingChain?: boolean; forceShare?: boolean; format?: string; signal?: AbortSignal } = {},
+  opts: { format: string; backingChain?: boolean; forceShare?: boolean; signal?: AbortSignal },
 ): Promise<ImageInfo> {
   const args = ['info', '--output=json'];
   if (opts.forceShare ?? true) args.push('-U');
+  const filename = opts.backingChain ? path : imageSpecFilename({ path, format: opts.format, backing: null });
   if (opts.backingChain) args.push('--backing-chain');
-  if (opts.format) args.push('-f', opts.format);
-  args.push('--', path);
+  args.push('-f', opts.format, '--', filename);
   const action = `read the image information of ${path}`;
   const result = await qemuImg(args, action, { signal: opts.signal, timeoutMs: 60_000 });
-  if (result.code !== 0) throw imageError(result, action);
-  return parseImageInfo(result.stdout);
+  if (result.code !== 0) throw imageError(result, action, { filename, path });
+  const info = parseImageInfo(result.stdout);
+  return opts.backingChain ? info : { ...info, filename: path };
 }
 
 interface QemuImgCheckJson {
@@ -150,23 +201,26 @@ export function parseImageCheck(json: string, exitCode: number): ImageCheck {
 }
 
 /**
- * `qemu-img check --output=json`. A format qemu-img cannot check (raw: "This image format does not
- * support checks", exit 63) gives { ok: true, checked: false }.
+ * `qemu-img check --output=json`: THE consistency check of an image (backup staging, verify, restore), in its known
+ * format and without opening any backing file (the header's backing name is ignored). A format qemu-img cannot
+ * check (raw: "This image format does not support checks", exit 63) gives { ok: true, checked: false }.
+ * forceShare adds -U for an image a running QEMU may hold.
  */
 export async function checkImage(
   path: string,
-  opts: { forceShare?: boolean; format?: string; signal?: AbortSignal } = {},
+  opts: { format: string; forceShare?: boolean; signal?: AbortSignal },
 ): Promise<ImageCheck> {
   const args = ['check', '--output=json'];
   if (opts.forceShare) args.push('-U');
-  if (opts.format) args.push('-f', opts.format);
-  args.push('--', path);
+  const filename = imageSpecFilename({ path, format: opts.format, backing: null });
+  args.push('-f', opts.format, '--', filename);
   const action = `check the image ${path}`;
   const result = await qemuImg(args, action, { signal: opts.signal });
   if (result.code === 63 || /does not support checks/.test(result.stderr)) {
     return {
       ok: true,
       checked: false,
+      format: opts.format,
       corruptions: 0,
       leaks: 0,
       checkErrors: 0,
@@ -176,7 +230,7 @@ export async function checkImage(
   if (result.stdout.trim().startsWith('{') && result.code !== null && [0, 1, 2, 3].includes(result.code)) {
     return parseImageCheck(result.stdout, result.code);
   }
-  throw imageError(result, action);
+  throw imageError(result, action, { filename, path });
 }
 
 /**
@@ -243,15 +297,29 @@ export function parseConvertProgress(chunk: string): number | undefined {
 }
 
 /**
- * `qemu-img convert -p -O qcow2` (sparse: zero clusters are not written). The output file is removed
- * when the conversion fails or is aborted. forceShare (default false) adds -U: without it a source
- * that a running QEMU holds is refused, which is what an offline copy wants.
+ * A domain's own disk as QEMU runs it: a qcow2 one reads the backing chain its header names, which the host
+ * configured (the guest writes only what the images hold). Only for a domain's configured disk, never for an image
+ * a guest could have written the header of (a backup copy of a raw disk) or one read from a target.
+ */
+export interface DomainDiskSource {
+  path: string;
+  format: string;
+  backing: 'from-header';
+}
+
+/**
+ * `qemu-img convert -p` (sparse: zero clusters are not written) to a standalone image (no backing file). The
+ * output file is removed when the conversion fails or is aborted; when it exists already (created 0600 by the
+ * caller) qemu-img writes into it and its mode stays. forceShare (default false) adds -U: without it a source that
+ * a running QEMU holds is refused, which is what an offline copy wants.
+ *
+ * `src` is an ImageSpec (an image and the backing chain WE name, e.g. a backup chain from its manifests, read in
+ * one pass with no header's backing name followed) or a domain's own disk.
  */
 export async function convertImage(
-  src: string,
+  src: ImageSpec | DomainDiskSource,
   dst: string,
   opts: {
-    srcFormat?: string;
     dstFormat?: 'qcow2' | 'raw';
     forceShare?: boolean;
     /** fraction done, 0..1 */
@@ -261,9 +329,9 @@ export async function convertImage(
 ): Promise<void> {
   const args = ['convert', '-p'];
   if (opts.forceShare) args.push('-U');
-  if (opts.srcFormat) args.push('-f', opts.srcFormat);
-  args.push('-O', opts.dstFormat ?? 'qcow2', '--', src, dst);
-  const action = `convert ${src} to ${dst}`;
+  const source = src.backing === 'from-header' ? src.path : imageSpecFilename(src);
+  args.push('-f', src.format, '-O', opts.dstFormat ?? 'qcow2', '--', source, dst);
+  const action = `convert ${src.path} to ${dst}`;
   let last = -1;
   const onStdout = opts.onProgress
     ? (chunk: string): void => {
@@ -283,7 +351,24 @@ export async function convertImage(
   }
   if (result.code !== 0) {
     await rm(dst, { force: true });
-    throw imageError(result, action);
+    throw imageError(result, action, { filename: source, path: src.path });
   }
   if (last < 1) opts.onProgress?.(1);
+}
+
+/**
+ * `qemu-img rebase -u -f qcow2 -F FMT -b BACKING IMAGE`: rewrites the backing file name recorded in a qcow2 header
+ * and nothing else (-u: the backing file is not opened, so it need not exist yet; a relative name is relative to
+ * the image's directory). Idempotent.
+ */
+export async function rebaseUnsafe(path: string, backing: string, backingFormat: 'qcow2' | 'raw'): Promise<void> {
+  const action = `set the backing file of ${path} to ${backing}`;
+  const result = await qemuImg(
+    ['rebase', '-u', '-f', 'qcow2', '-F', backingFormat, '-b', backing, '--', path],
+    action,
+    {
+      timeoutMs: 60_000,
+    },
+  );
+  if (result.code !== 0) throw imageError(result, action);
 }

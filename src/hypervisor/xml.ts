@@ -4,7 +4,7 @@
  * and the guest agent channel.
  */
 import { XMLParser } from 'fast-xml-parser';
-import type { BackupTargetSpec } from './port';
+import type { BackupTargetSpec, Checkpoint, CheckpointDisk } from './port';
 import { HypervisorError } from './errors';
 
 export type DiskDevice = 'disk' | 'cdrom' | 'floppy' | 'lun';
@@ -216,19 +216,173 @@ export function escapeXmlAttr(value: string): string {
     .replace(/'/g, '&apos;');
 }
 
+// ------------------------------------------------------------------------------------------ checkpoints
+
+/**
+ * libvirt's checkpoint name (domaincheckpoint.rng: "no leading '.' and no embedded '/' or newline"), which
+ * QEMU also uses as the dirty bitmap's name (at most 1023 bytes).
+ */
+export const CHECKPOINT_NAME_RE = /^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,1022}$/;
+/** a disk target name, as the domain XML has it (vda, sdb) */
+const DISK_TARGET_RE = /^[a-z]+[a-z0-9]*$/;
+
+/**
+ * Incremental push backup options. libvirt 9.0 takes a global `<incremental>` and a per-disk
+ * `backupmode='full'` (domainbackup.rng): that disk is copied whole, into an image WITHOUT backing file,
+ * while the other disks' increments have the LIVE disk as backing file (libvirt's qemu_backup.c: "push mode:
+ * full backups: no backing store; incremental: original disk"): whoever keeps an increment must rebase it
+ * (`qemu-img rebase -u -F qcow2 -b <parent>`) before anything opens it, or it reads the running disk.
+ */
+export interface PushBackupXmlOptions {
+  /** the parent checkpoint: the listed disks hold only what changed since it */
+  incremental?: string;
+  /** disks copied whole inside an incremental backup (a disk new to the chain) */
+  fullDisks?: readonly string[];
+}
+
 /**
  * A push-mode <domainbackup> that backs up exactly `targets`: every other disk of the domain is
  * listed with backup='no', because libvirt backs up an unlisted disk with a generated file name.
  */
-export function pushBackupXml(targets: readonly BackupTargetSpec[], allDisks: readonly string[]): string {
+export function pushBackupXml(
+  targets: readonly BackupTargetSpec[],
+  allDisks: readonly string[],
+  opts: PushBackupXmlOptions = {},
+): string {
   const listed = new Set(targets.map((t) => t.disk));
+  const full = new Set(opts.incremental === undefined ? [] : (opts.fullDisks ?? []));
   const lines = targets.map(
     (t) =>
-      `    <disk name='${escapeXmlAttr(t.disk)}' backup='yes' type='file'>` +
+      `    <disk name='${escapeXmlAttr(t.disk)}' backup='yes'${full.has(t.disk) ? ` backupmode='full'` : ''} type='file'>` +
       `<target file='${escapeXmlAttr(t.file)}'/><driver type='qcow2'/></disk>`,
   );
   for (const disk of allDisks) {
     if (!listed.has(disk)) lines.push(`    <disk name='${escapeXmlAttr(disk)}' backup='no'/>`);
   }
-  return `<domainbackup mode='push'>\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
+  const incremental =
+    opts.incremental === undefined ? '' : `  <incremental>${escapeXmlAttr(opts.incremental)}</incremental>\n`;
+  return `<domainbackup mode='push'>\n${incremental}  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
+}
+
+/** A checkpoint disk as `checkpoint-dumpxml --size` reports it. */
+export interface XmlCheckpointDisk extends CheckpointDisk {
+  /** bytes changed since the checkpoint; libvirt leaves it out when the bitmap is missing or inconsistent */
+  size?: number;
+}
+
+export interface XmlCheckpoint extends Checkpoint {
+  disks: XmlCheckpointDisk[];
+}
+
+/**
+ * The checkpoint XML given to backup-begin: `bitmapDisks` get checkpoint='bitmap', every other disk of
+ * the domain an explicit checkpoint='no'. libvirt 9.0 would give unlisted disks 'no' as soon as one disk
+ * is listed, but 'bitmap' to all of them when <disks> is empty, and then refuses a raw disk with
+ * "checkpoint for disk vdb unsupported for storage type raw": saying it for each disk leaves no default
+ * to depend on.
+ */
+export function checkpointCreateXml(name: string, bitmapDisks: readonly string[], allDisks: readonly string[]): string {
+  const bitmap = new Set(bitmapDisks);
+  const lines = allDisks.map(
+    (d) => `    <disk name='${escapeXmlAttr(d)}' checkpoint='${bitmap.has(d) ? 'bitmap' : 'no'}'/>`,
+  );
+  return `<domaincheckpoint>\n  <name>${escapeXmlAttr(name)}</name>\n  <disks>\n${lines.join('\n')}\n  </disks>\n</domaincheckpoint>\n`;
+}
+
+function checkpointFailure(what: string): HypervisorError {
+  return new HypervisorError('invalid', `checkpoint XML ${what}`);
+}
+
+/**
+ * Parses one `<domaincheckpoint>` (`checkpoint-dumpxml`, with or without --no-domain and --size) and checks
+ * every field it keeps, because a checkpoint XML may come back from a backup target that someone else can
+ * write: names must be checkpoint and disk names, the creation time a whole number. Anything else in it
+ * (the <domain> copy, a description) is dropped. Throws HypervisorError `invalid` when it is not such XML.
+ */
+export function parseCheckpointXml(xml: string): XmlCheckpoint {
+  let doc: XmlNode;
+  try {
+    doc = parser.parse(xml) as XmlNode;
+  } catch (err) {
+    throw new HypervisorError('invalid', `checkpoint XML cannot be parsed: ${String(err)}`, { cause: err });
+  }
+  const root = doc['domaincheckpoint'];
+  if (Array.isArray(root)) throw checkpointFailure('holds more than one <domaincheckpoint>');
+  const cp = node(root);
+  const name = text(cp?.['name']);
+  if (!cp || name === undefined) throw checkpointFailure('without <domaincheckpoint><name>: not a checkpoint');
+  if (!CHECKPOINT_NAME_RE.test(name))
+    throw checkpointFailure(`names a checkpoint ${JSON.stringify(name)}: not a checkpoint name`);
+
+  const parentNode = node(cp['parent']);
+  const parent = parentNode ? text(parentNode['name']) : undefined;
+  if (parentNode && (parent === undefined || !CHECKPOINT_NAME_RE.test(parent))) {
+    throw checkpointFailure(`of ${name} names a parent ${JSON.stringify(parent ?? '')}: not a checkpoint name`);
+  }
+
+  const created = text(cp['creationTime']);
+  if (created === undefined || !/^\d{1,15}$/.test(created)) {
+    throw checkpointFailure(`of ${name} has no valid <creationTime> (${JSON.stringify(created ?? '')})`);
+  }
+
+  const disksNode = node(cp['disks']);
+  const seen = new Set<string>();
+  const disks: XmlCheckpointDisk[] = nodes(disksNode?.['disk']).map((d) => {
+    const diskName = attr(d, 'name') ?? '';
+    if (!DISK_TARGET_RE.test(diskName)) {
+      throw checkpointFailure(`of ${name} names a disk ${JSON.stringify(diskName)}: not a disk target such as vda`);
+    }
+    if (seen.has(diskName)) throw checkpointFailure(`of ${name} lists disk ${diskName} twice`);
+    seen.add(diskName);
+    const mode = attr(d, 'checkpoint') ?? 'bitmap';
+    if (mode !== 'bitmap' && mode !== 'no') {
+      throw checkpointFailure(`of ${name} has checkpoint=${JSON.stringify(mode)} for disk ${diskName}`);
+    }
+    if (mode === 'no') return { name: diskName, checkpoint: 'no' };
+    const bitmap = attr(d, 'bitmap') ?? name;
+    if (!CHECKPOINT_NAME_RE.test(bitmap)) {
+      throw checkpointFailure(`of ${name} names a bitmap ${JSON.stringify(bitmap)} for disk ${diskName}`);
+    }
+    const disk: XmlCheckpointDisk = { name: diskName, checkpoint: 'bitmap', bitmap };
+    const size = attr(d, 'size');
+    if (size !== undefined && /^\d{1,18}$/.test(size)) disk.size = Number(size);
+    return disk;
+  });
+
+  const checkpoint: XmlCheckpoint = { name, creationTime: Number(created), disks };
+  if (parent !== undefined) checkpoint.parent = parent;
+  return checkpoint;
+}
+
+/**
+ * The XML `checkpoint-create --redefine` takes for `checkpoint`: name, parent, creation time (libvirt
+ * refuses a redefinition without one: "missing creationTime from existing checkpoint") and the disks with
+ * their bitmaps; no <domain>: a redefinition that carries one must have the domain's current UUID
+ * ("definition for checkpoint c0 must use uuid ..."), which a domain defined again has changed. libvirt
+ * refuses a parent it does not know ("parent c1 for moment c2 not found"): redefine parents first, and
+ * leave `parent` out for a checkpoint whose parent is gone.
+ */
+export function checkpointRedefineXml(checkpoint: Checkpoint): string {
+  const e = escapeXmlAttr;
+  const disks = checkpoint.disks.map((d) =>
+    d.checkpoint === 'no'
+      ? `    <disk name='${e(d.name)}' checkpoint='no'/>`
+      : `    <disk name='${e(d.name)}' checkpoint='bitmap' bitmap='${e(d.bitmap ?? checkpoint.name)}'/>`,
+  );
+  const parent =
+    checkpoint.parent === undefined ? '' : `  <parent>\n    <name>${e(checkpoint.parent)}</name>\n  </parent>\n`;
+  return (
+    `<domaincheckpoint>\n  <name>${e(checkpoint.name)}</name>\n${parent}` +
+    `  <creationTime>${checkpoint.creationTime}</creationTime>\n` +
+    `  <disks>\n${disks.join('\n')}\n  </disks>\n</domaincheckpoint>\n`
+  );
+}
+
+/**
+ * Several `checkpoint-dumpxml` outputs printed one after the other (one virsh run with several commands):
+ * each `<domaincheckpoint>...</domaincheckpoint>` document, parsed.
+ */
+export function parseCheckpointXmls(output: string): XmlCheckpoint[] {
+  const docs = output.match(/<domaincheckpoint>[\s\S]*?<\/domaincheckpoint>/g) ?? [];
+  return docs.map((d) => parseCheckpointXml(d));
 }

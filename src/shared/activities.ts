@@ -2,7 +2,16 @@
  * Inputs and outputs of the host activities. Workflows see only these types; the
  * implementations live in src/activities and run on the VM's host task queue.
  */
-import type { BackupMethod, CopyTool, DiskImage, DiskInfo, DomainInfo, S3TargetOptions } from './types';
+import type {
+  BackupLevel,
+  BackupMethod,
+  CopyTool,
+  DiskImage,
+  DiskInfo,
+  DomainInfo,
+  RequestedLevel,
+  S3TargetOptions,
+} from './types';
 
 /** An image file written on the host, before checks and hashing. */
 export interface ImageFile {
@@ -33,6 +42,76 @@ export interface PushBackupInput {
   domain: string;
   disks: DiskInfo[];
   stagingDir: string;
+  /** the parent checkpoint of an incremental or differential backup */
+  incremental?: string;
+  /** the checkpoint this backup creates */
+  checkpoint?: { name: string; disks: string[] };
+  /** disks copied whole inside an incremental backup */
+  fullDisks?: string[];
+}
+
+export interface PlanBackupInput {
+  backupId: string;
+  domain: string;
+  host: string;
+  method: BackupMethod;
+  targets: string[];
+  s3Options?: S3TargetOptions;
+  requested: RequestedLevel;
+  maxChain: number;
+  fullEverySeconds?: number;
+  /** the disks backed up now (inspect) */
+  disks: DiskInfo[];
+  /** when the backup was asked for (ISO): a chain's age counts from it */
+  requestedAt: string;
+}
+
+/** The image a link's disk builds on, as the parent's manifest records it. */
+export interface ParentDisk {
+  name: string;
+  key: string;
+  sha256: string;
+  format: string;
+}
+
+export interface BackupPlan {
+  level: BackupLevel;
+  requested: RequestedLevel;
+  /** one sentence, when the level is not the one asked for */
+  reason?: string;
+  /** the chain's full: this backup's own id for a full */
+  base: string;
+  /** the checkpoint the backup creates (push with qcow2 disks) */
+  checkpoint?: { name: string; disks: string[] };
+  /** inc/diff: the parent checkpoint */
+  incremental?: string;
+  /** inc/diff: the backup this one builds on */
+  parent?: { backupId: string; checkpoint: string; disks: ParentDisk[] };
+  /** the checkpoint of the chain's full (kept for differentials) */
+  baseCheckpoint?: string;
+  /** inc/diff: disks copied whole (new to the chain, raw, or without a bitmap) */
+  fullDisks: string[];
+}
+
+export interface PrepareChainImagesInput {
+  domain: string;
+  images: ImageFile[];
+  /** per disk of an increment: the parent image, relative to the image (`../<parentId>/<disk>.qcow2`) */
+  backing: Record<string, string>;
+  /** the checkpoint the backup created: its XML goes into the manifest */
+  checkpoint?: string;
+}
+export interface PreparedChainImages {
+  checkpointXml?: string;
+}
+export interface DropCheckpointInput {
+  domain: string;
+  name: string;
+}
+export interface RetireCheckpointsInput {
+  domain: string;
+  /** checkpoints that stay (the new one, the chain's full's) */
+  keep: string[];
 }
 export interface PushBackupJob {
   images: ImageFile[];
@@ -130,6 +209,8 @@ export interface ShippedImage {
 
 export interface ManifestInput {
   target: string;
+  /** the backup's S3 options: the manifest is written with the same storage class, encryption and addressing as the images */
+  s3Options?: S3TargetOptions;
   manifest: {
     backupId: string;
     domain: string;
@@ -140,8 +221,32 @@ export interface ManifestInput {
     quiesced: boolean;
     libvirtVersion: string;
     qemuVersion: string;
-    disks: Array<{ name: string; format: string; virtualSize: number; size: number; sha256: string; key: string }>;
+    disks: Array<{
+      name: string;
+      format: string;
+      virtualSize: number;
+      size: number;
+      sha256: string;
+      key: string;
+      backing?: { backupId: string; key: string; sha256: string };
+    }>;
+    chain?: {
+      level: BackupLevel;
+      requested?: RequestedLevel;
+      reason?: string;
+      parent?: string;
+      base?: string;
+      checkpoint?: string;
+      checkpointXml?: string;
+    };
   };
+}
+
+export interface DeleteBackupObjectsInput {
+  target: string;
+  domain: string;
+  backupId: string;
+  s3Options?: S3TargetOptions;
 }
 
 export interface InspectDomainInput {
@@ -171,8 +276,13 @@ export interface HostActivities {
   recoverOverlays(input: RecoverInput): Promise<RecoveryAction[]>;
   // both
   finalizeImages(input: FinalizeImagesInput): Promise<DiskImage[]>;
+  // incremental chains
+  planBackup(input: PlanBackupInput): Promise<BackupPlan>;
+  prepareChainImages(input: PrepareChainImagesInput): Promise<PreparedChainImages>;
+  dropCheckpoint(input: DropCheckpointInput): Promise<void>;
+  retireCheckpoints(input: RetireCheckpointsInput): Promise<string[]>;
   // storage
   shipImage(input: ShipImageInput): Promise<ShippedImage>;
   writeManifest(input: ManifestInput): Promise<void>;
-  deleteBackupObjects(input: { target: string; domain: string; backupId: string }): Promise<void>;
+  deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void>;
 }

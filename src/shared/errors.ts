@@ -15,6 +15,8 @@ export const ErrorType = {
   ChecksumMismatch: 'ChecksumMismatch',
   InvalidInput: 'InvalidInput',
   HypervisorUnreachable: 'HypervisorUnreachable',
+  /** a libvirt checkpoint cannot be used, created or found (planBackup turns these into a full backup) */
+  CheckpointUnusable: 'CheckpointUnusable',
   // storage
   NotFound: 'StorageNotFound',
   PermissionDenied: 'StoragePermissionDenied',

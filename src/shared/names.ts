@@ -33,6 +33,40 @@ export const SEARCH_ATTRIBUTES = {
   method: 'VmbackupMethod',
 } as const;
 
+/** What makeBackupId produces (and older ids): file- and key-safe, never '.' or '..'. */
+export const BACKUP_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
+
+/** Bounds of `--heartbeat-timeout`: below 5 s a busy host looks dead; above an hour a dead worker goes unnoticed. */
+export const MIN_HEARTBEAT_SECONDS = 5;
+export const MAX_HEARTBEAT_SECONDS = 3600;
+
+/**
+ * The files a push backup makes QEMU write: `<stagingDir>/<disk>.qcow2`. Shared by the activity that starts the job
+ * and the workflow, which registers the job's undo before the job starts.
+ */
+export function pushImageFiles(
+  stagingDir: string,
+  disks: ReadonlyArray<{ name: string; virtualSize: number }>,
+): Array<{ name: string; format: string; path: string; virtualSize: number }> {
+  return disks.map((d) => ({
+    name: d.name,
+    format: 'qcow2',
+    path: `${stagingDir.replace(/\/+$/, '')}/${d.name}.qcow2`,
+    virtualSize: d.virtualSize,
+  }));
+}
+
+/** Checkpoints vmbackup creates are named `vmbackup.<backupId>`; any other checkpoint is left alone. */
+export const CHECKPOINT_PREFIX = 'vmbackup.';
+
+/** The checkpoint a push backup creates, in libvirt's alphabet ([A-Za-z0-9_.-], '+' of a domain name becomes '_'). */
+export function checkpointName(backupId: string): string {
+  return `${CHECKPOINT_PREFIX}${backupId.replace(/[^A-Za-z0-9_.-]/g, '_')}`;
+}
+
+/** Defaults of `--max-chain`: increments since the full before a new full. */
+export const DEFAULT_MAX_CHAIN = 14;
+
 /** Libvirt domain names we accept: no shell metacharacters, no path separators. */
 export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
 /** Host names used in task queues. */

@@ -1,6 +1,10 @@
 /** Types exchanged between the CLI, workflows and activities (all JSON-serialisable). */
 
 export type BackupMethod = 'push' | 'snapshot' | 'offline';
+/** full: every cluster; inc: what changed since the previous backup of the chain; diff: since the chain's full. */
+export type BackupLevel = 'full' | 'inc' | 'diff';
+/** auto: an incremental when every target holds a chain that can continue, else a full. */
+export type RequestedLevel = 'auto' | BackupLevel;
 export type RequestedMethod = 'auto' | 'push' | 'snapshot';
 export type DomainState = 'running' | 'paused' | 'shut off' | 'other';
 
@@ -61,6 +65,12 @@ export interface BackupOptions {
   s3?: S3TargetOptions;
   /** how long a silent long-running step may go before Temporal retries it on another worker (default 30) */
   heartbeatTimeoutSeconds?: number;
+  /** which level to take (default auto) */
+  level?: RequestedLevel;
+  /** auto/inc: a chain with this many increments since its full gets a new full (default 14) */
+  maxChain?: number;
+  /** auto/inc/diff: a chain whose full is older than this gets a new full (default: never) */
+  fullEverySeconds?: number;
 }
 
 export interface S3TargetOptions {
@@ -116,6 +126,7 @@ export type BackupStatus = 'running' | 'completed' | 'failed' | 'cancelled' | 'p
 export type BackupPhase =
   | 'starting'
   | 'inspecting'
+  | 'planning'
   | 'creating-overlays'
   | 'backing-up'
   | 'copying'
@@ -130,6 +141,8 @@ export interface BackupProgress {
   domain: string;
   host: string;
   method?: BackupMethod;
+  /** once planned */
+  level?: BackupLevel;
   phase: BackupPhase;
   bytesDone: number;
   bytesTotal: number;
@@ -141,11 +154,28 @@ export interface BackupProgress {
   error?: string;
 }
 
+/** Where a backup stands in its chain. */
+export interface BackupChainInfo {
+  level: BackupLevel;
+  /** what was asked for */
+  requested: RequestedLevel;
+  /** one sentence, when the level is not the one asked for (auto counts as asking for an incremental) */
+  reason?: string;
+  /** inc: the previous link; diff: the chain's full */
+  parent?: string;
+  /** the chain's full (the backup itself for a full) */
+  base: string;
+  /** the libvirt checkpoint the next backup can build on */
+  checkpoint?: string;
+}
+
 export interface BackupResult {
   backupId: string;
   domain: string;
   host: string;
   method: BackupMethod;
+  /** absent for backups started before incremental chains existed (always full) */
+  chain?: BackupChainInfo;
   status: BackupStatus;
   startedAt: string;
   finishedAt: string;

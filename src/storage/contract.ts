@@ -60,6 +60,11 @@ export interface PutImageOptions {
   pace?: (bytes: number, signal?: AbortSignal) => Promise<void>;
 }
 
+export interface GetBufferOptions {
+  /** refuse objects larger than this many bytes (see getBuffer) */
+  maxBytes?: number;
+}
+
 export interface PutImageResult {
   key: string;
   size: number;
@@ -87,14 +92,26 @@ export interface StorageTarget {
   /** Read an object, whole or `range` (inclusive start, exclusive end). Missing -> 'not-found'. */
   get(key: string, range?: { start: number; end: number }): Promise<Readable>;
 
-  /** Small objects into memory. Missing -> 'not-found'. */
-  getBuffer(key: string): Promise<Buffer>;
+  /**
+   * Small objects into memory. Missing -> 'not-found'. With `maxBytes`, an object larger than that fails with
+   * kind 'checksum' (permanent) and no more than about `maxBytes` is ever held in memory, even when the size the
+   * server reported was wrong or the object grows while it is read: a reader of data someone else may have written
+   * (manifests) stays small.
+   */
+  getBuffer(key: string, opts?: GetBufferOptions): Promise<Buffer>;
 
   /** Metadata, or undefined when the object is missing. Idempotent, no error when missing. */
   stat(key: string): Promise<ObjectInfo | undefined>;
 
   /** Every object whose key starts with `prefix` (recursive); empty when none. */
   list(prefix: string): AsyncIterable<ObjectInfo>;
+
+  /**
+   * Fails with kind 'not-found' and one sentence naming what is missing (the directory, the NFS path, the bucket)
+   * when the place this target names does not exist. An existing but empty place (an empty S3 prefix in an existing
+   * bucket) is fine. Read-only, idempotent. `list` never makes that distinction: it is empty either way.
+   */
+  checkLocation(): Promise<void>;
 
   /** Remove an object. Idempotent: a missing object is not an error. */
   delete(key: string): Promise<void>;

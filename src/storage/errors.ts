@@ -42,6 +42,15 @@ export class StorageError extends Error {
   }
 }
 
+/** getBuffer's refusal of an object larger than the reader accepts (the same sentence from every driver). */
+export function tooLargeError(key: string, displayUrl: string, maxBytes: number, driver: string): StorageError {
+  return new StorageError(
+    'checksum',
+    `Object ${key} on ${displayUrl} is larger than the ${maxBytes} bytes a reader accepts for it; it is damaged or was not written by vmbackup.`,
+    { driver, permanent: true },
+  );
+}
+
 export function isStorageError(err: unknown): err is StorageError {
   return err instanceof StorageError;
 }

@@ -14,6 +14,9 @@ import { NfsTarget } from './nfs/driver';
 import type * as S3DriverModuleNs from './s3/driver';
 import type { S3Environment } from './s3/settings';
 
+/** The S3 defaults the CLI shows in its help (settings only: importing them loads no SDK). */
+export { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from './s3/settings';
+
 type S3DriverModule = typeof S3DriverModuleNs;
 
 export type TargetSpec =

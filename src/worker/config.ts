@@ -2,6 +2,7 @@
  * Configuration, parsed once at the edge (CLI and worker start); the rest of the code gets
  * typed values and never reads process.env.
  */
+import { closeSync, constants as fsConstants, fstatSync, openSync, readSync } from 'node:fs';
 import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
@@ -34,6 +35,7 @@ const EnvSchema = z.object({
   TEMPORAL_TLS_SERVER_NAME: optionalText,
   TEMPORAL_API_KEY: optionalText,
   VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
+  VMBACKUP_MANIFEST_KEY_FILE: z.string().min(1).optional(),
 });
 
 export interface Config {
@@ -53,6 +55,11 @@ export interface Config {
   virshSessions: boolean;
   /** the embedded default's dev server (scripts/stack.sh honours VMBACKUP_TEMPORAL_PORT too) */
   localTemporalAddress: string;
+  /**
+   * the file holding the manifest signing key (VMBACKUP_MANIFEST_KEY_FILE); read with `readManifestKey` by the
+   * worker at start and by the commands that read a target, not by every command
+   */
+  manifestKeyFile?: string;
 }
 
 /** A file named in the configuration, with where it was named (a flag or a variable), for messages. */
@@ -107,6 +114,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     pollIntervalMs: e.VMBACKUP_POLL_MS,
     virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',
     localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
+    ...(e.VMBACKUP_MANIFEST_KEY_FILE ? { manifestKeyFile: resolve(e.VMBACKUP_MANIFEST_KEY_FILE) } : {}),
   };
 }
 
@@ -134,6 +142,61 @@ function temporalAccess(e: z.infer<typeof EnvSchema>, flags: TemporalFlags): Tem
     ...(apiKey ? { apiKey } : {}),
     apiKeyFrom: flags.apiKey ? '--api-key' : 'TEMPORAL_API_KEY',
   };
+}
+
+/** At least 256 bits: an HMAC-SHA256 key shorter than that is weaker than the hash. */
+export const MIN_MANIFEST_KEY_BYTES = 32;
+const MAX_MANIFEST_KEY_FILE_BYTES = 4096;
+
+/**
+ * The manifest signing key: the bytes of `file`, without a trailing newline (so `openssl rand -base64 48 > key`
+ * and a copy made with an editor give the same key). Refused, with one sentence, when the file is not a regular
+ * file owned by this user (or root), is readable or writable by group or others, or holds fewer than 32 bytes.
+ */
+export function readManifestKey(file: string): Buffer {
+  const name = `VMBACKUP_MANIFEST_KEY_FILE ${file}`;
+  let fd: number;
+  try {
+    fd = openSync(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as { code?: string }).code ?? 'error';
+    throw new Error(
+      `${name} cannot be read (${code}); create it with \`openssl rand -base64 48 > FILE; chmod 600 FILE\`.`,
+    );
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new Error(`${name} is not a regular file.`);
+    const uid = process.geteuid?.() ?? st.uid;
+    if (st.uid !== uid && st.uid !== 0) {
+      throw new Error(
+        `${name} belongs to user ${st.uid}, not to you or root; a key someone else can replace is no key.`,
+      );
+    }
+    if ((st.mode & 0o077) !== 0) {
+      throw new Error(
+        `${name} is readable or writable by group or others (mode ${(st.mode & 0o777).toString(8)}); run \`chmod 600 ${file}\`: anyone who reads the key can sign manifests.`,
+      );
+    }
+    const buf = Buffer.alloc(MAX_MANIFEST_KEY_FILE_BYTES + 1);
+    let n = 0;
+    for (;;) {
+      const got = readSync(fd, buf, n, buf.length - n, n);
+      if (got === 0 || (n += got) >= buf.length) break;
+    }
+    if (n > MAX_MANIFEST_KEY_FILE_BYTES)
+      throw new Error(`${name} is larger than ${MAX_MANIFEST_KEY_FILE_BYTES} bytes; it is not a key file.`);
+    let end = n;
+    while (end > 0 && (buf[end - 1] === 0x0a || buf[end - 1] === 0x0d)) end--;
+    if (end < MIN_MANIFEST_KEY_BYTES) {
+      throw new Error(
+        `${name} holds ${end} bytes of key; it needs at least ${MIN_MANIFEST_KEY_BYTES} (\`openssl rand -base64 48 > ${file}\`).`,
+      );
+    }
+    return Buffer.from(buf.subarray(0, end));
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function defaultHost(): string {

@@ -17,7 +17,7 @@ import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
-import type { Config } from './config';
+import { readManifestKey, type Config } from './config';
 
 export interface HostWorkerOptions {
   config: Config;
@@ -45,6 +45,8 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     pollIntervalMs: config.pollIntervalMs,
     // S3 credentials, region and endpoint are read once, here at the edge (standard AWS variables).
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
+    // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
+    ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
   });
   const worker = await Worker.create({
     connection,

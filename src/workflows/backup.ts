@@ -20,9 +20,26 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ActivityOptions } from '@temporalio/workflow';
-import type { HostActivities, ImageFile, OverlayRecord, StagingArea } from '../shared/activities';
+import type {
+  AwaitBackupJobInput,
+  BackupPlan,
+  HostActivities,
+  ImageFile,
+  ManifestInput,
+  OverlayRecord,
+  StagingArea,
+} from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import { hostTaskQueue } from '../shared/names';
+import {
+  BACKUP_ID_RE,
+  DEFAULT_MAX_CHAIN,
+  DOMAIN_NAME_RE,
+  HOST_NAME_RE,
+  MAX_HEARTBEAT_SECONDS,
+  MIN_HEARTBEAT_SECONDS,
+  hostTaskQueue,
+  pushImageFiles,
+} from '../shared/names';
 import { progressQuery } from '../shared/queries';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
@@ -38,15 +55,35 @@ import type {
 
 type ActivityProxy = ReturnType<typeof proxyActivities<HostActivities>>;
 
-/** Failures no retry can fix. Storage/hypervisor "unreachable" stays retryable. */
-const PERMANENT: string[] = Object.values(ErrorType).filter(
+/**
+ * Before HARDENED_SAGA_PATCH the workflow also listed every error type but the two `Unreachable` ones as
+ * non-retryable, which overrode the activities' own decision (a transient S3 5xx, `StorageFailed`, was never
+ * retried). Histories recorded then keep that policy; new backups let the activity layer alone decide
+ * (src/activities/failures.ts and toActivityFailure mark permanent failures non-retryable).
+ */
+const LEGACY_PERMANENT: string[] = Object.values(ErrorType).filter(
   (t) => t !== ErrorType.Unreachable && t !== ErrorType.HypervisorUnreachable,
 );
 
-function activities(host: string, heartbeatTimeoutSec: number) {
+/**
+ * Every retry loop is capped: a failure that keeps coming back (a guest-made image that qemu-img refuses, a target
+ * that keeps answering 500) must end the backup with its sentence, not block the VM's next backup forever. Long
+ * steps resume from their heartbeat, so 25 attempts with backoff up to a minute ride out ~20 minutes of libvirtd
+ * restarts, worker crashes or a flaky network.
+ */
+const LONG_STEP_ATTEMPTS = 25;
+
+function activities(host: string, heartbeatTimeoutSec: number, legacyRetries: boolean) {
   const base: ActivityOptions = {
     taskQueue: hostTaskQueue(host),
-    retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s', nonRetryableErrorTypes: PERMANENT },
+    retry: legacyRetries
+      ? {
+          initialInterval: '1s',
+          backoffCoefficient: 2,
+          maximumInterval: '20s',
+          nonRetryableErrorTypes: LEGACY_PERMANENT,
+        }
+      : { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '20s' },
   };
   // Short steps give up after ~30 s of a transient failure (libvirt unreachable) so the user gets an answer;
   // long steps keep retrying: a libvirtd restart or a flaky network must not lose an hour-long copy.
@@ -61,8 +98,11 @@ function activities(host: string, heartbeatTimeoutSec: number) {
     ...base,
     startToCloseTimeout: '24h',
     heartbeatTimeout: `${heartbeatTimeoutSec}s`,
+    retry: legacyRetries ? base.retry : { ...base.retry, maximumInterval: '60s', maximumAttempts: LONG_STEP_ATTEMPTS },
   });
-  // Overlay creation and removal are quick and do not heartbeat: a dead worker is noticed after a minute.
+  // Overlay creation and removal are quick and do not heartbeat: a dead worker is noticed after the timeout. The
+  // activities keep every virsh call inside it (src/activities/deadline.ts): a retry never starts while the first
+  // attempt's virsh still runs.
   const overlaySteps = proxyActivities<HostActivities>({
     ...base,
     startToCloseTimeout: '1m',
@@ -91,33 +131,36 @@ function activities(host: string, heartbeatTimeoutSec: number) {
  */
 export const SHORT_STEPS_LOCAL_PATCH = 'short-steps-as-local-activities';
 
+/**
+ * Backups started before this change: the push-job abort was registered only after `beginPushBackup` returned,
+ * shipping and staging cleanup ran outside the saga (a cancel while uploading left staging images on the host and
+ * manifest-less images on the targets), and the workflow's own list of non-retryable types applied.
+ */
+export const HARDENED_SAGA_PATCH = 'saga-covers-every-phase';
+
+/**
+ * Backups started before this change were always full and created no checkpoint: no planBackup, no
+ * prepareChainImages, no checkpoint steps, manifests without a chain.
+ */
+export const INCREMENTAL_PATCH = 'incremental-chains';
+
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
+  validateRequest(req);
   const { backupId, domain, host } = req;
-  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30);
-  const { short, long } = acts;
+  const hardened = patched(HARDENED_SAGA_PATCH);
+  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
   // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
   const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
-  const quick = localSteps ? acts.local : short;
-  const overlaySteps = localSteps ? acts.localOverlaySteps : acts.overlaySteps;
-  const removeUnknownOverlays = localSteps ? acts.localOverlaySteps : short;
+  const steps: Steps = {
+    short: acts.short,
+    long: acts.long,
+    quick: localSteps ? acts.local : acts.short,
+    overlaySteps: localSteps ? acts.localOverlaySteps : acts.overlaySteps,
+    removeUnknownOverlays: localSteps ? acts.localOverlaySteps : acts.short,
+  };
+  const { quick } = steps;
   const startedAt = workflowInfo().startTime.toISOString();
-
-  const progress: BackupProgress = {
-    backupId,
-    domain,
-    host,
-    phase: 'starting',
-    bytesDone: 0,
-    bytesTotal: 0,
-    targets: Object.fromEntries(
-      req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }]),
-    ),
-  };
-  setHandler(progressQuery, () => progress);
-  const phase = (p: BackupPhase) => {
-    progress.phase = p;
-    upsertSearchAttributes([{ key: StateKey, value: p }]);
-  };
+  const { progress, phase } = trackProgress(req);
 
   phase('inspecting');
   const info = await quick.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
@@ -127,6 +170,14 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   upsertSearchAttributes([{ key: MethodKey, value: method }]);
   log.info('backup planned', { backupId, domain, method, disks: info.disks.map((d) => d.name) });
 
+  let plan: BackupPlan | undefined;
+  if (patched(INCREMENTAL_PATCH)) {
+    phase('planning');
+    plan = await planLevel(req, steps, method, info);
+    progress.level = plan.level;
+    log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
+  }
+
   const staging = await quick.prepareStaging({
     backupId,
     domain,
@@ -135,61 +186,42 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
   const compensations: Array<() => Promise<void>> = [() => quick.cleanupStaging({ backupId, stagingDir: staging.dir })];
+  const run: BackupRun = { req, steps, info, plan, staging, compensations, phase, hardened };
 
   let images: DiskImage[];
-  let quiesced = false;
+  let made: MadeImages;
+  let targets: TargetResult[] | undefined;
+  const ship = () =>
+    shipToTargets(req, steps, staging, images, progress, {
+      method,
+      startedAt,
+      quiesced: made.quiesced,
+      info,
+      chain: plan ? manifestChain(plan, made.checkpointXml) : undefined,
+      backing: plan ? manifestBacking(plan) : {},
+    });
   try {
-    let files: ImageFile[];
     if (method === 'push') {
-      phase('backing-up');
-      const job = await quick.beginPushBackup({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
-      const jobInput = { backupId, domain, images: job.images };
-      compensations.unshift(() => short.abortPushBackup(jobInput));
-      const stats = await long.awaitBackupJob(jobInput);
-      compensations.shift();
-      progress.bytesDone = stats.bytes;
-      files = job.images;
+      made = await pushImages(run);
+      progress.bytesDone = made.bytes ?? 0;
     } else if (method === 'offline') {
       phase('copying');
-      files = await long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir });
+      made = {
+        files: await steps.long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir }),
+        quiesced: false,
+      };
     } else {
-      phase('creating-overlays');
-      // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
-      // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
-      const undoUnknown = async () => {
-        await long.commitAndPivot({ backupId, domain, overlays: [] });
-        await removeUnknownOverlays.removeOverlays({ backupId, domain, overlays: [] });
-      };
-      compensations.unshift(undoUnknown);
-      const created = await overlaySteps.createOverlays({
-        backupId,
-        domain,
-        disks: info.disks,
-        quiesce: req.options.quiesce ?? false,
-        requireQuiesce: req.options.requireQuiesce ?? false,
-      });
-      quiesced = created.quiesced;
-      const overlays: OverlayRecord[] = created.overlays;
-      const undoOverlays = async () => {
-        await long.commitAndPivot({ backupId, domain, overlays });
-        await overlaySteps.removeOverlays({ backupId, domain, overlays });
-      };
-      compensations[0] = undoOverlays;
-      phase('copying');
-      files = await long.copyBaseImages({
-        backupId,
-        domain,
-        overlays,
-        stagingDir: staging.dir,
-        copyTool: req.options.copyTool ?? 'auto',
-      });
-      phase('committing');
-      // The saga step itself: from here on the VM is put back on its base whatever happens.
-      compensations.shift();
-      await CancellationScope.nonCancellable(undoOverlays);
+      made = await snapshotImages(run);
     }
     phase('finalizing');
-    images = await long.finalizeImages({ backupId, images: files });
+    images = await steps.long.finalizeImages({ backupId, images: made.files });
+    if (hardened) {
+      phase('uploading');
+      // A cancel (or any failure) while shipping removes what this backup put on its targets; a target where the
+      // manifest was already written keeps its committed backup (deleteBackupObjects never removes one).
+      compensations.unshift(() => removeUncommitted(req, quick));
+      targets = await ship();
+    }
   } catch (err) {
     await runCompensations(compensations);
     progress.error = errorMessage(err);
@@ -197,42 +229,19 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     throw err;
   }
 
-  phase('uploading');
-  const targets = await shipToTargets(req, { long, quick }, staging, images, progress, {
-    method,
-    startedAt,
-    quiesced,
-    info,
-  });
+  if (!targets) {
+    phase('uploading');
+    targets = await ship();
+  }
+
+  const okTargets = targets.filter((t) => t.ok);
+  if (plan?.checkpoint) await settleCheckpoint(req, quick, plan, plan.checkpoint.name, okTargets.length > 0);
 
   phase('cleaning-up');
   await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
 
-  const okTargets = targets.filter((t) => t.ok);
-  const first = okTargets[0];
-  const result: BackupResult = {
-    backupId,
-    domain,
-    host,
-    method,
-    status: okTargets.length === targets.length ? 'completed' : 'partial',
-    startedAt,
-    finishedAt: new Date().toISOString(),
-    quiesced,
-    libvirtVersion: info.libvirtVersion,
-    qemuVersion: info.qemuVersion,
-    disks: images.map((img) => ({
-      name: img.name,
-      format: img.format,
-      virtualSize: img.virtualSize,
-      size: img.size,
-      sha256: img.sha256,
-      location: first?.locations?.[img.name] ?? '',
-    })),
-    skipped: info.skipped,
-    targets,
-  };
-  if (!first) {
+  const result = resultOf(req, { method, startedAt, quiesced: made.quiesced, info, plan, images, targets });
+  if (okTargets.length === 0) {
     progress.error = targets.map((t) => t.error).join('; ');
     upsertSearchAttributes([{ key: StateKey, value: 'failed' }]);
     throw ApplicationFailure.create({
@@ -245,6 +254,242 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   phase('done');
   upsertSearchAttributes([{ key: StateKey, value: result.status }]);
   return result;
+}
+
+/** The activity proxies a backup uses, chosen once from its patch markers. */
+interface Steps {
+  short: ActivityProxy;
+  long: ActivityProxy;
+  /** quick steps: local activities since SHORT_STEPS_LOCAL_PATCH */
+  quick: ActivityProxy;
+  overlaySteps: ActivityProxy;
+  removeUnknownOverlays: ActivityProxy;
+}
+
+/** What the image-making steps of one backup share. */
+interface BackupRun {
+  req: BackupRequest;
+  steps: Steps;
+  info: DomainInfo;
+  plan: BackupPlan | undefined;
+  staging: StagingArea;
+  /** undo steps, newest first */
+  compensations: Array<() => Promise<void>>;
+  phase: (p: BackupPhase) => void;
+  hardened: boolean;
+}
+
+/** The images a method wrote into staging, before they are checked and hashed. */
+interface MadeImages {
+  files: ImageFile[];
+  quiesced: boolean;
+  /** push: bytes the job processed */
+  bytes?: number;
+  /** push with a checkpoint: its XML, for the manifest */
+  checkpointXml?: string;
+}
+
+function trackProgress(req: BackupRequest): { progress: BackupProgress; phase: (p: BackupPhase) => void } {
+  const progress: BackupProgress = {
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    phase: 'starting',
+    bytesDone: 0,
+    bytesTotal: 0,
+    targets: Object.fromEntries(
+      req.targets.map((t) => [t, { bytesDone: 0, bytesTotal: 0, state: 'pending' as const }]),
+    ),
+  };
+  setHandler(progressQuery, () => progress);
+  const phase = (p: BackupPhase) => {
+    progress.phase = p;
+    upsertSearchAttributes([{ key: StateKey, value: p }]);
+  };
+  return { progress, phase };
+}
+
+/** Which level this backup takes: reads the targets' catalogs and libvirt's checkpoints (a regular activity). */
+function planLevel(req: BackupRequest, steps: Steps, method: BackupMethod, info: DomainInfo): Promise<BackupPlan> {
+  return steps.short.planBackup({
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    method,
+    targets: req.targets,
+    s3Options: req.options.s3,
+    requested: req.options.level ?? 'auto',
+    maxChain: req.options.maxChain ?? DEFAULT_MAX_CHAIN,
+    ...(req.options.fullEverySeconds !== undefined ? { fullEverySeconds: req.options.fullEverySeconds } : {}),
+    disks: info.disks,
+    requestedAt: req.requestedAt,
+  });
+}
+
+/** Push mode: QEMU writes each disk's image (whole, or the clusters changed since the parent checkpoint). */
+async function pushImages(run: BackupRun): Promise<MadeImages> {
+  const { req, steps, info, plan, staging, compensations } = run;
+  const { backupId, domain } = req;
+  run.phase('backing-up');
+  let jobInput: AwaitBackupJobInput | undefined;
+  if (run.hardened) {
+    // Registered before the step: a beginPushBackup that fails after libvirt started the job (a timeout, a
+    // crash) must still abort it, or QEMU keeps writing into a staging dir that is about to be removed.
+    // abortPushBackup aborts only a job whose files are ours, so it is harmless when no job was started.
+    jobInput = { backupId, domain, images: pushImageFiles(staging.dir, info.disks) };
+    const undoJob = jobInput;
+    compensations.unshift(() => steps.short.abortPushBackup(undoJob));
+  }
+  if (plan?.checkpoint) {
+    // The checkpoint counts only once the backup is committed: a failed or cancelled backup deletes it, and the
+    // next one builds on the last committed checkpoint. Registered before the job that creates it.
+    const checkpoint = { domain, name: plan.checkpoint.name };
+    compensations.splice(1, 0, () => steps.quick.dropCheckpoint(checkpoint));
+  }
+  const job = await steps.quick.beginPushBackup({
+    backupId,
+    domain,
+    disks: info.disks,
+    stagingDir: staging.dir,
+    ...(plan?.incremental ? { incremental: plan.incremental, fullDisks: plan.fullDisks } : {}),
+    ...(plan?.checkpoint ? { checkpoint: plan.checkpoint } : {}),
+  });
+  if (!jobInput) {
+    jobInput = { backupId, domain, images: job.images };
+    const undoJob = jobInput;
+    compensations.unshift(() => steps.short.abortPushBackup(undoJob));
+  }
+  const stats = await steps.long.awaitBackupJob(jobInput);
+  compensations.shift();
+  const made: MadeImages = { files: job.images, quiesced: false, bytes: stats.bytes };
+  if (plan?.checkpoint) {
+    // Increments name the live disk as their backing file: point them at the parent's image on the target.
+    const prepared = await steps.quick.prepareChainImages({
+      domain,
+      images: job.images,
+      backing: incrementBacking(plan),
+      checkpoint: plan.checkpoint.name,
+    });
+    if (prepared.checkpointXml) made.checkpointXml = prepared.checkpointXml;
+  }
+  return made;
+}
+
+/** The snapshot method: overlays take the guest's writes while the quiet bases are copied, then commit + pivot. */
+async function snapshotImages(run: BackupRun): Promise<MadeImages> {
+  const { req, steps, info, staging, compensations } = run;
+  const { backupId, domain } = req;
+  run.phase('creating-overlays');
+  // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
+  // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
+  const undoUnknown = async () => {
+    await steps.long.commitAndPivot({ backupId, domain, overlays: [] });
+    await steps.removeUnknownOverlays.removeOverlays({ backupId, domain, overlays: [] });
+  };
+  compensations.unshift(undoUnknown);
+  const created = await steps.overlaySteps.createOverlays({
+    backupId,
+    domain,
+    disks: info.disks,
+    quiesce: req.options.quiesce ?? false,
+    requireQuiesce: req.options.requireQuiesce ?? false,
+  });
+  const overlays: OverlayRecord[] = created.overlays;
+  const undoOverlays = async () => {
+    await steps.long.commitAndPivot({ backupId, domain, overlays });
+    await steps.overlaySteps.removeOverlays({ backupId, domain, overlays });
+  };
+  compensations[0] = undoOverlays;
+  run.phase('copying');
+  const files = await steps.long.copyBaseImages({
+    backupId,
+    domain,
+    overlays,
+    stagingDir: staging.dir,
+    copyTool: req.options.copyTool ?? 'auto',
+  });
+  run.phase('committing');
+  // The saga step itself: from here on the VM is put back on its base whatever happens.
+  compensations.shift();
+  await CancellationScope.nonCancellable(undoOverlays);
+  return { files, quiesced: created.quiesced };
+}
+
+/**
+ * After the targets: a backup committed nowhere never counts, so its checkpoint goes; a committed one retires
+ * vmbackup's older checkpoints that no chain builds on any more (each bitmap slows the guest's writes).
+ */
+async function settleCheckpoint(
+  req: BackupRequest,
+  quick: ActivityProxy,
+  plan: BackupPlan,
+  checkpoint: string,
+  committed: boolean,
+): Promise<void> {
+  const { domain } = req;
+  await CancellationScope.nonCancellable(async () => {
+    if (!committed) {
+      await quick.dropCheckpoint({ domain, name: checkpoint }).catch((e: unknown) => {
+        log.warn('could not delete the checkpoint of a backup that reached no target', { error: errorMessage(e) });
+      });
+      return;
+    }
+    const keep = [checkpoint, ...(plan.level !== 'full' && plan.baseCheckpoint ? [plan.baseCheckpoint] : [])];
+    await quick.retireCheckpoints({ domain, keep }).catch((e: unknown) => {
+      log.warn('could not delete old checkpoints', { error: errorMessage(e) });
+    });
+  });
+}
+
+function resultOf(
+  req: BackupRequest,
+  r: {
+    method: BackupMethod;
+    startedAt: string;
+    quiesced: boolean;
+    info: DomainInfo;
+    plan: BackupPlan | undefined;
+    images: DiskImage[];
+    targets: TargetResult[];
+  },
+): BackupResult {
+  const okTargets = r.targets.filter((t) => t.ok);
+  const first = okTargets[0];
+  const { plan } = r;
+  return {
+    backupId: req.backupId,
+    domain: req.domain,
+    host: req.host,
+    method: r.method,
+    status: okTargets.length === r.targets.length ? 'completed' : 'partial',
+    startedAt: r.startedAt,
+    finishedAt: new Date().toISOString(),
+    quiesced: r.quiesced,
+    libvirtVersion: r.info.libvirtVersion,
+    qemuVersion: r.info.qemuVersion,
+    ...(plan
+      ? {
+          chain: {
+            level: plan.level,
+            requested: plan.requested,
+            ...(plan.reason ? { reason: plan.reason } : {}),
+            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
+            base: plan.base,
+            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
+          },
+        }
+      : {}),
+    disks: r.images.map((img) => ({
+      name: img.name,
+      format: img.format,
+      virtualSize: img.virtualSize,
+      size: img.size,
+      sha256: img.sha256,
+      location: first?.locations?.[img.name] ?? '',
+    })),
+    skipped: r.info.skipped,
+    targets: r.targets,
+  };
 }
 
 function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
@@ -275,7 +520,14 @@ async function shipToTargets(
   staging: StagingArea,
   images: DiskImage[],
   progress: BackupProgress,
-  meta: { method: BackupMethod; startedAt: string; quiesced: boolean; info: DomainInfo },
+  meta: {
+    method: BackupMethod;
+    startedAt: string;
+    quiesced: boolean;
+    info: DomainInfo;
+    chain: ManifestInput['manifest']['chain'];
+    backing: Record<string, { backupId: string; key: string; sha256: string }>;
+  },
 ): Promise<TargetResult[]> {
   const { backupId, domain, host } = req;
   const total = images.reduce((n, i) => n + i.size, 0);
@@ -306,6 +558,7 @@ async function shipToTargets(
       }
       await acts.quick.writeManifest({
         target,
+        s3Options: req.options.s3,
         manifest: {
           backupId,
           domain,
@@ -323,7 +576,9 @@ async function shipToTargets(
             size: d.size,
             sha256: d.sha256,
             key: d.key,
+            ...(meta.backing[d.name] ? { backing: meta.backing[d.name] } : {}),
           })),
+          ...(meta.chain ? { chain: meta.chain } : {}),
         },
       });
       state.state = 'done';
@@ -334,7 +589,7 @@ async function shipToTargets(
       results.set(target, { target, ok: false, error: errorMessage(err) });
       // Never leave a half backup on a target: no manifest was written, remove what was uploaded.
       await CancellationScope.nonCancellable(() =>
-        acts.quick.deleteBackupObjects({ target, domain, backupId }).catch((e: unknown) => {
+        acts.quick.deleteBackupObjects({ target, domain, backupId, s3Options: req.options.s3 }).catch((e: unknown) => {
           log.warn('could not remove partial upload', { target, error: errorMessage(e) });
         }),
       );
@@ -345,6 +600,86 @@ async function shipToTargets(
   await Promise.all(remote.map(shipOne));
   if (staging.localTarget && req.targets.includes(staging.localTarget)) await shipOne(staging.localTarget);
   return req.targets.map((t) => results.get(t) ?? { target: t, ok: false, error: 'not attempted' });
+}
+
+/** Per disk of an increment: its parent's image, relative to it in the target layout `<domain>/<backupId>/<disk>`. */
+function incrementBacking(plan: BackupPlan): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (!plan.parent) return out;
+  for (const d of plan.parent.disks) {
+    if (!plan.fullDisks.includes(d.name)) out[d.name] = `../${plan.parent.backupId}/${d.name}.${d.format}`;
+  }
+  return out;
+}
+
+function manifestBacking(plan: BackupPlan): Record<string, { backupId: string; key: string; sha256: string }> {
+  const out: Record<string, { backupId: string; key: string; sha256: string }> = {};
+  if (!plan.parent) return out;
+  for (const d of plan.parent.disks) {
+    if (!plan.fullDisks.includes(d.name))
+      out[d.name] = { backupId: plan.parent.backupId, key: d.key, sha256: d.sha256 };
+  }
+  return out;
+}
+
+function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+  return {
+    level: plan.level,
+    requested: plan.requested,
+    ...(plan.reason ? { reason: plan.reason } : {}),
+    ...(plan.parent ? { parent: plan.parent.backupId } : {}),
+    base: plan.base,
+    ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
+    ...(checkpointXml ? { checkpointXml } : {}),
+  };
+}
+
+/** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */
+async function removeUncommitted(req: BackupRequest, quick: ActivityProxy): Promise<void> {
+  const { domain, backupId } = req;
+  await Promise.all(
+    req.targets.map((target) =>
+      quick.deleteBackupObjects({ target, domain, backupId, s3Options: req.options.s3 }).catch((e: unknown) => {
+        log.warn('could not remove the uploads of a cancelled backup', { target, error: errorMessage(e) });
+      }),
+    ),
+  );
+}
+
+/**
+ * Anyone on the cluster can start this workflow: its input is checked before anything runs (the activities check
+ * the paths and targets they are given again, on the host).
+ */
+function validateRequest(req: BackupRequest): void {
+  const bad = (why: string): never => {
+    throw ApplicationFailure.nonRetryable(`invalid backup request: ${why}`, ErrorType.InvalidInput);
+  };
+  if (typeof req !== 'object' || req === null) bad('no request');
+  if (typeof req.domain !== 'string' || !DOMAIN_NAME_RE.test(req.domain))
+    bad(`"${String(req.domain)}" is not a domain name`);
+  if (typeof req.host !== 'string' || !HOST_NAME_RE.test(req.host)) bad(`"${String(req.host)}" is not a host name`);
+  if (typeof req.backupId !== 'string' || !BACKUP_ID_RE.test(req.backupId))
+    bad(`"${String(req.backupId)}" is not a backup id`);
+  if (!Array.isArray(req.targets) || req.targets.length === 0 || req.targets.some((t) => typeof t !== 'string')) {
+    bad('it names no target');
+  }
+  if (new Set(req.targets).size !== req.targets.length) bad('a target is named twice');
+  const level = req.options?.level;
+  if (level !== undefined && !['auto', 'full', 'inc', 'diff'].includes(level)) bad(`"${String(level)}" is not a level`);
+  const maxChain = req.options?.maxChain;
+  if (maxChain !== undefined && !(Number.isInteger(maxChain) && maxChain >= 1 && maxChain <= 1000)) {
+    bad(`--max-chain must be a whole number from 1 to 1000, not ${String(maxChain)}`);
+  }
+  const fullEvery = req.options?.fullEverySeconds;
+  if (fullEvery !== undefined && !(Number.isInteger(fullEvery) && fullEvery > 0)) {
+    bad(`--full-every must be a positive duration, not ${String(fullEvery)} seconds`);
+  }
+  const hb = req.options?.heartbeatTimeoutSeconds;
+  if (hb !== undefined && !(Number.isInteger(hb) && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS)) {
+    bad(
+      `the heartbeat timeout must be a whole number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}, not ${String(hb)}`,
+    );
+  }
 }
 
 async function runCompensations(compensations: Array<() => Promise<void>>): Promise<void> {

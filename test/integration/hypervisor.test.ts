@@ -188,10 +188,10 @@ describe('VirshHypervisor on real libvirt', () => {
       ['sda', join(dom.dir, 'cdrom.iso')],
     ]);
     expect(during[0]!.backingChain).toEqual([vda!.path]);
-    expect((await imageInfo(overlay)).backingFile).toBe(vda!.path);
+    expect((await imageInfo(overlay, { format: 'qcow2' })).backingFile).toBe(vda!.path);
 
     // The base is frozen while the overlay takes the writes: copy it, then write.
-    await convertImage(vda!.path, baseCopy, { srcFormat: 'qcow2', forceShare: true });
+    await convertImage({ path: vda!.path, format: 'qcow2', backing: null }, baseCopy, { forceShare: true });
     await dom.writeThroughDevice('vda', 0xee, 16, 4);
     expect(await compareImages(vda!.path, baseCopy)).toBe(true);
     expect(await holdsPattern(vda!.path, 'qcow2', 0xee, 16, 4)).toBe(false);
@@ -249,6 +249,8 @@ describe('VirshHypervisor on real libvirt', () => {
     expect(last).toBeGreaterThanOrEqual(3);
     expect(await guest.serialLog()).toMatch(/^GUEST-UP/m);
     // chunk i lands at MiB 8 + i % 48
-    expect((await imageInfo(guest.disks[0]!.path)).actualSize).toBeGreaterThan(2 * MiB);
+    expect((await imageInfo(guest.disks[0]!.path, { format: guest.disks[0]!.format })).actualSize).toBeGreaterThan(
+      2 * MiB,
+    );
   });
 });

@@ -12,14 +12,7 @@ import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/clie
 import { MockActivityEnvironment } from '@temporalio/testing';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
-import {
-  copyBackup,
-  findBackup,
-  listBackups,
-  pruneBackups,
-  restoreBackup,
-  verifyBackup,
-} from '../../src/storage/catalog';
+import { copyBackup, findBackup, listBackups, pruneBackups, restoreBackup, verifyBackup } from '../../src/repository';
 import type { StorageTarget } from '../../src/storage/contract';
 import { StorageError } from '../../src/storage/errors';
 import { backUp, makeImage, storageActivities } from '../storage/backups';

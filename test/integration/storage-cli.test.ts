@@ -2,7 +2,7 @@
  * The storage commands as a user runs them (registered on a commander program, real targets):
  * output, --json, exit codes, and one sentence on failure.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command } from 'commander';
@@ -70,11 +70,14 @@ afterAll(async () => {
 test('list prints a table, --json one object; an empty target says so', async () => {
   const table = await vmbackup('list', '--target', a.url);
   expect(table.code).toBe(0);
-  expect(table.stdout.split('\n')[0]).toMatch(/^BACKUP ID\s+DOMAIN\s+STARTED\s+METHOD\s+DISKS\s+SIZE$/);
+  expect(table.stdout.split('\n')[0]).toMatch(
+    /^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+SIZE$/,
+  );
   for (const id of ids) expect(table.stdout).toContain(id);
   const json = await vmbackup('list', '--target', a.url, '--domain', 'web', '--json');
   const parsed = JSON.parse(json.stdout) as { backups: Array<{ backupId: string }> };
   expect(parsed.backups.map((x) => x.backupId)).toEqual(ids);
+  await mkdir(b.dir, { recursive: true }); // an existing, empty directory (a missing one is an error)
   const empty = await vmbackup('list', '--target', b.url);
   expect([empty.code, empty.stdout, empty.stderr]).toEqual([0, '', `No backups on ${b.url}.\n`]);
 });

@@ -13,7 +13,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { createStorageActivities } from '../../src/activities/storage';
 import { ErrorType } from '../../src/shared/errors';
-import { listBackups } from '../../src/storage/catalog';
+import { listBackups } from '../../src/repository';
 import { StorageError } from '../../src/storage/errors';
 import { openTarget } from '../../src/storage/registry';
 import { filesUnder } from '../storage/fixtures';

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { PutCheckpoint, StorageTarget } from '../../src/storage/contract';
-import { deleteObjectsUnder } from '../../src/storage/catalog';
+import { deleteObjectsUnder } from '../../src/repository';
 import { StorageError } from '../../src/storage/errors';
 
 export interface ConformanceTarget {
@@ -151,6 +151,23 @@ export function describeConformance(
       expect((await t.getBuffer('d/b/manifest.json')).toString()).toBe('second, longer');
       expect((await t.stat('d/b/manifest.json'))?.size).toBe('second, longer'.length);
       expect(await keys(t)).toEqual(['d/b/manifest.json']);
+    });
+
+    test('getBuffer with maxBytes reads an object up to the limit and refuses a larger one as permanent', async () => {
+      const body = randomBytes(100_000);
+      await t.putManifest('d/b/manifest.json', body);
+      expect((await t.getBuffer('d/b/manifest.json', { maxBytes: body.length })).equals(body)).toBe(true);
+      const err = await expectKind(t.getBuffer('d/b/manifest.json', { maxBytes: body.length - 1 }), 'checksum');
+      expect(err.permanent).toBe(true);
+      expect(err.message).toMatch(/^Object d\/b\/manifest.json on .* is larger than the 99999 bytes a reader accepts/);
+      await expectKind(t.getBuffer('d/nope/manifest.json', { maxBytes: 10 }), 'not-found');
+      await t.putManifest('d/e/manifest.json', Buffer.alloc(0));
+      expect((await t.getBuffer('d/e/manifest.json', { maxBytes: 0 })).length).toBe(0);
+    });
+
+    test('checkLocation passes on a target that holds objects', async () => {
+      await t.putManifest('d/b/manifest.json', Buffer.from('{}'));
+      await expect(t.checkLocation()).resolves.toBeUndefined();
     });
 
     test('no partial object is visible while a put runs', async () => {

@@ -4,7 +4,12 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { HypervisorError, classifyHypervisorError, toolErrorText } from '../../src/hypervisor/errors';
+import {
+  HypervisorError,
+  checkpointErrorSubject,
+  classifyHypervisorError,
+  toolErrorText,
+} from '../../src/hypervisor/errors';
 import type { HypervisorErrorKind } from '../../src/hypervisor/errors';
 
 const captured = (file: string): string => readFileSync(join(__dirname, '..', 'fixtures', 'virsh', file), 'utf8');
@@ -24,9 +29,37 @@ describe('classifyHypervisorError on captured stderr', () => {
     ['stderr.no-block-job.txt', 'no-job'],
     ['stderr.not-running.txt', 'not-running'],
     ['stderr.no-base.txt', 'failed'],
+    // checkpoints (the capture.sh `checkpoints` section)
+    ['stderr.checkpoint-inconsistent.txt', 'checkpoint-inconsistent'],
+    ['stderr.checkpoint-validate.txt', 'checkpoint-inconsistent'],
+    ['stderr.checkpoint-bitmap-missing.txt', 'checkpoint-inconsistent'],
+    ['stderr.checkpoint-not-found.txt', 'checkpoint-not-found'],
+    ['stderr.checkpoint-incremental-not-found.txt', 'checkpoint-not-found'],
+    ['stderr.checkpoint-parent-missing.txt', 'checkpoint-not-found'],
+    ['stderr.checkpoint-exists.txt', 'checkpoint-exists'],
+    ['stderr.bitmap-exists.txt', 'bitmap-exists'],
+    ['stderr.checkpoint-raw.txt', 'checkpoint-unsupported'],
+    ['stderr.undefine-checkpoints.txt', 'failed'],
   ];
   test.each(cases)('%s -> %s', (file, kind) => {
     expect(classifyHypervisorError(captured(file))).toBe(kind);
+  });
+});
+
+describe('checkpoint errors: which checkpoint and disk the text names', () => {
+  const cases: Array<[string, { checkpoint?: string; disk?: string }]> = [
+    ['stderr.checkpoint-inconsistent.txt', { checkpoint: 'c1', disk: 'vda' }],
+    ['stderr.checkpoint-bitmap-missing.txt', { checkpoint: 'c2', disk: 'vda' }],
+    ['stderr.checkpoint-not-found.txt', { checkpoint: 'nosuch' }],
+    ['stderr.checkpoint-incremental-not-found.txt', { checkpoint: 'nosuch', disk: 'vda' }],
+    ['stderr.checkpoint-parent-missing.txt', { checkpoint: 'ghost' }],
+    ['stderr.checkpoint-exists.txt', { checkpoint: 'c1' }],
+    ['stderr.bitmap-exists.txt', { checkpoint: 'c3' }],
+    ['stderr.checkpoint-raw.txt', { disk: 'vdb' }],
+    ['stderr.no-domain.txt', {}],
+  ];
+  test.each(cases)('%s', (file, subject) => {
+    expect(checkpointErrorSubject(captured(file))).toEqual(subject);
   });
 });
 
@@ -49,6 +82,19 @@ describe('classifyHypervisorError on recorded texts', () => {
     ["error: operation failed: domain 'cap1' already exists with uuid 77a1b499-f0c6-4b89-863a-256e69eb5b0b", 'exists'],
     ['error: invalid argument: invalid path vdz not assigned to domain', 'not-found'],
     ['error: this function is not supported by the connection driver: virDomainBackupBegin', 'unsupported'],
+    // hosts without checkpoints: libvirt < 5.6 (no API, and its virsh has no checkpoint commands), QEMU
+    // without the bitmap features libvirt needs (libvirt's qemu_checkpoint.c / qemu_backup.c texts)
+    [
+      'error: this function is not supported by the connection driver: virDomainCheckpointCreateXML',
+      'checkpoint-unsupported',
+    ],
+    ["error: unknown command: 'checkpoint-list'", 'checkpoint-unsupported'],
+    ['error: Operation not supported: incremental backup is not supported yet', 'checkpoint-unsupported'],
+    [
+      'error: Operation not supported: creating checkpoint for incremental backup is not supported yet',
+      'checkpoint-unsupported',
+    ],
+    ['error: Operation not supported: cannot delete checkpoint for inactive domain', 'not-running'],
     [
       "error: internal error: unable to execute QEMU command 'blockdev-add': Could not open '/root/x/full.qcow2': Permission denied",
       'failed',
@@ -89,6 +135,11 @@ describe('HypervisorError', () => {
       'invalid',
       'not-running',
       'no-job',
+      'checkpoint-inconsistent',
+      'checkpoint-not-found',
+      'checkpoint-exists',
+      'bitmap-exists',
+      'checkpoint-unsupported',
     ];
     const transient: HypervisorErrorKind[] = ['unreachable', 'busy', 'not-ready', 'failed'];
     for (const kind of permanent) expect(new HypervisorError(kind, 'x').permanent).toBe(true);

@@ -2,7 +2,15 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { HypervisorError } from '../../src/hypervisor/errors';
-import { escapeXmlAttr, parseDomainXml, pushBackupXml } from '../../src/hypervisor/xml';
+import {
+  checkpointCreateXml,
+  checkpointRedefineXml,
+  escapeXmlAttr,
+  parseCheckpointXml,
+  parseCheckpointXmls,
+  parseDomainXml,
+  pushBackupXml,
+} from '../../src/hypervisor/xml';
 
 const captured = (file: string): string => readFileSync(join(__dirname, '..', 'fixtures', 'virsh', file), 'utf8');
 
@@ -124,5 +132,177 @@ describe('pushBackupXml', () => {
     expect(escapeXmlAttr(`/b/it's <&> "x"`)).toBe('/b/it&apos;s &lt;&amp;&gt; &quot;x&quot;');
     const xml = pushBackupXml([{ disk: 'vda', file: "/b/a'b.qcow2" }], ['vda']);
     expect(xml).toContain(`<target file='/b/a&apos;b.qcow2'/>`);
+  });
+});
+
+describe('pushBackupXml: incremental', () => {
+  const targets = [
+    { disk: 'vda', file: '/s/vda.qcow2' },
+    { disk: 'vdb', file: '/s/vdb.qcow2' },
+  ];
+
+  test('<incremental> names the parent; a disk new to the chain is copied whole with backupmode=full', () => {
+    expect(pushBackupXml(targets, ['vda', 'vdb', 'sda'], { incremental: 'c1', fullDisks: ['vdb'] })).toBe(
+      `<domainbackup mode='push'>
+  <incremental>c1</incremental>
+  <disks>
+    <disk name='vda' backup='yes' type='file'><target file='/s/vda.qcow2'/><driver type='qcow2'/></disk>
+    <disk name='vdb' backup='yes' backupmode='full' type='file'><target file='/s/vdb.qcow2'/><driver type='qcow2'/></disk>
+    <disk name='sda' backup='no'/>
+  </disks>
+</domainbackup>
+`,
+    );
+  });
+
+  test('a full backup has no <incremental> and no per-disk mode, whatever fullDisks says', () => {
+    const xml = pushBackupXml(targets, ['vda', 'vdb'], { fullDisks: ['vdb'] });
+    expect(xml).toBe(pushBackupXml(targets, ['vda', 'vdb']));
+    expect(xml).not.toMatch(/incremental|backupmode/);
+  });
+});
+
+describe('checkpointCreateXml', () => {
+  test("bitmap for the listed disks, an explicit 'no' for every other disk", () => {
+    expect(checkpointCreateXml('vmbackup-1', ['vda'], ['vda', 'vdb', 'sda'])).toBe(
+      `<domaincheckpoint>
+  <name>vmbackup-1</name>
+  <disks>
+    <disk name='vda' checkpoint='bitmap'/>
+    <disk name='vdb' checkpoint='no'/>
+    <disk name='sda' checkpoint='no'/>
+  </disks>
+</domaincheckpoint>
+`,
+    );
+  });
+});
+
+describe('parseCheckpointXml', () => {
+  test('a root checkpoint (checkpoint-dumpxml --no-domain)', () => {
+    expect(parseCheckpointXml(captured('checkpoint-dumpxml.c0.xml'))).toEqual({
+      name: 'c0',
+      creationTime: 1795998904,
+      disks: [
+        { name: 'vda', checkpoint: 'bitmap', bitmap: 'c0' },
+        { name: 'vdb', checkpoint: 'no' },
+      ],
+    });
+  });
+
+  test('a child: its parent', () => {
+    expect(parseCheckpointXml(captured('checkpoint-dumpxml.c1.xml'))).toMatchObject({ name: 'c1', parent: 'c0' });
+  });
+
+  test('--size: the changed bytes of a good bitmap; none for a bitmap broken by kill -9', () => {
+    expect(parseCheckpointXml(captured('checkpoint-dumpxml.c1-size.xml')).disks).toEqual([
+      { name: 'vda', checkpoint: 'bitmap', bitmap: 'c1', size: 1 << 20 },
+      { name: 'vdb', checkpoint: 'no' },
+    ]);
+    expect(parseCheckpointXml(captured('checkpoint-dumpxml.c1-size-broken.xml')).disks[0]).toEqual({
+      name: 'vda',
+      checkpoint: 'bitmap',
+      bitmap: 'c1',
+    });
+  });
+
+  test('the <domain> copy checkpoint-dumpxml adds without --no-domain is ignored', () => {
+    const withDomain = captured('checkpoint-dumpxml.c1.xml').replace(
+      '</disks>',
+      "</disks>\n  <domain type='qemu'><name>vm1</name><devices><disk type='file'><target dev='vdz'/></disk></devices></domain>",
+    );
+    expect(parseCheckpointXml(withDomain)).toEqual(parseCheckpointXml(captured('checkpoint-dumpxml.c1.xml')));
+  });
+
+  test('several documents printed one after the other (one virsh run)', () => {
+    expect(parseCheckpointXmls(captured('checkpoint-dumpxml.batch.txt')).map((c) => [c.name, c.parent])).toEqual([
+      ['c0', undefined],
+      ['c1', 'c0'],
+    ]);
+    expect(parseCheckpointXmls('')).toEqual([]);
+  });
+
+  // A checkpoint XML comes back from a manifest on a target someone else may write.
+  const hostile: Array<[string, string, RegExp]> = [
+    ['not a checkpoint', '<domain><name>vm1</name></domain>', /not a checkpoint/],
+    ['not XML', '<<<', /checkpoint XML/],
+    [
+      'a name libvirt would not take',
+      '<domaincheckpoint><name>../x</name><creationTime>1</creationTime></domaincheckpoint>',
+      /not a checkpoint name/,
+    ],
+    [
+      'a parent with a slash',
+      '<domaincheckpoint><name>c1</name><parent><name>a/b</name></parent><creationTime>1</creationTime></domaincheckpoint>',
+      /parent "a\/b"/,
+    ],
+    ['no creation time', '<domaincheckpoint><name>c1</name></domaincheckpoint>', /no valid <creationTime>/],
+    [
+      'a creation time that is not a number',
+      '<domaincheckpoint><name>c1</name><creationTime>1e9</creationTime></domaincheckpoint>',
+      /no valid <creationTime>/,
+    ],
+    [
+      'a disk named by path',
+      "<domaincheckpoint><name>c1</name><creationTime>1</creationTime><disks><disk name='/etc/passwd'/></disks></domaincheckpoint>",
+      /names a disk "\/etc\/passwd"/,
+    ],
+    [
+      'a disk twice',
+      "<domaincheckpoint><name>c1</name><creationTime>1</creationTime><disks><disk name='vda'/><disk name='vda' checkpoint='no'/></disks></domaincheckpoint>",
+      /lists disk vda twice/,
+    ],
+    [
+      'a bitmap name with quotes',
+      "<domaincheckpoint><name>c1</name><creationTime>1</creationTime><disks><disk name='vda' bitmap=\"x' y\"/></disks></domaincheckpoint>",
+      /names a bitmap/,
+    ],
+    [
+      'an unknown checkpoint mode',
+      "<domaincheckpoint><name>c1</name><creationTime>1</creationTime><disks><disk name='vda' checkpoint='all'/></disks></domaincheckpoint>",
+      /checkpoint="all"/,
+    ],
+    [
+      'two checkpoints',
+      '<domaincheckpoint><name>a</name></domaincheckpoint><domaincheckpoint><name>b</name></domaincheckpoint>',
+      /more than one/,
+    ],
+  ];
+  test.each(hostile)('refuses %s', (_what, xml, message) => {
+    let caught: unknown;
+    try {
+      parseCheckpointXml(xml);
+    } catch (err) {
+      caught = err;
+    }
+    expect(caught).toBeInstanceOf(HypervisorError);
+    expect(caught).toMatchObject({ kind: 'invalid', message });
+  });
+});
+
+describe('checkpointRedefineXml', () => {
+  test('name, parent, creation time and disks, nothing else; parses back to the same checkpoint', () => {
+    const c1 = parseCheckpointXml(captured('checkpoint-dumpxml.c1.xml'));
+    const xml = checkpointRedefineXml(c1);
+    expect(xml).toBe(
+      `<domaincheckpoint>
+  <name>c1</name>
+  <parent>
+    <name>c0</name>
+  </parent>
+  <creationTime>1795998905</creationTime>
+  <disks>
+    <disk name='vda' checkpoint='bitmap' bitmap='c1'/>
+    <disk name='vdb' checkpoint='no'/>
+  </disks>
+</domaincheckpoint>
+`,
+    );
+    expect(parseCheckpointXml(xml)).toEqual(c1);
+  });
+
+  test('a root: no <parent>', () => {
+    const c0 = parseCheckpointXml(captured('checkpoint-dumpxml.c0.xml'));
+    expect(checkpointRedefineXml(c0)).not.toContain('<parent>');
   });
 });

@@ -1,8 +1,9 @@
-import { applyPolicy } from '../../src/storage/catalog';
-import type { Manifest } from '../../src/storage/manifest';
+import { applyPolicy } from '../../src/repository';
+import type { Manifest } from '../../src/repository/manifest';
 
-function backup(at: string): Manifest {
-  return { backupId: `web-${at}`, domain: 'web', startedAt: at } as Manifest;
+function backup(at: string, chain?: { level: 'inc' | 'diff'; parent: string; base: string }): Manifest {
+  const backupId = `web-${at}`;
+  return { backupId, domain: 'web', startedAt: at, chain: chain ?? { level: 'full', base: backupId } } as Manifest;
 }
 
 const ids = (ds: Array<{ backupId: string }>): string[] => ds.map((d) => d.backupId.slice(4));
@@ -54,6 +55,102 @@ describe('prune policy (restic semantics)', () => {
       keepMonthly: 0,
     });
     expect(keep.map((k) => k.reasons)).toEqual([['only backup']]);
+    expect(remove).toEqual([]);
+  });
+});
+
+describe('prune policy over chains', () => {
+  // a chain per week: a full on Monday, increments Tuesday..Sunday; then a differential chain
+  const chain = (days: string[]): Manifest[] => {
+    const out: Manifest[] = [];
+    for (const day of days) {
+      const parent = out.at(-1);
+      out.push(
+        backup(
+          `${day}T01:00:00Z`,
+          parent ? { level: 'inc', parent: parent.backupId, base: out[0]!.backupId } : undefined,
+        ),
+      );
+    }
+    return out;
+  };
+  const week1 = chain(['2026-11-02', '2026-11-03', '2026-11-04', '2026-11-05', '2026-11-06', '2026-11-07']);
+  const week2 = chain(['2026-11-09', '2026-11-10', '2026-11-11']);
+  const all = [...week1, ...week2];
+
+  test('every full, inc and diff counts as a point; a kept increment keeps its parents, saying so', () => {
+    const { keep, remove } = applyPolicy(all, { keepLast: 2 });
+    expect(keep.map((k) => [k.backupId.slice(4, 14), k.level, k.reasons])).toEqual([
+      ['2026-11-11', 'inc', ['last']],
+      ['2026-11-10', 'inc', ['last', 'parent of web-2026-11-11T01:00:00Z']],
+      ['2026-11-09', 'full', ['parent of web-2026-11-10T01:00:00Z']],
+    ]);
+    expect(remove.map((r) => r.backupId.slice(4, 14))).toEqual([
+      '2026-11-07',
+      '2026-11-06',
+      '2026-11-05',
+      '2026-11-04',
+      '2026-11-03',
+      '2026-11-02',
+    ]);
+  });
+
+  test('a policy that would orphan increments keeps their whole chain back to the full', () => {
+    // keep-daily 1 plus keep-weekly 2 keeps the newest of week 1 (Saturday's increment): its 5 parents stay
+    const { keep, remove } = applyPolicy(all, { keepWeekly: 2 });
+    expect(keep.map((k) => k.backupId.slice(4, 14))).toEqual([
+      '2026-11-11',
+      '2026-11-10',
+      '2026-11-09',
+      '2026-11-07',
+      '2026-11-06',
+      '2026-11-05',
+      '2026-11-04',
+      '2026-11-03',
+      '2026-11-02',
+    ]);
+    expect(keep.find((k) => k.backupId.startsWith('web-2026-11-02'))?.reasons).toEqual([
+      'parent of web-2026-11-03T01:00:00Z',
+    ]);
+    expect(remove).toEqual([]);
+  });
+
+  test('differentials depend on the full only: the ones not kept go, the full stays', () => {
+    const full = backup('2026-11-16T01:00:00Z');
+    const diffs = ['17', '18', '19'].map((d) =>
+      backup(`2026-11-${d}T01:00:00Z`, { level: 'diff', parent: full.backupId, base: full.backupId }),
+    );
+    const { keep, remove } = applyPolicy([full, ...diffs], { keepLast: 1 });
+    expect(keep.map((k) => [k.backupId.slice(4, 14), k.reasons])).toEqual([
+      ['2026-11-19', ['last']],
+      ['2026-11-16', ['parent of web-2026-11-19T01:00:00Z']],
+    ]);
+    expect(remove.map((r) => r.backupId.slice(4, 14))).toEqual(['2026-11-18', '2026-11-17']);
+  });
+
+  test('removal order: every backup before the backups it depends on', () => {
+    // keep only the newest chain: the old chain goes newest link first, its full last
+    const { remove } = applyPolicy(all, { keepLast: 1 });
+    const order = remove.map((r) => r.backupId);
+    for (const r of remove) {
+      if (r.parent) expect(order.indexOf(r.backupId)).toBeLessThan(order.indexOf(r.parent));
+    }
+    expect(order.at(-1)).toBe(week1[0]!.backupId);
+  });
+
+  test('a backup whose parent is gone is no restorable point: not counted, not removed, marked', () => {
+    const orphaned = week2.slice(1); // its full is missing on this target
+    const { keep, remove } = applyPolicy([...week1, ...orphaned], { keepLast: 1 });
+    expect(keep.map((k) => [k.backupId.slice(4, 14), k.reasons])).toEqual([
+      ['2026-11-11', [`not restorable: ${week2[0]!.backupId} is missing`]],
+      ['2026-11-10', [`not restorable: ${week2[0]!.backupId} is missing`]],
+      ['2026-11-07', ['last']],
+      ['2026-11-06', ['parent of web-2026-11-07T01:00:00Z']],
+      ['2026-11-05', ['parent of web-2026-11-06T01:00:00Z']],
+      ['2026-11-04', ['parent of web-2026-11-05T01:00:00Z']],
+      ['2026-11-03', ['parent of web-2026-11-04T01:00:00Z']],
+      ['2026-11-02', ['parent of web-2026-11-03T01:00:00Z']],
+    ]);
     expect(remove).toEqual([]);
   });
 });

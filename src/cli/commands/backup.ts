@@ -2,8 +2,16 @@
 import { Option } from 'commander';
 import type { Command } from 'commander';
 import type { BackupStatusView } from '../../client/backups';
-import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
-import type { BackupOptions, BackupResult, CopyTool, RequestedMethod } from '../../shared/types';
+import { DEFAULT_MAX_CHAIN, DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
+import { parseDuration } from '../../shared/duration';
+import type {
+  BackupChainInfo,
+  BackupOptions,
+  BackupResult,
+  CopyTool,
+  RequestedLevel,
+  RequestedMethod,
+} from '../../shared/types';
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
@@ -22,6 +30,9 @@ interface BackupFlags {
   quiesce?: boolean;
   requireQuiesce?: boolean;
   copyTool: CopyTool;
+  level: RequestedLevel;
+  maxChain?: string;
+  fullEvery?: string;
   includeAllDisks?: boolean;
   heartbeatTimeout?: string;
   [s3: string]: unknown;
@@ -49,6 +60,19 @@ export function register(program: Command): void {
         .choices(['auto', 'rsync', 'cp'])
         .default('auto'),
     )
+    .addOption(
+      new Option(
+        '--level <level>',
+        'auto: an incremental when every target holds a chain that can continue, else full; inc: changes since the last backup; diff: changes since the last full',
+      )
+        .choices(['auto', 'full', 'inc', 'diff'])
+        .default('auto'),
+    )
+    .option(
+      '--max-chain <n>',
+      `auto/inc: take a full once the chain has this many increments (default ${DEFAULT_MAX_CHAIN})`,
+    )
+    .option('--full-every <duration>', "take a full once the chain's full is older than this (e.g. 7d, 12h)")
     .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
@@ -68,7 +92,24 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
   const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];
   for (const t of targets) parseTargetUrl(t); // one clear sentence for a bad URL, before anything starts
+  let maxChain: number | undefined;
+  if (flags.maxChain !== undefined) {
+    if (!/^\d+$/.test(flags.maxChain) || Number(flags.maxChain) < 1 || Number(flags.maxChain) > 1000) {
+      throw new CliError(`--max-chain must be a whole number from 1 to 1000, not "${flags.maxChain}"`);
+    }
+    maxChain = Number(flags.maxChain);
+  }
+  let fullEverySeconds: number | undefined;
+  if (flags.fullEvery !== undefined) {
+    fullEverySeconds = parseDuration(flags.fullEvery);
+    if (!fullEverySeconds) {
+      throw new CliError(`--full-every must be a duration such as 7d, 12h or 90m, not "${flags.fullEvery}"`);
+    }
+  }
   const options: BackupOptions = {
+    level: flags.level,
+    ...(maxChain !== undefined ? { maxChain } : {}),
+    ...(fullEverySeconds !== undefined ? { fullEverySeconds } : {}),
     quiesce: Boolean(flags.quiesce || flags.requireQuiesce),
     requireQuiesce: Boolean(flags.requireQuiesce),
     copyTool: flags.copyTool,
@@ -159,6 +200,11 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   }
 }
 
+function describeLevel(chain: BackupChainInfo): string {
+  if (chain.level === 'full') return 'full';
+  return `${chain.level === 'inc' ? 'incremental' : 'differential'} on ${chain.parent ?? '?'}`;
+}
+
 /** Prints the outcome and sets the exit code: 0 only for a backup stored on every target. */
 export function report(view: BackupStatusView, json: boolean, ctx: { domain: string; host: string }): void {
   const r: BackupResult | undefined = view.result;
@@ -171,6 +217,8 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
             host: r.host,
             method: r.method,
             status: r.status,
+            level: r.chain?.level ?? 'full',
+            ...(r.chain ? { chain: r.chain } : {}),
             startedAt: r.startedAt,
             finishedAt: r.finishedAt,
             quiesced: r.quiesced,
@@ -193,7 +241,9 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
           },
     );
   } else if (r) {
-    process.stderr.write(`${r.backupId}: ${r.status} (${r.method}) ${r.disks.length} disk(s)\n`);
+    const level = r.chain ? describeLevel(r.chain) : 'full';
+    process.stderr.write(`${r.backupId}: ${r.status} (${r.method}, ${level}) ${r.disks.length} disk(s)\n`);
+    if (r.chain?.reason) process.stderr.write(`  ${r.chain.reason}\n`);
     for (const t of r.targets) {
       process.stderr.write(`  ${t.ok ? 'ok    ' : 'FAILED'} ${t.target}${t.error ? `: ${t.error}` : ''}\n`);
     }

@@ -1,9 +1,12 @@
-/** `vmbackup copy <backupId> --from URL --to URL`: resumable; images already there are skipped, manifest last. */
+/**
+ * `vmbackup copy <backupId> --from URL --to URL`: the backup and the links of its chain the destination lacks, oldest
+ * first; resumable (images already there are skipped), each manifest last.
+ */
 import type { Command } from 'commander';
-import { copyBackup } from '../../storage/catalog';
+import { copyBackup } from '../../repository';
 import { action, printJson } from '../output';
 import { addS3Options } from './s3-options';
-import { openCliTarget } from './target-options';
+import { cliManifestKey, openCliTarget } from './target-options';
 
 interface CopyFlags {
   from: string;
@@ -15,7 +18,9 @@ interface CopyFlags {
 export function register(program: Command): void {
   const cmd = program
     .command('copy')
-    .description('copy a committed backup to another target (skips images already copied; manifest last)')
+    .description(
+      'copy a committed backup, and the backups of its chain it depends on that are missing there, to another target (skips images already copied; manifests last)',
+    )
     .argument('<backupId>', 'backup id (see `vmbackup list`)')
     .requiredOption('--from <url>', 'target holding the backup')
     .requiredOption('--to <url>', 'target to copy it to')
@@ -29,11 +34,19 @@ async function runCopy(backupId: string, flags: CopyFlags): Promise<void> {
   try {
     const to = openCliTarget(flags.to, flags);
     try {
-      const report = await copyBackup(from, to, backupId);
+      const report = await copyBackup(from, to, backupId, { manifestKey: cliManifestKey() });
       if (flags.json) printJson(report);
       else {
+        const parents = report.links.filter((l) => l.backupId !== backupId);
+        const copiedParents = parents.filter((l) => l.action === 'copied').map((l) => l.backupId);
+        const chain =
+          parents.length === 0
+            ? ''
+            : copiedParents.length > 0
+              ? ` (with ${copiedParents.length} backup(s) of its chain that were missing there: ${copiedParents.join(', ')})`
+              : ` (the ${parents.length} backup(s) of its chain it depends on were there already)`;
         process.stdout.write(
-          `Copied backup ${backupId} from ${report.from} to ${report.to}: ${report.copied.length} object(s) written, ${report.skipped.length} already there.\n`,
+          `Copied backup ${backupId} from ${report.from} to ${report.to}: ${report.copied.length} object(s) written, ${report.skipped.length} already there${chain}.\n`,
         );
       }
     } finally {

@@ -1,8 +1,8 @@
-/** `vmbackup list`: the committed backups on a target, read from their manifests. */
+/** `vmbackup list`: the committed backups on a target, read from their manifests, with their place in a chain. */
 import type { Command } from 'commander';
-import { listBackups } from '../../storage/catalog';
-import { action, formatBytes, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { listBackups, type Manifest } from '../../repository';
+import { action, formatBytes, printJson, printTable, printWarning, safeText } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 interface ListFlags extends TargetFlags {
   domain?: string;
@@ -19,39 +19,72 @@ export function register(program: Command): void {
 }
 
 async function runList(flags: ListFlags): Promise<void> {
+  const manifestKey = cliManifestKey();
   await withCliTarget(flags.target, flags, async (target) => {
     const invalid: Array<{ key: string; error: string }> = [];
     const backups = await listBackups(target, {
       ...(flags.domain ? { domain: flags.domain } : {}),
       onInvalid: (key, error) => invalid.push({ key, error: error.message }),
+      // a target named on the command line must exist (a typo is not an empty target); the default one starts empty
+      mustExist: flags.target !== undefined,
+      manifestKey,
     });
     if (flags.json) {
-      printJson({ target: target.displayUrl, backups: backups.map((b) => ({ ...b.manifest, size: b.size })), invalid });
+      printJson({
+        target: target.displayUrl,
+        backups: backups.map((b) => ({
+          ...b.manifest,
+          chain: chainOf(b.manifest),
+          size: b.size,
+          ...(manifestKey ? { signed: b.signed } : {}),
+        })),
+        invalid,
+      });
       return;
     }
-    for (const bad of invalid) process.stderr.write(`vmbackup: skipping ${bad.key}: ${bad.error}\n`);
+    for (const bad of invalid) printWarning(`skipping ${bad.key}: ${bad.error}`);
+    const unsigned = backups.filter((b) => manifestKey && !b.signed);
+    if (unsigned.length > 0) {
+      printWarning(
+        `${unsigned.length} manifest(s) on ${target.displayUrl} are not signed with your key (SIGNED "NO"): they were written by someone else or changed; verify and restore refuse them.`,
+      );
+    }
     if (backups.length === 0) {
-      process.stderr.write(`No backups${flags.domain ? ` of ${flags.domain}` : ''} on ${target.displayUrl}.\n`);
+      process.stderr.write(
+        `No backups${flags.domain ? ` of ${safeText(flags.domain)}` : ''} on ${safeText(target.displayUrl)}.\n`,
+      );
       return;
     }
     const rows = backups.map((b) => [
       b.manifest.backupId,
       b.manifest.domain,
       b.manifest.startedAt,
+      b.manifest.chain.level,
+      b.manifest.chain.parent ?? '-',
       b.manifest.method + (b.manifest.quiesced ? ' (quiesced)' : ''),
       b.manifest.disks.map((d) => d.name).join(','),
       formatBytes(b.size),
+      ...(manifestKey ? [b.signed ? 'yes' : 'NO'] : []),
     ]);
-    printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'METHOD', 'DISKS', 'SIZE'], rows);
+    printTable(
+      [
+        'BACKUP ID',
+        'DOMAIN',
+        'STARTED',
+        'LEVEL',
+        'PARENT',
+        'METHOD',
+        'DISKS',
+        'SIZE',
+        ...(manifestKey ? ['SIGNED'] : []),
+      ],
+      rows,
+    );
   });
 }
 
-export function printTable(header: string[], rows: string[][]): void {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]): string =>
-    cells
-      .map((c, i) => c.padEnd(widths[i] ?? 0))
-      .join('  ')
-      .trimEnd();
-  process.stdout.write(`${[line(header), ...rows.map(line)].join('\n')}\n`);
+/** Where a backup sits in its chain, as scripts read it (`--json`): the checkpoint XML stays in the manifest. */
+function chainOf(m: Manifest): { level: string; parent: string | null; base: string; checkpoint: string | null } {
+  const { level, parent, base, checkpoint } = m.chain;
+  return { level, parent: parent ?? null, base, checkpoint: checkpoint ?? null };
 }

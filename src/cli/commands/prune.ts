@@ -1,9 +1,11 @@
-/** `vmbackup prune`: restic-style retention; manifests are deleted first, then images. */
+/**
+ * `vmbackup prune`: restic-style retention over restorable points, chain-aware (a backup a kept one depends on is
+ * kept, 'parent of <id>'); dependents are removed before their parents, each manifest before its images.
+ */
 import type { Command } from 'commander';
-import { pruneBackups } from '../../storage/catalog';
-import { action, CliError, printJson } from '../output';
-import { printTable } from './list';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { pruneBackups } from '../../repository';
+import { action, CliError, printJson, printTable } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 interface PruneFlags extends TargetFlags {
   domain?: string;
@@ -18,7 +20,7 @@ export function register(program: Command): void {
   const cmd = program
     .command('prune')
     .description(
-      'delete backups a retention policy does not keep (never the only backup of a domain, never unfinished ones)',
+      'delete backups a retention policy does not keep, counted in restorable points (never the only backup of a domain, never a backup a kept one depends on, never unfinished ones)',
     )
     .option('--domain <name>', 'only this domain (default: every domain, each on its own)')
     .option('--keep-last <n>', 'keep the newest n backups')
@@ -48,6 +50,7 @@ async function runPrune(flags: PruneFlags): Promise<void> {
     const report = await pruneBackups(target, {
       ...policy,
       ...(flags.domain ? { domain: flags.domain } : {}),
+      manifestKey: cliManifestKey(),
       dryRun: Boolean(flags.dryRun),
     });
     if (flags.json) {
@@ -55,10 +58,16 @@ async function runPrune(flags: PruneFlags): Promise<void> {
       return;
     }
     const rows = [
-      ...report.keep.map((d) => [d.backupId, d.domain, d.startedAt, `keep (${d.reasons.join(', ')})`]),
-      ...report.remove.map((d) => [d.backupId, d.domain, d.startedAt, report.dryRun ? 'would remove' : 'removed']),
+      ...report.keep.map((d) => [d.backupId, d.domain, d.startedAt, d.level, `keep (${d.reasons.join(', ')})`]),
+      ...report.remove.map((d) => [
+        d.backupId,
+        d.domain,
+        d.startedAt,
+        d.level,
+        report.dryRun ? 'would remove' : 'removed',
+      ]),
     ].sort((a, b) => (a[1] ?? '').localeCompare(b[1] ?? '') || (b[2] ?? '').localeCompare(a[2] ?? ''));
-    if (rows.length > 0) printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'ACTION'], rows);
+    if (rows.length > 0) printTable(['BACKUP ID', 'DOMAIN', 'STARTED', 'LEVEL', 'ACTION'], rows);
     process.stderr.write(
       `${report.dryRun ? 'Would remove' : 'Removed'} ${report.remove.length} backup(s), kept ${report.keep.length} on ${report.target}.\n`,
     );

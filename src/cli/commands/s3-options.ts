@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
 import type { S3TargetOptions } from '../../shared/types';
-import { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from '../../storage/s3/settings';
+import { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from '../../storage/registry';
 import { CliError } from '../output';
 
 export function addS3Options(cmd: Command): Command {

@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import type { StorageTarget } from '../../storage/contract';
 import { defaultTargetUrl, openTarget, targetEnvironmentFrom } from '../../storage/registry';
-import { loadConfig } from '../../worker/config';
+import { loadConfig, readManifestKey } from '../../worker/config';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 
 export interface TargetFlags {
@@ -36,4 +36,18 @@ export async function withCliTarget<T>(
   } finally {
     await target.close();
   }
+}
+
+let manifestKey: { key: Buffer | undefined } | undefined;
+
+/**
+ * The manifest signing key from VMBACKUP_MANIFEST_KEY_FILE, read once; undefined when none is configured. With a
+ * key, `verify`, `restore` and `copy` refuse a manifest not signed with it and `list` marks such manifests.
+ */
+export function cliManifestKey(): Buffer | undefined {
+  if (!manifestKey) {
+    const file = loadConfig().manifestKeyFile;
+    manifestKey = { key: file ? readManifestKey(file) : undefined };
+  }
+  return manifestKey.key;
 }

@@ -1,13 +1,18 @@
-/** `vmbackup verify <backupId>`: re-read every image, compare SHA-256 with the manifest, qemu-img check qcow2. */
+/**
+ * `vmbackup verify <backupId>`: re-read every image of the backup and of every link of its chain it depends on,
+ * compare size and SHA-256 with the manifests, and `qemu-img check` each image (its format given, no backing opened).
+ */
 import type { Command } from 'commander';
-import { verifyBackup } from '../../storage/catalog';
-import { action, CliError, printJson } from '../output';
-import { addTargetOptions, withCliTarget, type TargetFlags } from './target-options';
+import { verifyBackup } from '../../repository';
+import { action, CliError, printJson, safeText } from '../output';
+import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 export function register(program: Command): void {
   const cmd = program
     .command('verify')
-    .description("re-read a backup's images and check them against its manifest (SHA-256, qemu-img check)")
+    .description(
+      "re-read a backup's images and those of the chain it depends on, and check them against their manifests (SHA-256, qemu-img check)",
+    )
     .argument('<backupId>', 'backup id (see `vmbackup list`)')
     .option('--json', 'print one JSON object');
   addTargetOptions(cmd);
@@ -15,26 +20,37 @@ export function register(program: Command): void {
 }
 
 async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
+  const manifestKey = cliManifestKey();
   await withCliTarget(flags.target, flags, async (target) => {
-    const report = await verifyBackup(target, backupId);
+    const report = await verifyBackup(target, backupId, { manifestKey });
     if (flags.json) {
       printJson(report);
       if (!report.ok) process.exitCode = 1;
       return;
     }
-    for (const d of report.disks) {
-      process.stdout.write(
-        `${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}\n`,
-      );
+    const chained = report.links.length > 1;
+    for (const link of report.links) {
+      if (chained || link.problem) {
+        process.stdout.write(
+          `${safeText(`${link.ok ? 'ok  ' : 'BAD '} ${link.backupId}  ${link.level ?? 'missing'}`)}\n`,
+        );
+      }
+      for (const d of link.disks) {
+        process.stdout.write(
+          `${safeText(`${chained ? '  ' : ''}${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}`)}\n`,
+        );
+      }
     }
-    const bad = report.disks.filter((d) => !d.ok);
-    if (bad.length > 0) {
-      throw new CliError(
-        `Backup ${backupId} on ${target.displayUrl} failed verification: ${bad.map((d) => d.problem).join('; ')}.`,
-      );
+    const problems = report.links.flatMap((l) =>
+      l.problem ? [l.problem] : l.disks.flatMap((d) => (d.ok ? [] : [d.problem])),
+    );
+    if (problems.length > 0) {
+      throw new CliError(`Backup ${backupId} on ${target.displayUrl} failed verification: ${problems.join('; ')}.`);
     }
+    const disks = report.disks.length;
+    const links = chained ? ` and the ${report.links.length - 1} backup(s) of its chain it depends on` : '';
     process.stderr.write(
-      `Backup ${backupId} on ${target.displayUrl} is intact (${report.disks.length} disk${report.disks.length === 1 ? '' : 's'}).\n`,
+      `Backup ${backupId} on ${target.displayUrl} is intact (${disks} disk${disks === 1 ? '' : 's'}${links}).\n`,
     );
   });
 }

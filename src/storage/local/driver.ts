@@ -9,8 +9,15 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
-import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno } from '../errors';
+import type {
+  GetBufferOptions,
+  ObjectInfo,
+  PutImageOptions,
+  PutImageResult,
+  StorageTarget,
+  TargetCapabilities,
+} from '../contract';
+import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, tooLargeError } from '../errors';
 import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
@@ -22,6 +29,7 @@ import {
   tempName,
   tempOwner,
 } from '../sidecar';
+import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
@@ -58,6 +66,14 @@ async function fsyncDir(dir: string): Promise<void> {
     await fh.sync();
   } finally {
     await fh.close();
+  }
+}
+
+function isKeySegment(name: string): boolean {
+  try {
+    return normaliseKey(name) === name;
+  } catch {
+    return false;
   }
 }
 
@@ -386,11 +402,66 @@ export class LocalTarget implements StorageTarget {
     return fh.createReadStream(range ? { start: range.start, end: range.end - 1 } : {});
   }
 
-  async getBuffer(key: string): Promise<Buffer> {
+  async getBuffer(key: string, opts: GetBufferOptions = {}): Promise<Buffer> {
+    const { maxBytes } = opts;
+    if (maxBytes === undefined) {
+      try {
+        return await readFile(this.path(key));
+      } catch (err) {
+        throw this.missing(err, key);
+      }
+    }
+    let fh: FileHandle;
     try {
-      return await readFile(this.path(key));
+      // a symlink or a FIFO where a small object should be is never followed or waited on
+      fh = await open(this.path(key), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
     } catch (err) {
       throw this.missing(err, key);
+    }
+    try {
+      const st = await fh.stat();
+      if (!st.isFile()) {
+        throw new StorageError('not-found', `Object ${key} on ${this.displayUrl} is not a regular file.`, {
+          driver: DRIVER,
+        });
+      }
+      // the size first (a 3 GiB file is refused without a read), then a read that stops past the limit
+      if (st.size > maxBytes) throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
+      const parts: Buffer[] = [];
+      let total = 0;
+      for (;;) {
+        const chunk = Buffer.allocUnsafe(Math.min(CHUNK, maxBytes + 1 - total));
+        const { bytesRead } = await fh.read(chunk, 0, chunk.length, total);
+        if (bytesRead === 0) return Buffer.concat(parts, total);
+        parts.push(chunk.subarray(0, bytesRead));
+        total += bytesRead;
+        if (total > maxBytes) throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
+      }
+    } catch (err) {
+      throw this.error(err, `read ${key}`);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  async checkLocation(): Promise<void> {
+    let st;
+    try {
+      st = await stat(this.root);
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') {
+        throw new StorageError(
+          'not-found',
+          `Target ${this.displayUrl} does not exist: there is no directory ${this.root}; check the URL.`,
+          { driver: DRIVER, cause: err },
+        );
+      }
+      throw this.error(err, 'look at its directory');
+    }
+    if (!st.isDirectory()) {
+      throw new StorageError('not-found', `Target ${this.displayUrl} is not a directory; check the URL.`, {
+        driver: DRIVER,
+      });
     }
   }
 
@@ -444,6 +515,8 @@ export class LocalTarget implements StorageTarget {
     for (const entry of entries) {
       if (isReservedName(entry.name)) continue;
       const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
+      // a file someone else put there under a name no key can have is not ours to list (S3 skips those too)
+      if (!isKeySegment(entry.name)) continue;
       if (entry.isDirectory()) {
         if (dirMayHold(key, prefix)) {
           yield* this.walk(key, prefix);
@@ -532,9 +605,4 @@ async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<voi
     const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
     written += bytesWritten;
   }
-}
-
-/** `ino:size:mtimeMs`, as PutImageOptions.sourceStamp records it. */
-export function fileStamp(s: { ino: number; size: number; mtimeMs: number }): string {
-  return `${s.ino}:${s.size}:${s.mtimeMs}`;
 }

@@ -14,8 +14,23 @@ import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { stat as fsStat } from 'node:fs/promises';
 import { posix } from 'node:path';
 import { Readable } from 'node:stream';
-import type { ObjectInfo, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
+import type {
+  GetBufferOptions,
+  ObjectInfo,
+  PutImageOptions,
+  PutImageResult,
+  StorageTarget,
+  TargetCapabilities,
+} from '../contract';
+import {
+  StorageError,
+  adviceFor,
+  errnoCode,
+  isAbortError,
+  kindOfErrno,
+  tooLargeError,
+  type StorageErrorKind,
+} from '../errors';
 import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
@@ -168,13 +183,19 @@ export class NfsTarget implements StorageTarget {
   }
 
   private async readSmall(c: NfsClient, fh: Buffer): Promise<Buffer> {
+    return (await this.readBounded(c, fh, Number.POSITIVE_INFINITY)) ?? Buffer.alloc(0);
+  }
+
+  /** The whole file; undefined once more than `maxBytes` came back (the file grew, or its size was wrong). */
+  private async readBounded(c: NfsClient, fh: Buffer, maxBytes: number): Promise<Buffer | undefined> {
     const parts: Buffer[] = [];
     let offset = 0;
     const chunk = Math.min(c.fsinfo.rtmax || MAX_IO, MAX_IO);
     for (;;) {
-      const { data, eof } = await c.read(fh, offset, chunk);
+      const { data, eof } = await c.read(fh, offset, Math.min(chunk, maxBytes + 1 - offset));
       parts.push(data);
       offset += data.length;
+      if (offset > maxBytes) return undefined;
       if (eof || data.length === 0) return Buffer.concat(parts);
     }
   }
@@ -439,14 +460,32 @@ export class NfsTarget implements StorageTarget {
     return Readable.from(chunks(), { objectMode: false });
   }
 
-  async getBuffer(key: string): Promise<Buffer> {
+  async getBuffer(key: string, opts: GetBufferOptions = {}): Promise<Buffer> {
     const k = normaliseKey(key);
+    const { maxBytes } = opts;
     const body = await this.op(`read ${key}`, async (c) => {
       const file = await this.lookupFile(c, k);
-      return file ? await this.readSmall(c, file.fh) : undefined;
+      if (!file) return undefined;
+      if (maxBytes !== undefined && file.attrs.size > maxBytes) {
+        throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
+      }
+      const data = await this.readBounded(c, file.fh, maxBytes ?? Number.POSITIVE_INFINITY);
+      if (!data) throw tooLargeError(key, this.displayUrl, maxBytes ?? 0, DRIVER);
+      return data;
     });
     if (!body) throw this.notFound(key);
     return body;
+  }
+
+  async checkLocation(): Promise<void> {
+    const there = await this.op('look at its directory', (c) => this.dir(c, '', false));
+    if (!there) {
+      throw new StorageError(
+        'not-found',
+        `NFS target ${this.displayUrl} does not exist: the export has no directory ${this.spec.path}; check the URL.`,
+        { driver: DRIVER },
+      );
+    }
   }
 
   async stat(key: string): Promise<ObjectInfo | undefined> {

@@ -31,6 +31,7 @@ import {
 } from '@aws-sdk/client-s3';
 import type { S3TargetOptions } from '../../shared/types';
 import type {
+  GetBufferOptions,
   ObjectInfo,
   PutCheckpoint,
   PutImageOptions,
@@ -38,7 +39,15 @@ import type {
   StorageTarget,
   TargetCapabilities,
 } from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, type StorageErrorKind } from '../errors';
+import {
+  StorageError,
+  adviceFor,
+  errnoCode,
+  isAbortError,
+  kindOfErrno,
+  tooLargeError,
+  type StorageErrorKind,
+} from '../errors';
 import { normaliseKey, normalisePrefix } from '../keys';
 import { sha256File } from '../../shared/sha256-file';
 import { readChunks, sourceSize } from '../source';
@@ -531,12 +540,49 @@ export class S3Target implements StorageTarget {
     }
   }
 
-  async getBuffer(key: string): Promise<Buffer> {
+  async getBuffer(key: string, opts: GetBufferOptions = {}): Promise<Buffer> {
+    const { maxBytes } = opts;
     try {
       const out = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.fullKey(key) }));
-      return Buffer.from(await (out.Body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray());
+      if (maxBytes === undefined) {
+        return Buffer.from(await (out.Body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray());
+      }
+      const body = out.Body as Readable;
+      // refused on the announced length without reading, and on what actually arrives (a server may lie)
+      if ((out.ContentLength ?? 0) > maxBytes) {
+        body.destroy();
+        throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
+      }
+      const parts: Buffer[] = [];
+      let total = 0;
+      for await (const chunk of body as AsyncIterable<Buffer>) {
+        total += chunk.length;
+        if (total > maxBytes) {
+          body.destroy();
+          throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
+        }
+        parts.push(chunk);
+      }
+      return Buffer.concat(parts, total);
     } catch (err) {
       throw this.error(err, `read ${key}`);
+    }
+  }
+
+  async checkLocation(): Promise<void> {
+    try {
+      await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }));
+    } catch (err) {
+      const status = (err as SdkError).$metadata?.httpStatusCode;
+      const code = (err as SdkError).Code ?? (err as SdkError).name;
+      if (status === 404 || code === 'NoSuchBucket' || code === 'NotFound') {
+        throw new StorageError(
+          'not-found',
+          `S3 target ${this.displayUrl}${this.endpointDisplay} does not exist: bucket "${this.bucket}" does not exist; create the bucket or fix the URL.`,
+          { driver: DRIVER, cause: err },
+        );
+      }
+      throw this.error(err, 'look at its bucket');
     }
   }
 

@@ -1,0 +1,241 @@
+/**
+ * Incremental chains: which level a backup takes (planBackup), the increments made self-describing before they are
+ * hashed (prepareChainImages), and the checkpoint lifecycle around a backup (dropCheckpoint, the saga's undo;
+ * retireCheckpoints, once the backup is committed).
+ *
+ * The rule the chain never breaks: a checkpoint counts only once its backup is committed (the manifest written on
+ * every target that succeeded). The checkpoint a backup creates is deleted if it fails or is cancelled, and the next
+ * backup builds on the last committed one, which libvirt still has (each checkpoint keeps its own bitmap). When a
+ * chain cannot continue, the plan says full, with the reason, and never fails the backup for it.
+ */
+import { Context } from '@temporalio/activity';
+import { HypervisorError } from '../hypervisor/errors';
+import type { Checkpoint, Hypervisor } from '../hypervisor/port';
+import { rebaseUnsafe } from '../hypervisor/qemu-img';
+import { listBackups } from '../repository/catalog';
+import { chainOf, chainProblem, findChainHead } from '../repository/chain-head';
+import type { TargetCatalog } from '../repository/chain-head';
+import type { Manifest } from '../repository/manifest';
+import type {
+  BackupPlan,
+  DropCheckpointInput,
+  PlanBackupInput,
+  PrepareChainImagesInput,
+  PreparedChainImages,
+  RetireCheckpointsInput,
+} from '../shared/activities';
+import { CHECKPOINT_PREFIX, checkpointName } from '../shared/names';
+import type { BackupLevel } from '../shared/types';
+import { redactUrl } from '../storage/registry';
+import { hypervisorFailure } from './failures';
+import { withTarget } from './storage';
+import type { StorageActivityDeps } from './storage';
+
+export interface ChainDeps {
+  hypervisor: Hypervisor;
+  openTarget: StorageActivityDeps['openTarget'];
+  /** manifest signing key: with one, only manifests signed with it are built on (docs/security.md) */
+  manifestKey?: Buffer;
+}
+
+export function createChainActivities(deps: ChainDeps) {
+  const hv = deps.hypervisor;
+
+  async function planBackup(input: PlanBackupInput): Promise<BackupPlan> {
+    const { backupId, domain, requested } = input;
+    const full = (reason?: string, checkpoint = true): BackupPlan => ({
+      level: 'full',
+      requested,
+      ...(reason && requested !== 'full' ? { reason: `full: ${reason}` } : {}),
+      base: backupId,
+      fullDisks: [],
+      ...(checkpoint && bitmapDisks.length > 0
+        ? { checkpoint: { name: checkpointName(backupId), disks: bitmapDisks } }
+        : {}),
+    });
+    // libvirt keeps dirty bitmaps in qcow2 images only; a raw disk is copied whole by every backup.
+    const bitmapDisks = input.disks.filter((d) => d.format === 'qcow2').map((d) => d.name);
+    // Push mode runs only where libvirt has the backup API (>= 7.2), which is also where checkpoints are stable.
+    if (input.method !== 'push') {
+      return full(`the ${input.method} method takes full backups only (incrementals need push mode)`, false);
+    }
+    if (bitmapDisks.length === 0) {
+      return full(`no disk of ${domain} is qcow2, and libvirt keeps dirty bitmaps in qcow2 images only`, false);
+    }
+    if (requested === 'full') return full();
+
+    // The chain on the targets: the same newest backup everywhere, whole, young and short enough.
+    const catalogs = await readCatalogs(input);
+    const head = await findChainHead(
+      catalogs.map((c) => c.catalog),
+      {
+        domain,
+        host: input.host,
+        level: requested === 'diff' ? 'diff' : 'inc',
+        maxChain: input.maxChain,
+        ...(input.fullEverySeconds !== undefined
+          ? { fullNotBefore: new Date(Date.parse(input.requestedAt) - input.fullEverySeconds * 1000).toISOString() }
+          : {}),
+      },
+    );
+    if (!head.ok) return full(head.reason);
+    const { parent, base } = head;
+    for (const { target, catalog } of catalogs) {
+      const { links } = await chainOf(parent, catalog.entries, catalog.target);
+      const problem = await withTarget(deps, target, input.s3Options, (t) => chainProblem(t, links));
+      if (problem) return full(problem);
+    }
+
+    // The disks against the backup this one builds on.
+    const level: BackupLevel = requested === 'diff' ? 'diff' : 'inc';
+    const now = new Map(input.disks.map((d) => [d.name, d]));
+    for (const old of parent.disks) {
+      const cur = now.get(old.name);
+      if (!cur) return full(`disk ${old.name} was removed since ${parent.backupId}`);
+      if (cur.virtualSize !== old.virtualSize) {
+        return full(
+          `disk ${old.name} was resized (${old.virtualSize} -> ${cur.virtualSize} bytes) since ${parent.backupId}`,
+        );
+      }
+    }
+
+    // libvirt's side: the parent's checkpoint, redefined from its manifest if libvirt lost it, and its bitmaps.
+    const parentCheckpoint = parent.chain.checkpoint!;
+    const known = await listCheckpoints(domain);
+    if (!known.some((c) => c.name === parentCheckpoint)) {
+      const why = await redefineFromManifest(domain, parent);
+      if (why)
+        return full(
+          `the checkpoint ${parentCheckpoint} of ${parent.backupId} is gone from libvirt and could not be redefined (${why})`,
+        );
+    }
+    let states;
+    try {
+      states = await hv.checkpointBitmaps(domain, parentCheckpoint, { disks: input.disks.map((d) => d.name) });
+    } catch (err) {
+      if (err instanceof HypervisorError && err.permanent) {
+        return full(`libvirt cannot use the checkpoint ${parentCheckpoint} of ${parent.backupId} (${err.message})`);
+      }
+      hypervisorFailure(err);
+    }
+    const fullDisks: string[] = [];
+    for (const disk of input.disks) {
+      const state = states.find((s) => s.disk === disk.name)?.state;
+      const before = parent.disks.find((d) => d.name === disk.name);
+      if (state === 'broken') {
+        return full(
+          `the dirty bitmap of ${disk.name} was lost or broken (QEMU stopped without a clean shutdown, or libvirt lost it), so what changed since ${parent.backupId} is unknown`,
+        );
+      }
+      // new to the chain, raw, or without a bitmap in the parent's checkpoint: copied whole inside the increment
+      if (!before || state !== 'ok' || disk.format !== 'qcow2') fullDisks.push(disk.name);
+    }
+    if (fullDisks.length === input.disks.length) {
+      return full(`no disk of ${domain} has a dirty bitmap since ${parent.backupId}`);
+    }
+    return {
+      level,
+      requested,
+      base: base.backupId,
+      incremental: parentCheckpoint,
+      parent: {
+        backupId: parent.backupId,
+        checkpoint: parentCheckpoint,
+        disks: parent.disks.map((d) => ({ name: d.name, key: d.key, sha256: d.sha256, format: d.format })),
+      },
+      baseCheckpoint: base.chain.checkpoint,
+      fullDisks,
+      checkpoint: { name: checkpointName(backupId), disks: bitmapDisks },
+    };
+  }
+
+  async function readCatalogs(input: PlanBackupInput): Promise<Array<{ target: string; catalog: TargetCatalog }>> {
+    const out: Array<{ target: string; catalog: TargetCatalog }> = [];
+    for (const target of input.targets) {
+      const listed = await withTarget(deps, target, input.s3Options, (t) =>
+        listBackups(t, { domain: input.domain, ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}) }),
+      );
+      // With a key, a manifest someone else wrote (unsigned, or signed with another key) is never built on: it could
+      // name any parent and carry any checkpoint XML.
+      const entries = deps.manifestKey ? listed.filter((e) => e.signed === true) : listed;
+      out.push({ target, catalog: { target: redactUrl(target), entries } });
+    }
+    return out;
+  }
+
+  async function listCheckpoints(domain: string): Promise<Checkpoint[]> {
+    try {
+      return await hv.listCheckpoints(domain);
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+  }
+
+  /** Gives libvirt back a checkpoint from the XML its backup's manifest kept; undefined when done, else why not. */
+  async function redefineFromManifest(domain: string, m: Manifest): Promise<string | undefined> {
+    const xml = m.chain.checkpointXml;
+    if (!xml) return `the manifest of ${m.backupId} kept no checkpoint XML`;
+    try {
+      const redefined = await hv.redefineCheckpoint(domain, xml, { validate: true, dropParent: true });
+      if (redefined.name !== m.chain.checkpoint) {
+        return `the manifest's checkpoint XML names ${redefined.name}, not ${String(m.chain.checkpoint)}`;
+      }
+      Context.current().log.info('redefined a checkpoint libvirt had lost', { domain, checkpoint: redefined.name });
+      return undefined;
+    } catch (err) {
+      if (err instanceof HypervisorError && err.permanent) return err.message;
+      hypervisorFailure(err);
+    }
+  }
+
+  /**
+   * The images of a finished push job, made ready to hash: each increment's qcow2 names the LIVE disk as its
+   * backing file; it is rebased (header only) onto the parent's image as the target lays it out
+   * (`../<parentId>/<disk>.qcow2`), so a target holds a chain `qemu-img` alone can restore. Also reads the new
+   * checkpoint's XML for the manifest. Idempotent: a rebase writes the same header again.
+   */
+  async function prepareChainImages(input: PrepareChainImagesInput): Promise<PreparedChainImages> {
+    try {
+      for (const image of input.images) {
+        const parentFile = input.backing[image.name];
+        if (parentFile) await rebaseUnsafe(image.path, parentFile, 'qcow2');
+      }
+      const checkpointXml = input.checkpoint ? await hv.checkpointXml(input.domain, input.checkpoint) : undefined;
+      return { ...(checkpointXml ? { checkpointXml } : {}) };
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+  }
+
+  /** The saga's undo for the checkpoint a backup created: it never counts. Idempotent. */
+  async function dropCheckpoint(input: DropCheckpointInput): Promise<void> {
+    if (!input.name.startsWith(CHECKPOINT_PREFIX)) return; // never anything vmbackup did not create
+    try {
+      await hv.deleteCheckpoint(input.domain, input.name);
+    } catch (err) {
+      if (err instanceof HypervisorError && err.kind === 'not-found') return; // the domain is gone: nothing to undo
+      hypervisorFailure(err);
+    }
+  }
+
+  /**
+   * After a backup is committed: vmbackup's own checkpoints that no chain can build on any more are deleted (every
+   * bitmap costs the guest time on each write). Kept: the new backup's checkpoint and its chain's full's (for
+   * differentials). Checkpoints vmbackup did not create are left alone.
+   */
+  async function retireCheckpoints(input: RetireCheckpointsInput): Promise<string[]> {
+    const keep = new Set(input.keep);
+    const deleted: string[] = [];
+    for (const c of await listCheckpoints(input.domain)) {
+      if (!c.name.startsWith(CHECKPOINT_PREFIX) || keep.has(c.name)) continue;
+      try {
+        if (await hv.deleteCheckpoint(input.domain, c.name)) deleted.push(c.name);
+      } catch (err) {
+        hypervisorFailure(err);
+      }
+    }
+    return deleted;
+  }
+
+  return { planBackup, prepareChainImages, dropCheckpoint, retireCheckpoints };
+}

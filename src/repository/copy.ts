@@ -1,0 +1,119 @@
+/**
+ * copy: one committed backup from one target to another, with every link of its chain it depends on that the
+ * destination lacks, oldest first (so the destination never holds a committed increment whose parent is missing).
+ * Resumable, each link's manifest last.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
+import type { StorageTarget } from '../storage/contract';
+import { StorageError } from '../storage/errors';
+import { brokenChainError, lookupOn, walkChain } from './chain';
+import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
+import { writeSparseFile } from './local-copy';
+import type { ChainLevel, Manifest, ManifestDisk } from './manifest';
+
+export interface CopyOptions extends CatalogOptions {
+  /** where images from a remote source are staged; default the OS temp dir */
+  tempDir?: string;
+  signal?: AbortSignal;
+  onProgress?: (disk: string, bytesDone: number, bytesTotal: number) => void;
+}
+
+export interface CopiedLink {
+  backupId: string;
+  level: ChainLevel;
+  /** skipped: the destination already held this link (same manifest, every image there) */
+  action: 'copied' | 'skipped';
+}
+
+export interface CopyReport {
+  backupId: string;
+  from: string;
+  to: string;
+  copied: string[];
+  /** objects already present on `to` with the right SHA-256 */
+  skipped: string[];
+  /** the backup and the links of its chain it needed, oldest first */
+  links: CopiedLink[];
+}
+
+/**
+ * Copies one committed backup, and first every link of its chain that `to` lacks, oldest first. A broken chain on
+ * `from` (a parent missing or not the one its child was built on) is refused before anything is written.
+ */
+export async function copyBackup(
+  from: StorageTarget,
+  to: StorageTarget,
+  backupId: string,
+  opts: CopyOptions = {},
+): Promise<CopyReport> {
+  const catalog = { manifestKey: opts.manifestKey };
+  const { manifest } = await findBackup(from, backupId, catalog);
+  const walk = await walkChain(manifest, lookupOn(from, manifest.domain, catalog), from.displayUrl);
+  if (walk.broken) throw brokenChainError(`Cannot copy backup ${backupId} from ${from.displayUrl}`, walk.broken, from);
+  const report: CopyReport = { backupId, from: from.displayUrl, to: to.displayUrl, copied: [], skipped: [], links: [] };
+  for (const link of walk.links) await copyLink(from, to, link, report, opts);
+  return report;
+}
+
+async function copyLink(
+  from: StorageTarget,
+  to: StorageTarget,
+  m: Manifest,
+  report: CopyReport,
+  opts: CopyOptions,
+): Promise<void> {
+  // the stored bytes, not a re-encoding: a signature and fields this version does not know stay as they are
+  const { key: mKey, body, manifest: again } = await findBackup(from, m.backupId, { manifestKey: opts.manifestKey });
+  if (JSON.stringify(again) !== JSON.stringify(m)) {
+    throw new StorageError(
+      'checksum',
+      `The manifest ${mKey} on ${from.displayUrl} changed while it was being copied; run the copy again.`,
+      { driver: 'catalog', permanent: true },
+    );
+  }
+  const existing = (await to.stat(mKey))
+    ? await to.getBuffer(mKey, { maxBytes: MAX_MANIFEST_BYTES }).catch(() => undefined)
+    : undefined;
+  const sameManifest = existing?.equals(body) ?? false;
+  const copiedBefore = report.copied.length;
+  for (const disk of m.disks) {
+    const there = await to.stat(disk.key);
+    if (there && there.size === disk.size && there.metadata?.sha256 === disk.sha256) {
+      report.skipped.push(disk.key);
+      continue;
+    }
+    await copyImage(from, to, disk, opts);
+    report.copied.push(disk.key);
+  }
+  if (sameManifest) report.skipped.push(mKey);
+  else {
+    await to.putManifest(mKey, body);
+    report.copied.push(mKey);
+  }
+  report.links.push({
+    backupId: m.backupId,
+    level: m.chain.level,
+    action: report.copied.length === copiedBefore ? 'skipped' : 'copied',
+  });
+}
+
+async function copyImage(from: StorageTarget, to: StorageTarget, disk: ManifestDisk, opts: CopyOptions): Promise<void> {
+  const metadata = { sha256: disk.sha256 };
+  const onProgress = (done: number, total: number): void => opts.onProgress?.(disk.name, done, total);
+  const local = from.capabilities.localPath;
+  if (local) {
+    // the source is a file already: putImage verifies the SHA-256 while it streams
+    await to.putImage(disk.key, join(local, disk.key), { metadata, signal: opts.signal, onProgress });
+    return;
+  }
+  const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
+  try {
+    const staged = join(work, basename(disk.key));
+    await writeSparseFile(await from.get(disk.key), staged, { signal: opts.signal });
+    await to.putImage(disk.key, staged, { metadata, signal: opts.signal, onProgress });
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}

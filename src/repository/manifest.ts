@@ -1,0 +1,324 @@
+/**
+ * The manifest: a self-describing record of one backup, stored as `<domain>/<backupId>/manifest.json`
+ * next to its images. It is written LAST: a backup is committed exactly when its manifest exists,
+ * so any reader (list, restore, prune, another tool) can tell finished backups from partial ones
+ * without a database. Unknown fields are kept (passthrough) so newer writers' additions survive a copy.
+ *
+ * Version 2 (written from now on) describes chains: a backup is a full, an incremental (`inc`: changes since
+ * the previous link) or a differential (`diff`: changes since the chain's full), and a disk image holding only
+ * changed clusters names the image it reads the rest from (`backing`). Version 1 (read only) is always a full
+ * backup. An older vmbackup refuses version 2 ("upgrade vmbackup"), so it never restores an increment as if it
+ * were a whole disk.
+ *
+ * A manifest may carry `signature`: an HMAC-SHA256 with a key the user keeps, over the canonical form (see
+ * `canonicalManifestJson`). It lets a reader with the key tell a manifest the worker wrote from one written by
+ * anyone else who can write the target (docs/security.md).
+ */
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { z } from 'zod';
+import { DOMAIN_NAME_RE } from '../shared/names';
+import { StorageError } from '../storage/errors';
+import { imageKey, normaliseKey } from '../storage/keys';
+
+/** The version this vmbackup writes. */
+export const MANIFEST_VERSION = 2;
+/** The versions this vmbackup reads; a version-1 manifest reads as a full backup. */
+export const READABLE_MANIFEST_VERSIONS: readonly number[] = [1, 2];
+
+const Sha256 = z.string().regex(/^[0-9a-f]{64}$/, 'must be a hex SHA-256');
+const Segment = z.string().refine((s) => {
+  try {
+    return normaliseKey(s) === s && !s.includes('/');
+  } catch {
+    return false;
+  }
+}, 'must be a single key segment');
+/** libvirt checkpoint names reach virsh: the key-segment alphabet, nothing a shell or an XML parser would read */
+const CheckpointName = z
+  .string()
+  .regex(/^[A-Za-z0-9_+@=,:-][A-Za-z0-9_.+@=,:-]{0,199}$/, 'must be a checkpoint name (letters, digits, _.+@=,:-)');
+const SIGNATURE_PREFIX = 'hmac-sha256:';
+const Signature = z
+  .string()
+  .regex(/^hmac-sha256:[0-9a-f]{64}$/, 'must be "hmac-sha256:" and 64 hex digits')
+  .optional();
+
+export const ChainLevel = z.enum(['full', 'inc', 'diff']);
+export type ChainLevel = z.infer<typeof ChainLevel>;
+
+export const ManifestChainSchema = z
+  .object({
+    level: ChainLevel,
+    /** the libvirt checkpoint this backup ends at (push mode with checkpoints) */
+    checkpoint: CheckpointName.optional(),
+    /** what `checkpoint-create --redefine` needs if libvirt lost the checkpoint */
+    checkpointXml: z
+      .string()
+      .max(1 << 20)
+      .optional(),
+    /** inc: the previous link; diff: the chain's full; absent for a full */
+    parent: Segment.optional(),
+    /** the chain's full (its own id for a full; filled in when a full leaves it out) */
+    base: Segment.optional(),
+    /** what the user asked for */
+    requested: z.enum(['auto', 'full', 'inc', 'diff']).optional(),
+    /** one sentence: why the level differs from the one asked for */
+    reason: z.string().max(1000).optional(),
+  })
+  .passthrough();
+
+export const ManifestBackingSchema = z
+  .object({
+    /** the backup whose image this disk's unallocated clusters read from */
+    backupId: Segment,
+    /** that image's key: `<domain>/<backupId>/<disk>.qcow2` */
+    key: z.string(),
+    sha256: Sha256,
+  })
+  .passthrough();
+
+export const ManifestDiskSchema = z
+  .object({
+    /** target dev, e.g. vda */
+    name: Segment,
+    format: z.string().regex(/^[a-z0-9]+$/),
+    virtualSize: z.number().int().nonnegative(),
+    /** bytes stored */
+    size: z.number().int().nonnegative(),
+    sha256: Sha256,
+    /** object key on the target, relative to the target URL */
+    key: z.string(),
+    /**
+     * present when this image holds only changed clusters. The qcow2 header names the same file relatively,
+     * so `qemu-img convert` of the newest link restores without vmbackup; vmbackup itself never trusts the
+     * header: it builds the chain from the manifests and opens it with explicit backing.
+     */
+    backing: ManifestBackingSchema.optional(),
+  })
+  .passthrough();
+
+const ManifestObject = z
+  .object({
+    version: z.union([z.literal(1), z.literal(2)]),
+    backupId: Segment,
+    domain: z.string().regex(DOMAIN_NAME_RE),
+    host: z.string().min(1),
+    method: z.enum(['push', 'snapshot', 'offline']),
+    startedAt: z.string().datetime({ offset: true }),
+    finishedAt: z.string().datetime({ offset: true }),
+    quiesced: z.boolean(),
+    libvirtVersion: z.string(),
+    qemuVersion: z.string(),
+    chain: ManifestChainSchema,
+    disks: z.array(ManifestDiskSchema).min(1),
+    signature: Signature,
+  })
+  .passthrough();
+
+type ManifestObject = z.infer<typeof ManifestObject>;
+
+function issue(ctx: z.RefinementCtx, path: Array<string | number>, message: string): void {
+  ctx.addIssue({ code: z.ZodIssueCode.custom, path, message });
+}
+
+/** What no field schema can say alone: the layout of keys, and what each chain level allows. */
+function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
+  for (const [i, d] of m.disks.entries()) {
+    if (d.key !== imageKey(m.domain, m.backupId, d.name, d.format)) {
+      issue(ctx, ['disks', i, 'key'], `must be ${m.domain}/${m.backupId}/${d.name}.${d.format}`);
+    }
+  }
+  if (new Set(m.disks.map((d) => d.name)).size !== m.disks.length) {
+    issue(ctx, ['disks'], 'disk names must be unique');
+  }
+  const { chain } = m;
+  if (chain.level === 'full') {
+    if (chain.parent !== undefined) issue(ctx, ['chain', 'parent'], 'must be absent for a full backup');
+    if (chain.base !== undefined && chain.base !== m.backupId) {
+      issue(ctx, ['chain', 'base'], `must be the backup's own id ${m.backupId} for a full backup`);
+    }
+    for (const [i, d] of m.disks.entries()) {
+      if (d.backing) issue(ctx, ['disks', i, 'backing'], 'must be absent in a full backup');
+    }
+    return;
+  }
+  // inc / diff: a link of a chain, whose images are all qcow2
+  if (chain.parent === undefined) issue(ctx, ['chain', 'parent'], `is required for an ${chain.level} backup`);
+  if (chain.base === undefined) issue(ctx, ['chain', 'base'], `is required for an ${chain.level} backup`);
+  if (chain.parent === m.backupId) issue(ctx, ['chain', 'parent'], 'must not be the backup itself');
+  if (chain.base === m.backupId) issue(ctx, ['chain', 'base'], 'must not be the backup itself');
+  if (chain.level === 'diff' && chain.parent !== undefined && chain.parent !== chain.base) {
+    issue(ctx, ['chain', 'parent'], "must be the chain's full (chain.base) for a diff backup");
+  }
+  for (const [i, d] of m.disks.entries()) {
+    if (d.format !== 'qcow2') issue(ctx, ['disks', i, 'format'], `must be qcow2 in an ${chain.level} backup`);
+    if (!d.backing) continue; // a disk new to the chain: its image is whole
+    if (d.backing.backupId !== chain.parent) {
+      issue(ctx, ['disks', i, 'backing', 'backupId'], `must be the chain's parent ${String(chain.parent)}`);
+    }
+    let expected: string | undefined;
+    try {
+      expected = imageKey(m.domain, d.backing.backupId, d.name, 'qcow2');
+    } catch {
+      expected = undefined; // reported on backing.backupId or name already
+    }
+    if (expected !== undefined && d.backing.key !== expected) {
+      issue(ctx, ['disks', i, 'backing', 'key'], `must be ${expected}`);
+    }
+  }
+}
+
+/**
+ * A version-1 manifest is a full backup: `chain: {kind: 'full'}` (or no chain) reads as `{level: 'full'}`. Any
+ * other version-1 chain is left as it is, and the schema refuses it.
+ */
+function upgradeVersion1(json: unknown): unknown {
+  if (!isPlainObject(json) || json.version !== 1) return json;
+  const chain = json.chain;
+  if (chain === undefined) return { ...json, chain: { level: 'full' } };
+  if (!isPlainObject(chain) || chain.kind !== 'full' || 'level' in chain) return json;
+  const { kind: _kind, ...rest } = chain;
+  return { ...json, chain: { ...rest, level: 'full' } };
+}
+
+/** The manifest as readers see it: version 1 or 2, always with a version-2 chain whose `base` is set. */
+export const ManifestSchema = z
+  .preprocess(upgradeVersion1, ManifestObject.superRefine(checkManifest))
+  .transform((m) => ({ ...m, chain: { ...m.chain, base: m.chain.base ?? m.backupId } }));
+
+export type Manifest = z.output<typeof ManifestSchema>;
+export type ManifestDisk = z.infer<typeof ManifestDiskSchema>;
+export type ManifestChain = Manifest['chain'];
+export type ManifestBacking = z.infer<typeof ManifestBackingSchema>;
+/** What a writer supplies: the version is filled in, and a missing chain means a full backup. */
+export type ManifestInput = Omit<z.input<typeof ManifestObject>, 'version' | 'chain' | 'signature'> & {
+  chain?: z.input<typeof ManifestChainSchema>;
+};
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function describe(err: z.ZodError): string {
+  return err.issues
+    .slice(0, 3)
+    .map((i) => `${i.path.join('.') || 'manifest'} ${i.message}`)
+    .join('; ');
+}
+
+/** A version-2 manifest from what the worker knows; throws one sentence when it would not be valid. */
+export function buildManifest(input: ManifestInput): Manifest {
+  const { signature: _dropped, ...rest } = input as ManifestInput & { signature?: unknown };
+  const parsed = ManifestSchema.safeParse({
+    ...rest,
+    version: MANIFEST_VERSION,
+    chain: input.chain ?? { level: 'full', base: input.backupId },
+  });
+  if (!parsed.success) {
+    throw new StorageError(
+      'failed',
+      `The manifest of backup ${input.backupId} is invalid: ${describe(parsed.error)}.`,
+      {
+        driver: 'catalog',
+        permanent: true,
+      },
+    );
+  }
+  return parsed.data;
+}
+
+export function encodeManifest(m: Manifest): Buffer {
+  return Buffer.from(`${JSON.stringify(m, null, 2)}\n`);
+}
+
+/** A stored manifest, parsed; `signed` is set only when a key was given (true: the signature is ours). */
+export interface DecodedManifest {
+  manifest: Manifest;
+  signed?: boolean;
+}
+
+/**
+ * Parses a stored manifest; `where` names it in the error (one sentence). With `manifestKey`, also says whether
+ * its signature was made with that key (checked over the stored JSON, so fields this version does not know are
+ * covered too).
+ */
+export function readManifest(body: Buffer, where: string, opts: { manifestKey?: Buffer } = {}): DecodedManifest {
+  let json: unknown;
+  try {
+    json = JSON.parse(body.toString('utf8'));
+  } catch {
+    throw new StorageError(
+      'checksum',
+      `The manifest ${where} is not valid JSON; the backup is damaged, run a new backup.`,
+      { driver: 'catalog' },
+    );
+  }
+  const version = isPlainObject(json) ? json.version : undefined;
+  if (typeof version === 'number' && version > MANIFEST_VERSION) {
+    throw new StorageError('failed', `The manifest ${where} has version ${version}; upgrade vmbackup to read it.`, {
+      driver: 'catalog',
+      permanent: true,
+    });
+  }
+  const parsed = ManifestSchema.safeParse(json);
+  if (!parsed.success) {
+    throw new StorageError(
+      'checksum',
+      `The manifest ${where} is invalid (${describe(parsed.error)}); the backup is damaged, run a new backup.`,
+      {
+        driver: 'catalog',
+      },
+    );
+  }
+  return {
+    manifest: parsed.data,
+    ...(opts.manifestKey ? { signed: hasSignatureOf(json as Record<string, unknown>, opts.manifestKey) } : {}),
+  };
+}
+
+/** Parses a stored manifest; `where` names it in the error (one sentence). */
+export function decodeManifest(body: Buffer, where: string): Manifest {
+  return readManifest(body, where).manifest;
+}
+
+/**
+ * The bytes a signature covers: the manifest's JSON without its top-level `signature`, object keys sorted (by
+ * UTF-16 code units, JavaScript's default order) at every level, no whitespace, strings and numbers as
+ * JSON.stringify writes them. Anyone can recompute it from the stored file with `jq -cS 'del(.signature)'`.
+ */
+export function canonicalManifestJson(json: Record<string, unknown>): string {
+  const { signature: _signature, ...rest } = json;
+  return canonical(rest);
+}
+
+function canonical(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map((x) => canonical(x === undefined ? null : x)).join(',')}]`;
+  if (isPlainObject(v)) {
+    // built as text, never as an object: a "__proto__" key from the file stays a plain key
+    const keys = Object.keys(v)
+      .filter((k) => v[k] !== undefined)
+      .sort();
+    return `{${keys.map((k) => `${JSON.stringify(k)}:${canonical(v[k])}`).join(',')}}`;
+  }
+  return JSON.stringify(v);
+}
+
+function hmac(json: Record<string, unknown>, key: Buffer): Buffer {
+  return createHmac('sha256', key).update(canonicalManifestJson(json), 'utf8').digest();
+}
+
+/** The manifest with `signature` set: HMAC-SHA256 with `key` over its canonical form. */
+export function signManifest(m: Manifest, key: Buffer): Manifest {
+  // sign what a reader will parse back: the JSON of the manifest, not the in-memory object
+  const json = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
+  return { ...m, signature: `${SIGNATURE_PREFIX}${hmac(json, key).toString('hex')}` };
+}
+
+/** True when the stored JSON carries a signature made with `key` over exactly these fields. */
+function hasSignatureOf(json: Record<string, unknown>, key: Buffer): boolean {
+  const sig = json.signature;
+  if (typeof sig !== 'string' || !sig.startsWith(SIGNATURE_PREFIX)) return false;
+  const given = Buffer.from(sig.slice(SIGNATURE_PREFIX.length), 'hex');
+  const expected = hmac(json, key);
+  return given.length === expected.length && timingSafeEqual(given, expected);
+}

@@ -1,0 +1,81 @@
+/**
+ * An HTTP proxy in front of the real radosgw that forwards every request unchanged (the Host header too, so SigV4
+ * signatures still match) and, when told to, answers some requests itself with a server error first. It records what
+ * the client sent, so a test can assert on the headers of one request (the manifest PUT's storage class).
+ */
+import { createServer, request } from 'node:http';
+import type { IncomingHttpHeaders, Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+export interface SeenRequest {
+  method: string;
+  /** path and query, as the client sent them */
+  url: string;
+  headers: IncomingHttpHeaders;
+  /** what the client got: the injected status, or radosgw's */
+  status: number;
+  injected: boolean;
+}
+
+export interface Fault {
+  /** which requests to fail */
+  match: (method: string, url: string) => boolean;
+  /** how many of them, from now */
+  times: number;
+  status: number;
+}
+
+export interface S3FaultProxy {
+  /** http://127.0.0.1:<port>: use as AWS_ENDPOINT_URL */
+  url: string;
+  seen: SeenRequest[];
+  fail(fault: Fault): void;
+  close(): Promise<void>;
+}
+
+export async function startS3FaultProxy(upstream: string): Promise<S3FaultProxy> {
+  const up = new URL(upstream);
+  const seen: SeenRequest[] = [];
+  const faults: Fault[] = [];
+  const server: Server = createServer((req, res) => {
+    const method = req.method ?? 'GET';
+    const url = req.url ?? '/';
+    const fault = faults.find((f) => f.times > 0 && f.match(method, url));
+    if (fault) {
+      fault.times -= 1;
+      seen.push({ method, url, headers: req.headers, status: fault.status, injected: true });
+      // drain the body first: the SDK may still be sending it
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(fault.status, { 'content-type': 'application/xml' });
+        res.end(
+          `<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code><Message>injected by the test proxy</Message></Error>`,
+        );
+      });
+      return;
+    }
+    const out = request(
+      { host: up.hostname, port: Number(up.port || 80), method, path: url, headers: req.headers },
+      (answer) => {
+        seen.push({ method, url, headers: req.headers, status: answer.statusCode ?? 0, injected: false });
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    out.on('error', () => res.destroy());
+    req.on('aborted', () => out.destroy());
+    req.pipe(out);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    seen,
+    fail: (fault) => faults.push(fault),
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
+}
