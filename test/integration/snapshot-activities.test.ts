@@ -68,6 +68,7 @@ describe('snapshot activities on real domains', () => {
     logs = [];
   });
   afterAll(async () => {
+    hv.close(); // its virsh shells would outlive this file inside jest's process
     await rm(work, { recursive: true, force: true });
   });
 

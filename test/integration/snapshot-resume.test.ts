@@ -43,6 +43,7 @@ describe('snapshot copy after a crash', () => {
     work = await mkdtemp(join(stackEnv().stateDir, 'test-snap-resume-'));
   });
   afterAll(async () => {
+    hv.close(); // its virsh shells would outlive this file inside jest's process
     await rm(work, { recursive: true, force: true });
   });
 

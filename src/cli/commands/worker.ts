@@ -30,8 +30,11 @@ export function register(program: Command): void {
             (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
           );
         }
-        await running;
-        await close();
+        try {
+          await running;
+        } finally {
+          await close(); // its virsh shells and connection end with it, whatever ended the worker
+        }
       }),
     );
 }
