@@ -3,6 +3,7 @@
  * this host's task queue. One worker per hypervisor host; the workflows of a host's backups
  * run on the same queue, so a host needs nothing but its worker.
  */
+import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client';
@@ -14,6 +15,7 @@ import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
+import { temporalBackupStates } from './backup-states';
 import { readManifestKey, type Config } from './config';
 
 export interface HostWorkerOptions {
@@ -44,6 +46,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
+    backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
   });
   const worker = await Worker.create({
     connection,
@@ -75,8 +78,10 @@ function workflowCode(
 }
 
 /**
- * Ask this host's worker to commit leftover overlays of backups that no longer run. Called by
- * `vmbackup recover` and when a worker starts.
+ * Ask this host's worker to undo what dead backups left (overlays, staging directories). Called by
+ * `vmbackup recover` and when a worker starts. The worker decides about each backup when it acts; a run
+ * that was already going when this was called may have passed a backup that died since, so after joining
+ * one, this starts another.
  */
 export async function recoverHostOverlays(
   address: string,
@@ -87,19 +92,30 @@ export async function recoverHostOverlays(
   try {
     const client = new Client({ connection, namespace: config.namespace });
     const active: string[] = [];
-    // Every running backup, whatever its host: backup ids are unique, and several hosts may share a libvirt
-    // (tests do), so an overlay of another host's running backup must be left alone too.
+    // Only for workers of earlier versions, which trust this list (see RecoverInput.activeBackupIds). Every
+    // running backup, whatever its host: several hosts may share a libvirt (tests do).
     const query = `ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
     for await (const wf of client.workflow.list({ query })) {
       const id = wf.searchAttributes[SEARCH_ATTRIBUTES.backupId];
       if (Array.isArray(id) && typeof id[0] === 'string') active.push(id[0]);
     }
-    return await client.workflow.execute('recoverHost', {
-      taskQueue: hostTaskQueue(config.host),
-      workflowId: `vmbackup-recover-${config.host}`,
-      workflowIdConflictPolicy: WorkflowIdConflictPolicy.USE_EXISTING,
-      args: [{ host: config.host, activeBackupIds: active, domain: opts.domain }],
-    });
+    const requestId = randomUUID();
+    const actions: RecoveryAction[] = [];
+    for (let round = 0; round < 2; round++) {
+      const handle = await client.workflow.start('recoverHost', {
+        taskQueue: hostTaskQueue(config.host),
+        workflowId: `vmbackup-recover-${config.host}`,
+        // One recovery per host at a time: two would commit the same overlay at once.
+        workflowIdConflictPolicy: WorkflowIdConflictPolicy.USE_EXISTING,
+        args: [{ host: config.host, activeBackupIds: active, domain: opts.domain }],
+        memo: { requestId },
+      });
+      const joined = (await handle.describe()).memo?.requestId !== requestId;
+      actions.push(...((await handle.result()) as RecoveryAction[]));
+      // A run started after the joined one ended started after this request too.
+      if (!joined) break;
+    }
+    return actions;
   } finally {
     await connection.close();
   }
