@@ -3,9 +3,10 @@
  * directory when it ends; a worker killed for good, or a workflow terminated, leaves it behind, full-size.
  * Recovery removes the staging directory of each backup whose workflow is closed, asked right before the
  * removal, and only directly under this host's staging roots: nothing a running backup owns, and nothing
- * outside those roots, whatever a directory entry points to.
+ * outside those roots, whatever a directory entry points to. A root that is a link, or that another user
+ * could change, is not scanned at all: `<stateDir>/staging -> /` would otherwise offer /etc for removal.
  */
-import { readdir, rm } from 'node:fs/promises';
+import { lstat, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Context } from '@temporalio/activity';
@@ -41,15 +42,16 @@ export function createDeadStagingActivities(deps: DeadStagingDeps) {
     const ctx = Context.current();
     const actions: StagingRecovery[] = [];
     for (const root of new Set(deps.stagingRoots)) {
-      const entries = await readdir(root, { withFileTypes: true }).catch((err: NodeJS.ErrnoException) => {
-        if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return [];
-        throw err;
-      });
-      for (const e of entries) {
-        // a link or a file named like a backup is not a staging directory of ours
-        if (!e.isDirectory() || !isValidBackupId(e.name)) continue;
+      const unsafe = await unsafeRoot(root);
+      if (unsafe) {
+        if (unsafe !== 'missing') ctx.log.warn('staging root not scanned', { root, why: unsafe });
+        continue;
+      }
+      for (const e of await readdir(root, { withFileTypes: true })) {
+        // only real directories named as vmbackup names backups (a link or a file is not staging of ours)
+        const domain = domainOfBackupId(e.name);
+        if (!e.isDirectory() || !isValidBackupId(e.name) || domain === undefined) continue;
         const backupId = e.name;
-        const domain = domainOfBackupId(backupId);
         if (input.domain && domain !== input.domain) continue;
         const staging = join(root, backupId);
         if (!(await isAbandoned(deps.backupStates, backupId, staging))) continue;
@@ -67,4 +69,18 @@ export function createDeadStagingActivities(deps: DeadStagingDeps) {
   }
 
   return { removeDeadStaging };
+}
+
+/** Why recovery must not scan `root`: it is missing, not a real directory, or another user could change it. */
+async function unsafeRoot(root: string): Promise<string | undefined> {
+  const st = await lstat(root).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return undefined;
+    throw err;
+  });
+  if (!st) return 'missing';
+  if (!st.isDirectory()) return 'not a directory (a link?)';
+  const me = typeof process.geteuid === 'function' ? process.geteuid() : 0;
+  if (st.uid !== 0 && st.uid !== me) return `owned by uid ${st.uid}`;
+  if ((st.mode & 0o022) !== 0) return 'writable by other users';
+  return undefined;
 }

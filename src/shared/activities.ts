@@ -195,8 +195,8 @@ export interface OverlayRecovery {
 }
 /** What recovery did with the staging directory of a backup whose workflow is closed. */
 export interface StagingRecovery {
-  /** the domain named in the backup id, when it follows makeBackupId's form */
-  domain?: string;
+  /** the domain named in the backup id (only ids of makeBackupId's form are taken for staging) */
+  domain: string;
   backupId: string;
   staging: string;
   action: 'removed-staging' | 'failed';

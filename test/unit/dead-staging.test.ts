@@ -88,13 +88,21 @@ test('removes the staging dirs of closed and long-unknown backups, keeps running
   await utimes(file, old, old);
   states.set(id('vm1', 6), 'closed');
   states.set(id('vm1', 7), 'closed');
-  // not a backup id at all
+  // not a backup id at all, or not one vmbackup makes (`/etc` must never be offered by a root gone wrong)
   const odd = join(root, 'not a backup');
   await mkdir(odd);
+  const etc = await dir(root, 'etc', 'closed', long);
+  // roots that are a link (`staging -> /`), or that another user could change: not scanned
+  const linkedRoot = join(work, 'linked-staging');
+  await symlink(other, linkedRoot);
+  const openRoot = join(work, 'open', 'staging');
+  await mkdir(openRoot, { recursive: true });
+  await chmod(openRoot, 0o777);
+  const inOpen = await dir(openRoot, id('vm3', 1), 'closed');
 
   const asked: string[] = [];
   const { removeDeadStaging } = createDeadStagingActivities({
-    stagingRoots: [root, other, join(work, 'missing'), root],
+    stagingRoots: [root, other, join(work, 'missing'), root, linkedRoot, openRoot],
     backupStates: async (backupId) => {
       asked.push(backupId);
       return states.get(backupId) ?? 'unknown';
@@ -102,11 +110,12 @@ test('removes the staging dirs of closed and long-unknown backups, keeps running
   });
   const env = new MockActivityEnvironment();
 
-  // --domain: only backups of that domain
+  // --domain: only backups of that domain (through a linked root it is not offered a second time)
   expect(await env.run(removeDeadStaging, { domain: 'vm2' })).toEqual([
     { domain: 'vm2', backupId: id('vm2', 1), staging: closedElsewhere, action: 'removed-staging' },
   ]);
   expect(asked).toEqual([id('vm2', 1)]);
+  await mkdir(closedElsewhere);
 
   const actions = await env.run(removeDeadStaging, { activeBackupIds: [id('vm1', 1)] });
   // the (stale) list of an earlier version does not decide; Temporal does
@@ -116,8 +125,14 @@ test('removes the staging dirs of closed and long-unknown backups, keeps running
       { domain: 'vm1', backupId: id('vm1', 3), staging: unknownOld, action: 'removed-staging' },
     ]),
   );
-  expect(actions).toHaveLength(2);
-  for (const kept of [running, unknownNew, unknownBusy]) expect(await readdir(kept)).not.toEqual([]);
+  expect(actions).toHaveLength(3);
+  expect(actions).toContainEqual({
+    domain: 'vm2',
+    backupId: id('vm2', 1),
+    staging: closedElsewhere,
+    action: 'removed-staging',
+  });
+  for (const kept of [running, unknownNew, unknownBusy, etc, inOpen]) expect(await readdir(kept)).not.toEqual([]);
   expect((await lstat(odd)).isDirectory()).toBe(true);
   expect((await lstat(link)).isSymbolicLink()).toBe(true);
   expect(await readdir(outside)).toEqual(['keep']);
