@@ -8,13 +8,13 @@ export function temporalBackupStates(client: Client): BackupStates {
   return async (backupId) => {
     // The id goes into a query string: only the file-safe form (no quotes) is ever asked about.
     if (!isValidBackupId(backupId)) throw new Error(`'${backupId}' is not a valid backup id`);
-    const query = `${SEARCH_ATTRIBUTES.backupId} = '${backupId}' AND WorkflowType = 'backupDomain'`;
-    let seen = false;
-    // A workflow reset makes a closed backup run again, under a new run: any open run counts.
-    for await (const wf of client.workflow.list({ query, pageSize: 10 })) {
-      if (wf.status.name === 'RUNNING') return 'running';
-      seen = true;
-    }
-    return seen ? 'closed' : 'unknown';
+    const ofBackup = `${SEARCH_ATTRIBUTES.backupId} = '${backupId}' AND WorkflowType = 'backupDomain'`;
+    // Counted, not listed: a listing decodes memos, and one encoded with a codec we lack would fail it. All
+    // runs first: a backup that becomes visible between the two counts must not read as closed. Any open run
+    // counts (a reset reopens a backup under a new run).
+    if ((await client.workflow.count(ofBackup)).count === 0) return 'unknown';
+    return (await client.workflow.count(`${ofBackup} AND ExecutionStatus = 'Running'`)).count > 0
+      ? 'running'
+      : 'closed';
   };
 }

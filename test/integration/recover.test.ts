@@ -6,6 +6,7 @@
  * backup started after recovery did.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { chmod, lstat, lutimes, mkdir, mkdtemp, readdir, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { tmpdir } from 'node:os';
@@ -302,5 +303,26 @@ describe('recovery of overlays left by dead backups', () => {
     expect(await diskSource(dom.name)).toBe(dom.disks[0]!.path);
     expect(await holds(dom.disks[0]!.path, 0x5b, 600, 8)).toBe(true);
     expect(await exists(join(stagingRoot(target), live.backupId))).toBe(false);
+  });
+
+  test('a running backup that this client cannot decode (another codec) does not stop recover', async () => {
+    const host = uniqueHost('recm');
+    workers.push(await startWorkerProcess(host));
+    // as if started by someone with a payload codec this CLI lacks; no worker ever serves its queue
+    const workflowId = `vmbackup-backup-${host}-vmbt-recm-foreign`;
+    const { runId } = await client.workflowService.startWorkflowExecution({
+      namespace: stackEnv().temporal.namespace,
+      workflowId,
+      workflowType: { name: 'backupDomain' },
+      taskQueue: { name: hostTaskQueue(uniqueHost('nobody')) },
+      memo: {
+        fields: { backupId: { metadata: { encoding: Buffer.from('binary/encrypted') }, data: randomBytes(32) } },
+      },
+      identity: 'recover.test.ts',
+      requestId: randomUUID(),
+    });
+    started.push(client.workflow.getHandle(workflowId, runId ?? undefined));
+    const res = await runCli(['recover', '--host', host, '--domain', 'vmbt-recm-none', '--json']);
+    expect({ code: res.code, stderr: res.stderr, stdout: res.stdout }).toEqual({ code: 0, stderr: '', stdout: '[]\n' });
   });
 });
