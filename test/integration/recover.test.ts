@@ -144,7 +144,7 @@ describe('recovery of overlays left by dead backups', () => {
     workers.push(await startWorkerProcess(host)); // --no-recover: the command does it
     // --domain: other test runs share this libvirt and state dir; their leftovers are theirs to recover
     const res = await runCli(['recover', '--host', host, '--domain', dom.name, '--json']);
-    expect(res.code).toBe(0);
+    expect({ code: res.code, stderr: res.stderr }).toMatchObject({ code: 0 });
     const actions = JSON.parse(res.stdout) as Array<{ domain: string; disk: string; action: string; overlay: string }>;
     expect(actions).toContainEqual(
       expect.objectContaining({ domain: dom.name, disk: 'vda', action: 'committed', overlay }),
@@ -162,11 +162,16 @@ describe('recovery of overlays left by dead backups', () => {
   test('a worker commits leftover overlays when it starts', async () => {
     const host = uniqueHost('rec');
     const { dom, base, overlay } = await abandonedBackup(host);
-    workers.push(await startWorkerProcess(host, { recover: true }));
-    await waitFor('the worker to pivot the VM back to its base', async () => (await diskSource(dom.name)) === base, {
-      timeoutMs: 180_000,
-      intervalMs: 250,
-    });
+    const worker = await startWorkerProcess(host, { recover: true });
+    workers.push(worker);
+    await waitFor(
+      'the worker to pivot the VM back to its base',
+      async () => {
+        if (/recover at start failed/.test(worker.output())) throw new Error(worker.output());
+        return (await diskSource(dom.name)) === base;
+      },
+      { timeoutMs: 180_000, intervalMs: 250 },
+    );
     expect(await holds(base, 0x7e, 600, 8)).toBe(true);
     await waitFor('the overlay to be removed', async () => !(await exists(overlay)));
   });
@@ -242,7 +247,12 @@ describe('recovery of overlays left by dead backups', () => {
       const serving = worker.run();
       try {
         const recovery = runCli(['recover', '--host', recoverHost, '--json'], { env });
-        await gate.reached;
+        await Promise.race([
+          gate.reached,
+          recovery.then((r) => {
+            throw new Error(`recover ended (${r.code}) before it looked at any domain: ${r.stderr}`);
+          }),
+        ]);
 
         // 4. meanwhile a snapshot backup starts and its VM runs on its overlay; the guest writes after that
         live = await startBackup(client, {
