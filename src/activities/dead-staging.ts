@@ -54,6 +54,7 @@ export function createDeadStagingActivities(deps: DeadStagingDeps) {
         const backupId = e.name;
         if (input.domain && domain !== input.domain) continue;
         const staging = join(root, backupId);
+        ctx.heartbeat({ phase: 'staging', actions: actions.length });
         if (!(await isAbandoned(deps.backupStates, backupId, staging))) continue;
         try {
           await rm(staging, { recursive: true, force: true });
@@ -62,7 +63,6 @@ export function createDeadStagingActivities(deps: DeadStagingDeps) {
           const detail = err instanceof Error ? err.message : String(err);
           actions.push({ domain, backupId, staging, action: 'failed', detail });
         }
-        ctx.heartbeat({ phase: 'staging', actions: actions.length });
       }
     }
     return actions;

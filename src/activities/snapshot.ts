@@ -591,6 +591,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
 
   /** Asked right before each action, never from a list read earlier: a backup may have started since. */
   function abandoned(backupId: string): Promise<boolean> {
+    Context.current().heartbeat({ phase: 'recover' }); // many backups to ask about is progress too
     return isAbandoned(deps.backupStates, backupId, paths.backupDir(backupId));
   }
 
