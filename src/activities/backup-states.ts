@@ -6,9 +6,9 @@
  */
 import { lstat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { BackupState } from '../shared/types';
 
-/** running: a workflow with this backup id is open; closed: all of them are closed; unknown: Temporal shows none */
-export type BackupState = 'running' | 'closed' | 'unknown';
+export type { BackupState } from '../shared/types';
 
 /** The port the worker implements (a visibility query on VmbackupBackupId). */
 export type BackupStates = (backupId: string) => Promise<BackupState>;
