@@ -10,15 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 
-bash scripts/node-deps.sh
-bash scripts/stack.sh up
-eval "$(bash scripts/stack.sh env)"
-
-echo "== lint" >&2
-npm run --silent lint
-echo "== typecheck" >&2
-npm run --silent typecheck
-
 order=()
 case "${VMBACKUP_TEST_ORDER:-default}" in
   default | reverse) ;;
@@ -30,6 +21,15 @@ case "${VMBACKUP_TEST_ORDER:-default}" in
   *) echo "VMBACKUP_TEST_ORDER must be default, reverse or random, not '$VMBACKUP_TEST_ORDER'" >&2; exit 2 ;;
 esac
 export VMBACKUP_TEST_ORDER="${VMBACKUP_TEST_ORDER:-default}"
+
+bash scripts/node-deps.sh
+bash scripts/stack.sh up
+eval "$(bash scripts/stack.sh env)"
+
+echo "== lint" >&2
+npm run --silent lint
+echo "== typecheck" >&2
+npm run --silent typecheck
 
 results=$(mktemp -d)
 status=0
