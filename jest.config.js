@@ -22,4 +22,6 @@ module.exports = {
     },
   ],
   testTimeout: 300_000,
+  // VMBACKUP_TEST_ORDER=reverse|random (scripts/test-all.sh): run the files in another order
+  testSequencer: '<rootDir>/test/sequencer.js',
 };

@@ -3,9 +3,25 @@
 # nfs-ganesha), lint, typecheck, unit tests, integration tests against the real stack; then the unit tests
 # and an integration subset again on Node 22.
 # Re-runnable; used as-is by .ci/run.
+#
+# VMBACKUP_TEST_ORDER=reverse runs the test files in reverse path order; =random shuffles the files and the
+# tests inside each file (jest --randomize) by VMBACKUP_TEST_SEED (default: a new seed, printed). A red run
+# in another order is an order dependence: rerun it with the printed seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
+
+order=()
+case "${VMBACKUP_TEST_ORDER:-default}" in
+  default | reverse) ;;
+  random)
+    export VMBACKUP_TEST_SEED="${VMBACKUP_TEST_SEED:-$(( RANDOM * 32768 + RANDOM ))}"
+    order=(--randomize --seed="$VMBACKUP_TEST_SEED")
+    echo "== test order: random, seed $VMBACKUP_TEST_SEED (VMBACKUP_TEST_SEED=$VMBACKUP_TEST_SEED repeats it)" >&2
+    ;;
+  *) echo "VMBACKUP_TEST_ORDER must be default, reverse or random, not '$VMBACKUP_TEST_ORDER'" >&2; exit 2 ;;
+esac
+export VMBACKUP_TEST_ORDER="${VMBACKUP_TEST_ORDER:-default}"
 
 bash scripts/node-deps.sh
 bash scripts/stack.sh up
@@ -19,9 +35,9 @@ npm run --silent typecheck
 results=$(mktemp -d)
 status=0
 echo "== unit tests" >&2
-npx jest --selectProjects unit --json --outputFile "$results/unit.json" || status=1
+npx jest "${order[@]}" --selectProjects unit --json --outputFile "$results/unit.json" || status=1
 echo "== integration tests (real Temporal, libvirt/QEMU, radosgw, ganesha)" >&2
-npx jest --selectProjects integration --runInBand --json --outputFile "$results/integration.json" || status=1
+npx jest "${order[@]}" --selectProjects integration --runInBand --json --outputFile "$results/integration.json" || status=1
 
 # Node 22 as well (the AWS SDK's releases after January 2027 need it): the unit tests and a representative
 # integration subset (the CLI and a worker backing up to S3 and restoring, the CLI's own suite with the embedded

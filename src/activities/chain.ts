@@ -9,10 +9,12 @@
  * chain cannot continue, the plan says full, with the reason, and never fails the backup for it.
  */
 import { Context } from '@temporalio/activity';
+import { ApplicationFailure } from '@temporalio/common';
 import { HypervisorError } from '../hypervisor/errors';
 import type { Checkpoint, Hypervisor } from '../hypervisor/port';
 import { rebaseUnsafe } from '../hypervisor/qemu-img';
 import { listBackups } from '../repository/catalog';
+import type { BackupEntry } from '../repository/catalog';
 import { chainOf, chainProblem, findChainHead } from '../repository/chain-head';
 import type { TargetCatalog } from '../repository/chain-head';
 import type { Manifest } from '../repository/manifest';
@@ -37,6 +39,9 @@ export interface ChainDeps {
   /** manifest signing key: with one, only manifests signed with it are built on (docs/security.md) */
   manifestKey?: Buffer;
 }
+
+/** Attempts of planBackup that retry a transient catalog read before planning a full without that target's chain. */
+const CATALOG_READ_ATTEMPTS = 3;
 
 export function createChainActivities(deps: ChainDeps) {
   const hv = deps.hypervisor;
@@ -65,7 +70,9 @@ export function createChainActivities(deps: ChainDeps) {
     if (requested === 'full') return full();
 
     // The chain on the targets: the same newest backup everywhere, whole, young and short enough.
-    const catalogs = await readCatalogs(input);
+    const read = await readCatalogs(input);
+    if ('unreadable' in read) return full(read.unreadable);
+    const catalogs = read.catalogs;
     const head = await findChainHead(
       catalogs.map((c) => c.catalog),
       {
@@ -149,18 +156,33 @@ export function createChainActivities(deps: ChainDeps) {
     };
   }
 
-  async function readCatalogs(input: PlanBackupInput): Promise<Array<{ target: string; catalog: TargetCatalog }>> {
-    const out: Array<{ target: string; catalog: TargetCatalog }> = [];
+  /**
+   * Every target's committed backups of the domain. A target that cannot be read cannot be built on, but it must not
+   * fail the backup either (the other targets may take it, and shipping reports this one): the plan is then a full,
+   * with the reason. A transient failure is retried first, on the activity's early attempts.
+   */
+  async function readCatalogs(
+    input: PlanBackupInput,
+  ): Promise<{ catalogs: Array<{ target: string; catalog: TargetCatalog }> } | { unreadable: string }> {
+    const catalogs: Array<{ target: string; catalog: TargetCatalog }> = [];
     for (const target of input.targets) {
-      const listed = await withTarget(deps, target, input.s3Options, (t) =>
-        listBackups(t, { domain: input.domain, ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}) }),
-      );
+      let listed: BackupEntry[];
+      try {
+        listed = await withTarget(deps, target, input.s3Options, (t) =>
+          listBackups(t, { domain: input.domain, ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}) }),
+        );
+      } catch (err) {
+        const transient = err instanceof ApplicationFailure && !err.nonRetryable;
+        if (transient && Context.current().info.attempt < CATALOG_READ_ATTEMPTS) throw err;
+        const why = err instanceof Error ? err.message.replace(/\.$/, '') : String(err);
+        return { unreadable: `the catalog of ${redactUrl(target)} could not be read (${why})` };
+      }
       // With a key, a manifest someone else wrote (unsigned, or signed with another key) is never built on: it could
       // name any parent and carry any checkpoint XML.
       const entries = deps.manifestKey ? listed.filter((e) => e.signed === true) : listed;
-      out.push({ target, catalog: { target: redactUrl(target), entries } });
+      catalogs.push({ target, catalog: { target: redactUrl(target), entries } });
     }
-    return out;
+    return { catalogs };
   }
 
   async function listCheckpoints(domain: string): Promise<Checkpoint[]> {

@@ -3,7 +3,11 @@ import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
+import { ErrorType } from '../shared/errors';
+import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
+import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
+import { permanent } from './failures';
 import { createImageActivities } from './images';
 import { createPushActivities } from './push';
 import { createSnapshotActivities } from './snapshot';
@@ -18,20 +22,39 @@ export interface ActivityDeps {
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
   manifestKey?: Buffer;
+  /**
+   * Whether a backup's workflow still runs: recovery asks before it undoes what a backup left. Without it
+   * (tests that do not recover) the recovery activities refuse to act.
+   */
+  backupStates?: BackupStates;
+  /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
+  stagingRoots?: string[];
 }
 
 export function createActivities(deps: ActivityDeps): HostActivities {
+  const backupStates = deps.backupStates ?? cannotTellBackupStates;
   return withAttemptDeadlines({
     ...createPushActivities(deps),
     ...createImageActivities(deps),
-    ...createSnapshotActivities({ ...deps, stateDir: deps.qemuStateDir ?? deps.stateDir }),
+    ...createSnapshotActivities({ ...deps, backupStates, stateDir: deps.qemuStateDir ?? deps.stateDir }),
     ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey }),
     ...createChainActivities({
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,
       manifestKey: deps.manifestKey,
     }),
+    ...createDeadStagingActivities({
+      stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
+      backupStates,
+    }),
   } satisfies HostActivities);
+}
+
+function cannotTellBackupStates(): never {
+  throw permanent(
+    'this worker cannot ask Temporal whether a backup still runs (built without backupStates): recovery touched nothing',
+    ErrorType.InvalidInput,
+  );
 }
 
 /** Room left between the last child process of an attempt and Temporal's timeout of that attempt. */

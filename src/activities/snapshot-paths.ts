@@ -11,6 +11,11 @@ const BACKUP_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
 /** Disk target names: vda, sdb, hdc, ... */
 const DISK_NAME_RE = /^[A-Za-z0-9_-]{1,32}$/;
 
+/** True for a name that can be a backup id (and so a directory of one). */
+export function isValidBackupId(backupId: string): boolean {
+  return BACKUP_ID_RE.test(backupId) && backupId !== '.' && backupId !== '..';
+}
+
 export interface OverlayLocation {
   backupId: string;
   /** file name inside the backup's directory */
@@ -28,7 +33,7 @@ export class OverlayPaths {
   }
 
   isValidBackupId(backupId: string): boolean {
-    return BACKUP_ID_RE.test(backupId) && backupId !== '.' && backupId !== '..';
+    return isValidBackupId(backupId);
   }
 
   backupDir(backupId: string): string {

@@ -22,12 +22,14 @@ import type {
   ImageFile,
   OverlayRecord,
   OverlaysInput,
+  OverlayRecovery,
   RecoverInput,
-  RecoveryAction,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import { sha256File } from '../shared/sha256-file';
 import type { DiskInfo, DomainState } from '../shared/types';
+import { isAbandoned, lastChange } from './backup-states';
+import type { BackupStates } from './backup-states';
 import { hypervisorFailure, permanent } from './failures';
 import { pollDelays } from './poll';
 import { copyImage } from './snapshot-copy';
@@ -49,6 +51,8 @@ export interface SnapshotDeps {
    */
   listDomains?: () => Promise<string[]>;
   libvirtUri?: string;
+  /** whether a backup's workflow still runs, asked before recovery acts on what the backup left */
+  backupStates: BackupStates;
 }
 
 /** What commitAndPivot heartbeats. */
@@ -75,6 +79,12 @@ const ACTIVE_COMMIT = 'Active Block Commit';
 const PIVOT_NOT_READY_LIMIT_MS = 60_000;
 /** How long an aborted block job may take to disappear. */
 const ABORT_WAIT_MS = 30_000;
+/**
+ * Recovery keeps an unused overlay file of a closed backup that changed more recently: a terminated
+ * workflow's createOverlays may still run on some worker (its activity ends at its timeout), and libvirt
+ * creates the file before the disk switches to it.
+ */
+const RECENT_OVERLAY_MS = 5 * 60_000;
 
 export function createSnapshotActivities(deps: SnapshotDeps) {
   const hv = deps.hypervisor;
@@ -579,13 +589,22 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
     return { disks, unreadable };
   }
 
-  async function recoverOverlays(input: RecoverInput): Promise<RecoveryAction[]> {
+  /** Asked right before each action, never from a list read earlier: a backup may have started since. */
+  function abandoned(backupId: string): Promise<boolean> {
+    Context.current().heartbeat({ phase: 'recover' }); // many backups to ask about is progress too
+    return isAbandoned(deps.backupStates, backupId, paths.backupDir(backupId));
+  }
+
+  /**
+   * Commits what backups whose workflow is closed left: disks still on their overlays are committed and
+   * pivoted back; overlay files no disk uses are removed. Overlays of running backups are never touched.
+   */
+  async function recoverOverlays(input: RecoverInput): Promise<OverlayRecovery[]> {
     const ctx = Context.current();
-    const active = new Set(input.activeBackupIds);
-    const actions: RecoveryAction[] = [];
+    const actions: OverlayRecovery[] = [];
     const domains = input.domain ? [input.domain] : await listDomains();
 
-    // 1. disks running on an overlay of a backup that no longer runs: commit, pivot, remove.
+    // 1. disks running on an overlay of an abandoned backup: commit, pivot, remove.
     const before = await readDomains(domains);
     if (input.domain && before.unreadable.has(input.domain)) {
       throw new Error(`cannot read the disks of ${input.domain}: ${before.unreadable.get(input.domain)}`);
@@ -593,9 +612,10 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
     for (const [domain, why] of before.unreadable) ctx.log.warn('cannot read the disks of a domain', { domain, why });
     for (const [domain, live] of before.disks) {
       const byBackup = new Map<string, CommitTarget[]>();
+      const problems: OverlayRecovery[] = [];
       for (const d of live) {
         const loc = paths.locate(d.source);
-        if (loc && !active.has(loc.backupId)) {
+        if (loc) {
           const base = d.backingChain[0];
           if (base) {
             byBackup.set(loc.backupId, [
@@ -604,19 +624,28 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
             ]);
           } else {
             const detail = 'the overlay has no backing file any more (a block pull ran?): left as it is';
-            actions.push({ domain, disk: d.name, overlay: d.source, backupId: loc.backupId, action: 'failed', detail });
+            problems.push({
+              domain,
+              disk: d.name,
+              overlay: d.source,
+              backupId: loc.backupId,
+              action: 'failed',
+              detail,
+            });
           }
         }
         // Someone's snapshot stacked on one of our overlays: not ours to flatten.
         for (const below of d.backingChain) {
           const under = paths.locate(below);
-          if (under && !active.has(under.backupId)) {
+          if (under) {
             const detail = `the disk runs on ${d.source}, stacked on the overlay: remove that snapshot first`;
-            actions.push({ domain, disk: d.name, overlay: below, backupId: under.backupId, action: 'failed', detail });
+            problems.push({ domain, disk: d.name, overlay: below, backupId: under.backupId, action: 'failed', detail });
           }
         }
       }
+      for (const p of problems) if (await abandoned(p.backupId)) actions.push(p);
       for (const [backupId, targets] of byBackup) {
+        if (!(await abandoned(backupId))) continue;
         try {
           await commitDisks(domain, targets);
           const after = await liveDisks(domain);
@@ -633,45 +662,38 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       }
     }
 
-    // 2. overlay files of dead backups that no domain uses (a crash before the snapshot took them, or
+    // 2. overlay files of abandoned backups that no domain uses (a crash before the snapshot took them, or
     //    after the pivot): remove. Usage is checked over every domain, whatever input.domain says.
     const entries = await readdir(paths.root, { withFileTypes: true }).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return [];
       throw err;
     });
-    const backupIds = entries
-      .filter((e) => e.isDirectory() && paths.isValidBackupId(e.name) && !active.has(e.name))
-      .map((e) => e.name);
-    if (backupIds.length === 0) return actions;
-    const now = await readDomains(await listDomains());
-    const used = new Set<string>();
-    for (const live of now.disks.values())
-      for (const d of live) for (const f of [d.source, ...d.backingChain]) used.add(f);
-    const unsure =
-      now.unreadable.size > 0
-        ? `kept: the disks of ${[...now.unreadable.keys()].join(', ')} could not be read (${[...now.unreadable.values()][0]})`
-        : undefined;
+    const backupIds = entries.filter((e) => e.isDirectory() && paths.isValidBackupId(e.name)).map((e) => e.name);
+    let usage: { used: Set<string>; unsure?: string } | undefined;
     for (const backupId of backupIds) {
       const dir = paths.backupDir(backupId);
+      usage ??= await overlayUsage();
+      if (!(await abandoned(backupId))) continue;
+      const { used, unsure } = usage;
       for (const file of await listDir(dir)) {
         const path = join(dir, file);
         const loc = paths.locate(path);
         if (!loc?.domain || !loc.disk) continue; // not an overlay file of ours
         if (input.domain && loc.domain !== input.domain) continue;
         if (used.has(path)) continue; // a failed commit above: reported there
+        const found = { domain: loc.domain, disk: loc.disk, overlay: path, backupId };
         if (unsure) {
-          actions.push({
-            domain: loc.domain,
-            disk: loc.disk,
-            overlay: path,
-            backupId,
-            action: 'failed',
-            detail: unsure,
-          });
+          actions.push({ ...found, action: 'failed', detail: unsure });
+          continue;
+        }
+        const changed = await lastChange(path);
+        if (changed !== undefined && Date.now() - changed < RECENT_OVERLAY_MS) {
+          const detail = `changed less than ${RECENT_OVERLAY_MS / 60_000} min ago: a step of the closed backup may still be creating it; run \`vmbackup recover\` again later`;
+          actions.push({ ...found, action: 'kept', detail });
           continue;
         }
         await rm(path, { force: true });
-        actions.push({ domain: loc.domain, disk: loc.disk, overlay: path, backupId, action: 'removed-unused-overlay' });
+        actions.push({ ...found, action: 'removed-unused-overlay' });
       }
       // a domain's marker goes with its last overlay; anything else in the directory is not ours
       const left = await listDir(dir);
@@ -682,8 +704,22 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         }
       }
       await removeEmptyDir(dir);
+      ctx.heartbeat({ phase: 'recover', actions: actions.length });
     }
     return actions;
+  }
+
+  /** Every file a disk of any domain uses now; `unsure` says which domains could not be read. */
+  async function overlayUsage(): Promise<{ used: Set<string>; unsure?: string }> {
+    const now = await readDomains(await listDomains());
+    const used = new Set<string>();
+    for (const live of now.disks.values())
+      for (const d of live) for (const f of [d.source, ...d.backingChain]) used.add(f);
+    const unsure =
+      now.unreadable.size > 0
+        ? `kept: the disks of ${[...now.unreadable.keys()].join(', ')} could not be read (${[...now.unreadable.values()][0]})`
+        : undefined;
+    return { used, unsure };
   }
 
   return { createOverlays, copyBaseImages, commitAndPivot, removeOverlays, recoverOverlays };

@@ -10,7 +10,14 @@ import type { Payload } from '@temporalio/common';
 import { backupWorkflowId, hostTaskQueue, makeBackupId, SEARCH_ATTRIBUTES } from '../shared/names';
 import { progressQuery } from '../shared/queries';
 import { BackupIdKey, DomainKey, HostKey, MethodKey, StateKey } from '../shared/search';
-import type { BackupOptions, BackupProgress, BackupRequest, BackupResult, RequestedMethod } from '../shared/types';
+import type {
+  BackupOptions,
+  BackupProgress,
+  BackupRequest,
+  BackupResult,
+  BackupState,
+  RequestedMethod,
+} from '../shared/types';
 import type { backupDomain } from '../workflows/backup';
 import { PayloadKeyError } from './codec';
 
@@ -99,21 +106,34 @@ export async function findBackup(client: Client, backupId: string): Promise<Work
   throw new BackupNotFoundError(backupId);
 }
 
+/** An id that can be quoted safely in a visibility query (what makeBackupId makes, and more). */
+const QUOTABLE_ID_RE = /^[A-Za-z0-9_.+@=,:-]+$/;
+
 /**
  * Whether a `backupDomain` workflow with this backup id is running, from Temporal's visibility (gc asks before it
  * removes what looks like a dead backup's objects). An id that could not be quoted safely in the query counts as
  * running: gc then keeps its objects.
  */
 export async function isBackupRunning(client: Client, backupId: string): Promise<boolean> {
-  if (!/^[A-Za-z0-9_.+@=,:-]+$/.test(backupId)) return true;
-  const query = `WorkflowType = 'backupDomain' AND ExecutionStatus = 'Running' AND ${SEARCH_ATTRIBUTES.backupId} = '${backupId}'`;
-  // raw: a listing through the client would decode each workflow's memo, which needs every other backup's key
-  const { executions } = await client.workflowService.listWorkflowExecutions({
-    namespace: client.options.namespace,
-    query,
-    pageSize: 1,
-  });
-  return (executions?.length ?? 0) > 0;
+  if (!QUOTABLE_ID_RE.test(backupId)) return true;
+  return (await backupState(client, backupId)) === 'running';
+}
+
+/**
+ * What Temporal's visibility shows now for a backup id: running (some `backupDomain` run with it is open: a reset
+ * reopens a backup under a new run), closed (all are), unknown (none: visibility can trail a start). Recovery asks
+ * before it undoes what a backup left on a host, gc before it removes what one left on a target.
+ *
+ * Counted, not listed: a listing decodes every memo, and one encoded with a payload codec this client lacks would
+ * fail it. All runs are counted first, so a backup that becomes visible between the two counts never reads as
+ * closed.
+ */
+export async function backupState(client: Client, backupId: string): Promise<BackupState> {
+  if (!QUOTABLE_ID_RE.test(backupId)) throw new Error(`'${backupId}' cannot be asked about: it is no backup id`);
+  const ofBackup = `WorkflowType = 'backupDomain' AND ${SEARCH_ATTRIBUTES.backupId} = '${backupId}'`;
+  if ((await client.workflow.count(ofBackup)).count === 0) return 'unknown';
+  const open = await client.workflow.count(`${ofBackup} AND ExecutionStatus = 'Running'`);
+  return open.count > 0 ? 'running' : 'closed';
 }
 
 export interface BackupStatusView {

@@ -174,18 +174,35 @@ export interface OverlaysInput {
 }
 
 export interface RecoverInput {
-  /** backups still running on this host: their overlays are left alone */
-  activeBackupIds: string[];
+  /**
+   * Backups that ran when recovery was requested. Sent for older workers, which leave exactly these alone;
+   * this version ignores the list (it may be an hour old) and asks Temporal about each backup right before
+   * acting on what it left.
+   */
+  activeBackupIds?: string[];
+  /** only what backups of this domain left */
   domain?: string;
 }
-export interface RecoveryAction {
+/** What recovery did with one overlay file. */
+export interface OverlayRecovery {
   domain: string;
   disk: string;
   overlay: string;
   backupId: string;
-  action: 'committed' | 'removed-unused-overlay' | 'failed';
+  /** kept: an unused overlay of a closed backup changed too recently to be sure nothing still creates it */
+  action: 'committed' | 'removed-unused-overlay' | 'kept' | 'failed';
   detail?: string;
 }
+/** What recovery did with the staging directory of a backup whose workflow is closed. */
+export interface StagingRecovery {
+  /** the domain named in the backup id (only ids of makeBackupId's form are taken for staging) */
+  domain: string;
+  backupId: string;
+  staging: string;
+  action: 'removed-staging' | 'failed';
+  detail?: string;
+}
+export type RecoveryAction = OverlayRecovery | StagingRecovery;
 
 export interface CleanupStagingInput {
   backupId: string;
@@ -273,7 +290,8 @@ export interface HostActivities {
   copyBaseImages(input: CopyBaseImagesInput): Promise<ImageFile[]>;
   commitAndPivot(input: OverlaysInput): Promise<void>;
   removeOverlays(input: OverlaysInput): Promise<void>;
-  recoverOverlays(input: RecoverInput): Promise<RecoveryAction[]>;
+  recoverOverlays(input: RecoverInput): Promise<OverlayRecovery[]>;
+  removeDeadStaging(input: RecoverInput): Promise<StagingRecovery[]>;
   // both
   finalizeImages(input: FinalizeImagesInput): Promise<DiskImage[]>;
   // incremental chains

@@ -25,6 +25,11 @@ export function makeBackupId(domain: string, at: Date, suffix: string): string {
   return `${domain}-${ts}-${suffix}`;
 }
 
+/** The domain named in a backup id made by makeBackupId; undefined for any other id. */
+export function domainOfBackupId(backupId: string): string | undefined {
+  return /^(.+)-\d{8}T\d{6}Z-[0-9a-f]{4}$/.exec(backupId)?.[1];
+}
+
 export const SEARCH_ATTRIBUTES = {
   domain: 'VmbackupDomain',
   host: 'VmbackupHost',

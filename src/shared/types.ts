@@ -186,3 +186,6 @@ export interface BackupResult {
   skipped: SkippedDisk[];
   targets: TargetResult[];
 }
+
+/** What Temporal shows of a backup's workflow: running, closed, or unknown (no run with that backup id is visible). */
+export type BackupState = 'running' | 'closed' | 'unknown';

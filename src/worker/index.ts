@@ -5,7 +5,8 @@
  */
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { Client, Connection, WorkflowIdConflictPolicy } from '@temporalio/client';
+import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
+import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
@@ -17,6 +18,8 @@ import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
+import { temporalBackupStates } from './backup-states';
+import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
 
 export interface HostWorkerOptions {
@@ -47,6 +50,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
+    backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
   });
   const worker = await Worker.create({
     connection,
@@ -94,8 +98,10 @@ function workflowCode(
 }
 
 /**
- * Ask this host's worker to commit leftover overlays of backups that no longer run. Called by
- * `vmbackup recover` and when a worker starts.
+ * Ask this host's worker to undo what dead backups left (overlays, staging directories). Called by
+ * `vmbackup recover` and when a worker starts. The worker decides about each backup when it acts; a
+ * recovery of this host that is already going may have passed a backup that died since, so this waits
+ * for it to end and then runs its own (and reports what both did).
  */
 export async function recoverHostOverlays(
   address: string,
@@ -109,23 +115,62 @@ export async function recoverHostOverlays(
       namespace: config.namespace,
       dataConverter: payloadCodecs(config, 'client'),
     });
-    const active: string[] = [];
-    // Every running backup, whatever its host: backup ids are unique, and several hosts may share a libvirt
-    // (tests do), so an overlay of another host's running backup must be left alone too.
-    const query = `ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
-    for await (const wf of client.workflow.list({ query })) {
-      const id = wf.searchAttributes[SEARCH_ATTRIBUTES.backupId];
-      if (Array.isArray(id) && typeof id[0] === 'string') active.push(id[0]);
+    const workflowId = `vmbackup-recover-${config.host}`;
+    const args: [RecoverHostInput] = [
+      { host: config.host, activeBackupIds: await runningBackupIds(client), domain: opts.domain },
+    ];
+    const actions: RecoveryAction[] = [];
+    for (let round = 1; ; round++) {
+      try {
+        const handle = await client.workflow.start('recoverHost', {
+          taskQueue: hostTaskQueue(config.host),
+          workflowId,
+          // One recovery per host at a time: two would commit the same overlay at once.
+          workflowIdConflictPolicy: WorkflowIdConflictPolicy.FAIL,
+          args,
+        });
+        actions.push(...((await handle.result()) as RecoveryAction[]));
+        return actions;
+      } catch (err) {
+        if (!(err instanceof WorkflowExecutionAlreadyStartedError) || round >= MAX_RECOVERY_ROUNDS) throw err;
+        const earlier = await client.workflow
+          .getHandle(workflowId)
+          .result()
+          .catch(() => []); // its failure is not ours: our own run follows
+        actions.push(...(earlier as RecoveryAction[]));
+      }
     }
-    return await client.workflow.execute('recoverHost', {
-      taskQueue: hostTaskQueue(config.host),
-      workflowId: `vmbackup-recover-${config.host}`,
-      workflowIdConflictPolicy: WorkflowIdConflictPolicy.USE_EXISTING,
-      args: [{ host: config.host, activeBackupIds: active, domain: opts.domain }],
-    });
   } finally {
     await connection.close();
   }
+}
+
+/** Recoveries of this host that may end before ours starts (each one another caller's). */
+const MAX_RECOVERY_ROUNDS = 5;
+
+/**
+ * Backup ids of every running backup, whatever its host (several hosts may share a libvirt; tests do).
+ * Only workers of earlier versions use them (see RecoverInput.activeBackupIds). Read without decoding
+ * memos: a workflow someone else started with a codec we lack must not stop recovery.
+ */
+async function runningBackupIds(client: Client): Promise<string[]> {
+  const ids: string[] = [];
+  const query = `ExecutionStatus = 'Running' AND WorkflowType = 'backupDomain'`;
+  let nextPageToken: Uint8Array | undefined;
+  do {
+    const page = await client.workflowService.listWorkflowExecutions({
+      namespace: client.options.namespace,
+      query,
+      pageSize: 1000,
+      nextPageToken,
+    });
+    for (const e of page.executions ?? []) {
+      const id = decodeSearchAttributes(e.searchAttributes?.indexedFields)[SEARCH_ATTRIBUTES.backupId];
+      if (Array.isArray(id) && typeof id[0] === 'string') ids.push(id[0]);
+    }
+    nextPageToken = page.nextPageToken?.length ? page.nextPageToken : undefined;
+  } while (nextPageToken);
+  return ids;
 }
 
 /**

@@ -10,9 +10,12 @@ import { execTool } from '../../src/hypervisor/exec';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import type { VirshHypervisor } from '../../src/hypervisor/virsh';
 import { VirshSessions } from '../../src/hypervisor/virsh-session';
+import { createHostWorker, recoverHostOverlays } from '../../src/worker';
+import { loadConfig } from '../../src/worker/config';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { stackEnv, stackScript } from '../helpers/stack';
+import { requireTemporal, stackEnv, stackScript } from '../helpers/stack';
+import { cliEnv, uniqueHost, waitFor } from '../helpers/vmbackup';
 
 const exec = promisify(execFile);
 const uri = stackEnv().libvirt.uri;
@@ -22,14 +25,28 @@ function oneShot(args: readonly string[]) {
   return execTool('virsh', ['-c', uri, ...args], { timeoutMs: TIMEOUT_MS });
 }
 
-/** pids of this process's virsh shells (`virsh -c URI` and nothing else: a one-shot run has a command) */
+/** this process's virsh shells (`virsh -c URI` and nothing else: a one-shot run has a command), as pid -> start */
+async function shells(): Promise<Map<number, string>> {
+  const { stdout } = await exec('ps', ['-o', 'pid=,lstart=,args=', '--ppid', String(process.pid)], {
+    env: { ...process.env, LC_ALL: 'C', TZ: 'UTC' },
+  });
+  const found = new Map<number, string>();
+  for (const line of stdout.split('\n')) {
+    const m = /^\s*(\d+)\s+(\S+\s+\S+\s+\d+\s+[\d:]+\s+\d+)\s+(.*)$/.exec(line);
+    if (m?.[3] === `virsh -c ${uri}`) found.set(Number(m[1]), m[2]!);
+  }
+  return found;
+}
+
+/**
+ * Shells some earlier code in this process opened: jest runs every test file of a --runInBand run in one
+ * process, and a file's hypervisor (a worker's too) keeps its idle shells for 10 s unless it is closed.
+ */
+let foreign = new Map<number, string>();
+
+/** pids of the shells this test opened */
 async function sessionPids(): Promise<number[]> {
-  const { stdout } = await exec('ps', ['-o', 'pid=,args=', '--ppid', String(process.pid)]);
-  return stdout
-    .split('\n')
-    .map((l) => /^\s*(\d+)\s+(.*)$/.exec(l))
-    .filter((m): m is RegExpExecArray => m?.[2] === `virsh -c ${uri}`)
-    .map((m) => Number(m[1]));
+  return [...(await shells())].filter(([pid, start]) => foreign.get(pid) !== start).map(([pid]) => pid);
 }
 
 async function failure(p: Promise<unknown>): Promise<HypervisorError> {
@@ -81,6 +98,9 @@ describe('virsh sessions on real libvirt', () => {
         start: false,
       }),
     ]);
+  });
+  beforeEach(async () => {
+    foreign = await shells();
   });
   afterEach(() => {
     for (const s of opened.splice(0)) s.close();
@@ -226,6 +246,26 @@ describe('virsh sessions on real libvirt', () => {
     expect((await sessionPids()).length).toBe(1);
     await new Promise((r) => setTimeout(r, 600));
     expect(await sessionPids()).toEqual([]);
+  });
+
+  test('a host worker, once closed, leaves no virsh shell behind', async () => {
+    await requireTemporal();
+    const config = { ...loadConfig(cliEnv()), host: uniqueHost('vs') };
+    const { worker, close } = await createHostWorker({ config, address: stackEnv().temporal.address });
+    const run = worker.run();
+    try {
+      // recovery limited to one domain reads its disks through the worker's hypervisor, and nothing else
+      expect(await recoverHostOverlays(stackEnv().temporal.address, config, { domain: running.name })).toEqual([]);
+      expect((await sessionPids()).length).toBeGreaterThan(0);
+    } finally {
+      worker.shutdown();
+      await run;
+      await close();
+    }
+    // an idle shell would only exit 10 s after its last query
+    await waitFor("the worker's virsh shells to exit", async () => (await sessionPids()).length === 0, {
+      timeoutMs: 3_000,
+    });
   });
 
   test('libvirtd restart: while it is down the error is the one-shot sentence, after it the shell answers again', async () => {

@@ -55,6 +55,7 @@ describe('VirshHypervisor on real libvirt', () => {
   const newDomain = useFixtureDomains();
   const hv = createVirshHypervisor({ uri: stackEnv().libvirt.uri });
   let dom: FixtureDomain;
+  afterAll(() => hv.close()); // its virsh shells would outlive this file inside jest's process
 
   beforeAll(async () => {
     await requireLibvirt();

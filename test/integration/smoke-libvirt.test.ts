@@ -16,6 +16,7 @@ const FINAL = new Set(['Completed', 'Failed', 'Cancelled']);
 describe('libvirt push backup (smoke)', () => {
   const newDomain = useFixtureDomains();
   const hv = createVirshHypervisor({ uri: stackEnv().libvirt.uri });
+  afterAll(() => hv.close()); // its virsh shells would outlive this file inside jest's process
 
   beforeAll(async () => {
     await requireLibvirt();

@@ -4,8 +4,8 @@
  * the hypervisor, the disks and the copy tools are real.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, mkdtemp, readdir, rm, stat, truncate, utimes, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { DefaultLogger } from '@temporalio/worker';
@@ -16,7 +16,7 @@ import { HypervisorError } from '../../src/hypervisor/errors';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import { sha256File } from '../../src/shared/sha256-file';
-import type { RecoveryAction } from '../../src/shared/activities';
+import type { OverlayRecovery } from '../../src/shared/activities';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { requireLibvirt, stackEnv } from '../helpers/stack';
@@ -56,7 +56,9 @@ describe('snapshot activities on real domains', () => {
   }
 
   function activities(over: Partial<Parameters<typeof createSnapshotActivities>[0]> = {}) {
-    return createSnapshotActivities({ hypervisor: hv, stateDir, pollIntervalMs: 100, ...over });
+    // Only the recovery test asks about backups; for the rest every backup runs.
+    const backupStates = async () => 'running' as const;
+    return createSnapshotActivities({ hypervisor: hv, stateDir, pollIntervalMs: 100, backupStates, ...over });
   }
 
   beforeAll(async () => {
@@ -68,6 +70,7 @@ describe('snapshot activities on real domains', () => {
     logs = [];
   });
   afterAll(async () => {
+    hv.close(); // its virsh shells would outlive this file inside jest's process
     await rm(work, { recursive: true, force: true });
   });
 
@@ -269,7 +272,7 @@ describe('snapshot activities on real domains', () => {
     expect(await exists(join(stateDir, 'overlays', id2))).toBe(false);
   });
 
-  test('recoverOverlays commits the overlays of dead backups and leaves active ones and foreign files alone', async () => {
+  test('recoverOverlays commits the overlays of closed backups and leaves running ones and foreign files alone', async () => {
     const [domA, domB] = await Promise.all([
       newDomain({
         prefix: 'snap',
@@ -277,10 +280,20 @@ describe('snapshot activities on real domains', () => {
       }),
       newDomain({ prefix: 'snap', disks: [{ format: 'raw', sizeMiB: 32 }] }),
     ]);
-    const a = activities();
     const dead = backupId('dead');
     const dead2 = backupId('dead2');
+    const dead3 = backupId('dead3');
     const alive = backupId('alive');
+    const unknownOld = backupId('unknown-old');
+    const unknownNew = backupId('unknown-new');
+    // What Temporal says of each backup when recovery asks (the worker asks visibility: recover.test.ts)
+    const asked: string[] = [];
+    const a = activities({
+      backupStates: async (id) => {
+        asked.push(id);
+        return id === alive ? 'running' : id.includes('unknown') ? 'unknown' : 'closed';
+      },
+    });
     const overlaysRoot = join(stateDir, 'overlays');
     const infoA = await hv.inspect(domA.name);
     const infoB = await hv.inspect(domB.name);
@@ -303,21 +316,45 @@ describe('snapshot activities on real domains', () => {
     const unused = join(overlaysRoot, dead2, `${domA.name}.vdb.qcow2`);
     await mkdir(join(overlaysRoot, dead2), { recursive: true });
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', unused, '32M']);
+    // unused overlays: one changed just now (a terminated backup's snapshot may still be creating it), and
+    // backups Temporal does not know, one quiet for two hours and one recent (visibility can lag a start)
+    const fresh = join(overlaysRoot, dead3, `${domA.name}.vda.qcow2`);
+    const lostOld = join(overlaysRoot, unknownOld, `${domA.name}.vda.qcow2`);
+    const lostNew = join(overlaysRoot, unknownNew, `${domA.name}.vda.qcow2`);
+    for (const f of [fresh, lostOld, lostNew]) {
+      await mkdir(dirname(f), { recursive: true });
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', f, '32M']);
+    }
+    const hoursAgo = (h: number) => new Date(Date.now() - h * 3600_000);
+    for (const f of [unused, lostOld, dirname(lostOld)]) await utimes(f, hoursAgo(2), hoursAgo(2));
     const notes = join(overlaysRoot, dead2, 'notes.txt');
     const stray = join(overlaysRoot, `${domA.name}.vda.qcow2`);
     const elsewhere = join(stateDir, 'elsewhere', `${domA.name}.vda.qcow2`);
     await mkdir(join(stateDir, 'elsewhere'), { recursive: true });
     await Promise.all([notes, stray, elsewhere].map((f) => writeFile(f, 'not vmbackup’s')));
 
-    const actions = await act(a.recoverOverlays, { activeBackupIds: [alive] });
-    const ours = actions.filter((x: RecoveryAction) => x.overlay.startsWith(overlaysRoot));
+    // an earlier version's list of running backups (stale: it names the dead one) no longer decides
+    const actions = await act(a.recoverOverlays, { activeBackupIds: [dead] });
+    const ours = actions.filter((x: OverlayRecovery) => x.overlay.startsWith(overlaysRoot));
     expect(ours).toEqual(
       expect.arrayContaining([
         { domain: domA.name, disk: 'vda', overlay: createdA.overlays[0]!.overlay, backupId: dead, action: 'committed' },
         { domain: domA.name, disk: 'vdb', overlay: unused, backupId: dead2, action: 'removed-unused-overlay' },
+        { domain: domA.name, disk: 'vda', overlay: lostOld, backupId: unknownOld, action: 'removed-unused-overlay' },
+        {
+          domain: domA.name,
+          disk: 'vda',
+          overlay: fresh,
+          backupId: dead3,
+          action: 'kept',
+          detail: expect.stringMatching(/changed less than 5 min ago.*run `vmbackup recover` again later/),
+        },
       ]),
     );
-    expect(ours).toHaveLength(2);
+    expect(ours).toHaveLength(4);
+    expect(asked).toEqual(expect.arrayContaining([dead, dead2, dead3, alive, unknownOld, unknownNew]));
+    for (const f of [fresh, lostNew]) expect(await exists(f)).toBe(true);
+    expect(await exists(dirname(lostOld))).toBe(false);
 
     expect(await domblklist(domA.name)).toEqual(sources(domA));
     expect(await holds(domA.disks[0]!.path, 0x11, 0, 4)).toBe(true);

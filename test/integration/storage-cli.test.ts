@@ -54,16 +54,24 @@ beforeAll(async () => {
   await requireNfs();
   work = await mkdtemp(join(tmpdir(), 'vmbackup-cli-'));
   vda = await makeImage(work, 'vda', 'qcow2', 0x5a);
+});
+
+// Each test gets targets of its own: one damages an image, another prunes, and jest --randomize runs them in
+// any order.
+beforeEach(async () => {
   a = await localTarget();
   b = await nfsTarget();
   for (const [i, id] of ids.entries()) await backUp(a.url, 'web', id, `2026-11-2${i}T01:00:00.000Z`, [vda]);
 });
 
-afterAll(async () => {
+afterEach(async () => {
   for (const t of [a, b]) {
     await t.cleanup();
     await t.target.close();
   }
+});
+
+afterAll(async () => {
   await rm(work, { recursive: true, force: true });
 });
 

@@ -1,7 +1,8 @@
 /**
- * A deliberately changed backupDomain: it stages before it inspects. Replaying a recorded
- * history against it must fail with a non-determinism error, which proves the replay test
- * would catch an unguarded change to the real workflow (one made without `patched()`).
+ * A deliberately changed backupDomain: it stages before it inspects (recoverHost below swaps its
+ * steps too). Replaying a recorded history against it must fail with a non-determinism error, which
+ * proves the replay test would catch an unguarded change to the real workflow (one made without
+ * `patched()`).
  */
 import { proxyActivities } from '@temporalio/workflow';
 import type { HostActivities } from '../../src/shared/activities';
@@ -12,4 +13,11 @@ export async function backupDomain(req: BackupRequest): Promise<void> {
   const acts = proxyActivities<HostActivities>({ taskQueue: hostTaskQueue(req.host), startToCloseTimeout: '5m' });
   await acts.prepareStaging({ backupId: req.backupId, domain: req.domain, targets: req.targets });
   await acts.inspectDomain({ domain: req.domain });
+}
+
+/** A deliberately changed recoverHost: it removes staging directories before it recovers overlays. */
+export async function recoverHost(input: { host: string; domain?: string }): Promise<unknown[]> {
+  const acts = proxyActivities<HostActivities>({ taskQueue: hostTaskQueue(input.host), startToCloseTimeout: '5m' });
+  const staging = await acts.removeDeadStaging({ domain: input.domain });
+  return [...(await acts.recoverOverlays({ domain: input.domain })), ...staging];
 }

@@ -1,5 +1,6 @@
-/** `vmbackup recover [--host H]`: commit overlays left by backups that no longer run. */
+/** `vmbackup recover [--host H]`: undo what backups that no longer run left: overlays, staging directories. */
 import type { Command } from 'commander';
+import type { RecoveryAction } from '../../shared/activities';
 import { HOST_NAME_RE } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
 import { temporalFlagsFrom } from './temporal-options';
@@ -8,7 +9,9 @@ import { action, CliError, printJson } from '../output';
 export function register(program: Command): void {
   program
     .command('recover')
-    .description('commit and pivot overlays left by dead snapshot-method backups, and report what was done')
+    .description(
+      'commit and pivot overlays, and remove staging directories, left by dead backups; report what was done',
+    )
     .option('--host <name>', 'host to recover (its worker does the work); default: this machine')
     .option('--domain <name>', 'only this domain')
     .option('--json', 'print one JSON array')
@@ -37,11 +40,7 @@ export function register(program: Command): void {
           const actions = await recoverHostOverlays(address, config, { domain: flags.domain });
           if (flags.json) printJson(actions);
           else if (actions.length === 0) process.stdout.write(`nothing to recover on ${host}\n`);
-          else
-            for (const a of actions)
-              process.stdout.write(
-                `${a.domain} ${a.disk}: ${a.action} ${a.overlay}${a.detail ? ` (${a.detail})` : ''}\n`,
-              );
+          else for (const a of actions) process.stdout.write(`${recoveryLine(a)}\n`);
           if (actions.some((a) => a.action === 'failed')) process.exitCode = 1;
         } finally {
           await stop?.();
@@ -49,4 +48,11 @@ export function register(program: Command): void {
         }
       }),
     );
+}
+
+/** One line per action: `vm1 vda: committed /path` or `<backupId>: removed-staging /path`. */
+export function recoveryLine(a: RecoveryAction): string {
+  const detail = a.detail ? ` (${a.detail})` : '';
+  if ('staging' in a) return `${a.backupId}: ${a.action} ${a.staging}${detail}`;
+  return `${a.domain} ${a.disk}: ${a.action} ${a.overlay}${detail}`;
 }

@@ -4,13 +4,14 @@ import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
 import { temporalFlagsFrom } from './temporal-options';
 import { action, CliError } from '../output';
+import { recoveryLine } from './recover';
 
 export function register(program: Command): void {
   program
     .command('worker')
     .description("run this host's worker: executes backups of the VMs on this host")
     .option('--host <name>', 'host name (task queue vmbackup-host-<name>); default: this machine')
-    .option('--no-recover', 'do not commit leftover overlays of dead backups at start')
+    .option('--no-recover', 'do not undo what dead backups left (overlays, staging directories) at start')
     .action(
       action(async (flags: { host?: string; recover: boolean }) => {
         const { createHostWorker, recoverHostOverlays } = await import('../../worker');
@@ -25,14 +26,16 @@ export function register(program: Command): void {
         if (flags.recover) {
           recoverHostOverlays(address, config).then(
             (actions) => {
-              for (const a of actions)
-                process.stderr.write(`recover: ${a.domain} ${a.disk} ${a.action} ${a.overlay}\n`);
+              for (const a of actions) process.stderr.write(`recover: ${recoveryLine(a)}\n`);
             },
             (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
           );
         }
-        await running;
-        await close();
+        try {
+          await running;
+        } finally {
+          await close(); // its virsh shells and connection end with it, whatever ended the worker
+        }
       }),
     );
 }
