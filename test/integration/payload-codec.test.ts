@@ -120,6 +120,14 @@ describe('payload codec on the real server', () => {
       String(JSON.stringify(defaultPayloadConverter.fromPayload(p))),
     );
     for (const name of [dom.name, target, staging, host]) expect(plain.some((t) => t.includes(name))).toBe(true);
+    // recovery's workflow goes through the codec too: the worker (which has the key) runs it
+    const recover = await runCli(['recover', '--host', host, '--json', '--payload-key-file', keyA], {
+      env: withKey(undefined),
+      timeoutMs: 120_000,
+    });
+    expect(recover.stderr).toBe('');
+    expect(recover.code).toBe(0);
+    expect(JSON.parse(recover.stdout)).toEqual([]);
     // status reads the result with the key; without it, it says which option is missing
     const status = await runCli(['status', result.backupId, '--json', '--payload-key-file', keyA]);
     expect(status.code).toBe(0);
