@@ -48,8 +48,9 @@ if node22=$(bash scripts/node22.sh); then
   (
     export PATH="${node22%/*}:$PATH" VMBACKUP_TEST_NODE_MAJOR=22
     rc=0
-    node node_modules/jest/bin/jest.js --selectProjects unit --json --outputFile "$results/unit-node22.json" || rc=1
-    node node_modules/jest/bin/jest.js --selectProjects integration --runInBand --json \
+    node node_modules/jest/bin/jest.js "${order[@]}" --selectProjects unit --json \
+      --outputFile "$results/unit-node22.json" || rc=1
+    node node_modules/jest/bin/jest.js "${order[@]}" --selectProjects integration --runInBand --json \
       --outputFile "$results/integration-node22.json" test/integration/node-runtime.test.ts test/integration/cli.test.ts ||
       rc=1
     exit $rc
