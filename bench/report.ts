@@ -365,9 +365,10 @@ export function markdown(r: BenchResults, ratios: Ratio[]): string {
 
 export function svgChart(ratios: Ratio[]): string {
   const rows = ratios;
-  const W = 900;
+  // room for the longest name (~6.6 px per character at 12 px), bars as wide as before
+  const left = Math.max(330, Math.ceil(Math.max(0, ...rows.map((r) => r.name.length)) * 6.6) + 16);
+  const W = left + 570;
   const rowH = 26;
-  const left = 330;
   const top = 40;
   const H = top + rows.length * rowH + 40;
   const maxV = Math.max(2, ...rows.map((r) => r.value), ...rows.map((r) => r.goal?.value ?? 0)) * 1.05;
