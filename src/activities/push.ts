@@ -117,20 +117,31 @@ export function createPushActivities(deps: PushDeps) {
       }
       // A staging file of a dead attempt makes libvirt refuse ("store ... for backup of 'vda' exists").
       await Promise.all(images.map((i) => rm(i.path, { force: true })));
-      // So does the checkpoint a dead attempt's job created ("domain moment ... already exists"): the name is this
-      // backup's own, and that job is over (no job runs), so it never counted.
-      if (input.checkpoint) await hv.deleteCheckpoint(input.domain, input.checkpoint.name);
       await mkdir(input.stagingDir, { recursive: true });
-      await hv.beginPushBackup(
-        input.domain,
-        images.map((i) => ({ disk: i.name, file: i.path })),
-        {
-          disks: input.disks.map((d) => d.name), // as inspectDomain read them: no second dumpxml
-          ...(input.incremental ? { incremental: input.incremental } : {}),
-          ...(input.checkpoint ? { checkpoint: input.checkpoint } : {}),
-          ...(input.fullDisks?.length ? { fullDisks: input.fullDisks } : {}),
-        },
-      );
+      const begin = () =>
+        hv.beginPushBackup(
+          input.domain,
+          images.map((i) => ({ disk: i.name, file: i.path })),
+          {
+            disks: input.disks.map((d) => d.name), // as inspectDomain read them: no second dumpxml
+            ...(input.incremental ? { incremental: input.incremental } : {}),
+            ...(input.checkpoint ? { checkpoint: input.checkpoint } : {}),
+            ...(input.fullDisks?.length ? { fullDisks: input.fullDisks } : {}),
+          },
+        );
+      try {
+        await begin();
+      } catch (err) {
+        // So does the checkpoint a dead attempt's job created ("domain moment ... already exists"), before it
+        // creates a file or starts a job: the name is this backup's own, and that job is over (no job runs), so it
+        // never counted. Deleted when libvirt says so, not asked for first: that cost every backup a virsh run.
+        const name = input.checkpoint?.name;
+        if (!(err instanceof HypervisorError && err.kind === 'checkpoint-exists' && name && err.checkpoint === name)) {
+          throw err;
+        }
+        await hv.deleteCheckpoint(input.domain, name);
+        await begin();
+      }
       return { images, attached: false };
     } catch (err) {
       hypervisorFailure(err);
