@@ -8,6 +8,7 @@ import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
 import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
 import { permanent } from './failures';
+import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
 import { createPushActivities } from './push';
 import { createSnapshotActivities } from './snapshot';
@@ -19,6 +20,8 @@ export interface ActivityDeps {
   stateDir: string;
   /** a state dir QEMU can reach, for files QEMU opens itself (snapshot overlays); default stateDir */
   qemuStateDir?: string;
+  /** where QEMU-written staging files go when the state dir is private (default /var/lib/vmbackup) */
+  systemQemuDir?: string;
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
   manifestKey?: Buffer;
@@ -29,19 +32,34 @@ export interface ActivityDeps {
   backupStates?: BackupStates;
   /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
   stagingRoots?: string[];
+  /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
+  allowTargets?: readonly string[];
 }
 
 export function createActivities(deps: ActivityDeps): HostActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
+  // One view of this host's roots and allowed targets for every activity: none trusts a path or target it is given.
+  const paths = new HostPaths({
+    stateDir: deps.stateDir,
+    qemuStateDir: deps.qemuStateDir,
+    systemQemuDir: deps.systemQemuDir,
+    allowTargets: deps.allowTargets,
+  });
   return withAttemptDeadlines({
-    ...createPushActivities(deps),
-    ...createImageActivities(deps),
-    ...createSnapshotActivities({ ...deps, backupStates, stateDir: deps.qemuStateDir ?? deps.stateDir }),
-    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey }),
+    ...createPushActivities({ ...deps, paths }),
+    ...createImageActivities({ ...deps, paths }),
+    ...createSnapshotActivities({
+      ...deps,
+      backupStates,
+      stateDir: deps.qemuStateDir ?? deps.stateDir,
+      hostPaths: paths,
+    }),
+    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey, paths }),
     ...createChainActivities({
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,
       manifestKey: deps.manifestKey,
+      paths,
     }),
     ...createDeadStagingActivities({
       stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
