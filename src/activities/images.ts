@@ -2,7 +2,7 @@
  * Image steps shared by every method: copying the disks of a shut-off domain, and the final
  * check + SHA-256 of each image before it is shipped.
  */
-import { chmod, rm, stat } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import { HypervisorError } from '../hypervisor/errors';
@@ -12,7 +12,7 @@ import { fileStamp as stampOf } from '../shared/file-stamp';
 import { sha256File } from '../shared/sha256-file';
 import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import { PRIVATE_FILE_MODE } from '../shared/file-modes';
+import { makeFilePrivate } from '../shared/file-modes';
 import type { DiskInfo, DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import type { HostPaths } from './host-paths';
@@ -91,7 +91,7 @@ export function createImageActivities(deps: ImageDeps) {
         throw startedDuringCopy(input.domain);
       }
       // qemu-img creates the copy 0644 (less the umask)
-      await chmod(dst, PRIVATE_FILE_MODE);
+      await makeFilePrivate(dst);
       before += disk.virtualSize;
       images.push({ name: disk.name, format: 'qcow2', path: dst, virtualSize: disk.virtualSize });
     }
@@ -148,7 +148,7 @@ export function createImageActivities(deps: ImageDeps) {
       })),
     );
     // Whoever wrote them (QEMU, qemu-img, rsync, cp): private before they are shipped or renamed into a target.
-    await Promise.all(checked.map((i) => chmod(i.path, PRIVATE_FILE_MODE)));
+    await Promise.all(checked.map((i) => makeFilePrivate(i.path)));
     const prior = ctx.info.heartbeatDetails as FinalizeCheckpoint | undefined;
     const done: DiskImage[] = prior?.done ?? [];
     const sizes = await Promise.all(checked.map((i) => stat(i.path).then((s) => s.size)));

@@ -3,7 +3,7 @@
  * domain, prepare and clean the staging directory. Each activity looks at the world first
  * and does only what is missing, so a retry after a worker or host crash is safe.
  */
-import { chmod, rm, rmdir, stat } from 'node:fs/promises';
+import { rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import type { Hypervisor, JobInfo } from '../hypervisor/port';
@@ -20,7 +20,7 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
+import { makeDirs, makeFilePrivate, PRIVATE_DIR_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
 import { pushImageFiles } from '../shared/names';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
@@ -215,7 +215,7 @@ export function createPushActivities(deps: PushDeps) {
             );
           }
           // QEMU created them with its own mode (0644 through libvirt): private before anything ships them
-          await Promise.all(images.map((i) => chmod(i.path, PRIVATE_FILE_MODE)));
+          await Promise.all(images.map((i) => makeFilePrivate(i.path)));
           ctx.heartbeat({ bytesDone: done.dataProcessed ?? total, bytesTotal: done.dataTotal ?? total });
           return { bytes: done.dataProcessed ?? total, elapsedMs: done.timeElapsedMs ?? 0 };
         }

@@ -27,7 +27,7 @@ import type {
   RecoverInput,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
+import { makeDirs, makeFilePrivate, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
 import { sha256File } from '../shared/sha256-file';
 import type { DiskInfo, DomainState } from '../shared/types';
 import { isAbandoned, lastChange } from './backup-states';
@@ -382,7 +382,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         sha256 = got;
       }
       // rsync and cp give the copy the base image's mode; a file of ours is private
-      await chmod(dest, PRIVATE_FILE_MODE);
+      await makeFilePrivate(dest);
       disksDone.push(r.disk);
       beat(outcome.sha256 === undefined ? 'verify' : 'copy', bytesTotal, outcome.bytesCopied);
       images.push({ name: r.disk, format: r.baseFormat, path: dest, virtualSize: r.virtualSize, sha256 });

@@ -4,7 +4,7 @@
  * directories QEMU itself must pass through under the system daemon (push staging, overlays, see
  * activities/qemu-paths.ts): 0711, searchable but not listable. Node code only; not for workflows.
  */
-import { chmod, mkdir, stat } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, stat } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 
 export const PRIVATE_FILE_MODE = 0o600;
@@ -41,4 +41,18 @@ export async function makeDirs(dir: string, mode: number): Promise<void> {
     }
     await chmod(d, mode);
   }
+}
+
+/**
+ * Makes a file another program wrote ours and private: mode 0600 and, when we run as root, our owner (libvirt
+ * gives a push backup's image to the QEMU user, which every VM's QEMU process runs as). Not for symlinks:
+ * callers pass paths they checked (activities/host-paths.ts).
+ */
+export async function makeFilePrivate(path: string): Promise<void> {
+  const st = await lstat(path);
+  if (!st.isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: 'EINVAL' });
+  const uid = typeof process.geteuid === 'function' ? process.geteuid() : undefined;
+  const gid = typeof process.getegid === 'function' ? process.getegid() : undefined;
+  if (uid === 0 && gid !== undefined && (st.uid !== uid || st.gid !== gid)) await chown(path, uid, gid);
+  await chmod(path, PRIVATE_FILE_MODE);
 }
