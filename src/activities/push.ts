@@ -6,6 +6,7 @@
 import { rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { Context } from '@temporalio/activity';
+import { ApplicationFailure } from '@temporalio/common';
 import type { Hypervisor, JobInfo } from '../hypervisor/port';
 import { HypervisorError } from '../hypervisor/errors';
 import type {
@@ -70,7 +71,21 @@ export function createPushActivities(deps: PushDeps) {
     const backupId = paths.backupId(input.backupId, 'prepareStaging');
     const targets = paths.checkTargets(input.targets, 'prepareStaging');
     const localTarget = targets.find((t) => t.startsWith('file://'));
-    const root = localTarget ? paths.targetStagingRoot(localTarget) : join(paths.stateDir, 'staging');
+    let root = join(paths.stateDir, 'staging');
+    if (localTarget) {
+      const inTarget = join(paths.targetStagingRoot(localTarget), backupId);
+      try {
+        await paths.stagingDir(inTarget, backupId, 'prepareStaging');
+        root = dirname(inTarget);
+      } catch (err) {
+        // e.g. a target directory other users may write to: staging there could be swapped under us
+        if (!(err instanceof ApplicationFailure)) throw err;
+        Context.current().log.warn('staging under the state dir instead of the local target', {
+          backupId,
+          reason: err.message,
+        });
+      }
+    }
     const preferred = join(root, backupId);
     let dir: string;
     try {

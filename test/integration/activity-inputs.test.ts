@@ -159,12 +159,14 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
       (e: unknown) => e,
     );
     expect(err).toBeInstanceOf(WorkflowFailedError);
-    // prepareStaging runs as a local activity: its failure fails the workflow as it is
-    const failure = (err as WorkflowFailedError).cause as ApplicationFailure;
-    expect(failure).toBeInstanceOf(ApplicationFailure);
-    expect(failure.message).toBe(
-      `prepareStaging: this worker does not write to ${evil}: it is outside the targets it allows (vmbackup worker --allow-target, VMBACKUP_ALLOW_TARGETS)`,
+    // the first step that names the targets refuses them (planBackup, or prepareStaging in older workflows)
+    const failure = innermost(err);
+    expect(failure.message).toMatch(
+      new RegExp(
+        `^(planBackup|prepareStaging): this worker does not write to ${escape(evil)}: it is outside the targets it allows \\(vmbackup worker --allow-target, VMBACKUP_ALLOW_TARGETS\\)$`,
+      ),
     );
+    expect(failure.nonRetryable).toBe(true);
     expect(failure.type).toBe(ErrorType.InvalidTarget);
     expect(await exists(join(work, 'allowed-evil'))).toBe(false);
     expect(await exists(join(state, 'staging', id))).toBe(false);
@@ -247,6 +249,18 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(await exists(join(work, id))).toBe(false);
   });
 });
+
+/** The failure at the bottom of a chain of causes (a workflow failed by an activity failed by ...). */
+function innermost(err: unknown): ApplicationFailure {
+  let cur = err as { cause?: unknown };
+  while (cur.cause) cur = cur.cause as { cause?: unknown };
+  expect(cur).toBeInstanceOf(ApplicationFailure);
+  return cur as ApplicationFailure;
+}
+
+function escape(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
 
 async function exists(path: string): Promise<boolean> {
   return stat(path).then(

@@ -5,7 +5,7 @@
  * local and an NFS target, run by a host worker in this process with its umask set to 000.
  */
 import { randomBytes } from 'node:crypto';
-import { chmod, lstat, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { chmod, lstat, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -134,7 +134,7 @@ describe('file modes under umask 000', () => {
     expect((await lstat(state)).mode & 0o7777).toBe(0o711);
   });
 
-  test('staging directories: 0711 where QEMU writes (push), 0700 otherwise; the staging root 0711', async () => {
+  test('staging directories: 0711 where QEMU writes (push), 0700 otherwise; the staging root 0711; never in a target others can write to', async () => {
     const hv = createVirshHypervisor({ uri: stackEnv().libvirt.uri, sessions: false });
     const acts = createActivities({
       hypervisor: hv,
@@ -167,6 +167,19 @@ describe('file modes under umask 000', () => {
       expect([await mode(join(state, 'staging')), await mode(copied.dir)]).toEqual(['0711', '0700']);
       await env.run(acts.cleanupStaging, { backupId: `vmbt-mode-${tag}-push`, stagingDir: pushed.dir });
       await env.run(acts.cleanupStaging, { backupId: `vmbt-mode-${tag}-copy`, stagingDir: copied.dir });
+
+      // a target directory other users may write to could have its .staging swapped under us: not staged in
+      const shared = join(work, 'shared-target');
+      await mkdir(shared, { mode: 0o777 });
+      await chmod(shared, 0o777);
+      const elsewhere: StagingArea = await env.run(acts.prepareStaging, {
+        backupId: `vmbt-mode-${tag}-shared`,
+        domain: 'vm',
+        targets: [pathToFileURL(shared).href],
+      });
+      expect(elsewhere.dir).toBe(join(state, 'staging', `vmbt-mode-${tag}-shared`));
+      expect(await readdir(shared)).toEqual([]);
+      await env.run(acts.cleanupStaging, { backupId: `vmbt-mode-${tag}-shared`, stagingDir: elsewhere.dir });
     } finally {
       hv.close();
     }
