@@ -4,10 +4,12 @@
  * attacker's choosing. Every activity checks its inputs itself: paths outside this host's staging and
  * overlay roots are refused, a source disk must be one libvirt reports, a target must be allowed.
  */
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
 import { ActivityFailure, ApplicationFailure, WorkflowFailedError } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { startBackup } from '../../src/client/backups';
@@ -19,6 +21,7 @@ import { cliEnv, startWorkerProcess, temporalClient, uniqueHost } from '../helpe
 import type { WorkerProcess } from '../helpers/vmbackup';
 
 const MiB = 1 << 20;
+const run = promisify(execFile);
 
 describe('activities check their own inputs (an attacker on the cluster, a worker with an allow-list)', () => {
   const newDomain = useFixtureDomains();
@@ -142,6 +145,41 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(failure.type).toBe(ErrorType.InvalidInput);
     expect(failure.message).toMatch(/^abortPushBackup: .*precious\.txt is not the staging image of disk vda/);
     expect(await readFile(canary.file, 'utf8')).toBe('precious');
+  });
+
+  test('prepareChainImages rewrites no image header outside the staging dir, and no backing file but a parent image', async () => {
+    // a qcow2 image that is not ours (a VM's disk, say): its header must not get a backing file
+    const canary = join(work, 'canary-disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', canary, '16M']);
+    const outside = await refused('prepareChainImages', {
+      domain: 'web',
+      images: [{ name: 'vda', format: 'qcow2', path: canary, virtualSize: 16 * MiB }],
+      backing: { vda: '/etc/hostname' },
+    });
+    expect(outside.type).toBe(ErrorType.InvalidInput);
+    expect(outside.message).toMatch(/^prepareChainImages: .*canary-disk\.qcow2 is not the staging image of disk vda/);
+    // a staged image of ours, with a backing file that is not a parent backup's image
+    const id = backupId();
+    const staged = join(state, 'staging', id, 'vda.qcow2');
+    await mkdir(join(state, 'staging', id), { recursive: true });
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', staged, '16M']);
+    for (const backing of ['/etc/hostname', '../../../etc/hostname', `../${id}/vdb.qcow2`, 'json:{"driver":"nbd"}']) {
+      const failure = await refused('prepareChainImages', {
+        backupId: id,
+        domain: 'web',
+        images: [{ name: 'vda', format: 'qcow2', path: staged, virtualSize: 16 * MiB }],
+        backing: { vda: backing },
+      });
+      expect(failure.message).toBe(
+        `prepareChainImages: ${JSON.stringify(backing)} is not the parent image of disk vda (../<backupId>/vda.qcow2); refused`,
+      );
+    }
+    for (const image of [canary, staged]) {
+      const info = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', image])).stdout) as {
+        'backing-filename'?: string;
+      };
+      expect(info['backing-filename']).toBeUndefined();
+    }
   });
 
   test('a backup to a target outside the allow-list fails with one sentence and writes nothing', async () => {
