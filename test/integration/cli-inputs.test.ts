@@ -8,7 +8,7 @@ import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { WorkflowFailedError } from '@temporalio/client';
-import { startBackup } from '../../src/client/backups';
+import { backupTargets, startBackup } from '../../src/client/backups';
 import { useFixtureDomains } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
@@ -100,6 +100,25 @@ describe('command line inputs', () => {
     workers.push(w);
     const status = await readFile(`/proc/${w.child.pid}/status`, 'utf8');
     expect(status).toMatch(/^Umask:\s+0077$/m);
+  });
+
+  test("the targets of a backup nobody runs yet are read from its history (what the embedded cancel's worker allows)", async () => {
+    const host = uniqueHost('cnl');
+    const targets = [pathToFileURL(join(work, 'cancel-a')).href, 's3://vmbackup-test/cancel-b/'];
+    const { client, close } = await temporalClient();
+    try {
+      const { handle } = await startBackup(client, {
+        domain: 'vmbt-cnl-x',
+        host,
+        method: 'auto',
+        targets,
+        options: {},
+      });
+      expect(await backupTargets(client, handle)).toEqual(targets);
+      await handle.terminate('test over');
+    } finally {
+      await close();
+    }
   });
 
   test("the embedded default's worker writes to its own command's targets only", async () => {
