@@ -59,6 +59,19 @@ export class HostPaths {
     this.allow = config.allowTargets?.map((t) => canonicalTargetUrl(t));
   }
 
+  /**
+   * Every staging root recovery looks in for staging directories of dead backups: the configured roots, the default
+   * target's `.staging`, and the `.staging` of each local target in the allow-list. (A local target a backup named
+   * outside these is known only to that backup's workflow, which removes its own staging when it ends.)
+   */
+  recoveryStagingRoots(defaultTargetDir: string): string[] {
+    const local = (this.allow ?? []).flatMap((url) => {
+      const spec = parseTargetUrl(url);
+      return spec.kind === 'file' ? [join(spec.path, TARGET_STAGING)] : [];
+    });
+    return [...new Set([...this.stagingRoots, join(resolve(defaultTargetDir), TARGET_STAGING), ...local])];
+  }
+
   // ---------------------------------------------------------------- targets
 
   /** Whether this worker ships to `url` (a valid target URL within the allow-list, if there is one). */

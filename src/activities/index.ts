@@ -1,12 +1,14 @@
 /** All host activities, built over injected ports (samples-typescript activities-dependency-injection). */
+import { fileURLToPath } from 'node:url';
 import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
+import { defaultTargetUrl } from '../storage/registry';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
-import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
+import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
@@ -30,7 +32,7 @@ export interface ActivityDeps {
    * (tests that do not recover) the recovery activities refuse to act.
    */
   backupStates?: BackupStates;
-  /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
+  /** where staging directories of dead backups are looked for; default HostPaths.recoveryStagingRoots */
   stagingRoots?: string[];
   /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
   allowTargets?: readonly string[];
@@ -62,7 +64,7 @@ export function createActivities(deps: ActivityDeps): HostActivities {
       paths,
     }),
     ...createDeadStagingActivities({
-      stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
+      stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
     }),
   } satisfies HostActivities);
