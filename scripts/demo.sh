@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from nothing: Node deps, libvirt/QEMU, a small running demo VM,
 # then `vmbackup backup` with no TEMPORAL_ADDRESS (the CLI starts the local Temporal dev server and an
-# in-process worker) to the default local target, and where the backup is. Re-runnable.
+# in-process worker) to the default local target, where the backup is, and the next commands to try. On the way it
+# puts `vmbackup` and `temporal` on PATH (scripts/install.sh: links in /usr/local/bin, or $VMBACKUP_BIN_DIR).
+# Re-runnable. VMBACKUP_DEMO_DOMAIN names the demo VM (default vmbackup-demo; the tests use a name of their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=${VMBACKUP_STATE_DIR:-$HOME/.local/state/vmbackup}
 export VMBACKUP_STATE_DIR=$STATE
-DOM=vmbackup-demo
+DOM=${VMBACKUP_DEMO_DOMAIN:-vmbackup-demo}
+[[ $DOM =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || { echo "vmbackup: VMBACKUP_DEMO_DOMAIN '$DOM' is not a domain name" >&2; exit 2; }
+BIN_DIR=${VMBACKUP_BIN_DIR:-/usr/local/bin}
 DIR=$STATE/demo
+[[ $DOM == vmbackup-demo ]] || DIR=$STATE/demo-$DOM
 
 bash scripts/node-deps.sh
+# first: a /usr/local/bin/vmbackup that is some other program stops the demo before the slow steps
+VMBACKUP_BIN_DIR=$BIN_DIR bash scripts/install.sh
+# the commands below are the ones just installed, as a newcomer's shell finds them
+export PATH=$BIN_DIR:$PATH
 bash scripts/stack.sh up libvirt
 export LIBVIRT_DEFAULT_URI=qemu:///system
 
@@ -39,7 +48,24 @@ fi
 
 # The embedded default: no cluster configured.
 unset TEMPORAL_ADDRESS
-bin/vmbackup backup "$DOM" --wait
+# `backup` prints the backup id on stdout (progress and the result go to stderr)
+id=$(vmbackup backup "$DOM" --wait | tail -n 1)
 echo >&2
 echo "vmbackup: backups of $DOM in the default local target ($STATE/backups):" >&2
-bin/vmbackup list --domain "$DOM"
+vmbackup list --domain "$DOM"
+
+cat >&2 <<EOF
+
+vmbackup is on your PATH now ($(command -v vmbackup)). Next, try:
+  vmbackup status $id                  # what Temporal recorded for this backup
+  vmbackup list --domain $DOM          # the backups on the default target
+  vmbackup verify $id                  # re-read the images and check their SHA-256
+  vmbackup restore $id --to /tmp/$DOM-restore
+  vmbackup backup $DOM --wait          # a second backup: incremental (only what changed)
+EOF
+# Schedules come with `vmbackup schedule`; the line is shown only by a vmbackup that has the command.
+if vmbackup schedule --help >/dev/null 2>&1; then
+  cat >&2 <<EOF
+  vmbackup schedule create demo-daily --domain $DOM --every 1d --at 02:00 --target file://$STATE/backups --keep-daily 7
+EOF
+fi
