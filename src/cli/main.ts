@@ -4,6 +4,7 @@ import { register as backup } from './commands/backup';
 import { register as cancel } from './commands/cancel';
 import { register as copy } from './commands/copy';
 import { register as gc } from './commands/gc';
+import { register as installService } from './commands/install-service';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
@@ -20,7 +21,8 @@ export function buildProgram(): Command {
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker]) reg(program);
+  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker, installService])
+    reg(program);
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;
