@@ -117,21 +117,26 @@ export function renderWorkerUnit(o: WorkerUnitOptions): string {
 
 /** contrib/systemd/worker.env.example, and what install-service creates when the env file does not exist. */
 export const WORKER_ENV_EXAMPLE = `# Environment of the vmbackup worker service (systemd EnvironmentFile=: KEY=value lines, no \`export\`).
-# Keep it mode 0600, owned by root: it may hold S3 credentials. Restart the service after a change:
+# Keep it mode 0600, owned by root: it may hold an API key and S3 credentials. After a change:
 #   systemctl restart vmbackup-worker.service
 #
 # The Temporal cluster. Unset: the local dev server on 127.0.0.1:7233, which serves this host only.
 #TEMPORAL_ADDRESS=temporal.example.net:7233
 #TEMPORAL_NAMESPACE=default
-# TLS to the cluster (the same variables the temporal CLI reads). A client certificate and its key for mTLS,
-# the CA that signed the server's certificate when it is not a public one, the name in that certificate.
-#TEMPORAL_TLS_CLIENT_CERT_PATH=/etc/vmbackup/tls/worker.pem
-#TEMPORAL_TLS_CLIENT_KEY_PATH=/etc/vmbackup/tls/worker.key
-#TEMPORAL_TLS_SERVER_CA_CERT_PATH=/etc/vmbackup/tls/ca.pem
+# TLS to the cluster (README, "Connecting securely"; the temporal CLI reads the same variables): a client
+# certificate and its key for mTLS, the CA that signed the server's certificate, the name it carries.
+#TEMPORAL_TLS_CERT=/etc/vmbackup/tls/worker.pem
+#TEMPORAL_TLS_KEY=/etc/vmbackup/tls/worker.key
+#TEMPORAL_TLS_CA=/etc/vmbackup/tls/ca.pem
 #TEMPORAL_TLS_SERVER_NAME=temporal.example.net
+#TEMPORAL_API_KEY=
+# Encrypt every workflow payload (the same key on every worker and client; openssl rand -base64 32, mode 0600).
+#VMBACKUP_PAYLOAD_KEY_FILE=/etc/vmbackup/payload.key
 #
 # This host's name in task queues (vmbackup-host-<name>); default: the short host name.
 #VMBACKUP_HOST=kvm1
+# Where this worker may write backups (URL prefixes, whitespace- or comma-separated); unset: anywhere.
+#VMBACKUP_ALLOW_TARGETS=s3://backups/ file:///srv/backups
 #LIBVIRT_DEFAULT_URI=qemu:///system
 # Where staging, overlays and recovery state live; the CLI on this host must use the same one.
 #VMBACKUP_STATE_DIR=/root/.local/state/vmbackup

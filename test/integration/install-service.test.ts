@@ -88,6 +88,7 @@ describe('vmbackup install-service', () => {
     expect(r.stderr).toContain(`wrote ${unitPath}`);
     expect(r.stderr).toContain(`systemctl daemon-reload && systemctl enable --now ${unitName}`);
 
+    expect((await stat(unitPath)).mode & 0o777).toBe(0o644);
     const verify = await systemdAnalyzeVerify(unitPath);
     expect(verify).toEqual({ code: 0, stderr: '' });
 

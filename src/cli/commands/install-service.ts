@@ -142,6 +142,7 @@ async function writeUnit(path: string, unit: string): Promise<'wrote' | 'unchang
     } finally {
       await fh.close();
     }
+    await chmod(tmp, 0o644); // systemd's own units are 0644; the CLI's umask is 077
     await rename(tmp, path);
   } catch (err) {
     await rm(tmp, { force: true });
