@@ -1,0 +1,591 @@
+/**
+ * `npm run bench:scale` (bench/scale/run.sh): how vmbackup's orchestration scales, in two groups, each against a
+ * Temporal dev server of its own (bench/scale/temporal-server.ts):
+ *
+ * - vms: real VMs on this machine. As many tiny BIOS-only TCG domains as fit (default 40: 32 MiB RAM, a 16 MiB
+ *   qcow2 disk with 4 MiB of data), split over two host workers (`vmbackup worker --host A` and `--host B`, the
+ *   built CLI as separate processes), all backups started at once (push, full, to a local file:// target): backups
+ *   per minute, the workers' RSS, the time from each start request to the backup's start and first activity.
+ * - sim: past this machine. 2,000 VMs on 50 host task queues; each host's worker runs vmbackup's own activities and
+ *   workflows (createActivities, the built workflow bundle) over a fake hypervisor port whose push jobs sleep like a
+ *   real job (--job-seconds, +-50 %) and leave a tiny real qcow2 image, shipping to a file:// target on tmpfs. All
+ *   workers live in this process. Workflow start rate, end-to-end latency and its overhead over the job itself,
+ *   history size per backup (events, bytes, state transitions: the database writes a cluster pays for).
+ *
+ * Backups are started directly (client.workflow.start, as `vmbackup backup` does): `vmbackup schedule` is not on
+ * this branch yet, so no schedule fan-out is measured.
+ *
+ *   node $BUILD/bench/scale/main.js [--only vms,sim] [--vms N] [--sim-vms N] [--sim-hosts N] [--job-seconds S]
+ *     [--start-concurrency N] [--smoke] [--out DIR]
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { cpus, freemem, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+import type { WorkflowHandle } from '@temporalio/client';
+import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
+import { createActivities } from '../../src/activities';
+import { startBackup } from '../../src/client/backups';
+import { hostTaskQueue } from '../../src/shared/names';
+import { openTarget, targetEnvironmentFrom } from '../../src/storage/registry';
+import { cleanupStaleFixtures, createFixtureDomain } from '../../test/fixtures/domains';
+import type { FixtureDomain } from '../../test/fixtures/domains';
+import { activityTimeline } from '../../test/helpers/history';
+import { requireLibvirt, stackEnv } from '../../test/helpers/stack';
+import { must } from '../lib/measure';
+import { REPO, startWorker } from '../lib/vmbackup';
+import type { WorkerProcess } from '../lib/vmbackup';
+import { createFakeHypervisor } from './fake-hypervisor';
+import type { FakeHypervisor } from './fake-hypervisor';
+import { processUsage, startDevServer } from './temporal-server';
+import type { DevServer } from './temporal-server';
+
+const MiB = 1 << 20;
+
+interface Args {
+  only?: Set<string>;
+  vms: number;
+  vmMemoryMiB: number;
+  simVms: number;
+  simHosts: number;
+  jobSeconds: number;
+  startConcurrency: number;
+  smoke: boolean;
+  out: string;
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = {
+    vms: 40,
+    vmMemoryMiB: 32,
+    simVms: 2000,
+    simHosts: 50,
+    jobSeconds: 20,
+    startConcurrency: 64,
+    smoke: false,
+    out: join(REPO, 'bench', 'results', 'scale'),
+  };
+  const num = (v: string | undefined, name: string) => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`${name} needs a positive number, not ${v}`);
+    return n;
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    if (k === '--only') a.only = new Set((argv[++i] ?? '').split(','));
+    else if (k === '--vms') a.vms = num(argv[++i], k);
+    else if (k === '--vm-memory') a.vmMemoryMiB = num(argv[++i], k);
+    else if (k === '--sim-vms') a.simVms = num(argv[++i], k);
+    else if (k === '--sim-hosts') a.simHosts = num(argv[++i], k);
+    else if (k === '--job-seconds') a.jobSeconds = num(argv[++i], k);
+    else if (k === '--start-concurrency') a.startConcurrency = num(argv[++i], k);
+    else if (k === '--out') a.out = argv[++i] ?? a.out;
+    else if (k === '--smoke') a.smoke = true;
+    else throw new Error(`unknown argument ${k}`);
+  }
+  if (a.smoke) Object.assign(a, { vms: 4, simVms: 100, simHosts: 5, jobSeconds: 2 });
+  return a;
+}
+
+function log(line: string): void {
+  process.stderr.write(`[scale ${new Date().toISOString().slice(11, 19)}] ${line}\n`);
+}
+
+/** Nearest-rank percentile (q in 0..1) of xs. */
+export function percentile(xs: number[], q: number): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((x, y) => x - y);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
+}
+
+const summary = (xs: number[]) => ({
+  median: percentile(xs, 0.5),
+  p99: percentile(xs, 0.99),
+  max: Math.max(...xs),
+});
+
+/** Runs fn over items with at most `limit` at a time. */
+async function pool<T, R>(items: T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      for (let i = next++; i < items.length; i = next++) out[i] = await fn(items[i]!, i);
+    }),
+  );
+  return out;
+}
+
+/** Peak RSS of some processes, sampled every 250 ms (VmHWM would include a start-up peak). */
+function rssSampler(pids: () => number[]): { stop(): Promise<Record<number, number>> } {
+  const peak: Record<number, number> = {};
+  let busy = Promise.resolve();
+  const timer = setInterval(() => {
+    busy = busy.then(async () => {
+      for (const pid of pids()) {
+        const u = await processUsage(pid).catch(() => undefined);
+        if (u) peak[pid] = Math.max(peak[pid] ?? 0, u.rssMiB);
+      }
+    });
+  }, 250);
+  return {
+    stop: async () => {
+      clearInterval(timer);
+      await busy;
+      return peak;
+    },
+  };
+}
+
+/** The 1, 5 and 15 minute load averages: other users' work on this shared machine shows here. */
+async function loadAverage(): Promise<string> {
+  return (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
+}
+
+// ------------------------------------------------------------------------------------ what each backup took
+
+interface BackupFigures {
+  domain: string;
+  host: string;
+  status: string;
+  /** request -> the workflow's first task started on the host's worker (the backup's start) */
+  toStartMs: number;
+  /** request -> its first activity (inspectDomain) started */
+  toFirstActivityMs: number;
+  /** request -> workflow closed */
+  endToEndMs: number;
+  historyEvents: number;
+  historyBytes: number;
+  stateTransitions: number;
+  /** run time per activity type (start -> close, summed over its runs), and the workflow's time outside them */
+  activityMs: Record<string, number>;
+}
+
+const tsMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined) =>
+  t ? Number(t.seconds ?? 0) * 1000 + (t.nanos ?? 0) / 1e6 : NaN;
+
+async function figuresOf(started: {
+  domain: string;
+  host: string;
+  requestedAt: number;
+  handle: WorkflowHandle;
+}): Promise<BackupFigures> {
+  const d = await started.handle.describe();
+  const info = d.raw.workflowExecutionInfo;
+  const history = await started.handle.fetchHistory();
+  const events = history.events ?? [];
+  const t0 = tsMs(events[0]?.eventTime as never);
+  const firstTask = events.find((e) => e.workflowTaskStartedEventAttributes);
+  const timeline = activityTimeline(events);
+  const first = timeline.activities[0];
+  const activityMs: Record<string, number> = {};
+  for (const a of timeline.activities) activityMs[a.name] = (activityMs[a.name] ?? 0) + (a.closedAt - a.startedAt);
+  activityMs['(outside activities)'] = timeline.workflowMs - coveredBy(timeline.activities);
+  // the waits in the task queues: activity tasks scheduled -> started, workflow tasks scheduled -> started
+  const at = new Map<string, number>();
+  let activityQueueMs = 0;
+  let workflowTaskQueueMs = 0;
+  let workflowTaskRunMs = 0;
+  for (const e of events) {
+    const t = tsMs(e.eventTime as never);
+    if (e.activityTaskScheduledEventAttributes) at.set(`a${String(e.eventId)}`, t);
+    if (e.activityTaskStartedEventAttributes) {
+      activityQueueMs += t - (at.get(`a${String(e.activityTaskStartedEventAttributes.scheduledEventId)}`) ?? t);
+    }
+    if (e.workflowTaskScheduledEventAttributes) at.set(`w${String(e.eventId)}`, t);
+    if (e.workflowTaskStartedEventAttributes) {
+      const sched = at.get(`w${String(e.workflowTaskStartedEventAttributes.scheduledEventId)}`) ?? t;
+      workflowTaskQueueMs += t - sched;
+      at.set(`s${String(e.eventId)}`, t);
+    }
+    if (e.workflowTaskCompletedEventAttributes) {
+      workflowTaskRunMs += t - (at.get(`s${String(e.workflowTaskCompletedEventAttributes.startedEventId)}`) ?? t);
+    }
+  }
+  activityMs['(activity tasks queued)'] = activityQueueMs;
+  activityMs['(workflow tasks queued)'] = workflowTaskQueueMs;
+  activityMs['(workflow tasks running, local activities included)'] = workflowTaskRunMs;
+  return {
+    domain: started.domain,
+    host: started.host,
+    status: d.status.name,
+    toStartMs: tsMs(firstTask?.eventTime as never) - started.requestedAt,
+    toFirstActivityMs: first ? t0 + first.startedAt - started.requestedAt : NaN,
+    endToEndMs: (d.closeTime?.getTime() ?? NaN) - started.requestedAt,
+    historyEvents: Number(info?.historyLength ?? 0),
+    historyBytes: Number(info?.historySizeBytes ?? 0),
+    stateTransitions: Number(info?.stateTransitionCount ?? 0),
+    activityMs,
+  };
+}
+
+/** The time covered by at least one activity run (targets ship in parallel). */
+function coveredBy(spans: Array<{ startedAt: number; closedAt: number }>): number {
+  const iv = spans.map((a) => [a.startedAt, a.closedAt] as const).sort((x, y) => x[0] - y[0]);
+  let covered = 0;
+  let s = -Infinity;
+  let e = -Infinity;
+  for (const [a, b] of iv) {
+    if (a > e) {
+      if (e > s) covered += e - s;
+      s = a;
+      e = b;
+    } else e = Math.max(e, b);
+  }
+  if (e > s) covered += e - s;
+  return covered;
+}
+
+/** Starts one backup per (domain, host), `limit` requests in flight; returns when every start was accepted. */
+async function startAll(
+  client: Client,
+  vms: Array<{ domain: string; host: string }>,
+  target: string,
+  limit: number,
+): Promise<{
+  started: Array<{ domain: string; host: string; requestedAt: number; handle: WorkflowHandle }>;
+  ms: number;
+}> {
+  const t0 = Date.now();
+  const started = await pool(vms, limit, async (vm) => {
+    const requestedAt = Date.now();
+    const { handle } = await startBackup(client, {
+      domain: vm.domain,
+      host: vm.host,
+      method: 'push',
+      targets: [target],
+      options: { level: 'full' },
+    });
+    return { ...vm, requestedAt, handle: handle as unknown as WorkflowHandle };
+  });
+  return { started, ms: Date.now() - t0 };
+}
+
+async function waitAllClosed(client: Client, total: number, what: string): Promise<void> {
+  let last = -1;
+  for (;;) {
+    const running = (await client.workflow.count(`WorkflowType = 'backupDomain' AND ExecutionStatus = 'Running'`))
+      .count;
+    if (running !== last) log(`${what}: ${total - running} of ${total} closed`);
+    last = running;
+    if (running === 0) return;
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+function backupsSummary(all: BackupFigures[], makespanMs: number) {
+  const failed = all.filter((b) => b.status !== 'COMPLETED');
+  return {
+    backups: all.length,
+    failed: failed.length,
+    makespanS: makespanMs / 1000,
+    backupsPerMinute: (all.length * 60_000) / makespanMs,
+    requestToStartMs: summary(all.map((b) => b.toStartMs)),
+    requestToFirstActivityMs: summary(all.map((b) => b.toFirstActivityMs)),
+    endToEndMs: summary(all.map((b) => b.endToEndMs)),
+    historyEvents: summary(all.map((b) => b.historyEvents)),
+    historyBytes: summary(all.map((b) => b.historyBytes)),
+    stateTransitions: summary(all.map((b) => b.stateTransitions)),
+    // where a backup's time goes: median per activity type over the backups
+    medianMsPerActivity: Object.fromEntries(
+      [...new Set(all.flatMap((b) => Object.keys(b.activityMs)))].map((name) => [
+        name,
+        Math.round(
+          percentile(
+            all.map((b) => b.activityMs[name] ?? 0),
+            0.5,
+          ),
+        ),
+      ]),
+    ),
+  };
+}
+
+// ------------------------------------------------------------------------------------ group vms: real VMs
+
+async function memAvailableMiB(): Promise<number> {
+  const m = /^MemAvailable:\s+(\d+)/m.exec(await readFile('/proc/meminfo', 'utf8'));
+  return m ? Number(m[1]) / 1024 : freemem() / MiB;
+}
+
+async function runVms(args: Args, work: string): Promise<Record<string, unknown>> {
+  await requireLibvirt();
+  await cleanupStaleFixtures('scale');
+  // as many as fit: each domain costs its RAM plus ~60 MiB of QEMU (TCG) itself; 2 GiB stay free for everyone else
+  const fit = Math.floor(((await memAvailableMiB()) - 2048) / (args.vmMemoryMiB + 60));
+  const n = Math.max(2, Math.min(args.vms, fit));
+  if (n < args.vms) log(`vms: ${args.vms} asked, ${n} fit in the memory available now`);
+  const server = await startDevServer(REPO, join(work, 'vms-temporal.db'), log);
+  const hosts = [`scale-a-${randomBytes(2).toString('hex')}`, `scale-b-${randomBytes(2).toString('hex')}`];
+  const targetDir = join(work, 'vms-target');
+  await mkdir(targetDir, { recursive: true });
+  const target = `file://${targetDir}`;
+  const domains: FixtureDomain[] = [];
+  const workers: WorkerProcess[] = [];
+  const connection = await Connection.connect({ address: server.address });
+  const client = new Client({ connection, namespace: 'default' });
+  try {
+    const t = Date.now();
+    await pool(
+      Array.from({ length: n }, (_, i) => i),
+      4,
+      async () => {
+        domains.push(
+          await createFixtureDomain({
+            prefix: 'scale',
+            memoryMiB: args.vmMemoryMiB,
+            disks: [{ format: 'qcow2', sizeMiB: 16, patterns: [{ byte: 0xa5, offsetMiB: 0, lengthMiB: 4 }] }],
+          }),
+        );
+      },
+    );
+    log(`vms: ${n} domains defined and started in ${((Date.now() - t) / 1000).toFixed(1)} s`);
+    const env = { TEMPORAL_ADDRESS: server.address, VMBACKUP_ALLOW_TARGETS: target };
+    for (const h of hosts) workers.push(await startWorker(h, { env }));
+    await new Promise((r) => setTimeout(r, 3000)); // settle after start-up
+    const idle = await Promise.all(workers.map((w) => w.meter.read()));
+    for (const w of workers) await w.meter.reset();
+    const serverBefore = await server.usage();
+    const sampler = rssSampler(() => [...workers.map((w) => w.child.pid as number), server.pid]);
+    const load = await loadAverage();
+
+    const vms = domains.map((d, i) => ({ domain: d.name, host: hosts[i % 2]! }));
+    const t0 = Date.now();
+    const { started, ms: startMs } = await startAll(client, vms, target, n);
+    log(`vms: ${n} backups started in ${startMs} ms`);
+    await Promise.allSettled(started.map((s) => s.handle.result()));
+    const peaks = await sampler.stop();
+    const used = await Promise.all(workers.map((w) => w.meter.read()));
+    const serverAfter = await server.usage();
+    const figures = await pool(started, 8, (s) => figuresOf(s));
+    const lastClose = Math.max(...figures.map((f, i) => started[i]!.requestedAt + f.endToEndMs));
+    const result = {
+      domains: n,
+      domainMemoryMiB: args.vmMemoryMiB,
+      hosts: 2,
+      loadAverageAtStart: load,
+      loadAverageAtEnd: await loadAverage(),
+      startRequestsMs: startMs,
+      ...backupsSummary(figures, lastClose - t0),
+      workers: workers.map((w, i) => ({
+        host: w.host,
+        idleRssMiB: idle[i]!.rssMiB,
+        peakRssMiB: peaks[w.child.pid as number] ?? NaN,
+        cpuS: used[i]!.cpuMs / 1000,
+      })),
+      temporalServer: {
+        peakRssMiB: peaks[server.pid] ?? NaN,
+        cpuS: (serverAfter.cpuMs - serverBefore.cpuMs) / 1000,
+        cpuMsPerBackup: (serverAfter.cpuMs - serverBefore.cpuMs) / n,
+        writtenKiBPerBackup: (serverAfter.writeBytes - serverBefore.writeBytes) / 1024 / n,
+      },
+    };
+    if (result.failed > 0) {
+      const bad = figures.filter((f) => f.status !== 'COMPLETED').map((f) => `${f.domain}: ${f.status}`);
+      throw new Error(`vms: ${bad.length} backups did not complete: ${bad.slice(0, 5).join(', ')}`);
+    }
+    return result;
+  } finally {
+    for (const w of workers) await w.stop();
+    await pool(domains, 4, (d) => d.cleanup());
+    await connection.close();
+    await server.stop();
+    await rm(targetDir, { recursive: true, force: true });
+  }
+}
+
+// ------------------------------------------------------------------------------------ group sim: 2,000 VMs
+
+/** A small deterministic PRNG (mulberry32): the same job lengths on every run. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+async function runSim(args: Args, work: string): Promise<Record<string, unknown>> {
+  const bundle = join(REPO, 'dist', 'workflow-bundle.js');
+  if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run npm run build`);
+  const shm = await mkdtemp('/dev/shm/vmbackup-scale-'); // tmpfs: the target and the images
+  const targetDir = join(shm, 'target');
+  await mkdir(targetDir, { recursive: true });
+  const target = `file://${targetDir}`;
+  const template = join(shm, 'template.qcow2');
+  await must('qemu-img', ['create', '-q', '-f', 'qcow2', template, '64M']);
+  const random = prng(13);
+  const jobMs = new Map<string, number>();
+  const run = randomBytes(2).toString('hex');
+  const hosts = Array.from({ length: args.simHosts }, (_, i) => `sim-${run}-h${String(i).padStart(3, '0')}`);
+  const vms = Array.from({ length: args.simVms }, (_, i) => ({
+    domain: `simvm-${String(i).padStart(5, '0')}`,
+    host: hosts[i % hosts.length]!,
+  }));
+  for (const vm of vms) jobMs.set(vm.domain, Math.round(args.jobSeconds * 1000 * (0.5 + random())));
+
+  const server: DevServer = await startDevServer(REPO, join(work, 'sim-temporal.db'), log);
+  const native = await NativeConnection.connect({ address: server.address });
+  const connection = await Connection.connect({ address: server.address });
+  const client = new Client({ connection, namespace: 'default' });
+  const fakes: FakeHypervisor[] = [];
+  const workers: Worker[] = [];
+  const runs: Array<Promise<void>> = [];
+  const targetEnv = targetEnvironmentFrom(process.env);
+  const rssBefore = process.memoryUsage().rss / MiB;
+  try {
+    const t = Date.now();
+    for (const host of hosts) {
+      const fake = createFakeHypervisor({
+        domains: vms.filter((v) => v.host === host).map((v) => v.domain),
+        templateImage: template,
+        virtualSize: 64 * MiB,
+        jobMs: (domain) => jobMs.get(domain) ?? args.jobSeconds * 1000,
+      });
+      fakes.push(fake);
+      const stateDir = join(shm, 'state', host);
+      const worker = await Worker.create({
+        connection: native,
+        namespace: 'default',
+        taskQueue: hostTaskQueue(host),
+        activities: createActivities({
+          hypervisor: fake,
+          stateDir,
+          qemuStateDir: stateDir,
+          systemQemuDir: join(shm, 'qemu', host),
+          allowTargets: [target],
+          openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
+        }),
+        workflowBundle: { codePath: bundle },
+        // as `vmbackup worker` sets them (src/worker/index.ts)
+        maxConcurrentActivityTaskExecutions: 50,
+        defaultHeartbeatThrottleInterval: '1s',
+      });
+      workers.push(worker);
+      runs.push(worker.run());
+    }
+    const rssWorkers = process.memoryUsage().rss / MiB;
+    log(
+      `sim: ${hosts.length} host workers in this process (${Math.round(rssWorkers - rssBefore)} MiB) in ${((Date.now() - t) / 1000).toFixed(1)} s`,
+    );
+
+    const serverBefore = await server.usage();
+    const cpuBefore = await processUsage(process.pid);
+    const sampler = rssSampler(() => [process.pid, server.pid]);
+    const load = await loadAverage();
+    const t0 = Date.now();
+    const { started, ms: startMs } = await startAll(client, vms, target, args.startConcurrency);
+    log(
+      `sim: ${vms.length} backups started in ${(startMs / 1000).toFixed(1)} s (${Math.round((vms.length * 1000) / startMs)}/s)`,
+    );
+    await waitAllClosed(client, vms.length, 'sim');
+    const peaks = await sampler.stop();
+    const cpuAfter = await processUsage(process.pid);
+    const serverAfter = await server.usage();
+    const figures = await pool(started, 16, (s) => figuresOf(s));
+    const lastClose = Math.max(...figures.map((f, i) => started[i]!.requestedAt + f.endToEndMs));
+    const overhead = figures.map((f) => f.endToEndMs - (jobMs.get(f.domain) ?? 0));
+    const result = {
+      vms: vms.length,
+      hosts: hosts.length,
+      jobSeconds: { mean: args.jobSeconds, min: args.jobSeconds * 0.5, max: args.jobSeconds * 1.5 },
+      startConcurrency: args.startConcurrency,
+      loadAverageAtStart: load,
+      loadAverageAtEnd: await loadAverage(),
+      startRequestsS: startMs / 1000,
+      workflowStartsPerSecond: (vms.length * 1000) / startMs,
+      ...backupsSummary(figures, lastClose - t0),
+      overheadOverJobMs: summary(overhead),
+      jobsBegun: fakes.reduce((n, f) => n + f.jobsBegun(), 0),
+      benchProcess: {
+        workersRssMiB: rssWorkers - rssBefore,
+        peakRssMiB: peaks[process.pid] ?? NaN,
+        cpuS: (cpuAfter.cpuMs - cpuBefore.cpuMs) / 1000,
+        cpuMsPerBackup: (cpuAfter.cpuMs - cpuBefore.cpuMs) / vms.length,
+      },
+      temporalServer: {
+        peakRssMiB: peaks[server.pid] ?? NaN,
+        cpuS: (serverAfter.cpuMs - serverBefore.cpuMs) / 1000,
+        cpuMsPerBackup: (serverAfter.cpuMs - serverBefore.cpuMs) / vms.length,
+        // SQLite on disk, as the local stack's: database and WAL writes per backup
+        writtenKiBPerBackup: (serverAfter.writeBytes - serverBefore.writeBytes) / 1024 / vms.length,
+      },
+    };
+    if (result.failed > 0) {
+      const bad = figures.filter((f) => f.status !== 'COMPLETED').map((f) => `${f.domain}: ${f.status}`);
+      throw new Error(`sim: ${bad.length} backups did not complete: ${bad.slice(0, 5).join(', ')}`);
+    }
+    return result;
+  } finally {
+    for (const w of workers) w.shutdown();
+    await Promise.allSettled(runs);
+    await native.close();
+    await connection.close();
+    await server.stop();
+    await rm(shm, { recursive: true, force: true });
+  }
+}
+
+// ------------------------------------------------------------------------------------ report
+
+function fmt(n: unknown, digits = 0): string {
+  return typeof n === 'number' && Number.isFinite(n) ? n.toFixed(digits) : String(n);
+}
+
+function report(results: Record<string, Record<string, unknown>>, meta: Record<string, unknown>): string {
+  const lines = [`# vmbackup scale bench (${meta.startedAt})`, '', `machine: ${meta.machine}`, ''];
+  const ms = (s: unknown) => {
+    const v = s as { median: number; p99: number; max: number };
+    return `${fmt(v.median)} / ${fmt(v.p99)} / ${fmt(v.max)}`;
+  };
+  for (const [group, r] of Object.entries(results)) {
+    lines.push(`## ${group}`, '', '| figure | value |', '|---|---|');
+    for (const [k, v] of Object.entries(r)) {
+      if (v && typeof v === 'object' && 'median' in v) lines.push(`| ${k} (median / p99 / max) | ${ms(v)} |`);
+      else if (Array.isArray(v)) for (const x of v) lines.push(`| ${k} | ${JSON.stringify(x)} |`);
+      else if (v && typeof v === 'object') lines.push(`| ${k} | ${JSON.stringify(v)} |`);
+      else lines.push(`| ${k} | ${typeof v === 'number' ? fmt(v, Number.isInteger(v) ? 0 : 1) : String(v)} |`);
+    }
+    lines.push('');
+  }
+  return lines.join('\n');
+}
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  // ERROR: an overloaded machine makes the SDK warn about every workflow task over 5 s (TMPRL1104); the figures show it
+  Runtime.install({ logger: new DefaultLogger('ERROR') });
+  const want = (g: string) => !args.only || args.only.has(g);
+  const work = join(stackEnv().stateDir, `bench-scale-${randomBytes(3).toString('hex')}`);
+  await mkdir(work, { recursive: true });
+  const meta = {
+    startedAt: new Date().toISOString(),
+    machine: `${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB RAM, shared with other users`,
+    args: { ...args, only: args.only ? [...args.only] : undefined },
+  };
+  const results: Record<string, Record<string, unknown>> = {};
+  try {
+    if (want('vms')) results.vms = await runVms(args, work);
+    if (want('sim')) results.sim = await runSim(args, work);
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+  await mkdir(args.out, { recursive: true });
+  await writeFile(join(args.out, 'latest.json'), JSON.stringify({ ...meta, results }, null, 2) + '\n');
+  await writeFile(join(args.out, 'latest.md'), report(results, meta));
+  log(`${join(args.out, 'latest.json')}, latest.md`);
+  process.stdout.write(report(results, meta));
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    process.stderr.write(`bench:scale: ${(err as Error).stack ?? String(err)}\n`);
+    process.exit(1);
+  },
+);
