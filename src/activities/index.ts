@@ -9,6 +9,7 @@ import { createChainActivities } from './chain';
 import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
 import { permanent } from './failures';
 import { createImageActivities } from './images';
+import { createNotifyActivities } from './notify';
 import { createPushActivities } from './push';
 import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
@@ -29,6 +30,8 @@ export interface ActivityDeps {
   backupStates?: BackupStates;
   /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
   stagingRoots?: string[];
+  /** values no webhook event may contain (the worker's storage secret key, its Temporal API key) */
+  secrets?: string[];
 }
 
 export function createActivities(deps: ActivityDeps): HostActivities {
@@ -47,6 +50,7 @@ export function createActivities(deps: ActivityDeps): HostActivities {
       stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
       backupStates,
     }),
+    ...createNotifyActivities({ secrets: deps.secrets ?? [] }),
   } satisfies HostActivities);
 }
 

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { InjectedSinks, WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
 import { payloadCodecs } from '../client/codec';
@@ -18,6 +18,7 @@ import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
+import type { VmbackupSinks } from '../shared/events';
 import { temporalBackupStates } from './backup-states';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
@@ -28,6 +29,8 @@ export interface HostWorkerOptions {
   /** a prebuilt workflow bundle (tests share one); default: bundle src/dist workflows */
   workflowBundle?: WorkflowBundleWithSourceMap;
   maxConcurrentActivityTaskExecutions?: number;
+  /** workflow sinks (the metrics of `--metrics`, src/worker/metrics.ts) */
+  sinks?: InjectedSinks<VmbackupSinks>;
 }
 
 export interface HostWorker {
@@ -51,6 +54,10 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
     backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
+    // no webhook event may ever carry these, whatever a library puts into an error sentence
+    secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
+      (s): s is string => typeof s === 'string',
+    ),
   });
   const worker = await Worker.create({
     connection,
@@ -62,6 +69,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
+    ...(opts.sinks ? { sinks: opts.sinks } : {}),
   });
   return {
     worker,
