@@ -1,4 +1,5 @@
 /** Types exchanged between the CLI, workflows and activities (all JSON-serialisable). */
+import type { NotifyOptions } from './events';
 
 export type BackupMethod = 'push' | 'snapshot' | 'offline';
 /** full: every cluster; inc: what changed since the previous backup of the chain; diff: since the chain's full. */
@@ -71,6 +72,8 @@ export interface BackupOptions {
   maxChain?: number;
   /** auto/inc/diff: a chain whose full is older than this gets a new full (default: never) */
   fullEverySeconds?: number;
+  /** POST a JSON event to this webhook when the backup fails or is partial (and, with onSuccess, succeeds) */
+  notify?: NotifyOptions;
 }
 
 export interface S3TargetOptions {
