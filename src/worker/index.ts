@@ -19,6 +19,7 @@ import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
 import type { VmbackupSinks } from '../shared/events';
+import type * as MetricsModule from './metrics';
 import { temporalBackupStates } from './backup-states';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
@@ -35,6 +36,8 @@ export interface HostWorkerOptions {
 
 export interface HostWorker {
   worker: Worker;
+  /** a client on the worker's connection (visibility queries of the metrics) */
+  client: Client;
   /** after worker.run() has returned: ends the virsh sessions and the connection to Temporal */
   close(): Promise<void>;
 }
@@ -44,6 +47,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
   const connection = await connectNative(config, opts.address);
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
+  const client = new Client({ connection, namespace: config.namespace });
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
@@ -53,7 +57,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
-    backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
+    backupStates: temporalBackupStates(client),
     // no webhook event may ever carry these, whatever a library puts into an error sentence
     secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
       (s): s is string => typeof s === 'string',
@@ -69,15 +73,26 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
-    ...(opts.sinks ? { sinks: opts.sinks } : {}),
+    sinks: opts.sinks ?? NO_METRICS_SINKS,
   });
   return {
     worker,
+    client,
     close: async () => {
       hypervisor.close();
       await connection.close();
     },
   };
+}
+
+/** Without `--metrics` the workflows' metrics calls go nowhere (a sink no worker registers is logged as an error). */
+const NO_METRICS_SINKS: InjectedSinks<VmbackupSinks> = {
+  metrics: { backupEnded: { fn: () => undefined, callDuringReplay: false } },
+};
+
+/** `--metrics` (src/worker/metrics.ts), loaded only by a worker that serves them: prom-client stays out of others. */
+export function loadMetrics(): Promise<typeof MetricsModule> {
+  return import('./metrics');
 }
 
 /** The worker's connection, with the cluster's TLS and API key; a refusal is one sentence (access.ts). */

@@ -12,6 +12,7 @@ import type {
   RequestedLevel,
   RequestedMethod,
 } from '../../shared/types';
+import { parseWebhookUrl } from '../../activities/notify';
 import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
@@ -35,6 +36,8 @@ interface BackupFlags {
   fullEvery?: string;
   includeAllDisks?: boolean;
   heartbeatTimeout?: string;
+  notify?: string;
+  notifySuccess?: boolean;
   [s3: string]: unknown;
 }
 
@@ -74,6 +77,8 @@ export function register(program: Command): void {
     )
     .option('--full-every <duration>', "take a full once the chain's full is older than this (e.g. 7d, 12h)")
     .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
+    .option('--notify <url>', 'POST a JSON event to this http(s) webhook when the backup fails or is partial')
+    .option('--notify-success', 'with --notify: also when the backup succeeds')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
   cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
@@ -106,6 +111,14 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
       throw new CliError(`--full-every must be a duration such as 7d, 12h or 90m, not "${flags.fullEvery}"`);
     }
   }
+  if (flags.notifySuccess && !flags.notify) throw new CliError('--notify-success needs --notify URL');
+  if (flags.notify !== undefined) {
+    try {
+      parseWebhookUrl(flags.notify);
+    } catch (err) {
+      throw new CliError((err as Error).message);
+    }
+  }
   const options: BackupOptions = {
     level: flags.level,
     ...(maxChain !== undefined ? { maxChain } : {}),
@@ -116,6 +129,7 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
     includeAllDisks: Boolean(flags.includeAllDisks),
     s3: s3OptionsFrom(flags),
     ...(flags.heartbeatTimeout ? { heartbeatTimeoutSeconds: Number(flags.heartbeatTimeout) } : {}),
+    ...(flags.notify ? { notify: { url: flags.notify, ...(flags.notifySuccess ? { onSuccess: true } : {}) } } : {}),
   };
 
   const log = (line: string) => {

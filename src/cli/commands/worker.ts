@@ -1,4 +1,5 @@
 /** `vmbackup worker [--host H]`: serve this host's task queue until SIGINT/SIGTERM. */
+import type { Client } from '@temporalio/client';
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
@@ -12,16 +13,33 @@ export function register(program: Command): void {
     .description("run this host's worker: executes backups of the VMs on this host")
     .option('--host <name>', 'host name (task queue vmbackup-host-<name>); default: this machine')
     .option('--no-recover', 'do not undo what dead backups left (overlays, staging directories) at start')
+    .option(
+      '--metrics <address>',
+      "serve Prometheus metrics (this worker's backups and the Temporal SDK's) at http://<address>/metrics, e.g. 127.0.0.1:9464",
+    )
     .action(
-      action(async (flags: { host?: string; recover: boolean }) => {
+      action(async (flags: { host?: string; recover: boolean; metrics?: string }) => {
         const { createHostWorker, recoverHostOverlays } = await import('../../worker');
         const base = loadConfig(process.env, temporalFlagsFrom(flags));
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const config = { ...base, host };
         const address = config.temporalAddress ?? config.localTemporalAddress;
-        const { worker, close } = await createHostWorker({ config, address });
+        const metrics = flags.metrics ? await startMetrics(flags.metrics, host) : undefined;
+        const hostWorker = await createHostWorker({
+          config,
+          address,
+          ...(metrics ? { sinks: metrics.sinks } : {}),
+        }).catch(async (err: unknown) => {
+          await metrics?.close();
+          throw err;
+        });
+        const { worker, close } = hostWorker;
         process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
+        if (metrics) {
+          metrics.attach(hostWorker.client);
+          process.stderr.write(`metrics on http://${metrics.address}/metrics\n`);
+        }
         const running = worker.run();
         if (flags.recover) {
           recoverHostOverlays(address, config).then(
@@ -34,8 +52,52 @@ export function register(program: Command): void {
         try {
           await running;
         } finally {
+          await metrics?.close();
           await close(); // its virsh shells and connection end with it, whatever ended the worker
         }
       }),
     );
+}
+
+/**
+ * Before the worker connects: the SDK's core exports its own metrics on a loopback port only this process knows
+ * (the runtime is configured once, before its first connection), and /metrics serves them after vmbackup's.
+ */
+async function startMetrics(bindText: string, host: string) {
+  const { loadMetrics } = await import('../../worker');
+  const { createWorkerMetrics, freeLoopbackPort, parseBindAddress, serveMetrics } = await loadMetrics();
+  let bind;
+  try {
+    bind = parseBindAddress(bindText);
+  } catch (err) {
+    throw new CliError((err as Error).message);
+  }
+  const { Runtime } = await import('@temporalio/worker');
+  const sdkPort = await freeLoopbackPort();
+  Runtime.install({
+    telemetryOptions: {
+      metrics: {
+        prometheus: { bindAddress: `127.0.0.1:${sdkPort}`, useSecondsForDurations: true },
+        metricPrefix: 'temporal_',
+      },
+    },
+  });
+  let client: Client | undefined;
+  const metrics = createWorkerMetrics({ host, visibility: () => client });
+  const server = await serveMetrics(bind, metrics, `http://127.0.0.1:${sdkPort}/metrics`).catch((err: unknown) => {
+    throw new CliError((err as Error).message);
+  });
+  return {
+    sinks: metrics.sinks,
+    address: server.address,
+    close: () => server.close(),
+    attach(c: Client): void {
+      client = c;
+      metrics.loadLastSuccesses(c).catch((err: unknown) => {
+        process.stderr.write(
+          `metrics: the last successful backups could not be read from Temporal: ${(err as Error).message}\n`,
+        );
+      });
+    },
+  };
 }
