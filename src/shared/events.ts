@@ -34,14 +34,6 @@ export interface BackupEvent {
   at: string;
 }
 
-/** Where and when to send events: `--notify URL` of a backup or a schedule (BackupOptions.notify). */
-export interface NotifyOptions {
-  /** an http:// or https:// URL */
-  url: string;
-  /** also POST an event when a backup succeeds (failure and partial always do) */
-  onSuccess?: boolean;
-}
-
 /** Input of the `notify` activity. */
 export interface NotifyInput {
   url: string;

@@ -1,5 +1,4 @@
 /** Types exchanged between the CLI, workflows and activities (all JSON-serialisable). */
-import type { NotifyOptions } from './events';
 
 export type BackupMethod = 'push' | 'snapshot' | 'offline';
 /** full: every cluster; inc: what changed since the previous backup of the chain; diff: since the chain's full. */
@@ -72,8 +71,14 @@ export interface BackupOptions {
   maxChain?: number;
   /** auto/inc/diff: a chain whose full is older than this gets a new full (default: never) */
   fullEverySeconds?: number;
-  /** POST a JSON event to this webhook when the backup fails or is partial (and, with onSuccess, succeeds) */
+  /** a webhook told about this backup's end (src/activities/notify.ts): failure and partial, success when asked */
   notify?: NotifyOptions;
+}
+
+export interface NotifyOptions {
+  url: string;
+  /** also tell about a backup stored on every target */
+  onSuccess?: boolean;
 }
 
 export interface S3TargetOptions {
