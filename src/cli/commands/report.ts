@@ -11,6 +11,7 @@ import type { LastFailure, ScheduleCoverage } from '../../client/report';
 import { listBackups } from '../../repository';
 import type { BackupEntry } from '../../repository';
 import { parseDuration } from '../../shared/duration';
+import { HOST_NAME_RE } from '../../shared/names';
 import type { BackupEvent } from '../../shared/events';
 import { redactTargetUrl, redactWebhookUrl } from '../../shared/events';
 import type { BackupLevel } from '../../shared/types';
@@ -26,6 +27,7 @@ interface ReportFlags {
   json?: boolean;
   stale: string;
   target: string[];
+  host: string[];
   notify?: string;
   [flag: string]: unknown;
 }
@@ -41,6 +43,12 @@ export function register(program: Command): void {
     .option(
       '--target <url>',
       "a target whose catalog to read, besides the schedules' targets (repeatable; default when none: the local default target)",
+      (v: string, prev: string[]) => [...prev, v],
+      [],
+    )
+    .option(
+      '--host <name>',
+      'only VMs of this host, and only the schedules that cover it (repeatable; a check per host)',
       (v: string, prev: string[]) => [...prev, v],
       [],
     )
@@ -76,6 +84,7 @@ async function runReport(flags: ReportFlags): Promise<void> {
       throw new CliError((err as Error).message);
     }
   }
+  for (const h of flags.host) if (!HOST_NAME_RE.test(h)) throw new CliError(`"${h}" is not a valid host name`);
   const config = loadConfig(process.env, temporalFlagsFrom(flags));
   const warnings: string[] = [];
   const manifestKey = cliManifestKey();
@@ -99,6 +108,7 @@ async function runReport(flags: ReportFlags): Promise<void> {
         return coverage;
       });
       warnings.push(...coverage.unreadable);
+      if (flags.host.length > 0) coverage = onHosts(coverage, new Set(flags.host));
     }
 
     // Targets: those named here, then the schedules'; the default target when there is none.
@@ -143,7 +153,10 @@ async function runReport(flags: ReportFlags): Promise<void> {
     };
     for (const s of coverage.vms) vm(s.domain, s.host).schedules.add(s.schedule);
     const allOnHosts = new Set(coverage.allOn.map((a) => a.host));
-    for (const e of entries) vm(e.entry.manifest.domain, e.entry.manifest.host).backups.push(e);
+    for (const e of entries) {
+      if (flags.host.length > 0 && !flags.host.includes(e.entry.manifest.host)) continue;
+      vm(e.entry.manifest.domain, e.entry.manifest.host).backups.push(e);
+    }
     if (session) {
       for (const host of allOnHosts) {
         const domains = await domainsBackedUpOn(session.client, host).catch((err: unknown) => {
@@ -219,6 +232,19 @@ async function runReport(flags: ReportFlags): Promise<void> {
   } finally {
     await session?.close();
   }
+}
+
+/** What the schedules that cover one of `hosts` say about those hosts (a schedule of other hosts adds nothing). */
+function onHosts(coverage: ScheduleCoverage, hosts: Set<string>): ScheduleCoverage {
+  const vms = coverage.vms.filter((v) => hosts.has(v.host));
+  const allOn = coverage.allOn.filter((a) => hosts.has(a.host));
+  const covering = new Set([...vms, ...allOn].map((x) => x.schedule));
+  return {
+    vms,
+    allOn,
+    targets: coverage.targets.filter((t) => covering.has(t.schedule)),
+    unreadable: coverage.unreadable,
+  };
 }
 
 function printHuman(
