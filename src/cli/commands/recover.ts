@@ -29,7 +29,8 @@ export function register(program: Command): void {
         try {
           if (session.embedded && host === base.host) {
             quietWorkerLogs();
-            const { worker, close } = await createHostWorker({ config, address });
+            // recovery ships nothing: this command's worker writes to no target
+            const { worker, close } = await createHostWorker({ config: { ...config, allowTargets: [] }, address });
             const running = worker.run();
             stop = async () => {
               worker.shutdown();

@@ -2,7 +2,7 @@
 import type { Client } from '@temporalio/client';
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
-import { loadConfig } from '../../worker/config';
+import { loadConfig, parseAllowTargets } from '../../worker/config';
 import { temporalFlagsFrom } from './temporal-options';
 import { action, CliError } from '../output';
 import { recoveryLine } from './recover';
@@ -14,16 +14,24 @@ export function register(program: Command): void {
     .option('--host <name>', 'host name (task queue vmbackup-host-<name>); default: this machine')
     .option('--no-recover', 'do not undo what dead backups left (overlays, staging directories) at start')
     .option(
+      '--allow-target <prefix>',
+      'only write to targets at or below this URL prefix (repeatable; replaces VMBACKUP_ALLOW_TARGETS)',
+      (value: string, previous: string[] = []) => [...previous, value],
+    )
+    .option(
       '--metrics <address>',
       "serve Prometheus metrics (this worker's backups and the Temporal SDK's) at http://<address>/metrics, e.g. 127.0.0.1:9464",
     )
     .action(
-      action(async (flags: { host?: string; recover: boolean; metrics?: string }) => {
-        const { createHostWorker, recoverHostOverlays } = await import('../../worker');
+      action(async (flags: { host?: string; recover: boolean; allowTarget?: string[]; metrics?: string }) => {
         const base = loadConfig(process.env, temporalFlagsFrom(flags));
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
-        const config = { ...base, host };
+        const allowTargets = flags.allowTarget
+          ? parseAllowTargets(flags.allowTarget, '--allow-target')
+          : base.allowTargets;
+        const config = { ...base, host, allowTargets };
+        const { createHostWorker, recoverHostOverlays } = await import('../../worker');
         const address = config.temporalAddress ?? config.localTemporalAddress;
         const metrics = flags.metrics ? await startMetrics(flags.metrics, host) : undefined;
         const hostWorker = await createHostWorker({
@@ -39,6 +47,12 @@ export function register(program: Command): void {
         if (metrics) {
           metrics.attach(hostWorker.client);
           process.stderr.write(`metrics on http://${metrics.address}/metrics\n`);
+        }
+        if (!allowTargets) {
+          // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
+          process.stderr.write(
+            "vmbackup worker: warning: every target is allowed: anyone who can reach this Temporal server can have this host's VMs backed up anywhere; restrict with --allow-target or VMBACKUP_ALLOW_TARGETS\n",
+          );
         }
         const running = worker.run();
         if (flags.recover) {
