@@ -37,6 +37,8 @@ export interface ActivityDeps {
   stagingRoots?: string[];
   /** values no webhook event may contain (the worker's storage secret key, its Temporal API key) */
   secrets?: string[];
+  /** webhook URL prefixes the notify activity POSTs to (`--allow-notify`); undefined: any http(s) URL */
+  allowNotify?: readonly string[];
   /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
   allowTargets?: readonly string[];
 }
@@ -70,7 +72,10 @@ export function createActivities(deps: ActivityDeps): HostActivities {
       stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
     }),
-    ...createNotifyActivities({ secrets: deps.secrets ?? [] }),
+    ...createNotifyActivities({
+      secrets: deps.secrets ?? [],
+      ...(deps.allowNotify ? { allowUrls: deps.allowNotify } : {}),
+    }),
   } satisfies HostActivities);
 }
 

@@ -12,27 +12,24 @@ import { ApplicationFailure } from '@temporalio/common';
 import { ErrorType } from '../shared/errors';
 import type { BackupEvent, BackupEventTarget, NotifyInput, NotifyResult } from '../shared/events';
 import { redactTargetUrl, redactWebhookUrl } from '../shared/events';
+import { parseWebhookUrl, WebhookError, webhookAllowed } from '../shared/webhook';
+
+export { parseAllowNotify, parseWebhookUrl, WebhookError, webhookAllowed } from '../shared/webhook';
 
 export interface NotifyDeps {
   /** values that must never appear in an event (the worker's S3 secret key, API key, ...) */
   secrets?: string[];
   /** per POST; default 10 s */
   timeoutMs?: number;
+  /**
+   * webhook URL prefixes this worker POSTs to (`--allow-notify`, VMBACKUP_ALLOW_NOTIFY); undefined: any http(s) URL.
+   * Anyone who can start a workflow chooses a backup's notify URL.
+   */
+  allowUrls?: readonly string[];
 }
 
 export interface NotifyActivities {
   notify(input: NotifyInput): Promise<NotifyResult>;
-}
-
-/** A webhook that could not take an event; `retryable` says whether the same POST may succeed later. */
-export class WebhookError extends Error {
-  constructor(
-    message: string,
-    readonly retryable: boolean,
-    readonly status?: number,
-  ) {
-    super(message);
-  }
 }
 
 export const DEFAULT_NOTIFY_TIMEOUT_MS = 10_000;
@@ -46,6 +43,12 @@ export function createNotifyActivities(deps: NotifyDeps = {}): NotifyActivities 
     async notify(input: NotifyInput): Promise<NotifyResult> {
       const signal = Context.current().cancellationSignal;
       try {
+        if (deps.allowUrls && !webhookAllowed(input.url, deps.allowUrls)) {
+          throw new WebhookError(
+            `the notify URL ${redactWebhookUrl(input.url)} is not within this worker's --allow-notify (VMBACKUP_ALLOW_NOTIFY): nothing was sent`,
+            false,
+          );
+        }
         return await postEvent(input.url, input.event, { ...deps, signal });
       } catch (err) {
         if (!(err instanceof WebhookError)) throw err;
@@ -57,33 +60,6 @@ export function createNotifyActivities(deps: NotifyDeps = {}): NotifyActivities 
       }
     },
   };
-}
-
-/**
- * Checks a webhook URL: http or https, a host, no user info (fetch refuses it, and it would be printed). Returns
- * the parsed URL; throws one sentence naming the URL only redacted.
- */
-export function parseWebhookUrl(url: string): URL {
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch {
-    throw new WebhookError(`the notify URL ${redactWebhookUrl(url)} is not a URL`, false);
-  }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
-    throw new WebhookError(
-      `the notify URL ${redactWebhookUrl(url)} is not http:// or https:// (${parsed.protocol.replace(/:$/, '')})`,
-      false,
-    );
-  }
-  if (!parsed.hostname) throw new WebhookError(`the notify URL ${redactWebhookUrl(url)} names no host`, false);
-  if (parsed.username || parsed.password) {
-    throw new WebhookError(
-      `the notify URL ${redactWebhookUrl(url)} carries a user name or password: put the receiver's token in its path or query instead`,
-      false,
-    );
-  }
-  return parsed;
 }
 
 /** The event as it is sent: every string scrubbed and bounded, target URLs redacted, unknown fields dropped. */

@@ -60,6 +60,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
     backupStates: temporalBackupStates(client),
     // no webhook event may ever carry these, whatever a library puts into an error sentence
+    ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
     secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
       (s): s is string => typeof s === 'string',
     ),

@@ -7,7 +7,7 @@ import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { createNotifyActivities, postEvent, WebhookError } from '../../src/activities/notify';
+import { createNotifyActivities, postEvent, WebhookError, webhookAllowed } from '../../src/activities/notify';
 import type { BackupEvent } from '../../src/shared/events';
 import { redactTargetUrl, redactWebhookUrl } from '../../src/shared/events';
 
@@ -68,9 +68,13 @@ function failureEvent(): BackupEvent {
   };
 }
 
-async function runNotify(url: string, event: BackupEvent): Promise<unknown> {
+async function runNotify(url: string, event: BackupEvent, allowUrls?: string[]): Promise<unknown> {
   const env = new MockActivityEnvironment();
-  const { notify } = createNotifyActivities({ secrets: [SECRET], timeoutMs: 2000 });
+  const { notify } = createNotifyActivities({
+    secrets: [SECRET],
+    timeoutMs: 2000,
+    ...(allowUrls ? { allowUrls } : {}),
+  });
   return env.run(notify, { url, event });
 }
 
@@ -164,6 +168,34 @@ describe('notify activity', () => {
   test('postEvent (the CLI path) throws a WebhookError', async () => {
     answers.set('/gone', 404);
     await expect(postEvent(`${base}/gone`, failureEvent())).rejects.toBeInstanceOf(WebhookError);
+  });
+});
+
+describe('--allow-notify', () => {
+  test('a worker with an allow-list POSTs within it and refuses anything else without sending', async () => {
+    await expect(runNotify(`${base}/hooks/a`, failureEvent(), [`${base}/hooks`])).resolves.toEqual({ status: 204 });
+    expect(received).toHaveLength(1);
+    const refused = (await runNotify(`${base}/hooks-evil/a`, failureEvent(), [`${base}/hooks`]).catch(
+      (e: unknown) => e,
+    )) as ApplicationFailure;
+    expect(refused.message).toBe(
+      `the notify URL ${base}/… is not within this worker's --allow-notify (VMBACKUP_ALLOW_NOTIFY): nothing was sent`,
+    );
+    expect(refused.nonRetryable).toBe(true);
+    expect(received).toHaveLength(1);
+  });
+  test.each([
+    ['https://h.example/hooks/a', ['https://h.example/hooks'], true],
+    ['https://h.example/hooks', ['https://h.example/hooks/'], true],
+    ['https://h.example/hooks?x=1', ['https://h.example/hooks'], true],
+    ['https://h.example/anything', ['https://h.example'], true],
+    ['https://h.example/hooks-evil', ['https://h.example/hooks'], false],
+    ['http://h.example/hooks/a', ['https://h.example/hooks'], false],
+    ['https://h.example:8443/hooks/a', ['https://h.example/hooks'], false],
+    ['https://evil.example/hooks/a', ['https://h.example/hooks'], false],
+    ['https://h.example.evil/hooks/a', ['https://h.example/hooks'], false],
+  ])('%s within %j: %s', (url, prefixes, allowed) => {
+    expect(webhookAllowed(url, prefixes)).toBe(allowed);
   });
 });
 

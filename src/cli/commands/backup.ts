@@ -18,7 +18,7 @@ import type {
   RequestedLevel,
   RequestedMethod,
 } from '../../shared/types';
-import { parseWebhookUrl } from '../../activities/notify';
+import { parseWebhookUrl } from '../../shared/webhook';
 import { canonicalTargetUrl, defaultTargetUrl, redactUrl, targetWithin } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';

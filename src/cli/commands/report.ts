@@ -6,7 +6,6 @@
  * check. `--notify` POSTs a `stale` event per stale VM.
  */
 import type { Command } from 'commander';
-import { postEvent } from '../../activities/notify';
 import type { LastFailure, ScheduleCoverage } from '../../client/report';
 import { listBackups } from '../../repository';
 import type { BackupEntry } from '../../repository';
@@ -18,7 +17,7 @@ import type { BackupLevel } from '../../shared/types';
 import { defaultTargetUrl, targetEnvironmentFrom } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { action, CliError, formatBytes, printJson, printTable, printWarning, safeText } from '../output';
-import { parseWebhookUrl } from '../../activities/notify';
+import { parseWebhookUrl } from '../../shared/webhook';
 import { cliManifestKey, withCliTarget } from './target-options';
 import { addS3Options } from './s3-options';
 import { temporalFlagsFrom } from './temporal-options';
@@ -300,6 +299,7 @@ async function notifyStale(
   const secrets = [env.AWS_SECRET_ACCESS_KEY, env.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
     (s): s is string => typeof s === 'string',
   );
+  const { postEvent } = await import('../../activities/notify');
   let sent = 0;
   let failed = 0;
   for (const r of stale) {
