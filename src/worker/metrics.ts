@@ -126,7 +126,8 @@ export function createWorkerMetrics(opts: WorkerMetricsOptions): WorkerMetrics {
   };
 
   const record = (outcome: BackupOutcome, startedAt: Date, now = Date.now()): void => {
-    const labels = { domain: domainLabel(String(outcome.domain)), host: String(outcome.host) };
+    // this worker's own host, not the one a workflow input names: anyone who can start workflows chooses that
+    const labels = { domain: domainLabel(String(outcome.domain)), host };
     const byResult = { success, partial, failure, cancelled } as const;
     const which = byResult[outcome.result];
     if (!which) return;

@@ -16,13 +16,14 @@ import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { parsePrometheusText, sumOf, valueOf } from '../helpers/prometheus';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
+import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 import type { BackupEvent } from '../../src/shared/events';
 
 interface BackupJson {
   backupId: string;
   status: string;
+  finishedAt?: string;
   error?: string;
   targets?: Array<{ target: string; ok: boolean; error?: string }>;
 }
@@ -333,6 +334,27 @@ describe('events, metrics and report', () => {
       await handle.delete();
       await close();
     }
+  });
+
+  test("a restarted worker's last-success gauge comes from Temporal's visibility; its counters start at zero", async () => {
+    await worker.stop();
+    const port = await freePort();
+    worker = await startWorkerProcess(host, {
+      env: cliEnv({ AWS_SECRET_ACCESS_KEY: CANARY }),
+      args: ['--metrics', `127.0.0.1:${port}`],
+    });
+    const g = { domain: good.name, host };
+    const finished = Date.parse(backups.good!.finishedAt!) / 1000;
+    // loaded in the background once the worker is connected
+    const families = await waitFor('the last-success gauge after the restart', async () => {
+      const f = parsePrometheusText(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text());
+      return valueOf(f, 'vmbackup_backup_last_successful_timestamp', g) !== undefined ? f : undefined;
+    });
+    const last = valueOf(families, 'vmbackup_backup_last_successful_timestamp', g)!;
+    expect(last).toBeGreaterThanOrEqual(Math.floor(finished) - 1);
+    expect(last).toBeLessThanOrEqual(Date.now() / 1000);
+    expect(valueOf(families, 'vmbackup_backup_last_successful_timestamp', { domain: bad.name, host })).toBeUndefined();
+    expect(valueOf(families, 'vmbackup_backup_success_total', g)).toBeUndefined();
   });
 
   test('report of a target that does not exist fails (exit 1) with one sentence', async () => {
