@@ -224,11 +224,11 @@ describe('events, metrics and report', () => {
   test('report: a VM whose good backups are older than --stale is STALE, exit 1, with its last failure; a stale event is posted', async () => {
     // backdate every backup of the good VM on the local target by three days (no manifest key: no signature)
     const dir = join(work, 'target', good.name);
-    const threeDaysAgo = Date.now() - 3 * 86_400_000;
+    // one shift for all of them, so their order (and which one is newest) stays as it was
+    const shift = 3 * 86_400_000;
     for (const id of await readdir(dir)) {
       const file = join(dir, id, 'manifest.json');
       const m = JSON.parse(await readFile(file, 'utf8')) as { startedAt: string; finishedAt: string };
-      const shift = Date.parse(m.startedAt) - threeDaysAgo;
       m.startedAt = new Date(Date.parse(m.startedAt) - shift).toISOString();
       m.finishedAt = new Date(Date.parse(m.finishedAt) - shift).toISOString();
       await writeFile(file, JSON.stringify(m));
