@@ -12,6 +12,7 @@ import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
+import { createNotifyActivities } from './notify';
 import { createPushActivities } from './push';
 import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
@@ -34,6 +35,10 @@ export interface ActivityDeps {
   backupStates?: BackupStates;
   /** where staging directories of dead backups are looked for; default HostPaths.recoveryStagingRoots */
   stagingRoots?: string[];
+  /** values no webhook event may contain (the worker's storage secret key, its Temporal API key) */
+  secrets?: string[];
+  /** webhook URL prefixes the notify activity POSTs to (`--allow-notify`); undefined: any http(s) URL */
+  allowNotify?: readonly string[];
   /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
   allowTargets?: readonly string[];
 }
@@ -66,6 +71,10 @@ export function createActivities(deps: ActivityDeps): HostActivities {
     ...createDeadStagingActivities({
       stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
+    }),
+    ...createNotifyActivities({
+      secrets: deps.secrets ?? [],
+      ...(deps.allowNotify ? { allowUrls: deps.allowNotify } : {}),
     }),
   } satisfies HostActivities);
 }

@@ -8,20 +8,35 @@ import { register as installService } from './commands/install-service';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
+import { register as report } from './commands/report';
 import { register as restore } from './commands/restore';
 import { register as status } from './commands/status';
 import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
 import { addTemporalOptions } from './commands/temporal-options';
 
-const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker', 'gc']);
+const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker', 'gc', 'report']);
 
 export function buildProgram(): Command {
   const program = new Command('vmbackup')
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker, installService])
+  for (const reg of [
+    backup,
+    status,
+    cancel,
+    list,
+    verify,
+    restore,
+    copy,
+    prune,
+    gc,
+    recover,
+    report,
+    worker,
+    installService,
+  ])
     reg(program);
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);

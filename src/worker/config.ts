@@ -6,6 +6,7 @@ import { closeSync, constants as fsConstants, fstatSync, openSync, readSync } fr
 import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
+import { parseAllowNotify } from '../shared/webhook';
 import { HOST_NAME_RE } from '../shared/names';
 import { parseTargetUrl } from '../storage/registry';
 
@@ -38,6 +39,7 @@ const EnvSchema = z.object({
   VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
   VMBACKUP_MANIFEST_KEY_FILE: z.string().min(1).optional(),
   VMBACKUP_ALLOW_TARGETS: z.string().optional(),
+  VMBACKUP_ALLOW_NOTIFY: z.string().optional(),
 });
 
 export interface Config {
@@ -67,6 +69,11 @@ export interface Config {
    * undefined: every target. Anyone who can start a workflow on the cluster chooses a backup's targets.
    */
   allowTargets?: string[];
+  /**
+   * Webhook URL prefixes this host's worker POSTs events to (VMBACKUP_ALLOW_NOTIFY, `vmbackup worker
+   * --allow-notify`); undefined: any http(s) URL a backup names.
+   */
+  allowNotify?: string[];
 }
 
 /** A file named in the configuration, with where it was named (a flag or a variable), for messages. */
@@ -124,6 +131,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     ...(e.VMBACKUP_MANIFEST_KEY_FILE ? { manifestKeyFile: resolve(e.VMBACKUP_MANIFEST_KEY_FILE) } : {}),
     ...(e.VMBACKUP_ALLOW_TARGETS !== undefined && e.VMBACKUP_ALLOW_TARGETS.trim() !== ''
       ? { allowTargets: parseAllowTargets(e.VMBACKUP_ALLOW_TARGETS.split(/[\s,]+/), 'VMBACKUP_ALLOW_TARGETS') }
+      : {}),
+    ...(e.VMBACKUP_ALLOW_NOTIFY !== undefined && e.VMBACKUP_ALLOW_NOTIFY.trim() !== ''
+      ? { allowNotify: parseAllowNotify(e.VMBACKUP_ALLOW_NOTIFY.split(/[\s,]+/), 'VMBACKUP_ALLOW_NOTIFY') }
       : {}),
   };
 }

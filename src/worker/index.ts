@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { InjectedSinks, WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
 import { payloadCodecs } from '../client/codec';
@@ -18,6 +18,8 @@ import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
+import type { VmbackupSinks } from '../shared/events';
+import type * as MetricsModule from './metrics';
 import { temporalBackupStates } from './backup-states';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
@@ -28,10 +30,14 @@ export interface HostWorkerOptions {
   /** a prebuilt workflow bundle (tests share one); default: bundle src/dist workflows */
   workflowBundle?: WorkflowBundleWithSourceMap;
   maxConcurrentActivityTaskExecutions?: number;
+  /** workflow sinks (the metrics of `--metrics`, src/worker/metrics.ts) */
+  sinks?: InjectedSinks<VmbackupSinks>;
 }
 
 export interface HostWorker {
   worker: Worker;
+  /** a client on the worker's connection (visibility queries of the metrics) */
+  client: Client;
   /** after worker.run() has returned: ends the virsh sessions and the connection to Temporal */
   close(): Promise<void>;
 }
@@ -41,6 +47,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
   const connection = await connectNative(config, opts.address);
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
+  const client = new Client({ connection, namespace: config.namespace });
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
@@ -51,7 +58,12 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
-    backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
+    backupStates: temporalBackupStates(client),
+    // no webhook event may ever carry these, whatever a library puts into an error sentence
+    ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
+    secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
+      (s): s is string => typeof s === 'string',
+    ),
   });
   const worker = await Worker.create({
     connection,
@@ -63,14 +75,26 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
+    sinks: opts.sinks ?? NO_METRICS_SINKS,
   });
   return {
     worker,
+    client,
     close: async () => {
       hypervisor.close();
       await connection.close();
     },
   };
+}
+
+/** Without `--metrics` the workflows' metrics calls go nowhere (a sink no worker registers is logged as an error). */
+const NO_METRICS_SINKS: InjectedSinks<VmbackupSinks> = {
+  metrics: { backupEnded: { fn: () => undefined, callDuringReplay: false } },
+};
+
+/** `--metrics` (src/worker/metrics.ts), loaded only by a worker that serves them: prom-client stays out of others. */
+export function loadMetrics(): Promise<typeof MetricsModule> {
+  return import('./metrics');
 }
 
 /** The worker's connection, with the cluster's TLS and API key; a refusal is one sentence (access.ts). */

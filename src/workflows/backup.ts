@@ -15,6 +15,7 @@ import {
   patched,
   proxyActivities,
   proxyLocalActivities,
+  proxySinks,
   setHandler,
   upsertSearchAttributes,
   workflowInfo,
@@ -30,6 +31,8 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { NOTIFY_PATCH } from '../shared/events';
+import type { BackupEvent, BackupOutcomeResult, VmbackupSinks } from '../shared/events';
 import {
   BACKUP_ID_RE,
   DEFAULT_MAX_CHAIN,
@@ -43,6 +46,8 @@ import {
 import { progressQuery } from '../shared/queries';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
+  BackupChainInfo,
+  BackupLevel,
   BackupMethod,
   BackupPhase,
   BackupProgress,
@@ -146,6 +151,18 @@ export const INCREMENTAL_PATCH = 'incremental-chains';
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   validateRequest(req);
+  const seen: BackupSeen = {};
+  try {
+    const result = await backupSteps(req, seen);
+    await backupEnded(req, seen, result, undefined);
+    return result;
+  } catch (err) {
+    await backupEnded(req, seen, undefined, err);
+    throw err;
+  }
+}
+
+async function backupSteps(req: BackupRequest, seen: BackupSeen): Promise<BackupResult> {
   const { backupId, domain, host } = req;
   const hardened = patched(HARDENED_SAGA_PATCH);
   const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
@@ -175,6 +192,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     phase('planning');
     plan = await planLevel(req, steps, method, info);
     progress.level = plan.level;
+    seen.level = plan.level;
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
   }
 
@@ -215,6 +233,7 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     }
     phase('finalizing');
     images = await steps.long.finalizeImages({ backupId, images: made.files });
+    seen.bytesRead = made.bytes ?? images.reduce((n, i) => n + i.size, 0);
     if (hardened) {
       phase('uploading');
       // A cancel (or any failure) while shipping removes what this backup put on its targets; a target where the
@@ -468,18 +487,7 @@ function resultOf(
     quiesced: r.quiesced,
     libvirtVersion: r.info.libvirtVersion,
     qemuVersion: r.info.qemuVersion,
-    ...(plan
-      ? {
-          chain: {
-            level: plan.level,
-            requested: plan.requested,
-            ...(plan.reason ? { reason: plan.reason } : {}),
-            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
-            base: plan.base,
-            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
-          },
-        }
-      : {}),
+    ...(plan ? { chain: chainInfo(plan) } : {}),
     disks: r.images.map((img) => ({
       name: img.name,
       format: img.format,
@@ -623,7 +631,8 @@ function manifestBacking(plan: BackupPlan): Record<string, { backupId: string; k
   return out;
 }
 
-function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+/** Where the backup stands in its chain, as its result says it. */
+function chainInfo(plan: BackupPlan): BackupChainInfo {
   return {
     level: plan.level,
     requested: plan.requested,
@@ -631,8 +640,12 @@ function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): Man
     ...(plan.parent ? { parent: plan.parent.backupId } : {}),
     base: plan.base,
     ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
-    ...(checkpointXml ? { checkpointXml } : {}),
   };
+}
+
+/** ... and as its manifest records it, with what a redefinition of its checkpoint needs. */
+function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+  return { ...chainInfo(plan), ...(checkpointXml ? { checkpointXml } : {}) };
 }
 
 /** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */
@@ -675,12 +688,113 @@ function validateRequest(req: BackupRequest): void {
   if (fullEvery !== undefined && !(Number.isInteger(fullEvery) && fullEvery > 0)) {
     bad(`--full-every must be a positive duration, not ${String(fullEvery)} seconds`);
   }
+  const notify: unknown = req.options?.notify;
+  if (notify !== undefined) {
+    const n = notify as { url?: unknown; onSuccess?: unknown };
+    if (
+      typeof n !== 'object' ||
+      n === null ||
+      typeof n.url !== 'string' ||
+      !/^https?:\/\/[^\s]{1,2040}$/i.test(n.url)
+    ) {
+      bad('--notify must be an http:// or https:// URL');
+    }
+    if (n.onSuccess !== undefined && typeof n.onSuccess !== 'boolean') bad('notify.onSuccess must be true or false');
+  }
   const hb = req.options?.heartbeatTimeoutSeconds;
   if (hb !== undefined && !(Number.isInteger(hb) && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS)) {
     bad(
       `the heartbeat timeout must be a whole number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}, not ${String(hb)}`,
     );
   }
+}
+
+/** What the steps learnt that the end of a backup reports (metrics, events), also when they failed. */
+interface BackupSeen {
+  level?: BackupLevel;
+  bytesRead?: number;
+}
+
+const { metrics } = proxySinks<VmbackupSinks>();
+
+/**
+ * A webhook gets a few minutes of retries: the backup's workflow (and with it the VM's next backup, which cannot
+ * start while it runs) waits for them, so they are bounded.
+ */
+function notifier(host: string) {
+  return proxyActivities<HostActivities>({
+    taskQueue: hostTaskQueue(host),
+    startToCloseTimeout: '30s',
+    scheduleToCloseTimeout: '3m',
+    retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '30s' },
+  });
+}
+
+/**
+ * The end of a backup, whatever it was: the worker's metrics count it (a sink: nothing in the history), and a
+ * webhook asked for with `notify` gets its event. A webhook that does not take it is logged; the backup's own
+ * outcome stands.
+ */
+async function backupEnded(
+  req: BackupRequest,
+  seen: BackupSeen,
+  result: BackupResult | undefined,
+  err: unknown,
+): Promise<void> {
+  const failed = result === undefined;
+  const targets: TargetResult[] =
+    result?.targets ?? resultInFailure(err)?.targets ?? req.targets.map((target) => ({ target, ok: false }));
+  const outcome: BackupOutcomeResult = failed
+    ? isCancellation(err)
+      ? 'cancelled'
+      : 'failure'
+    : result.status === 'completed'
+      ? 'success'
+      : 'partial';
+  const storedPerTarget = (result?.disks ?? []).reduce((n, d) => n + d.size, 0);
+  metrics.backupEnded({
+    domain: req.domain,
+    host: req.host,
+    backupId: req.backupId,
+    result: outcome,
+    ...(seen.level ? { level: seen.level } : {}),
+    bytesRead: seen.bytesRead ?? 0,
+    bytesStored: storedPerTarget * targets.filter((t) => t.ok).length,
+  });
+
+  const notify = req.options.notify;
+  if (!notify || outcome === 'cancelled' || (outcome === 'success' && !notify.onSuccess)) return;
+  if (!patched(NOTIFY_PATCH)) return;
+  const event: BackupEvent = {
+    kind: outcome,
+    domain: req.domain,
+    host: req.host,
+    backupId: req.backupId,
+    ...(seen.level ? { level: seen.level } : {}),
+    targets: targets.map((t) => ({ target: t.target, ok: t.ok, ...(t.error ? { error: t.error } : {}) })),
+    ...(outcome === 'failure' ? { error: errorMessage(err) } : {}),
+    ...(outcome === 'partial'
+      ? {
+          error: targets
+            .filter((t) => !t.ok)
+            .map((t) => `${t.target}: ${t.error ?? 'failed'}`)
+            .join('; '),
+        }
+      : {}),
+    at: new Date().toISOString(),
+  };
+  try {
+    await notifier(req.host).notify({ url: notify.url, event });
+  } catch (e) {
+    log.warn('the notify webhook did not take the event', { backupId: req.backupId, error: errorMessage(e) });
+  }
+}
+
+/** The result a NoTargetSucceeded failure carries (its per-target sentences). */
+function resultInFailure(err: unknown): BackupResult | undefined {
+  if (!(err instanceof ApplicationFailure) || err.type !== 'NoTargetSucceeded') return undefined;
+  const details = err.details?.[0] as BackupResult | undefined;
+  return details && Array.isArray(details.targets) ? details : undefined;
 }
 
 async function runCompensations(compensations: Array<() => Promise<void>>): Promise<void> {

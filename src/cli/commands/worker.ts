@@ -1,5 +1,7 @@
 /** `vmbackup worker [--host H]`: serve this host's task queue until SIGINT/SIGTERM. */
+import type { Client } from '@temporalio/client';
 import type { Command } from 'commander';
+import { parseAllowNotify } from '../../shared/webhook';
 import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { loadConfig, parseAllowTargets } from '../../worker/config';
 import { temporalFlagsFrom } from './temporal-options';
@@ -17,39 +19,121 @@ export function register(program: Command): void {
       'only write to targets at or below this URL prefix (repeatable; replaces VMBACKUP_ALLOW_TARGETS)',
       (value: string, previous: string[] = []) => [...previous, value],
     )
+    .option(
+      '--allow-notify <prefix>',
+      'only POST backup events to webhooks at or below this URL prefix (repeatable; replaces VMBACKUP_ALLOW_NOTIFY)',
+      (value: string, previous: string[] = []) => [...previous, value],
+    )
+    .option(
+      '--metrics <address>',
+      "serve Prometheus metrics (this worker's backups and the Temporal SDK's) at http://<address>/metrics, e.g. 127.0.0.1:9464",
+    )
     .action(
-      action(async (flags: { host?: string; recover: boolean; allowTarget?: string[] }) => {
-        const base = loadConfig(process.env, temporalFlagsFrom(flags));
-        const host = flags.host ?? base.host;
-        if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
-        const allowTargets = flags.allowTarget
-          ? parseAllowTargets(flags.allowTarget, '--allow-target')
-          : base.allowTargets;
-        const config = { ...base, host, allowTargets };
-        const { createHostWorker, recoverHostOverlays } = await import('../../worker');
-        const address = config.temporalAddress ?? config.localTemporalAddress;
-        const { worker, close } = await createHostWorker({ config, address });
-        process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
-        if (!allowTargets) {
-          // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
-          process.stderr.write(
-            "vmbackup worker: warning: every target is allowed: anyone who can reach this Temporal server can have this host's VMs backed up anywhere; restrict with --allow-target or VMBACKUP_ALLOW_TARGETS\n",
-          );
-        }
-        const running = worker.run();
-        if (flags.recover) {
-          recoverHostOverlays(address, config).then(
-            (actions) => {
-              for (const a of actions) process.stderr.write(`recover: ${recoveryLine(a)}\n`);
-            },
-            (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
-          );
-        }
-        try {
-          await running;
-        } finally {
-          await close(); // its virsh shells and connection end with it, whatever ended the worker
-        }
-      }),
+      action(
+        async (flags: {
+          host?: string;
+          recover: boolean;
+          allowTarget?: string[];
+          allowNotify?: string[];
+          metrics?: string;
+        }) => {
+          const base = loadConfig(process.env, temporalFlagsFrom(flags));
+          const host = flags.host ?? base.host;
+          if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+          const allowTargets = flags.allowTarget
+            ? parseAllowTargets(flags.allowTarget, '--allow-target')
+            : base.allowTargets;
+          let allowNotify = base.allowNotify;
+          if (flags.allowNotify) {
+            try {
+              allowNotify = parseAllowNotify(flags.allowNotify, '--allow-notify');
+            } catch (err) {
+              throw new CliError((err as Error).message);
+            }
+          }
+          const config = { ...base, host, allowTargets, ...(allowNotify ? { allowNotify } : {}) };
+          const { createHostWorker, recoverHostOverlays } = await import('../../worker');
+          const address = config.temporalAddress ?? config.localTemporalAddress;
+          const metrics = flags.metrics ? await startMetrics(flags.metrics, host) : undefined;
+          const hostWorker = await createHostWorker({
+            config,
+            address,
+            ...(metrics ? { sinks: metrics.sinks } : {}),
+          }).catch(async (err: unknown) => {
+            await metrics?.close();
+            throw err;
+          });
+          const { worker, close } = hostWorker;
+          process.stderr.write(`vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)})\n`);
+          if (metrics) {
+            metrics.attach(hostWorker.client);
+            process.stderr.write(`metrics on http://${metrics.address}/metrics\n`);
+          }
+          if (!allowTargets) {
+            // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
+            process.stderr.write(
+              "vmbackup worker: warning: every target is allowed: anyone who can reach this Temporal server can have this host's VMs backed up anywhere; restrict with --allow-target or VMBACKUP_ALLOW_TARGETS\n",
+            );
+          }
+          const running = worker.run();
+          if (flags.recover) {
+            recoverHostOverlays(address, config).then(
+              (actions) => {
+                for (const a of actions) process.stderr.write(`recover: ${recoveryLine(a)}\n`);
+              },
+              (err: unknown) => process.stderr.write(`recover at start failed: ${(err as Error).message}\n`),
+            );
+          }
+          try {
+            await running;
+          } finally {
+            await metrics?.close();
+            await close(); // its virsh shells and connection end with it, whatever ended the worker
+          }
+        },
+      ),
     );
+}
+
+/**
+ * Before the worker connects: the SDK's core exports its own metrics on a loopback port only this process knows
+ * (the runtime is configured once, before its first connection), and /metrics serves them after vmbackup's.
+ */
+async function startMetrics(bindText: string, host: string) {
+  const { loadMetrics } = await import('../../worker');
+  const { createWorkerMetrics, freeLoopbackPort, parseBindAddress, serveMetrics } = await loadMetrics();
+  let bind;
+  try {
+    bind = parseBindAddress(bindText);
+  } catch (err) {
+    throw new CliError((err as Error).message);
+  }
+  const { Runtime } = await import('@temporalio/worker');
+  const sdkPort = await freeLoopbackPort();
+  Runtime.install({
+    telemetryOptions: {
+      metrics: {
+        prometheus: { bindAddress: `127.0.0.1:${sdkPort}`, useSecondsForDurations: true },
+        metricPrefix: 'temporal_',
+      },
+    },
+  });
+  let client: Client | undefined;
+  const metrics = createWorkerMetrics({ host, visibility: () => client });
+  const server = await serveMetrics(bind, metrics, `http://127.0.0.1:${sdkPort}/metrics`).catch((err: unknown) => {
+    throw new CliError((err as Error).message);
+  });
+  return {
+    sinks: metrics.sinks,
+    address: server.address,
+    close: () => server.close(),
+    attach(c: Client): void {
+      client = c;
+      metrics.loadLastSuccesses(c).catch((err: unknown) => {
+        process.stderr.write(
+          `metrics: the last successful backups could not be read from Temporal: ${(err as Error).message}\n`,
+        );
+      });
+    },
+  };
 }
