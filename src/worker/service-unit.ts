@@ -137,6 +137,8 @@ export const WORKER_ENV_EXAMPLE = `# Environment of the vmbackup worker service 
 #VMBACKUP_HOST=kvm1
 # Where this worker may write backups (URL prefixes, whitespace- or comma-separated); unset: anywhere.
 #VMBACKUP_ALLOW_TARGETS=s3://backups/ file:///srv/backups
+# Where this worker may POST --notify events (URL prefixes, as above); unset: any http(s) URL a backup names.
+#VMBACKUP_ALLOW_NOTIFY=https://hooks.example.net/vmbackup/
 #LIBVIRT_DEFAULT_URI=qemu:///system
 # Where staging, overlays and recovery state live; the CLI on this host must use the same one.
 #VMBACKUP_STATE_DIR=/root/.local/state/vmbackup

@@ -85,4 +85,10 @@ describe('contrib/systemd', () => {
     // nothing is set until the admin sets it: the worker's own defaults apply
     expect(shipped.split('\n').filter((l) => l !== '' && !l.startsWith('#'))).toEqual([]);
   });
+
+  test('worker.env.example offers both allow-lists a worker on a shared cluster should set (targets, webhooks)', () => {
+    // anyone who can start a workflow chooses a backup's targets and its --notify URL; the worker limits both
+    expect(WORKER_ENV_EXAMPLE).toMatch(/^#VMBACKUP_ALLOW_TARGETS=\S/m);
+    expect(WORKER_ENV_EXAMPLE).toMatch(/^#VMBACKUP_ALLOW_NOTIFY=\S/m);
+  });
 });
