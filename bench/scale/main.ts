@@ -29,6 +29,8 @@ import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/wo
 import { createActivities } from '../../src/activities';
 import { startBackup } from '../../src/client/backups';
 import { hostTaskQueue } from '../../src/shared/names';
+import { createWorkerMetrics } from '../../src/worker/metrics';
+import type { WorkerMetrics } from '../../src/worker/metrics';
 import { openTarget, targetEnvironmentFrom } from '../../src/storage/registry';
 import { cleanupStaleFixtures, createFixtureDomain } from '../../test/fixtures/domains';
 import type { FixtureDomain } from '../../test/fixtures/domains';
@@ -439,6 +441,17 @@ async function runVms(args: Args, work: string): Promise<Record<string, unknown>
 
 // ------------------------------------------------------------------------------------ group sim: 2,000 VMs
 
+/** vmbackup_backup_success_total over every host's registry (each counts the backups its worker ran). */
+async function successTotal(metrics: WorkerMetrics[]): Promise<number> {
+  let n = 0;
+  for (const m of metrics) {
+    const c = m.registry.getSingleMetric('vmbackup_backup_success_total') as
+      { get(): Promise<{ values: Array<{ value: number }> }> } | undefined;
+    for (const v of (await c?.get())?.values ?? []) n += v.value;
+  }
+  return n;
+}
+
 /** A small deterministic PRNG (mulberry32): the same job lengths on every run. */
 function prng(seed: number): () => number {
   let a = seed >>> 0;
@@ -475,6 +488,7 @@ async function runSim(args: Args, work: string): Promise<Record<string, unknown>
   const connection = await Connection.connect({ address: server.address });
   const client = new Client({ connection, namespace: 'default' });
   const fakes: FakeHypervisor[] = [];
+  const metrics: WorkerMetrics[] = [];
   const workers: Worker[] = [];
   const runs: Array<Promise<void>> = [];
   const targetEnv = targetEnvironmentFrom(process.env);
@@ -490,6 +504,9 @@ async function runSim(args: Args, work: string): Promise<Record<string, unknown>
       });
       fakes.push(fake);
       const stateDir = join(shm, 'state', host);
+      // each host's worker counts its backups as `vmbackup worker --metrics` does (the workflows' metrics sink)
+      const m = createWorkerMetrics({ host });
+      metrics.push(m);
       const worker = await Worker.create({
         connection: native,
         namespace: 'default',
@@ -506,6 +523,7 @@ async function runSim(args: Args, work: string): Promise<Record<string, unknown>
         // as `vmbackup worker` sets them (src/worker/index.ts)
         maxConcurrentActivityTaskExecutions: 50,
         defaultHeartbeatThrottleInterval: '1s',
+        sinks: m.sinks,
       });
       workers.push(worker);
       runs.push(worker.run());
@@ -543,6 +561,8 @@ async function runSim(args: Args, work: string): Promise<Record<string, unknown>
       ...backupsSummary(figures, lastClose - t0),
       overheadOverJobMs: summary(overhead),
       jobsBegun: fakes.reduce((n, f) => n + f.jobsBegun(), 0),
+      // what the workers' /metrics would say: vmbackup_backup_success_total summed over hosts and domains
+      metricsSuccessTotal: await successTotal(metrics),
       benchProcess: {
         workersRssMiB: rssWorkers - rssBefore,
         peakRssMiB: peaks[process.pid] ?? NaN,
