@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # npm run bench [-- --large] [-- --reps N] [-- --only limit,push,...] [-- --smoke]
+# npm run bench -- --only scale [--smoke] [...]   (= npm run bench:scale: how the orchestration scales)
 # Brings up the real stack, builds vmbackup and the bench, installs the tools it compares with,
 # runs bench/main.ts and renders the chart. Results: bench/results/latest.{json,md}, ratios.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf 'bench: %s\n' "$*" >&2; }
 [[ $(id -u) == 0 ]] || { say 'run as root (libvirt system domains, drop_caches)'; exit 1; }
+# `npm run bench -- --only scale [bench:scale's arguments]` is the scale bench (bench/scale/run.sh, docs/scale.md)
+if [[ ${1:-} == --only && ${2:-} == scale ]]; then
+  shift 2
+  exec bash bench/scale/run.sh "$@"
+fi
 
 missing=()
 command -v virtnbdbackup >/dev/null || missing+=(virtnbdbackup)
