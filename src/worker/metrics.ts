@@ -25,6 +25,8 @@ import { SEARCH_ATTRIBUTES } from '../shared/names';
  * made-up domains (each fails at once): past this many, new domains are counted as `domain="(other)"`.
  */
 export const MAX_DOMAIN_SERIES = 1000;
+/** run ids of the backups this worker counted lately (a repeated sink call of one of them is not counted again) */
+export const COUNTED_RUNS = 10_000;
 export const OTHER_DOMAIN = '(other)';
 
 /** Buckets of the duration histogram, in seconds: a small VM takes seconds, a large one hours. */
@@ -166,10 +168,18 @@ export function createWorkerMetrics(opts: WorkerMetricsOptions): WorkerMetrics {
     } while (nextPageToken && seen < 100_000);
   };
 
+  const counted = new Set<string>();
   const sinks: InjectedSinks<VmbackupSinks> = {
     metrics: {
       backupEnded: {
-        fn: (info: WorkflowInfo, outcome: BackupOutcome) => record(outcome, info.startTime),
+        fn: (info: WorkflowInfo, outcome: BackupOutcome) => {
+          // a sink call is at least once: a workflow task that timed out after the call runs again on this
+          // worker (or another), not as replay, and calls it again; count each run once here
+          if (counted.has(info.runId)) return;
+          counted.add(info.runId);
+          if (counted.size > COUNTED_RUNS) counted.delete(counted.values().next().value as string);
+          record(outcome, info.startTime);
+        },
         callDuringReplay: false,
       },
     },

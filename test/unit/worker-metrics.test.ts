@@ -56,6 +56,18 @@ describe('worker metrics', () => {
     expect(f.get('process_resident_memory_bytes')?.type).toBe('gauge');
   });
 
+  test('a backup whose sink call comes again (its workflow task ran twice) counts once; another run counts', async () => {
+    const m = createWorkerMetrics({ host: 'hv1' });
+    const fn = m.sinks.metrics.backupEnded.fn;
+    const info = (runId: string) => ({ runId, startTime: new Date() }) as unknown as Parameters<typeof fn>[0];
+    await fn(info('run-a'), outcome('vm1', 'success', 1, 1));
+    await fn(info('run-a'), outcome('vm1', 'success', 1, 1));
+    await fn(info('run-b'), outcome('vm1', 'success', 1, 1));
+    const f = parsePrometheusText(await m.registry.metrics());
+    expect(valueOf(f, 'vmbackup_backup_success_total', { domain: 'vm1', host: 'hv1' })).toBe(2);
+    expect(valueOf(f, 'vmbackup_backup_bytes_stored_total', { domain: 'vm1', host: 'hv1' })).toBe(2);
+  });
+
   test(`past ${MAX_DOMAIN_SERIES} domains, new ones are counted as ${OTHER_DOMAIN}`, async () => {
     const m = createWorkerMetrics({ host: 'hv1' });
     const t0 = new Date();
