@@ -3,6 +3,7 @@ import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
+import type { ScheduleActivities } from '../shared/schedule';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
@@ -10,6 +11,8 @@ import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
 import { permanent } from './failures';
 import { createImageActivities } from './images';
 import { createPushActivities } from './push';
+import { createScheduleActivities } from './schedule';
+import type { RunningBackupOf } from './schedule';
 import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
 import type { StorageActivityDeps } from './storage';
@@ -29,9 +32,14 @@ export interface ActivityDeps {
   backupStates?: BackupStates;
   /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
   stagingRoots?: string[];
+  /** whether a backup of a domain runs: retention after a scheduled backup waits while one does */
+  runningBackupOf?: RunningBackupOf;
 }
 
-export function createActivities(deps: ActivityDeps): HostActivities {
+/** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
+export type HostWorkerActivities = HostActivities & ScheduleActivities;
+
+export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
   return withAttemptDeadlines({
     ...createPushActivities(deps),
@@ -47,7 +55,13 @@ export function createActivities(deps: ActivityDeps): HostActivities {
       stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
       backupStates,
     }),
-  } satisfies HostActivities);
+    ...createScheduleActivities({
+      hypervisor: deps.hypervisor,
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
+      runningBackupOf: deps.runningBackupOf,
+    }),
+  } satisfies HostWorkerActivities);
 }
 
 function cannotTellBackupStates(): never {
@@ -67,7 +81,7 @@ export function attemptMarginMs(startToCloseMs: number): number {
  * makes is cut to what is left (src/hypervisor/deadline.ts), so Temporal never retries a step while a child of the
  * previous attempt still works on the same domain.
  */
-export function withAttemptDeadlines(activities: HostActivities): HostActivities {
+export function withAttemptDeadlines<A extends object>(activities: A): A {
   const wrapped: Record<string, (input: unknown) => Promise<unknown>> = {};
   for (const [name, fn] of Object.entries(activities) as Array<[string, (input: unknown) => Promise<unknown>]>) {
     wrapped[name] = (input: unknown) => {
@@ -76,5 +90,5 @@ export function withAttemptDeadlines(activities: HostActivities): HostActivities
       return withDeadline(Date.now() + timeout - attemptMarginMs(timeout), () => fn(input));
     };
   }
-  return wrapped as unknown as HostActivities;
+  return wrapped as unknown as A;
 }

@@ -71,6 +71,14 @@ export interface BackupOptions {
   maxChain?: number;
   /** auto/inc/diff: a chain whose full is older than this gets a new full (default: never) */
   fullEverySeconds?: number;
+  /** a webhook told about this backup's end (src/activities/notify.ts): failure and partial, success when asked */
+  notify?: NotifyOptions;
+}
+
+export interface NotifyOptions {
+  url: string;
+  /** also tell about a backup stored on every target */
+  onSuccess?: boolean;
 }
 
 export interface S3TargetOptions {
@@ -125,6 +133,8 @@ export type BackupStatus = 'running' | 'completed' | 'failed' | 'cancelled' | 'p
 
 export type BackupPhase =
   | 'starting'
+  /** waiting for one of its host's backup slots (`vmbackup worker --max-concurrent-backups`) */
+  | 'queued'
   | 'inspecting'
   | 'planning'
   | 'creating-overlays'
