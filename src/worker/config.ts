@@ -6,7 +6,7 @@ import { closeSync, constants as fsConstants, fstatSync, openSync, readSync } fr
 import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
-import { HOST_NAME_RE } from '../shared/names';
+import { DEFAULT_CONTROL_TASK_QUEUE, HOST_NAME_RE, TASK_QUEUE_RE } from '../shared/names';
 
 const optionalText = z
   .string()
@@ -36,6 +36,11 @@ const EnvSchema = z.object({
   TEMPORAL_API_KEY: optionalText,
   VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
   VMBACKUP_MANIFEST_KEY_FILE: z.string().min(1).optional(),
+  VMBACKUP_CONTROL_QUEUE: z
+    .string()
+    .regex(TASK_QUEUE_RE, 'VMBACKUP_CONTROL_QUEUE must be letters, digits, ".", "_" or "-"')
+    .optional()
+    .or(z.literal('').transform(() => undefined)),
 });
 
 export interface Config {
@@ -60,6 +65,11 @@ export interface Config {
    * worker at start and by the commands that read a target, not by every command
    */
   manifestKeyFile?: string;
+  /**
+   * the task queue of scheduled runs (`scheduledBackups`): every worker serves it, `schedule create` starts runs
+   * there (VMBACKUP_CONTROL_QUEUE; default vmbackup-control)
+   */
+  controlTaskQueue: string;
 }
 
 /** A file named in the configuration, with where it was named (a flag or a variable), for messages. */
@@ -115,6 +125,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',
     localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
     ...(e.VMBACKUP_MANIFEST_KEY_FILE ? { manifestKeyFile: resolve(e.VMBACKUP_MANIFEST_KEY_FILE) } : {}),
+    controlTaskQueue: e.VMBACKUP_CONTROL_QUEUE ?? DEFAULT_CONTROL_TASK_QUEUE,
   };
 }
 

@@ -4,21 +4,24 @@
  * run on the same queue, so a host needs nothing but its worker.
  */
 import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
+import { createSlotActivities } from '../activities/slot';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
 import { payloadCodecs } from '../client/codec';
 import { unreachableSentence } from '../client/connect';
 import { createVirshHypervisor } from '../hypervisor/virsh';
-import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
+import { hostSlotTaskQueue, hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
 import { temporalBackupStates } from './backup-states';
+import { temporalRunningBackupOf, temporalSlotGrants } from './slots';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
 
@@ -28,12 +31,27 @@ export interface HostWorkerOptions {
   /** a prebuilt workflow bundle (tests share one); default: bundle src/dist workflows */
   workflowBundle?: WorkflowBundleWithSourceMap;
   maxConcurrentActivityTaskExecutions?: number;
+  /** backups that do their libvirt, copy and upload work at once on this host (default defaultMaxConcurrentBackups()) */
+  maxConcurrentBackups?: number;
+  /** also run scheduled runs from the control queue (`vmbackup worker`; not a command's in-process worker) */
+  serveControlQueue?: boolean;
 }
 
 export interface HostWorker {
+  /** the worker of the host's queue (`vmbackup-host-<host>`) */
   worker: Worker;
-  /** after worker.run() has returned: ends the virsh sessions and the connection to Temporal */
+  /** every worker of this host: the host's queue, its slot queue, and the control queue when served */
+  workers: Worker[];
+  /** runs every worker until shutdown(); one that fails shuts the others down */
+  run(): Promise<void>;
+  shutdown(): void;
+  /** after run() has returned: ends the virsh sessions and the connection to Temporal */
   close(): Promise<void>;
+}
+
+/** `--max-concurrent-backups` when not given: one backup per core, at least two. */
+export function defaultMaxConcurrentBackups(): number {
+  return Math.max(2, availableParallelism());
 }
 
 export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWorker> {
@@ -51,25 +69,90 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
     backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
+    runningBackupOf: temporalRunningBackupOf(new Client({ connection, namespace: config.namespace })),
   });
+  const dataConverter = payloadCodecs(config, 'worker');
+  const code = workflowCode(opts.workflowBundle);
   const worker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
-    ...workflowCode(opts.workflowBundle),
-    dataConverter: payloadCodecs(config, 'worker'),
+    ...code,
+    dataConverter,
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
   });
+  const slots = await createSlotWorker({
+    connection,
+    namespace: config.namespace,
+    host: config.host,
+    maxConcurrentBackups: opts.maxConcurrentBackups ?? defaultMaxConcurrentBackups(),
+    dataConverter,
+    // the signal's token is a payload: it goes through the payload codec like any other
+    client: new Client({ connection, namespace: config.namespace, dataConverter: payloadCodecs(config, 'client') }),
+  });
+  const workers = [worker, slots];
+  if (opts.serveControlQueue) {
+    // Scheduled runs only orchestrate (children and activities on the hosts' queues): workflows, no activities.
+    workers.push(
+      await Worker.create({
+        connection,
+        namespace: config.namespace,
+        taskQueue: config.controlTaskQueue,
+        ...code,
+        dataConverter,
+      }),
+    );
+  }
+  const shutdown = () => {
+    for (const w of workers) if (w.getState() === 'RUNNING') w.shutdown();
+  };
   return {
     worker,
+    workers,
+    shutdown,
+    run: async () => {
+      const runs = workers.map((w) =>
+        w.run().catch((err: unknown) => {
+          shutdown();
+          throw err;
+        }),
+      );
+      const outcomes = await Promise.allSettled(runs);
+      const failed = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+      if (failed) throw failed.reason;
+    },
     close: async () => {
       hypervisor.close();
       await connection.close();
     },
   };
+}
+
+/**
+ * The host's backup slots: at most `maxConcurrentBackups` holdBackupSlot activities run at once on
+ * `vmbackup-host-<host>-slots`; the other backups' slot requests wait in that queue (src/activities/slot.ts).
+ */
+export async function createSlotWorker(opts: {
+  connection: NativeConnection;
+  namespace: string;
+  host: string;
+  maxConcurrentBackups: number;
+  /** signals each backup that got its slot */
+  client: Client;
+  dataConverter?: ReturnType<typeof payloadCodecs>;
+}): Promise<Worker> {
+  return Worker.create({
+    connection: opts.connection,
+    namespace: opts.namespace,
+    taskQueue: hostSlotTaskQueue(opts.host),
+    activities: createSlotActivities({ grantSlot: temporalSlotGrants(opts.client) }),
+    ...(opts.dataConverter ? { dataConverter: opts.dataConverter } : {}),
+    maxConcurrentActivityTaskExecutions: opts.maxConcurrentBackups,
+    defaultHeartbeatThrottleInterval: '1s',
+  });
 }
 
 /** The worker's connection, with the cluster's TLS and API key; a refusal is one sentence (access.ts). */

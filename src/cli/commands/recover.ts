@@ -29,10 +29,11 @@ export function register(program: Command): void {
         try {
           if (session.embedded && host === base.host) {
             quietWorkerLogs();
-            const { worker, close } = await createHostWorker({ config, address });
-            const running = worker.run();
+            const hostWorker = await createHostWorker({ config, address });
+            const { close } = hostWorker;
+            const running = hostWorker.run();
             stop = async () => {
-              worker.shutdown();
+              hostWorker.shutdown();
               await running.catch(() => undefined);
               await close();
             };
