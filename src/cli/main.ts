@@ -8,6 +8,7 @@ import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
 import { register as restore } from './commands/restore';
+import { register as schedule } from './commands/schedule';
 import { register as status } from './commands/status';
 import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
@@ -20,7 +21,9 @@ export function buildProgram(): Command {
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker]) reg(program);
+  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker, schedule]) {
+    reg(program);
+  }
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;

@@ -21,12 +21,8 @@ import { action, CliError, printJson } from '../output';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 import { temporalFlagsFrom } from './temporal-options';
 
-interface BackupFlags {
-  host?: string;
+export interface BackupOptionFlags {
   method: RequestedMethod;
-  target: string[];
-  wait?: boolean;
-  json?: boolean;
   quiesce?: boolean;
   requireQuiesce?: boolean;
   copyTool: CopyTool;
@@ -38,18 +34,32 @@ interface BackupFlags {
   [s3: string]: unknown;
 }
 
+interface BackupFlags extends BackupOptionFlags {
+  host?: string;
+  target: string[];
+  wait?: boolean;
+  json?: boolean;
+}
+
 export function register(program: Command): void {
   const cmd = program
     .command('backup')
     .description('back up a VM (running: push mode or snapshot method; shut off: direct copy)')
     .argument('<domain>', 'libvirt domain name')
     .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
+    .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
+    .option('--wait', 'follow the backup to the end; exit 0 only on success')
+    .option('--json', 'print one JSON object with the result');
+  addBackupOptions(cmd);
+  cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
+}
+
+/** How a backup is taken: `backup` and `schedule create` take the same options. */
+export function addBackupOptions(cmd: Command): Command {
+  cmd
     .addOption(
       new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'),
     )
-    .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
-    .option('--wait', 'follow the backup to the end; exit 0 only on success')
-    .option('--json', 'print one JSON object with the result')
     .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
     .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
     .addOption(
@@ -76,22 +86,11 @@ export function register(program: Command): void {
     .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
-  cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
+  return cmd;
 }
 
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
-}
-
-async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
-  if (!DOMAIN_NAME_RE.test(domain)) {
-    throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
-  }
-  const config = loadConfig(process.env, temporalFlagsFrom(flags));
-  const host = flags.host ?? config.host;
-  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
-  const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];
-  for (const t of targets) parseTargetUrl(t); // one clear sentence for a bad URL, before anything starts
+/** The options of addBackupOptions, checked: one sentence for a bad value. */
+export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
   let maxChain: number | undefined;
   if (flags.maxChain !== undefined) {
     if (!/^\d+$/.test(flags.maxChain) || Number(flags.maxChain) < 1 || Number(flags.maxChain) > 1000) {
@@ -106,7 +105,7 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
       throw new CliError(`--full-every must be a duration such as 7d, 12h or 90m, not "${flags.fullEvery}"`);
     }
   }
-  const options: BackupOptions = {
+  return {
     level: flags.level,
     ...(maxChain !== undefined ? { maxChain } : {}),
     ...(fullEverySeconds !== undefined ? { fullEverySeconds } : {}),
@@ -117,6 +116,22 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
     s3: s3OptionsFrom(flags),
     ...(flags.heartbeatTimeout ? { heartbeatTimeoutSeconds: Number(flags.heartbeatTimeout) } : {}),
   };
+}
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
+  if (!DOMAIN_NAME_RE.test(domain)) {
+    throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
+  }
+  const config = loadConfig(process.env, temporalFlagsFrom(flags));
+  const host = flags.host ?? config.host;
+  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+  const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];
+  for (const t of targets) parseTargetUrl(t); // one clear sentence for a bad URL, before anything starts
+  const options = backupOptionsFrom(flags);
 
   const log = (line: string) => {
     if (!flags.json) process.stderr.write(`${line}\n`);
