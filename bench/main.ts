@@ -5,7 +5,8 @@
  *
  *   node $BUILD/bench/main.js (from the repository root; bench/run.sh compiles it) [--large] [--reps N] [--only g1,g2] [--smoke] [--out DIR]
  *
- * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent.
+ * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent, incremental
+ * (bench/incremental.ts: on the 4 GiB disk with --large, else 1 GiB).
  * Writes DIR/latest.json and DIR/latest.md (tables); bench/run.sh renders the chart.
  */
 import { appendFileSync, createReadStream, createWriteStream, readFileSync, writeFileSync } from 'node:fs';
@@ -21,7 +22,8 @@ import { s3ClientConfig, stackEnv } from '../test/helpers/stack';
 import { emptyS3Prefix } from '../test/storage/fixtures';
 import { startBackup } from '../src/client/backups';
 import { openTarget } from '../src/storage/registry';
-import { dropCaches, elapsed, must, run, timed } from './lib/measure';
+import { deleteCheckpoints } from './lib/checkpoints';
+import { dirBytes, dropCaches, elapsed, must, run, timed } from './lib/measure';
 import {
   REPO,
   backupTimeline,
@@ -32,7 +34,8 @@ import {
   temporal,
   vmbackupEnv,
 } from './lib/vmbackup';
-import type { WorkerProcess } from './lib/vmbackup';
+import type { MeasuredBackup, WorkerProcess } from './lib/vmbackup';
+import { IncrementalGroup } from './incremental';
 import { buildReport } from './report';
 import type { BenchResults, CaseResult, Sample } from './report';
 
@@ -94,23 +97,6 @@ async function fsyncFile(path: string): Promise<void> {
   await fh.close();
 }
 
-async function dirBytes(dir: string): Promise<number> {
-  let n = 0;
-  for (const e of await readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile()) n += (await stat(join(e.parentPath ?? dir, e.name))).blocks * 512;
-  }
-  return n;
-}
-
-async function deleteCheckpoints(domain: string): Promise<void> {
-  const names = (await must('virsh', ['checkpoint-list', domain, '--name', '--topological']))
-    .split('\n')
-    .map((s) => s.trim())
-    .filter(Boolean)
-    .reverse();
-  for (const n of names) await run('virsh', ['checkpoint-delete', domain, n]);
-}
-
 // ------------------------------------------------------------------------------------ context
 
 interface Ctx {
@@ -126,11 +112,7 @@ interface Ctx {
 const want = (ctx: Ctx, group: string) => !ctx.args.only || ctx.args.only.has(group);
 
 /** One vmbackup CLI backup with the worker measured alongside it. */
-async function vmbackupBackup(
-  ctx: Ctx,
-  domain: string,
-  extraArgs: string[],
-): Promise<{ sample: Sample; backupId: string; split: Record<string, number>; jobMs: number }> {
+async function vmbackupBackup(ctx: Ctx, domain: string, extraArgs: string[]): Promise<MeasuredBackup> {
   await ctx.worker.meter.reset();
   const r = await cli(['backup', domain, '--host', ctx.host, '--wait', '--json', ...extraArgs]);
   const w = await ctx.worker.meter.read();
@@ -153,6 +135,7 @@ async function vmbackupBackup(
       backupId: String(r.json.backupId),
       split,
       jobMs: job?.elapsedMs ?? NaN,
+      json: r.json,
     };
   } finally {
     await t.close();
@@ -595,11 +578,28 @@ async function main(): Promise<void> {
     const sizes: Array<[string, number]> = args.smoke ? [['64m', 64]] : [['1g', 1024]];
     if (args.large && !args.smoke) sizes.push(['4g', 4096]);
     const imageDoms = new Map<string, FixtureDomain>();
-    for (const [sz, mib] of sizes) {
-      log(`domain with a ${sz} qcow2 disk, half random, half sparse`);
-      imageDoms.set(sz, await make(sz, mib, mib / 2));
+    // only the groups that use them: writing a disk's random half takes a while (4 GiB: 2 GiB from /dev/urandom)
+    if (['limit', 'push', 'snapshot', 'virtnbd', 'commit', 'e2e-remote'].some((g) => want(ctx, g))) {
+      for (const [sz, mib] of sizes) {
+        log(`domain with a ${sz} qcow2 disk, half random, half sparse`);
+        imageDoms.set(sz, await make(sz, mib, mib / 2));
+      }
     }
-    const dom1 = imageDoms.get(args.smoke ? '64m' : '1g')!;
+    const dom1 = () => imageDoms.get(args.smoke ? '64m' : '1g')!;
+    let incremental: IncrementalGroup | undefined;
+    if (want(ctx, 'incremental')) {
+      // its own domain: the group writes to the disk and leaves checkpoints, which the other groups must not see
+      const [sz, mib] = sizes.at(-1)!;
+      log(`domain with a ${sz} qcow2 disk for the incremental group, half random, half sparse`);
+      const io = {
+        work,
+        smoke: args.smoke,
+        record,
+        log,
+        backup: (d: string, a: string[]) => vmbackupBackup(ctx, d, a),
+      };
+      incremental = new IncrementalGroup(io, sz, await make(`inc-${sz}`, mib, mib / 2), mib);
+    }
     const small = want(ctx, 'overhead') ? await make('64m', 64, 32) : undefined;
     const fleet: FixtureDomain[] = [];
     if (want(ctx, 'concurrent')) {
@@ -618,7 +618,7 @@ async function main(): Promise<void> {
     }
     // warm-up: first use of the worker, the CLI and libvirt's backup path (not recorded)
     if (want(ctx, 'push') || want(ctx, 'overhead')) {
-      const d = small ?? dom1;
+      const d = small ?? dom1();
       await cli(['backup', d.name, '--host', host, '--wait', '--json', '--target', `file://${join(work, 'warmup')}`]);
       await rm(join(work, 'warmup'), { recursive: true, force: true });
     }
@@ -626,11 +626,12 @@ async function main(): Promise<void> {
     for (let rep = 1; rep <= args.reps; rep++) {
       log(`--- repetition ${rep}/${args.reps}`);
       for (const [sz, dom] of imageDoms) await imageCases(ctx, sz, dom, rep);
+      if (incremental) await incremental.run(rep);
       if (want(ctx, 'commit')) {
-        for (const mib of args.smoke ? [16] : [64, 512]) await commitCase(ctx, dom1, mib, rep);
+        for (const mib of args.smoke ? [16] : [64, 512]) await commitCase(ctx, dom1(), mib, rep);
       }
       if (storage) await storageCases(ctx, storage, rep);
-      if (want(ctx, 'e2e-remote')) await remoteE2E(ctx, dom1, rep);
+      if (want(ctx, 'e2e-remote')) await remoteE2E(ctx, dom1(), rep);
       // radosgw's OSD is 10 GiB and frees deleted objects only at its next GC: keep one repetition's objects at most
       if (storage || want(ctx, 'e2e-remote'))
         await cleanS3(ctx.s3Url).catch((e: unknown) => log(`S3 cleanup: ${String(e)}`));

@@ -29,6 +29,8 @@ interface RatioDef {
   num: string;
   den: string;
   metric: string;
+  /** the denominator's metric when it is not `metric` (stored bytes / changed bytes of one case) */
+  denMetric?: string;
   /** compare throughput (den/num of times) rather than time */
   throughput?: boolean;
   goal?: { op: '<=' | '>='; value: number };
@@ -56,7 +58,70 @@ export function medians(c: CaseResult): Record<string, { median: number; min: nu
   return out;
 }
 
-function ratioDefs(sizes: string[]): RatioDef[] {
+/** The incremental group's ratios, for every size and amount of change the run has cases of. */
+function incrementalDefs(ids: string[]): RatioDef[] {
+  const defs: RatioDef[] = [];
+  for (const id of ids) {
+    const m = /^(\d+[mg])\/inc-(\d+)m-vmbackup$/.exec(id);
+    if (!m) continue;
+    const [, sz, mib] = m;
+    const virtnbd = `${sz}/inc-${mib}m-virtnbd`;
+    const what = `${mib} MiB changed (${sz})`;
+    defs.push(
+      {
+        name: `incremental, ${what}: vmbackup / virtnbdbackup -l inc`,
+        num: id,
+        den: virtnbd,
+        metric: 'wallMs',
+        goal: { op: '<=', value: 0.35 },
+      },
+      {
+        name: `incremental, ${what}: vmbackup stored / changed bytes`,
+        num: id,
+        den: id,
+        metric: 'storedMiB',
+        denMetric: 'changedMiB',
+        goal: { op: '<=', value: 1.1 },
+      },
+      {
+        name: `incremental, ${what}: virtnbdbackup stored / changed bytes`,
+        num: virtnbd,
+        den: virtnbd,
+        metric: 'storedMiB',
+        denMetric: 'changedMiB',
+      },
+      {
+        name: `incremental, ${what}: vmbackup stored / virtnbdbackup stored`,
+        num: id,
+        den: virtnbd,
+        metric: 'storedMiB',
+      },
+    );
+  }
+  const sizes = new Set(
+    ids.filter((id) => /^\d+[mg]\/(restore-chain|inc-full-vmbackup)$/.test(id)).map((id) => id.split('/')[0]!),
+  );
+  for (const sz of sizes) {
+    defs.push(
+      {
+        name: `restore of a full + 7 increments / of one full (${sz})`,
+        num: `${sz}/restore-chain`,
+        den: `${sz}/restore-full`,
+        metric: 'wallMs',
+        goal: { op: '<=', value: 1.3 },
+      },
+      {
+        name: `full that starts the chain: vmbackup / virtnbdbackup (${sz})`,
+        num: `${sz}/inc-full-vmbackup`,
+        den: `${sz}/inc-full-virtnbd`,
+        metric: 'wallMs',
+      },
+    );
+  }
+  return defs;
+}
+
+function ratioDefs(sizes: string[], ids: string[]): RatioDef[] {
   const defs: RatioDef[] = [];
   for (const sz of sizes) {
     defs.push(
@@ -154,6 +219,7 @@ function ratioDefs(sizes: string[]): RatioDef[] {
       den: 'overhead/push-64m',
       metric: 'wallMs',
     },
+    ...incrementalDefs(ids),
   );
   return defs;
 }
@@ -162,10 +228,14 @@ export function computeRatios(r: BenchResults): Ratio[] {
   const byId = new Map(r.cases.map((c) => [c.id, medians(c)]));
   const sizes = [...new Set(r.cases.map((c) => c.id.split('/')[0]!).filter((s) => /^\d+[mg]$/.test(s)))];
   const out: Ratio[] = [];
-  for (const d of ratioDefs(sizes)) {
+  for (const d of ratioDefs(
+    sizes,
+    r.cases.map((c) => c.id),
+  )) {
     const n = byId.get(d.num)?.[d.metric]?.median;
-    let den = byId.get(d.den)?.[d.metric]?.median;
-    if (d.num === d.den) den = byId.get(d.den)?.['jobMs']?.median;
+    // one case against itself: another metric of it (the overhead ratio: wall time / the libvirt job's)
+    const denMetric = d.denMetric ?? (d.num === d.den ? 'jobMs' : d.metric);
+    const den = byId.get(d.den)?.[denMetric]?.median;
     if (n === undefined || den === undefined || !Number.isFinite(n) || !Number.isFinite(den)) continue;
     const value = d.throughput ? den / n : n / den;
     const met = d.goal ? (d.goal.op === '<=' ? value <= d.goal.value : value >= d.goal.value) : undefined;
@@ -295,9 +365,10 @@ export function markdown(r: BenchResults, ratios: Ratio[]): string {
 
 export function svgChart(ratios: Ratio[]): string {
   const rows = ratios;
-  const W = 900;
+  // room for the longest name (~6.6 px per character at 12 px), bars as wide as before
+  const left = Math.max(330, Math.ceil(Math.max(0, ...rows.map((r) => r.name.length)) * 6.6) + 16);
+  const W = left + 570;
   const rowH = 26;
-  const left = 330;
   const top = 40;
   const H = top + rows.length * rowH + 40;
   const maxV = Math.max(2, ...rows.map((r) => r.value), ...rows.map((r) => r.goal?.value ?? 0)) * 1.05;

@@ -4,7 +4,7 @@
  * every candidate and its baseline read the image from disk alike.
  */
 import { spawn } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -118,4 +118,13 @@ export async function elapsed<T>(fn: () => Promise<T>): Promise<{ ms: number; va
   const t = process.hrtime.bigint();
   const value = await fn();
   return { ms: Number(process.hrtime.bigint() - t) / 1e6, value };
+}
+
+/** Bytes stored under DIR (st_blocks of every file, so holes do not count). */
+export async function dirBytes(dir: string): Promise<number> {
+  let n = 0;
+  for (const e of await readdir(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile()) n += (await stat(join(e.parentPath ?? dir, e.name))).blocks * 512;
+  }
+  return n;
 }

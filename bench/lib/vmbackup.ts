@@ -39,6 +39,19 @@ export async function cli(args: string[]): Promise<RunResult & { json: Record<st
   return { ...r, json };
 }
 
+/** One vmbackup CLI backup as the bench measured it (bench/main.ts vmbackupBackup). */
+export interface MeasuredBackup {
+  /** wall, CLI CPU and RSS, worker CPU and RSS, the workflow's own time */
+  sample: Record<string, number>;
+  backupId: string;
+  /** seconds per activity (splitTimeline) */
+  split: Record<string, number>;
+  /** the libvirt job's own time (awaitBackupJob's result) */
+  jobMs: number;
+  /** what `backup --json` printed (level, chain, disks, targets) */
+  json: Record<string, unknown>;
+}
+
 export interface WorkerProcess {
   host: string;
   child: ChildProcess;

@@ -29,7 +29,10 @@ import type {
 import { CHECKPOINT_PREFIX, checkpointName } from '../shared/names';
 import type { BackupLevel } from '../shared/types';
 import { redactUrl } from '../storage/registry';
-import { hypervisorFailure } from './failures';
+import { ErrorType } from '../shared/errors';
+import { hypervisorFailure, permanent } from './failures';
+import type { HostPaths } from './host-paths';
+import { isValidBackupId } from './snapshot-paths';
 import { withTarget } from './storage';
 import type { StorageActivityDeps } from './storage';
 
@@ -38,16 +41,22 @@ export interface ChainDeps {
   openTarget: StorageActivityDeps['openTarget'];
   /** manifest signing key: with one, only manifests signed with it are built on (docs/security.md) */
   manifestKey?: Buffer;
+  /** this host's staging roots and allowed targets: inputs are checked against them */
+  paths: HostPaths;
 }
 
 /** Attempts of planBackup that retry a transient catalog read before planning a full without that target's chain. */
 const CATALOG_READ_ATTEMPTS = 3;
+
+/** An increment's backing file as the target lays it out: the parent backup's image of the same disk. */
+const PARENT_IMAGE_RE = /^\.\.\/([^/]+)\/([^/]+)\.qcow2$/;
 
 export function createChainActivities(deps: ChainDeps) {
   const hv = deps.hypervisor;
 
   async function planBackup(input: PlanBackupInput): Promise<BackupPlan> {
     const { backupId, domain, requested } = input;
+    deps.paths.checkTargets(input.targets, 'planBackup');
     const full = (reason?: string, checkpoint = true): BackupPlan => ({
       level: 'full',
       requested,
@@ -217,9 +226,35 @@ export function createChainActivities(deps: ChainDeps) {
    * checkpoint's XML for the manifest. Idempotent: a rebase writes the same header again.
    */
   async function prepareChainImages(input: PrepareChainImagesInput): Promise<PreparedChainImages> {
+    // It rewrites image headers: only staged images of ours, and only onto a parent image as a target lays it out.
+    const images = await Promise.all(
+      (Array.isArray(input.images) ? input.images : []).map(async (image) => {
+        if (image.format !== 'qcow2') {
+          throw permanent(
+            `prepareChainImages: the image of disk ${String(image.name)} is ${String(image.format)}, not qcow2; refused`,
+            ErrorType.InvalidInput,
+          );
+        }
+        const path =
+          input.backupId === undefined
+            ? await deps.paths.stagingImageOfAnyBackup(image.path, image, 'prepareChainImages')
+            : await deps.paths.stagingImage(image.path, input.backupId, image, 'prepareChainImages');
+        return { ...image, path };
+      }),
+    );
+    for (const image of images) {
+      const parentFile = input.backing?.[image.name];
+      const m = parentFile === undefined ? undefined : PARENT_IMAGE_RE.exec(parentFile);
+      if (parentFile !== undefined && !(m && isValidBackupId(m[1] ?? '') && m[2] === image.name)) {
+        throw permanent(
+          `prepareChainImages: ${JSON.stringify(parentFile)} is not the parent image of disk ${image.name} (../<backupId>/${image.name}.qcow2); refused`,
+          ErrorType.InvalidInput,
+        );
+      }
+    }
     try {
-      for (const image of input.images) {
-        const parentFile = input.backing[image.name];
+      for (const image of images) {
+        const parentFile = input.backing?.[image.name];
         if (parentFile) await rebaseUnsafe(image.path, parentFile, 'qcow2');
       }
       const checkpointXml = input.checkpoint ? await hv.checkpointXml(input.domain, input.checkpoint) : undefined;

@@ -8,33 +8,18 @@
  */
 import { lstat, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Context } from '@temporalio/activity';
 import type { RecoverInput, StagingRecovery } from '../shared/activities';
 import { domainOfBackupId } from '../shared/names';
-import { defaultTargetUrl } from '../storage/registry';
 import { isAbandoned } from './backup-states';
 import type { BackupStates } from './backup-states';
-import { SYSTEM_QEMU_DIR } from './qemu-paths';
+import { unsafeDirectory } from './host-paths';
 import { isValidBackupId } from './snapshot-paths';
 
 export interface DeadStagingDeps {
   /** directories whose entries are staging directories named by backup id */
   stagingRoots: string[];
   backupStates: BackupStates;
-}
-
-/**
- * Where prepareStaging puts staging directories on this host that the worker can know of: under the state
- * dir, QEMU's fallback directory, and the default target. (A file:// target given to a backup stages in its
- * own `.staging`, which only that backup's workflow knows.)
- */
-export function hostStagingRoots(stateDir: string, systemQemuDir = SYSTEM_QEMU_DIR): string[] {
-  return [
-    join(stateDir, 'staging'),
-    join(systemQemuDir, 'staging'),
-    join(fileURLToPath(defaultTargetUrl(stateDir)), '.staging'),
-  ];
 }
 
 export function createDeadStagingActivities(deps: DeadStagingDeps) {
@@ -79,8 +64,6 @@ async function unsafeRoot(root: string): Promise<string | undefined> {
   });
   if (!st) return 'missing';
   if (!st.isDirectory()) return 'not a directory (a link?)';
-  const me = typeof process.geteuid === 'function' ? process.geteuid() : 0;
-  if (st.uid !== 0 && st.uid !== me) return `owned by uid ${st.uid}`;
-  if ((st.mode & 0o022) !== 0) return 'writable by other users';
-  return undefined;
+  // the one ownership and writability check every activity uses (it also checks the directories above)
+  return unsafeDirectory(root);
 }

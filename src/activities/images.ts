@@ -12,12 +12,16 @@ import { fileStamp as stampOf } from '../shared/file-stamp';
 import { sha256File } from '../shared/sha256-file';
 import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
-import type { DiskImage } from '../shared/types';
+import { makeFilePrivate } from '../shared/file-modes';
+import type { DiskInfo, DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
+import type { HostPaths } from './host-paths';
 import type { ByteProgress } from './push';
 
 export interface ImageDeps {
   hypervisor: Hypervisor;
+  /** this host's roots: image paths in an input are checked against them */
+  paths: HostPaths;
 }
 
 interface FinalizeCheckpoint extends ByteProgress {
@@ -26,6 +30,7 @@ interface FinalizeCheckpoint extends ByteProgress {
 
 export function createImageActivities(deps: ImageDeps) {
   const hv = deps.hypervisor;
+  const paths = deps.paths;
 
   /**
    * A shut-off domain has no QEMU process, so no backup job: copy each disk with
@@ -34,11 +39,18 @@ export function createImageActivities(deps: ImageDeps) {
    */
   async function copyOfflineDisks(input: OfflineCopyInput): Promise<ImageFile[]> {
     const ctx = Context.current();
-    const total = input.disks.reduce((n, d) => n + d.virtualSize, 0);
+    const stagingDir = await paths.stagingDir(input.stagingDir, input.backupId, 'copyOfflineDisks');
+    const disks = await disksOfDomain(input);
+    const total = disks.reduce((n, d) => n + d.virtualSize, 0);
     const images: ImageFile[] = [];
     let before = 0;
-    for (const disk of input.disks) {
-      const dst = join(input.stagingDir, `${disk.name}.qcow2`);
+    for (const disk of disks) {
+      const dst = await paths.stagingImage(
+        join(stagingDir, `${disk.name}.qcow2`),
+        input.backupId,
+        { name: disk.name, format: 'qcow2' },
+        'copyOfflineDisks',
+      );
       const stamp = await fileStamp(disk.source);
       await assertShutOff(input.domain);
       await rm(dst, { force: true });
@@ -78,10 +90,39 @@ export function createImageActivities(deps: ImageDeps) {
         await rm(dst, { force: true });
         throw startedDuringCopy(input.domain);
       }
+      // qemu-img creates the copy 0644 (less the umask)
+      await makeFilePrivate(dst);
       before += disk.virtualSize;
       images.push({ name: disk.name, format: 'qcow2', path: dst, virtualSize: disk.virtualSize });
     }
     return images;
+  }
+
+  /**
+   * The disks to copy, as libvirt reports them for the domain now: a source path in the input is never read
+   * unless it is the one libvirt has for that disk (an input naming /etc/shadow as a disk is refused).
+   */
+  async function disksOfDomain(input: OfflineCopyInput): Promise<DiskInfo[]> {
+    if (!Array.isArray(input.disks) || input.disks.length === 0) {
+      throw permanent(`copyOfflineDisks: no disk of ${input.domain} to copy`, ErrorType.InvalidInput);
+    }
+    let live: DiskInfo[];
+    try {
+      live = await hv.disks(input.domain);
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+    return input.disks.map((asked) => {
+      const name = paths.diskName(asked.name, 'copyOfflineDisks');
+      const disk = live.find((d) => d.name === name);
+      if (!disk || !disk.source || disk.source !== asked.source || disk.format !== asked.format) {
+        throw permanent(
+          `copyOfflineDisks: ${input.domain} has no disk ${name} on ${asked.source} (${asked.format}) according to libvirt${disk?.source ? `, it uses ${disk.source} (${disk.format})` : ''}; refused`,
+          ErrorType.InvalidInput,
+        );
+      }
+      return disk;
+    });
   }
 
   async function assertShutOff(domain: string): Promise<void> {
@@ -97,12 +138,23 @@ export function createImageActivities(deps: ImageDeps) {
   /** `qemu-img check` and SHA-256 of each image; resumes after the last image finished. */
   async function finalizeImages(input: FinalizeImagesInput): Promise<DiskImage[]> {
     const ctx = Context.current();
+    if (!Array.isArray(input.images) || input.images.length === 0) {
+      throw permanent('finalizeImages: no images given', ErrorType.InvalidInput);
+    }
+    const checked: ImageFile[] = await Promise.all(
+      input.images.map(async (i) => ({
+        ...i,
+        path: await paths.stagingImage(i.path, input.backupId, i, 'finalizeImages'),
+      })),
+    );
+    // Whoever wrote them (QEMU, qemu-img, rsync, cp): private before they are shipped or renamed into a target.
+    await Promise.all(checked.map((i) => makeFilePrivate(i.path)));
     const prior = ctx.info.heartbeatDetails as FinalizeCheckpoint | undefined;
     const done: DiskImage[] = prior?.done ?? [];
-    const sizes = await Promise.all(input.images.map((i) => stat(i.path).then((s) => s.size)));
+    const sizes = await Promise.all(checked.map((i) => stat(i.path).then((s) => s.size)));
     const total = sizes.reduce((n, s) => n + s, 0);
     let before = done.reduce((n, d) => n + d.size, 0);
-    for (const [idx, image] of input.images.entries()) {
+    for (const [idx, image] of checked.entries()) {
       if (done.some((d) => d.name === image.name)) continue;
       const stampBefore = stampOf(await stat(image.path));
       // qemu-img check and info read the metadata, the hash reads the data: run them side by side. The snapshot
@@ -144,7 +196,7 @@ export function createImageActivities(deps: ImageDeps) {
       before += size;
       ctx.heartbeat({ done, bytesDone: before, bytesTotal: total } satisfies FinalizeCheckpoint);
     }
-    return input.images.map((i) => done.find((d) => d.name === i.name)).filter((d): d is DiskImage => !!d);
+    return checked.map((i) => done.find((d) => d.name === i.name)).filter((d): d is DiskImage => !!d);
   }
 
   return { copyOfflineDisks, finalizeImages };

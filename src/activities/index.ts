@@ -1,14 +1,17 @@
 /** All host activities, built over injected ports (samples-typescript activities-dependency-injection). */
+import { fileURLToPath } from 'node:url';
 import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
+import { defaultTargetUrl } from '../storage/registry';
 import type { ScheduleActivities } from '../shared/schedule';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
-import { createDeadStagingActivities, hostStagingRoots } from './dead-staging';
+import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
+import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
 import { createPushActivities } from './push';
 import { createScheduleActivities } from './schedule';
@@ -22,6 +25,8 @@ export interface ActivityDeps {
   stateDir: string;
   /** a state dir QEMU can reach, for files QEMU opens itself (snapshot overlays); default stateDir */
   qemuStateDir?: string;
+  /** where QEMU-written staging files go when the state dir is private (default /var/lib/vmbackup) */
+  systemQemuDir?: string;
   pollIntervalMs?: number;
   openTarget: StorageActivityDeps['openTarget'];
   manifestKey?: Buffer;
@@ -30,8 +35,10 @@ export interface ActivityDeps {
    * (tests that do not recover) the recovery activities refuse to act.
    */
   backupStates?: BackupStates;
-  /** where staging directories of dead backups are looked for; default hostStagingRoots(stateDir) */
+  /** where staging directories of dead backups are looked for; default HostPaths.recoveryStagingRoots */
   stagingRoots?: string[];
+  /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
+  allowTargets?: readonly string[];
   /** whether a backup of a domain runs: retention after a scheduled backup waits while one does */
   runningBackupOf?: RunningBackupOf;
 }
@@ -41,18 +48,31 @@ export type HostWorkerActivities = HostActivities & ScheduleActivities;
 
 export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
+  // One view of this host's roots and allowed targets for every activity: none trusts a path or target it is given.
+  const paths = new HostPaths({
+    stateDir: deps.stateDir,
+    qemuStateDir: deps.qemuStateDir,
+    systemQemuDir: deps.systemQemuDir,
+    allowTargets: deps.allowTargets,
+  });
   return withAttemptDeadlines({
-    ...createPushActivities(deps),
-    ...createImageActivities(deps),
-    ...createSnapshotActivities({ ...deps, backupStates, stateDir: deps.qemuStateDir ?? deps.stateDir }),
-    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey }),
+    ...createPushActivities({ ...deps, paths }),
+    ...createImageActivities({ ...deps, paths }),
+    ...createSnapshotActivities({
+      ...deps,
+      backupStates,
+      stateDir: deps.qemuStateDir ?? deps.stateDir,
+      hostPaths: paths,
+    }),
+    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey, paths }),
     ...createChainActivities({
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,
       manifestKey: deps.manifestKey,
+      paths,
     }),
     ...createDeadStagingActivities({
-      stagingRoots: deps.stagingRoots ?? hostStagingRoots(deps.stateDir),
+      stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
     }),
     ...createScheduleActivities({
@@ -60,6 +80,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       openTarget: deps.openTarget,
       manifestKey: deps.manifestKey,
       runningBackupOf: deps.runningBackupOf,
+      paths,
     }),
   } satisfies HostWorkerActivities);
 }

@@ -3,10 +3,10 @@
  * domain, prepare and clean the staging directory. Each activity looks at the world first
  * and does only what is missing, so a retry after a worker or host crash is safe.
  */
-import { mkdir, readdir, rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { rm, rmdir, stat } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { Context } from '@temporalio/activity';
+import { ApplicationFailure } from '@temporalio/common';
 import type { Hypervisor, JobInfo } from '../hypervisor/port';
 import { HypervisorError } from '../hypervisor/errors';
 import type {
@@ -21,9 +21,11 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { makeDirs, makeFilePrivate, PRIVATE_DIR_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
 import { pushImageFiles } from '../shared/names';
 import type { DomainInfo } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
+import { HostPaths } from './host-paths';
 import { pollDelays } from './poll';
 import { qemuWritableDir } from './qemu-paths';
 
@@ -34,6 +36,8 @@ export interface PushDeps {
   pollIntervalMs?: number;
   /** where QEMU-written files go when the state dir is private (default /var/lib/vmbackup) */
   systemQemuDir?: string;
+  /** this host's roots and allowed targets: every path and target in an input is checked against them */
+  paths?: HostPaths;
 }
 
 /** Progress a long activity heartbeats; the client reads it from the pending activity. */
@@ -47,6 +51,7 @@ const ACTIVE: ReadonlySet<JobInfo['type']> = new Set(['Bounded', 'Unbounded']);
 export function createPushActivities(deps: PushDeps) {
   const hv = deps.hypervisor;
   const pollMs = deps.pollIntervalMs ?? 200;
+  const paths = deps.paths ?? new HostPaths({ stateDir: deps.stateDir, systemQemuDir: deps.systemQemuDir });
 
   async function inspectDomain(input: InspectDomainInput): Promise<DomainInfo> {
     try {
@@ -59,24 +64,46 @@ export function createPushActivities(deps: PushDeps) {
   /**
    * The staging directory lives inside the first local (file://) target when there is one, so
    * shipping to it is a rename and a push backup costs no extra copy; else under the state dir.
+   * Staging roots are 0711 (a push backup's directory in them must be reachable by QEMU); a backup's
+   * own directory is 0700, or 0711 when QEMU writes into it.
    */
   async function prepareStaging(input: PrepareStagingInput): Promise<StagingArea> {
-    const localTarget = input.targets.find((t) => t.startsWith('file://'));
-    const root = localTarget ? join(fileURLToPath(localTarget), '.staging') : join(deps.stateDir, 'staging');
+    const backupId = paths.backupId(input.backupId, 'prepareStaging');
+    const targets = paths.checkTargets(input.targets, 'prepareStaging');
+    const localTarget = targets.find((t) => t.startsWith('file://'));
+    let root = join(paths.stateDir, 'staging');
+    if (localTarget) {
+      const inTarget = join(paths.targetStagingRoot(localTarget), backupId);
+      try {
+        await paths.stagingDir(inTarget, backupId, 'prepareStaging');
+        root = dirname(inTarget);
+      } catch (err) {
+        // e.g. a target directory other users may write to: staging there could be swapped under us
+        if (!(err instanceof ApplicationFailure)) throw err;
+        Context.current().log.warn('staging under the state dir instead of the local target', {
+          backupId,
+          reason: err.message,
+        });
+      }
+    }
+    const preferred = join(root, backupId);
     let dir: string;
     try {
-      const preferred = join(root, input.backupId);
+      // checked before anything is created, and again once it exists
+      await paths.stagingDir(preferred, backupId, 'prepareStaging');
       if (input.writtenByQemu) {
-        dir = await qemuWritableDir(preferred, join('staging', input.backupId), deps.systemQemuDir);
+        dir = await qemuWritableDir(preferred, join('staging', backupId), paths.systemQemuDir);
       } else {
+        await makeDirs(dirname(root), PRIVATE_DIR_MODE);
+        await makeDirs(root, QEMU_DIR_MODE);
+        await makeDirs(preferred, PRIVATE_DIR_MODE);
         dir = preferred;
-        await mkdir(dir, { recursive: true });
       }
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'EACCES' || code === 'EROFS' || code === 'ENOSPC' || code === 'ENOTDIR') {
         throw permanent(
-          `cannot create the staging directory for ${input.backupId} (${code}): check that ${localTarget ?? deps.stateDir} is writable`,
+          `cannot create the staging directory for ${backupId} (${code}): check that ${localTarget ?? deps.stateDir} is writable`,
           code === 'ENOSPC' ? ErrorType.NoSpace : ErrorType.PermissionDenied,
         );
       }
@@ -84,26 +111,45 @@ export function createPushActivities(deps: PushDeps) {
     }
     // A fallback staging dir outside the target still lets the target take the images by rename when both
     // are on one filesystem; the local driver copies otherwise.
-    return { dir, localTarget };
+    return { dir: await paths.stagingDir(dir, backupId, 'prepareStaging'), localTarget };
   }
 
   async function cleanupStaging(input: CleanupStagingInput): Promise<void> {
-    await rm(input.stagingDir, { recursive: true, force: true });
-    // Drop the parent `.staging` too when nothing else is in it (ignore races with other backups).
-    const parent = join(input.stagingDir, '..');
+    const dir = await paths.stagingDir(input.stagingDir, input.backupId, 'cleanupStaging');
+    await rm(dir, { recursive: true, force: true });
+    // Drop the staging root too when nothing else is in it (ignore races with other backups).
     try {
-      if ((await readdir(parent)).length === 0) await rm(parent, { recursive: false, force: true });
+      await rmdir(dirname(dir));
     } catch {
       /* another backup is using it, or it is gone already */
     }
   }
 
-  function imagesFor(input: PushBackupInput): ImageFile[] {
-    return pushImageFiles(input.stagingDir, input.disks);
+  /** The images a push job writes: `<stagingDir>/<disk>.qcow2`, each checked to be in the backup's staging dir. */
+  async function imagesFor(input: PushBackupInput): Promise<ImageFile[]> {
+    const dir = await paths.stagingDir(input.stagingDir, input.backupId, 'beginPushBackup');
+    if (!Array.isArray(input.disks) || input.disks.length === 0) {
+      throw permanent(`beginPushBackup: no disk of ${input.domain} to back up`, ErrorType.InvalidInput);
+    }
+    for (const d of input.disks) paths.diskName(d.name, 'beginPushBackup');
+    return Promise.all(
+      pushImageFiles(dir, input.disks).map(async (i) => ({
+        ...i,
+        path: await paths.stagingImage(i.path, input.backupId, i, 'beginPushBackup'),
+      })),
+    );
+  }
+
+  /** The images of a job, each checked to be a staging image of the backup. */
+  async function checkedImages(input: AwaitBackupJobInput, activity: string): Promise<ImageFile[]> {
+    if (!Array.isArray(input.images)) throw permanent(`${activity}: no images given`, ErrorType.InvalidInput);
+    return Promise.all(
+      input.images.map(async (i) => ({ ...i, path: await paths.stagingImage(i.path, input.backupId, i, activity) })),
+    );
   }
 
   async function beginPushBackup(input: PushBackupInput): Promise<PushBackupJob> {
-    const images = imagesFor(input);
+    const images = await imagesFor(input);
     try {
       const job = await hv.jobInfo(input.domain);
       if (ACTIVE.has(job.type)) {
@@ -117,20 +163,31 @@ export function createPushActivities(deps: PushDeps) {
       }
       // A staging file of a dead attempt makes libvirt refuse ("store ... for backup of 'vda' exists").
       await Promise.all(images.map((i) => rm(i.path, { force: true })));
-      // So does the checkpoint a dead attempt's job created ("domain moment ... already exists"): the name is this
-      // backup's own, and that job is over (no job runs), so it never counted.
-      if (input.checkpoint) await hv.deleteCheckpoint(input.domain, input.checkpoint.name);
-      await mkdir(input.stagingDir, { recursive: true });
-      await hv.beginPushBackup(
-        input.domain,
-        images.map((i) => ({ disk: i.name, file: i.path })),
-        {
-          disks: input.disks.map((d) => d.name), // as inspectDomain read them: no second dumpxml
-          ...(input.incremental ? { incremental: input.incremental } : {}),
-          ...(input.checkpoint ? { checkpoint: input.checkpoint } : {}),
-          ...(input.fullDisks?.length ? { fullDisks: input.fullDisks } : {}),
-        },
-      );
+      await makeDirs(dirname(images[0]?.path ?? input.stagingDir), QEMU_DIR_MODE);
+      const begin = () =>
+        hv.beginPushBackup(
+          input.domain,
+          images.map((i) => ({ disk: i.name, file: i.path })),
+          {
+            disks: input.disks.map((d) => d.name), // as inspectDomain read them: no second dumpxml
+            ...(input.incremental ? { incremental: input.incremental } : {}),
+            ...(input.checkpoint ? { checkpoint: input.checkpoint } : {}),
+            ...(input.fullDisks?.length ? { fullDisks: input.fullDisks } : {}),
+          },
+        );
+      try {
+        await begin();
+      } catch (err) {
+        // So does the checkpoint a dead attempt's job created ("domain moment ... already exists"), before it
+        // creates a file or starts a job: the name is this backup's own, and that job is over (no job runs), so it
+        // never counted. Deleted when libvirt says so, not asked for first: that cost every backup a virsh run.
+        const name = input.checkpoint?.name;
+        if (!(err instanceof HypervisorError && err.kind === 'checkpoint-exists' && name && err.checkpoint === name)) {
+          throw err;
+        }
+        await hv.deleteCheckpoint(input.domain, name);
+        await begin();
+      }
       return { images, attached: false };
     } catch (err) {
       hypervisorFailure(err);
@@ -139,7 +196,8 @@ export function createPushActivities(deps: PushDeps) {
 
   async function awaitBackupJob(input: AwaitBackupJobInput): Promise<BackupJobStats> {
     const ctx = Context.current();
-    const total = input.images.reduce((n, i) => n + i.virtualSize, 0);
+    const images = await checkedImages(input, 'awaitBackupJob');
+    const total = images.reduce((n, i) => n + i.virtualSize, 0);
     let lastSeenActive = false;
     let quietSince: number | undefined;
     const nextWait = pollDelays(pollMs);
@@ -164,13 +222,15 @@ export function createPushActivities(deps: PushDeps) {
       } else {
         const done = await hv.completedJobInfo(input.domain).catch((err: unknown) => hypervisorFailure(err));
         if (done.type === 'Completed') {
-          const missing = await firstMissing(input.images.map((i) => i.path));
+          const missing = await firstMissing(images.map((i) => i.path));
           if (missing) {
             throw permanent(
               `the backup job of ${input.domain} completed but ${missing} is missing`,
               ErrorType.BackupJobFailed,
             );
           }
+          // QEMU created them with its own mode (0644 through libvirt): private before anything ships them
+          await Promise.all(images.map((i) => makeFilePrivate(i.path)));
           ctx.heartbeat({ bytesDone: done.dataProcessed ?? total, bytesTotal: done.dataTotal ?? total });
           return { bytes: done.dataProcessed ?? total, elapsedMs: done.timeElapsedMs ?? 0 };
         }
@@ -204,9 +264,10 @@ export function createPushActivities(deps: PushDeps) {
 
   /** Undo of beginPushBackup: abort our job if it runs, remove the staging files. Idempotent. */
   async function abortPushBackup(input: AwaitBackupJobInput): Promise<void> {
+    const images = await checkedImages(input, 'abortPushBackup');
     try {
       const job = await hv.jobInfo(input.domain);
-      if (ACTIVE.has(job.type) && (await allExist(input.images.map((i) => i.path)))) {
+      if (ACTIVE.has(job.type) && (await allExist(images.map((i) => i.path)))) {
         await hv.abortJob(input.domain);
         // domjobabort returns at once; libvirt removes the partial file a moment later.
         for (let i = 0; i < 100 && ACTIVE.has((await hv.jobInfo(input.domain)).type); i++) {
@@ -216,7 +277,7 @@ export function createPushActivities(deps: PushDeps) {
     } catch (err) {
       if (!(err instanceof HypervisorError && err.kind === 'not-found')) hypervisorFailure(err);
     }
-    await Promise.all(input.images.map((i) => rm(i.path, { force: true })));
+    await Promise.all(images.map((i) => rm(i.path, { force: true })));
   }
 
   return { inspectDomain, prepareStaging, cleanupStaging, beginPushBackup, awaitBackupJob, abortPushBackup };

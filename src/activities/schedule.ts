@@ -6,7 +6,7 @@
 import type { Hypervisor } from '../hypervisor/port';
 import { pruneBackups } from '../repository/prune';
 import { ErrorType } from '../shared/errors';
-import { BACKUP_ID_RE, DOMAIN_NAME_RE } from '../shared/names';
+import { DOMAIN_NAME_RE } from '../shared/names';
 import type {
   AppliedRetention,
   ApplyRetentionInput,
@@ -89,15 +89,13 @@ export function createScheduleActivities(deps: ScheduleActivityDeps): ScheduleAc
     },
 
     async applyRetention(input: ApplyRetentionInput): Promise<AppliedRetention> {
-      const problem =
-        typeof input?.target !== 'string'
-          ? 'no target'
-          : typeof input.domain !== 'string' || !DOMAIN_NAME_RE.test(input.domain)
-            ? `"${String(input.domain)}" is not a domain name`
-            : typeof input.newBackupId !== 'string' || !BACKUP_ID_RE.test(input.newBackupId)
-              ? `"${String(input.newBackupId)}" is not a backup id`
-              : retentionPolicyProblem(input.policy);
-      if (problem) throw permanent(`invalid retention request: ${problem}`, ErrorType.InvalidInput);
+      // Retention removes committed backups: only on a target this worker writes to (--allow-target), and only
+      // backups of the one domain named.
+      deps.paths.checkTarget(input?.target, 'applyRetention');
+      deps.paths.domainName(input.domain, 'applyRetention');
+      deps.paths.backupId(input.newBackupId, 'applyRetention');
+      const problem = retentionPolicyProblem(input.policy);
+      if (problem) throw permanent(`applyRetention: ${problem}`, ErrorType.InvalidInput);
       if (!deps.runningBackupOf) {
         throw permanent(
           'this worker cannot ask Temporal whether a backup runs (built without runningBackupOf): retention removed nothing',

@@ -4,10 +4,8 @@
  * running backup, and the fixed root is what keeps vmbackup away from overlays it did not create.
  */
 import { isAbsolute, join, relative, resolve, sep } from 'node:path';
-import { DOMAIN_NAME_RE } from '../shared/names';
+import { BACKUP_ID_RE, DOMAIN_NAME_RE } from '../shared/names';
 
-/** Backup ids are file-safe (see makeBackupId); anything else never becomes a path. */
-const BACKUP_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
 /** Disk target names: vda, sdb, hdc, ... */
 const DISK_NAME_RE = /^[A-Za-z0-9_-]{1,32}$/;
 

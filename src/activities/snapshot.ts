@@ -8,13 +8,14 @@
  * `vmbackup recover` long after) is safe. Overlays live only under `${stateDir}/overlays/<backupId>/`
  * and nothing outside that directory is ever touched.
  */
-import { mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import { execTool } from '../hypervisor/exec';
 import { classifyHypervisorError, HypervisorError, toolErrorText } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
 import { VirshHypervisor } from '../hypervisor/virsh';
+import { parseDomainXml } from '../hypervisor/xml';
 import type {
   CopyBaseImagesInput,
   CreateOverlaysInput,
@@ -26,11 +27,13 @@ import type {
   RecoverInput,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { makeDirs, makeFilePrivate, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, QEMU_DIR_MODE } from '../shared/file-modes';
 import { sha256File } from '../shared/sha256-file';
 import type { DiskInfo, DomainState } from '../shared/types';
 import { isAbandoned, lastChange } from './backup-states';
 import type { BackupStates } from './backup-states';
 import { hypervisorFailure, permanent } from './failures';
+import { HostPaths } from './host-paths';
 import { pollDelays } from './poll';
 import { copyImage } from './snapshot-copy';
 import type { CopyHeartbeat } from './snapshot-copy';
@@ -53,6 +56,8 @@ export interface SnapshotDeps {
   libvirtUri?: string;
   /** whether a backup's workflow still runs, asked before recovery acts on what the backup left */
   backupStates: BackupStates;
+  /** this host's roots (staging, overlays): paths in an input are checked against them; default from stateDir */
+  hostPaths?: HostPaths;
 }
 
 /** What commitAndPivot heartbeats. */
@@ -89,6 +94,10 @@ const RECENT_OVERLAY_MS = 5 * 60_000;
 export function createSnapshotActivities(deps: SnapshotDeps) {
   const hv = deps.hypervisor;
   const paths = new OverlayPaths(deps.stateDir);
+  const host = deps.hostPaths ?? new HostPaths({ stateDir: deps.stateDir });
+  if (host.overlayRoot !== paths.root) {
+    throw new Error(`the overlay root ${paths.root} is not this host's (${host.overlayRoot})`);
+  }
   const pollMs = deps.pollIntervalMs ?? 200;
   const rsyncPath = deps.rsyncPath ?? 'rsync';
   // The URI the port itself talks to, unless told otherwise: recovery must scan the same libvirt.
@@ -138,9 +147,13 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
   // ---------------------------------------------------------------- createOverlays
 
   async function createOverlays(input: CreateOverlaysInput): Promise<CreateOverlaysResult> {
-    const { backupId, domain } = input;
-    if (input.disks.length === 0) throw permanent(`no disk of ${domain} to snapshot`, ErrorType.InvalidInput);
+    const backupId = host.backupId(input.backupId, 'createOverlays');
+    const domain = host.domainName(input.domain, 'createOverlays');
+    if (!Array.isArray(input.disks) || input.disks.length === 0) {
+      throw permanent(`no disk of ${domain} to snapshot`, ErrorType.InvalidInput);
+    }
     const records: OverlayRecord[] = input.disks.map((d) => {
+      host.diskName(d.name, 'createOverlays');
       if (d.backingChain.length > 0) {
         throw permanent(
           `disk ${d.name} of ${domain} has a backing chain (${d.backingChain.join(' <- ')}); the snapshot method copies single-file images only: use --method push`,
@@ -172,10 +185,10 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       const d = live.find((x) => x.name === r.disk);
       if (!d) throw permanent(`disk ${r.disk} is no longer attached to ${domain}`, ErrorType.UnsupportedDisk);
       if (d.source === r.overlay && d.backingChain[0] === r.base) onOverlay.push(r.disk);
-      else if (d.source === r.base) onBase.push(r.disk);
+      else if (d.source === r.base && d.format === r.baseFormat) onBase.push(r.disk);
       else {
         throw permanent(
-          `disk ${r.disk} of ${domain} runs on ${d.source}, neither its image ${r.base} nor overlay ${r.overlay}: its chain changed since the backup was planned`,
+          `disk ${r.disk} of ${domain} runs on ${d.source} (${d.format}), neither its image ${r.base} (${r.baseFormat}) nor overlay ${r.overlay}: its chain changed since the backup was planned`,
           ErrorType.UnsupportedDisk,
         );
       }
@@ -196,11 +209,12 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       throw permanent(`${domain} is ${state}: the snapshot method needs a running domain`, ErrorType.DomainGone);
     }
 
-    const dir = paths.backupDir(backupId);
-    await mkdir(dir, { recursive: true, mode: 0o755 });
+    // QEMU opens the overlays itself: their directory must be reachable by it (0711), not listable
+    await makeDirs(paths.backupDir(backupId), QEMU_DIR_MODE);
+    const dir = await host.overlayDir(backupId, 'createOverlays');
     // Left by a crash between libvirt creating the file and the disk switching to it; no disk uses it
     // (checked above). Avoids "external snapshot file for disk vda already exists and is not a block device".
-    await Promise.all(records.map((r) => rm(r.overlay, { force: true })));
+    for (const r of records) await rm(await host.overlayFile(r.overlay, backupId, 'createOverlays'), { force: true });
 
     const specs = records.map((r) => ({ disk: r.disk, file: r.overlay }));
     let quiesced = input.quiesce;
@@ -284,9 +298,14 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
   }
 
   async function writeMarker(marker: SnapshotMarker): Promise<void> {
-    const file = paths.marker(marker.backupId, marker.domain);
+    const file = await host.overlayFile(
+      paths.marker(marker.backupId, marker.domain),
+      marker.backupId,
+      'createOverlays',
+    );
     const tmp = `${file}.tmp`;
-    await writeFile(tmp, JSON.stringify(marker));
+    await writeFile(tmp, JSON.stringify(marker), { mode: PRIVATE_FILE_MODE });
+    await chmod(tmp, PRIVATE_FILE_MODE); // writeFile's mode counts only when it creates the file, less the umask
     await rename(tmp, file);
   }
 
@@ -294,16 +313,25 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
 
   async function copyBaseImages(input: CopyBaseImagesInput): Promise<ImageFile[]> {
     const ctx = Context.current();
-    const { domain, overlays } = input;
+    const { domain } = input;
+    const backupId = host.backupId(input.backupId, 'copyBaseImages');
+    const stagingDir = await host.stagingDir(input.stagingDir, backupId, 'copyBaseImages');
+    const overlays = await checkedOverlays(input, 'copyBaseImages');
     const previous = ctx.info.heartbeatDetails as CopyHeartbeat | undefined;
     if (previous) ctx.log.info('resuming the copy', { domain, disk: previous.disk, bytesDone: previous.bytesDone });
 
     await assertOnOverlays(domain, overlays, 'before the copy');
-    await mkdir(input.stagingDir, { recursive: true });
+    await assertBaseFormats(domain, overlays);
+    await makeDirs(stagingDir, PRIVATE_DIR_MODE);
     const images: ImageFile[] = [];
     const disksDone: string[] = [];
     for (const r of overlays) {
-      const dest = join(input.stagingDir, `${r.disk}.${r.baseFormat}`);
+      const dest = await host.stagingImage(
+        join(stagingDir, `${r.disk}.${r.baseFormat}`),
+        backupId,
+        { name: r.disk, format: r.baseFormat },
+        'copyBaseImages',
+      );
       const bytesTotal = (await stat(r.base)).size;
       let resumedFrom = 0;
       let durable: number | undefined;
@@ -353,12 +381,48 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         }
         sha256 = got;
       }
+      // rsync and cp give the copy the base image's mode; a file of ours is private
+      await makeFilePrivate(dest);
       disksDone.push(r.disk);
       beat(outcome.sha256 === undefined ? 'verify' : 'copy', bytesTotal, outcome.bytesCopied);
       images.push({ name: r.disk, format: r.baseFormat, path: dest, virtualSize: r.virtualSize, sha256 });
     }
     await assertOnOverlays(domain, overlays, 'after the copy');
     return images;
+  }
+
+  /** The overlays of an input, each checked: an overlay file of this backup, a valid disk name and image format. */
+  async function checkedOverlays(input: OverlaysInput, activity: string): Promise<OverlayRecord[]> {
+    if (!Array.isArray(input.overlays)) throw permanent(`${activity}: no overlays given`, ErrorType.InvalidInput);
+    for (const r of input.overlays) {
+      host.diskName(r.disk, activity);
+      host.imageFormat(r.baseFormat, activity);
+      await host.overlayFile(r.overlay, input.backupId, activity);
+    }
+    return input.overlays;
+  }
+
+  /**
+   * The base images are read as the input says, so their paths and formats must be what libvirt reports
+   * under our overlays (assertOnOverlays checks the paths): a raw base labelled qcow2 would let the guest's
+   * bytes be parsed as an image header later.
+   */
+  async function assertBaseFormats(domain: string, overlays: OverlayRecord[]): Promise<void> {
+    let xml;
+    try {
+      xml = parseDomainXml(await hv.domainXml(domain));
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+    for (const r of overlays) {
+      const base = xml.disks.find((d) => d.target === r.disk)?.backingChain?.[0];
+      if (base?.path !== r.base || (base.format !== undefined && base.format !== r.baseFormat)) {
+        throw permanent(
+          `disk ${r.disk} of ${domain} is not backed by ${r.base} (${r.baseFormat}) according to libvirt${base?.path ? ` but by ${base.path} (${base.format ?? 'unknown format'})` : ''}; refused`,
+          ErrorType.InvalidInput,
+        );
+      }
+    }
   }
 
   /** While a disk runs on our overlay its base receives no write; otherwise the copy is not a point in time. */
@@ -378,6 +442,9 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
   // ---------------------------------------------------------------- commitAndPivot
 
   async function commitAndPivot(input: OverlaysInput): Promise<void> {
+    host.backupId(input.backupId, 'commitAndPivot');
+    host.domainName(input.domain, 'commitAndPivot');
+    await checkedOverlays(input, 'commitAndPivot');
     const live = await liveDisks(input.domain);
     // Also disks on overlays of this backup that the caller does not know about (it may call us as an
     // undo step before createOverlays returned).
@@ -530,8 +597,10 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
   // ---------------------------------------------------------------- removeOverlays
 
   async function removeOverlays(input: OverlaysInput): Promise<void> {
-    const { backupId, domain } = input;
-    const dir = paths.backupDir(backupId);
+    const backupId = host.backupId(input.backupId, 'removeOverlays');
+    const domain = host.domainName(input.domain, 'removeOverlays');
+    if (!Array.isArray(input.overlays)) throw permanent('removeOverlays: no overlays given', ErrorType.InvalidInput);
+    const dir = await host.overlayDir(backupId, 'removeOverlays');
     const files = new Set<string>();
     for (const r of input.overlays) {
       if (paths.locate(r.overlay)?.backupId !== backupId) {
@@ -543,7 +612,7 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
       files.add(r.overlay);
     }
     for (const f of await listDir(dir)) {
-      if (f.startsWith(`${domain}.`) && f.endsWith('.qcow2')) files.add(join(dir, f));
+      if (f.startsWith(`${domain}.`) && f.endsWith('.qcow2')) files.add(join(paths.backupDir(backupId), f));
     }
     let live: DiskInfo[] = [];
     try {
@@ -561,8 +630,8 @@ export function createSnapshotActivities(deps: SnapshotDeps) {
         );
       }
     }
-    for (const file of files) await rm(file, { force: true });
-    await rm(paths.marker(backupId, domain), { force: true });
+    for (const file of files) await rm(await host.overlayFile(file, backupId, 'removeOverlays'), { force: true });
+    await rm(await host.overlayFile(paths.marker(backupId, domain), backupId, 'removeOverlays'), { force: true });
     await removeEmptyDir(dir);
   }
 

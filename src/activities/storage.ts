@@ -21,11 +21,14 @@ import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
 import { buildManifest, encodeManifest, signManifest } from '../repository/manifest';
+import type { HostPaths } from './host-paths';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
   /** the user's manifest signing key (VMBACKUP_MANIFEST_KEY_FILE): every manifest written is signed with it */
   manifestKey?: Buffer;
+  /** this host's staging roots and allowed targets: inputs are checked against them */
+  paths: HostPaths;
 }
 
 /** What shipImage heartbeats: the driver's resume point and the bytes done so far. */
@@ -77,7 +80,13 @@ export function createStorageActivities(
 ): Pick<HostActivities, 'shipImage' | 'writeManifest' | 'deleteBackupObjects'> {
   return {
     async shipImage(input: ShipImageInput): Promise<ShippedImage> {
-      const { backupId, domain, disk } = input;
+      const { backupId, domain } = input;
+      deps.paths.checkTarget(input.target, 'shipImage');
+      // only an image this host staged for this backup is shipped (never /etc/shadow because an input says so)
+      const disk = {
+        ...input.disk,
+        path: await deps.paths.stagingImage(input.disk.path, backupId, input.disk, 'shipImage'),
+      };
       return withTarget(deps, input.target, input.s3Options, async (target) => {
         const key = imageKey(domain, backupId, disk.name, disk.format);
         const there = await target.stat(key);
@@ -121,6 +130,7 @@ export function createStorageActivities(
     },
 
     async writeManifest(input: ManifestInput): Promise<void> {
+      deps.paths.checkTarget(input.target, 'writeManifest');
       await withTarget(deps, input.target, input.s3Options, async (target) => {
         const built = buildManifest(input.manifest);
         const manifest = deps.manifestKey ? signManifest(built, deps.manifestKey) : built;
@@ -145,6 +155,7 @@ export function createStorageActivities(
     },
 
     async deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void> {
+      deps.paths.checkTarget(input.target, 'deleteBackupObjects');
       await withTarget(deps, input.target, input.s3Options, async (target) => {
         // a committed backup is never removed here (only `prune` removes those, manifest first)
         if (await target.stat(manifestKey(input.domain, input.backupId))) return;

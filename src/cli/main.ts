@@ -30,6 +30,9 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  // A second line of defence: files and directories are created with explicit modes (shared/file-modes.ts),
+  // and anything else this process or its children create stays private too.
+  process.umask(0o077);
   try {
     await buildProgram().parseAsync(argv);
   } catch (err) {

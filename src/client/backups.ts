@@ -235,6 +235,22 @@ async function queuedBefore(client: Client, host: string, startTime: Date): Prom
   return count;
 }
 
+/**
+ * The targets a backup was started with, read from the first event of its history (no worker needed, unlike
+ * the progress query); undefined when the history cannot be read or decoded.
+ */
+export async function backupTargets(
+  client: Client,
+  handle: WorkflowHandle<typeof backupDomain>,
+): Promise<string[] | undefined> {
+  const history = await handle.fetchHistory().catch(() => undefined);
+  const input = history?.events?.[0]?.workflowExecutionStartedEventAttributes?.input?.payloads?.[0];
+  if (!input) return undefined;
+  const req = (await decodePayload(client, input as Payload)) as Partial<BackupRequest> | undefined;
+  const targets = req?.targets;
+  return Array.isArray(targets) && targets.every((t) => typeof t === 'string') ? targets : undefined;
+}
+
 /** A raw payload of a describe() answer (heartbeat details): through the client's codecs, then its converter. */
 async function decodePayload(client: Client, payload: Payload): Promise<unknown> {
   const { payloadCodecs, payloadConverter } = client.options.loadedDataConverter;

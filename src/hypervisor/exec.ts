@@ -42,9 +42,31 @@ export class ExecStartError extends Error {
 
 const KILL_GRACE_MS = 5_000;
 
-/** The environment virsh and qemu-img run in: the C locale, since the error classifier matches English texts. */
+/**
+ * What a tool may see of our environment: where programs are, home and temp dirs, and which libvirt to talk
+ * to (XDG_RUNTIME_DIR locates a session daemon's socket). Nothing else: the worker's environment holds S3
+ * credentials (AWS_SECRET_ACCESS_KEY) and Temporal keys, which no child needs and a child can leak.
+ */
+const TOOL_ENV_NAMES = [
+  'PATH',
+  'HOME',
+  'TMPDIR',
+  'LIBVIRT_DEFAULT_URI',
+  'VIRSH_DEFAULT_CONNECT_URI',
+  'XDG_RUNTIME_DIR',
+] as const;
+
+/**
+ * The environment virsh, qemu-img, rsync and the other tools run in: the names above and the C locale,
+ * since the error classifier matches English texts.
+ */
 export function toolEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  return { ...process.env, LC_ALL: 'C', LANG: 'C', ...extra };
+  const env: NodeJS.ProcessEnv = {};
+  for (const name of TOOL_ENV_NAMES) {
+    const value = process.env[name];
+    if (value !== undefined) env[name] = value;
+  }
+  return { ...env, LC_ALL: 'C', LANG: 'C', ...extra };
 }
 const DEFAULT_MAX_OUTPUT = 16 << 20;
 

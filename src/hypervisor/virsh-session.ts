@@ -36,6 +36,10 @@ const QUERIES: ReadonlyMap<string, ReadonlySet<string>> = new Map([
   ['domjobinfo', new Set(['--completed', '--keep-completed', '--rawstats'])],
   // `blockjob DOM DISK --raw` reports the job; --abort, --pivot and --bandwidth change it
   ['blockjob', new Set(['--raw'])],
+  // an incremental backup asks these 4-6 times (plan, the new checkpoint's XML, retiring old ones)
+  ['checkpoint-list', new Set(['--name', '--topological'])],
+  // --size merges the bitmaps into a temporary one to count them and drops it: nothing is changed
+  ['checkpoint-dumpxml', new Set(['--domain', '--checkpointname', '--no-domain', '--size'])],
 ]);
 
 const PROMPT = 'virsh # ';

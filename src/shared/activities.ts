@@ -94,6 +94,8 @@ export interface BackupPlan {
 }
 
 export interface PrepareChainImagesInput {
+  /** the backup the images are staged for (checked against their directory; older workflows do not pass it) */
+  backupId?: string;
   domain: string;
   images: ImageFile[];
   /** per disk of an increment: the parent image, relative to the image (`../<parentId>/<disk>.qcow2`) */

@@ -27,9 +27,32 @@ export type TargetSpec =
 
 const SUPPORTED = 'use file:///abs/dir, nfs://host/export/path or s3://bucket/prefix';
 
-/** Removes user info and query strings (which may carry secrets) from anything URL-shaped; other URLs come back as given. */
+/**
+ * Removes user info and query strings (which may carry secrets) from anything URL-shaped; other URLs come
+ * back as given. User info may hold a '/' or an '@' of its own (AWS secret keys do, unencoded): when the
+ * text between `scheme://` and the last '@' has a ':', all of it is taken for user info. That can hide
+ * more than the user info (`nfs://host:2049/a@b` shows as `nfs://***@b`), never less.
+ */
 export function redactUrl(url: string): string {
-  return url.replace(/^([a-z0-9+.-]+:\/\/)[^/@]*@/i, '$1***@').replace(/[?#].*$/s, '');
+  const m = /^([a-z0-9+.-]+:\/\/)(.*)$/is.exec(url);
+  if (!m) return url.replace(/[?#].*$/s, '');
+  const [, scheme, rest] = m as unknown as [string, string, string];
+  const at = rest.lastIndexOf('@');
+  let shown = rest;
+  if (at >= 0) {
+    const before = rest.slice(0, at);
+    const slash = before.indexOf('/');
+    const colon = before.indexOf(':');
+    if (slash < 0 || (colon >= 0 && colon < slash)) {
+      // `user@host`, or `user:secret@host` whose secret holds '/' or '@': everything up to the last '@'
+      shown = `***${rest.slice(at)}`;
+    } else {
+      // `user@bucket/key@x`: the user info ends at the first '@' (a path may hold '@', keys allow it)
+      const first = rest.indexOf('@');
+      if (!rest.slice(0, first).includes('/')) shown = `***${rest.slice(first)}`;
+    }
+  }
+  return `${scheme}${shown}`.replace(/[?#].*$/s, '');
 }
 
 function bad(url: string, why?: string): StorageError {
@@ -59,10 +82,20 @@ const TargetUrlSchema = z.string().transform((url, ctx): TargetSpec => {
     ctx.addIssue({ code: z.ZodIssueCode.custom, message: bad(url, why).message });
     return z.NEVER;
   };
-  // WHATWG URL parsing silently resolves '.' and '..': refuse them on the raw text instead
+  // WHATWG URL parsing silently resolves '.' and '..' (also spelled '.%2e', '%2E.', '%2e'), drops tabs and
+  // newlines and reads '\' as '/' in file URLs (`file:///t/x\..\..\etc` is /etc): refuse all of that on the
+  // raw text, each segment decoded once, as the path is decoded once below.
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f\\]/.test(url)) return fail('the URL contains a control character or a backslash');
   const afterScheme = url.replace(/^[a-z0-9+.-]+:\/\/[^/]*/i, '').replace(/[?#].*$/, '');
-  if (afterScheme.split('/').some((s) => s === '..' || s === '.' || s === '%2e%2e' || s === '%2E%2E')) {
-    return fail('the path contains "." or ".."');
+  for (const segment of afterScheme.split('/')) {
+    let decoded: string;
+    try {
+      decoded = decodeURIComponent(segment);
+    } catch {
+      return fail('the path is not valid percent-encoding');
+    }
+    if (decoded === '.' || decoded === '..') return fail('the path contains "." or ".."');
   }
   let u: URL;
   try {
@@ -114,6 +147,57 @@ export function parseTargetUrl(url: string): TargetSpec {
     });
   }
   return parsed.data;
+}
+
+/**
+ * The one spelling of a target, for comparing targets (never for display: the user's spelling is kept
+ * there). Scheme, host (lower case) and port, then the path's segments as parseTargetUrl decoded them,
+ * each percent-encoded the same way, without empty segments or a trailing '/': `s3://b/p/` and `s3://b/p`
+ * are `s3://b/p`, `file:///a//b/` is `file:///a/b`. Throws like parseTargetUrl.
+ */
+export function canonicalTargetUrl(url: string): string {
+  const spec = parseTargetUrl(url);
+  const segments = (path: string): string =>
+    path
+      .split('/')
+      .filter((s) => s !== '')
+      .map(encodeURIComponent)
+      .join('/');
+  switch (spec.kind) {
+    case 'file':
+      return `file:///${segments(spec.path)}`;
+    case 'nfs': {
+      const host = spec.host.toLowerCase();
+      return `nfs://${host.includes(':') ? `[${host}]` : host}${spec.port ? `:${spec.port}` : ''}/${segments(spec.path)}`;
+    }
+    case 's3': {
+      const prefix = segments(spec.prefix);
+      return `s3://${spec.bucket}${prefix ? `/${prefix}` : ''}`;
+    }
+  }
+}
+
+/**
+ * Whether target `url` is `prefix` or lies below it, compared canonically and segment by segment:
+ * `s3://b/p` covers `s3://b/p/x` but not `s3://b/px`; `file:///backups` does not cover `file:///backups-evil`.
+ */
+export function targetWithin(url: string, prefix: string): boolean {
+  const u = canonicalTargetUrl(url);
+  const p = canonicalTargetUrl(prefix);
+  return u === p || u.startsWith(`${p}/`);
+}
+
+/** Pairs of targets in `urls` that name the same place (`dup` repeats `first`), in order. */
+export function duplicateTargets(urls: readonly string[]): Array<{ first: string; dup: string }> {
+  const seen = new Map<string, string>();
+  const dups: Array<{ first: string; dup: string }> = [];
+  for (const url of urls) {
+    const key = canonicalTargetUrl(url);
+    const first = seen.get(key);
+    if (first === undefined) seen.set(key, url);
+    else dups.push({ first, dup: url });
+  }
+  return dups;
 }
 
 /** `file://<stateDir>/backups`: the target used when the CLI is given none. */

@@ -7,6 +7,7 @@ import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_CONTROL_TASK_QUEUE, HOST_NAME_RE, TASK_QUEUE_RE } from '../shared/names';
+import { parseTargetUrl } from '../storage/registry';
 
 const optionalText = z
   .string()
@@ -36,6 +37,7 @@ const EnvSchema = z.object({
   TEMPORAL_API_KEY: optionalText,
   VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
   VMBACKUP_MANIFEST_KEY_FILE: z.string().min(1).optional(),
+  VMBACKUP_ALLOW_TARGETS: z.string().optional(),
   VMBACKUP_CONTROL_QUEUE: z
     .string()
     .regex(TASK_QUEUE_RE, 'VMBACKUP_CONTROL_QUEUE must be letters, digits, ".", "_" or "-"')
@@ -65,6 +67,11 @@ export interface Config {
    * worker at start and by the commands that read a target, not by every command
    */
   manifestKeyFile?: string;
+  /**
+   * Target URL prefixes this host's worker ships to (VMBACKUP_ALLOW_TARGETS, `vmbackup worker --allow-target`);
+   * undefined: every target. Anyone who can start a workflow on the cluster chooses a backup's targets.
+   */
+  allowTargets?: string[];
   /**
    * the task queue of scheduled runs (`scheduledBackups`): every worker serves it, `schedule create` starts runs
    * there (VMBACKUP_CONTROL_QUEUE; default vmbackup-control)
@@ -125,6 +132,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     virshSessions: e.VMBACKUP_VIRSH_SESSION === '1',
     localTemporalAddress: `127.0.0.1:${e.VMBACKUP_TEMPORAL_PORT}`,
     ...(e.VMBACKUP_MANIFEST_KEY_FILE ? { manifestKeyFile: resolve(e.VMBACKUP_MANIFEST_KEY_FILE) } : {}),
+    ...(e.VMBACKUP_ALLOW_TARGETS !== undefined && e.VMBACKUP_ALLOW_TARGETS.trim() !== ''
+      ? { allowTargets: parseAllowTargets(e.VMBACKUP_ALLOW_TARGETS.split(/[\s,]+/), 'VMBACKUP_ALLOW_TARGETS') }
+      : {}),
     controlTaskQueue: e.VMBACKUP_CONTROL_QUEUE ?? DEFAULT_CONTROL_TASK_QUEUE,
   };
 }
@@ -208,6 +218,22 @@ export function readManifestKey(file: string): Buffer {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * Target URL prefixes for an allow-list, each a valid target URL (`s3://bucket` allows the whole bucket).
+ * Throws one sentence naming `source` for a bad one.
+ */
+export function parseAllowTargets(values: readonly string[], source: string): string[] {
+  const prefixes = values.map((v) => v.trim()).filter((v) => v !== '');
+  for (const p of prefixes) {
+    try {
+      parseTargetUrl(p);
+    } catch (err) {
+      throw new Error(`${source}: ${(err as Error).message}`);
+    }
+  }
+  return prefixes;
 }
 
 function defaultHost(): string {

@@ -64,6 +64,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     stateDir: config.stateDir,
     qemuStateDir: await qemuWritableDir(config.stateDir, '.', SYSTEM_QEMU_DIR),
     pollIntervalMs: config.pollIntervalMs,
+    allowTargets: config.allowTargets,
     // S3 credentials, region and endpoint are read once, here at the edge (standard AWS variables).
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests

@@ -449,6 +449,7 @@ async function pushImages(run: BackupRun): Promise<MadeImages> {
   if (plan?.checkpoint) {
     // Increments name the live disk as their backing file: point them at the parent's image on the target.
     const prepared = await steps.quick.prepareChainImages({
+      backupId,
       domain,
       images: job.images,
       backing: incrementBacking(plan),

@@ -18,7 +18,7 @@ import type { StorageTarget } from '../../src/storage/contract';
 import { tempName } from '../../src/storage/sidecar';
 import { requireNfs, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, runCli, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
-import { backUp, makeImage, storageActivities } from '../storage/backups';
+import { backUp, makeImage, stageImage, storageActivities } from '../storage/backups';
 import { localTarget, nfsTarget, s3Target } from '../storage/fixtures';
 import type { ConformanceTarget } from '../storage/conformance';
 
@@ -53,7 +53,7 @@ async function shipOnly(url: string, backupId: string): Promise<void> {
     backupId,
     domain: 'web',
     target: url,
-    disk: vdb,
+    disk: await stageImage(backupId, vdb),
     s3Options: { partSizeMiB: 5 },
   });
 }

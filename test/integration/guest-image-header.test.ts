@@ -6,13 +6,14 @@
  * an image in the format we wrote, the failure is permanent (ImageCorrupt, non-retryable), not retried forever.
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { HostPaths } from '../../src/activities/host-paths';
 import { createImageActivities } from '../../src/activities/images';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { ErrorType } from '../../src/shared/errors';
@@ -113,9 +114,14 @@ describe('a raw disk whose first bytes are a qcow2 header naming an NBD backing 
 test('finalizeImages: an image qemu-img cannot read in the format we wrote fails permanently as ImageCorrupt', async () => {
   const work = await mkdtemp(join(stackEnv().stateDir, 'test-image-corrupt-'));
   try {
-    const path = join(work, 'vda.qcow2');
+    // staged where a worker with state dir `work` stages this backup's images
+    const path = join(work, 'staging', 'web-20261130T010000Z-0bad', 'vda.qcow2');
+    await mkdir(dirname(path), { recursive: true });
     await writeFile(path, Buffer.alloc(1 << 20, 0x61)); // not a qcow2 image at all
-    const activities = createImageActivities({ hypervisor: {} as Hypervisor });
+    const activities = createImageActivities({
+      hypervisor: {} as Hypervisor,
+      paths: new HostPaths({ stateDir: work }),
+    });
     const err = await new MockActivityEnvironment()
       .run(activities.finalizeImages, {
         backupId: 'web-20261130T010000Z-0bad',

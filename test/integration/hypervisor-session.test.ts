@@ -4,6 +4,9 @@
  * one-shot process instead.
  */
 import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { HypervisorError } from '../../src/hypervisor/errors';
 import { execTool } from '../../src/hypervisor/exec';
@@ -20,6 +23,7 @@ import { cliEnv, uniqueHost, waitFor } from '../helpers/vmbackup';
 const exec = promisify(execFile);
 const uri = stackEnv().libvirt.uri;
 const TIMEOUT_MS = 60_000;
+const CHECKPOINT = 'vs-ck';
 
 function oneShot(args: readonly string[]) {
   return execTool('virsh', ['-c', uri, ...args], { timeoutMs: TIMEOUT_MS });
@@ -98,6 +102,19 @@ describe('virsh sessions on real libvirt', () => {
         start: false,
       }),
     ]);
+    // a checkpoint to query (an incremental backup reads checkpoints 4-6 times)
+    await exec('virsh', [
+      '-c',
+      uri,
+      'checkpoint-create-as',
+      running.name,
+      '--name',
+      CHECKPOINT,
+      '--diskspec',
+      'vda,checkpoint=bitmap',
+      '--diskspec',
+      'vdb,checkpoint=no',
+    ]);
   });
   beforeEach(async () => {
     foreign = await shells();
@@ -116,6 +133,9 @@ describe('virsh sessions on real libvirt', () => {
     ['domjobinfo', dom, '--rawstats'],
     ['domjobinfo', dom, '--completed', '--keep-completed', '--rawstats'],
     ['blockjob', dom, 'vda', '--raw'],
+    ['checkpoint-list', dom, '--name', '--topological'],
+    ['checkpoint-dumpxml', '--domain', dom, '--checkpointname', CHECKPOINT, '--no-domain'],
+    ['checkpoint-dumpxml', '--domain', dom, '--checkpointname', CHECKPOINT, '--no-domain', '--size'],
   ];
 
   test.each(['running', 'shut off'])('each query prints what a one-shot virsh prints (%s domain)', async (state) => {
@@ -134,6 +154,45 @@ describe('virsh sessions on real libvirt', () => {
       });
     }
     expect((await sessionPids()).length).toBe(1); // one shell answered them all
+  });
+
+  test('checkpoints listed, read and checked through one shell: what one-shot virsh gives, and no virsh process of their own', async () => {
+    // a virsh that logs how it was started: a session is `-c URI` alone, a one-shot run names its command
+    const dir = await mkdtemp(join(tmpdir(), 'vmbt-vs-virsh-'));
+    try {
+      const logged = join(dir, 'virsh');
+      await writeFile(logged, `#!/bin/sh\necho "$*" >>"${dir}/calls.log"\nexec virsh "$@"\n`, { mode: 0o755 });
+      const hv = createVirshHypervisor({ uri, virsh: logged });
+      opened.push(hv);
+      expect(await hv.state(running.name)).toBe('running'); // the shell is up
+      await writeFile(join(dir, 'calls.log'), '');
+      const got = {
+        list: await hv.listCheckpoints(running.name),
+        xml: await hv.checkpointXml(running.name, CHECKPOINT),
+        bitmaps: await hv.checkpointBitmaps(running.name, CHECKPOINT),
+      };
+      expect(got.list.map((c) => c.name)).toEqual([CHECKPOINT]);
+      expect(got.bitmaps).toEqual([
+        { disk: 'vda', state: 'ok', changedBytes: expect.any(Number) as number },
+        { disk: 'vdb', state: 'no-bitmap' },
+        { disk: 'sda', state: 'no-bitmap' }, // the cdrom: libvirt marks every unlisted disk 'no'
+      ]);
+      expect(got).toEqual({
+        list: await oneShotHypervisor.listCheckpoints(running.name),
+        xml: await oneShotHypervisor.checkpointXml(running.name, CHECKPOINT),
+        bitmaps: await oneShotHypervisor.checkpointBitmaps(running.name, CHECKPOINT),
+      });
+      expect(await readFile(join(dir, 'calls.log'), 'utf8')).toBe('');
+      // a checkpoint that is not there reads the same both ways
+      const [viaSession, viaProcess] = await Promise.all([
+        failure(hv.checkpointXml(running.name, 'vs-no-such-checkpoint')),
+        failure(oneShotHypervisor.checkpointXml(running.name, 'vs-no-such-checkpoint')),
+      ]);
+      expect(viaSession.kind).toBe('checkpoint-not-found');
+      expect(sameError(viaSession)).toEqual(sameError(viaProcess));
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   test('an unknown domain or disk fails with the same kind and sentence as one-shot', async () => {

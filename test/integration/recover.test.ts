@@ -16,7 +16,7 @@ import { Client } from '@temporalio/client';
 import type { WorkflowHandle } from '@temporalio/client';
 import { NativeConnection, Worker } from '@temporalio/worker';
 import { createActivities } from '../../src/activities';
-import { hostStagingRoots } from '../../src/activities/dead-staging';
+import { HostPaths } from '../../src/activities/host-paths';
 import { qemuWritableDir } from '../../src/activities/qemu-paths';
 import { startBackup } from '../../src/client/backups';
 import type { Hypervisor } from '../../src/hypervisor/port';
@@ -185,7 +185,9 @@ describe('recovery of overlays left by dead backups', () => {
     await chmod(state, 0o755);
     const env = cliEnv({ VMBACKUP_STATE_DIR: state });
     const target = pathToFileURL(join(state, 'backups')).href; // the default target: its .staging is scanned
-    const roots = hostStagingRoots(state, join(state, 'system'));
+    const roots = new HostPaths({ stateDir: state, systemQemuDir: join(state, 'system') }).recoveryStagingRoots(
+      join(state, 'backups'),
+    );
 
     // 1. a backup killed for good in the middle of its copy: a VM on an overlay, a half-full staging dir
     const dead = await abandonedBackup(uniqueHost('recd'), { stateDir: state, target, midCopy: true });

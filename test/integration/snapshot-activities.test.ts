@@ -84,7 +84,7 @@ describe('snapshot activities on real domains', () => {
     });
     const a = activities();
     const id = backupId('full');
-    const staging = join(work, id);
+    const staging = join(stateDir, 'staging', id);
     const info = await hv.inspect(dom.name);
     // Nothing writes to a domain without a guest OS: the images now are the backup point.
     const refs = await Promise.all(dom.disks.map((d) => reference(d.path, join(work, `${id}-${d.dev}.ref.raw`))));
@@ -164,7 +164,7 @@ describe('snapshot activities on real domains', () => {
     });
     const a = activities();
     const id = backupId('auto');
-    const staging = join(work, id);
+    const staging = join(stateDir, 'staging', id);
     const info = await hv.inspect(dom.name);
     const refs = await Promise.all(dom.disks.map((d) => reference(d.path, join(work, `${id}-${d.dev}.ref.raw`))));
     const created = await act(a.createOverlays, {
@@ -247,7 +247,7 @@ describe('snapshot activities on real domains', () => {
       backupId: id,
       domain: dom.name,
       overlays: first.overlays,
-      stagingDir: join(work, id),
+      stagingDir: join(stateDir, 'staging', id),
       copyTool: 'cp',
     });
     expect(await holds(images[0]!.path, 0x5a, 0, 8)).toBe(true);

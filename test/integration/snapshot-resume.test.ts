@@ -64,7 +64,7 @@ describe('snapshot copy after a crash', () => {
       backupStates: async () => 'running', // recovery is not exercised here
     });
     const backupId = `snap-resume-${process.pid}`;
-    const staging = join(work, 'staging');
+    const staging = join(work, 'state', 'staging', backupId);
     const dest = join(staging, 'vda.raw');
     const info = await hv.inspect(dom.name);
     const { overlays } = await env([]).run(a.createOverlays, {

@@ -12,7 +12,7 @@ import type { ShipHeartbeat } from '../../src/activities/storage';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
 import { requireS3 } from '../helpers/stack';
-import { storageActivities } from '../storage/backups';
+import { stageImage, storageActivities } from '../storage/backups';
 import { s3Target } from '../storage/fixtures';
 
 const MiB = 1 << 20;
@@ -26,14 +26,14 @@ beforeAll(async () => {
   const bytes = randomBytes(30 * MiB);
   const path = join(work, 'vda.raw');
   await writeFile(path, bytes);
-  disk = {
+  disk = await stageImage('web-1', {
     name: 'vda',
     format: 'raw',
     path,
     virtualSize: bytes.length,
     size: bytes.length,
     sha256: createHash('sha256').update(bytes).digest('hex'),
-  };
+  });
 });
 
 afterAll(async () => {

@@ -8,11 +8,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { createStorageActivities } from '../../src/activities/storage';
 import { ErrorType } from '../../src/shared/errors';
 import { StorageError } from '../../src/storage/errors';
 import { openTarget, type TargetEnvironment } from '../../src/storage/registry';
 import { requireNfs, requireS3, stackEnv } from '../helpers/stack';
+import { stageImage, storageActivities, testStateDir } from '../storage/backups';
 import { s3Env, s3Target, uniqueName } from '../storage/fixtures';
 
 const WRONG_SECRET = 'wR0ngS3cretDoNotPrint';
@@ -137,21 +137,28 @@ test('an NFS export that does not exist: not-found, permanent', async () => {
 test('activities turn bad input into non-retryable failures and write nothing', async () => {
   const t = await s3Target();
   try {
-    const acts = createStorageActivities({ openTarget: (u, o) => openTarget(u, { ...o, env: s3Env() }) });
-    const disk = {
+    const acts = storageActivities();
+    const disk = await stageImage('b1', {
       name: 'vda',
       format: 'raw',
       path: image,
       virtualSize: 6 << 20,
       size: 6 << 20,
       sha256: 'a'.repeat(64),
-    };
+    });
     const cases: Array<[Record<string, unknown>, string]> = [
       [{ backupId: 'b1', domain: '..', target: t.url, disk }, ErrorType.InvalidInput],
       [{ backupId: 'a/../b', domain: 'web', target: t.url, disk }, ErrorType.InvalidInput],
       [{ backupId: 'b1', domain: 'web', target: 'ftp://x', disk }, ErrorType.InvalidTarget],
+      // an image this host did not stage for the backup
+      [{ backupId: 'b1', domain: 'web', target: t.url, disk: { ...disk, path: image } }, ErrorType.InvalidInput],
       [
-        { backupId: 'b1', domain: 'web', target: t.url, disk: { ...disk, path: join(work, 'missing.raw') } },
+        {
+          backupId: 'b2',
+          domain: 'web',
+          target: t.url,
+          disk: { ...disk, path: join(testStateDir(), 'staging', 'b2', 'vda.raw') },
+        },
         ErrorType.NotFound,
       ],
       // the image on disk is not the one the backup hashed

@@ -15,7 +15,7 @@ import type { DiskImage } from '../../src/shared/types';
 import { copyBackup, findBackup, listBackups, pruneBackups, restoreBackup, verifyBackup } from '../../src/repository';
 import type { StorageTarget } from '../../src/storage/contract';
 import { StorageError } from '../../src/storage/errors';
-import { backUp, makeImage, storageActivities } from '../storage/backups';
+import { backUp, makeImage, stageImage, storageActivities } from '../storage/backups';
 import { localTarget, nfsTarget, s3Target } from '../storage/fixtures';
 import type { ConformanceTarget } from '../storage/conformance';
 import { requireNfs, requireS3, stackEnv } from '../helpers/stack';
@@ -68,7 +68,7 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
       backupId: id(1),
       domain: 'web',
       target: made.url,
-      disk: vda,
+      disk: await stageImage(id(1), vda),
     });
     expect(again.bytesSent).toBe(0);
 
@@ -113,7 +113,12 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
   test('a backup without a manifest is not listed, and deleteBackupObjects removes its images only', async () => {
     await backUp(made.url, 'web', id(1), '2026-11-21T01:00:00.000Z', [vda]);
     const env = new MockActivityEnvironment();
-    await env.run(activities.shipImage, { backupId: id(2), domain: 'web', target: made.url, disk: vda });
+    await env.run(activities.shipImage, {
+      backupId: id(2),
+      domain: 'web',
+      target: made.url,
+      disk: await stageImage(id(2), vda),
+    });
     expect((await listBackups(t)).map((b) => b.manifest.backupId)).toEqual([id(1)]);
     await expect(findBackup(t, id(2))).rejects.toThrow(/is not on .* \(no committed manifest\)/);
 
@@ -131,7 +136,7 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
       backupId: id(5),
       domain: 'web',
       target: made.url,
-      disk: vdb,
+      disk: await stageImage(id(5), vdb),
     });
 
     const dry = await pruneBackups(t, { keepLast: 1, dryRun: true });

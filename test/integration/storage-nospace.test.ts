@@ -5,12 +5,13 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { HostPaths } from '../../src/activities/host-paths';
 import { createStorageActivities } from '../../src/activities/storage';
 import { ErrorType } from '../../src/shared/errors';
 import { listBackups } from '../../src/repository';
@@ -54,7 +55,9 @@ afterAll(async () => {
 });
 
 test('a full target: one sentence naming it, no temp file left, nothing listed, non-retryable activity failure', async () => {
-  const image = join(work, 'vda.raw');
+  // staged where a worker with state dir `work` stages the images of this backup
+  const image = join(work, 'staging', 'web-20261128T010000Z-0001', 'vda.raw');
+  await mkdir(dirname(image), { recursive: true });
   await writeFile(image, randomBytes(48 * MiB));
   const url = `file://${mnt}/backups`;
   const target = openTarget(url, { env: {} });
@@ -68,7 +71,10 @@ test('a full target: one sentence naming it, no temp file left, nothing listed, 
   expect(await filesUnder(join(mnt, 'backups'))).toEqual([]);
   expect(await listBackups(target)).toEqual([]);
 
-  const acts = createStorageActivities({ openTarget: (u, o) => openTarget(u, { ...o, env: {} }) });
+  const acts = createStorageActivities({
+    openTarget: (u, o) => openTarget(u, { ...o, env: {} }),
+    paths: new HostPaths({ stateDir: work }),
+  });
   const failure = await new MockActivityEnvironment()
     .run(acts.shipImage, {
       backupId: 'web-20261128T010000Z-0001',

@@ -1,10 +1,13 @@
 /** Real backups on a target for catalog and CLI tests: qemu-io-written images, shipped and committed by the activities. */
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFile, stat } from 'node:fs/promises';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { copyFile, link, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { HostPaths } from '../../src/activities/host-paths';
 import { createStorageActivities } from '../../src/activities/storage';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
@@ -14,8 +17,41 @@ import { s3Env } from './fixtures';
 const run = promisify(execFile);
 const MiB = 1 << 20;
 
+let testState: string | undefined;
+
+/**
+ * A state dir of this test process: the storage activities ship only images staged in it
+ * (`<state>/staging/<backupId>/<disk>.<format>`), as a worker ships only what it staged.
+ */
+export function testStateDir(): string {
+  if (!testState) {
+    const dir = mkdtempSync(join(tmpdir(), 'vmbackup-test-state-'));
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+    testState = dir;
+  }
+  return testState;
+}
+
+export function testHostPaths(): HostPaths {
+  return new HostPaths({ stateDir: testStateDir() });
+}
+
 export function storageActivities(): ReturnType<typeof createStorageActivities> {
-  return createStorageActivities({ openTarget: (url, options) => openTarget(url, { ...options, env: s3Env() }) });
+  return createStorageActivities({
+    openTarget: (url, options) => openTarget(url, { ...options, env: s3Env() }),
+    paths: testHostPaths(),
+  });
+}
+
+/** `disk` as the backup `backupId` staged it: a hard link (or a copy) in this process's staging dir. */
+export async function stageImage(backupId: string, disk: DiskImage): Promise<DiskImage> {
+  const dir = join(testStateDir(), 'staging', backupId);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const path = join(dir, `${disk.name}.${disk.format}`);
+  await rm(path, { force: true });
+  await link(disk.path, path).catch(() => copyFile(disk.path, path));
+  const { stamp: _stamp, ...rest } = disk;
+  return { ...rest, path };
 }
 
 const activities = storageActivities();
@@ -52,7 +88,13 @@ export async function backUp(
   const shipped: ShippedImage[] = [];
   for (const disk of disks)
     shipped.push(
-      await env.run(activities.shipImage, { backupId, domain, target: url, disk, s3Options: { partSizeMiB: 5 } }),
+      await env.run(activities.shipImage, {
+        backupId,
+        domain,
+        target: url,
+        disk: await stageImage(backupId, disk),
+        s3Options: { partSizeMiB: 5 },
+      }),
     );
   await env.run(activities.writeManifest, {
     target: url,

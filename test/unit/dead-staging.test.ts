@@ -9,7 +9,8 @@ import { basename, dirname, join } from 'node:path';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import type { BackupState } from '../../src/activities/backup-states';
 import { UNKNOWN_BACKUP_GRACE_MS } from '../../src/activities/backup-states';
-import { createDeadStagingActivities, hostStagingRoots } from '../../src/activities/dead-staging';
+import { createDeadStagingActivities } from '../../src/activities/dead-staging';
+import { HostPaths } from '../../src/activities/host-paths';
 import { createPushActivities } from '../../src/activities/push';
 import type { Hypervisor } from '../../src/hypervisor/port';
 import { defaultTargetUrl } from '../../src/storage/registry';
@@ -33,7 +34,7 @@ test('every staging directory prepareStaging makes lies directly under a root re
   const systemQemuDir = join(work, 'system');
   // prepareStaging never asks libvirt
   const push = createPushActivities({ hypervisor: {} as Hypervisor, stateDir, systemQemuDir });
-  const roots = hostStagingRoots(stateDir, systemQemuDir);
+  const roots = new HostPaths({ stateDir, systemQemuDir }).recoveryStagingRoots(join(stateDir, 'backups'));
   const defaultTarget = defaultTargetUrl(stateDir);
   const cases = [
     { targets: ['s3://bucket/prefix'], writtenByQemu: false },

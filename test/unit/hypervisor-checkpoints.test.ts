@@ -19,10 +19,13 @@ let fake: string;
  * (c1-size or c1-size-broken with --size, $FAKE_SIZE); checkpoint-delete fails as $FAKE_DELETE says
  * (`missing`: no such checkpoint; `bitmap-missing`: vda's bitmap is gone until the checkpoint is redefined);
  * checkpoint-create --redefine keeps a copy of its XML and fails with the kill -9 text under
- * --redefine-validate when $FAKE_BROKEN is set.
+ * --redefine-validate when $FAKE_BROKEN is set. The settings are read from $FAKE_DIR/settings (tools get no
+ * environment of ours but PATH, HOME and the like).
  */
-const SCRIPT = `#!/bin/bash
+const script = (fakeDir: string): string => `#!/bin/bash
 F=${FIXTURES}
+FAKE_DIR=${fakeDir}
+. "$FAKE_DIR/settings"
 echo "$*" >>"$FAKE_DIR/calls.log"
 shift 2 # -c URI
 case "$1" in
@@ -52,21 +55,28 @@ esac
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmbackup-fake-virsh-ck-'));
   fake = join(dir, 'virsh');
-  await writeFile(fake, SCRIPT);
+  await writeFile(fake, script(dir));
   await chmod(fake, 0o755);
-  process.env.FAKE_DIR = dir;
 });
 afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
-  for (const v of ['FAKE_DIR', 'FAKE_LIST', 'FAKE_SIZE', 'FAKE_DELETE', 'FAKE_BROKEN']) delete process.env[v];
 });
+
+const settings: Record<string, string> = {};
+/** Sets one of the fake's settings ($FAKE_LIST, $FAKE_SIZE, $FAKE_DELETE, $FAKE_BROKEN) from now on. */
+async function fakeSetting(name: string, value: string): Promise<void> {
+  settings[name] = value;
+  const lines = Object.entries(settings).map(([k, v]) => `${k}='${v}'`);
+  await writeFile(join(dir, 'settings'), `${lines.join('\n')}\n`);
+}
+
 beforeEach(async () => {
   for (const f of await readdir(dir)) if (f !== 'virsh') await rm(join(dir, f), { force: true });
   await writeFile(join(dir, 'list.txt'), await readFile(join(FIXTURES, 'checkpoint-list.name.txt')));
-  process.env.FAKE_LIST = join(dir, 'list.txt');
-  process.env.FAKE_SIZE = 'size';
-  process.env.FAKE_DELETE = '';
-  process.env.FAKE_BROKEN = '';
+  await fakeSetting('FAKE_LIST', join(dir, 'list.txt'));
+  await fakeSetting('FAKE_SIZE', 'size');
+  await fakeSetting('FAKE_DELETE', '');
+  await fakeSetting('FAKE_BROKEN', '');
 });
 
 const calls = async (): Promise<string[]> =>
@@ -155,7 +165,7 @@ describe('beginPushBackup: incremental and checkpoints', () => {
   });
 
   test('an incremental from a bitmap broken by kill -9: checkpoint-inconsistent, naming checkpoint and disk', async () => {
-    process.env.FAKE_BROKEN = '1';
+    await fakeSetting('FAKE_BROKEN', '1');
     const err = await rejection(
       hv().beginPushBackup('vm1', targets, {
         disks: ['vda', 'vdb'],
@@ -237,7 +247,7 @@ describe('checkpointXml and checkpointBitmaps', () => {
   });
 
   test('after kill -9: broken, before any job is started', async () => {
-    process.env.FAKE_SIZE = 'size-broken';
+    await fakeSetting('FAKE_SIZE', 'size-broken');
     expect(await hv().checkpointBitmaps('vm1', 'c1', { disks: ['vda', 'vdb'] })).toEqual([
       { disk: 'vda', state: 'broken' },
       { disk: 'vdb', state: 'no-bitmap' },
@@ -245,7 +255,7 @@ describe('checkpointXml and checkpointBitmaps', () => {
   });
 
   test('a disk the domain no longer has: no-disk (the domain XML is read when no disk list is given)', async () => {
-    process.env.FAKE_SIZE = 'size-broken';
+    await fakeSetting('FAKE_SIZE', 'size-broken');
     const states = await hv().checkpointBitmaps('vm1', 'c1', { disks: ['vdb'] });
     expect(states[0]).toEqual({ disk: 'vda', state: 'no-disk' });
     await hv().checkpointBitmaps('vm1', 'c1');
@@ -264,13 +274,13 @@ describe('deleteCheckpoint', () => {
   });
 
   test('idempotent: a checkpoint that is not there resolves false', async () => {
-    process.env.FAKE_DELETE = 'missing';
+    await fakeSetting('FAKE_DELETE', 'missing');
     expect(await hv().deleteCheckpoint('vm1', 'nosuch')).toBe(false);
     expect(await hv().deleteCheckpoint('vm1', 'nosuch', { metadataOnly: true })).toBe(false);
   });
 
   test("a bitmap QEMU never stored (kill -9): that disk is redefined as checkpoint='no', then the rest is deleted", async () => {
-    process.env.FAKE_DELETE = 'bitmap-missing';
+    await fakeSetting('FAKE_DELETE', 'bitmap-missing');
     expect(await hv().deleteCheckpoint('vm1', 'c1')).toBe(true);
     const log = await calls();
     expect(log.map((c) => c.split(' ')[2])).toEqual([
@@ -286,7 +296,7 @@ describe('deleteCheckpoint', () => {
   });
 
   test('metadataOnly never redefines', async () => {
-    process.env.FAKE_DELETE = 'bitmap-missing';
+    await fakeSetting('FAKE_DELETE', 'bitmap-missing');
     const err = await rejection(hv().deleteCheckpoint('vm1', 'c1', { metadataOnly: true }));
     expect(err).toMatchObject({ kind: 'checkpoint-inconsistent', checkpoint: 'c1', disk: 'vda' });
     expect(await calls()).toHaveLength(1);
@@ -331,7 +341,7 @@ describe('redefineCheckpoint', () => {
   });
 
   test('a broken bitmap fails validation with checkpoint-inconsistent', async () => {
-    process.env.FAKE_BROKEN = '1';
+    await fakeSetting('FAKE_BROKEN', '1');
     const err = await rejection(hv().redefineCheckpoint('vm1', await saved(), { validate: true }));
     expect(err).toMatchObject({ kind: 'checkpoint-inconsistent', checkpoint: 'c1', disk: 'vda' });
     expect(err.message).toMatch(

@@ -11,6 +11,37 @@ describe('execTool', () => {
     expect((await execTool('sh', ['-c', 'echo $LC_ALL'])).stdout).toBe('C\n');
   });
 
+  test('tools see PATH, HOME and the libvirt variables, never a secret of ours', async () => {
+    const canary = `canary-${process.pid}-${Date.now()}`;
+    const saved = { ...process.env };
+    Object.assign(process.env, {
+      AWS_SECRET_ACCESS_KEY: canary,
+      AWS_ACCESS_KEY_ID: `id-${canary}`,
+      TEMPORAL_API_KEY: `key-${canary}`,
+      VMBACKUP_SOMETHING: canary,
+      LIBVIRT_DEFAULT_URI: 'qemu:///system',
+      XDG_RUNTIME_DIR: '/run/user/0',
+    });
+    try {
+      const env = (await execTool('env', [])).stdout;
+      expect(env).not.toContain(canary);
+      const names = env
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => l.split('=')[0])
+        .sort();
+      expect(names).toEqual(
+        ['HOME', 'LANG', 'LC_ALL', 'LIBVIRT_DEFAULT_URI', 'PATH', 'TMPDIR', 'XDG_RUNTIME_DIR'].filter(
+          (n) => n in process.env || n === 'LANG' || n === 'LC_ALL',
+        ),
+      );
+      expect(env).toContain('LIBVIRT_DEFAULT_URI=qemu:///system\n');
+    } finally {
+      for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
+      Object.assign(process.env, saved);
+    }
+  });
+
   test('a missing program is an ExecStartError with ENOENT', async () => {
     await expect(execTool('/nonexistent/tool', [])).rejects.toMatchObject({ name: 'ExecStartError', code: 'ENOENT' });
     await expect(execTool('/nonexistent/tool', [])).rejects.toBeInstanceOf(ExecStartError);

@@ -14,11 +14,14 @@ let dir: string;
 let fake: string;
 
 /**
- * A virsh that answers from captured files. XML is taken from $FAKE_XML; `domstate nosuch-domain`
- * fails as virsh does; backup-begin keeps a copy of its XML; every call is logged.
+ * A virsh that answers from captured files. XML is taken from the fixture named in $FAKE_DIR/xml (a file:
+ * tools get no environment of ours but PATH, HOME and the like); `domstate nosuch-domain` fails as virsh
+ * does; backup-begin keeps a copy of its XML; every call is logged.
  */
-const SCRIPT = `#!/bin/bash
+const script = (fakeDir: string): string => `#!/bin/bash
 F=${FIXTURES}
+FAKE_DIR=${fakeDir}
+FAKE_XML=$(cat "$FAKE_DIR/xml")
 echo "$*" >>"$FAKE_DIR/calls.log"
 shift 2 # -c URI
 case "$1" in
@@ -38,19 +41,19 @@ esac
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmbackup-fake-virsh-'));
   fake = join(dir, 'virsh');
-  await writeFile(fake, SCRIPT);
+  await writeFile(fake, script(dir));
   await chmod(fake, 0o755);
-  process.env.FAKE_DIR = dir;
 });
 afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
-  delete process.env.FAKE_DIR;
-  delete process.env.FAKE_XML;
 });
 beforeEach(async () => {
   await rm(join(dir, 'calls.log'), { force: true });
-  process.env.FAKE_XML = 'dumpxml.live.xml';
+  await useXml('dumpxml.live.xml');
 });
+
+/** The domain XML the fake virsh answers with from now on. */
+const useXml = (fixture: string): Promise<void> => writeFile(join(dir, 'xml'), fixture);
 
 const calls = async (): Promise<string[]> =>
   (await readFile(join(dir, 'calls.log'), 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
@@ -98,7 +101,7 @@ describe('inspect: disk policy', () => {
   });
 
   test('a writable network disk is refused rather than silently left out', async () => {
-    process.env.FAKE_XML = 'dumpxml.inactive.xml';
+    await useXml('dumpxml.inactive.xml');
     const err = await hv()
       .inspect('vm1')
       .catch((e: unknown) => e);
@@ -159,14 +162,14 @@ describe('commands and messages', () => {
   });
 
   test('blockJobInfo reads the ready flag from the XML mirror', async () => {
-    process.env.FAKE_XML = 'dumpxml.commit-running.xml';
+    await useXml('dumpxml.commit-running.xml');
     expect(await hv().blockJobInfo('vm1', 'vda')).toEqual({
       type: 'Active Block Commit',
       cur: 606076928,
       end: 1 << 30,
       ready: false,
     });
-    process.env.FAKE_XML = 'dumpxml.commit-ready.xml';
+    await useXml('dumpxml.commit-ready.xml');
     expect((await hv().blockJobInfo('vm1', 'vda')).ready).toBe(true);
   });
 

@@ -2,7 +2,13 @@
 import { Option } from 'commander';
 import type { Command } from 'commander';
 import type { BackupStatusView } from '../../client/backups';
-import { DEFAULT_MAX_CHAIN, DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
+import {
+  DEFAULT_MAX_CHAIN,
+  DOMAIN_NAME_RE,
+  HOST_NAME_RE,
+  MAX_HEARTBEAT_SECONDS,
+  MIN_HEARTBEAT_SECONDS,
+} from '../../shared/names';
 import { parseDuration } from '../../shared/duration';
 import type {
   BackupChainInfo,
@@ -12,7 +18,7 @@ import type {
   RequestedLevel,
   RequestedMethod,
 } from '../../shared/types';
-import { defaultTargetUrl, parseTargetUrl } from '../../storage/registry';
+import { canonicalTargetUrl, defaultTargetUrl, redactUrl, targetWithin } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
 import { signalExitCode, watchInterrupts } from '../interrupt';
@@ -91,6 +97,7 @@ export function addBackupOptions(cmd: Command): Command {
 
 /** The options of addBackupOptions, checked: one sentence for a bad value. */
 export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
+  const heartbeatTimeoutSeconds = parseHeartbeatTimeout(flags.heartbeatTimeout);
   let maxChain: number | undefined;
   if (flags.maxChain !== undefined) {
     if (!/^\d+$/.test(flags.maxChain) || Number(flags.maxChain) < 1 || Number(flags.maxChain) > 1000) {
@@ -114,7 +121,7 @@ export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
     copyTool: flags.copyTool,
     includeAllDisks: Boolean(flags.includeAllDisks),
     s3: s3OptionsFrom(flags),
-    ...(flags.heartbeatTimeout ? { heartbeatTimeoutSeconds: Number(flags.heartbeatTimeout) } : {}),
+    ...(heartbeatTimeoutSeconds !== undefined ? { heartbeatTimeoutSeconds } : {}),
   };
 }
 
@@ -129,13 +136,16 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   const config = loadConfig(process.env, temporalFlagsFrom(flags));
   const host = flags.host ?? config.host;
   if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
-  const targets = flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)];
-  for (const t of targets) parseTargetUrl(t); // one clear sentence for a bad URL, before anything starts
-  const options = backupOptionsFrom(flags);
-
+  parseHeartbeatTimeout(flags.heartbeatTimeout);
   const log = (line: string) => {
     if (!flags.json) process.stderr.write(`${line}\n`);
   };
+  // said even with --json (on stderr): the user named a target twice
+  const targets = uniqueTargets(flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)], (line) =>
+    process.stderr.write(`${line}\n`),
+  );
+  const options = backupOptionsFrom(flags);
+
   // The Temporal client loads only for a command that talks to Temporal (help and --version stay instant).
   const [{ openSession }, { startBackup }, { watchBackup }] = await Promise.all([
     import('../../client/connect'),
@@ -147,8 +157,14 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   let interrupts: InterruptWatch | undefined;
   try {
     if (session.embedded && host === config.host) {
-      // Embedded default: this process is the host's worker for as long as the backup runs.
-      stopWorker = await startInProcessWorker(config, session.address);
+      // Embedded default: this process is the host's worker for as long as the backup runs, and it writes to
+      // this command's targets only (the local server takes workflows from any local user meanwhile).
+      for (const t of targets) {
+        if (config.allowTargets && !config.allowTargets.some((p) => targetWithin(t, p))) {
+          throw new CliError(`${redactUrl(t)} is outside VMBACKUP_ALLOW_TARGETS; nothing was started`);
+        }
+      }
+      stopWorker = await startInProcessWorker({ ...config, allowTargets: targets }, session.address);
     }
     interrupts = watchInterrupts();
     const { backupId, handle } = await startBackup(session.client, {
@@ -213,6 +229,38 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
     interrupts?.dispose();
     await session.close();
   }
+}
+
+/** Heartbeat timeouts the workflow accepts: whole seconds (it checks them again, as anyone may start it). */
+function parseHeartbeatTimeout(value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = /^\d+$/.test(value.trim()) ? Number(value.trim()) : NaN;
+  if (!(n >= MIN_HEARTBEAT_SECONDS && n <= MAX_HEARTBEAT_SECONDS)) {
+    throw new CliError(
+      `--heartbeat-timeout ${JSON.stringify(value)} is not a number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}`,
+    );
+  }
+  return n;
+}
+
+/**
+ * Each target once: two spellings of one place (`s3://b/p` and `s3://b/p/`) would race on the same keys.
+ * A bad URL fails here with one sentence (canonicalTargetUrl parses it), before anything starts.
+ */
+export function uniqueTargets(urls: string[], log: (line: string) => void): string[] {
+  const seen = new Map<string, string>();
+  const unique: string[] = [];
+  for (const url of urls) {
+    const key = canonicalTargetUrl(url);
+    const first = seen.get(key);
+    if (first !== undefined) {
+      log(`vmbackup: --target ${redactUrl(url)} is the same target as ${redactUrl(first)}; writing to it once`);
+      continue;
+    }
+    seen.set(key, url);
+    unique.push(url);
+  }
+  return unique;
 }
 
 function describeLevel(chain: BackupChainInfo): string {

@@ -16,7 +16,7 @@ export function register(program: Command): void {
     .action(
       action(async (backupId: string, flags: { wait?: boolean; json?: boolean }) => {
         const config = loadConfig(process.env, temporalFlagsFrom(flags));
-        const [{ openExistingSession }, { findBackup }] = await Promise.all([
+        const [{ openExistingSession }, { backupTargets, findBackup }] = await Promise.all([
           import('../../client/connect'),
           import('../../client/backups'),
         ]);
@@ -34,7 +34,10 @@ export function register(program: Command): void {
           if (session.embedded && host === config.host) {
             // Embedded default: the backup's worker was the CLI that started it, and it may be gone (killed, or
             // the machine rebooted). Run this host's worker here until the undo steps have run.
-            stopWorker = await startInProcessWorker(config, session.address);
+            // It writes to that backup's targets only (to remove what it uploaded): the local server takes
+            // workflows from any local user meanwhile.
+            const allowTargets = (await backupTargets(session.client, handle)) ?? [];
+            stopWorker = await startInProcessWorker({ ...config, allowTargets }, session.address);
           }
           await handle.cancel();
           let status = 'cancelling';

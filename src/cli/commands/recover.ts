@@ -29,7 +29,8 @@ export function register(program: Command): void {
         try {
           if (session.embedded && host === base.host) {
             quietWorkerLogs();
-            const hostWorker = await createHostWorker({ config, address });
+            // recovery ships nothing: this command's worker writes to no target
+            const hostWorker = await createHostWorker({ config: { ...config, allowTargets: [] }, address });
             const { close } = hostWorker;
             const running = hostWorker.run();
             stop = async () => {

@@ -11,11 +11,11 @@ import type * as SchedulesModule from '../../client/schedules';
 import { parseDuration } from '../../shared/duration';
 import { DOMAIN_NAME_RE, HOST_NAME_RE } from '../../shared/names';
 import type { RetentionPolicy, ScheduleGroup, ScheduleMember, ScheduledBackupsInput } from '../../shared/schedule';
-import { parseTargetUrl, redactUrl } from '../../storage/registry';
+import { redactUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
 import { action, CliError, printJson, printTable, safeText } from '../output';
-import { addBackupOptions, backupOptionsFrom, collect } from './backup';
+import { addBackupOptions, backupOptionsFrom, collect, uniqueTargets } from './backup';
 import type { BackupOptionFlags } from './backup';
 import { addTemporalOptions, temporalFlagsFrom } from './temporal-options';
 
@@ -254,8 +254,8 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
   if (flags.target.length === 0) {
     throw new CliError("a schedule needs --target URL (repeatable): its backups run on the VMs' hosts, not here");
   }
-  if (new Set(flags.target).size !== flags.target.length) throw new CliError('a --target is given twice');
-  for (const t of flags.target) parseTargetUrl(t);
+  // each target once (two spellings of one place would race on the same keys); a bad URL fails here
+  const targets = uniqueTargets(flags.target, (line) => process.stderr.write(`${line}\n`));
   const everySeconds = duration('--every', flags.every);
   const jitterSeconds = flags.jitter !== undefined ? duration('--jitter', flags.jitter) : undefined;
   const retention: RetentionPolicy = {
@@ -273,7 +273,7 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
     schedule: name,
     group,
     method: flags.method,
-    targets: flags.target,
+    targets,
     options,
     ...(hasRetention ? { retention: JSON.parse(JSON.stringify(retention)) as RetentionPolicy } : {}),
     waitSeconds: everySeconds,

@@ -6,7 +6,7 @@
  */
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
+import { open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import type {
@@ -29,6 +29,7 @@ import {
   tempName,
   tempOwner,
 } from '../sidecar';
+import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../shared/file-modes';
 import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
@@ -143,8 +144,9 @@ export class LocalTarget implements StorageTarget {
       if (!fh) {
         await this.removeStaleTemps(dir, name);
         temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
-        // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS)
-        fh = await open(temp, 'wx', 0o600);
+        // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS); open's mode is less the umask
+        fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
+        await fh.chmod(PRIVATE_FILE_MODE);
       }
       const tempPath = temp as string;
       const startOffset = offset;
@@ -299,6 +301,8 @@ export class LocalTarget implements StorageTarget {
     try {
       const fh = await open(sourcePath, 'r+');
       try {
+        // the staged file keeps its inode: whoever wrote it (QEMU, qemu-img, rsync) chose its mode
+        await fh.chmod(PRIVATE_FILE_MODE);
         await fh.sync();
       } finally {
         await fh.close();
@@ -347,7 +351,7 @@ export class LocalTarget implements StorageTarget {
 
   private async mkdirs(dir: string, what: string): Promise<void> {
     try {
-      await mkdir(dir, { recursive: true });
+      await makeDirs(dir, PRIVATE_DIR_MODE);
     } catch (err) {
       throw this.error(err, what);
     }
@@ -360,8 +364,9 @@ export class LocalTarget implements StorageTarget {
   private async writeAtomic(dir: string, name: string, body: Buffer): Promise<void> {
     const temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
     try {
-      const fh = await open(temp, 'wx', 0o644);
+      const fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
       try {
+        await fh.chmod(PRIVATE_FILE_MODE);
         await fh.writeFile(body);
         await fh.sync();
       } finally {

@@ -253,8 +253,12 @@ export class NfsClient {
     return { fh, ...(attrs ? { attrs } : {}) };
   }
 
-  /** UNCHECKED create truncates nothing and succeeds if the file exists; GUARDED fails with EXIST. */
-  async create(dir: Buffer, name: string, mode: 'unchecked' | 'guarded', perm = 0o644): Promise<Buffer> {
+  /**
+   * UNCHECKED create truncates nothing and succeeds if the file exists; GUARDED fails with EXIST. The file
+   * gets mode `perm` (default 0600): asked for in CREATE, and set with SETATTR if the server applied a umask
+   * of its own.
+   */
+  async create(dir: Buffer, name: string, mode: 'unchecked' | 'guarded', perm = 0o600): Promise<Buffer> {
     const w = new XdrWriter()
       .opaque(dir)
       .string(name)
@@ -263,16 +267,21 @@ export class NfsClient {
     const r = await this.call(Proc.CREATE, [w.bytes()]);
     const status = r.u32();
     if (status !== 0) throw this.fail(status, `CREATE ${name}`);
-    const fh = postOpFh(r);
-    if (fh) return fh;
-    const found = await this.lookup(dir, name);
-    if (!found) throw this.fail(2, `CREATE ${name}`);
-    return found.fh;
+    let fh = postOpFh(r);
+    const attrs = postOpAttr(r);
+    if (!fh) {
+      const found = await this.lookup(dir, name);
+      if (!found) throw this.fail(2, `CREATE ${name}`);
+      fh = found.fh;
+    }
+    if (mode === 'guarded') await this.ensureMode(fh, perm, attrs, `CREATE ${name}`);
+    return fh;
   }
 
-  async mkdir(dir: Buffer, name: string): Promise<Buffer> {
+  /** A new directory gets mode `perm` (default 0700); an existing one (EXIST) is returned as it is. */
+  async mkdir(dir: Buffer, name: string, perm = 0o700): Promise<Buffer> {
     const w = new XdrWriter().opaque(dir).string(name);
-    sattr(w, { mode: 0o755 });
+    sattr(w, { mode: perm });
     const r = await this.call(Proc.MKDIR, [w.bytes()]);
     const status = r.u32();
     if (status === 17) {
@@ -280,11 +289,25 @@ export class NfsClient {
       if (found) return found.fh;
     }
     if (status !== 0) throw this.fail(status, `MKDIR ${name}`);
-    const fh = postOpFh(r);
-    if (fh) return fh;
-    const found = await this.lookup(dir, name);
-    if (!found) throw this.fail(2, `MKDIR ${name}`);
-    return found.fh;
+    let fh = postOpFh(r);
+    const attrs = postOpAttr(r);
+    if (!fh) {
+      const found = await this.lookup(dir, name);
+      if (!found) throw this.fail(2, `MKDIR ${name}`);
+      fh = found.fh;
+    }
+    await this.ensureMode(fh, perm, attrs, `MKDIR ${name}`);
+    return fh;
+  }
+
+  /** SETATTR the mode unless the attributes the server returned show it already. */
+  private async ensureMode(fh: Buffer, perm: number, attrs: Fattr | undefined, op: string): Promise<void> {
+    if (attrs && (attrs.mode & 0o7777) === perm) return;
+    const w = new XdrWriter().opaque(fh);
+    sattr(w, { mode: perm }).bool(false);
+    const r = await this.call(Proc.SETATTR, [w.bytes()]);
+    const status = r.u32();
+    if (status !== 0) throw this.fail(status, `SETATTR (mode) after ${op}`);
   }
 
   /** Returns the write verifier (hex); a different verifier at COMMIT means the server lost unstable data. */
