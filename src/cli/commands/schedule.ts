@@ -37,6 +37,8 @@ interface CreateFlags extends BackupOptionFlags {
   keepDaily?: string;
   keepWeekly?: string;
   keepMonthly?: string;
+  notify?: string;
+  notifySuccess?: boolean;
   overlap: OverlapName;
   catchupWindow?: string;
   paused?: boolean;
@@ -73,6 +75,8 @@ export function register(program: Command): void {
     .option('--keep-daily <n>', 'retention: keep the newest backup of each of the last n days')
     .option('--keep-weekly <n>', 'retention: keep the newest backup of each of the last n ISO weeks')
     .option('--keep-monthly <n>', 'retention: keep the newest backup of each of the last n months')
+    .option('--notify <url>', "POST a JSON event to this http(s) webhook when a VM's backup fails or is partial")
+    .option('--notify-success', 'with --notify: also when a backup succeeds')
     .addOption(
       new Option('--overlap <policy>', 'when a run is due while the last one still runs')
         .choices(OVERLAPS)
@@ -269,6 +273,13 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
     throw new CliError('the retention policy keeps nothing: give a --keep-* greater than 0');
   }
   const options = backupOptionsFrom(flags);
+  if (flags.notifySuccess && flags.notify === undefined) throw new CliError('--notify-success needs --notify URL');
+  if (flags.notify !== undefined) {
+    if (!/^https?:\/\/[^\s/]+\S{0,2000}$/i.test(flags.notify)) {
+      throw new CliError('--notify must be an http:// or https:// URL');
+    }
+    options.notify = { url: flags.notify, ...(flags.notifySuccess ? { onSuccess: true } : {}) };
+  }
   const run: ScheduledBackupsInput = {
     schedule: name,
     group,
@@ -459,7 +470,7 @@ function describeJson(name: string, desc: ScheduleDescription, runs: ScheduledRu
     ...(desc.state.note ? { note: desc.state.note } : {}),
     overlap: desc.policies.overlap,
     catchupWindowSeconds: Math.round(desc.policies.catchupWindow / 1000),
-    ...(input ? { run: { ...input, targets: input.targets.map((t) => redactUrl(t)) } } : {}),
+    ...(input ? { run: redactRun(input) } : {}),
     nextRuns: desc.info.nextActionTimes.map((d) => d.toISOString()),
     actionsTaken: desc.info.numActionsTaken,
     skippedOverlap: desc.info.numActionsSkippedOverlap,
@@ -475,6 +486,24 @@ function describeJson(name: string, desc: ScheduleDescription, runs: ScheduledRu
       ...(r.error ? { error: r.error } : {}),
     })),
   };
+}
+
+/** A run's input as printed: credentials out of target URLs, a webhook only by its origin (its path may be a token). */
+function redactRun(input: ScheduledBackupsInput): ScheduledBackupsInput {
+  const notify = input.options?.notify;
+  return {
+    ...input,
+    targets: input.targets.map((t) => redactUrl(t)),
+    options: { ...input.options, ...(notify ? { notify: { ...notify, url: webhookOrigin(notify.url) } } : {}) },
+  };
+}
+
+function webhookOrigin(url: string): string {
+  try {
+    return `${new URL(url).origin}/…`;
+  } catch {
+    return '(not a URL)';
+  }
 }
 
 async function withSession<T>(config: Config, startServer: boolean, fn: (client: Client) => Promise<T>): Promise<T> {
