@@ -1,9 +1,8 @@
 /**
- * A deliberately changed backupDomain: it stages before it inspects (recoverHost and scheduledBackups below change
- * their first steps too; recoverHost swaps its
- * steps too). Replaying a recorded history against it must fail with a non-determinism error, which
- * proves the replay test would catch an unguarded change to the real workflow (one made without
- * `patched()`).
+ * A deliberately changed backupDomain: it stages before it inspects (recoverHost below swaps its steps, and
+ * scheduledBackups sleeps before anything else). Replaying a recorded history against it must fail with a
+ * non-determinism error, which proves the replay test would catch an unguarded change to the real workflow (one
+ * made without `patched()`).
  */
 import { proxyActivities, sleep } from '@temporalio/workflow';
 import type { HostActivities } from '../../src/shared/activities';
