@@ -13,7 +13,6 @@
  *   is removed again.
  */
 import { randomBytes } from 'node:crypto';
-import { constants as fsConstants } from 'node:fs';
 import { link, mkdir, open, rename, rm, rmdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { HypervisorError } from '../hypervisor/errors';
@@ -24,6 +23,7 @@ import type { CatalogOptions } from './catalog';
 import { diskChain, resolveChain, type DiskLink } from './chain';
 import { hashFile, writeSparseFile, type WrittenFile } from './local-copy';
 import type { Manifest, ManifestDisk } from './manifest';
+import { fsyncDir } from '../shared/fsync';
 
 export type RestoreFormat = 'qcow2' | 'raw';
 export const RESTORE_FORMATS: readonly RestoreFormat[] = ['qcow2', 'raw'];
@@ -317,15 +317,6 @@ async function putInPlace(s: StagedDisk, opts: RestoreOptions, created: CreatedF
   }
   created.files.delete(s.temp);
   created.files.add(s.path);
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /** One sentence for whatever stopped the restore (the files are already removed). */

@@ -48,6 +48,7 @@ import { progressQuery, slotGrantedSignal } from '../shared/queries';
 import type { SlotActivities } from '../shared/schedule';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
+  BackupChainInfo,
   BackupMethod,
   BackupPhase,
   BackupProgress,
@@ -552,18 +553,7 @@ function resultOf(
     quiesced: r.quiesced,
     libvirtVersion: r.info.libvirtVersion,
     qemuVersion: r.info.qemuVersion,
-    ...(plan
-      ? {
-          chain: {
-            level: plan.level,
-            requested: plan.requested,
-            ...(plan.reason ? { reason: plan.reason } : {}),
-            ...(plan.parent ? { parent: plan.parent.backupId } : {}),
-            base: plan.base,
-            ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
-          },
-        }
-      : {}),
+    ...(plan ? { chain: chainInfo(plan) } : {}),
     disks: r.images.map((img) => ({
       name: img.name,
       format: img.format,
@@ -707,7 +697,8 @@ function manifestBacking(plan: BackupPlan): Record<string, { backupId: string; k
   return out;
 }
 
-function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+/** Where the backup stands in its chain, as its result says it. */
+function chainInfo(plan: BackupPlan): BackupChainInfo {
   return {
     level: plan.level,
     requested: plan.requested,
@@ -715,8 +706,12 @@ function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): Man
     ...(plan.parent ? { parent: plan.parent.backupId } : {}),
     base: plan.base,
     ...(plan.checkpoint ? { checkpoint: plan.checkpoint.name } : {}),
-    ...(checkpointXml ? { checkpointXml } : {}),
   };
+}
+
+/** ... and as its manifest records it, with what a redefinition of its checkpoint needs. */
+function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
+  return { ...chainInfo(plan), ...(checkpointXml ? { checkpointXml } : {}) };
 }
 
 /** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */

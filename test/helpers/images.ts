@@ -59,3 +59,23 @@ export async function exists(path: string): Promise<boolean> {
     () => false,
   );
 }
+
+/**
+ * A raw copy of a domain's disk as the guest sees it now, taken while the domain is paused: pausing makes QEMU drain
+ * and flush (a running qcow2 read with -U may miss clusters QEMU has not written back yet).
+ */
+export async function pausedCopy(
+  dom: { name: string; disks: ReadonlyArray<{ dev: string; path: string; format: string }> },
+  dev: string,
+  dest: string,
+): Promise<string> {
+  const disk = dom.disks.find((d) => d.dev === dev);
+  if (!disk) throw new Error(`${dom.name} has no disk ${dev}`);
+  await virsh('suspend', dom.name);
+  try {
+    await run('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.path, dest]);
+  } finally {
+    await virsh('resume', dom.name);
+  }
+  return dest;
+}

@@ -12,7 +12,7 @@ import type { BackupTargetSpec, JobInfo, PushBackupOptions } from '../../src/hyp
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { identical, run, virsh } from '../helpers/images';
+import { identical, pausedCopy, run, virsh } from '../helpers/images';
 import { requireLibvirt, stackEnv } from '../helpers/stack';
 
 const MiB = 1 << 20;
@@ -54,22 +54,6 @@ async function backup(
   });
   expect(done).toMatchObject({ type: 'Completed', operation: 'Backup' });
   return Object.fromEntries(targets.map((t) => [t.disk, t.file]));
-}
-
-/**
- * The disk as the guest sees it now, taken while the domain is paused: pausing makes QEMU drain and flush
- * (a running qcow2 read with -U may miss clusters QEMU has not written back yet).
- */
-async function pausedCopy(dom: FixtureDomain, dev: string, dest: string): Promise<string> {
-  const disk = dom.disks.find((d) => d.dev === dev);
-  if (!disk) throw new Error(`${dom.name} has no disk ${dev}`);
-  await virsh('suspend', dom.name);
-  try {
-    await run('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.path, dest]);
-  } finally {
-    await virsh('resume', dom.name);
-  }
-  return dest;
 }
 
 /** The clusters an image holds itself (`qemu-img map`, depth 0 with data), as [offset, length] in bytes. */

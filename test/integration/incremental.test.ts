@@ -13,7 +13,7 @@ import { startBackup } from '../../src/client/backups';
 import type { BackupOptions, BackupResult } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { run, virsh } from '../helpers/images';
+import { pausedCopy, run, virsh } from '../helpers/images';
 import { requireLibvirt, requireNfs, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
@@ -43,19 +43,6 @@ async function checkpoints(domain: string): Promise<string[]> {
     .split('\n')
     .map((l) => l.trim())
     .filter(Boolean);
-}
-
-/** The disk as the guest sees it now: QEMU drains and flushes when paused. */
-async function pausedCopy(dom: FixtureDomain, dev: string, dest: string): Promise<string> {
-  const disk = dom.disks.find((d) => d.dev === dev);
-  if (!disk) throw new Error(`${dom.name} has no disk ${dev}`);
-  await virsh('suspend', dom.name);
-  try {
-    await run('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.path, dest]);
-  } finally {
-    await virsh('resume', dom.name);
-  }
-  return dest;
 }
 
 async function sameContents(a: string, b: string): Promise<boolean> {

@@ -42,7 +42,9 @@ describe('push activities on a real domain', () => {
     const checkpoint = { name: checkpointName(backupId), disks: ['vda'] };
     try {
       const info = await acts.inspectDomain({ domain: dom.name });
-      const staging = await acts.prepareStaging({ backupId, domain: dom.name, targets: [], writtenByQemu: true });
+      // the backup's target: staging goes under the state dir (a target outside it would stage in its own .staging)
+      const target = `s3://${stackEnv().s3.bucket}/never-written`;
+      const staging = await acts.prepareStaging({ backupId, domain: dom.name, targets: [target], writtenByQemu: true });
       const input: PushBackupInput = {
         backupId,
         domain: dom.name,

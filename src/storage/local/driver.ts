@@ -34,6 +34,7 @@ import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
+import { fsyncDir } from '../../shared/fsync';
 
 const DRIVER = 'local';
 /**
@@ -59,15 +60,6 @@ export interface LocalTargetOptions {
   checkpointBytes?: number;
   /** checkpoint window in milliseconds */
   checkpointMs?: number;
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 function isKeySegment(name: string): boolean {
