@@ -191,7 +191,15 @@ async function acquireSlot(req: BackupRequest, phase: (p: BackupPhase) => void):
     heartbeatTimeout: '30s',
     // a release must not wait for the activity to acknowledge: the backup is done
     cancellationType: ActivityCancellationType.TRY_CANCEL,
-    retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '10s' },
+    // An attempt is retried only once it ran (a worker that died holding the slot, a signal that failed); the
+    // time spent waiting in the queue is no attempt. Capped like every retry loop: a slot that keeps failing
+    // before it was granted ends the backup with its sentence; once granted, the backup goes on without it.
+    retry: {
+      initialInterval: '1s',
+      backoffCoefficient: 2,
+      maximumInterval: '10s',
+      maximumAttempts: LONG_STEP_ATTEMPTS,
+    },
   });
   let scope: CancellationScope | undefined;
   let ended: unknown;
