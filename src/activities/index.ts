@@ -13,6 +13,7 @@ import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
+import { createNotifyActivities } from './notify';
 import { createPushActivities } from './push';
 import { createScheduleActivities } from './schedule';
 import type { RunningBackupOf } from './schedule';
@@ -37,6 +38,10 @@ export interface ActivityDeps {
   backupStates?: BackupStates;
   /** where staging directories of dead backups are looked for; default HostPaths.recoveryStagingRoots */
   stagingRoots?: string[];
+  /** values no webhook event may contain (the worker's storage secret key, its Temporal API key) */
+  secrets?: string[];
+  /** webhook URL prefixes the notify activity POSTs to (`--allow-notify`); undefined: any http(s) URL */
+  allowNotify?: readonly string[];
   /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
   allowTargets?: readonly string[];
   /** whether a backup of a domain runs: retention after a scheduled backup waits while one does */
@@ -81,6 +86,10 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       manifestKey: deps.manifestKey,
       runningBackupOf: deps.runningBackupOf,
       paths,
+    }),
+    ...createNotifyActivities({
+      secrets: deps.secrets ?? [],
+      ...(deps.allowNotify ? { allowUrls: deps.allowNotify } : {}),
     }),
   } satisfies HostWorkerActivities);
 }

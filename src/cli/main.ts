@@ -7,6 +7,7 @@ import { register as gc } from './commands/gc';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
+import { register as report } from './commands/report';
 import { register as restore } from './commands/restore';
 import { register as schedule } from './commands/schedule';
 import { register as status } from './commands/status';
@@ -14,14 +15,28 @@ import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
 import { addTemporalOptions } from './commands/temporal-options';
 
-const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker', 'gc']);
+const CONNECTS_TO_TEMPORAL = new Set(['backup', 'status', 'cancel', 'recover', 'worker', 'gc', 'report']);
 
 export function buildProgram(): Command {
   const program = new Command('vmbackup')
     .description('crash-proof backups of running libvirt/QEMU VMs, orchestrated by Temporal')
     .version('0.1.0')
     .showHelpAfterError();
-  for (const reg of [backup, status, cancel, list, verify, restore, copy, prune, gc, recover, worker, schedule]) {
+  for (const reg of [
+    backup,
+    status,
+    cancel,
+    list,
+    verify,
+    restore,
+    copy,
+    prune,
+    gc,
+    recover,
+    report,
+    worker,
+    schedule,
+  ]) {
     reg(program);
   }
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal

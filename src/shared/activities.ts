@@ -2,6 +2,7 @@
  * Inputs and outputs of the host activities. Workflows see only these types; the
  * implementations live in src/activities and run on the VM's host task queue.
  */
+import type { NotifyInput, NotifyResult } from './events';
 import type {
   BackupLevel,
   BackupMethod,
@@ -305,4 +306,6 @@ export interface HostActivities {
   shipImage(input: ShipImageInput): Promise<ShippedImage>;
   writeManifest(input: ManifestInput): Promise<void>;
   deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void>;
+  // events
+  notify(input: NotifyInput): Promise<NotifyResult>;
 }

@@ -24,5 +24,7 @@ export const ErrorType = {
   Unreachable: 'StorageUnreachable',
   InvalidTarget: 'InvalidTarget',
   StorageFailed: 'StorageFailed',
+  /** a webhook did not take an event (retryable unless it answered a 4xx other than 408/429, or a redirect) */
+  NotifyFailed: 'NotifyFailed',
 } as const;
 export type ErrorTypeName = (typeof ErrorType)[keyof typeof ErrorType];

@@ -7,6 +7,7 @@ import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_CONTROL_TASK_QUEUE, HOST_NAME_RE, TASK_QUEUE_RE } from '../shared/names';
+import { parseAllowNotify } from '../shared/webhook';
 import { parseTargetUrl } from '../storage/registry';
 
 const optionalText = z
@@ -43,6 +44,7 @@ const EnvSchema = z.object({
     .regex(TASK_QUEUE_RE, 'VMBACKUP_CONTROL_QUEUE must be letters, digits, ".", "_" or "-"')
     .optional()
     .or(z.literal('').transform(() => undefined)),
+  VMBACKUP_ALLOW_NOTIFY: z.string().optional(),
 });
 
 export interface Config {
@@ -77,6 +79,11 @@ export interface Config {
    * there (VMBACKUP_CONTROL_QUEUE; default vmbackup-control)
    */
   controlTaskQueue: string;
+  /**
+   * Webhook URL prefixes this host's worker POSTs events to (VMBACKUP_ALLOW_NOTIFY, `vmbackup worker
+   * --allow-notify`); undefined: any http(s) URL a backup names.
+   */
+  allowNotify?: string[];
 }
 
 /** A file named in the configuration, with where it was named (a flag or a variable), for messages. */
@@ -136,6 +143,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
       ? { allowTargets: parseAllowTargets(e.VMBACKUP_ALLOW_TARGETS.split(/[\s,]+/), 'VMBACKUP_ALLOW_TARGETS') }
       : {}),
     controlTaskQueue: e.VMBACKUP_CONTROL_QUEUE ?? DEFAULT_CONTROL_TASK_QUEUE,
+    ...(e.VMBACKUP_ALLOW_NOTIFY !== undefined && e.VMBACKUP_ALLOW_NOTIFY.trim() !== ''
+      ? { allowNotify: parseAllowNotify(e.VMBACKUP_ALLOW_NOTIFY.split(/[\s,]+/), 'VMBACKUP_ALLOW_NOTIFY') }
+      : {}),
   };
 }
 

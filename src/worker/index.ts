@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { InjectedSinks, WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { createSlotActivities } from '../activities/slot';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
@@ -20,6 +20,8 @@ import { hostSlotTaskQueue, hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/n
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
+import type { VmbackupSinks } from '../shared/events';
+import type * as MetricsModule from './metrics';
 import { temporalBackupStates } from './backup-states';
 import { temporalRunningBackupOf, temporalSlotGrants } from './slots';
 import type { RecoverHostInput } from '../workflows/recover';
@@ -35,6 +37,8 @@ export interface HostWorkerOptions {
   maxConcurrentBackups?: number;
   /** also run scheduled runs from the control queue (`vmbackup worker`; not a command's in-process worker) */
   serveControlQueue?: boolean;
+  /** workflow sinks (the metrics of `--metrics`, src/worker/metrics.ts) */
+  sinks?: InjectedSinks<VmbackupSinks>;
 }
 
 export interface HostWorker {
@@ -45,6 +49,8 @@ export interface HostWorker {
   /** runs every worker until shutdown(); one that fails shuts the others down */
   run(): Promise<void>;
   shutdown(): void;
+  /** a client on the worker's connection (visibility queries of the metrics) */
+  client: Client;
   /** after run() has returned: ends the virsh sessions and the connection to Temporal */
   close(): Promise<void>;
 }
@@ -59,6 +65,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
   const connection = await connectNative(config, opts.address);
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
+  const client = new Client({ connection, namespace: config.namespace });
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
@@ -69,8 +76,13 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
-    backupStates: temporalBackupStates(new Client({ connection, namespace: config.namespace })),
-    runningBackupOf: temporalRunningBackupOf(new Client({ connection, namespace: config.namespace })),
+    backupStates: temporalBackupStates(client),
+    runningBackupOf: temporalRunningBackupOf(client),
+    // no webhook event may ever carry these, whatever a library puts into an error sentence
+    ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
+    secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
+      (s): s is string => typeof s === 'string',
+    ),
   });
   const dataConverter = payloadCodecs(config, 'worker');
   const code = workflowCode(opts.workflowBundle);
@@ -84,6 +96,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
+    sinks: opts.sinks ?? NO_METRICS_SINKS,
   });
   const slots = await createSlotWorker({
     connection,
@@ -104,6 +117,8 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
         taskQueue: config.controlTaskQueue,
         ...code,
         dataConverter,
+        // backups run on the hosts' queues, where they are counted; a sink the workflow code names must exist
+        sinks: NO_METRICS_SINKS,
       }),
     );
   }
@@ -125,6 +140,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
       const failed = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
       if (failed) throw failed.reason;
     },
+    client,
     close: async () => {
       hypervisor.close();
       await connection.close();
@@ -154,6 +170,16 @@ export async function createSlotWorker(opts: {
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentBackups,
     defaultHeartbeatThrottleInterval: '1s',
   });
+}
+
+/** Without `--metrics` the workflows' metrics calls go nowhere (a sink no worker registers is logged as an error). */
+const NO_METRICS_SINKS: InjectedSinks<VmbackupSinks> = {
+  metrics: { backupEnded: { fn: () => undefined, callDuringReplay: false } },
+};
+
+/** `--metrics` (src/worker/metrics.ts), loaded only by a worker that serves them: prom-client stays out of others. */
+export function loadMetrics(): Promise<typeof MetricsModule> {
+  return import('./metrics');
 }
 
 /** The worker's connection, with the cluster's TLS and API key; a refusal is one sentence (access.ts). */

@@ -17,6 +17,7 @@ import {
   patched,
   proxyActivities,
   proxyLocalActivities,
+  proxySinks,
   setHandler,
   upsertSearchAttributes,
   uuid4,
@@ -33,6 +34,8 @@ import type {
   StagingArea,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { NOTIFY_PATCH } from '../shared/events';
+import type { BackupEvent, BackupOutcomeResult, VmbackupSinks } from '../shared/events';
 import {
   BACKUP_ID_RE,
   DEFAULT_MAX_CHAIN,
@@ -49,6 +52,7 @@ import type { SlotActivities } from '../shared/schedule';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
   BackupChainInfo,
+  BackupLevel,
   BackupMethod,
   BackupPhase,
   BackupProgress,
@@ -158,13 +162,30 @@ export const HOST_SLOT_PATCH = 'host-backup-slots';
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   validateRequest(req);
+  const seen: BackupSeen = {};
+  try {
+    const result = await backupSteps(req, seen);
+    await backupEnded(req, seen, result, undefined);
+    return result;
+  } catch (err) {
+    // a backup that failed or was cancelled while waiting for its slot ends here too (counted, notified)
+    await backupEnded(req, seen, undefined, err);
+    throw err;
+  }
+}
+
+/**
+ * The backup itself: wait for one of the host's backup slots, back up, release the slot. Whatever backupEnded does
+ * afterwards (a webhook's retries) runs after the slot is released, so it never holds one.
+ */
+async function backupSteps(req: BackupRequest, seen: BackupSeen): Promise<BackupResult> {
   const hardened = patched(HARDENED_SAGA_PATCH);
   const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
   const { progress, phase } = trackProgress(req);
-  if (!patched(HOST_SLOT_PATCH)) return backUp(req, { hardened, localSteps, progress, phase });
+  if (!patched(HOST_SLOT_PATCH)) return backUp(req, { hardened, localSteps, progress, phase }, seen);
   const slot = await acquireSlot(req, phase);
   try {
-    return await backUp(req, { hardened, localSteps, progress, phase });
+    return await backUp(req, { hardened, localSteps, progress, phase }, seen);
   } finally {
     // The undo steps above ran holding the slot: they too touch libvirt and the disks.
     slot.release();
@@ -240,7 +261,7 @@ interface BackupMarkers {
   phase: (p: BackupPhase) => void;
 }
 
-async function backUp(req: BackupRequest, markers: BackupMarkers): Promise<BackupResult> {
+async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSeen): Promise<BackupResult> {
   const { backupId, domain, host } = req;
   const { hardened, localSteps, progress, phase } = markers;
   const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
@@ -268,6 +289,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers): Promise<Backu
     phase('planning');
     plan = await planLevel(req, steps, method, info);
     progress.level = plan.level;
+    seen.level = plan.level;
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
   }
 
@@ -308,6 +330,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers): Promise<Backu
     }
     phase('finalizing');
     images = await steps.long.finalizeImages({ backupId, images: made.files });
+    seen.bytesRead = made.bytes ?? images.reduce((n, i) => n + i.size, 0);
     if (hardened) {
       phase('uploading');
       // A cancel (or any failure) while shipping removes what this backup put on its targets; a target where the
@@ -762,12 +785,113 @@ function validateRequest(req: BackupRequest): void {
   if (fullEvery !== undefined && !(Number.isInteger(fullEvery) && fullEvery > 0)) {
     bad(`--full-every must be a positive duration, not ${String(fullEvery)} seconds`);
   }
+  const notify: unknown = req.options?.notify;
+  if (notify !== undefined) {
+    const n = notify as { url?: unknown; onSuccess?: unknown };
+    if (
+      typeof n !== 'object' ||
+      n === null ||
+      typeof n.url !== 'string' ||
+      !/^https?:\/\/[^\s]{1,2040}$/i.test(n.url)
+    ) {
+      bad('--notify must be an http:// or https:// URL');
+    }
+    if (n.onSuccess !== undefined && typeof n.onSuccess !== 'boolean') bad('notify.onSuccess must be true or false');
+  }
   const hb = req.options?.heartbeatTimeoutSeconds;
   if (hb !== undefined && !(Number.isInteger(hb) && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS)) {
     bad(
       `the heartbeat timeout must be a whole number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}, not ${String(hb)}`,
     );
   }
+}
+
+/** What the steps learnt that the end of a backup reports (metrics, events), also when they failed. */
+interface BackupSeen {
+  level?: BackupLevel;
+  bytesRead?: number;
+}
+
+const { metrics } = proxySinks<VmbackupSinks>();
+
+/**
+ * A webhook gets a few minutes of retries: the backup's workflow (and with it the VM's next backup, which cannot
+ * start while it runs) waits for them, so they are bounded.
+ */
+function notifier(host: string) {
+  return proxyActivities<HostActivities>({
+    taskQueue: hostTaskQueue(host),
+    startToCloseTimeout: '30s',
+    scheduleToCloseTimeout: '3m',
+    retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '30s' },
+  });
+}
+
+/**
+ * The end of a backup, whatever it was: the worker's metrics count it (a sink: nothing in the history), and a
+ * webhook asked for with `notify` gets its event. A webhook that does not take it is logged; the backup's own
+ * outcome stands.
+ */
+async function backupEnded(
+  req: BackupRequest,
+  seen: BackupSeen,
+  result: BackupResult | undefined,
+  err: unknown,
+): Promise<void> {
+  const failed = result === undefined;
+  const targets: TargetResult[] =
+    result?.targets ?? resultInFailure(err)?.targets ?? req.targets.map((target) => ({ target, ok: false }));
+  const outcome: BackupOutcomeResult = failed
+    ? isCancellation(err)
+      ? 'cancelled'
+      : 'failure'
+    : result.status === 'completed'
+      ? 'success'
+      : 'partial';
+  const storedPerTarget = (result?.disks ?? []).reduce((n, d) => n + d.size, 0);
+  metrics.backupEnded({
+    domain: req.domain,
+    host: req.host,
+    backupId: req.backupId,
+    result: outcome,
+    ...(seen.level ? { level: seen.level } : {}),
+    bytesRead: seen.bytesRead ?? 0,
+    bytesStored: storedPerTarget * targets.filter((t) => t.ok).length,
+  });
+
+  const notify = req.options.notify;
+  if (!notify || outcome === 'cancelled' || (outcome === 'success' && !notify.onSuccess)) return;
+  if (!patched(NOTIFY_PATCH)) return;
+  const event: BackupEvent = {
+    kind: outcome,
+    domain: req.domain,
+    host: req.host,
+    backupId: req.backupId,
+    ...(seen.level ? { level: seen.level } : {}),
+    targets: targets.map((t) => ({ target: t.target, ok: t.ok, ...(t.error ? { error: t.error } : {}) })),
+    ...(outcome === 'failure' ? { error: errorMessage(err) } : {}),
+    ...(outcome === 'partial'
+      ? {
+          error: targets
+            .filter((t) => !t.ok)
+            .map((t) => `${t.target}: ${t.error ?? 'failed'}`)
+            .join('; '),
+        }
+      : {}),
+    at: new Date().toISOString(),
+  };
+  try {
+    await notifier(req.host).notify({ url: notify.url, event });
+  } catch (e) {
+    log.warn('the notify webhook did not take the event', { backupId: req.backupId, error: errorMessage(e) });
+  }
+}
+
+/** The result a NoTargetSucceeded failure carries (its per-target sentences). */
+function resultInFailure(err: unknown): BackupResult | undefined {
+  if (!(err instanceof ApplicationFailure) || err.type !== 'NoTargetSucceeded') return undefined;
+  const details = err.details?.[0] as BackupResult | undefined;
+  return details && Array.isArray(details.targets) ? details : undefined;
 }
 
 async function runCompensations(compensations: Array<() => Promise<void>>): Promise<void> {

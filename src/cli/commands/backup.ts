@@ -18,6 +18,7 @@ import type {
   RequestedLevel,
   RequestedMethod,
 } from '../../shared/types';
+import { parseWebhookUrl } from '../../shared/webhook';
 import { canonicalTargetUrl, defaultTargetUrl, redactUrl, targetWithin } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
@@ -37,6 +38,8 @@ export interface BackupOptionFlags {
   fullEvery?: string;
   includeAllDisks?: boolean;
   heartbeatTimeout?: string;
+  notify?: string;
+  notifySuccess?: boolean;
   [s3: string]: unknown;
 }
 
@@ -90,6 +93,8 @@ export function addBackupOptions(cmd: Command): Command {
     )
     .option('--full-every <duration>', "take a full once the chain's full is older than this (e.g. 7d, 12h)")
     .option('--include-all-disks', 'also back up cdrom, read-only and shareable disks')
+    .option('--notify <url>', 'POST a JSON event to this http(s) webhook when the backup fails or is partial')
+    .option('--notify-success', 'with --notify: also when the backup succeeds')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
   return cmd;
@@ -112,6 +117,14 @@ export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
       throw new CliError(`--full-every must be a duration such as 7d, 12h or 90m, not "${flags.fullEvery}"`);
     }
   }
+  if (flags.notifySuccess && !flags.notify) throw new CliError('--notify-success needs --notify URL');
+  if (flags.notify !== undefined) {
+    try {
+      parseWebhookUrl(flags.notify);
+    } catch (err) {
+      throw new CliError((err as Error).message);
+    }
+  }
   return {
     level: flags.level,
     ...(maxChain !== undefined ? { maxChain } : {}),
@@ -122,6 +135,7 @@ export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
     includeAllDisks: Boolean(flags.includeAllDisks),
     s3: s3OptionsFrom(flags),
     ...(heartbeatTimeoutSeconds !== undefined ? { heartbeatTimeoutSeconds } : {}),
+    ...(flags.notify ? { notify: { url: flags.notify, ...(flags.notifySuccess ? { onSuccess: true } : {}) } } : {}),
   };
 }
 

@@ -37,8 +37,6 @@ interface CreateFlags extends BackupOptionFlags {
   keepDaily?: string;
   keepWeekly?: string;
   keepMonthly?: string;
-  notify?: string;
-  notifySuccess?: boolean;
   overlap: OverlapName;
   catchupWindow?: string;
   paused?: boolean;
@@ -75,8 +73,6 @@ export function register(program: Command): void {
     .option('--keep-daily <n>', 'retention: keep the newest backup of each of the last n days')
     .option('--keep-weekly <n>', 'retention: keep the newest backup of each of the last n ISO weeks')
     .option('--keep-monthly <n>', 'retention: keep the newest backup of each of the last n months')
-    .option('--notify <url>', "POST a JSON event to this http(s) webhook when a VM's backup fails or is partial")
-    .option('--notify-success', 'with --notify: also when a backup succeeds')
     .addOption(
       new Option('--overlap <policy>', 'when a run is due while the last one still runs')
         .choices(OVERLAPS)
@@ -273,13 +269,6 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
     throw new CliError('the retention policy keeps nothing: give a --keep-* greater than 0');
   }
   const options = backupOptionsFrom(flags);
-  if (flags.notifySuccess && flags.notify === undefined) throw new CliError('--notify-success needs --notify URL');
-  if (flags.notify !== undefined) {
-    if (!/^https?:\/\/[^\s/]+\S{0,2000}$/i.test(flags.notify)) {
-      throw new CliError('--notify must be an http:// or https:// URL');
-    }
-    options.notify = { url: flags.notify, ...(flags.notifySuccess ? { onSuccess: true } : {}) };
-  }
   const run: ScheduledBackupsInput = {
     schedule: name,
     group,

@@ -1,6 +1,8 @@
 /** `vmbackup worker [--host H]`: serve this host's task queues and the control queue until SIGINT/SIGTERM. */
+import type { Client } from '@temporalio/client';
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostSlotTaskQueue, hostTaskQueue } from '../../shared/names';
+import { parseAllowNotify } from '../../shared/webhook';
 import { loadConfig, parseAllowTargets } from '../../worker/config';
 import { temporalFlagsFrom } from './temporal-options';
 import { action, CliError } from '../output';
@@ -14,6 +16,8 @@ interface WorkerFlags {
   recover: boolean;
   allowTarget?: string[];
   maxConcurrentBackups?: string;
+  allowNotify?: string[];
+  metrics?: string;
 }
 
 export function register(program: Command): void {
@@ -31,6 +35,15 @@ export function register(program: Command): void {
       '--max-concurrent-backups <n>',
       'backups doing their libvirt, copy and upload work at once on this host; others wait, `queued` (default: the number of cores, at least 2)',
     )
+    .option(
+      '--allow-notify <prefix>',
+      'only POST backup events to webhooks at or below this URL prefix (repeatable; replaces VMBACKUP_ALLOW_NOTIFY)',
+      (value: string, previous: string[] = []) => [...previous, value],
+    )
+    .option(
+      '--metrics <address>',
+      "serve Prometheus metrics (this worker's backups and the Temporal SDK's) at http://<address>/metrics, e.g. 127.0.0.1:9464",
+    )
     .action(
       action(async (flags: WorkerFlags) => {
         const base = loadConfig(process.env, temporalFlagsFrom(flags));
@@ -40,20 +53,37 @@ export function register(program: Command): void {
         const allowTargets = flags.allowTarget
           ? parseAllowTargets(flags.allowTarget, '--allow-target')
           : base.allowTargets;
-        const config = { ...base, host, allowTargets };
+        let allowNotify = base.allowNotify;
+        if (flags.allowNotify) {
+          try {
+            allowNotify = parseAllowNotify(flags.allowNotify, '--allow-notify');
+          } catch (err) {
+            throw new CliError((err as Error).message);
+          }
+        }
+        const config = { ...base, host, allowTargets, ...(allowNotify ? { allowNotify } : {}) };
         const { createHostWorker, defaultMaxConcurrentBackups, recoverHostOverlays } = await import('../../worker');
         const address = config.temporalAddress ?? config.localTemporalAddress;
         const slots = maxConcurrentBackups ?? defaultMaxConcurrentBackups();
+        const metrics = flags.metrics ? await startMetrics(flags.metrics, host) : undefined;
         const hostWorker = await createHostWorker({
           config,
           address,
           maxConcurrentBackups: slots,
           serveControlQueue: true,
+          ...(metrics ? { sinks: metrics.sinks } : {}),
+        }).catch(async (err: unknown) => {
+          await metrics?.close();
+          throw err;
         });
         process.stderr.write(
           `vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)}; ` +
             `${slots} backup slot(s) on ${hostSlotTaskQueue(host)}; scheduled runs from ${config.controlTaskQueue})\n`,
         );
+        if (metrics) {
+          metrics.attach(hostWorker.client);
+          process.stderr.write(`metrics on http://${metrics.address}/metrics\n`);
+        }
         if (!allowTargets) {
           // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
           process.stderr.write(
@@ -72,6 +102,7 @@ export function register(program: Command): void {
         try {
           await running;
         } finally {
+          await metrics?.close();
           await hostWorker.close(); // its virsh shells and connection end with it, whatever ended the worker
         }
       }),
@@ -86,4 +117,47 @@ function parseMaxConcurrent(value: string | undefined): number | undefined {
     );
   }
   return Number(value);
+}
+
+/**
+ * Before the worker connects: the SDK's core exports its own metrics on a loopback port only this process knows
+ * (the runtime is configured once, before its first connection), and /metrics serves them after vmbackup's.
+ */
+async function startMetrics(bindText: string, host: string) {
+  const { loadMetrics } = await import('../../worker');
+  const { createWorkerMetrics, freeLoopbackPort, parseBindAddress, serveMetrics } = await loadMetrics();
+  let bind;
+  try {
+    bind = parseBindAddress(bindText);
+  } catch (err) {
+    throw new CliError((err as Error).message);
+  }
+  const { Runtime } = await import('@temporalio/worker');
+  const sdkPort = await freeLoopbackPort();
+  Runtime.install({
+    telemetryOptions: {
+      metrics: {
+        prometheus: { bindAddress: `127.0.0.1:${sdkPort}`, useSecondsForDurations: true },
+        metricPrefix: 'temporal_',
+      },
+    },
+  });
+  let client: Client | undefined;
+  const metrics = createWorkerMetrics({ host, visibility: () => client });
+  const server = await serveMetrics(bind, metrics, `http://127.0.0.1:${sdkPort}/metrics`).catch((err: unknown) => {
+    throw new CliError((err as Error).message);
+  });
+  return {
+    sinks: metrics.sinks,
+    address: server.address,
+    close: () => server.close(),
+    attach(c: Client): void {
+      client = c;
+      metrics.loadLastSuccesses(c).catch((err: unknown) => {
+        process.stderr.write(
+          `metrics: the last successful backups could not be read from Temporal: ${(err as Error).message}\n`,
+        );
+      });
+    },
+  };
 }
