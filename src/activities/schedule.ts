@@ -6,7 +6,7 @@
 import type { Hypervisor } from '../hypervisor/port';
 import { pruneBackups } from '../repository/prune';
 import { ErrorType } from '../shared/errors';
-import { DOMAIN_NAME_RE } from '../shared/names';
+import { DOMAIN_GLOB_RE, DOMAIN_NAME_RE, globMatcher } from '../shared/names';
 import type {
   AppliedRetention,
   ApplyRetentionInput,
@@ -29,22 +29,6 @@ export interface ScheduleActivityDeps extends StorageActivityDeps {
   hypervisor: Hypervisor;
   /** without it (tests that schedule nothing) retention refuses to run */
   runningBackupOf?: RunningBackupOf;
-}
-
-/** `--match` globs: `*` and `?` over the characters a domain name may hold. */
-export const DOMAIN_GLOB_RE = /^[A-Za-z0-9_.+*?-]{1,64}$/;
-
-export function globMatcher(globs: readonly string[]): (name: string) => boolean {
-  const res = globs.map(
-    (g) =>
-      new RegExp(
-        `^${g
-          .replace(/[.+-]/g, (c) => `\\${c}`)
-          .replace(/\*/g, '.*')
-          .replace(/\?/g, '.')}$`,
-      ),
-  );
-  return (name) => res.length === 0 || res.some((re) => re.test(name));
 }
 
 const RULES = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly'] as const;

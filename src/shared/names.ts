@@ -90,6 +90,23 @@ export const DEFAULT_MAX_CHAIN = 14;
 
 /** Libvirt domain names we accept: no shell metacharacters, no path separators. */
 export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
+/** `--match` globs: `*` and `?` over the characters a domain name may hold. */
+export const DOMAIN_GLOB_RE = /^[A-Za-z0-9_.+*?-]{1,64}$/;
+
+/** A matcher of domain names for globs that match DOMAIN_GLOB_RE (check them first); no globs: every name. */
+export function globMatcher(globs: readonly string[]): (name: string) => boolean {
+  const res = globs.map(
+    (g) =>
+      new RegExp(
+        `^${g
+          .replace(/[.+-]/g, (c) => `\\${c}`)
+          .replace(/\*/g, '.*')
+          .replace(/\?/g, '.')}$`,
+      ),
+  );
+  return (name) => res.length === 0 || res.some((re) => re.test(name));
+}
+
 /** Schedule names: `vmbackup schedule create NAME`; the Temporal schedule id is `vmbackup-schedule-NAME`. */
 export const SCHEDULE_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 export const SCHEDULE_ID_PREFIX = 'vmbackup-schedule-';

@@ -2,7 +2,8 @@
 import { describeSpec, scheduleSpecOf, defaultCatchupSeconds } from '../../src/client/schedules';
 import type { ScheduleSpecDescription } from '@temporalio/client';
 import { groupFrom } from '../../src/cli/commands/schedule';
-import { globMatcher, retentionPolicyProblem } from '../../src/activities/schedule';
+import { retentionPolicyProblem } from '../../src/activities/schedule';
+import { globMatcher } from '../../src/shared/names';
 
 describe('schedule timing -> Temporal spec', () => {
   test('--every alone is an interval counted from the epoch (UTC); --timezone without --at is refused', () => {
