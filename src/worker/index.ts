@@ -286,8 +286,14 @@ async function runningBackupIds(client: Client): Promise<string[]> {
 /**
  * An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. It
  * does not stop on SIGINT/SIGTERM (the runtime's default): the command decides (src/cli/interrupt.ts), and a
- * backup's undo steps need the worker until the workflow has closed.
+ * backup's undo steps need the worker until the workflow has closed. The SDK core's own log lines are forwarded
+ * to that logger (stderr): by default core prints them on stdout, where they would follow a command's `--json`
+ * (e.g. its warning when a released backup slot's activity completes after its backup has closed).
  */
 export function quietWorkerLogs(): void {
-  Runtime.install({ logger: new DefaultLogger('WARN'), shutdownSignals: [] });
+  Runtime.install({
+    logger: new DefaultLogger('WARN'),
+    shutdownSignals: [],
+    telemetryOptions: { logging: { forward: {}, filter: { core: 'WARN', other: 'ERROR' } } },
+  });
 }
