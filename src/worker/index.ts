@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { InjectedSinks, WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { InjectedSinks, LogLevel, LogMetadata, WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
 import { createSlotActivities } from '../activities/slot';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
@@ -284,6 +284,22 @@ async function runningBackupIds(client: Client): Promise<string[]> {
 }
 
 /**
+ * Warnings the backup slots give by design, which a command's user can do nothing about: the slot worker runs
+ * activities only, and a released slot's activity may complete after its backup has closed (TRY_CANCEL).
+ */
+const EXPECTED_WARNINGS = [
+  /^No workflows registered, not polling for workflow tasks/,
+  /^Activity not found on completion/,
+];
+
+class QuietLogger extends DefaultLogger {
+  override log(level: LogLevel, message: string, meta?: LogMetadata): void {
+    if (level === 'WARN' && EXPECTED_WARNINGS.some((re) => re.test(message))) return;
+    super.log(level, message, meta);
+  }
+}
+
+/**
  * An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. It
  * does not stop on SIGINT/SIGTERM (the runtime's default): the command decides (src/cli/interrupt.ts), and a
  * backup's undo steps need the worker until the workflow has closed. The SDK core's own log lines are forwarded
@@ -292,7 +308,7 @@ async function runningBackupIds(client: Client): Promise<string[]> {
  */
 export function quietWorkerLogs(): void {
   Runtime.install({
-    logger: new DefaultLogger('WARN'),
+    logger: new QuietLogger('WARN'),
     shutdownSignals: [],
     telemetryOptions: { logging: { forward: {}, filter: { core: 'WARN', other: 'ERROR' } } },
   });
