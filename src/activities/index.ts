@@ -5,6 +5,7 @@ import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities } from '../shared/activities';
 import { defaultTargetUrl } from '../storage/registry';
+import type { ScheduleActivities } from '../shared/schedule';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
@@ -14,6 +15,8 @@ import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
 import { createNotifyActivities } from './notify';
 import { createPushActivities } from './push';
+import { createScheduleActivities } from './schedule';
+import type { RunningBackupOf } from './schedule';
 import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
 import type { StorageActivityDeps } from './storage';
@@ -41,9 +44,14 @@ export interface ActivityDeps {
   allowNotify?: readonly string[];
   /** target URL prefixes this worker ships to (`--allow-target`); undefined: every target */
   allowTargets?: readonly string[];
+  /** whether a backup of a domain runs: retention after a scheduled backup waits while one does */
+  runningBackupOf?: RunningBackupOf;
 }
 
-export function createActivities(deps: ActivityDeps): HostActivities {
+/** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
+export type HostWorkerActivities = HostActivities & ScheduleActivities;
+
+export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
   // One view of this host's roots and allowed targets for every activity: none trusts a path or target it is given.
   const paths = new HostPaths({
@@ -72,11 +80,18 @@ export function createActivities(deps: ActivityDeps): HostActivities {
       stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
     }),
+    ...createScheduleActivities({
+      hypervisor: deps.hypervisor,
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
+      runningBackupOf: deps.runningBackupOf,
+      paths,
+    }),
     ...createNotifyActivities({
       secrets: deps.secrets ?? [],
       ...(deps.allowNotify ? { allowUrls: deps.allowNotify } : {}),
     }),
-  } satisfies HostActivities);
+  } satisfies HostWorkerActivities);
 }
 
 function cannotTellBackupStates(): never {
@@ -96,7 +111,7 @@ export function attemptMarginMs(startToCloseMs: number): number {
  * makes is cut to what is left (src/hypervisor/deadline.ts), so Temporal never retries a step while a child of the
  * previous attempt still works on the same domain.
  */
-export function withAttemptDeadlines(activities: HostActivities): HostActivities {
+export function withAttemptDeadlines<A extends object>(activities: A): A {
   const wrapped: Record<string, (input: unknown) => Promise<unknown>> = {};
   for (const [name, fn] of Object.entries(activities) as Array<[string, (input: unknown) => Promise<unknown>]>) {
     wrapped[name] = (input: unknown) => {
@@ -105,5 +120,5 @@ export function withAttemptDeadlines(activities: HostActivities): HostActivities
       return withDeadline(Date.now() + timeout - attemptMarginMs(timeout), () => fn(input));
     };
   }
-  return wrapped as unknown as HostActivities;
+  return wrapped as unknown as A;
 }

@@ -8,10 +8,11 @@ export async function startInProcessWorker(config: Config, address: string): Pro
   // Loaded only here: a CLI that just submits to a cluster need not load the worker, webpack and the SDKs.
   const { createHostWorker, quietWorkerLogs } = await import('../worker');
   quietWorkerLogs();
-  const { worker, close } = await createHostWorker({ config, address });
-  const running = worker.run();
+  const hostWorker = await createHostWorker({ config, address });
+  const { close } = hostWorker;
+  const running = hostWorker.run();
   return async () => {
-    worker.shutdown();
+    hostWorker.shutdown();
     await running.catch(() => undefined);
     await close();
   };

@@ -10,6 +10,7 @@ import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
 import { register as report } from './commands/report';
 import { register as restore } from './commands/restore';
+import { register as schedule } from './commands/schedule';
 import { register as status } from './commands/status';
 import { register as verify } from './commands/verify';
 import { register as worker } from './commands/worker';
@@ -36,8 +37,10 @@ export function buildProgram(): Command {
     report,
     worker,
     installService,
-  ])
+    schedule,
+  ]) {
     reg(program);
+  }
   // --tls-*, --api-key, --payload-key-file: on every command that connects to Temporal
   for (const cmd of program.commands) if (CONNECTS_TO_TEMPORAL.has(cmd.name())) addTemporalOptions(cmd);
   return program;

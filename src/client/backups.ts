@@ -136,6 +136,31 @@ export async function backupState(client: Client, backupId: string): Promise<Bac
   return open.count > 0 ? 'running' : 'closed';
 }
 
+/**
+ * A running backup of `domain` (on any host), other than the run `exceptRunId`: its backup id, else its workflow id;
+ * undefined when none. Retention after a scheduled backup asks first (a running backup may build on a backup the
+ * prune would remove). Read raw, like findBackup: no memo is decoded.
+ */
+export async function runningBackupOfDomain(
+  client: Client,
+  domain: string,
+  exceptRunId?: string,
+): Promise<string | undefined> {
+  if (!QUOTABLE_ID_RE.test(domain)) throw new Error(`'${domain}' cannot be asked about: it is no domain name`);
+  const except = exceptRunId && QUOTABLE_ID_RE.test(exceptRunId) ? ` AND RunId != '${exceptRunId}'` : '';
+  const { executions } = await client.workflowService.listWorkflowExecutions({
+    namespace: client.options.namespace,
+    query: `WorkflowType = 'backupDomain' AND ExecutionStatus = 'Running' AND ${SEARCH_ATTRIBUTES.domain} = '${domain}'${except}`,
+    pageSize: 1,
+  });
+  const wf = executions?.[0];
+  if (!wf) return undefined;
+  const attr = wf.searchAttributes?.indexedFields?.[SEARCH_ATTRIBUTES.backupId];
+  const value: unknown = attr ? defaultPayloadConverter.fromPayload(attr) : undefined;
+  const id = Array.isArray(value) ? (value[0] as unknown) : value;
+  return typeof id === 'string' ? id : (wf.execution?.workflowId ?? 'a backup');
+}
+
 export interface BackupStatusView {
   backupId: string;
   workflowId: string;
@@ -145,6 +170,8 @@ export interface BackupStatusView {
   progress?: BackupProgress;
   /** bytes of the running long step (from its last heartbeat) */
   activity?: { name: string; bytesDone: number; bytesTotal: number; attempt: number };
+  /** while it waits for one of its host's backup slots: how many backups on that host started earlier wait too */
+  queue?: { host: string; ahead: number };
   result?: BackupResult;
   error?: string;
 }
@@ -168,7 +195,8 @@ export async function backupStatus(
       if (err instanceof PayloadKeyError) throw err;
       return undefined;
     });
-    const pending = desc.raw.pendingActivities?.[0];
+    // the slot a backup holds is a pending activity for its whole run: the step is any other one
+    const pending = desc.raw.pendingActivities?.find((a) => a.activityType?.name !== 'holdBackupSlot');
     if (pending) {
       const details = pending.heartbeatDetails?.payloads?.[0];
       const decoded = details ? await decodePayload(client, details) : undefined;
@@ -178,6 +206,9 @@ export async function backupStatus(
         bytesTotal: Number((decoded as { bytesTotal?: number } | undefined)?.bytesTotal ?? 0),
         attempt: pending.attempt ?? 1,
       };
+    }
+    if (view.progress?.phase === 'queued') {
+      view.queue = { host: view.progress.host, ahead: await queuedBefore(client, view.progress.host, desc.startTime) };
     }
   } else if (desc.status.name === 'COMPLETED') {
     view.result = await handle.result();
@@ -189,6 +220,19 @@ export async function backupStatus(
     }
   }
   return view;
+}
+
+/**
+ * Backups of `host` waiting for a slot that started before `startTime` (visibility; the slot queue hands out slots
+ * roughly, not strictly, in that order).
+ */
+async function queuedBefore(client: Client, host: string, startTime: Date): Promise<number> {
+  if (!QUOTABLE_ID_RE.test(host)) return 0;
+  const { count } = await client.workflow.count(
+    `WorkflowType = 'backupDomain' AND ExecutionStatus = 'Running' AND ${SEARCH_ATTRIBUTES.host} = '${host}' AND ` +
+      `${SEARCH_ATTRIBUTES.state} = 'queued' AND StartTime < '${startTime.toISOString()}'`,
+  );
+  return count;
 }
 
 /**

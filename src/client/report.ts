@@ -6,12 +6,16 @@
  */
 import type { Client } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
-import { DOMAIN_NAME_RE, HOST_NAME_RE, SEARCH_ATTRIBUTES } from '../shared/names';
+import {
+  DOMAIN_GLOB_RE,
+  DOMAIN_NAME_RE,
+  globMatcher,
+  HOST_NAME_RE,
+  SCHEDULE_ID_PREFIX,
+  SEARCH_ATTRIBUTES,
+} from '../shared/names';
 import type { BackupResult } from '../shared/types';
 import { failureMessage } from './backups';
-
-/** Temporal schedule ids of `vmbackup schedule create NAME` (`vmbackup-schedule-NAME`). */
-export const SCHEDULE_ID_PREFIX = 'vmbackup-schedule-';
 
 export interface ScheduledVm {
   domain: string;
@@ -19,11 +23,26 @@ export interface ScheduledVm {
   schedule: string;
 }
 
+export interface ScheduledHost {
+  host: string;
+  schedule: string;
+  /** `--match` globs; none: every domain of the host */
+  match?: string[];
+}
+
+/** Whether a schedule's `--all --host H [--match GLOB]` takes the domain `domain` of `host`. */
+export function takes(scheduled: ScheduledHost, domain: string, host: string): boolean {
+  return scheduled.host === host && globMatcher(scheduled.match ?? [])(domain);
+}
+
 export interface ScheduleCoverage {
   /** VMs named by a schedule (`--domain`) */
   vms: ScheduledVm[];
-  /** hosts a schedule backs up entirely (`--all --host H`): their VMs are found in catalogs and visibility */
-  allOn: Array<{ host: string; schedule: string }>;
+  /**
+   * hosts a schedule backs up entirely (`--all --host H`), or the domains there that match one of `match` (`--match
+   * GLOB`): their VMs are found in catalogs and visibility
+   */
+  allOn: ScheduledHost[];
   /** the targets of every schedule */
   targets: Array<{ target: string; schedule: string }>;
   /** schedules that could not be read, one sentence each */
@@ -35,7 +54,7 @@ export interface ScheduleCoverage {
  * checked field by field, since anyone on the cluster can create a schedule with that id prefix.
  */
 interface ScheduleInputView {
-  group?: { domains?: Array<{ host?: unknown; domain?: unknown }>; allOn?: unknown[] };
+  group?: { domains?: Array<{ host?: unknown; domain?: unknown }>; allOn?: unknown[]; match?: unknown };
   targets?: unknown[];
 }
 
@@ -59,8 +78,20 @@ export async function scheduleCoverage(client: Client): Promise<ScheduleCoverage
         coverage.vms.push({ domain: m.domain, host: m.host, schedule });
       }
     }
-    for (const host of Array.isArray(input.group?.allOn) ? input.group.allOn : []) {
-      if (typeof host === 'string' && HOST_NAME_RE.test(host)) coverage.allOn.push({ host, schedule });
+    const match = input.group?.match;
+    if (
+      match !== undefined &&
+      !(Array.isArray(match) && match.every((g) => typeof g === 'string' && DOMAIN_GLOB_RE.test(g)))
+    ) {
+      // its runs refuse these patterns too: they back up none of the hosts' domains
+      coverage.unreadable.push(`schedule ${schedule} has --match patterns that are not domain-name globs`);
+    } else {
+      const globs = (match as string[] | undefined) ?? [];
+      for (const host of Array.isArray(input.group?.allOn) ? input.group.allOn : []) {
+        if (typeof host === 'string' && HOST_NAME_RE.test(host)) {
+          coverage.allOn.push({ host, schedule, ...(globs.length > 0 ? { match: [...globs] } : {}) });
+        }
+      }
     }
     for (const target of Array.isArray(input.targets) ? input.targets : []) {
       if (typeof target === 'string' && target.length > 0) coverage.targets.push({ target, schedule });

@@ -103,6 +103,8 @@ export interface BlockJobInfo {
 export interface Hypervisor {
   /** libvirt and QEMU versions of this host (QEMU from the hypervisor, not the client). */
   versions(): Promise<{ libvirt: string; qemu: string }>;
+  /** Names of every domain libvirt has on this host, running or not (`virsh list --all --name`). */
+  listDomains(): Promise<string[]>;
   /** Throws HypervisorError kind 'not-found' for an unknown domain. */
   inspect(domain: string, opts?: { includeAllDisks?: boolean }): Promise<DomainInfo>;
   state(domain: string): Promise<DomainState>;

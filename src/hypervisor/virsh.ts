@@ -383,6 +383,14 @@ export class VirshHypervisor implements Hypervisor {
     return parseVersions(await this.virsh(['version'], { action: 'read the libvirt and QEMU versions' }));
   }
 
+  async listDomains(): Promise<string[]> {
+    const out = await this.virsh(['list', '--all', '--name'], { action: 'list the domains' });
+    return out
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l !== '');
+  }
+
   async state(domain: string): Promise<DomainState> {
     validateDomainName(domain);
     const out = await this.virsh(['domstate', domain], { action: `read the state of domain "${domain}"`, domain });

@@ -8,6 +8,11 @@ export interface PrunePolicy {
   keepDaily?: number;
   keepWeekly?: number;
   keepMonthly?: number;
+  /**
+   * Backups kept whatever the rules say ('protected'), with everything they depend on: a scheduled run protects
+   * the backup it just made, so manifests someone else wrote on the target (newer-looking ones) never push it out.
+   */
+  protect?: readonly string[];
 }
 
 export interface PruneOptions extends PrunePolicy, CatalogOptions {
@@ -95,6 +100,7 @@ export function applyPolicy(
       }
     });
     if (i === 0 && why.length === 0) why.push('only backup');
+    if (policy.protect?.includes(m.backupId)) why.push('protected');
   });
   for (const [id, why] of broken) reasons.get(id)?.push(why);
   // a kept backup keeps its whole chain: walk from each kept one (newest first) to its full
@@ -167,13 +173,13 @@ function dependentsFirst(victims: Manifest[]): Manifest[] {
  * failed uploads) are never touched.
  */
 export async function pruneBackups(target: StorageTarget, opts: PruneOptions): Promise<PruneReport> {
-  const policy: PrunePolicy = {
+  const rules: Omit<PrunePolicy, 'protect'> = {
     keepLast: opts.keepLast,
     keepDaily: opts.keepDaily,
     keepWeekly: opts.keepWeekly,
     keepMonthly: opts.keepMonthly,
   };
-  for (const [name, value] of Object.entries(policy)) {
+  for (const [name, value] of Object.entries(rules)) {
     if (value !== undefined && (!Number.isInteger(value) || value < 0)) {
       throw new StorageError(
         'failed',
@@ -185,7 +191,7 @@ export async function pruneBackups(target: StorageTarget, opts: PruneOptions): P
       );
     }
   }
-  if (!Object.values(policy).some((v) => (v ?? 0) > 0)) {
+  if (!Object.values(rules).some((v) => (v ?? 0) > 0)) {
     throw new StorageError(
       'failed',
       'Prune needs a policy: give at least one of --keep-last, --keep-daily, --keep-weekly or --keep-monthly greater than 0.',
@@ -195,6 +201,7 @@ export async function pruneBackups(target: StorageTarget, opts: PruneOptions): P
       },
     );
   }
+  const policy: PrunePolicy = { ...rules, ...(opts.protect ? { protect: opts.protect } : {}) };
   const entries = await listBackups(target, {
     ...(opts.domain ? { domain: opts.domain } : {}),
     ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),

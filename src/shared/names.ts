@@ -9,6 +9,22 @@ export function hostTaskQueue(host: string): string {
 }
 
 /**
+ * The host's backup slots: a backup holds one (a long-running activity on this queue) while it does its libvirt,
+ * copy and upload work. The host's worker polls it with at most `--max-concurrent-backups` activities at once, so
+ * the task queue itself is the queue of backups waiting for a slot.
+ */
+export function hostSlotTaskQueue(host: string): string {
+  return `vmbackup-host-${host}-slots`;
+}
+
+/**
+ * Where the parent workflow of each scheduled run (`scheduledBackups`) runs: every `vmbackup worker` serves it. Its
+ * activities and the backups it starts run on the hosts' own queues. VMBACKUP_CONTROL_QUEUE names another one (two
+ * fleets in one namespace).
+ */
+export const DEFAULT_CONTROL_TASK_QUEUE = 'vmbackup-control';
+
+/**
  * One workflow id per domain and host: Temporal itself refuses a second backup of the same
  * VM while one runs (WorkflowExecutionAlreadyStarted), so no lock of our own is needed.
  */
@@ -74,5 +90,34 @@ export const DEFAULT_MAX_CHAIN = 14;
 
 /** Libvirt domain names we accept: no shell metacharacters, no path separators. */
 export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
+/** `--match` globs: `*` and `?` over the characters a domain name may hold. */
+export const DOMAIN_GLOB_RE = /^[A-Za-z0-9_.+*?-]{1,64}$/;
+
+/** A matcher of domain names for globs that match DOMAIN_GLOB_RE (check them first); no globs: every name. */
+export function globMatcher(globs: readonly string[]): (name: string) => boolean {
+  const res = globs.map(
+    (g) =>
+      new RegExp(
+        `^${g
+          .replace(/[.+-]/g, (c) => `\\${c}`)
+          .replace(/\*/g, '.*')
+          .replace(/\?/g, '.')}$`,
+      ),
+  );
+  return (name) => res.length === 0 || res.some((re) => re.test(name));
+}
+
+/** Schedule names: `vmbackup schedule create NAME`; the Temporal schedule id is `vmbackup-schedule-NAME`. */
+export const SCHEDULE_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+export const SCHEDULE_ID_PREFIX = 'vmbackup-schedule-';
+export function scheduleId(name: string): string {
+  return `${SCHEDULE_ID_PREFIX}${name}`;
+}
+/** The workflow id of a schedule's runs (Temporal appends the run's scheduled time). */
+export function scheduledRunWorkflowId(name: string): string {
+  return `vmbackup-scheduled-${name}`;
+}
+/** Task queue names we accept from configuration. */
+export const TASK_QUEUE_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 /** Host names used in task queues. */
 export const HOST_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;

@@ -133,6 +133,8 @@ export type BackupStatus = 'running' | 'completed' | 'failed' | 'cancelled' | 'p
 
 export type BackupPhase =
   | 'starting'
+  /** waiting for one of its host's backup slots (`vmbackup worker --max-concurrent-backups`) */
+  | 'queued'
   | 'inspecting'
   | 'planning'
   | 'creating-overlays'

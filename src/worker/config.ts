@@ -6,8 +6,8 @@ import { closeSync, constants as fsConstants, fstatSync, openSync, readSync } fr
 import { hostname, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
+import { DEFAULT_CONTROL_TASK_QUEUE, HOST_NAME_RE, TASK_QUEUE_RE } from '../shared/names';
 import { parseAllowNotify } from '../shared/webhook';
-import { HOST_NAME_RE } from '../shared/names';
 import { parseTargetUrl } from '../storage/registry';
 
 const optionalText = z
@@ -39,6 +39,11 @@ const EnvSchema = z.object({
   VMBACKUP_PAYLOAD_KEY_FILE: optionalText,
   VMBACKUP_MANIFEST_KEY_FILE: z.string().min(1).optional(),
   VMBACKUP_ALLOW_TARGETS: z.string().optional(),
+  VMBACKUP_CONTROL_QUEUE: z
+    .string()
+    .regex(TASK_QUEUE_RE, 'VMBACKUP_CONTROL_QUEUE must be letters, digits, ".", "_" or "-"')
+    .optional()
+    .or(z.literal('').transform(() => undefined)),
   VMBACKUP_ALLOW_NOTIFY: z.string().optional(),
 });
 
@@ -69,6 +74,11 @@ export interface Config {
    * undefined: every target. Anyone who can start a workflow on the cluster chooses a backup's targets.
    */
   allowTargets?: string[];
+  /**
+   * the task queue of scheduled runs (`scheduledBackups`): every worker serves it, `schedule create` starts runs
+   * there (VMBACKUP_CONTROL_QUEUE; default vmbackup-control)
+   */
+  controlTaskQueue: string;
   /**
    * Webhook URL prefixes this host's worker POSTs events to (VMBACKUP_ALLOW_NOTIFY, `vmbackup worker
    * --allow-notify`); undefined: any http(s) URL a backup names.
@@ -132,6 +142,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     ...(e.VMBACKUP_ALLOW_TARGETS !== undefined && e.VMBACKUP_ALLOW_TARGETS.trim() !== ''
       ? { allowTargets: parseAllowTargets(e.VMBACKUP_ALLOW_TARGETS.split(/[\s,]+/), 'VMBACKUP_ALLOW_TARGETS') }
       : {}),
+    controlTaskQueue: e.VMBACKUP_CONTROL_QUEUE ?? DEFAULT_CONTROL_TASK_QUEUE,
     ...(e.VMBACKUP_ALLOW_NOTIFY !== undefined && e.VMBACKUP_ALLOW_NOTIFY.trim() !== ''
       ? { allowNotify: parseAllowNotify(e.VMBACKUP_ALLOW_NOTIFY.split(/[\s,]+/), 'VMBACKUP_ALLOW_NOTIFY') }
       : {}),

@@ -4,23 +4,26 @@
  * run on the same queue, so a host needs nothing but its worker.
  */
 import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { Client, Connection, WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '@temporalio/client';
 import { decodeSearchAttributes } from '@temporalio/common/lib/converter/payload-search-attributes';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { InjectedSinks, WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { InjectedSinks, LogLevel, LogMetadata, WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import { createActivities } from '../activities';
+import { createSlotActivities } from '../activities/slot';
 import { explainConnectFailure, temporalConnectOptions } from '../client/access';
 import { payloadCodecs } from '../client/codec';
 import { unreachableSentence } from '../client/connect';
 import { createVirshHypervisor } from '../hypervisor/virsh';
-import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
+import { hostSlotTaskQueue, hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
 import type { RecoveryAction } from '../shared/activities';
 import type { VmbackupSinks } from '../shared/events';
 import type * as MetricsModule from './metrics';
 import { temporalBackupStates } from './backup-states';
+import { temporalRunningBackupOf, temporalSlotGrants } from './slots';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
 
@@ -30,16 +33,31 @@ export interface HostWorkerOptions {
   /** a prebuilt workflow bundle (tests share one); default: bundle src/dist workflows */
   workflowBundle?: WorkflowBundleWithSourceMap;
   maxConcurrentActivityTaskExecutions?: number;
+  /** backups that do their libvirt, copy and upload work at once on this host (default defaultMaxConcurrentBackups()) */
+  maxConcurrentBackups?: number;
+  /** also run scheduled runs from the control queue (`vmbackup worker`; not a command's in-process worker) */
+  serveControlQueue?: boolean;
   /** workflow sinks (the metrics of `--metrics`, src/worker/metrics.ts) */
   sinks?: InjectedSinks<VmbackupSinks>;
 }
 
 export interface HostWorker {
+  /** the worker of the host's queue (`vmbackup-host-<host>`) */
   worker: Worker;
+  /** every worker of this host: the host's queue, its slot queue, and the control queue when served */
+  workers: Worker[];
+  /** runs every worker until shutdown(); one that fails shuts the others down */
+  run(): Promise<void>;
+  shutdown(): void;
   /** a client on the worker's connection (visibility queries of the metrics) */
   client: Client;
-  /** after worker.run() has returned: ends the virsh sessions and the connection to Temporal */
+  /** after run() has returned: ends the virsh sessions and the connection to Temporal */
   close(): Promise<void>;
+}
+
+/** `--max-concurrent-backups` when not given: one backup per core, at least two. */
+export function defaultMaxConcurrentBackups(): number {
+  return Math.max(2, availableParallelism());
 }
 
 export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWorker> {
@@ -59,32 +77,99 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
     backupStates: temporalBackupStates(client),
+    runningBackupOf: temporalRunningBackupOf(client),
     // no webhook event may ever carry these, whatever a library puts into an error sentence
     ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
     secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
       (s): s is string => typeof s === 'string',
     ),
   });
+  const dataConverter = payloadCodecs(config, 'worker');
+  const code = workflowCode(opts.workflowBundle);
   const worker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: hostTaskQueue(config.host),
     activities,
-    ...workflowCode(opts.workflowBundle),
-    dataConverter: payloadCodecs(config, 'worker'),
+    ...code,
+    dataConverter,
     maxConcurrentActivityTaskExecutions: opts.maxConcurrentActivityTaskExecutions ?? 50,
     // Activities heartbeat their progress often; let the SDK coalesce them.
     defaultHeartbeatThrottleInterval: '1s',
     sinks: opts.sinks ?? NO_METRICS_SINKS,
   });
+  const slots = await createSlotWorker({
+    connection,
+    namespace: config.namespace,
+    host: config.host,
+    maxConcurrentBackups: opts.maxConcurrentBackups ?? defaultMaxConcurrentBackups(),
+    dataConverter,
+    // the signal's token is a payload: it goes through the payload codec like any other
+    client: new Client({ connection, namespace: config.namespace, dataConverter: payloadCodecs(config, 'client') }),
+  });
+  const workers = [worker, slots];
+  if (opts.serveControlQueue) {
+    // Scheduled runs only orchestrate (children and activities on the hosts' queues): workflows, no activities.
+    workers.push(
+      await Worker.create({
+        connection,
+        namespace: config.namespace,
+        taskQueue: config.controlTaskQueue,
+        ...code,
+        dataConverter,
+        // backups run on the hosts' queues, where they are counted; a sink the workflow code names must exist
+        sinks: NO_METRICS_SINKS,
+      }),
+    );
+  }
+  const shutdown = () => {
+    for (const w of workers) if (w.getState() === 'RUNNING') w.shutdown();
+  };
   return {
     worker,
+    workers,
+    shutdown,
+    run: async () => {
+      const runs = workers.map((w) =>
+        w.run().catch((err: unknown) => {
+          shutdown();
+          throw err;
+        }),
+      );
+      const outcomes = await Promise.allSettled(runs);
+      const failed = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+      if (failed) throw failed.reason;
+    },
     client,
     close: async () => {
       hypervisor.close();
       await connection.close();
     },
   };
+}
+
+/**
+ * The host's backup slots: at most `maxConcurrentBackups` holdBackupSlot activities run at once on
+ * `vmbackup-host-<host>-slots`; the other backups' slot requests wait in that queue (src/activities/slot.ts).
+ */
+export async function createSlotWorker(opts: {
+  connection: NativeConnection;
+  namespace: string;
+  host: string;
+  maxConcurrentBackups: number;
+  /** signals each backup that got its slot */
+  client: Client;
+  dataConverter?: ReturnType<typeof payloadCodecs>;
+}): Promise<Worker> {
+  return Worker.create({
+    connection: opts.connection,
+    namespace: opts.namespace,
+    taskQueue: hostSlotTaskQueue(opts.host),
+    activities: createSlotActivities({ grantSlot: temporalSlotGrants(opts.client) }),
+    ...(opts.dataConverter ? { dataConverter: opts.dataConverter } : {}),
+    maxConcurrentActivityTaskExecutions: opts.maxConcurrentBackups,
+    defaultHeartbeatThrottleInterval: '1s',
+  });
 }
 
 /** Without `--metrics` the workflows' metrics calls go nowhere (a sink no worker registers is logged as an error). */
@@ -199,10 +284,32 @@ async function runningBackupIds(client: Client): Promise<string[]> {
 }
 
 /**
+ * Warnings the backup slots give by design, which a command's user can do nothing about: the slot worker runs
+ * activities only, and a released slot's activity may complete after its backup has closed (TRY_CANCEL).
+ */
+const EXPECTED_WARNINGS = [
+  /^No workflows registered, not polling for workflow tasks/,
+  /^Activity not found on completion/,
+];
+
+class QuietLogger extends DefaultLogger {
+  override log(level: LogLevel, message: string, meta?: LogMetadata): void {
+    if (level === 'WARN' && EXPECTED_WARNINGS.some((re) => re.test(message))) return;
+    super.log(level, message, meta);
+  }
+}
+
+/**
  * An in-process worker inside a CLI command logs warnings only; `vmbackup worker` keeps the SDK's INFO log. It
  * does not stop on SIGINT/SIGTERM (the runtime's default): the command decides (src/cli/interrupt.ts), and a
- * backup's undo steps need the worker until the workflow has closed.
+ * backup's undo steps need the worker until the workflow has closed. The SDK core's own log lines are forwarded
+ * to that logger (stderr): by default core prints them on stdout, where they would follow a command's `--json`
+ * (e.g. its warning when a released backup slot's activity completes after its backup has closed).
  */
 export function quietWorkerLogs(): void {
-  Runtime.install({ logger: new DefaultLogger('WARN'), shutdownSignals: [] });
+  Runtime.install({
+    logger: new QuietLogger('WARN'),
+    shutdownSignals: [],
+    telemetryOptions: { logging: { forward: {}, filter: { core: 'WARN', other: 'ERROR' } } },
+  });
 }

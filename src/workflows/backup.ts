@@ -8,8 +8,10 @@
  * scope, so a cancel or a failure never leaves the VM on an overlay or a job running.
  */
 import {
+  ActivityCancellationType,
   ApplicationFailure,
   CancellationScope,
+  condition,
   isCancellation,
   log,
   patched,
@@ -18,6 +20,7 @@ import {
   proxySinks,
   setHandler,
   upsertSearchAttributes,
+  uuid4,
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ActivityOptions } from '@temporalio/workflow';
@@ -40,10 +43,12 @@ import {
   HOST_NAME_RE,
   MAX_HEARTBEAT_SECONDS,
   MIN_HEARTBEAT_SECONDS,
+  hostSlotTaskQueue,
   hostTaskQueue,
   pushImageFiles,
 } from '../shared/names';
-import { progressQuery } from '../shared/queries';
+import { progressQuery, slotGrantedSignal } from '../shared/queries';
+import type { SlotActivities } from '../shared/schedule';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
   BackupChainInfo,
@@ -149,6 +154,12 @@ export const HARDENED_SAGA_PATCH = 'saga-covers-every-phase';
  */
 export const INCREMENTAL_PATCH = 'incremental-chains';
 
+/**
+ * Backups started before this change did not wait for one of their host's backup slots (`vmbackup worker
+ * --max-concurrent-backups`): no holdBackupSlot activity, no `queued` phase.
+ */
+export const HOST_SLOT_PATCH = 'host-backup-slots';
+
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   validateRequest(req);
   const seen: BackupSeen = {};
@@ -157,17 +168,104 @@ export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
     await backupEnded(req, seen, result, undefined);
     return result;
   } catch (err) {
+    // a backup that failed or was cancelled while waiting for its slot ends here too (counted, notified)
     await backupEnded(req, seen, undefined, err);
     throw err;
   }
 }
 
+/**
+ * The backup itself: wait for one of the host's backup slots, back up, release the slot. Whatever backupEnded does
+ * afterwards (a webhook's retries) runs after the slot is released, so it never holds one.
+ */
 async function backupSteps(req: BackupRequest, seen: BackupSeen): Promise<BackupResult> {
-  const { backupId, domain, host } = req;
   const hardened = patched(HARDENED_SAGA_PATCH);
-  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
-  // Decided once per backup and recorded in its history (a marker): every quick step below uses it.
   const localSteps = patched(SHORT_STEPS_LOCAL_PATCH);
+  const { progress, phase } = trackProgress(req);
+  if (!patched(HOST_SLOT_PATCH)) return backUp(req, { hardened, localSteps, progress, phase }, seen);
+  const slot = await acquireSlot(req, phase);
+  try {
+    return await backUp(req, { hardened, localSteps, progress, phase }, seen);
+  } finally {
+    // The undo steps above ran holding the slot: they too touch libvirt and the disks.
+    slot.release();
+  }
+}
+
+/**
+ * Waits for one of the host's backup slots: schedules holdBackupSlot on the host's slot queue, where it waits (the
+ * task queue is the queue) until the host's worker has a slot free and runs it; the activity then signals back.
+ * The slot is released by cancelling that activity: in a scope of its own, shielded from the backup's own
+ * cancellation, so a cancelled backup keeps its slot while its undo steps run.
+ */
+async function acquireSlot(req: BackupRequest, phase: (p: BackupPhase) => void): Promise<{ release(): void }> {
+  phase('queued');
+  const token = uuid4();
+  let granted = false;
+  setHandler(slotGrantedSignal, (t: string) => {
+    if (t === token) granted = true;
+  });
+  const { holdBackupSlot } = proxyActivities<SlotActivities>({
+    taskQueue: hostSlotTaskQueue(req.host),
+    // a slot is held for the whole backup; a dead worker's slot is freed by the heartbeat timeout
+    startToCloseTimeout: '30d',
+    heartbeatTimeout: '30s',
+    // a release must not wait for the activity to acknowledge: the backup is done
+    cancellationType: ActivityCancellationType.TRY_CANCEL,
+    // An attempt is retried only once it ran (a worker that died holding the slot, a signal that failed); the
+    // time spent waiting in the queue is no attempt. Capped like every retry loop: a slot that keeps failing
+    // before it was granted ends the backup with its sentence; once granted, the backup goes on without it.
+    retry: {
+      initialInterval: '1s',
+      backoffCoefficient: 2,
+      maximumInterval: '10s',
+      maximumAttempts: LONG_STEP_ATTEMPTS,
+    },
+  });
+  let scope: CancellationScope | undefined;
+  let ended: unknown;
+  let endedEarly = false;
+  void CancellationScope.nonCancellable(() => {
+    scope = new CancellationScope();
+    return scope.run(() => holdBackupSlot({ backupId: req.backupId, token }));
+  }).then(
+    () => (endedEarly = true),
+    (err: unknown) => {
+      endedEarly = true;
+      ended = err;
+    },
+  );
+  const release = () => scope?.cancel();
+  try {
+    await condition(() => granted || endedEarly);
+  } catch (err) {
+    // cancelled while queued: nothing was done yet, nothing to undo
+    release();
+    upsertSearchAttributes([{ key: StateKey, value: 'cancelled' }]);
+    throw err;
+  }
+  if (!granted) {
+    upsertSearchAttributes([{ key: StateKey, value: 'failed' }]);
+    throw ApplicationFailure.nonRetryable(
+      `backup ${req.backupId} of ${req.domain} got no backup slot on host ${req.host}: ${errorMessage(ended ?? 'the slot activity ended')}`,
+      'SlotUnavailable',
+    );
+  }
+  return { release };
+}
+
+interface BackupMarkers {
+  hardened: boolean;
+  localSteps: boolean;
+  progress: BackupProgress;
+  phase: (p: BackupPhase) => void;
+}
+
+async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSeen): Promise<BackupResult> {
+  const { backupId, domain, host } = req;
+  const { hardened, localSteps, progress, phase } = markers;
+  const acts = activities(host, req.options.heartbeatTimeoutSeconds ?? 30, !hardened);
+  // localSteps: decided once per backup and recorded in its history (a marker): every quick step below uses it.
   const steps: Steps = {
     short: acts.short,
     long: acts.long,
@@ -177,7 +275,6 @@ async function backupSteps(req: BackupRequest, seen: BackupSeen): Promise<Backup
   };
   const { quick } = steps;
   const startedAt = workflowInfo().startTime.toISOString();
-  const { progress, phase } = trackProgress(req);
 
   phase('inspecting');
   const info = await quick.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });

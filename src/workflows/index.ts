@@ -1,3 +1,4 @@
 export { backupDomain } from './backup';
 export { recoverHost } from './recover';
+export { scheduledBackups } from './scheduled';
 export type { RecoverHostInput } from './recover';

@@ -214,6 +214,38 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(manifest.type).toBe(ErrorType.InvalidTarget);
   });
 
+  test("applyRetention (a scheduled run's prune) removes nothing on a target outside the allow-list, nor with a policy that keeps nothing", async () => {
+    const outside = await canaryDir(join('retention-outside', 'vm1', backupId()));
+    await writeFile(join(outside.dir, 'manifest.json'), '{}');
+    const target = pathToFileURL(join(work, 'retention-outside')).href;
+    const notAllowed = await refused('applyRetention', {
+      target,
+      domain: 'vm1',
+      policy: { keepLast: 1 },
+      newBackupId: backupId(),
+    });
+    expect(notAllowed.type).toBe(ErrorType.InvalidTarget);
+    expect(notAllowed.message).toBe(
+      `applyRetention: this worker does not write to ${target}: it is outside the targets it allows (vmbackup worker --allow-target, VMBACKUP_ALLOW_TARGETS)`,
+    );
+    const keepsNothing = await refused('applyRetention', {
+      target: allowed,
+      domain: 'vm1',
+      policy: { keepLast: 0 },
+      newBackupId: backupId(),
+    });
+    expect(keepsNothing.message).toBe('applyRetention: the retention policy keeps nothing: give a keep rule above 0');
+    const otherDomains = await refused('applyRetention', {
+      target: allowed,
+      domain: '../vm1',
+      policy: { keepLast: 1 },
+      newBackupId: backupId(),
+    });
+    expect(otherDomains.type).toBe(ErrorType.InvalidInput);
+    expect(await readFile(outside.file, 'utf8')).toBe('precious');
+    expect(await exists(join(outside.dir, 'manifest.json'))).toBe(true);
+  });
+
   test('shipImage of a file outside the staging dir is refused, nothing reaches the target', async () => {
     const secret = join(work, 'secret.raw');
     const bytes = Buffer.alloc(MiB, 0x5e);

@@ -310,14 +310,15 @@ describe('virsh sessions on real libvirt', () => {
   test('a host worker, once closed, leaves no virsh shell behind', async () => {
     await requireTemporal();
     const config = { ...loadConfig(cliEnv()), host: uniqueHost('vs') };
-    const { worker, close } = await createHostWorker({ config, address: stackEnv().temporal.address });
-    const run = worker.run();
+    const hostWorker = await createHostWorker({ config, address: stackEnv().temporal.address });
+    const { close } = hostWorker;
+    const run = hostWorker.run();
     try {
       // recovery limited to one domain reads its disks through the worker's hypervisor, and nothing else
       expect(await recoverHostOverlays(stackEnv().temporal.address, config, { domain: running.name })).toEqual([]);
       expect((await sessionPids()).length).toBeGreaterThan(0);
     } finally {
-      worker.shutdown();
+      hostWorker.shutdown();
       await run;
       await close();
     }

@@ -15,6 +15,7 @@ import { pathToFileURL } from 'node:url';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { parsePrometheusText, sumOf, valueOf } from '../helpers/prometheus';
+import { deleteSchedule, scheduleCli, scheduleEnv, uniqueScheduleName } from '../helpers/schedules';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
@@ -332,6 +333,34 @@ describe('events, metrics and report', () => {
       );
     } finally {
       await handle.delete();
+      await close();
+    }
+  });
+
+  test('report reads the schedules `vmbackup schedule create` makes: `--all --host H --match GLOB` covers only the domains the glob takes', async () => {
+    // paused, on a control queue of this test's own: they never run
+    const env = scheduleEnv();
+    const takesGood = uniqueScheduleName('obs-good');
+    const takesNone = uniqueScheduleName('obs-none');
+    const { client, close } = await temporalClient();
+    try {
+      for (const [name, glob] of [
+        [takesGood, good.name],
+        [takesNone, `vmbt-obs-none-${tag}-*`],
+      ] as const) {
+        await scheduleCli(
+          ['create', name, '--all', '--host', host, '--match', glob, '--every', '1d', '--target', local, '--paused'],
+          env,
+        );
+      }
+      const res = await runCli(['report', '--host', host, '--stale', '7d', '--json'], { env });
+      const out = JSON.parse(res.stdout) as { vms: Array<{ domain: string; host: string; schedules: string[] }> };
+      // `good` is on the target and taken by one glob; `bad` (its one backup failed: on no target, in Temporal's
+      // visibility) is taken by neither, so no schedule makes it a VM the report must watch
+      expect(out.vms.map((v) => [v.domain, v.host, v.schedules])).toEqual([[good.name, host, [takesGood]]]);
+    } finally {
+      await deleteSchedule(client, takesGood);
+      await deleteSchedule(client, takesNone);
       await close();
     }
   });

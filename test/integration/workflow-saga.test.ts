@@ -8,8 +8,8 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { ApplicationFailure } from '@temporalio/common';
-import type { Client, WorkflowHandle } from '@temporalio/client';
-import { WorkflowFailedError } from '@temporalio/client';
+import type { WorkflowHandle } from '@temporalio/client';
+import { Client, WorkflowFailedError } from '@temporalio/client';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { createActivities } from '../../src/activities';
 import { startBackup } from '../../src/client/backups';
@@ -17,6 +17,7 @@ import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import { hostTaskQueue } from '../../src/shared/names';
 import type { BackupRequest } from '../../src/shared/types';
 import { openTarget } from '../../src/storage/registry';
+import { createSlotWorker } from '../../src/worker';
 import { useFixtureDomains } from '../fixtures/domains';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
@@ -236,7 +237,15 @@ describe('push job undo is registered before the job starts (real stack, in-test
       activities,
       workflowBundle: { codePath: bundle },
     });
-    const running = worker.run();
+    // every backup waits for one of its host's slots first
+    const slots = await createSlotWorker({
+      connection,
+      namespace: env.temporal.namespace,
+      host,
+      maxConcurrentBackups: 2,
+      client: new Client({ connection, namespace: env.temporal.namespace }),
+    });
+    const running = Promise.all([worker.run(), slots.run()]);
     try {
       const { backupId, handle } = await startBackup(client, {
         domain: dom.name,
@@ -254,6 +263,7 @@ describe('push job undo is registered before the job starts (real stack, in-test
       expect(await dom.state()).toBe('running');
     } finally {
       worker.shutdown();
+      slots.shutdown();
       await running;
       hypervisor.close();
       await connection.close();

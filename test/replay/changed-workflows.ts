@@ -1,10 +1,10 @@
 /**
- * A deliberately changed backupDomain: it stages before it inspects (recoverHost below swaps its
- * steps too). Replaying a recorded history against it must fail with a non-determinism error, which
- * proves the replay test would catch an unguarded change to the real workflow (one made without
- * `patched()`).
+ * A deliberately changed backupDomain: it stages before it inspects (recoverHost below swaps its steps, and
+ * scheduledBackups sleeps before anything else). Replaying a recorded history against it must fail with a
+ * non-determinism error, which proves the replay test would catch an unguarded change to the real workflow (one
+ * made without `patched()`).
  */
-import { proxyActivities } from '@temporalio/workflow';
+import { proxyActivities, sleep } from '@temporalio/workflow';
 import type { HostActivities } from '../../src/shared/activities';
 import { hostTaskQueue } from '../../src/shared/names';
 import type { BackupRequest } from '../../src/shared/types';
@@ -20,4 +20,10 @@ export async function recoverHost(input: { host: string; domain?: string }): Pro
   const acts = proxyActivities<HostActivities>({ taskQueue: hostTaskQueue(input.host), startToCloseTimeout: '5m' });
   const staging = await acts.removeDeadStaging({ domain: input.domain });
   return [...(await acts.recoverOverlays({ domain: input.domain })), ...staging];
+}
+
+/** A deliberately changed scheduledBackups: it waits a second before it resolves its group. */
+export async function scheduledBackups(): Promise<unknown> {
+  await sleep('1s');
+  return {};
 }

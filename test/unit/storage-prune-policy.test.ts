@@ -153,4 +153,21 @@ describe('prune policy over chains', () => {
     ]);
     expect(remove).toEqual([]);
   });
+
+  test('a protected backup is kept with its chain, whatever newer manifests the target holds', () => {
+    // a scheduled run protects the backup it just made: here week 1's Thursday increment, which --keep-last 1
+    // alone would remove (someone put newer-looking backups on the target)
+    const made = week1[3]!;
+    const { keep, remove } = applyPolicy(all, { keepLast: 1, protect: [made.backupId] });
+    expect(keep.map((k) => [k.backupId.slice(4, 14), k.reasons])).toEqual([
+      ['2026-11-11', ['last']],
+      ['2026-11-10', ['parent of web-2026-11-11T01:00:00Z']],
+      ['2026-11-09', ['parent of web-2026-11-10T01:00:00Z']],
+      ['2026-11-05', ['protected']],
+      ['2026-11-04', ['parent of web-2026-11-05T01:00:00Z']],
+      ['2026-11-03', ['parent of web-2026-11-04T01:00:00Z']],
+      ['2026-11-02', ['parent of web-2026-11-03T01:00:00Z']],
+    ]);
+    expect(remove.map((r) => r.backupId.slice(4, 14))).toEqual(['2026-11-07', '2026-11-06']);
+  });
 });

@@ -28,12 +28,8 @@ import { action, CliError, printJson } from '../output';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 import { temporalFlagsFrom } from './temporal-options';
 
-interface BackupFlags {
-  host?: string;
+export interface BackupOptionFlags {
   method: RequestedMethod;
-  target: string[];
-  wait?: boolean;
-  json?: boolean;
   quiesce?: boolean;
   requireQuiesce?: boolean;
   copyTool: CopyTool;
@@ -47,18 +43,32 @@ interface BackupFlags {
   [s3: string]: unknown;
 }
 
+interface BackupFlags extends BackupOptionFlags {
+  host?: string;
+  target: string[];
+  wait?: boolean;
+  json?: boolean;
+}
+
 export function register(program: Command): void {
   const cmd = program
     .command('backup')
     .description('back up a VM (running: push mode or snapshot method; shut off: direct copy)')
     .argument('<domain>', 'libvirt domain name')
     .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
+    .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
+    .option('--wait', 'follow the backup to the end; exit 0 only on success')
+    .option('--json', 'print one JSON object with the result');
+  addBackupOptions(cmd);
+  cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
+}
+
+/** How a backup is taken: `backup` and `schedule create` take the same options. */
+export function addBackupOptions(cmd: Command): Command {
+  cmd
     .addOption(
       new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'),
     )
-    .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
-    .option('--wait', 'follow the backup to the end; exit 0 only on success')
-    .option('--json', 'print one JSON object with the result')
     .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
     .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
     .addOption(
@@ -87,28 +97,12 @@ export function register(program: Command): void {
     .option('--notify-success', 'with --notify: also when the backup succeeds')
     .addOption(new Option('--heartbeat-timeout <seconds>', 'retry a silent long step after this long').hideHelp());
   addS3Options(cmd);
-  cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
+  return cmd;
 }
 
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
-}
-
-async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
-  if (!DOMAIN_NAME_RE.test(domain)) {
-    throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
-  }
-  const config = loadConfig(process.env, temporalFlagsFrom(flags));
-  const host = flags.host ?? config.host;
-  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+/** The options of addBackupOptions, checked: one sentence for a bad value. */
+export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
   const heartbeatTimeoutSeconds = parseHeartbeatTimeout(flags.heartbeatTimeout);
-  const log = (line: string) => {
-    if (!flags.json) process.stderr.write(`${line}\n`);
-  };
-  // said even with --json (on stderr): the user named a target twice
-  const targets = uniqueTargets(flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)], (line) =>
-    process.stderr.write(`${line}\n`),
-  );
   let maxChain: number | undefined;
   if (flags.maxChain !== undefined) {
     if (!/^\d+$/.test(flags.maxChain) || Number(flags.maxChain) < 1 || Number(flags.maxChain) > 1000) {
@@ -131,7 +125,7 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
       throw new CliError((err as Error).message);
     }
   }
-  const options: BackupOptions = {
+  return {
     level: flags.level,
     ...(maxChain !== undefined ? { maxChain } : {}),
     ...(fullEverySeconds !== undefined ? { fullEverySeconds } : {}),
@@ -143,6 +137,28 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
     ...(heartbeatTimeoutSeconds !== undefined ? { heartbeatTimeoutSeconds } : {}),
     ...(flags.notify ? { notify: { url: flags.notify, ...(flags.notifySuccess ? { onSuccess: true } : {}) } } : {}),
   };
+}
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
+  if (!DOMAIN_NAME_RE.test(domain)) {
+    throw new CliError(`"${domain}" is not a valid domain name: use letters, digits, '.', '_', '+' and '-'`);
+  }
+  const config = loadConfig(process.env, temporalFlagsFrom(flags));
+  const host = flags.host ?? config.host;
+  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
+  parseHeartbeatTimeout(flags.heartbeatTimeout);
+  const log = (line: string) => {
+    if (!flags.json) process.stderr.write(`${line}\n`);
+  };
+  // said even with --json (on stderr): the user named a target twice
+  const targets = uniqueTargets(flags.target.length > 0 ? flags.target : [defaultTargetUrl(config.stateDir)], (line) =>
+    process.stderr.write(`${line}\n`),
+  );
+  const options = backupOptionsFrom(flags);
 
   // The Temporal client loads only for a command that talks to Temporal (help and --version stay instant).
   const [{ openSession }, { startBackup }, { watchBackup }] = await Promise.all([
@@ -245,7 +261,7 @@ function parseHeartbeatTimeout(value: string | undefined): number | undefined {
  * Each target once: two spellings of one place (`s3://b/p` and `s3://b/p/`) would race on the same keys.
  * A bad URL fails here with one sentence (canonicalTargetUrl parses it), before anything starts.
  */
-function uniqueTargets(urls: string[], log: (line: string) => void): string[] {
+export function uniqueTargets(urls: string[], log: (line: string) => void): string[] {
   const seen = new Map<string, string>();
   const unique: string[] = [];
   for (const url of urls) {

@@ -30,10 +30,11 @@ export function register(program: Command): void {
           if (session.embedded && host === base.host) {
             quietWorkerLogs();
             // recovery ships nothing: this command's worker writes to no target
-            const { worker, close } = await createHostWorker({ config: { ...config, allowTargets: [] }, address });
-            const running = worker.run();
+            const hostWorker = await createHostWorker({ config: { ...config, allowTargets: [] }, address });
+            const { close } = hostWorker;
+            const running = hostWorker.run();
             stop = async () => {
-              worker.shutdown();
+              hostWorker.shutdown();
               await running.catch(() => undefined);
               await close();
             };

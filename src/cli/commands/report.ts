@@ -89,7 +89,7 @@ async function runReport(flags: ReportFlags): Promise<void> {
   const manifestKey = cliManifestKey();
 
   // Temporal: schedules and failures. Without it the report still reads the catalogs, and says what it lacks.
-  const [{ openExistingSession }, { scheduleCoverage, domainsBackedUpOn, lastFailure }] = await Promise.all([
+  const [{ openExistingSession }, { scheduleCoverage, domainsBackedUpOn, lastFailure, takes }] = await Promise.all([
     import('../../client/connect'),
     import('../../client/report'),
   ]);
@@ -162,10 +162,13 @@ async function runReport(flags: ReportFlags): Promise<void> {
           warnings.push(`the backups of host ${host} could not be listed: ${(err as Error).message}`);
           return [] as string[];
         });
-        for (const d of domains) vm(d, host);
+        // a domain that no schedule's --match takes is reported only when a catalog holds its backups
+        for (const d of domains) if (coverage.allOn.some((a) => takes(a, d, host))) vm(d, host);
       }
     }
-    for (const a of coverage.allOn) for (const v of vms.values()) if (v.host === a.host) v.schedules.add(a.schedule);
+    for (const a of coverage.allOn) {
+      for (const v of vms.values()) if (takes(a, v.domain, v.host)) v.schedules.add(a.schedule);
+    }
 
     const now = Date.now();
     const reported: ReportedVm[] = [];

@@ -35,6 +35,16 @@ export function register(program: Command): void {
             });
             return;
           }
+          if (view.queue) {
+            const { host, ahead } = view.queue;
+            if (flags.json) printJson({ backupId, status: 'queued', host, ahead, progress: view.progress });
+            else
+              process.stdout.write(
+                `${backupId}: queued, waiting for one of host ${host}'s backup slots` +
+                  `${ahead > 0 ? ` (${ahead} backup(s) of ${host} queued before it)` : ''}\n`,
+              );
+            return;
+          }
           if (flags.json) {
             printJson({ backupId, status: 'running', progress: view.progress, activity: view.activity });
             return;
