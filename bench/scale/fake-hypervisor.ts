@@ -99,6 +99,7 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     close: () => undefined,
 
     versions: async () => ({ libvirt: LIBVIRT, qemu: QEMU }),
+    listDomains: async () => [...known],
     async inspect(domain: string): Promise<DomainInfo> {
       need(domain);
       return {
