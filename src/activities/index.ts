@@ -20,6 +20,7 @@ import type { RunningBackupOf } from './schedule';
 import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
 import type { StorageActivityDeps } from './storage';
+import { uploadSlots } from './upload-slots';
 
 export interface ActivityDeps {
   hypervisor: Hypervisor;
@@ -46,6 +47,8 @@ export interface ActivityDeps {
   allowTargets?: readonly string[];
   /** whether a backup of a domain runs: retention after a scheduled backup waits while one does */
   runningBackupOf?: RunningBackupOf;
+  /** uploads this worker runs at once to one target (`--max-concurrent-uploads`); undefined: no cap */
+  maxConcurrentUploads?: number;
 }
 
 /** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
@@ -69,7 +72,12 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       stateDir: deps.qemuStateDir ?? deps.stateDir,
       hostPaths: paths,
     }),
-    ...createStorageActivities({ openTarget: deps.openTarget, manifestKey: deps.manifestKey, paths }),
+    ...createStorageActivities({
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
+      paths,
+      ...(deps.maxConcurrentUploads ? { uploads: uploadSlots(deps.maxConcurrentUploads) } : {}),
+    }),
     ...createChainActivities({
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,

@@ -22,6 +22,7 @@ import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
 import { buildManifest, encodeManifest, signManifest } from '../repository/manifest';
 import type { HostPaths } from './host-paths';
+import type { UploadSlots } from './upload-slots';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
@@ -29,12 +30,16 @@ export interface StorageActivityDeps {
   manifestKey?: Buffer;
   /** this host's staging roots and allowed targets: inputs are checked against them */
   paths: HostPaths;
+  /** this worker's places per target (`--max-concurrent-uploads`); none: no cap */
+  uploads?: UploadSlots;
 }
 
 /** What shipImage heartbeats: the driver's resume point and the bytes done so far. */
 export interface ShipHeartbeat {
   checkpoint?: PutCheckpoint;
   bytesDone: number;
+  /** true while the upload waits for a place on its target (`--max-concurrent-uploads`) */
+  waitingForUpload?: boolean;
 }
 
 const FAILURE_TYPE: Record<StorageErrorKind, string> = {
@@ -101,6 +106,23 @@ export function createStorageActivities(
         };
         // Drivers report progress per part or chunk; a slow part must not look like a dead worker.
         const keepAlive = setInterval(() => ctx.heartbeat(beat), 5_000);
+        let release: (() => void) | undefined;
+        if (deps.uploads) {
+          const waitedForPlace = () => {
+            beat.waitingForUpload = true;
+            ctx.heartbeat(beat);
+          };
+          release = await deps.uploads
+            .acquire(input.target, ctx.cancellationSignal, waitedForPlace)
+            .catch((err: unknown) => {
+              clearInterval(keepAlive);
+              throw err;
+            });
+          if (beat.waitingForUpload) {
+            delete beat.waitingForUpload;
+            ctx.heartbeat(beat);
+          }
+        }
         const result = await target
           .putImage(key, disk.path, {
             ...(beat.checkpoint ? { resume: beat.checkpoint } : {}),
@@ -118,7 +140,10 @@ export function createStorageActivities(
               ctx.heartbeat(beat);
             },
           })
-          .finally(() => clearInterval(keepAlive));
+          .finally(() => {
+            clearInterval(keepAlive);
+            release?.();
+          });
         if (result.sha256 !== disk.sha256 || result.size !== disk.size) {
           throw ApplicationFailure.nonRetryable(
             `Disk ${disk.name} of ${domain} was stored on ${target.displayUrl} with SHA-256 ${result.sha256} (${result.size} bytes) instead of ${disk.sha256} (${disk.size} bytes); the image changed while it was shipped, run the backup again.`,

@@ -169,7 +169,14 @@ export interface BackupStatusView {
   execution: string;
   progress?: BackupProgress;
   /** bytes of the running long step (from its last heartbeat) */
-  activity?: { name: string; bytesDone: number; bytesTotal: number; attempt: number };
+  activity?: {
+    name: string;
+    bytesDone: number;
+    bytesTotal: number;
+    attempt: number;
+    /** an upload waiting for a place on its target (`vmbackup worker --max-concurrent-uploads`) */
+    waitingForUpload?: boolean;
+  };
   /** while it waits for one of its host's backup slots: how many backups on that host started earlier wait too */
   queue?: { host: string; ahead: number };
   result?: BackupResult;
@@ -205,6 +212,9 @@ export async function backupStatus(
         bytesDone: Number((decoded as { bytesDone?: number } | undefined)?.bytesDone ?? 0),
         bytesTotal: Number((decoded as { bytesTotal?: number } | undefined)?.bytesTotal ?? 0),
         attempt: pending.attempt ?? 1,
+        ...((decoded as { waitingForUpload?: boolean } | undefined)?.waitingForUpload
+          ? { waitingForUpload: true }
+          : {}),
       };
     }
     if (view.progress?.phase === 'queued') {

@@ -35,6 +35,8 @@ export interface HostWorkerOptions {
   maxConcurrentActivityTaskExecutions?: number;
   /** backups that do their libvirt, copy and upload work at once on this host (default defaultMaxConcurrentBackups()) */
   maxConcurrentBackups?: number;
+  /** uploads this worker runs at once to one target (`--max-concurrent-uploads`); default no cap */
+  maxConcurrentUploads?: number;
   /** also run scheduled runs from the control queue (`vmbackup worker`; not a command's in-process worker) */
   serveControlQueue?: boolean;
   /** workflow sinks (the metrics of `--metrics`, src/worker/metrics.ts) */
@@ -72,6 +74,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     qemuStateDir: await qemuWritableDir(config.stateDir, '.', SYSTEM_QEMU_DIR),
     pollIntervalMs: config.pollIntervalMs,
     allowTargets: config.allowTargets,
+    ...(opts.maxConcurrentUploads ? { maxConcurrentUploads: opts.maxConcurrentUploads } : {}),
     // S3 credentials, region and endpoint are read once, here at the edge (standard AWS variables).
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
     // read at start: a worker with a bad key file refuses to run rather than write unsigned manifests

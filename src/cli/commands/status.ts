@@ -53,9 +53,11 @@ export function register(program: Command): void {
           const a = view.activity;
           process.stdout.write(
             `${backupId}: running, ${p?.phase ?? 'starting'}${p?.method ? ` (${p.method})` : ''}` +
-              (a
-                ? `, ${a.name} ${formatBytes(a.bytesDone)}/${formatBytes(a.bytesTotal)}${a.attempt > 1 ? ` attempt ${a.attempt}` : ''}`
-                : '') +
+              (a?.waitingForUpload
+                ? `, ${a.name} queued, waiting for one of the worker's upload places on its target`
+                : a
+                  ? `, ${a.name} ${formatBytes(a.bytesDone)}/${formatBytes(a.bytesTotal)}${a.attempt > 1 ? ` attempt ${a.attempt}` : ''}`
+                  : '') +
               '\n',
           );
         } finally {

@@ -16,6 +16,7 @@ interface WorkerFlags {
   recover: boolean;
   allowTarget?: string[];
   maxConcurrentBackups?: string;
+  maxConcurrentUploads?: string;
   allowNotify?: string[];
   metrics?: string;
 }
@@ -36,6 +37,10 @@ export function register(program: Command): void {
       'backups doing their libvirt, copy and upload work at once on this host; others wait, `queued` (default: the number of cores, at least 2)',
     )
     .option(
+      '--max-concurrent-uploads <n>',
+      'uploads this worker runs at once to any one target; others wait, and `status` says so (default: no cap beyond the backup slots)',
+    )
+    .option(
       '--allow-notify <prefix>',
       'only POST backup events to webhooks at or below this URL prefix (repeatable; replaces VMBACKUP_ALLOW_NOTIFY)',
       (value: string, previous: string[] = []) => [...previous, value],
@@ -50,6 +55,7 @@ export function register(program: Command): void {
         const host = flags.host ?? base.host;
         if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
         const maxConcurrentBackups = parseMaxConcurrent(flags.maxConcurrentBackups);
+        const maxConcurrentUploads = parseMaxConcurrent(flags.maxConcurrentUploads, '--max-concurrent-uploads');
         const allowTargets = flags.allowTarget
           ? parseAllowTargets(flags.allowTarget, '--allow-target')
           : base.allowTargets;
@@ -70,6 +76,7 @@ export function register(program: Command): void {
           config,
           address,
           maxConcurrentBackups: slots,
+          ...(maxConcurrentUploads ? { maxConcurrentUploads } : {}),
           serveControlQueue: true,
           ...(metrics ? { sinks: metrics.sinks } : {}),
         }).catch(async (err: unknown) => {
@@ -78,7 +85,9 @@ export function register(program: Command): void {
         });
         process.stderr.write(
           `vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)}; ` +
-            `${slots} backup slot(s) on ${hostSlotTaskQueue(host)}; scheduled runs from ${config.controlTaskQueue})\n`,
+            `${slots} backup slot(s) on ${hostSlotTaskQueue(host)}` +
+            `${maxConcurrentUploads ? `; ${maxConcurrentUploads} upload(s) at once per target` : ''}` +
+            `; scheduled runs from ${config.controlTaskQueue})\n`,
         );
         if (metrics) {
           metrics.attach(hostWorker.client);
@@ -109,12 +118,10 @@ export function register(program: Command): void {
     );
 }
 
-function parseMaxConcurrent(value: string | undefined): number | undefined {
+function parseMaxConcurrent(value: string | undefined, flag = '--max-concurrent-backups'): number | undefined {
   if (value === undefined) return undefined;
   if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > MAX_CONCURRENT_BACKUPS) {
-    throw new CliError(
-      `--max-concurrent-backups must be a whole number from 1 to ${MAX_CONCURRENT_BACKUPS}, not "${value}"`,
-    );
+    throw new CliError(`${flag} must be a whole number from 1 to ${MAX_CONCURRENT_BACKUPS}, not "${value}"`);
   }
   return Number(value);
 }
