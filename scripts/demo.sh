@@ -62,10 +62,7 @@ vmbackup is on your PATH now ($(command -v vmbackup)). Next, try:
   vmbackup verify $id                  # re-read the images and check their SHA-256
   vmbackup restore $id --to /tmp/$DOM-restore
   vmbackup backup $DOM --wait          # a second backup: incremental (only what changed)
-EOF
-# Schedules come with `vmbackup schedule`; the line is shown only by a vmbackup that has the command.
-if vmbackup schedule --help >/dev/null 2>&1; then
-  cat >&2 <<EOF
   vmbackup schedule create demo-daily --domain $DOM --every 1d --at 02:00 --target file://$STATE/backups --keep-daily 7
+  vmbackup worker                      # runs the scheduled backups; keep it running (vmbackup install-service)
+  vmbackup report --stale 36h          # which VMs have a recent good backup
 EOF
-fi

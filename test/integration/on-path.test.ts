@@ -154,7 +154,7 @@ describe('the demo (npm run demo)', () => {
       .map((l) => l.replace(/#.*$/, '').trim())
       .filter((l) => l.startsWith('vmbackup '));
     const verbs = commands.map((c) => c.split(' ')[1]);
-    expect(verbs).toEqual(expect.arrayContaining(['status', 'list', 'restore']));
+    expect(verbs).toEqual(expect.arrayContaining(['status', 'list', 'restore', 'schedule', 'report']));
     const id = /^vmbackup status (\S+)$/m.exec(commands.join('\n'))?.[1];
     expect(id).toMatch(new RegExp(`^${domain}-\\d{8}T\\d{6}Z-[0-9a-f]{4}$`));
 
@@ -173,5 +173,20 @@ describe('the demo (npm run demo)', () => {
     const restore = await shell(`${restoreLine!.replace(/--to \S+/, `--to ${restoreDir}`)}`);
     expect(restore.code).toBe(0);
     await expect(lstat(join(restoreDir, 'vda.qcow2'))).resolves.toBeDefined();
+
+    // the schedule line as printed makes a schedule (on the embedded server), which describe then shows
+    const scheduleLine = commands.find((c) => c.startsWith('vmbackup schedule create '));
+    const name = /^vmbackup schedule create (\S+)/.exec(scheduleLine ?? '')?.[1];
+    expect(name).toBeDefined();
+    const created = await shell(scheduleLine!);
+    try {
+      expect(created.code).toBe(0);
+      expect(created.stderr).toContain(`schedule ${name}: every 1d at 02:00`);
+      const described = await shell(`vmbackup schedule describe ${name} --json`);
+      expect(described.code).toBe(0);
+      expect(described.stdout).toContain(domain);
+    } finally {
+      await shell(`vmbackup schedule delete ${name}`);
+    }
   });
 });
