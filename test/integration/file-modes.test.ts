@@ -67,12 +67,13 @@ describe('file modes under umask 000', () => {
     ({ client, close: closeClient } = await temporalClient());
     const config = loadConfig({ ...process.env, VMBACKUP_STATE_DIR: state, VMBACKUP_HOST: host });
     quietWorkerLogs();
-    const { worker, close } = await createHostWorker({ config, address: stackEnv().temporal.address });
-    const running = worker.run();
+    // every worker of the host: its queue and its backup slots (a backup waits for a slot first)
+    const hostWorker = await createHostWorker({ config, address: stackEnv().temporal.address });
+    const running = hostWorker.run();
     stopWorker = async () => {
-      worker.shutdown();
+      hostWorker.shutdown();
       await running;
-      await close();
+      await hostWorker.close();
     };
   });
   afterAll(async () => {

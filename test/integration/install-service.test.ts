@@ -172,7 +172,7 @@ describe('vmbackup install-service', () => {
       await new Promise((r) => setTimeout(r, 100));
     }
     expect(worker.output()).toContain(
-      `vmbackup worker for host ${host} on ${address} (task queue vmbackup-host-${host})`,
+      `vmbackup worker for host ${host} on ${address} (task queue vmbackup-host-${host};`,
     );
     worker.kill('SIGTERM');
     // systemd counts exit 0 (or death by SIGTERM) as a clean stop: no restart after `systemctl stop`
