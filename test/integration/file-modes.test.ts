@@ -42,7 +42,7 @@ describe('file modes under umask 000', () => {
   const newDomain = useFixtureDomains();
   const tag = randomBytes(3).toString('hex');
   const host = uniqueHost('mode');
-  let savedUmask: number;
+  let savedUmask: number | undefined;
   let work: string;
   let state: string;
   let local: string;
@@ -77,9 +77,10 @@ describe('file modes under umask 000', () => {
     };
   });
   afterAll(async () => {
+    // first: a worker that fails to stop must not leave umask 000 to the files that run after this one
+    if (savedUmask !== undefined) process.umask(savedUmask);
     await stopWorker?.();
     await closeClient?.();
-    process.umask(savedUmask);
     if (work) await rm(work, { recursive: true, force: true });
     await rm(nfsDir, { recursive: true, force: true });
   });
