@@ -41,12 +41,44 @@ export interface SimHosts {
   metrics: WorkerMetrics[];
   /** every host's queue worker and slot worker */
   workers: Worker[];
+  /** retention steps (applyRetention) running for longer than `ms` now, with the step they are in */
+  slowRetention(ms: number): Array<{ host: string; domain: string; step: string; runningS: number }>;
 }
+
+/**
+ * Options of every worker here: a worker whose activity does not end (one that waits on a call without a deadline)
+ * must not keep the bench from writing its results; the SDK's default waits for it forever.
+ */
+export const BENCH_WORKER_SHUTDOWN = { shutdownGraceTime: '5s', shutdownForceTime: '30s' } as const;
 
 export async function createSimHosts(o: SimHostsOptions): Promise<SimHosts> {
   const targetEnv = targetEnvironmentFrom(process.env);
-  const out: SimHosts = { fakes: [], metrics: [], workers: [] };
+  // each retention step while it runs: which part of it (Temporal's visibility, or the prune on the target)
+  const retaining = new Map<string, { host: string; domain: string; step: string; since: number }>();
+  const out: SimHosts = {
+    fakes: [],
+    metrics: [],
+    workers: [],
+    slowRetention: (ms) =>
+      [...retaining.values()]
+        .filter((r) => Date.now() - r.since > ms)
+        .map((r) => ({ host: r.host, domain: r.domain, step: r.step, runningS: (Date.now() - r.since) / 1000 })),
+  };
+  let seq = 0;
+  const runningBackupOf = temporalRunningBackupOf(o.client);
   for (const [host, domains] of o.domainsOf) {
+    const tracked = <A extends { applyRetention: (...a: never[]) => Promise<unknown> }>(acts: A): A => ({
+      ...acts,
+      applyRetention: (async (input: { domain: string }) => {
+        const key = `${host}/${input?.domain}/${++seq}`;
+        retaining.set(key, { host, domain: String(input?.domain), step: 'opening the target', since: Date.now() });
+        try {
+          return await (acts.applyRetention as (i: unknown) => Promise<unknown>)(input);
+        } finally {
+          retaining.delete(key);
+        }
+      }) as A['applyRetention'],
+    });
     const fake = createFakeHypervisor({
       domains,
       templateImage: o.templateImage,
@@ -63,16 +95,26 @@ export async function createSimHosts(o: SimHostsOptions): Promise<SimHosts> {
         connection: o.native,
         namespace: 'default',
         taskQueue: hostTaskQueue(host),
-        activities: createActivities({
-          hypervisor: fake,
-          stateDir,
-          qemuStateDir: stateDir,
-          systemQemuDir: join(o.root, 'qemu', host),
-          allowTargets: [o.target],
-          openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
-          // retention after a scheduled backup asks Temporal whether a backup of the domain runs, as the worker does
-          runningBackupOf: temporalRunningBackupOf(o.client),
-        }),
+        activities: tracked(
+          createActivities({
+            hypervisor: fake,
+            stateDir,
+            qemuStateDir: stateDir,
+            systemQemuDir: join(o.root, 'qemu', host),
+            allowTargets: [o.target],
+            openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),
+            // retention after a scheduled backup asks Temporal whether a backup of the domain runs, as the worker does
+            runningBackupOf: async (domain, exceptRunId) => {
+              const r = [...retaining.values()].find((x) => x.host === host && x.domain === domain);
+              if (r) r.step = 'visibility query (is a backup of the domain running?)';
+              try {
+                return await runningBackupOf(domain, exceptRunId);
+              } finally {
+                if (r) r.step = 'prune on the target';
+              }
+            },
+          }),
+        ),
         workflowBundle: { codePath: o.bundle },
         // A real host has its own cores; here 50 hosts share this process and two cores. Unbounded (`vmbackup
         // worker` allows 50 activities), 2,000 backups at once put thousands of activations and qemu-img runs in
@@ -83,6 +125,7 @@ export async function createSimHosts(o: SimHostsOptions): Promise<SimHosts> {
         maxConcurrentWorkflowTaskExecutions: 2,
         defaultHeartbeatThrottleInterval: '1s',
         sinks: m.sinks,
+        ...BENCH_WORKER_SHUTDOWN,
       }),
     );
     // the host's backup slots (`--max-concurrent-backups`): every backup waits for one first
