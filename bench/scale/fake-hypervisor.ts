@@ -99,7 +99,8 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     close: () => undefined,
 
     versions: async () => ({ libvirt: LIBVIRT, qemu: QEMU }),
-    listDomains: async () => [...known],
+    // `--all --host H`: a scheduled run lists the host's domains first
+    listDomains: async () => [...known].sort(),
     async inspect(domain: string): Promise<DomainInfo> {
       need(domain);
       return {

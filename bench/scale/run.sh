@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# npm run bench:scale [-- --only vms,sim] [-- --vms 40] [-- --sim-vms 2000 --sim-hosts 50] [-- --job-seconds 20]
+# npm run bench:scale [-- --only vms,sim,schedule] [-- --vms 40] [-- --sim-vms 2000 --sim-hosts 50] [-- --job-seconds 20]
 #                     [-- --host-slots 4] [-- --deadline-min 30] [-- --smoke] [-- --out DIR]
 # Brings up libvirt (the vms group's domains) and the pinned Temporal CLI (each group starts a dev server of its
 # own from it), builds vmbackup and the bench, runs bench/scale/main.ts. Results: bench/results/scale/latest.{json,md};
