@@ -3,6 +3,7 @@
  * a VM's new backup (the chain-aware prune of src/repository/prune.ts). Both run on the host's own queue: a file://
  * target is a directory of that host.
  */
+import { Context } from '@temporalio/activity';
 import type { Hypervisor } from '../hypervisor/port';
 import { pruneBackups } from '../repository/prune';
 import { ErrorType } from '../shared/errors';
@@ -87,36 +88,54 @@ export function createScheduleActivities(deps: ScheduleActivityDeps): ScheduleAc
         );
       }
       const { domain, policy, newBackupId } = input;
-      return withTarget(deps, input.target, input.s3Options, async (target) => {
-        // A backup of this domain that runs now may build on a backup this prune would remove (its parent): its
-        // increment would then point at a missing link. Retention waits for the next run instead.
-        const running = await deps.runningBackupOf!(
-          domain,
-          typeof input.backupRunId === 'string' ? input.backupRunId : undefined,
-        );
-        if (running) {
-          return {
-            target: target.displayUrl,
-            removed: [],
-            kept: 0,
-            deferred: `a backup of ${domain} is running (${running}): retention on this target waits for the next run`,
-          };
-        }
-        const report = await pruneBackups(target, {
-          domain,
-          keepLast: policy.keepLast,
-          keepDaily: policy.keepDaily,
-          keepWeekly: policy.keepWeekly,
-          keepMonthly: policy.keepMonthly,
-          protect: [newBackupId],
-          ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}),
-        });
-        return {
-          target: report.target,
-          removed: report.remove.map((d) => ({ backupId: d.backupId, startedAt: d.startedAt, level: d.level })),
-          kept: report.keep.filter((d) => d.domain === domain).length,
-        };
-      });
+      // Alive while it works: a task the server handed out but this worker never got (a poll answer lost on an
+      // overloaded host) is retried after the heartbeat timeout, not after the 30 min of a long prune.
+      const ctx = Context.current();
+      const keepAlive = setInterval(() => ctx.heartbeat(), 10_000);
+      ctx.heartbeat();
+      try {
+        return await retain(input, domain, policy, newBackupId);
+      } finally {
+        clearInterval(keepAlive);
+      }
     },
   };
+
+  function retain(
+    input: ApplyRetentionInput,
+    domain: string,
+    policy: ApplyRetentionInput['policy'],
+    newBackupId: string,
+  ): Promise<AppliedRetention> {
+    return withTarget(deps, input.target, input.s3Options, async (target) => {
+      // A backup of this domain that runs now may build on a backup this prune would remove (its parent): its
+      // increment would then point at a missing link. Retention waits for the next run instead.
+      const running = await deps.runningBackupOf!(
+        domain,
+        typeof input.backupRunId === 'string' ? input.backupRunId : undefined,
+      );
+      if (running) {
+        return {
+          target: target.displayUrl,
+          removed: [],
+          kept: 0,
+          deferred: `a backup of ${domain} is running (${running}): retention on this target waits for the next run`,
+        };
+      }
+      const report = await pruneBackups(target, {
+        domain,
+        keepLast: policy.keepLast,
+        keepDaily: policy.keepDaily,
+        keepWeekly: policy.keepWeekly,
+        keepMonthly: policy.keepMonthly,
+        protect: [newBackupId],
+        ...(deps.manifestKey ? { manifestKey: deps.manifestKey } : {}),
+      });
+      return {
+        target: report.target,
+        removed: report.remove.map((d) => ({ backupId: d.backupId, startedAt: d.startedAt, level: d.level })),
+        kept: report.keep.filter((d) => d.domain === domain).length,
+      };
+    });
+  }
 }

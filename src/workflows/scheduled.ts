@@ -54,6 +54,8 @@ function hostActivities(host: string) {
   const retention = proxyActivities<ScheduleActivities>({
     taskQueue: hostTaskQueue(host),
     startToCloseTimeout: '30m',
+    // it heartbeats every 10 s: a task lost on its way to the worker is retried after this, not after 30 min
+    heartbeatTimeout: '1m',
     scheduleToCloseTimeout: '2h',
     retry: { initialInterval: '5s', maximumInterval: '1m', maximumAttempts: 5 },
   });
