@@ -229,6 +229,11 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
       });
     });
     const view = await watching;
+    // the worker's last log lines (an activity cancelled with the backup, a released slot) come before the
+    // command's own last sentence, which a user or a script reads as the outcome
+    const stopping = stopWorker;
+    stopWorker = undefined;
+    await stopping();
     if (signals.first && view.execution === 'CANCELLED') {
       process.stderr.write(
         `vmbackup: interrupted: backup ${backupId} was cancelled; its undo steps ran ` +
