@@ -18,7 +18,15 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import { StorageError } from '../storage/errors';
-import { imageKey, normaliseKey } from '../storage/keys';
+import {
+  MANIFEST_NAME,
+  VM_NVRAM_NAME,
+  VM_TPM_PREFIX,
+  VM_XML_NAME,
+  imageKey,
+  normaliseKey,
+  vmFileKey,
+} from '../storage/keys';
 
 /** The version this vmbackup writes. */
 export const MANIFEST_VERSION = 2;
@@ -97,6 +105,57 @@ export const ManifestDiskSchema = z
   })
   .passthrough();
 
+/** Most a reader takes of each whole-VM file (they are small: a definition, a variable store, a TPM's state). */
+export const VM_FILE_MAX_BYTES = { xml: 4 << 20, nvram: 64 << 20, tpm: 16 << 20 } as const;
+
+const VmFileSchema = z
+  .object({
+    /** object key on the target: `<domain>/<backupId>/<name>` (see storage/keys.ts) */
+    key: z.string(),
+    size: z.number().int().nonnegative(),
+    sha256: Sha256,
+  })
+  .passthrough();
+export type ManifestVmFile = z.infer<typeof VmFileSchema>;
+
+/** A TPM state file's path under the domain's swtpm state directory, e.g. `tpm2/tpm2-00.permall`. */
+const TpmRelativePath = z
+  .string()
+  .regex(/^(tpm2|tpm1_2)\/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$/, 'must be tpm2/<file> or tpm1_2/<file>');
+
+/**
+ * Whole-VM state at the backup point, stored whole in every backup (full or link of a chain): the inactive domain
+ * XML, the UEFI variable store (NVRAM) when the domain has one, and the swtpm state when it has an emulated TPM.
+ * Absent in backups made before vmbackup stored them.
+ */
+export const ManifestVmSchema = z
+  .object({
+    /** `virsh dumpxml --inactive` at the backup point, key `<domain>/<backupId>/domain.xml` */
+    xml: VmFileSchema.refine((f) => f.size <= VM_FILE_MAX_BYTES.xml, 'is larger than a domain XML can be'),
+    /** the NVRAM file, key `<domain>/<backupId>/nvram.fd`; `path`: where it was on the host */
+    nvram: VmFileSchema.extend({ path: z.string().startsWith('/').max(4096) })
+      .refine((f) => f.size <= VM_FILE_MAX_BYTES.nvram, 'is larger than an NVRAM file can be')
+      .optional(),
+    /** the swtpm state directory's files, each key `<domain>/<backupId>/tpm.<file name>` */
+    tpm: z
+      .object({
+        version: z.enum(['1.2', '2.0']),
+        files: z
+          .array(
+            VmFileSchema.extend({ path: TpmRelativePath }).refine(
+              (f) => f.size <= VM_FILE_MAX_BYTES.tpm,
+              'is larger than a TPM state file can be',
+            ),
+          )
+          .min(1)
+          .max(16),
+      })
+      .passthrough()
+      .optional(),
+  })
+  .passthrough();
+export type ManifestVm = z.infer<typeof ManifestVmSchema>;
+
 const ManifestObject = z
   .object({
     version: z.union([z.literal(1), z.literal(2)]),
@@ -111,6 +170,7 @@ const ManifestObject = z
     qemuVersion: z.string(),
     chain: ManifestChainSchema,
     disks: z.array(ManifestDiskSchema).min(1),
+    vm: ManifestVmSchema.optional(),
     signature: Signature,
   })
   .passthrough();
@@ -131,6 +191,7 @@ function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
   if (new Set(m.disks.map((d) => d.name)).size !== m.disks.length) {
     issue(ctx, ['disks'], 'disk names must be unique');
   }
+  if (m.vm) checkVmKeys(m, m.vm, ctx);
   const { chain } = m;
   if (chain.level === 'full') {
     if (chain.parent !== undefined) issue(ctx, ['chain', 'parent'], 'must be absent for a full backup');
@@ -166,6 +227,35 @@ function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
       issue(ctx, ['disks', i, 'backing', 'key'], `must be ${expected}`);
     }
   }
+}
+
+/** Each whole-VM file has its fixed key, and no object of the backup shares a key with another. */
+function checkVmKeys(m: ManifestObject, vm: ManifestVm, ctx: z.RefinementCtx): void {
+  const expect = (path: Array<string | number>, key: string, name: string) => {
+    let expected: string | undefined;
+    try {
+      expected = vmFileKey(m.domain, m.backupId, name);
+    } catch {
+      return; // reported on domain or backupId already
+    }
+    if (key !== expected) issue(ctx, path, `must be ${expected}`);
+  };
+  expect(['vm', 'xml', 'key'], vm.xml.key, VM_XML_NAME);
+  if (vm.nvram) expect(['vm', 'nvram', 'key'], vm.nvram.key, VM_NVRAM_NAME);
+  for (const [i, f] of (vm.tpm?.files ?? []).entries()) {
+    const file = f.path.slice(f.path.indexOf('/') + 1);
+    expect(['vm', 'tpm', 'files', i, 'key'], f.key, `${VM_TPM_PREFIX}${file}`);
+  }
+  const tpmPaths = (vm.tpm?.files ?? []).map((f) => f.path);
+  if (new Set(tpmPaths).size !== tpmPaths.length) issue(ctx, ['vm', 'tpm', 'files'], 'paths must be unique');
+  const keys = [
+    `${m.domain}/${m.backupId}/${MANIFEST_NAME}`,
+    ...m.disks.map((d) => d.key),
+    vm.xml.key,
+    ...(vm.nvram ? [vm.nvram.key] : []),
+    ...(vm.tpm?.files ?? []).map((f) => f.key),
+  ];
+  if (new Set(keys).size !== keys.length) issue(ctx, ['vm'], 'keys must differ from each other and from the images');
 }
 
 /**

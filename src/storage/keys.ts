@@ -70,6 +70,17 @@ export function imageKey(domain: string, backupId: string, disk: string, format:
 
 export const MANIFEST_NAME = 'manifest.json';
 
+/** The whole-VM files a backup stores beside its images (see the manifest's `vm`). */
+export const VM_XML_NAME = 'domain.xml';
+export const VM_NVRAM_NAME = 'nvram.fd';
+/** a TPM state file is stored as `tpm.<its file name>` */
+export const VM_TPM_PREFIX = 'tpm.';
+
+/** The key of a whole-VM file (`domain.xml`, `nvram.fd`, `tpm.<name>`) of a backup. */
+export function vmFileKey(domain: string, backupId: string, name: string): string {
+  return normaliseKey(`${domain}/${backupId}/${name}`);
+}
+
 export function manifestKey(domain: string, backupId: string): string {
   return normaliseKey(`${domain}/${backupId}/${MANIFEST_NAME}`);
 }

@@ -280,3 +280,75 @@ describe('manifest signatures', () => {
     expect(() => decodeManifest(body(m), 'm')).toThrow(/signature must be/);
   });
 });
+
+describe('whole-VM files (vm)', () => {
+  const vm = {
+    xml: { key: `web/${FULL}/domain.xml`, size: 2048, sha256: 'c'.repeat(64) },
+    nvram: {
+      key: `web/${FULL}/nvram.fd`,
+      size: 540672,
+      sha256: 'd'.repeat(64),
+      path: '/var/lib/libvirt/qemu/nvram/web_VARS.fd',
+    },
+    tpm: {
+      version: '2.0' as const,
+      files: [
+        { key: `web/${FULL}/tpm.tpm2-00.permall`, size: 9000, sha256: 'e'.repeat(64), path: 'tpm2/tpm2-00.permall' },
+      ],
+    },
+  };
+
+  it('round-trips the definition, NVRAM and TPM files of a backup', () => {
+    const m = buildManifest({ ...input, vm });
+    expect(decodeManifest(encodeManifest(m), 'x').vm).toEqual(vm);
+  });
+
+  it('is optional: a backup without it still reads', () => {
+    expect(decodeManifest(encodeManifest(buildManifest(input)), 'x').vm).toBeUndefined();
+  });
+
+  it.each([
+    [
+      'an xml key outside the backup',
+      { ...vm, xml: { ...vm.xml, key: 'web/other/domain.xml' } },
+      /vm\.xml\.key must be web\//,
+    ],
+    [
+      'an nvram key under another name',
+      { ...vm, nvram: { ...vm.nvram, key: `web/${FULL}/vda.qcow2` } },
+      /vm\.nvram\.key must be/,
+    ],
+    ['a relative nvram path', { ...vm, nvram: { ...vm.nvram, path: 'nvram/web_VARS.fd' } }, /vm\.nvram\.path/],
+    [
+      'a TPM path that climbs out of the state directory',
+      { ...vm, tpm: { ...vm.tpm, files: [{ ...vm.tpm.files[0]!, path: 'tpm2/../../../etc/shadow' }] } },
+      /vm\.tpm\.files\.0\.path/,
+    ],
+    [
+      'a TPM file whose key is not tpm.<its name>',
+      { ...vm, tpm: { ...vm.tpm, files: [{ ...vm.tpm.files[0]!, key: `web/${FULL}/domain.xml` }] } },
+      /vm\.tpm\.files\.0\.key must be/,
+    ],
+    [
+      'two TPM files stored under one key',
+      {
+        ...vm,
+        tpm: {
+          ...vm.tpm,
+          files: [vm.tpm.files[0]!, { ...vm.tpm.files[0]!, path: 'tpm1_2/tpm2-00.permall' }],
+        },
+      },
+      /vm keys must differ/,
+    ],
+    ['an XML larger than a definition can be', { ...vm, xml: { ...vm.xml, size: 5 << 20 } }, /vm\.xml is larger/],
+  ])('refuses %s', (_what, bad, message) => {
+    const err = failure(() => buildManifest({ ...input, vm: bad as typeof vm }));
+    expect(err.message).toMatch(message);
+  });
+
+  it('refuses a disk whose image would take the definition key', () => {
+    const disk = { ...input.disks[0]!, name: 'domain', format: 'xml', key: `web/${FULL}/domain.xml` };
+    const err = failure(() => buildManifest({ ...input, disks: [disk], vm }));
+    expect(err.message).toMatch(/vm keys must differ/);
+  });
+});
