@@ -104,7 +104,17 @@ async function copyImage(from: StorageTarget, to: StorageTarget, disk: ManifestD
   const onProgress = (done: number, total: number): void => opts.onProgress?.(disk.name, done, total);
   const local = from.capabilities.localPath;
   if (local) {
-    // the source is a file already: putImage verifies the SHA-256 while it streams
+    // the source is a file already: putImage verifies the SHA-256 while it streams. stat first: it refuses a key
+    // that is (or lies behind) a link, which the path alone would follow
+    if (!(await from.stat(disk.key))) {
+      throw new StorageError(
+        'not-found',
+        `Image ${disk.key} is missing on ${from.displayUrl}; the backup is damaged.`,
+        {
+          driver: 'catalog',
+        },
+      );
+    }
     await to.putImage(disk.key, join(local, disk.key), { metadata, signal: opts.signal, onProgress });
     return;
   }

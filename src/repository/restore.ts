@@ -238,7 +238,9 @@ async function stageDisk(
       let path: string;
       let got: WrittenFile;
       if (local) {
-        // a local target is read in place: hash it, then hand the same file to qemu-img
+        // a local target is read in place: hash it, then hand the same file to qemu-img. stat first: it refuses a
+        // key that is (or lies behind) a link, which the path alone would follow
+        if (!(await target.stat(l.disk.key))) throw missingImage(l, target);
         path = join(local, l.disk.key);
         got = await hashFile(path, { signal: opts.signal, onBytes: progress }).catch((err: unknown) => {
           if (errnoCode(err) === 'ENOENT') throw missingImage(l, target);

@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
 import type { PutCheckpoint } from '../../src/storage/contract';
 import { LocalTarget } from '../../src/storage/local/driver';
 import type { TempFileCheckpoint } from '../../src/storage/source';
@@ -97,5 +98,75 @@ describe('local target specifics', () => {
       await rm(src, { force: true });
       await t.cleanup();
     }
+  });
+});
+
+describe('local target: links inside the target are never followed', () => {
+  // Someone else who can write the target directory makes a domain directory (or an object) a link to a place
+  // only root may touch; the worker runs as root.
+  async function withOutside<T>(fn: (t: Awaited<ReturnType<typeof localTarget>>, outside: string) => Promise<T>) {
+    const t = await localTarget();
+    const outside = await mkdtemp(join(tmpdir(), 'vmbackup-outside-'));
+    try {
+      return await fn(t, outside);
+    } finally {
+      await rm(outside, { recursive: true, force: true });
+      await t.cleanup();
+    }
+  }
+
+  test('a domain directory that is a link: no read, stat, write or delete goes through it', async () => {
+    await withOutside(async (t, outside) => {
+      await mkdir(join(outside, 'b1'));
+      await writeFile(join(outside, 'b1', 'vda.qcow2'), 'secret');
+      await writeFile(join(outside, 'b1', 'manifest.json'), '{}');
+      await symlink(outside, join(t.dir, 'web'));
+      const src = join(t.dir, '..', `${basename(t.dir)}-src`);
+      await writeFile(src, 'new bytes');
+      try {
+        await expect(t.target.get('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.getBuffer('web/b1/manifest.json', { maxBytes: 100 })).rejects.toThrow(
+          /lies behind a symbolic link/,
+        );
+        await expect(t.target.getBuffer('web/b1/manifest.json')).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.stat('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.delete('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.putImage('web/b2/vda.qcow2', src)).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.putManifest('web/b2/manifest.json', Buffer.from('{}'))).rejects.toThrow(
+          /lies behind a symbolic link/,
+        );
+        const keys: string[] = [];
+        for await (const o of t.target.list('')) keys.push(o.key);
+        expect(keys).toEqual([]);
+        // nothing outside was read into the target, changed, removed or created
+        expect((await readdir(outside)).sort()).toEqual(['b1']);
+        expect((await readdir(join(outside, 'b1'))).sort()).toEqual(['manifest.json', 'vda.qcow2']);
+        expect(await readFile(join(outside, 'b1', 'vda.qcow2'), 'utf8')).toBe('secret');
+      } finally {
+        await rm(src, { force: true });
+      }
+    });
+  });
+
+  test('an object that is a link is refused, not followed', async () => {
+    await withOutside(async (t, outside) => {
+      await writeFile(join(outside, 'shadow'), 'secret');
+      await mkdir(join(t.dir, 'web', 'b1'), { recursive: true });
+      await symlink(join(outside, 'shadow'), join(t.dir, 'web', 'b1', 'vda.qcow2'));
+      await expect(t.target.get('web/b1/vda.qcow2')).rejects.toThrow(/is a symbolic link/);
+      await expect(t.target.getBuffer('web/b1/vda.qcow2')).rejects.toThrow(/is a symbolic link/);
+      expect(await t.target.stat('web/b1/vda.qcow2')).toBeUndefined();
+    });
+  });
+
+  test('the target directory itself may be a link (a mount named elsewhere)', async () => {
+    await withOutside(async (t, outside) => {
+      const via = join(outside, 'via');
+      await symlink(t.dir, via);
+      const linked = new LocalTarget(via, `file://${via}`);
+      await linked.putManifest('web/b1/manifest.json', Buffer.from('{"ok":1}'));
+      expect((await linked.getBuffer('web/b1/manifest.json')).toString()).toBe('{"ok":1}');
+      expect(await readFile(join(t.dir, 'web/b1/manifest.json'), 'utf8')).toBe('{"ok":1}');
+    });
   });
 });

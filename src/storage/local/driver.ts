@@ -7,7 +7,7 @@
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, relative, sep } from 'node:path';
 import type { Readable } from 'node:stream';
 import type {
   GetBufferOptions,
@@ -104,6 +104,67 @@ export class LocalTarget implements StorageTarget {
 
   private path(key: string): string {
     return join(this.root, normaliseKey(key));
+  }
+
+  /**
+   * Refuses a directory of this target that is, or lies below, a symbolic link. Whoever else can write the target
+   * could otherwise make `<domain>` a link to /etc, and a root worker would read, write or delete there. The target
+   * directory itself may be a link (a mount point named elsewhere); nothing below it may. A component that does not
+   * exist yet ends the walk: makeDirs creates real directories. (A link swapped in between this check and the
+   * open is not caught: docs/security.md.)
+   */
+  private async confine(dir: string, key: string): Promise<void> {
+    const rel = relative(this.root, dir);
+    if (rel === '') return;
+    let current = this.root;
+    for (const part of rel.split(sep)) {
+      current = join(current, part);
+      let st;
+      try {
+        st = await lstat(current);
+      } catch (err) {
+        if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
+        throw this.error(err, `look at the directory of ${key}`);
+      }
+      if (st.isSymbolicLink()) {
+        throw new StorageError(
+          'invalid-key',
+          `Object ${key} on ${this.displayUrl} lies behind a symbolic link (${current}); vmbackup never follows links inside a target, remove the link.`,
+          { driver: DRIVER },
+        );
+      }
+      if (!st.isDirectory()) return;
+    }
+  }
+
+  /** Opens an object for reading: never through a link (final name or a directory), never waiting on a FIFO. */
+  private async openObject(key: string): Promise<FileHandle> {
+    const path = this.path(key);
+    await this.confine(dirname(path), key);
+    let fh: FileHandle;
+    try {
+      fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+    } catch (err) {
+      if (errnoCode(err) === 'ELOOP') {
+        throw new StorageError(
+          'invalid-key',
+          `Object ${key} on ${this.displayUrl} is a symbolic link; vmbackup never follows links inside a target, remove the link.`,
+          { driver: DRIVER, cause: err },
+        );
+      }
+      throw this.missing(err, key);
+    }
+    const st = await fh.stat().catch(async (err: unknown) => {
+      await fh.close();
+      throw this.error(err, `read ${key}`);
+    });
+    if (!st.isFile()) {
+      await fh.close();
+      throw new StorageError('not-found', `Object ${key} on ${this.displayUrl} is not a regular file.`, {
+        driver: DRIVER,
+      });
+    }
+    return fh;
   }
 
   async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
@@ -342,6 +403,7 @@ export class LocalTarget implements StorageTarget {
   }
 
   private async mkdirs(dir: string, what: string): Promise<void> {
+    await this.confine(dir, relative(this.root, dir) || '.');
     try {
       await makeDirs(dir, PRIVATE_DIR_MODE);
     } catch (err) {
@@ -384,13 +446,7 @@ export class LocalTarget implements StorageTarget {
   }
 
   async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
-    const path = this.path(key);
-    let fh: FileHandle;
-    try {
-      fh = await open(path, 'r');
-    } catch (err) {
-      throw this.missing(err, key);
-    }
+    const fh = await this.openObject(key);
     if (range && range.end <= range.start) {
       await fh.close();
       const { Readable: R } = await import('node:stream');
@@ -401,27 +457,11 @@ export class LocalTarget implements StorageTarget {
 
   async getBuffer(key: string, opts: GetBufferOptions = {}): Promise<Buffer> {
     const { maxBytes } = opts;
-    if (maxBytes === undefined) {
-      try {
-        return await readFile(this.path(key));
-      } catch (err) {
-        throw this.missing(err, key);
-      }
-    }
-    let fh: FileHandle;
-    try {
-      // a symlink or a FIFO where a small object should be is never followed or waited on
-      fh = await open(this.path(key), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
-    } catch (err) {
-      throw this.missing(err, key);
-    }
+    // a symlink or a FIFO where an object should be is never followed or waited on
+    const fh = await this.openObject(key);
     try {
       const st = await fh.stat();
-      if (!st.isFile()) {
-        throw new StorageError('not-found', `Object ${key} on ${this.displayUrl} is not a regular file.`, {
-          driver: DRIVER,
-        });
-      }
+      if (maxBytes === undefined) return await fh.readFile();
       // the size first (a 3 GiB file is refused without a read), then a read that stops past the limit
       if (st.size > maxBytes) throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
       const parts: Buffer[] = [];
@@ -478,6 +518,7 @@ export class LocalTarget implements StorageTarget {
 
   async stat(key: string): Promise<ObjectInfo | undefined> {
     const path = this.path(key);
+    await this.confine(dirname(path), key);
     try {
       const st = await lstat(path);
       if (!st.isFile()) return undefined;
@@ -570,6 +611,7 @@ export class LocalTarget implements StorageTarget {
   async delete(key: string): Promise<void> {
     const path = this.path(key);
     const dir = dirname(path);
+    await this.confine(dir, key);
     try {
       await unlink(path);
     } catch (err) {
