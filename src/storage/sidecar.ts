@@ -6,6 +6,12 @@
  */
 import { z } from 'zod';
 
+/**
+ * Most of a sidecar a driver reads (a real one is under 1 KiB). A bigger one, or one that is not a regular file
+ * (someone else wrote the target), is ignored: the object simply has no metadata.
+ */
+export const SIDECAR_MAX_BYTES = 64 << 10;
+
 const SidecarSchema = z.object({
   size: z.number().int().nonnegative(),
   sha256: z.string().optional(),

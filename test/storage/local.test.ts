@@ -1,6 +1,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { spawnSync } from 'node:child_process';
+import { SIDECAR_MAX_BYTES, sidecarName } from '../../src/storage/sidecar';
 import { basename, join } from 'node:path';
 import type { PutCheckpoint } from '../../src/storage/contract';
 import { LocalTarget } from '../../src/storage/local/driver';
@@ -168,5 +170,33 @@ describe('local target: links inside the target are never followed', () => {
       expect((await linked.getBuffer('web/b1/manifest.json')).toString()).toBe('{"ok":1}');
       expect(await readFile(join(t.dir, 'web/b1/manifest.json'), 'utf8')).toBe('{"ok":1}');
     });
+  });
+});
+
+describe('local target: a sidecar someone else wrote', () => {
+  test('one padded past the cap is ignored (no metadata), a FIFO is never waited on', async () => {
+    const t = await localTarget();
+    const src = `${t.dir}-src`;
+    try {
+      await writeFile(src, randomBytes(4096));
+      const r = await t.target.putImage('web/b1/vda.raw', src);
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata?.sha256).toBe(r.sha256);
+      const side = join(t.dir, 'web/b1', sidecarName('vda.raw'));
+      const good = await readFile(side);
+      // still valid JSON with the right size and hash, only too big to be ours
+      await writeFile(side, Buffer.concat([good, Buffer.alloc(SIDECAR_MAX_BYTES, 0x20)]));
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata).toBeUndefined();
+      await writeFile(side, good);
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata?.sha256).toBe(r.sha256);
+      await rm(side);
+      const mk = spawnSync('mkfifo', [side]);
+      expect(mk.status).toBe(0);
+      const keys: string[] = [];
+      for await (const o of t.target.list('')) keys.push(`${o.key} ${o.metadata?.sha256 ?? '-'}`);
+      expect(keys).toEqual(['web/b1/vda.raw -']);
+    } finally {
+      await rm(src, { force: true });
+      await t.cleanup();
+    }
   });
 });

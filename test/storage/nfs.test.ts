@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, truncate, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
+import { SIDECAR_MAX_BYTES, sidecarName } from '../../src/storage/sidecar';
 import { join } from 'node:path';
 import { StorageError } from '../../src/storage/errors';
 import { requireNfs } from '../helpers/stack';
@@ -61,6 +62,29 @@ describe('nfs target specifics', () => {
       expect(got.length).toBeLessThanOrEqual(5 * MiB + 4321);
       expect(got.equals(bytes.subarray(0, got.length))).toBe(true);
     } finally {
+      await t.cleanup();
+      await t.target.close();
+    }
+  });
+});
+
+describe('nfs target: a sidecar someone else wrote', () => {
+  test('one padded past the cap is ignored (no metadata), never read whole', async () => {
+    await requireNfs();
+    const t = await nfsTarget();
+    const src = `${t.dir}-src`;
+    try {
+      await writeFile(src, randomBytes(4096));
+      const r = await t.target.putImage('web/b1/vda.raw', src);
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata?.sha256).toBe(r.sha256);
+      const side = join(t.dir, 'web/b1', sidecarName('vda.raw'));
+      const good = await readFile(side);
+      await writeFile(side, Buffer.concat([good, Buffer.alloc(SIDECAR_MAX_BYTES, 0x20)]));
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata).toBeUndefined();
+      await writeFile(side, good);
+      expect((await t.target.stat('web/b1/vda.raw'))?.metadata?.sha256).toBe(r.sha256);
+    } finally {
+      await rm(src, { force: true });
       await t.cleanup();
       await t.target.close();
     }

@@ -6,7 +6,7 @@
  */
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { open, readdir, readFile, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
+import { open, readdir, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, relative, sep } from 'node:path';
 import type { Readable } from 'node:stream';
 import type {
@@ -24,6 +24,7 @@ import {
   encodeSidecar,
   isTempFor,
   metadataOf,
+  SIDECAR_MAX_BYTES,
   sidecarName,
   sidecarOwner,
   tempName,
@@ -522,7 +523,7 @@ export class LocalTarget implements StorageTarget {
     try {
       const st = await lstat(path);
       if (!st.isFile()) return undefined;
-      const side = await readFile(join(dirname(path), sidecarName(basename(path)))).catch(() => undefined);
+      const side = await readSidecar(join(dirname(path), sidecarName(basename(path))));
       const metadata = side ? metadataOf(decodeSidecar(side, st.size)) : undefined;
       return { key: normaliseKey(key), size: st.size, modified: st.mtime, ...(metadata ? { metadata } : {}) };
     } catch (err) {
@@ -635,6 +636,30 @@ export class LocalTarget implements StorageTarget {
   }
 
   async close(): Promise<void> {}
+}
+
+/**
+ * A sidecar's bytes, or undefined when there is none or it cannot be ours: a link, a FIFO (never waited on), not a
+ * regular file, or larger than SIDECAR_MAX_BYTES (never read into memory).
+ */
+async function readSidecar(path: string): Promise<Buffer | undefined> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > SIDECAR_MAX_BYTES) return undefined;
+    const buf = Buffer.alloc(SIDECAR_MAX_BYTES + 1);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return bytesRead > SIDECAR_MAX_BYTES ? undefined : buf.subarray(0, bytesRead);
+  } catch {
+    return undefined;
+  } finally {
+    await fh.close();
+  }
 }
 
 /** pwrite until the kernel took every byte (a regular file may take less than asked, e.g. near ENOSPC). */

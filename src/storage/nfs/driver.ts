@@ -37,6 +37,7 @@ import {
   encodeSidecar,
   isTempFor,
   metadataOf,
+  SIDECAR_MAX_BYTES,
   sidecarName,
   sidecarOwner,
   tempName,
@@ -180,10 +181,6 @@ export class NfsTarget implements StorageTarget {
     }
     this.dirs.set(dirKey, fh);
     return fh;
-  }
-
-  private async readSmall(c: NfsClient, fh: Buffer): Promise<Buffer> {
-    return (await this.readBounded(c, fh, Number.POSITIVE_INFINITY)) ?? Buffer.alloc(0);
   }
 
   /** The whole file; undefined once more than `maxBytes` came back (the file grew, or its size was wrong). */
@@ -494,7 +491,9 @@ export class NfsTarget implements StorageTarget {
       const file = await this.lookupFile(c, k);
       if (!file) return undefined;
       const side = await c.lookup(file.dir, sidecarName(posix.basename(k)));
-      const metadata = side ? metadataOf(decodeSidecar(await this.readSmall(c, side.fh), file.attrs.size)) : undefined;
+      // a sidecar is read bounded: one someone else made huge is ignored, never held in memory
+      const body = side ? await this.readBounded(c, side.fh, SIDECAR_MAX_BYTES) : undefined;
+      const metadata = body ? metadataOf(decodeSidecar(body, file.attrs.size)) : undefined;
       return { key: k, size: file.attrs.size, modified: file.attrs.mtime, ...(metadata ? { metadata } : {}) };
     });
   }
