@@ -1,0 +1,191 @@
+/**
+ * Chunk ids and the object envelope (docs/chunk-format.md): header, zstd when it helps, AES-256-GCM with the id
+ * in the associated data. Decoding authenticates, decompresses with a bound, and checks the plaintext's id.
+ */
+import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from 'node:crypto';
+import type { RepositoryConfig } from './config';
+import { ID_RE } from './config';
+import { ChunkFormatError } from './errors';
+import type { MasterKeys } from './keys';
+import type { Zstd } from './zstd';
+
+export const ENVELOPE_VERSION = 1;
+export type ObjectType = 'chunk' | 'index';
+const TYPE_BYTE: Record<ObjectType, number> = { chunk: 0x43, index: 0x49 };
+const FLAG_ZSTD = 1;
+const FLAG_ENCRYPTED = 2;
+const HEADER_BYTES = 3;
+const NONCE_BYTES = 12;
+const TAG_BYTES = 16;
+/** an unencrypted compressed payload is followed by its SHA-256 */
+const DIGEST_BYTES = 32;
+export const ZSTD_LEVEL = 1;
+/** the probe: four samples of this size must shrink by PROBE_GAIN for the whole chunk to be compressed */
+const PROBE_BYTES = 16 * 1024;
+const PROBE_GAIN = 0.97;
+
+/** What encoding and decoding need: the config, the master keys when encrypted, a zstd. */
+export interface ChunkCodec {
+  readonly config: RepositoryConfig;
+  readonly keys: MasterKeys | undefined;
+  readonly zstd: Zstd;
+  /** where the objects live, for error sentences (the target's displayUrl) */
+  readonly where: string;
+}
+
+export function isEncrypted(codec: ChunkCodec): boolean {
+  return codec.config.encryption === 'aes-256-gcm';
+}
+
+/** The id of `plaintext`: HMAC-SHA256 under the id key when encrypted, SHA-256 when not. */
+export function chunkId(codec: ChunkCodec, plaintext: Uint8Array): string {
+  if (isEncrypted(codec)) {
+    if (!codec.keys) throw new ChunkFormatError('invalid-argument', 'An encrypted repository needs its master keys.');
+    return createHmac('sha256', codec.keys.idKey).update(plaintext).digest('hex');
+  }
+  return createHash('sha256').update(plaintext).digest('hex');
+}
+
+const ZERO_PAGE = Buffer.alloc(64 * 1024);
+
+/** True when every byte is 0 (such a chunk is never stored: the index says `zero`). */
+export function isAllZero(data: Uint8Array): boolean {
+  const b = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  for (let off = 0; off < b.length; off += ZERO_PAGE.length) {
+    const end = Math.min(off + ZERO_PAGE.length, b.length);
+    if (ZERO_PAGE.compare(b, off, end, 0, end - off) !== 0) return false;
+  }
+  return true;
+}
+
+/** Whether compressing the whole of `data` is worth a try: some sample of it compresses. */
+export function worthCompressing(zstd: Zstd, data: Uint8Array): boolean {
+  if (data.length <= 4 * PROBE_BYTES) return true;
+  for (const at of [0, 0.25, 0.5, 0.75]) {
+    const start = Math.floor((data.length * at) / PROBE_BYTES) * PROBE_BYTES;
+    const sample = data.subarray(start, start + PROBE_BYTES);
+    if (zstd.compress(sample, ZSTD_LEVEL).length < sample.length * PROBE_GAIN) return true;
+  }
+  return false;
+}
+
+function maxPlaintext(codec: ChunkCodec, type: ObjectType): number {
+  // an index is 33 bytes per chunk plus 21 bytes of header; MAX_INDEX_ENTRIES bounds it
+  return type === 'chunk' ? codec.config.chunkSize : 21 + 33 * MAX_INDEX_ENTRIES;
+}
+
+/** 2^24 chunks: 64 TiB of disk at 4 MiB chunks. */
+export const MAX_INDEX_ENTRIES = 2 ** 24;
+
+/** Largest stored object of `type` (what getBuffer may read). */
+export function maxObjectBytes(codec: ChunkCodec, type: ObjectType): number {
+  return HEADER_BYTES + Math.max(NONCE_BYTES + TAG_BYTES, DIGEST_BYTES) + maxPlaintext(codec, type);
+}
+
+function payloadDigest(header: Buffer, id: string, payload: Uint8Array): Buffer {
+  return createHash('sha256').update(header).update(Buffer.from(id, 'hex')).update(payload).digest();
+}
+
+function associatedData(header: Buffer, id: string): Buffer {
+  return Buffer.concat([header, Buffer.from(id, 'hex')]);
+}
+
+export interface EncodedObject {
+  body: Buffer;
+  /** the payload was stored zstd-compressed */
+  compressed: boolean;
+}
+
+/** Builds the stored object for `plaintext`, whose id is `id` (the caller computed it with chunkId). */
+export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, plaintext: Uint8Array): EncodedObject {
+  if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not a chunk id.`);
+  if (plaintext.length > maxPlaintext(codec, type))
+    throw new ChunkFormatError(
+      'invalid-argument',
+      `A ${type} of ${plaintext.length} bytes is larger than the repository's ${maxPlaintext(codec, type)} bytes.`,
+    );
+  let payload: Uint8Array = plaintext;
+  let flags = 0;
+  if (codec.config.compression === 'zstd' && worthCompressing(codec.zstd, plaintext)) {
+    const packed = codec.zstd.compress(plaintext, ZSTD_LEVEL);
+    if (packed.length < plaintext.length) {
+      payload = packed;
+      flags |= FLAG_ZSTD;
+    }
+  }
+  const encrypted = isEncrypted(codec);
+  if (encrypted) flags |= FLAG_ENCRYPTED;
+  const header = Buffer.from([ENVELOPE_VERSION, TYPE_BYTE[type], flags]);
+  if (!encrypted) {
+    // the plaintext's id covers every byte of a raw payload, but not the bytes of a zstd frame that do not change what
+    // it decodes to (padding, header fields): a digest of the frame makes every flipped byte detectable
+    if (!(flags & FLAG_ZSTD)) return { body: Buffer.concat([header, payload]), compressed: false };
+    return { body: Buffer.concat([header, payload, payloadDigest(header, id, payload)]), compressed: true };
+  }
+  if (!codec.keys) throw new ChunkFormatError('invalid-argument', 'An encrypted repository needs its master keys.');
+  const nonce = randomBytes(NONCE_BYTES);
+  const cipher = createCipheriv('aes-256-gcm', codec.keys.encKey, nonce);
+  cipher.setAAD(associatedData(header, id));
+  const body = Buffer.concat([header, nonce, cipher.update(payload), cipher.final(), cipher.getAuthTag()]);
+  return { body, compressed: (flags & FLAG_ZSTD) !== 0 };
+}
+
+/**
+ * The verified plaintext of a stored object fetched under `id`. Any damage, a foreign object, or an object stored
+ * under another id fails with ChunkFormatError 'corrupt' naming the id.
+ */
+export function decodeObject(codec: ChunkCodec, type: ObjectType, id: string, body: Buffer): Buffer {
+  const corrupt = (why: string, cause?: unknown): ChunkFormatError =>
+    new ChunkFormatError(
+      'corrupt',
+      `The ${type} ${id} on ${codec.where} is damaged or not what the repository stored (${why}).`,
+      { objectId: id, cause },
+    );
+  if (body.length < HEADER_BYTES) throw corrupt('too short');
+  if (body.length > maxObjectBytes(codec, type)) throw corrupt('too large');
+  const [version, typeByte, flags] = [body[0], body[1], body[2]] as [number, number, number];
+  if (version !== ENVELOPE_VERSION) throw corrupt(`unknown version ${version}`);
+  if (typeByte !== TYPE_BYTE[type]) throw corrupt('wrong object type');
+  if ((flags & ~(FLAG_ZSTD | FLAG_ENCRYPTED)) !== 0) throw corrupt('unknown flags');
+  const encrypted = isEncrypted(codec);
+  if (((flags & FLAG_ENCRYPTED) !== 0) !== encrypted)
+    throw corrupt(encrypted ? 'not encrypted in an encrypted repository' : 'encrypted in an unencrypted repository');
+  let payload: Buffer;
+  if (encrypted) {
+    if (!codec.keys) throw new ChunkFormatError('invalid-argument', 'An encrypted repository needs its master keys.');
+    if (body.length < HEADER_BYTES + NONCE_BYTES + TAG_BYTES) throw corrupt('too short');
+    const nonce = body.subarray(HEADER_BYTES, HEADER_BYTES + NONCE_BYTES);
+    const decipher = createDecipheriv('aes-256-gcm', codec.keys.encKey, nonce);
+    decipher.setAAD(associatedData(body.subarray(0, HEADER_BYTES), id));
+    decipher.setAuthTag(body.subarray(body.length - TAG_BYTES));
+    try {
+      payload = Buffer.concat([
+        decipher.update(body.subarray(HEADER_BYTES + NONCE_BYTES, body.length - TAG_BYTES)),
+        decipher.final(),
+      ]);
+    } catch (cause) {
+      throw corrupt('authentication failed', cause);
+    }
+  } else if (flags & FLAG_ZSTD) {
+    if (body.length < HEADER_BYTES + DIGEST_BYTES) throw corrupt('too short');
+    payload = body.subarray(HEADER_BYTES, body.length - DIGEST_BYTES);
+    const digest = payloadDigest(body.subarray(0, HEADER_BYTES), id, payload);
+    if (!digest.equals(body.subarray(body.length - DIGEST_BYTES))) throw corrupt('digest does not match');
+  } else {
+    payload = body.subarray(HEADER_BYTES);
+  }
+  let plaintext: Buffer;
+  if (flags & FLAG_ZSTD) {
+    if (codec.config.compression !== 'zstd') throw corrupt('compressed in a repository without compression');
+    try {
+      plaintext = codec.zstd.decompress(payload, maxPlaintext(codec, type));
+    } catch (cause) {
+      throw corrupt('zstd data does not decompress', cause);
+    }
+  } else {
+    plaintext = payload;
+  }
+  if (plaintext.length > maxPlaintext(codec, type)) throw corrupt('too large');
+  if (chunkId(codec, plaintext) !== id) throw corrupt('content does not match its id');
+  return plaintext;
+}
