@@ -1,0 +1,276 @@
+/**
+ * ChunkStore: content-addressed chunks over the StorageTarget contract. Idempotent and resumable by nature: a
+ * chunk's key is its id, so storing it again changes nothing and a crashed upload is finished by putting what
+ * `has` does not find. Which ids exist is known from a previous index (seed), a listing of `chunks/`, or a stat.
+ */
+import type { Readable } from 'node:stream';
+import { isStorageError } from '../../storage/errors';
+import { chunkId, decodeObject, encodeObject, isAllZero, maxObjectBytes } from './codec';
+import { CHUNKS_PREFIX, chunkIdOfKey, chunkKey, ID_RE, indexKey } from './config';
+import type { DiskIndex, IndexEntry } from './disk-index';
+import { decodeDiskIndex, encodeDiskIndex, entryCount, entryRange } from './disk-index';
+import { ChunkFormatError } from './errors';
+import type { OpenRepository } from './repository';
+
+export const DEFAULT_CONCURRENCY = 4;
+
+export interface PutResult {
+  id: IndexEntry;
+  /** bytes sent to the target (0 when the chunk was zero or already stored) */
+  uploadedBytes: number;
+}
+
+export interface StoreStats {
+  chunks: number;
+  zeroChunks: number;
+  /** chunks that were already in the repository */
+  knownChunks: number;
+  uploadedChunks: number;
+  uploadedBytes: number;
+}
+
+/** Runs at most `limit` of the tasks at once, in order of submission; `run` waits when `limit` are in flight. */
+class Slots {
+  private active = 0;
+  private waiters: Array<() => void> = [];
+  constructor(private readonly limit: number) {}
+  async acquire(): Promise<void> {
+    while (this.active >= this.limit) await new Promise<void>((resolve) => this.waiters.push(resolve));
+    this.active++;
+  }
+  release(): void {
+    this.active--;
+    this.waiters.shift()?.();
+  }
+}
+
+export class ChunkStore {
+  private readonly known = new Set<string>();
+  private listed = false;
+  readonly concurrency: number;
+
+  constructor(
+    readonly repo: OpenRepository,
+    opts: { concurrency?: number } = {},
+  ) {
+    this.concurrency = Math.max(1, opts.concurrency ?? DEFAULT_CONCURRENCY);
+  }
+
+  /** Marks every chunk a previous index references as stored (restic and PBS trust the previous index the same way). */
+  seed(index: DiskIndex): void {
+    for (const e of index.entries) if (e !== 'zero') this.known.add(e);
+  }
+
+  /** Lists `chunks/` once: after this, `has` answers from memory. Returns how many chunk ids were found. */
+  async loadKnown(): Promise<number> {
+    for await (const obj of this.repo.target.list(CHUNKS_PREFIX)) {
+      const id = chunkIdOfKey(obj.key);
+      if (id) this.known.add(id);
+    }
+    this.listed = true;
+    return this.known.size;
+  }
+
+  /** The id `plaintext` has in this repository ('zero' for an all-zero chunk). */
+  idOf(plaintext: Uint8Array): IndexEntry {
+    return isAllZero(plaintext) ? 'zero' : chunkId(this.repo, plaintext);
+  }
+
+  /** Whether chunk `id` is stored (from the cache, else one stat unless `chunks/` was listed). */
+  async has(id: string): Promise<boolean> {
+    if (this.known.has(id)) return true;
+    if (this.listed) return false;
+    const info = await this.repo.target.stat(chunkKey(id));
+    if (info) this.known.add(id);
+    return info !== undefined;
+  }
+
+  /**
+   * Stores `plaintext` unless it is all zero or already stored. Idempotent. `id` is checked against the data, so
+   * a caller's mistake can never store data under another chunk's name.
+   */
+  async put(plaintext: Uint8Array, id: IndexEntry = this.idOf(plaintext)): Promise<PutResult> {
+    if (id === 'zero') {
+      if (!isAllZero(plaintext)) throw new ChunkFormatError('invalid-argument', 'A chunk marked zero has data.');
+      return { id, uploadedBytes: 0 };
+    }
+    if (!ID_RE.test(id) || chunkId(this.repo, plaintext) !== id)
+      throw new ChunkFormatError('invalid-argument', `The data given for chunk ${id} does not have that id.`, {
+        objectId: id,
+      });
+    if (await this.has(id)) return { id, uploadedBytes: 0 };
+    return { id, uploadedBytes: await this.upload(id, plaintext) };
+  }
+
+  /** Encodes and stores a chunk whose id the caller computed from this very data. */
+  private async upload(id: string, plaintext: Uint8Array): Promise<number> {
+    const { body } = encodeObject(this.repo, 'chunk', id, plaintext);
+    await this.repo.target.putManifest(chunkKey(id), body);
+    this.known.add(id);
+    return body.length;
+  }
+
+  /** The verified plaintext of chunk `id`; ChunkFormatError 'missing' or 'corrupt' naming it otherwise. */
+  async get(id: string): Promise<Buffer> {
+    if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not a chunk id.`);
+    let body: Buffer;
+    try {
+      body = await this.repo.target.getBuffer(chunkKey(id), { maxBytes: maxObjectBytes(this.repo, 'chunk') });
+    } catch (err) {
+      if (isStorageError(err) && err.kind === 'not-found')
+        throw new ChunkFormatError('missing', `The chunk ${id} is missing from ${this.repo.where}.`, {
+          objectId: id,
+          cause: err,
+        });
+      if (isStorageError(err) && err.kind === 'checksum')
+        throw new ChunkFormatError('corrupt', `The chunk ${id} on ${this.repo.where} is larger than any chunk.`, {
+          objectId: id,
+          cause: err,
+        });
+      throw err;
+    }
+    return decodeObject(this.repo, 'chunk', id, body);
+  }
+
+  /**
+   * Chunks a disk read from `source` (its guest-visible bytes, `virtualSize` of them) and stores what is missing,
+   * at most `concurrency` chunks being encoded or uploaded at once: memory stays about (concurrency + 1) chunks.
+   * Returns the disk's index (not yet stored: see putIndex).
+   */
+  async storeDisk(
+    source: Readable | AsyncIterable<Buffer>,
+    virtualSize: number,
+  ): Promise<{ index: DiskIndex; stats: StoreStats }> {
+    const { chunkSize } = this.repo.config;
+    const count = entryCount(virtualSize, chunkSize);
+    const entries: IndexEntry[] = new Array<IndexEntry>(count);
+    const stats: StoreStats = { chunks: 0, zeroChunks: 0, knownChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
+    const slots = new Slots(this.concurrency);
+    const running = new Set<Promise<void>>();
+    let failure: unknown;
+    let i = 0;
+    let total = 0;
+    const submit = async (chunk: Buffer): Promise<void> => {
+      const n = i++;
+      await slots.acquire();
+      if (failure !== undefined) {
+        slots.release();
+        throw failure;
+      }
+      const task = (async () => {
+        try {
+          const id = this.idOf(chunk);
+          entries[n] = id;
+          stats.chunks++;
+          if (id === 'zero') stats.zeroChunks++;
+          else if (await this.has(id)) stats.knownChunks++;
+          else {
+            stats.uploadedBytes += await this.upload(id, chunk);
+            stats.uploadedChunks++;
+          }
+        } catch (err) {
+          failure ??= err;
+        } finally {
+          slots.release();
+        }
+      })();
+      running.add(task);
+      void task.finally(() => running.delete(task));
+    };
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    try {
+      for await (const piece of source as AsyncIterable<Buffer>) {
+        let buf = piece;
+        total += buf.length;
+        if (total > virtualSize)
+          throw new ChunkFormatError('invalid-argument', `The disk has more than its ${virtualSize} bytes.`);
+        while (buf.length > 0) {
+          const take = Math.min(buf.length, chunkSize - pendingBytes);
+          pending.push(buf.subarray(0, take));
+          pendingBytes += take;
+          buf = buf.subarray(take);
+          if (pendingBytes === chunkSize) {
+            await submit(Buffer.concat(pending, pendingBytes));
+            pending = [];
+            pendingBytes = 0;
+          }
+        }
+      }
+      if (pendingBytes > 0) await submit(Buffer.concat(pending, pendingBytes));
+    } finally {
+      await Promise.all([...running]);
+    }
+    if (failure !== undefined) throw failure;
+    if (total !== virtualSize || i !== count)
+      throw new ChunkFormatError('invalid-argument', `The disk ended after ${total} of its ${virtualSize} bytes.`);
+    return { index: { chunkSize, virtualSize, entries }, stats };
+  }
+
+  /**
+   * Reads a disk back from its index, chunk by chunk in offset order, each verified, `concurrency` fetched ahead.
+   * `write` receives every non-zero chunk with its offset; zero chunks are skipped (the destination keeps holes).
+   */
+  async readDisk(index: DiskIndex, write: (offset: number, data: Buffer) => Promise<void>): Promise<void> {
+    const fetches: Array<Promise<Buffer> | undefined> = [];
+    const start = (n: number): void => {
+      const e = index.entries[n];
+      if (e === undefined || e === 'zero') fetches[n] = undefined;
+      else {
+        const p = this.get(e);
+        p.catch(() => undefined); // observed below, in order
+        fetches[n] = p;
+      }
+    };
+    const ahead = Math.min(this.concurrency, index.entries.length);
+    for (let n = 0; n < ahead; n++) start(n);
+    for (let n = 0; n < index.entries.length; n++) {
+      const p = fetches[n];
+      fetches[n] = undefined;
+      if (n + ahead < index.entries.length) start(n + ahead);
+      if (!p) continue;
+      const data = await p;
+      const { offset, length } = entryRange(index, n);
+      if (data.length !== length)
+        throw new ChunkFormatError(
+          'corrupt',
+          `The chunk ${index.entries[n]} has ${data.length} bytes where the index expects ${length}.`,
+          {
+            objectId: index.entries[n],
+          },
+        );
+      await write(offset, data);
+    }
+  }
+
+  /** Stores a disk index as an encrypted object; returns its id. Idempotent. */
+  async putIndex(index: DiskIndex): Promise<string> {
+    const plain = encodeDiskIndex(index);
+    const id = chunkId(this.repo, plain);
+    if (await this.repo.target.stat(indexKey(id))) return id;
+    await this.repo.target.putManifest(indexKey(id), encodeObject(this.repo, 'index', id, plain).body);
+    return id;
+  }
+
+  /** Reads and verifies the disk index `id`. */
+  async getIndex(id: string): Promise<DiskIndex> {
+    if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not an index id.`);
+    let body: Buffer;
+    try {
+      body = await this.repo.target.getBuffer(indexKey(id), { maxBytes: maxObjectBytes(this.repo, 'index') });
+    } catch (err) {
+      if (isStorageError(err) && err.kind === 'not-found')
+        throw new ChunkFormatError('missing', `The index ${id} is missing from ${this.repo.where}.`, {
+          objectId: id,
+          cause: err,
+        });
+      throw err;
+    }
+    const index = decodeDiskIndex(decodeObject(this.repo, 'index', id, body));
+    if (index.chunkSize !== this.repo.config.chunkSize)
+      throw new ChunkFormatError('corrupt', `The index ${id} uses another chunk size than its repository.`, {
+        objectId: id,
+      });
+    return index;
+  }
+}
