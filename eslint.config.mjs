@@ -102,6 +102,45 @@ export default tseslint.config(
     },
   },
   {
+    // The chunk format's core (docs/chunk-format.md) is a library over the StorageTarget contract: stricter than the
+    // rest of repository/ (this block replaces that one for these files), it knows nothing of the image tree either.
+    files: ['src/repository/chunks/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: [
+                '**/activities',
+                '**/activities/**',
+                '**/workflows',
+                '**/workflows/**',
+                '**/cli',
+                '**/cli/**',
+                '**/client',
+                '**/client/**',
+                '**/worker',
+                '**/worker/**',
+                '**/hypervisor',
+                '**/hypervisor/**',
+              ],
+              message: 'repository/chunks/ is below activities, workflows and the CLI: it never imports them.',
+            },
+            {
+              group: ['**/storage/local/**', '**/storage/nfs/**', '**/storage/s3/**', '**/storage/registry'],
+              message: 'repository/chunks/ works through the StorageTarget contract, never a driver.',
+            },
+            {
+              regex: '^\\.\\./[^./][^/]*$',
+              message: 'repository/chunks/ does not depend on the image tree (catalog, manifest, ...) beside it.',
+            },
+          ],
+        },
+      ],
+    },
+  },
+  {
     files: ['src/activities/**/*.ts', 'src/cli/**/*.ts'],
     rules: {
       'no-restricted-imports': [
