@@ -5,7 +5,7 @@
  *
  *   node $BUILD/bench/main.js (from the repository root; bench/run.sh compiles it) [--large] [--reps N] [--only g1,g2] [--smoke] [--out DIR]
  *
- * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent, incremental
+ * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent, incremental, chunks
  * (bench/incremental.ts: on the 4 GiB disk with --large, else 1 GiB).
  * Writes DIR/latest.json and DIR/latest.md (tables); bench/run.sh renders the chart.
  */
@@ -36,6 +36,7 @@ import {
 } from './lib/vmbackup';
 import type { MeasuredBackup, WorkerProcess } from './lib/vmbackup';
 import { IncrementalGroup } from './incremental';
+import { chunkBench } from './chunks';
 import { buildReport } from './report';
 import type { BenchResults, CaseResult, Sample } from './report';
 
@@ -586,6 +587,8 @@ async function main(): Promise<void> {
       }
     }
     const dom1 = () => imageDoms.get(args.smoke ? '64m' : '1g')!;
+    // the chunk format's CPU cost on one core (bench/chunks.ts): no domain, no target
+    if (want(ctx, 'chunks')) await chunkBench({ smoke: args.smoke, reps: args.reps, record, log });
     let incremental: IncrementalGroup | undefined;
     if (want(ctx, 'incremental')) {
       // its own domain: the group writes to the disk and leaves checkpoints, which the other groups must not see
