@@ -147,7 +147,8 @@ describe.each(backends)('ChunkStore on %s', (_name, requireBackend, makeTarget) 
 
     // one flipped byte in the middle of A
     const body = await t.target.getBuffer(chunkKey(idA));
-    body[body.length >> 1] ^= 0x10;
+    const mid = body.length >> 1;
+    body[mid] = (body[mid] as number) ^ 0x10;
     await t.target.putManifest(chunkKey(idA), body);
     const flipped = await store.get(idA).catch((e: unknown) => e);
     expect(flipped).toMatchObject({ kind: 'corrupt', objectId: idA });

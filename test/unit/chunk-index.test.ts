@@ -106,4 +106,29 @@ describe('ChunkStore on a local directory', () => {
     const long = store.storeDisk(Readable.from([randomBytes(2 * MiB)]), MiB);
     await expect(long).rejects.toThrow(/more than its 1048576 bytes/);
   });
+
+  test('storeDisk keeps at most `concurrency` chunks uploading at once, and put refuses data under another id', async () => {
+    const repo = await initRepository(target, { encryption: 'none', compression: 'none' });
+    let inFlight = 0;
+    let most = 0;
+    // the real local target, with its puts counted (and slowed a little so they overlap)
+    const counted = Object.create(target) as StorageTarget;
+    counted.putManifest = async (key, body) => {
+      most = Math.max(most, ++inFlight);
+      try {
+        await new Promise((r) => setTimeout(r, 20));
+        await target.putManifest(key, body);
+      } finally {
+        inFlight--;
+      }
+    };
+    const store = new ChunkStore({ ...repo, target: counted }, { concurrency: 2 });
+    const disk = randomBytes(12 * 4 * MiB);
+    const { stats } = await store.storeDisk(Readable.from([disk]), disk.length);
+    expect(stats.uploadedChunks).toBe(12);
+    expect(most).toBe(2);
+    const err = await store.put(randomBytes(100), store.idOf(randomBytes(100)) as string).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ChunkFormatError);
+    expect((err as ChunkFormatError).kind).toBe('invalid-argument');
+  });
 });
