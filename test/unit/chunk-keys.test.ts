@@ -127,6 +127,10 @@ test('no repository, a second init, and garbage key objects: one sentence each',
     `${KEYS_PREFIX}${'0'.repeat(64)}`,
     Buffer.from('{"version":1,"kdf":"scrypt","N":1073741824}'),
   );
+  // a well-formed key object asking for 2 GiB of scrypt memory (N = 2^20, r = 16) is not even tried
+  const greedy = JSON.parse((await target.getBuffer(`${KEYS_PREFIX}${repo.keyId}`)).toString()) as object;
+  expect(parseKeyObject(Buffer.from(JSON.stringify({ ...greedy, N: 2 ** 20, r: 16 })))).toBeUndefined();
+  expect(parseKeyObject(Buffer.from(JSON.stringify({ ...greedy, N: 2 ** 20, r: 8 })))).toBeDefined();
   expect((await openRepository(target, 'pw')).keyId).toBe(repo.keyId);
   expect((await failure(openRepository(target, 'nope'))).kind).toBe('wrong-password');
 });

@@ -30,6 +30,7 @@ const MAX_N = 2 ** 20;
 const MAX_R = 16;
 const MAX_P = 4;
 const MIN_N = 2 ** 10;
+const MAX_SCRYPT_BYTES = 2 ** 30;
 
 export function newMasterKeys(): MasterKeys {
   const k = randomBytes(96);
@@ -55,7 +56,9 @@ const keyObjectSchema = z
     data: b64,
     created: z.string().max(64),
   })
-  .strict();
+  .strict()
+  // scrypt holds 128 * N * r bytes: at most 1 GiB, whatever N and r a key object asks for
+  .refine((k) => 128 * k.N * k.r <= MAX_SCRYPT_BYTES, 'N * r is too large');
 
 export type KeyObject = z.infer<typeof keyObjectSchema>;
 
@@ -63,7 +66,7 @@ const wrappedSchema = z.object({ masterKeys: b64, config: repositoryConfigSchema
 
 function derive(password: string, salt: Buffer, p: ScryptParams): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    scrypt(password, salt, 32, { N: p.N, r: p.r, p: p.p, maxmem: 256 * p.N * p.r * p.p + 1024 * 1024 }, (err, key) =>
+    scrypt(password, salt, 32, { N: p.N, r: p.r, p: p.p, maxmem: 128 * p.N * p.r + 16 * 1024 * 1024 }, (err, key) =>
       err ? reject(err) : resolve(key),
     );
   });
