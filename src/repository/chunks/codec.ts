@@ -74,8 +74,11 @@ function maxPlaintext(codec: ChunkCodec, type: ObjectType): number {
   return type === 'chunk' ? codec.config.chunkSize : 21 + 33 * MAX_INDEX_ENTRIES;
 }
 
-/** 2^24 chunks: 64 TiB of disk at 4 MiB chunks. */
-export const MAX_INDEX_ENTRIES = 2 ** 24;
+/**
+ * 2^22 chunks: a 16 TiB disk at 4 MiB chunks. It also bounds what reading an index someone else wrote may hold in
+ * memory: 138 MiB of plaintext at most.
+ */
+export const MAX_INDEX_ENTRIES = 2 ** 22;
 
 /** Largest stored object of `type` (what getBuffer may read). */
 export function maxObjectBytes(codec: ChunkCodec, type: ObjectType): number {
