@@ -29,7 +29,7 @@ export interface StoreStats {
   uploadedBytes: number;
 }
 
-/** Runs at most `limit` of the tasks at once, in order of submission; `run` waits when `limit` are in flight. */
+/** At most `limit` holders at once; `acquire` waits (first come, first served) while `limit` are held. */
 class Slots {
   private active = 0;
   private waiters: Array<() => void> = [];
