@@ -9,6 +9,7 @@
  * AND `isRunning(backupId)` says no backup with that id runs (the CLI asks Temporal's visibility).
  */
 import { parseDuration } from '../shared/duration';
+import { DOMAIN_NAME_RE } from '../shared/names';
 import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { backupPrefix, MANIFEST_NAME, manifestKey } from '../storage/keys';
 import { removeBackupPrefix } from './catalog';
@@ -55,6 +56,8 @@ interface Prefix {
 }
 
 function safePrefix(domain: string, backupId: string): string | undefined {
+  // only what a backup's key can be: a chunk repository beside the tree (`@chunk-repo/...`) is not a dead backup
+  if (!DOMAIN_NAME_RE.test(domain)) return undefined;
   try {
     return backupPrefix(domain, backupId);
   } catch {

@@ -157,6 +157,19 @@ describe.each(kinds)('gc on a %s target', (kind, make) => {
     const again = await collectGarbage(t, { olderThanMs }, isRunning);
     expect(again.entries.filter((e) => e.action === 'removed')).toEqual([]);
   });
+
+  test('a chunk repository beside the image tree is never a dead backup: its objects are not gc candidates', async () => {
+    const t = made.target;
+    const repoKeys = ['@chunk-repo/config', '@chunk-repo/chunks/ab/ab01', '@chunk-repo/indexes/cd02'];
+    for (const k of repoKeys) await t.putManifest(k, Buffer.from('chunk repository object'));
+    if (made.dir) {
+      const old = new Date(Date.now() - 2 * DAY);
+      for (const k of repoKeys) await utimes(join(made.dir, k), old, old);
+    }
+    const done = await collectGarbage(t, { olderThanMs: 0 }, () => Promise.resolve(false));
+    expect(done.entries).toEqual([]);
+    expect(await keys(t)).toEqual(repoKeys.sort());
+  });
 });
 
 describe('vmbackup gc (CLI, Temporal asked which backups run)', () => {
