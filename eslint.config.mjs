@@ -101,6 +101,38 @@ export default tseslint.config(
       ],
     },
   },
+  // src/nbd is a low-level library like src/hypervisor: the NBD protocol only, nothing above it.
+  {
+    files: ['src/nbd/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: [
+                '**/activities',
+                '**/activities/**',
+                '**/workflows',
+                '**/workflows/**',
+                '**/storage',
+                '**/storage/**',
+                '**/repository',
+                '**/repository/**',
+                '**/hypervisor',
+                '**/hypervisor/**',
+                '**/cli/**',
+                '**/client/**',
+                '**/worker',
+                '**/worker/**',
+              ],
+              message: 'src/nbd speaks the NBD protocol only: it never imports the layers above it.',
+            },
+          ],
+        },
+      ],
+    },
+  },
   {
     files: ['src/activities/**/*.ts', 'src/cli/**/*.ts'],
     rules: {
