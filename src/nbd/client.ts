@@ -132,6 +132,8 @@ export class NbdClient {
   private readonly maxRequest: number;
   private readonly closedPromise: Promise<void>;
   private idleWaiters: Array<() => void> = [];
+  /** READ bytes the server sent as data, and as holes (OFFSET_HOLE: zeros that never crossed the wire) */
+  readonly received = { dataBytes: 0, holeBytes: 0 };
 
   private constructor(
     private readonly socket: Socket,
@@ -500,7 +502,10 @@ export class NbdClient {
     if (this.info.structuredReplies && (p.type === CMD.READ || p.type === CMD.BLOCK_STATUS)) {
       throw this.protocol(`a simple reply to ${cmd} at offset ${p.offset} although structured replies were agreed`);
     }
-    if (p.type === CMD.READ) await this.reader.readInto(p.buffer!, 0, p.length);
+    if (p.type === CMD.READ) {
+      await this.reader.readInto(p.buffer!, 0, p.length);
+      this.received.dataBytes += p.length;
+    }
     this.settle(p);
     p.resolve(p.type === CMD.READ ? p.buffer : undefined);
   }
@@ -546,8 +551,13 @@ export class NbdClient {
         );
       }
       this.cover(p, at, size, name);
-      if (type === REPLY_TYPE.OFFSET_DATA) await this.reader.readInto(p.buffer!, at - p.offset, size);
-      else p.buffer!.fill(0, at - p.offset, at - p.offset + size);
+      if (type === REPLY_TYPE.OFFSET_DATA) {
+        await this.reader.readInto(p.buffer!, at - p.offset, size);
+        this.received.dataBytes += size;
+      } else {
+        p.buffer!.fill(0, at - p.offset, at - p.offset + size);
+        this.received.holeBytes += size;
+      }
     } else if (type === REPLY_TYPE.BLOCK_STATUS) {
       if (p.type !== CMD.BLOCK_STATUS) throw this.protocol(`a BLOCK_STATUS chunk in the reply to ${cmd}`);
       const maxDescriptors = Math.min(MAX_STATUS_DESCRIPTORS, p.reqOne ? 1 : p.length);
