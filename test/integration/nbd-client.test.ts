@@ -18,11 +18,23 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 let dir: string;
+/** what a test started, stopped even when it failed half-way (an open socket or child would keep jest running) */
+const started: Array<{ stop(): Promise<void> | void }> = [];
+async function stopAll(): Promise<void> {
+  for (const s of started.splice(0).reverse()) await s.stop();
+}
+function track<T extends NbdServer | NbdClient | FakeServer>(thing: T): T {
+  if (thing instanceof NbdClient) started.push({ stop: () => thing.close() });
+  else if ('close' in thing) started.push({ stop: () => thing.close() });
+  else started.push(thing);
+  return thing;
+}
 beforeAll(async () => {
   await requireNbdTools();
   dir = await mkdtemp(join(tmpdir(), 'vmbt-nbd-'));
 });
 afterAll(async () => {
+  await stopAll();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
@@ -77,7 +89,7 @@ describe('against qemu-nbd (qcow2)', () => {
     for (const [off, len] of DIRTY) await tool('qemu-io', ['-f', 'qcow2', '-c', `write -P 0xab ${off} ${len}`, image]);
     await tool('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, join(dir, 'disk.raw')]);
     raw = await readFile(join(dir, 'disk.raw'));
-    server = await startQemuNbd(image, join(dir, 'qemu.sock'), { bitmap: 'b0' });
+    server = track(await startQemuNbd(image, join(dir, 'qemu.sock'), { bitmap: 'b0' }));
     client = await NbdClient.connect({
       socketPath: server.socket,
       exportName: 'vda',
@@ -236,9 +248,9 @@ describe('writes against a writable qemu-nbd export', () => {
       theirs,
     ]);
 
-    const server = await startQemuNbd(ours, join(dir, 'w.sock'), { readOnly: false });
+    const server = track(await startQemuNbd(ours, join(dir, 'w.sock'), { readOnly: false }));
     try {
-      const c = await NbdClient.connect({ socketPath: server.socket, exportName: 'vda' });
+      const c = track(await NbdClient.connect({ socketPath: server.socket, exportName: 'vda' }));
       expect(c.info.readOnly).toBe(false);
       expect(c.info.canTrim && c.info.canWriteZeroes && c.info.canFlush).toBe(true);
       await Promise.all([
@@ -269,7 +281,7 @@ describe('writes against a writable qemu-nbd export', () => {
 
 describe('against nbdkit', () => {
   test('memory plugin with holes: extents equal nbdinfo --map, bytes equal nbdcopy', async () => {
-    const server = await startNbdkit(join(dir, 'mem.sock'), ['memory', '64M']);
+    const server = track(await startNbdkit(join(dir, 'mem.sock'), ['memory', '64M']));
     try {
       await tool('qemu-io', [
         '-f',
@@ -282,7 +294,7 @@ describe('against nbdkit', () => {
         'write -P 0x63 63M 512k',
         server.uri,
       ]);
-      const c = await NbdClient.connect({ socketPath: server.socket, metaContexts: ['base:allocation'] });
+      const c = track(await NbdClient.connect({ socketPath: server.socket, metaContexts: ['base:allocation'] }));
       const ours = await collect(extents(c, { context: 'base:allocation' }));
       expect(ours).toEqual(await nbdinfoMap(server.uri));
       expect(ours.some((e) => (e.flags & STATE_HOLE) !== 0)).toBe(true);
@@ -300,16 +312,18 @@ describe('against nbdkit', () => {
 
   test('the error filter: an injected EIO fails that read with the offset, nothing of it is returned, the connection goes on', async () => {
     const errFile = join(dir, 'inject-eio');
-    const server = await startNbdkit(join(dir, 'err.sock'), [
-      '--filter=error',
-      'pattern',
-      '16M',
-      'error-pread=EIO',
-      'error-pread-rate=100%',
-      `error-pread-file=${errFile}`,
-    ]);
+    const server = track(
+      await startNbdkit(join(dir, 'err.sock'), [
+        '--filter=error',
+        'pattern',
+        '16M',
+        'error-pread=EIO',
+        'error-pread-rate=100%',
+        `error-pread-file=${errFile}`,
+      ]),
+    );
     try {
-      const c = await NbdClient.connect({ socketPath: server.socket });
+      const c = track(await NbdClient.connect({ socketPath: server.socket }));
       const good = await c.read(1 * MiB, 64 * KiB);
       await writeFile(errFile, '');
       await expect(c.read(1 * MiB, 64 * KiB)).rejects.toMatchObject({
@@ -337,10 +351,11 @@ describe('against nbdkit', () => {
 
 describe('a server that breaks the protocol (fake server)', () => {
   const SIZE = 1 * MiB;
+  afterEach(stopAll);
   let n = 0;
   async function against(scenario: Scenario, contexts: string[] = []): Promise<{ fake: FakeServer; c: NbdClient }> {
-    const fake = await startFakeNbdServer(join(dir, `fake-${n++}.sock`), SIZE, scenario);
-    const c = await NbdClient.connect({ socketPath: fake.socket, metaContexts: contexts });
+    const fake = track(await startFakeNbdServer(join(dir, `fake-${n++}.sock`), SIZE, scenario));
+    const c = track(await NbdClient.connect({ socketPath: fake.socket, metaContexts: contexts }));
     return { fake, c };
   }
   const bytes = (len: number, fill = 0x77) => Buffer.alloc(len, fill);
