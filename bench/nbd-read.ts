@@ -3,7 +3,8 @@
  * `qemu-nbd -r` over a Unix socket, read from a cold page cache by
  *   (a) src/nbd: base:allocation extents, then the data extents with readRanges, N requests in flight (1, 4, 8, 16),
  *       into nothing and into SHA-256 (in order, one pass);
- *   (b) libnbd's tools: `nbdcopy URI null:` (extent-aware, multi-connection), `nbdcopy URI - | sha256sum` (the only
+ *   (b) libnbd's tools: `nbdcopy URI null:` (extent-aware, 4 connections by default, and with one), `nbdcopy URI - |
+ *       sha256sum` (the only
  *       way to hash in one pass with it: the whole disk, zeros included), and `nbdinfo --map` (the map alone, against
  *       our extents() alone);
  *   (c) the baseline measured in the same run: `qemu-img convert -n -f qcow2 --target-image-opts SRC driver=null-co,...`
@@ -184,7 +185,12 @@ export class NbdReadGroup {
     }
     await this.withServer(async (s) => {
       const r = await timed('nbdcopy', [s.uri, 'null:']);
-      rec('nbdcopy-null', 'nbdcopy URI null:', { wallMs: r.wallMs, cpuMs: r.cpuMs });
+      rec('nbdcopy-null', 'nbdcopy URI null: (default: 4 connections)', { wallMs: r.wallMs, cpuMs: r.cpuMs });
+    });
+    // one connection, as src/nbd uses: how much of nbdcopy's lead is multi-conn
+    await this.withServer(async (s) => {
+      const r = await timed('nbdcopy', ['--connections=1', s.uri, 'null:']);
+      rec('nbdcopy-null-c1', 'nbdcopy --connections=1 URI null:', { wallMs: r.wallMs, cpuMs: r.cpuMs });
     });
     await this.withServer(async (s) => {
       const r = await timed('sh', ['-c', `nbdcopy '${s.uri}' - | sha256sum >/dev/null`]);
