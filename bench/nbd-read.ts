@@ -3,10 +3,9 @@
  * `qemu-nbd -r` over a Unix socket, read from a cold page cache by
  *   (a) src/nbd: base:allocation extents, then the data extents with readRanges, N requests in flight (1, 4, 8, 16),
  *       into nothing and into SHA-256 (in order, one pass);
- *   (b) libnbd's tools: `nbdcopy URI null:` (extent-aware, 4 connections by default, and with one), `nbdcopy URI - |
- *       sha256sum` (the only
- *       way to hash in one pass with it: the whole disk, zeros included), and `nbdinfo --map` (the map alone, against
- *       our extents() alone);
+ *   (b) libnbd's tools: `nbdcopy URI null:` (extent-aware, 4 connections by default, and with one),
+ *       `nbdcopy URI - | sha256sum` (the only way to hash in one pass with it: the whole disk, zeros included), and
+ *       `nbdinfo --map` (the map alone, against our extents() alone);
  *   (c) the baseline measured in the same run: `qemu-img convert -n -f qcow2 --target-image-opts SRC driver=null-co,...`
  *       (qemu-img reading the image itself, without NBD, into QEMU's discarding null-co driver).
  * Ratios against (c); the figures and the decision are in docs/nbd.md.
