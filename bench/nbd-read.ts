@@ -133,7 +133,7 @@ export class NbdReadGroup {
     }
   }
 
-  private async ours(server: Server, inFlight: number, hash: boolean) {
+  private async ours(server: Server, inFlight: number, hash: boolean, requestSize?: number) {
     const started = process.hrtime.bigint();
     const cpu = process.cpuUsage();
     const client = await NbdClient.connect({
@@ -147,7 +147,7 @@ export class NbdReadGroup {
     );
     const sha = hash ? createHash('sha256') : undefined;
     let bytes = 0;
-    for await (const piece of readRanges(client, data, { inFlight })) {
+    for await (const piece of readRanges(client, data, { inFlight, requestSize })) {
       sha?.update(piece.data);
       bytes += piece.data.length;
     }
@@ -181,6 +181,14 @@ export class NbdReadGroup {
         const id = `ours-${hash ? 'sha256' : 'null'}-q${n}`;
         rec(id, `src/nbd, ${n} in flight, ${hash ? 'SHA-256' : 'discarded'}`, { wallMs: r.wallMs, cpuMs: r.cpuMs });
       }
+    }
+    // nbdcopy's request size (256 KiB) instead of readRanges' default 4 MiB
+    for (const n of [16, 64]) {
+      const r = await this.withServer((s) => this.ours(s, n, true, 256 * 1024));
+      rec(`ours-sha256-q${n}-256k`, `src/nbd, ${n} in flight of 256 KiB, SHA-256`, {
+        wallMs: r.wallMs,
+        cpuMs: r.cpuMs,
+      });
     }
     await this.withServer(async (s) => {
       const r = await timed('nbdcopy', [s.uri, 'null:']);
