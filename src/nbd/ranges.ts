@@ -68,14 +68,29 @@ export interface RangeData {
  * and yields every piece in order: a caller can hash the stream as it comes. At most inFlight pieces are held
  * (the consumer's pace bounds memory: nothing new is requested until it takes the next piece). The first failed
  * piece ends the iteration with its NbdError; no later piece is yielded.
+ *
+ * Given several connections to one export (only when it offers CAN_MULTI_CONN: qemu-nbd does for a read-only
+ * export), the pieces are spread over them in turn; the order handed out stays the same.
  */
 export async function* readRanges(
-  client: NbdClient,
+  client: NbdClient | readonly NbdClient[],
   ranges: Iterable<ByteRange> | AsyncIterable<ByteRange>,
   opts: ReadRangesOptions = {},
 ): AsyncGenerator<RangeData> {
+  const clients = Array.isArray(client) ? (client as readonly NbdClient[]) : [client as NbdClient];
+  const first = clients[0];
+  if (!first) throw new NbdError('invalid', 'readRanges needs at least one NBD connection.');
+  if (clients.length > 1 && !clients.every((c) => c.info.canMultiConn && c.info.name === first.info.name)) {
+    throw new NbdError(
+      'invalid',
+      `NBD export '${first.info.name}': several connections are safe only to one export that offers multi-conn.`,
+      { exportName: first.info.name },
+    );
+  }
   const inFlight = Math.max(1, opts.inFlight ?? 8);
-  const size = Math.max(1, Math.min(opts.requestSize ?? 4 << 20, client.requestLimit));
+  const limit = Math.min(...clients.map((c) => c.requestLimit));
+  const size = Math.max(1, Math.min(opts.requestSize ?? 4 << 20, limit));
+  let turn = 0;
   const pieces = splitRanges(ranges, size);
   const queue: Array<{ offset: number; data: Promise<Buffer> }> = [];
   let exhausted = false;
@@ -86,7 +101,7 @@ export async function* readRanges(
         exhausted = true;
         break;
       }
-      const data = client.read(next.value.offset, next.value.length);
+      const data = clients[turn++ % clients.length]!.read(next.value.offset, next.value.length);
       data.catch(() => undefined); // awaited in order below; a later piece's failure must not be unhandled meanwhile
       queue.push({ offset: next.value.offset, data });
     }

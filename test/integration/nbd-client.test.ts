@@ -194,6 +194,29 @@ describe('against qemu-nbd (qcow2)', () => {
     expect(Buffer.concat(parts).equals(want)).toBe(true);
   });
 
+  test('readRanges spreads its requests over 4 connections (multi-conn) and still hands the bytes out in order', async () => {
+    expect(client.info.canMultiConn).toBe(true);
+    const more = await Promise.all(
+      [1, 2, 3].map(async () => track(await NbdClient.connect({ socketPath: server.socket, exportName: 'vda' }))),
+    );
+    const conns = [client, ...more];
+    const before = conns.map((c) => c.received.dataBytes + c.received.holeBytes);
+    const parts: Buffer[] = [];
+    let at = 0;
+    for await (const { offset, data } of readRanges(conns, [{ offset: 0, length: SIZE }], {
+      inFlight: 16,
+      requestSize: 256 * KiB,
+    })) {
+      expect(offset).toBe(at);
+      at += data.length;
+      parts.push(data);
+    }
+    expect(Buffer.concat(parts).equals(raw)).toBe(true);
+    // every connection carried its share
+    conns.forEach((c, i) => expect(c.received.dataBytes + c.received.holeBytes - before[i]!).toBe(SIZE / 4));
+    await Promise.all(more.map((c) => c.disconnect()));
+  });
+
   test('a context the export does not have, or an export it does not have, is one clear error', async () => {
     const missing = NbdClient.connect({
       socketPath: server.socket,
@@ -308,6 +331,24 @@ describe('against nbdkit', () => {
     } finally {
       await server.stop();
     }
+  });
+
+  test('readRanges refuses several connections to an export without multi-conn', async () => {
+    const server = track(
+      await startNbdkit(join(dir, 'nomc.sock'), ['--filter=multi-conn', 'pattern', '1M', 'multi-conn-mode=disable']),
+    );
+    const a = track(await NbdClient.connect({ socketPath: server.socket }));
+    const b = track(await NbdClient.connect({ socketPath: server.socket }));
+    expect(a.info.canMultiConn).toBe(false);
+    await expect(readRanges([a, b], [{ offset: 0, length: MiB }]).next()).rejects.toMatchObject({
+      kind: 'invalid',
+      message: expect.stringContaining('multi-conn'),
+    });
+    // one connection is fine
+    const pieces = [];
+    for await (const p of readRanges([a], [{ offset: 0, length: MiB }])) pieces.push(p);
+    expect(pieces.map((p) => p.data.length)).toEqual([MiB]);
+    await Promise.all([a.disconnect(), b.disconnect()]);
   });
 
   test('the error filter: an injected EIO fails that read with the offset, nothing of it is returned, the connection goes on', async () => {
