@@ -133,25 +133,24 @@ export class NbdReadGroup {
     }
   }
 
-  private async ours(server: Server, inFlight: number, hash: boolean, requestSize?: number) {
+  private async ours(server: Server, inFlight: number, hash: boolean, requestSize?: number, connections = 1) {
     const started = process.hrtime.bigint();
     const cpu = process.cpuUsage();
-    const client = await NbdClient.connect({
-      socketPath: server.socket,
-      exportName: 'vda',
-      metaContexts: ['base:allocation'],
-    });
+    const connect = () =>
+      NbdClient.connect({ socketPath: server.socket, exportName: 'vda', metaContexts: ['base:allocation'] });
+    const clients = await Promise.all(Array.from({ length: connections }, connect));
+    const client = clients[0]!;
     const data = rangesWhere(
       extents(client, { context: 'base:allocation' }),
       (f) => (f & (STATE_HOLE | STATE_ZERO)) === 0,
     );
     const sha = hash ? createHash('sha256') : undefined;
     let bytes = 0;
-    for await (const piece of readRanges(client, data, { inFlight, requestSize })) {
+    for await (const piece of readRanges(clients, data, { inFlight, requestSize })) {
       sha?.update(piece.data);
       bytes += piece.data.length;
     }
-    await client.disconnect();
+    await Promise.all(clients.map((c) => c.disconnect()));
     const used = process.cpuUsage(cpu);
     return {
       wallMs: Number(process.hrtime.bigint() - started) / 1e6,
@@ -182,10 +181,15 @@ export class NbdReadGroup {
         rec(id, `src/nbd, ${n} in flight, ${hash ? 'SHA-256' : 'discarded'}`, { wallMs: r.wallMs, cpuMs: r.cpuMs });
       }
     }
-    // nbdcopy's request size (256 KiB) instead of readRanges' default 4 MiB
-    for (const n of [16, 64]) {
-      const r = await this.withServer((s) => this.ours(s, n, true, 256 * 1024));
-      rec(`ours-sha256-q${n}-256k`, `src/nbd, ${n} in flight of 256 KiB, SHA-256`, {
+    // nbdcopy's pattern (256 KiB requests, 64 in flight) on one connection, and on 4 like nbdcopy's default
+    for (const [conns, hash] of [
+      [1, true],
+      [4, false],
+      [4, true],
+    ] as const) {
+      const r = await this.withServer((s) => this.ours(s, 64, hash, 256 * 1024, conns));
+      const what = hash ? 'sha256' : 'null';
+      rec(`ours-${what}-c${conns}-q64-256k`, `src/nbd, ${conns} connection(s), 64 in flight of 256 KiB, ${what}`, {
         wallMs: r.wallMs,
         cpuMs: r.cpuMs,
       });
