@@ -312,7 +312,8 @@ export class NbdClient {
       this.socket.write(encodeRequest({ flags: 0, type: CMD.DISC, cookie: this.nextCookie++, offset: 0, length: 0 }));
       this.socket.end();
     }
-    this.fail(this.error('closed', 'the client disconnected', 0, 0));
+    // no destroy yet: it would drop NBD_CMD_DISC if it still waits in the socket's buffer
+    this.fail(this.error('closed', 'the client disconnected', 0, 0), false);
     const timer = setTimeout(() => this.socket.destroy(), 5_000);
     await this.closedPromise;
     clearTimeout(timer);
@@ -417,7 +418,7 @@ export class NbdClient {
   }
 
   /** Fails every pending request with ERR and closes the socket (idempotent: the first failure is kept). */
-  private fail(err: NbdError): void {
+  private fail(err: NbdError, destroy = true): void {
     if (this.failure) return;
     this.failure = err;
     const pending = [...this.pending.values()];
@@ -427,7 +428,7 @@ export class NbdClient {
     this.idleWaiters = [];
     for (const w of waiters) w();
     this.reader.end(err);
-    this.socket.destroy();
+    if (destroy) this.socket.destroy();
   }
 
   private protocol(what: string): NbdError {
