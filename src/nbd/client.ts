@@ -154,11 +154,17 @@ export class NbdClient {
   static async connect(options: NbdConnectOptions): Promise<NbdClient> {
     const server = where(options);
     const exportName = options.exportName ?? '';
+    const reader = new SocketReader();
+    // every read lands in this one buffer and is copied out synchronously (reader.feed): no allocation per read
+    const onread = {
+      buffer: Buffer.allocUnsafe(1 << 20),
+      callback: (n: number, b: Buffer) => reader.feed(b.subarray(0, n)),
+    };
     const socket = await new Promise<Socket>((resolve, reject) => {
       const s =
         options.socketPath !== undefined
-          ? netConnect({ path: options.socketPath })
-          : netConnect({ host: options.host ?? 'localhost', port: options.port ?? 10809 });
+          ? netConnect({ path: options.socketPath, onread })
+          : netConnect({ host: options.host ?? 'localhost', port: options.port ?? 10809, onread });
       s.once('connect', () => {
         s.removeAllListeners('error');
         resolve(s);
@@ -173,7 +179,7 @@ export class NbdClient {
       );
     });
     socket.setNoDelay(true);
-    const reader = new SocketReader(socket);
+    reader.attach(socket);
     const lost = (err?: Error) =>
       reader.end(
         new NbdError('disconnected', `The NBD server at ${server} closed the connection during the handshake.`, {

@@ -1,36 +1,74 @@
 /**
  * Bytes from a socket, pulled as the parser needs them: `read(n)` resolves with exactly n bytes, `readInto` copies n
- * bytes straight into a caller's buffer (READ payloads land in the request's buffer without an extra copy). When the
- * socket ends or fails first, both reject with what `onEnd` says.
+ * bytes straight into a caller's buffer. The socket reads into one reused buffer (`net.connect`'s `onread`), and
+ * `feed` copies each read synchronously: while the parser waits in `readInto` with nothing buffered, the bytes go
+ * directly into the request's buffer (READ payloads: one copy, no allocation, little for the GC). When the socket
+ * ends or fails first, pending and later reads reject with what `end` was given.
  */
 import type { Socket } from 'node:net';
+
+interface Sink {
+  dest: Buffer;
+  at: number;
+  left: number;
+  resolve(): void;
+  reject(err: Error): void;
+}
 
 export class SocketReader {
   private readonly chunks: Buffer[] = [];
   private buffered = 0;
   private waiter: (() => void) | undefined;
+  private sink: Sink | undefined;
   private ended: Error | undefined;
   private paused = false;
+  private socket: Socket | undefined;
 
   /** Pauses the socket when more than highWater bytes wait unparsed (bounded memory whatever the server sends). */
-  constructor(
-    private readonly socket: Socket,
-    private readonly highWater = 8 << 20,
-  ) {
-    socket.on('data', (b: Buffer) => {
-      this.chunks.push(b);
-      this.buffered += b.length;
-      if (this.buffered > this.highWater && !this.paused) {
-        this.paused = true;
-        socket.pause();
+  constructor(private readonly highWater = 8 << 20) {}
+
+  /** The socket to pause and resume (feed() is its onread callback). */
+  attach(socket: Socket): void {
+    this.socket = socket;
+  }
+
+  /**
+   * Bytes the socket read into its reused buffer: used or copied before returning. Returns false to pause reading
+   * (onread's contract) when too much waits unparsed.
+   */
+  feed(b: Buffer): boolean {
+    let off = 0;
+    const sink = this.sink;
+    if (sink && this.buffered === 0) {
+      off = Math.min(sink.left, b.length);
+      b.copy(sink.dest, sink.at, 0, off);
+      sink.at += off;
+      sink.left -= off;
+      if (sink.left === 0) {
+        this.sink = undefined;
+        sink.resolve();
       }
+    }
+    if (off < b.length) {
+      const rest = Buffer.allocUnsafe(b.length - off);
+      b.copy(rest, 0, off);
+      this.chunks.push(rest);
+      this.buffered += rest.length;
       this.wake();
-    });
+    }
+    if (this.buffered > this.highWater) {
+      this.paused = true;
+      return false;
+    }
+    return true;
   }
 
   /** No more bytes will come: pending and later reads reject with ERR once the buffered bytes run out. */
   end(err: Error): void {
     this.ended ??= err;
+    const sink = this.sink;
+    this.sink = undefined;
+    sink?.reject(this.ended);
     this.wake();
   }
 
@@ -44,21 +82,21 @@ export class SocketReader {
     w?.();
   }
 
+  private resume(): void {
+    if (this.paused && this.buffered <= this.highWater) {
+      this.paused = false;
+      this.socket?.resume();
+    }
+  }
+
   private async waitFor(n: number): Promise<void> {
     while (this.buffered < n) {
       if (this.ended) throw this.ended;
       if (this.paused) {
         this.paused = false;
-        this.socket.resume();
+        this.socket?.resume();
       }
       await new Promise<void>((resolve) => (this.waiter = resolve));
-    }
-  }
-
-  private consumed(): void {
-    if (this.paused && this.buffered <= this.highWater) {
-      this.paused = false;
-      this.socket.resume();
     }
   }
 
@@ -75,34 +113,23 @@ export class SocketReader {
       this.copyOut(out, 0, n);
     }
     this.buffered -= n;
-    this.consumed();
+    this.resume();
     return out;
   }
 
-  /** Copies n bytes into DEST at OFFSET as they arrive (a large payload never waits whole in memory twice). */
+  /** Copies n bytes into DEST at OFFSET: what is buffered first, the rest straight from the socket as it arrives. */
   async readInto(dest: Buffer, offset: number, n: number): Promise<void> {
-    let done = 0;
-    while (done < n) {
-      if (this.buffered === 0) await this.waitFor(1);
-      const take = Math.min(n - done, this.buffered);
-      this.copyOut(dest, offset + done, take);
-      this.buffered -= take;
-      done += take;
-      this.consumed();
+    const now = Math.min(n, this.buffered);
+    if (now > 0) {
+      this.copyOut(dest, offset, now);
+      this.buffered -= now;
+      this.resume();
     }
-  }
-
-  /** Drops n bytes (a payload that is checked and thrown away). */
-  async skip(n: number): Promise<void> {
-    let left = n;
-    while (left > 0) {
-      if (this.buffered === 0) await this.waitFor(1);
-      const take = Math.min(left, this.buffered);
-      this.copyOut(undefined, 0, take);
-      this.buffered -= take;
-      left -= take;
-      this.consumed();
-    }
+    if (now === n) return;
+    if (this.ended) throw this.ended;
+    await new Promise<void>((resolve, reject) => {
+      this.sink = { dest, at: offset + now, left: n - now, resolve, reject };
+    });
   }
 
   private copyOut(dest: Buffer | undefined, at: number, n: number): void {
