@@ -101,6 +101,38 @@ export default tseslint.config(
       ],
     },
   },
+  // src/nbd is a low-level library like src/hypervisor: the NBD protocol only, nothing above it.
+  {
+    files: ['src/nbd/**/*.ts'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            {
+              group: [
+                '**/activities',
+                '**/activities/**',
+                '**/workflows',
+                '**/workflows/**',
+                '**/storage',
+                '**/storage/**',
+                '**/repository',
+                '**/repository/**',
+                '**/hypervisor',
+                '**/hypervisor/**',
+                '**/cli/**',
+                '**/client/**',
+                '**/worker',
+                '**/worker/**',
+              ],
+              message: 'src/nbd speaks the NBD protocol only: it never imports the layers above it.',
+            },
+          ],
+        },
+      ],
+    },
+  },
   {
     // The chunk format's core (docs/chunk-format.md) is a library over the StorageTarget contract: stricter than the
     // rest of repository/ (this block replaces that one for these files), it knows nothing of the image tree either.

@@ -6,7 +6,8 @@
  *   node $BUILD/bench/main.js (from the repository root; bench/run.sh compiles it) [--large] [--reps N] [--only g1,g2] [--smoke] [--out DIR]
  *
  * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent, incremental, chunks
- * (bench/incremental.ts: on the 4 GiB disk with --large, else 1 GiB).
+ * (bench/incremental.ts: on the 4 GiB disk with --large, else 1 GiB), nbd (bench/nbd-read.ts: NBD readers for pull
+ * mode on a qcow2 file of the same size, no domain), chunks (bench/chunks.ts: the chunk codec on one core).
  * Writes DIR/latest.json and DIR/latest.md (tables); bench/run.sh renders the chart.
  */
 import { appendFileSync, createReadStream, createWriteStream, readFileSync, writeFileSync } from 'node:fs';
@@ -37,6 +38,7 @@ import {
 import type { MeasuredBackup, WorkerProcess } from './lib/vmbackup';
 import { IncrementalGroup } from './incremental';
 import { chunkBench } from './chunks';
+import { NbdReadGroup } from './nbd-read';
 import { buildReport } from './report';
 import type { BenchResults, CaseResult, Sample } from './report';
 
@@ -603,6 +605,12 @@ async function main(): Promise<void> {
       };
       incremental = new IncrementalGroup(io, sz, await make(`inc-${sz}`, mib, mib / 2), mib);
     }
+    let nbdRead: NbdReadGroup | undefined;
+    if (want(ctx, 'nbd')) {
+      const [sz, mib] = sizes.at(-1)!;
+      nbdRead = new NbdReadGroup({ work, record, log }, sz, mib);
+      await nbdRead.prepare();
+    }
     const small = want(ctx, 'overhead') ? await make('64m', 64, 32) : undefined;
     const fleet: FixtureDomain[] = [];
     if (want(ctx, 'concurrent')) {
@@ -630,6 +638,7 @@ async function main(): Promise<void> {
       log(`--- repetition ${rep}/${args.reps}`);
       for (const [sz, dom] of imageDoms) await imageCases(ctx, sz, dom, rep);
       if (incremental) await incremental.run(rep);
+      if (nbdRead) await nbdRead.run(rep);
       if (want(ctx, 'commit')) {
         for (const mib of args.smoke ? [16] : [64, 512]) await commitCase(ctx, dom1(), mib, rep);
       }

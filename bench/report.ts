@@ -6,6 +6,7 @@
  */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { nbdReadRatioDefs } from './nbd-read';
 
 export type Sample = Record<string, number>;
 
@@ -220,6 +221,7 @@ function ratioDefs(sizes: string[], ids: string[]): RatioDef[] {
       metric: 'wallMs',
     },
     ...incrementalDefs(ids),
+    ...nbdReadRatioDefs(ids),
   );
   return defs;
 }
