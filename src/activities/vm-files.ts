@@ -192,7 +192,7 @@ async function stateFileNames(dir: string, domain: string): Promise<string[]> {
  * The file's bytes once two reads in a row are equal (QEMU or swtpm may write it meanwhile); undefined when it does
  * not exist. A symlink or anything but a regular file is refused; more than `max` bytes too.
  */
-async function readStable(path: string, max: number, what: string): Promise<Buffer | undefined> {
+export async function readStable(path: string, max: number, what: string): Promise<Buffer | undefined> {
   let previous = await readCapped(path, max, what);
   for (let i = 0; i < STABLE_READ_TRIES; i++) {
     await new Promise((r) => setTimeout(r, STABLE_READ_PAUSE_MS));
