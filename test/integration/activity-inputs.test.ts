@@ -298,7 +298,7 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
       target: allowed,
       files: [{ ...file, name: 'vda.raw', path: join(stagingDir, 'vda.raw') }],
     });
-    expect(notVm.message).toBe('shipVmFiles: "vda.raw" is not the name of a whole-VM file');
+    expect(notVm.message).toBe('shipVmFiles: vda.raw is not the name of a whole-VM file');
     expect(await exists(join(work, 'allowed'))).toBe(false);
 
     const { dir } = await canaryDir('vm-capture-canary');
