@@ -279,6 +279,34 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(await exists(join(work, 'allowed'))).toBe(false);
   });
 
+  test('shipVmFiles ships no file but a staged whole-VM file; captureVmState writes into no directory but staging', async () => {
+    const secret = join(work, 'vm-secret', 'domain.xml');
+    await mkdir(join(work, 'vm-secret'), { recursive: true });
+    await writeFile(secret, 'root:x:0:0');
+    const id = backupId();
+    const file = { name: 'domain.xml', path: secret, size: 10, sha256: 'a'.repeat(64) };
+    const outside = await refused('shipVmFiles', { backupId: id, domain: 'web', target: allowed, files: [file] });
+    expect(outside.type).toBe(ErrorType.InvalidInput);
+    expect(outside.message).toMatch(/^shipVmFiles: .*domain\.xml is not the staged file domain\.xml of backup /);
+    // a staged file of this backup, under a name that is no whole-VM file
+    const stagingDir = join(state, 'staging', id);
+    await mkdir(stagingDir, { recursive: true });
+    await writeFile(join(stagingDir, 'vda.raw'), 'x');
+    const notVm = await refused('shipVmFiles', {
+      backupId: id,
+      domain: 'web',
+      target: allowed,
+      files: [{ ...file, name: 'vda.raw', path: join(stagingDir, 'vda.raw') }],
+    });
+    expect(notVm.message).toBe('shipVmFiles: vda.raw is not the name of a whole-VM file');
+    expect(await exists(join(work, 'allowed'))).toBe(false);
+
+    const { dir } = await canaryDir('vm-capture-canary');
+    const capture = await refused('captureVmState', { backupId: id, domain: 'web', stagingDir: dir });
+    expect(capture.type).toBe(ErrorType.InvalidInput);
+    expect(await readdir(dir)).toEqual(['precious.txt']);
+  });
+
   test('copyOfflineDisks of a source libvirt does not report for the domain is refused', async () => {
     const dom = await newDomain({ prefix: 'inp', disks: [{ format: 'qcow2', sizeMiB: 16 }], start: false });
     const secret = join(work, 'forged-source.raw');
