@@ -60,6 +60,8 @@ export interface DomainXml {
   channels: XmlChannel[];
   /** a virtio channel named org.qemu.guest_agent.0 (says nothing about an agent listening on it) */
   hasGuestAgentChannel: boolean;
+  /** the UEFI variable store's path (<os><nvram>), when the domain has one that names a file */
+  nvram?: string;
 }
 
 export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
@@ -196,6 +198,7 @@ export function parseDomainXml(xml: string): DomainXml {
   }));
 
   const id = attr(domain, 'id');
+  const nvram = text(node(node(domain['os'])?.['nvram']))?.trim();
   return {
     name,
     uuid: text(domain['uuid']) ?? '',
@@ -204,6 +207,7 @@ export function parseDomainXml(xml: string): DomainXml {
     disks,
     channels,
     hasGuestAgentChannel: channels.some((c) => c.targetName === GUEST_AGENT_CHANNEL),
+    ...(nvram ? { nvram } : {}),
   };
 }
 
