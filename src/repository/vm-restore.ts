@@ -140,7 +140,6 @@ export async function restoreVm(
     );
   }
   const files = await readVmFiles(target, manifest, fail);
-  opts.onStep?.(`read the domain definition of ${manifest.domain} from backup ${backupId} (${target.displayUrl})`);
 
   const rewriteOf = (r: DomainRewrite) => {
     try {
