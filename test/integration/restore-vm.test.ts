@@ -447,6 +447,37 @@ describe('vmbackup restore --define / --replace (whole VM)', () => {
     });
   });
 
+  test('a start that fails (a network this host does not have) removes the disks, NVRAM, TPM state and definition', async () => {
+    // UEFI + TPM without the guest: OVMF makes the NVRAM and swtpm its state at the first start
+    const dom = await newDomain({ prefix: 'res', uefi: true, tpm: true, disks: [{ format: 'qcow2', sizeMiB: 16 }] });
+    const tdir = targetDir('t-nonet');
+    const id = await backup(dom, tdir, { method: 'push' });
+    const xml = await readFile(join(tdir, dom.name, id, 'domain.xml'), 'utf8');
+    const edited = await withStoredXml(
+      tdir,
+      dom.name,
+      id,
+      xml.replace('</devices>', `<interface type='network'><source network='vmbt-res-nonet'/></interface></devices>`),
+    );
+    const tpmBefore = await readdir('/var/lib/libvirt/swtpm');
+    const name = restoredName();
+    const res = await restore(edited, id, ['--define', name, '--start']);
+    expect(res.code).not.toBe(0);
+    const lines = res.stderr.trim().split('\n');
+    // progress lines for the steps done, then the one sentence
+    expect(lines.at(-1)).toMatch(
+      new RegExp(
+        `^vmbackup: Cannot restore backup ${id} as ${name}: could not start it \\(.*vmbt-res-nonet.*\\); what it had written was removed\\.$`,
+      ),
+    );
+    expect(lines.filter((l) => l.startsWith('vmbackup:'))).toHaveLength(1);
+    expect(res.stderr).toContain(`defined domain ${name}`); // it got that far
+    expect(await domainExists(name)).toBe(false);
+    expect(await exists(join(dom.dir, name))).toBe(false);
+    expect(await exists(`/var/lib/libvirt/qemu/nvram/${name}_VARS.fd`)).toBe(false);
+    expect(await readdir('/var/lib/libvirt/swtpm')).toEqual(tpmBefore);
+  });
+
   test('--replace of a shut-off domain: its own disk, UUID and name get the backup back', async () => {
     const dom = await newDomain({
       prefix: 'res',
