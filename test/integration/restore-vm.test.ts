@@ -14,6 +14,7 @@ import { cp, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/pro
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
+import { decodeManifest, encodeManifest, signManifest } from '../../src/repository/manifest';
 import { guestDir } from '../fixtures/guest';
 import { useFixtureDomains, waitForGuestMarker, type FixtureDomain } from '../fixtures/domains';
 import { holds } from '../helpers/images';
@@ -417,6 +418,62 @@ describe('vmbackup restore --define / --replace (whole VM)', () => {
       const res = await restore(copy, id, ['--define', name]);
       await expectNothingLeft(res, name);
       expect(res.stderr).toMatch(/its domain XML on .* is corrupt \(SHA-256 /);
+    });
+
+    test('with a manifest key: a signed backup restores, a definition changed after signing is refused', async () => {
+      const keyFile = join(work, 'manifest.key');
+      await writeFile(keyFile, randomBytes(48).toString('base64'), { mode: 0o600 });
+      const key = (await readFile(keyFile)).toString('utf8').replace(/\n$/, '');
+      // the backup as a worker with that key would have written it: signed
+      const signedDir = `${tdir}-signed-${randomBytes(3).toString('hex')}`;
+      await cp(tdir, signedDir, { recursive: true });
+      const manifestPath = join(signedDir, dom.name, id, 'manifest.json');
+      const signed = signManifest(decodeManifest(await readFile(manifestPath), manifestPath), Buffer.from(key));
+      await writeFile(manifestPath, encodeManifest(signed));
+      const keyEnv = { ...restoreEnv, VMBACKUP_MANIFEST_KEY_FILE: keyFile };
+      const name = restoredName();
+      const ok = await runCli(
+        ['restore', id, '--target', pathToFileURL(signedDir).href, '--define', name, '--dry-run'],
+        { env: keyEnv },
+      );
+      expect(ok.stderr).toMatch(/^dry run: nothing was written/);
+      expect(ok.code).toBe(0);
+
+      // someone who can write the target swaps the definition and fixes its hash, but cannot sign
+      const xml = await readFile(join(signedDir, dom.name, id, 'domain.xml'), 'utf8');
+      const swapped = await withStoredXml(signedDir, dom.name, id, xml.replace('<vcpu', '<!-- changed --><vcpu'));
+      const res = await runCli(['restore', id, '--target', pathToFileURL(swapped).href, '--define', name], {
+        env: keyEnv,
+      });
+      await expectNothingLeft(res, name);
+      expect(res.stderr).toMatch(/is not signed with your key/);
+    });
+
+    test('usage mistakes get one sentence', async () => {
+      const cases: Array<[string[], string]> = [
+        [
+          ['--define', 'a', '--replace'],
+          '--define NAME makes a new domain and --replace restores over the original one: pick one.',
+        ],
+        [
+          ['--define', 'a', '--disk', 'vda'],
+          '--disk restores disk images only; it does not go with --define or --replace.',
+        ],
+        [
+          ['--replace', '--to', '/tmp/x'],
+          "--replace restores over the domain's own files; --to goes with --define only.",
+        ],
+        [['--to', '/tmp/x', '--start'], '--start goes with --define NAME or --replace (a whole-VM restore).'],
+        [
+          ['--define', '../evil'],
+          `Cannot restore backup ${id} as ../evil: "../evil" is not a domain name (letters, digits, '.', '_', '+', '-', at most 64, starting with a letter or digit).`,
+        ],
+      ];
+      for (const [args, sentence] of cases) {
+        const res = await restore(tdir, id, args);
+        expect(res.code).not.toBe(0);
+        expect(res.stderr.trim()).toBe(`vmbackup: ${sentence}`);
+      }
     });
 
     test('--dry-run prints the definition with the new name and no original MAC, and writes nothing', async () => {

@@ -98,7 +98,11 @@ async function runVmRestore(id: string | undefined, flags: RestoreFlags): Promis
   const config = loadConfig();
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: false });
   const stop = new AbortController();
-  const onSignal = (signal: NodeJS.Signals): void => stop.abort(new Error(`${signal} received`));
+  let stoppedBy: NodeJS.Signals | undefined;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    stoppedBy ??= signal;
+    stop.abort(new Error(`${signal} received`));
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {
@@ -119,6 +123,10 @@ async function runVmRestore(id: string | undefined, flags: RestoreFlags): Promis
       });
       printVmResult(result, Boolean(flags.json));
     });
+  } catch (err) {
+    // the restore undid its work already; the shell's convention for the exit code
+    if (stoppedBy && err instanceof Error) throw new CliError(err.message, exitCodeOf(stoppedBy));
+    throw err;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
