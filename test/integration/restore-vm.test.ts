@@ -83,35 +83,6 @@ async function swtpmCommandLines(): Promise<string[]> {
   return lines;
 }
 
-// TEMP-DEV: until vm-capture stores the vm section
-async function TEMP_fabricateVm(
-  tdir: string,
-  dom: FixtureDomain,
-  id: string,
-  m: StoredManifest,
-): Promise<StoredManifest> {
-  const dir = join(tdir, dom.name, id);
-  const put = async (name: string, data: Buffer) => {
-    await writeFile(join(dir, name), data);
-    return { key: `${dom.name}/${id}/${name}`, size: data.length, sha256: sha256(data) };
-  };
-  const xml = Buffer.from(
-    (await run('virsh', ['-c', stackEnv().libvirt.uri, 'dumpxml', '--inactive', dom.name])).stdout,
-  );
-  m.vm = { xml: await put('domain.xml', xml) };
-  if (dom.nvramPath) m.vm.nvram = { ...(await put('nvram.fd', await readFile(dom.nvramPath))), path: dom.nvramPath };
-  if (dom.tpmStateDir) {
-    const files = [];
-    for (const f of await readdir(join(dom.tpmStateDir, 'tpm2'))) {
-      if (f.startsWith('.')) continue;
-      files.push({ path: `tpm2/${f}`, ...(await put(`tpm.${f}`, await readFile(join(dom.tpmStateDir, 'tpm2', f)))) });
-    }
-    m.vm.tpm = { version: '2.0', files };
-  }
-  await writeFile(join(dir, 'manifest.json'), `${JSON.stringify(m, null, 2)}\n`);
-  return m;
-}
-
 describe('vmbackup restore --define / --replace (whole VM)', () => {
   const newDomain = useFixtureDomains();
   const host = uniqueHost('res');
@@ -174,8 +145,7 @@ describe('vmbackup restore --define / --replace (whole VM)', () => {
     expect(res.code).toBe(0);
     const out = JSON.parse(res.stdout) as { backupId: string; status: string };
     expect(out.status).toBe('completed');
-    let manifest = await readManifest(tdir, dom.name, out.backupId);
-    if (!manifest.vm) manifest = await TEMP_fabricateVm(tdir, dom, out.backupId, manifest); // TEMP-DEV
+    const manifest = await readManifest(tdir, dom.name, out.backupId);
     // every backup stores the domain's definition beside its images (vm-capture)
     expect(manifest.vm?.xml.key).toBe(`${dom.name}/${out.backupId}/domain.xml`);
     return out.backupId;
