@@ -130,9 +130,9 @@ export interface Hypervisor {
   domainXml(domain: string, opts?: { inactive?: boolean }): Promise<string>;
   /**
    * `virsh define --validate` of a domain XML (libvirt checks it against its schema): a new persistent domain, or the
-   * new definition of an existing one with the same name and UUID. Resolves the name and UUID libvirt now has.
+   * new definition of an existing one with the same name and UUID.
    */
-  defineDomain(xml: string): Promise<{ name: string; uuid: string }>;
+  defineDomain(xml: string): Promise<void>;
   /** `virsh start`; throws 'not-found' for an unknown domain. */
   startDomain(domain: string): Promise<void>;
   /**

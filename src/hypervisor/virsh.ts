@@ -407,7 +407,7 @@ export class VirshHypervisor implements Hypervisor {
     });
   }
 
-  async defineDomain(xml: string): Promise<{ name: string; uuid: string }> {
+  async defineDomain(xml: string): Promise<void> {
     const { name } = parseDomainXml(xml);
     validateDomainName(name);
     const dir = await mkdtemp(join(tmpdir(), 'vmbackup-domain-xml-'));
@@ -418,10 +418,6 @@ export class VirshHypervisor implements Hypervisor {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
-    const uuid = (await this.virsh(['domuuid', name], { action: `read the UUID of domain "${name}"`, domain: name }))
-      .trim()
-      .split('\n')[0];
-    return { name, uuid: uuid ?? '' };
   }
 
   async startDomain(domain: string): Promise<void> {
