@@ -199,6 +199,15 @@ async function readVmFiles(target: StorageTarget, manifest: Manifest, fail: Comm
   const out: VmFiles = { xml };
   if (vm.nvram) out.nvram = { ...(await read('NVRAM file', vm.nvram, VM_FILE_MAX_BYTES.nvram)), path: vm.nvram.path };
   if (vm.tpm) {
+    // swtpm keeps a TPM 2.0's state in tpm2/ and a 1.2's in tpm1_2/: files elsewhere would not be its state
+    const versionDir = vm.tpm.version === '2.0' ? 'tpm2/' : 'tpm1_2/';
+    const stray = vm.tpm.files.find((f) => !f.path.startsWith(versionDir));
+    if (stray) {
+      throw fail(
+        'invalid',
+        `its TPM ${vm.tpm.version} state names ${stray.path}, outside ${versionDir} where swtpm keeps it`,
+      );
+    }
     const tpmFiles: Array<VmFile & { path: string }> = [];
     for (const f of vm.tpm.files)
       tpmFiles.push({ ...(await read(`TPM file ${f.path}`, f, VM_FILE_MAX_BYTES.tpm)), path: f.path });

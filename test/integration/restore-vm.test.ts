@@ -380,6 +380,28 @@ describe('vmbackup restore --define / --replace (whole VM)', () => {
       );
     });
 
+    test('TPM state outside the directory its version keeps it in', async () => {
+      const copy = `${tdir}-tpm-${randomBytes(3).toString('hex')}`;
+      await cp(tdir, copy, { recursive: true });
+      const manifest = await readManifest(copy, dom.name, id);
+      const data = Buffer.from('not a TPM 2.0 state');
+      await writeFile(join(copy, dom.name, id, 'tpm.permall'), data);
+      const file = {
+        path: 'tpm1_2/permall',
+        key: `${dom.name}/${id}/tpm.permall`,
+        size: data.length,
+        sha256: sha256(data),
+      };
+      manifest.vm = { ...manifest.vm!, tpm: { version: '2.0', files: [file] } };
+      await writeFile(join(copy, dom.name, id, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
+      const name = restoredName();
+      const res = await restore(copy, id, ['--define', name]);
+      await expectNothingLeft(res, name);
+      expect(res.stderr.trim()).toBe(
+        `vmbackup: Cannot restore backup ${id} as ${name}: its TPM 2.0 state names tpm1_2/permall, outside tpm2/ where swtpm keeps it.`,
+      );
+    });
+
     test('a stored domain.xml that is not what its manifest says', async () => {
       const copy = `${tdir}-badhash-${randomBytes(3).toString('hex')}`;
       await cp(tdir, copy, { recursive: true });
