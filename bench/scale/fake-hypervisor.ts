@@ -190,6 +190,9 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     },
 
     createOverlays: unsupported('createOverlays'),
+    defineDomain: unsupported('defineDomain'),
+    startDomain: unsupported('startDomain'),
+    undefineDomain: unsupported('undefineDomain'),
     startActiveCommit: unsupported('startActiveCommit'),
     async blockJobInfo(): Promise<BlockJobInfo> {
       return { cur: 0, end: 0, ready: false };
