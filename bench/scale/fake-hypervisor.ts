@@ -189,6 +189,10 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     },
     pivot: unsupported('pivot'),
     abortBlockJob: unsupported('abortBlockJob'),
+    startBlockPull: unsupported('startBlockPull'),
+    defineDomain: unsupported('defineDomain'),
+    startDomain: unsupported('startDomain'),
+    removeDomain: unsupported('removeDomain'),
 
     async listCheckpoints(domain: string): Promise<Checkpoint[]> {
       need(domain);

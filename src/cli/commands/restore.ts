@@ -7,7 +7,9 @@ import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { RESTORE_FORMATS, restoreBackup, type RestoreFormat } from '../../repository';
 import { action, CliError, formatBytes, printJson } from '../output';
+import { runFinish, runInstant, type InstantFlags } from './restore-instant';
 import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
+import { addTemporalOptions } from './temporal-options';
 
 interface RestoreFlags extends TargetFlags {
   disk?: string;
@@ -30,9 +32,39 @@ export function register(program: Command): void {
     .option('--disk <name>', 'restore only this disk (e.g. vda) to the file --to')
     .option('--format <format>', `format of the restored images: ${RESTORE_FORMATS.join(' or ')} (default: as stored)`)
     .option('--force', 'overwrite existing files')
+    .option(
+      '--instant <name>',
+      'define and start the VM as NAME at once, on overlays (in --to DIR) whose backing files are the backup images (file:// targets)',
+    )
+    .option('--keep-macs', 'keep the MAC address of every interface (default: new ones)')
+    .option(
+      '--finish <name>',
+      'copy the data of an --instant VM into its overlays while it runs; it then needs no backup',
+    )
+    .option('--host <name>', "--finish: the VM's host (its worker's task queue); default: this machine")
+    .option('--bandwidth <MiB/s>', '--finish: at most this many MiB/s per disk')
     .option('--json', 'print one JSON object');
   addTargetOptions(cmd);
-  cmd.action(action(async (backupId: string | undefined, flags: RestoreFlags) => runRestore(backupId, flags)));
+  addTemporalOptions(cmd);
+  cmd.action(
+    action(
+      async (
+        backupId: string | undefined,
+        flags: RestoreFlags & InstantFlags & { instant?: string; finish?: string },
+      ) => {
+        if (flags.finish !== undefined) {
+          if (backupId || flags.instant !== undefined) {
+            throw new CliError(
+              'restore --finish NEWNAME takes no backup id and no --instant: it finishes the VM NEWNAME.',
+            );
+          }
+          return runFinish(flags.finish, flags);
+        }
+        if (flags.instant !== undefined) return runInstant(backupId, flags.instant, flags);
+        return runRestore(backupId, flags);
+      },
+    ),
+  );
 }
 
 function checkUsage(
