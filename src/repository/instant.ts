@@ -201,6 +201,8 @@ export interface InstantRestoreOptions extends CatalogOptions {
   stateDir: string;
   hypervisor: Hypervisor;
   rewriteXml: (xml: string, expectDomain: string, rewrite: DomainRewrite) => string;
+  /** directories the definition may keep host files from besides the system ones (`--boot-dir`) */
+  bootDirs?: readonly string[];
   /** where swtpm state directories are (default /var/lib/libvirt/swtpm) */
   swtpmRoot?: string;
 }
@@ -323,6 +325,7 @@ export async function instantRestore(
       disks: Object.fromEntries(disks.map((d) => [d.name, { path: d.overlay, format: 'qcow2' as const }])),
       ...(record.nvram ? { nvramPath: record.nvram } : {}),
       logDir: opts.dir,
+      ...(opts.bootDirs?.length ? { bootDirs: opts.bootDirs } : {}),
     };
     let newXml: string;
     try {

@@ -7,21 +7,26 @@
  */
 import { proxyActivities } from '@temporalio/workflow';
 import type { FinishInstantResult, InstantActivities } from '../shared/activities';
-import { hostTaskQueue } from '../shared/names';
+import { hostTaskQueue, MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS } from '../shared/names';
 
 export interface FinishInstantWorkflowInput {
   host: string;
   domain: string;
   bandwidthMiB?: number;
+  /** heartbeat timeout of the pull (MIN_HEARTBEAT_SECONDS..MAX_HEARTBEAT_SECONDS); default 30 s */
+  heartbeatTimeoutSeconds?: number;
 }
 
 export async function finishInstantRestore(input: FinishInstantWorkflowInput): Promise<FinishInstantResult> {
   const taskQueue = hostTaskQueue(input.host);
+  const hb = input.heartbeatTimeoutSeconds;
+  // anyone on the cluster can start this workflow: a silly timeout is not taken
+  const heartbeatSeconds = hb !== undefined && hb >= MIN_HEARTBEAT_SECONDS && hb <= MAX_HEARTBEAT_SECONDS ? hb : 30;
   const { pullInstantDisks } = proxyActivities<InstantActivities>({
     taskQueue,
     // a pull copies the whole disk: hours for a big one; a dead worker is noticed by the heartbeat
     startToCloseTimeout: '7 days',
-    heartbeatTimeout: '30s',
+    heartbeatTimeout: `${heartbeatSeconds}s`,
     retry: { initialInterval: '2s', maximumInterval: '1m', nonRetryableErrorTypes: [] },
   });
   const { completeInstantFinish } = proxyActivities<InstantActivities>({

@@ -11,7 +11,14 @@ import { rewriteDomainXml } from '../../hypervisor/domain-xml';
 import { createVirshHypervisor } from '../../hypervisor/virsh';
 import { instantRestore } from '../../repository/instant';
 import type { FinishInstantResult } from '../../shared/activities';
-import { DOMAIN_NAME_RE, HOST_NAME_RE, finishInstantWorkflowId, hostTaskQueue } from '../../shared/names';
+import {
+  DOMAIN_NAME_RE,
+  HOST_NAME_RE,
+  MAX_HEARTBEAT_SECONDS,
+  MIN_HEARTBEAT_SECONDS,
+  finishInstantWorkflowId,
+  hostTaskQueue,
+} from '../../shared/names';
 import { loadConfig } from '../../worker/config';
 import type { FinishInstantWorkflowInput } from '../../workflows/finish-instant';
 import { startInProcessWorker } from '../in-process-worker';
@@ -22,8 +29,10 @@ import { cliManifestKey, withCliTarget, type TargetFlags } from './target-option
 export interface InstantFlags extends TargetFlags {
   to?: string;
   keepMacs?: boolean;
+  bootDir?: string[];
   host?: string;
   bandwidth?: string;
+  heartbeatTimeout?: string;
 }
 
 function checkName(name: string, flag: string): void {
@@ -52,6 +61,7 @@ export async function runInstant(backupId: string | undefined, name: string, fla
         keepMacs: Boolean(flags.keepMacs),
         stateDir: config.stateDir,
         hypervisor,
+        bootDirs: (flags.bootDir ?? []).map((d) => resolve(d)),
         rewriteXml: rewriteDomainXml,
         manifestKey: cliManifestKey(),
       });
@@ -83,6 +93,15 @@ export async function runFinish(name: string, flags: InstantFlags): Promise<void
       throw new CliError(`--bandwidth must be a whole number of MiB/s from 1 to 1048576, not "${flags.bandwidth}".`);
     }
   }
+  let heartbeatTimeoutSeconds: number | undefined;
+  if (flags.heartbeatTimeout !== undefined) {
+    heartbeatTimeoutSeconds = /^\d+$/.test(flags.heartbeatTimeout) ? Number(flags.heartbeatTimeout) : NaN;
+    if (!(heartbeatTimeoutSeconds >= MIN_HEARTBEAT_SECONDS && heartbeatTimeoutSeconds <= MAX_HEARTBEAT_SECONDS)) {
+      throw new CliError(
+        `--heartbeat-timeout must be a number of seconds from ${MIN_HEARTBEAT_SECONDS} to ${MAX_HEARTBEAT_SECONDS}, not "${flags.heartbeatTimeout}".`,
+      );
+    }
+  }
   const config = loadConfig(process.env, temporalFlagsFrom(flags));
   const host = flags.host ?? config.host;
   if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name`);
@@ -98,7 +117,12 @@ export async function runFinish(name: string, flags: InstantFlags): Promise<void
       stopWorker = await startInProcessWorker({ ...config, allowTargets: [] }, session.address);
     }
     const args: [FinishInstantWorkflowInput] = [
-      { host, domain: name, ...(bandwidthMiB !== undefined ? { bandwidthMiB } : {}) },
+      {
+        host,
+        domain: name,
+        ...(bandwidthMiB !== undefined ? { bandwidthMiB } : {}),
+        ...(heartbeatTimeoutSeconds !== undefined ? { heartbeatTimeoutSeconds } : {}),
+      },
     ];
     const handle = await session.client.workflow.start('finishInstantRestore', {
       taskQueue: hostTaskQueue(host),

@@ -3,6 +3,7 @@
  * or a differential), one disk to a file or all disks into a directory. Ctrl-C (SIGINT) or SIGTERM stops it and
  * removes every file it had written.
  */
+import { Option } from 'commander';
 import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { RESTORE_FORMATS, restoreBackup, type RestoreFormat } from '../../repository';
@@ -36,6 +37,12 @@ export function register(program: Command): void {
       '--instant <name>',
       'define and start the VM as NAME at once, on overlays (in --to DIR) whose backing files are the backup images (file:// targets)',
     )
+    .option(
+      '--boot-dir <dir>',
+      'a directory the restored definition may keep host files from (direct-boot kernel, firmware) besides the system ones (repeatable)',
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .option('--keep-macs', 'keep the MAC address of every interface (default: new ones)')
     .option(
       '--finish <name>',
@@ -43,6 +50,7 @@ export function register(program: Command): void {
     )
     .option('--host <name>', "--finish: the VM's host (its worker's task queue); default: this machine")
     .option('--bandwidth <MiB/s>', '--finish: at most this many MiB/s per disk')
+    .addOption(new Option('--heartbeat-timeout <seconds>', '--finish: retry a silent pull after this long').hideHelp())
     .option('--json', 'print one JSON object');
   addTargetOptions(cmd);
   addTemporalOptions(cmd);
