@@ -36,7 +36,9 @@ LIBVIRT_URI=qemu:///system
 
 ALL_COMPONENTS=(libvirt temporal s3 nfs)
 declare -A APT_PACKAGES=(
-  [libvirt]='libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit rsync'
+  # ovmf (UEFI firmware + NVRAM template), swtpm + swtpm-tools (libvirt's TPM emulator and its swtpm_setup):
+  # the whole-VM fixtures (uefi: true, tpm: true)
+  [libvirt]='libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit rsync ovmf swtpm swtpm-tools'
   [s3]='ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl'
   [nfs]='nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils'
   [temporal]=''
@@ -320,7 +322,7 @@ libvirt_remove_fixtures() {
     is_fixture "$dom" || continue
     virsh_q destroy "$dom" >/dev/null 2>&1 || true
     # `cannot delete inactive domain with 1 checkpoints` without --checkpoints-metadata
-    virsh_q undefine "$dom" --checkpoints-metadata --snapshots-metadata --managed-save --nvram >/dev/null 2>&1 ||
+    virsh_q undefine "$dom" --checkpoints-metadata --snapshots-metadata --managed-save --nvram --tpm >/dev/null 2>&1 ||
       virsh_q undefine "$dom" --checkpoints-metadata --snapshots-metadata --managed-save >/dev/null 2>&1 ||
       say "libvirt: could not undefine $dom"
     say "libvirt: removed domain $dom"
