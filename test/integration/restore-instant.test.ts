@@ -16,9 +16,9 @@ import { pathToFileURL } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { buildManifest, encodeManifest } from '../../src/repository/manifest';
-import { useFixtureDomains } from '../fixtures/domains';
+import { useFixtureDomains, waitForGuestMarker } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { guestDir } from '../fixtures/guest';
+import { guestDir, type GuestMarker } from '../fixtures/guest';
 import { run, virsh } from '../helpers/images';
 import { requireLibvirt, requireS3, requireTemporal, s3ClientConfig, stackEnv } from '../helpers/stack';
 import { cliEnv, runCli, spawnCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
@@ -112,6 +112,8 @@ describe('restore --instant / --finish of a running guest (real stack)', () => {
   let targetUrl: string;
   let backupId: string;
   let imagesBefore: Record<string, string>;
+  /** the boot marker the source guest wrote at MiB 4 of vda before the backup */
+  let sourceMarker: GuestMarker;
 
   /** Every file of the backup's directory and its SHA-256. */
   async function backupImages(): Promise<Record<string, string>> {
@@ -143,6 +145,8 @@ describe('restore --instant / --finish of a running guest (real stack)', () => {
         },
       ],
     });
+    sourceMarker = await source.waitForMarker();
+    expect(sourceMarker.kind).toBe('written');
     await source.waitForGuestWrites(2);
     const b = await runCli(['backup', source.name, '--host', host, '--target', targetUrl, '--wait', '--json'], {
       env: cluster(),
@@ -208,13 +212,13 @@ describe('restore --instant / --finish of a running guest (real stack)', () => {
     expect(vda?.backing).toBe(join(targetDir, source.name, backupId, 'vda.qcow2'));
     expect(await backingFile(vda!.overlay)).toBe(vda!.backing);
 
-    // the guest boots from the backup's bytes and writes its own chunks into the overlay
-    // the rewriter moved the serial log into --to DIR
+    // the guest boots from the backup's bytes (it finds the marker the source wrote) and writes into the overlay
     const serial = /<serial type='file'>\s*<source path='([^']+)'/.exec(await virsh('dumpxml', r.name))?.[1];
-    expect(serial?.startsWith(`${r.dir}/`)).toBe(true);
-    await waitFor('the restored guest to write', async () => /WRITE \d+/.test(await readFile(serial!, 'utf8')), {
-      timeoutMs: 180_000,
-    });
+    expect(serial?.startsWith(`${r.dir}/`)).toBe(true); // the rewriter moved the serial log into --to DIR
+    const readLog = () => readFile(serial!, 'utf8').catch(() => '');
+    const state = async () => (await virsh('domstate', r.name)).trim();
+    expect(await waitForGuestMarker(r.name, readLog, { state })).toEqual({ kind: 'found', id: sourceMarker.id });
+    await waitFor('the restored guest to write', async () => /WRITE \d+/.test(await readLog()), { timeoutMs: 180_000 });
     await writeThroughDevice(r.name, 'vda', WRITE);
 
     // a second --instant of that name is refused
