@@ -128,6 +128,13 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
       return `<domain type='qemu'><name>${domain}</name></domain>`;
     },
 
+    // a simulated VM is a definition only: no NVRAM, no TPM
+    async vmState(domain: string) {
+      need(domain);
+      const xml = `<domain type='qemu'><name>${domain}</name><uuid>00000000-0000-4000-8000-000000000000</uuid></domain>`;
+      return { xml, name: domain, uuid: '00000000-0000-4000-8000-000000000000' };
+    },
+
     async beginPushBackup(domain: string, targets: BackupTargetSpec[], o?: PushBackupOptions): Promise<void> {
       need(domain);
       if (running(domain)) throw new HypervisorError('busy', 'domain has active block job', { domain });

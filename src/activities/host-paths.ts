@@ -42,6 +42,8 @@ const DISK_NAME_RE = /^[A-Za-z0-9_-]{1,32}$/;
 /** Image formats an image file of ours can have. */
 const IMAGE_FORMATS: ReadonlySet<string> = new Set(['qcow2', 'raw']);
 const TARGET_STAGING = '.staging';
+/** The whole-VM files a backup stages: `domain.xml`, `nvram.fd`, `tpm.<swtpm state file>` (storage/keys.ts). */
+export const VM_FILE_NAME_RE = /^(domain\.xml|nvram\.fd|tpm\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})$/;
 
 export class HostPaths {
   /** configured staging roots, absolute and normalised */
@@ -146,6 +148,18 @@ export class HostPaths {
       );
     }
     return this.inside(path, id, 2, 'staging', activity, `the staging image of disk ${name}`);
+  }
+
+  /** `path` must be `<staging root>/<backupId>/<name>` for a whole-VM file name; returns its resolved path. */
+  async stagingVmFile(path: unknown, backupId: unknown, name: unknown, activity: string): Promise<string> {
+    const id = this.backupId(backupId, activity);
+    if (typeof name !== 'string' || !VM_FILE_NAME_RE.test(name)) {
+      throw refused(`${activity}: ${show(name)} is not the name of a whole-VM file`, ErrorType.InvalidInput);
+    }
+    if (typeof path !== 'string' || basename(path) !== name) {
+      throw refused(`${activity}: ${show(path)} is not the staged file ${name}`, ErrorType.InvalidInput);
+    }
+    return this.inside(path, id, 2, 'staging', activity, `the staged file ${name}`);
   }
 
   /**

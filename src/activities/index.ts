@@ -22,6 +22,7 @@ import { createSnapshotActivities } from './snapshot';
 import { createStorageActivities } from './storage';
 import type { StorageActivityDeps } from './storage';
 import { uploadSlots } from './upload-slots';
+import { createVmFileActivities } from './vm-files';
 
 export interface ActivityDeps {
   hypervisor: Hypervisor;
@@ -79,6 +80,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       paths,
       ...(deps.maxConcurrentUploads ? { uploads: uploadSlots(deps.maxConcurrentUploads) } : {}),
     }),
+    ...createVmFileActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget, paths }),
     ...createChainActivities({
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,

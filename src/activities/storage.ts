@@ -20,7 +20,7 @@ import { deleteObjectsUnder } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest, signManifest } from '../repository/manifest';
+import { buildManifest, encodeManifest, manifestVmFiles, signManifest } from '../repository/manifest';
 import type { HostPaths } from './host-paths';
 import type { UploadSlots } from './upload-slots';
 
@@ -171,6 +171,17 @@ export function createStorageActivities(
             throw new StorageError(
               'not-found',
               `Backup ${manifest.backupId} cannot be committed on ${target.displayUrl}: disk ${disk.name} (${disk.key}) is ${info ? 'not the image that was shipped' : 'missing'}; run the backup again.`,
+              { driver: 'catalog' },
+            );
+          }
+        }
+        for (const f of manifestVmFiles(manifest)) {
+          const info = await target.stat(f.key);
+          const stored = info?.metadata?.sha256;
+          if (!info || info.size !== f.size || (stored !== undefined && stored !== f.sha256)) {
+            throw new StorageError(
+              'not-found',
+              `Backup ${manifest.backupId} cannot be committed on ${target.displayUrl}: ${f.key} is ${info ? 'not the file that was shipped' : 'missing'}; run the backup again.`,
               { driver: 'catalog' },
             );
           }

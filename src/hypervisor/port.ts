@@ -100,6 +100,23 @@ export interface BlockJobInfo {
   ready: boolean;
 }
 
+/** libvirt's swtpm state root (qemu driver, system instance): a domain's TPM state is in `<root>/<uuid>/` by default */
+export const SWTPM_STATE_ROOT = '/var/lib/libvirt/swtpm';
+
+/** What a whole-VM backup reads besides the disks, as libvirt reports it for the domain. */
+export interface VmState {
+  /** `virsh dumpxml --inactive`: the persistent definition */
+  xml: string;
+  name: string;
+  uuid: string;
+  /** the UEFI variable store (`<os><nvram>`) */
+  nvram?: { path: string };
+  /** the emulated TPM: swtpm's state directory (`<backend><source type='dir'>`, or libvirt's `<swtpm root>/<uuid>`) */
+  tpm?: { version: '1.2' | '2.0'; stateDir: string };
+  /** a TPM whose state is not backed up (a passthrough TPM, state in one file): why, one clause */
+  unsupportedTpm?: string;
+}
+
 export interface Hypervisor {
   /** libvirt and QEMU versions of this host (QEMU from the hypervisor, not the client). */
   versions(): Promise<{ libvirt: string; qemu: string }>;
@@ -111,6 +128,8 @@ export interface Hypervisor {
   /** Live disks as libvirt sees them now (domblklist + XML), including skipped ones. */
   disks(domain: string): Promise<DiskInfo[]>;
   domainXml(domain: string, opts?: { inactive?: boolean }): Promise<string>;
+  /** The persistent definition and where its NVRAM and TPM state are (read from the inactive XML). */
+  vmState(domain: string): Promise<VmState>;
 
   /**
    * virDomainBackupBegin in push mode, one job for all listed disks, explicit qcow2 targets; with

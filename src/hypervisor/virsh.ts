@@ -29,6 +29,7 @@ import type {
   JobType,
   OverlaySpec,
   PushBackupOptions,
+  VmState,
 } from './port';
 import { imageInfo } from './qemu-img';
 import { VirshSessions, quoteVirshArg } from './virsh-session';
@@ -40,6 +41,7 @@ import {
   parseCheckpointXmls,
   parseDomainXml,
   pushBackupXml,
+  vmStateOf,
 } from './xml';
 import type { DomainXml, XmlDisk } from './xml';
 
@@ -403,6 +405,11 @@ export class VirshHypervisor implements Hypervisor {
       action: `read the XML of domain "${domain}"`,
       domain,
     });
+  }
+
+  async vmState(domain: string): Promise<VmState> {
+    const xml = await this.domainXml(domain, { inactive: true });
+    return vmStateOf(xml);
   }
 
   private async parsedXml(domain: string): Promise<DomainXml> {

@@ -4,7 +4,8 @@
  * and the guest agent channel.
  */
 import { XMLParser } from 'fast-xml-parser';
-import type { BackupTargetSpec, Checkpoint, CheckpointDisk } from './port';
+import type { BackupTargetSpec, Checkpoint, CheckpointDisk, VmState } from './port';
+import { SWTPM_STATE_ROOT } from './port';
 import { HypervisorError } from './errors';
 
 export type DiskDevice = 'disk' | 'cdrom' | 'floppy' | 'lun';
@@ -385,4 +386,80 @@ export function checkpointRedefineXml(checkpoint: Checkpoint): string {
 export function parseCheckpointXmls(output: string): XmlCheckpoint[] {
   const docs = output.match(/<domaincheckpoint>[\s\S]*?<\/domaincheckpoint>/g) ?? [];
   return docs.map((d) => parseCheckpointXml(d));
+}
+
+// ------------------------------------------------------------------------------------------ whole-VM state
+
+/** What a domain's definition says about its firmware variable store and its TPM (whole-VM backups). */
+export interface VmStateXml {
+  name: string;
+  uuid: string;
+  /** `<os><nvram>`: the file QEMU keeps the UEFI variables in (libvirt 9.0: its text; newer: `<source file>`) */
+  nvram?: { path: string };
+  /** the first `<tpm>` with an emulator backend (swtpm) */
+  tpm?: {
+    version: '1.2' | '2.0';
+    /** `<backend><source type='dir' path=...>` (libvirt >= 10.10); absent: libvirt's default `<swtpm dir>/<uuid>` */
+    stateDir?: string;
+  };
+  /** a TPM whose state vmbackup cannot read (passthrough of a host TPM, a state kept in one file): why */
+  unsupportedTpm?: string;
+}
+
+/**
+ * Parses the (inactive) domain XML for its NVRAM file and emulated TPM. Throws HypervisorError (failed) when it
+ * is not a domain, like parseDomainXml.
+ */
+export function parseVmStateXml(xml: string): VmStateXml {
+  const { name, uuid } = parseDomainXml(xml);
+  const domain = node((parser.parse(xml) as XmlNode)['domain']) ?? {};
+  const out: VmStateXml = { name, uuid };
+  const nvram = node(node(domain['os'])?.['nvram']);
+  if (nvram) {
+    const type = attr(nvram, 'type');
+    const path =
+      type === undefined || type === 'file'
+        ? (text(node(domain['os'])?.['nvram']) ?? attr(node(nvram['source']), 'file'))
+        : undefined;
+    if (path) out.nvram = { path };
+  }
+  const devices = node(domain['devices']) ?? {};
+  for (const tpm of nodes(devices['tpm'])) {
+    const backend = node(tpm['backend']);
+    const type = attr(backend, 'type');
+    if (type !== 'emulator') {
+      out.unsupportedTpm = `its TPM has a ${type ?? 'missing'} backend (only an emulated TPM's state can be backed up)`;
+      continue;
+    }
+    const version = attr(backend, 'version') ?? '1.2'; // libvirt's default for an emulator without a version
+    if (version !== '1.2' && version !== '2.0') {
+      out.unsupportedTpm = `its TPM has version ${version}`;
+      continue;
+    }
+    const source = node(backend?.['source']);
+    if (source && attr(source, 'type') !== 'dir') {
+      out.unsupportedTpm = `its TPM keeps its state in a ${attr(source, 'type') ?? 'untyped'} source, not a directory`;
+      continue;
+    }
+    const stateDir = source ? attr(source, 'path') : undefined;
+    out.tpm = { version, ...(stateDir ? { stateDir } : {}) };
+    delete out.unsupportedTpm;
+    break;
+  }
+  return out;
+}
+
+/** The typed whole-VM state of a domain from its inactive XML (the TPM directory resolved to libvirt's default). */
+export function vmStateOf(xml: string): VmState {
+  const parsed = parseVmStateXml(xml);
+  return {
+    xml,
+    name: parsed.name,
+    uuid: parsed.uuid,
+    ...(parsed.nvram ? { nvram: parsed.nvram } : {}),
+    ...(parsed.tpm
+      ? { tpm: { version: parsed.tpm.version, stateDir: parsed.tpm.stateDir ?? `${SWTPM_STATE_ROOT}/${parsed.uuid}` } }
+      : {}),
+    ...(parsed.unsupportedTpm ? { unsupportedTpm: parsed.unsupportedTpm } : {}),
+  };
 }

@@ -3,7 +3,8 @@
  * destination lacks, oldest first (so the destination never holds a committed increment whose parent is missing).
  * Resumable, each link's manifest last.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import type { StorageTarget } from '../storage/contract';
@@ -11,7 +12,8 @@ import { StorageError } from '../storage/errors';
 import { brokenChainError, lookupOn, walkChain } from './chain';
 import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
 import { writeSparseFile } from './local-copy';
-import type { ChainLevel, Manifest, ManifestDisk } from './manifest';
+import { manifestVmFiles } from './manifest';
+import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
 
 export interface CopyOptions extends CatalogOptions {
   /** where images from a remote source are staged; default the OS temp dir */
@@ -87,6 +89,15 @@ async function copyLink(
     await copyImage(from, to, disk, opts);
     report.copied.push(disk.key);
   }
+  for (const f of manifestVmFiles(m)) {
+    const there = await to.stat(f.key);
+    if (there && there.size === f.size && there.metadata?.sha256 === f.sha256) {
+      report.skipped.push(f.key);
+      continue;
+    }
+    await copyVmFile(from, to, f, opts);
+    report.copied.push(f.key);
+  }
   if (sameManifest) report.skipped.push(mKey);
   else {
     await to.putManifest(mKey, body);
@@ -97,6 +108,35 @@ async function copyLink(
     level: m.chain.level,
     action: report.copied.length === copiedBefore ? 'skipped' : 'copied',
   });
+}
+
+/**
+ * A whole-VM file: read whole (never more than its cap: another writer of the bucket may have replaced it), checked
+ * against the manifest before anything is written, then stored with its SHA-256 like an image.
+ */
+async function copyVmFile(
+  from: StorageTarget,
+  to: StorageTarget,
+  f: ManifestVmEntry,
+  opts: CopyOptions,
+): Promise<void> {
+  const body = await from.getBuffer(f.key, { maxBytes: f.maxBytes });
+  const sha256 = createHash('sha256').update(body).digest('hex');
+  if (body.length !== f.size || sha256 !== f.sha256) {
+    throw new StorageError(
+      'checksum',
+      `Cannot copy ${f.name} (${f.key}) from ${from.displayUrl}: it has ${body.length} bytes and SHA-256 ${sha256}, the manifest says ${f.size} bytes and ${f.sha256}; run verify there.`,
+      { driver: 'catalog', permanent: true },
+    );
+  }
+  const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
+  try {
+    const staged = join(work, basename(f.key));
+    await writeFile(staged, body, { mode: 0o600 });
+    await to.putImage(f.key, staged, { metadata: { sha256: f.sha256 }, signal: opts.signal });
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
 }
 
 async function copyImage(from: StorageTarget, to: StorageTarget, disk: ManifestDisk, opts: CopyOptions): Promise<void> {

@@ -156,6 +156,37 @@ export const ManifestVmSchema = z
   .passthrough();
 export type ManifestVm = z.infer<typeof ManifestVmSchema>;
 
+/** One whole-VM file a manifest names: what it is (`domain.xml`, `nvram.fd`, `tpm2/tpm2-00.permall`) and its cap. */
+export interface ManifestVmEntry {
+  /** the file's name in sentences: domain.xml, nvram.fd, or the TPM state file's path */
+  name: string;
+  kind: 'xml' | 'nvram' | 'tpm';
+  key: string;
+  size: number;
+  sha256: string;
+  /** most a reader takes of it (VM_FILE_MAX_BYTES) */
+  maxBytes: number;
+}
+
+/** Every whole-VM file of a manifest (none for a backup from before vmbackup stored them). */
+export function manifestVmFiles(m: { vm?: ManifestVm }): ManifestVmEntry[] {
+  const vm = m.vm;
+  if (!vm) return [];
+  const base = (f: ManifestVmFile) => ({ key: f.key, size: f.size, sha256: f.sha256 });
+  return [
+    { name: 'domain.xml', kind: 'xml', maxBytes: VM_FILE_MAX_BYTES.xml, ...base(vm.xml) },
+    ...(vm.nvram
+      ? [{ name: 'nvram.fd', kind: 'nvram' as const, maxBytes: VM_FILE_MAX_BYTES.nvram, ...base(vm.nvram) }]
+      : []),
+    ...(vm.tpm?.files ?? []).map((f) => ({
+      name: `TPM state ${f.path}`,
+      kind: 'tpm' as const,
+      maxBytes: VM_FILE_MAX_BYTES.tpm,
+      ...base(f),
+    })),
+  ];
+}
+
 const ManifestObject = z
   .object({
     version: z.union([z.literal(1), z.literal(2)]),

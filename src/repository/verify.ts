@@ -15,7 +15,9 @@ import type { StorageTarget } from '../storage/contract';
 import { findBackup, type CatalogOptions } from './catalog';
 import { lookupOn, walkChain } from './chain';
 import { writeSparseFile, type WrittenFile } from './local-copy';
-import type { ChainLevel, Manifest, ManifestDisk } from './manifest';
+import { manifestVmFiles } from './manifest';
+import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
+import { StorageError } from '../storage/errors';
 
 export interface DiskVerification {
   name: string;
@@ -31,6 +33,20 @@ export interface DiskVerification {
   imageCheck?: 'ok' | 'leaks' | 'corrupt' | 'skipped';
 }
 
+/** A whole-VM file of a backup (domain.xml, nvram.fd, a TPM state file), checked against its manifest. */
+export interface VmFileVerification {
+  /** domain.xml, nvram.fd, `TPM state tpm2/<file>` */
+  name: string;
+  key: string;
+  ok: boolean;
+  expectedSha256: string;
+  actualSha256?: string;
+  expectedSize: number;
+  actualSize?: number;
+  /** one sentence when not ok */
+  problem?: string;
+}
+
 /** One backup of the chain: the one asked for, or a link it depends on. */
 export interface LinkVerification {
   backupId: string;
@@ -38,6 +54,8 @@ export interface LinkVerification {
   level?: ChainLevel;
   ok: boolean;
   disks: DiskVerification[];
+  /** its whole-VM files (none for a backup made before vmbackup stored them) */
+  vmFiles: VmFileVerification[];
   /** set when the link itself is missing or is not the one its child was built on */
   problem?: string;
 }
@@ -49,6 +67,8 @@ export interface VerifyReport {
   ok: boolean;
   /** the disks of the backup asked for */
   disks: DiskVerification[];
+  /** the whole-VM files of the backup asked for */
+  vmFiles: VmFileVerification[];
   /** every backup it depends on and itself, oldest (the chain's full) first; a missing link comes first, not ok */
   links: LinkVerification[];
 }
@@ -74,6 +94,7 @@ export async function verifyBackup(
       backupId: walk.broken.missing,
       ok: false,
       disks: [],
+      vmFiles: [],
       problem: `the chain of ${backupId} is broken: ${walk.broken.reason}`,
     });
   }
@@ -85,6 +106,7 @@ export async function verifyBackup(
     target: target.displayUrl,
     ok: links.every((l) => l.ok),
     disks: own?.disks ?? [],
+    vmFiles: own?.vmFiles ?? [],
     links,
   };
 }
@@ -92,7 +114,52 @@ export async function verifyBackup(
 async function verifyLink(target: StorageTarget, m: Manifest, opts: VerifyOptions): Promise<LinkVerification> {
   const disks: DiskVerification[] = [];
   for (const disk of m.disks) disks.push(await verifyDisk(target, disk, opts));
-  return { backupId: m.backupId, level: m.chain.level, ok: disks.every((d) => d.ok), disks };
+  const vmFiles: VmFileVerification[] = [];
+  for (const f of manifestVmFiles(m)) vmFiles.push(await verifyVmFile(target, f));
+  return {
+    backupId: m.backupId,
+    level: m.chain.level,
+    ok: disks.every((d) => d.ok) && vmFiles.every((f) => f.ok),
+    disks,
+    vmFiles,
+  };
+}
+
+/**
+ * Reads a whole-VM file back (never more than its cap: the object may have been replaced by another writer of the
+ * bucket) and checks its size and SHA-256.
+ */
+async function verifyVmFile(target: StorageTarget, f: ManifestVmEntry): Promise<VmFileVerification> {
+  const base = { name: f.name, key: f.key, expectedSha256: f.sha256, expectedSize: f.size };
+  let body: Buffer;
+  try {
+    body = await target.getBuffer(f.key, { maxBytes: f.maxBytes });
+  } catch (err) {
+    if (err instanceof StorageError && err.kind === 'not-found') {
+      return { ...base, ok: false, problem: `${f.name}: object ${f.key} is missing` };
+    }
+    if (err instanceof StorageError && err.kind === 'checksum') {
+      return { ...base, ok: false, problem: `${f.name}: ${f.key} is larger than ${f.maxBytes} bytes` };
+    }
+    throw err;
+  }
+  const actualSha256 = createHash('sha256').update(body).digest('hex');
+  const result = { ...base, ok: true, actualSha256, actualSize: body.length };
+  if (body.length !== f.size) {
+    return {
+      ...result,
+      ok: false,
+      problem: `${f.name}: ${f.key} has ${body.length} bytes, the manifest says ${f.size}`,
+    };
+  }
+  if (actualSha256 !== f.sha256) {
+    return {
+      ...result,
+      ok: false,
+      problem: `${f.name}: ${f.key} has SHA-256 ${actualSha256}, the manifest says ${f.sha256}`,
+    };
+  }
+  return result;
 }
 
 async function verifyDisk(target: StorageTarget, disk: ManifestDisk, opts: VerifyOptions): Promise<DiskVerification> {

@@ -259,7 +259,41 @@ export interface ManifestInput {
       checkpoint?: string;
       checkpointXml?: string;
     };
+    /** the whole-VM files (backups since the whole-vm-files patch) */
+    vm?: VmFilesRecord;
   };
+}
+
+/** The manifest's `vm` record (src/repository/manifest.ts ManifestVmSchema): the whole-VM files of a backup. */
+export interface VmFilesRecord {
+  xml: { key: string; size: number; sha256: string };
+  nvram?: { key: string; size: number; sha256: string; path: string };
+  tpm?: { version: '1.2' | '2.0'; files: Array<{ path: string; key: string; size: number; sha256: string }> };
+}
+
+export interface CaptureVmStateInput {
+  backupId: string;
+  domain: string;
+  stagingDir: string;
+}
+/** A whole-VM file copied into staging: `domain.xml`, `nvram.fd` or `tpm.<file>`. */
+export interface StagedVmFile {
+  name: string;
+  path: string;
+  size: number;
+  sha256: string;
+}
+export interface VmCapture {
+  files: StagedVmFile[];
+  /** what the manifest records (keys are the same on every target) */
+  vm: VmFilesRecord;
+}
+export interface ShipVmFilesInput {
+  backupId: string;
+  domain: string;
+  target: string;
+  files: StagedVmFile[];
+  s3Options?: S3TargetOptions;
 }
 
 export interface DeleteBackupObjectsInput {
@@ -330,6 +364,9 @@ export interface HostActivities {
   prepareChainImages(input: PrepareChainImagesInput): Promise<PreparedChainImages>;
   dropCheckpoint(input: DropCheckpointInput): Promise<void>;
   retireCheckpoints(input: RetireCheckpointsInput): Promise<string[]>;
+  // whole-VM files: definition, NVRAM, TPM state
+  captureVmState(input: CaptureVmStateInput): Promise<VmCapture>;
+  shipVmFiles(input: ShipVmFilesInput): Promise<void>;
   // storage
   shipImage(input: ShipImageInput): Promise<ShippedImage>;
   writeManifest(input: ManifestInput): Promise<void>;

@@ -32,6 +32,7 @@ import type {
   ManifestInput,
   OverlayRecord,
   StagingArea,
+  VmCapture,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import { NOTIFY_PATCH } from '../shared/events';
@@ -159,6 +160,12 @@ export const INCREMENTAL_PATCH = 'incremental-chains';
  * --max-concurrent-backups`): no holdBackupSlot activity, no `queued` phase.
  */
 export const HOST_SLOT_PATCH = 'host-backup-slots';
+
+/**
+ * Backups started before this change stored the disk images only: no captureVmState at the backup point, no
+ * shipVmFiles, manifests without `vm` (the domain XML, NVRAM and TPM state).
+ */
+export const WHOLE_VM_PATCH = 'whole-vm-files';
 
 export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
   validateRequest(req);
@@ -301,13 +308,23 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
   });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
   const compensations: Array<() => Promise<void>> = [() => quick.cleanupStaging({ backupId, stagingDir: staging.dir })];
-  const run: BackupRun = { req, steps, info, plan, staging, compensations, phase, hardened };
+  const run: BackupRun = {
+    req,
+    steps,
+    info,
+    plan,
+    staging,
+    compensations,
+    phase,
+    hardened,
+    wholeVm: patched(WHOLE_VM_PATCH),
+  };
 
   let images: DiskImage[];
   let made: MadeImages;
   let targets: TargetResult[] | undefined;
   const ship = () =>
-    shipToTargets(req, steps, staging, images, progress, {
+    shipToTargets(req, steps, staging, images, run.vm, progress, {
       method,
       startedAt,
       quiesced: made.quiesced,
@@ -320,6 +337,8 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
       made = await pushImages(run);
       progress.bytesDone = made.bytes ?? 0;
     } else if (method === 'offline') {
+      // the domain is off: its definition, NVRAM and TPM state are what the disks are
+      await captureVm(run);
       phase('copying');
       made = {
         files: await steps.long.copyOfflineDisks({ backupId, domain, disks: info.disks, stagingDir: staging.dir }),
@@ -393,6 +412,25 @@ interface BackupRun {
   compensations: Array<() => Promise<void>>;
   phase: (p: BackupPhase) => void;
   hardened: boolean;
+  /** the backup stores the whole VM (WHOLE_VM_PATCH, decided once per backup) */
+  wholeVm: boolean;
+  /** the whole-VM files staged at the backup point */
+  vm?: VmCapture;
+}
+
+/**
+ * Copies the domain's definition, NVRAM and TPM state into staging, at the backup point: right after the push job
+ * started (the disks' point in time), right before the snapshot method's overlays are created (after, the
+ * persistent definition names the overlays), or before an offline copy. Staging cleanup (the first undo step)
+ * removes them with the images.
+ */
+async function captureVm(run: BackupRun): Promise<void> {
+  if (!run.wholeVm) return;
+  run.vm = await run.steps.quick.captureVmState({
+    backupId: run.req.backupId,
+    domain: run.req.domain,
+    stagingDir: run.staging.dir,
+  });
 }
 
 /** The images a method wrote into staging, before they are checked and hashed. */
@@ -475,6 +513,8 @@ async function pushImages(run: BackupRun): Promise<MadeImages> {
     const undoJob = jobInput;
     compensations.unshift(() => steps.short.abortPushBackup(undoJob));
   }
+  // the job's start is the disks' point in time
+  await captureVm(run);
   const stats = await steps.long.awaitBackupJob(jobInput);
   compensations.shift();
   const made: MadeImages = { files: job.images, quiesced: false, bytes: stats.bytes };
@@ -496,6 +536,8 @@ async function pushImages(run: BackupRun): Promise<MadeImages> {
 async function snapshotImages(run: BackupRun): Promise<MadeImages> {
   const { req, steps, info, staging, compensations } = run;
   const { backupId, domain } = req;
+  // Just before the overlays: once they exist, libvirt's persistent definition names them, not the VM's disks.
+  await captureVm(run);
   run.phase('creating-overlays');
   // Registered before the step: a createOverlays that fails after libvirt made the snapshot must still be
   // undone. commitAndPivot finds this backup's overlays on the domain itself when given none.
@@ -622,9 +664,10 @@ function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
 
 async function shipToTargets(
   req: BackupRequest,
-  acts: { long: ActivityProxy; quick: ActivityProxy },
+  acts: { long: ActivityProxy; short: ActivityProxy; quick: ActivityProxy },
   staging: StagingArea,
   images: DiskImage[],
+  vm: VmCapture | undefined,
   progress: BackupProgress,
   meta: {
     method: BackupMethod;
@@ -662,6 +705,10 @@ async function shipToTargets(
         state.bytesDone += shipped.size;
         disks.push({ ...disk, size: shipped.size, key: shipped.key });
       }
+      // one activity for all of them: they are small
+      if (vm) {
+        await acts.short.shipVmFiles({ backupId, domain, target, files: vm.files, s3Options: req.options.s3 });
+      }
       await acts.quick.writeManifest({
         target,
         s3Options: req.options.s3,
@@ -685,6 +732,7 @@ async function shipToTargets(
             ...(meta.backing[d.name] ? { backing: meta.backing[d.name] } : {}),
           })),
           ...(meta.chain ? { chain: meta.chain } : {}),
+          ...(vm ? { vm: vm.vm } : {}),
         },
       });
       state.state = 'done';

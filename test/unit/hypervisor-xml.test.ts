@@ -9,7 +9,9 @@ import {
   parseCheckpointXml,
   parseCheckpointXmls,
   parseDomainXml,
+  parseVmStateXml,
   pushBackupXml,
+  vmStateOf,
 } from '../../src/hypervisor/xml';
 
 const captured = (file: string): string => readFileSync(join(__dirname, '..', 'fixtures', 'virsh', file), 'utf8');
@@ -304,5 +306,71 @@ describe('checkpointRedefineXml', () => {
   test('a root: no <parent>', () => {
     const c0 = parseCheckpointXml(captured('checkpoint-dumpxml.c0.xml'));
     expect(checkpointRedefineXml(c0)).not.toContain('<parent>');
+  });
+});
+
+describe('whole-VM state from the inactive XML', () => {
+  const uuid = '0a11db1e-3da8-4327-b810-0c4e3d32c888';
+
+  test('libvirt 9.0 UEFI + TPM domain: the NVRAM file and the swtpm state directory libvirt uses', () => {
+    const xml = captured('dumpxml.uefi-tpm-vmstate.inactive.xml');
+    expect(vmStateOf(xml)).toEqual({
+      xml,
+      name: 'vm-uefi',
+      uuid,
+      nvram: { path: '/tmp/vmcaptry/nvram.fd' },
+      tpm: { version: '2.0', stateDir: `/var/lib/libvirt/swtpm/${uuid}` },
+    });
+  });
+
+  test('a BIOS domain without a TPM has neither', () => {
+    const state = vmStateOf(captured('dumpxml.inactive.xml'));
+    expect(state.nvram).toBeUndefined();
+    expect(state.tpm).toBeUndefined();
+    expect(state.unsupportedTpm).toBeUndefined();
+  });
+
+  const domain = (os: string, devices: string): string =>
+    `<domain type='qemu'><name>vm1</name><uuid>${uuid}</uuid><os><type>hvm</type>${os}</os><devices>${devices}</devices></domain>`;
+
+  test('the newer <nvram type="file"><source file> form', () => {
+    expect(parseVmStateXml(domain(`<nvram type='file'><source file='/var/lib/nv/vm1.fd'/></nvram>`, '')).nvram).toEqual(
+      {
+        path: '/var/lib/nv/vm1.fd',
+      },
+    );
+    // a network-backed NVRAM is no file to read
+    expect(
+      parseVmStateXml(domain(`<nvram type='network'><source protocol='nbd' name='x'/></nvram>`, '')).nvram,
+    ).toBeUndefined();
+  });
+
+  test('TPM: version 1.2 by default, a <source type="dir"> state directory, unsupported backends said why', () => {
+    expect(vmStateOf(domain('', `<tpm model='tpm-tis'><backend type='emulator'/></tpm>`)).tpm).toEqual({
+      version: '1.2',
+      stateDir: `/var/lib/libvirt/swtpm/${uuid}`,
+    });
+    expect(
+      vmStateOf(
+        domain(
+          '',
+          `<tpm><backend type='emulator' version='2.0'><source type='dir' path='/srv/tpm/vm1'/></backend></tpm>`,
+        ),
+      ).tpm,
+    ).toEqual({ version: '2.0', stateDir: '/srv/tpm/vm1' });
+    const passthrough = vmStateOf(
+      domain('', `<tpm><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>`),
+    );
+    expect(passthrough.tpm).toBeUndefined();
+    expect(passthrough.unsupportedTpm).toMatch(/passthrough backend/);
+    const oneFile = vmStateOf(
+      domain('', `<tpm><backend type='emulator' version='2.0'><source type='file' path='/x'/></backend></tpm>`),
+    );
+    expect(oneFile.tpm).toBeUndefined();
+    expect(oneFile.unsupportedTpm).toMatch(/file source/);
+  });
+
+  test('not a domain: the same error as parseDomainXml', () => {
+    expect(() => parseVmStateXml('<network><name>x</name></network>')).toThrow(HypervisorError);
   });
 });

@@ -35,6 +35,7 @@ async function runList(flags: ListFlags): Promise<void> {
         backups: backups.map((b) => ({
           ...b.manifest,
           chain: chainOf(b.manifest),
+          vmFiles: vmFilesOf(b.manifest),
           size: b.size,
           ...(manifestKey ? { signed: b.signed } : {}),
         })),
@@ -63,6 +64,7 @@ async function runList(flags: ListFlags): Promise<void> {
       b.manifest.chain.parent ?? '-',
       b.manifest.method + (b.manifest.quiesced ? ' (quiesced)' : ''),
       b.manifest.disks.map((d) => d.name).join(','),
+      vmFilesOf(b.manifest) ?? '-',
       formatBytes(b.size),
       ...(manifestKey ? [b.signed ? 'yes' : 'NO'] : []),
     ]);
@@ -75,12 +77,19 @@ async function runList(flags: ListFlags): Promise<void> {
         'PARENT',
         'METHOD',
         'DISKS',
+        'VM',
         'SIZE',
         ...(manifestKey ? ['SIGNED'] : []),
       ],
       rows,
     );
   });
+}
+
+/** Which whole-VM files a backup holds, e.g. `xml+nvram+tpm`; null for a backup of disks only (made before them). */
+function vmFilesOf(m: Manifest): string | null {
+  if (!m.vm) return null;
+  return ['xml', ...(m.vm.nvram ? ['nvram'] : []), ...(m.vm.tpm ? ['tpm'] : [])].join('+');
 }
 
 /** Where a backup sits in its chain, as scripts read it (`--json`): the checkpoint XML stays in the manifest. */

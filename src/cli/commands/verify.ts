@@ -40,17 +40,23 @@ async function runVerify(backupId: string, flags: TargetFlags): Promise<void> {
           `${safeText(`${chained ? '  ' : ''}${d.ok ? 'ok  ' : 'BAD '} ${d.name}  ${d.key}  ${d.actualSha256 ?? '-'}${d.imageCheck === 'leaks' ? '  (leaked clusters, harmless)' : ''}`)}\n`,
         );
       }
+      for (const f of link.vmFiles) {
+        process.stdout.write(
+          `${safeText(`${chained ? '  ' : ''}${f.ok ? 'ok  ' : 'BAD '} ${f.name}  ${f.key}  ${f.actualSha256 ?? '-'}`)}\n`,
+        );
+      }
     }
     const problems = report.links.flatMap((l) =>
-      l.problem ? [l.problem] : l.disks.flatMap((d) => (d.ok ? [] : [d.problem])),
+      l.problem ? [l.problem] : [...l.disks, ...l.vmFiles].flatMap((d) => (d.ok ? [] : [d.problem])),
     );
     if (problems.length > 0) {
       throw new CliError(`Backup ${backupId} on ${target.displayUrl} failed verification: ${problems.join('; ')}.`);
     }
     const disks = report.disks.length;
     const links = chained ? ` and the ${report.links.length - 1} backup(s) of its chain it depends on` : '';
+    const vm = report.vmFiles.length > 0 ? `, ${report.vmFiles.map((f) => f.name).join(', ')}` : '';
     process.stderr.write(
-      `Backup ${backupId} on ${target.displayUrl} is intact (${disks} disk${disks === 1 ? '' : 's'}${links}).\n`,
+      `Backup ${backupId} on ${target.displayUrl} is intact (${disks} disk${disks === 1 ? '' : 's'}${vm}${links}).\n`,
     );
   });
 }
