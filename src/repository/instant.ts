@@ -311,6 +311,10 @@ export async function instantRestore(
     }
     if (vm.tpm && record.tpmDir) {
       created.push(record.tpmDir);
+      // as libvirt lays it out: <uuid>/ root 0711 (swtpm runs as its own user and must pass through), the version's
+      // directory 0700 and files 0600, which libvirt hands to swtpm's user when it starts it
+      await mkdir(record.tpmDir, { recursive: true, mode: 0o711 });
+      await chmod(record.tpmDir, 0o711);
       for (const f of vm.tpm.files) {
         const bytes = await readVmFile(target, f, VM_FILE_MAX_BYTES.tpm, backupId, 'TPM state');
         const dest = join(record.tpmDir, f.path); // f.path is tpm2/<file> or tpm1_2/<file> (manifest schema)
@@ -354,8 +358,12 @@ export async function instantRestore(
     await removeInstantRecord(opts.stateDir, name);
     if (madeDir) await rmdir(opts.dir).catch(() => undefined);
     if (err instanceof HypervisorError) {
+      // "Cannot access storage file '.../vda.qcow2' (as uid:64055, gid:64055): Permission denied": QEMU's user
+      const hint = /Permission denied/.test(err.message)
+        ? ` (QEMU's user must be able to read the backup images and reach ${opts.dir}: see docs/security.md, instant recovery)`
+        : '';
       throw instantError(
-        `Cannot start backup ${backupId} instantly as ${name}: ${err.message.replace(/\.$/, '')}; nothing was left defined.`,
+        `Cannot start backup ${backupId} instantly as ${name}: ${err.message.replace(/\.$/, '')}${hint}; nothing was left defined.`,
       );
     }
     throw err;

@@ -21,7 +21,16 @@ import type { FixtureDomain } from '../fixtures/domains';
 import { guestDir, type GuestMarker } from '../fixtures/guest';
 import { run, virsh } from '../helpers/images';
 import { requireLibvirt, requireS3, requireTemporal, s3ClientConfig, stackEnv } from '../helpers/stack';
-import { cliEnv, runCli, spawnCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
+import {
+  cliEnv,
+  embeddedEnv,
+  runCli,
+  spawnCli,
+  startWorkerProcess,
+  temporalClient,
+  uniqueHost,
+  waitFor,
+} from '../helpers/vmbackup';
 import { finishInstantWorkflowId } from '../../src/shared/names';
 import type { WorkerProcess } from '../helpers/vmbackup';
 
@@ -64,10 +73,16 @@ async function blockJob(domain: string, disk: string): Promise<{ type?: string; 
 
 /** Removes a domain this test restored, its overlays and its record, whatever state it is in. */
 async function removeRestored(name: string, dir?: string): Promise<void> {
+  const record = join(stackEnv().stateDir, 'instant', `${name}.json`);
+  const tpmDir = await readFile(record, 'utf8')
+    .then((t) => (JSON.parse(t) as { tpmDir?: string }).tpmDir)
+    .catch(() => undefined);
   await virsh('destroy', name).catch(() => undefined);
   await virsh('undefine', name, '--nvram', '--tpm').catch(() => undefined);
   if (dir) await rm(dir, { recursive: true, force: true });
-  await rm(join(stackEnv().stateDir, 'instant', `${name}.json`), { force: true });
+  // undefine --tpm leaves files it does not expect there
+  if (tpmDir?.startsWith('/var/lib/libvirt/swtpm/')) await rm(tpmDir, { recursive: true, force: true });
+  await rm(record, { force: true });
 }
 
 /** The live device alias of a disk (for HMP qemu-io writes through the guest's device). */
@@ -246,8 +261,8 @@ describe('restore --instant / --finish of a running guest (real stack)', () => {
     expect((await virsh('domstate', r.name)).trim()).toBe('running');
     expect(await virsh('domblklist', r.name)).toContain(vda!.overlay);
 
-    // finishing again: already standalone, exit 0
-    const twice = await runCli(['restore', '--finish', r.name, '--host', host], { env: cluster() });
+    // finishing again: already standalone, exit 0 (on the embedded default: the command runs the host's worker)
+    const twice = await runCli(['restore', '--finish', r.name], { env: embeddedEnv(host) });
     expect(twice.code).toBe(0);
     expect(twice.stdout).toContain(`${r.name} is already standalone`);
 
@@ -427,4 +442,56 @@ describe('restore --instant refusals (real stack)', () => {
     expect(await domainExists(r.name)).toBe(false);
     expect(await stat(r.dir).catch(() => undefined)).toBeUndefined();
   }, 120_000);
+});
+
+describe('restore --instant of a UEFI + TPM guest (real stack)', () => {
+  const newDomain = useFixtureDomains();
+
+  test('the NVRAM and the TPM state are restored as copies and given to the instant domain', async () => {
+    await requireTemporal();
+    const source = await newDomain({
+      prefix: 'insuefi',
+      guest: true,
+      uefi: true,
+      tpm: true,
+      disks: [{ format: 'qcow2', sizeMiB: 64 }],
+    });
+    const marker = await source.waitForMarker();
+    const targetDir = join(work, 'uefi-target');
+    await mkdir(targetDir);
+    const url = pathToFileURL(targetDir).href;
+    const b = await runCli(['backup', source.name, '--target', url, '--wait', '--json'], {
+      env: embeddedEnv(uniqueHost('insu')),
+    });
+    if (b.code !== 0) throw new Error(`the backup of ${source.name} failed: ${b.stderr}`);
+    const id = (JSON.parse(b.stdout) as { backupId: string }).backupId;
+    const manifest = JSON.parse(await readFile(join(targetDir, source.name, id, 'manifest.json'), 'utf8')) as {
+      vm: { nvram?: { sha256: string }; tpm?: { files: Array<{ path: string; sha256: string }> } };
+    };
+    expect(manifest.vm.nvram).toBeDefined();
+    expect(manifest.vm.tpm?.files.length).toBeGreaterThan(0);
+
+    const r = restoredName('uefi');
+    const res = await runCli(
+      ['restore', id, '--target', url, '--instant', r.name, '--to', r.dir, '--boot-dir', guestDir(), '--json'],
+      { env: cluster() },
+    );
+    if (res.code !== 0) throw new Error(`restore --instant failed (${res.code}): ${res.stderr}`);
+    const started = JSON.parse(res.stdout) as InstantJson & { nvram: string; tpmDir: string; uuid: string };
+    expect(started.nvram.startsWith(`${r.dir}/`)).toBe(true);
+    expect(started.tpmDir).toBe(`/var/lib/libvirt/swtpm/${started.uuid}`);
+    const live = await virsh('dumpxml', r.name);
+    expect(live).toContain(`>${started.nvram}</nvram>`);
+    expect(live).toMatch(/<tpm model='tpm-crb'>\s*<backend type='emulator' version='2.0'/);
+    for (const f of manifest.vm.tpm!.files) expect((await stat(join(started.tpmDir, f.path))).size).toBeGreaterThan(0);
+    // the source's own files are untouched and not the ones the instant domain uses
+    expect(started.nvram).not.toBe(source.nvramPath);
+    expect(started.tpmDir).not.toBe(source.tpmStateDir);
+
+    // OVMF boots the guest from the overlay with the restored variable store; it finds the source's marker
+    const serial = /<serial type='file'>\s*<source path='([^']+)'/.exec(live)?.[1];
+    const readLog = () => readFile(serial!, 'utf8').catch(() => '');
+    const state = async () => (await virsh('domstate', r.name)).trim();
+    expect(await waitForGuestMarker(r.name, readLog, { state })).toEqual({ kind: 'found', id: marker.id });
+  }, 600_000);
 });
