@@ -190,6 +190,9 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     },
 
     createOverlays: unsupported('createOverlays'),
+    defineDomain: unsupported('defineDomain'),
+    startDomain: unsupported('startDomain'),
+    undefineDomain: unsupported('undefineDomain'),
     startActiveCommit: unsupported('startActiveCommit'),
     async blockJobInfo(): Promise<BlockJobInfo> {
       return { cur: 0, end: 0, ready: false };
@@ -197,8 +200,6 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     pivot: unsupported('pivot'),
     abortBlockJob: unsupported('abortBlockJob'),
     startBlockPull: unsupported('startBlockPull'),
-    defineDomain: unsupported('defineDomain'),
-    startDomain: unsupported('startDomain'),
     removeDomain: unsupported('removeDomain'),
 
     async listCheckpoints(domain: string): Promise<Checkpoint[]> {

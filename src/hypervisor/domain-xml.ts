@@ -280,7 +280,12 @@ function parseDocument(xml: string): XmlNode {
   if (/<!DOCTYPE|<!ENTITY/i.test(xml)) throw invalid('the stored domain XML has a DOCTYPE, which libvirt never writes');
   const valid = XMLValidator.validate(xml);
   if (valid !== true) {
-    throw invalid(`the stored domain XML is malformed (line ${valid.err.line}: ${valid.err.msg.replace(/\.$/, '')})`);
+    // the validator reports elements left open at the end as "Invalid '[ "domain", "devices" ]' found"
+    const open = /^Invalid '\[(.*)\]' found/s.exec(valid.err.msg)?.[1];
+    const why = open
+      ? `it ends with <${open.replace(/[\s"]/g, '').split(',').join('>, <')}> not closed`
+      : `line ${valid.err.line}: ${valid.err.msg.replace(/\.$/, '')}`;
+    throw invalid(`the stored domain XML is malformed (${why})`);
   }
   let doc: XmlNode[];
   try {

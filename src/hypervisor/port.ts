@@ -128,6 +128,18 @@ export interface Hypervisor {
   /** Live disks as libvirt sees them now (domblklist + XML), including skipped ones. */
   disks(domain: string): Promise<DiskInfo[]>;
   domainXml(domain: string, opts?: { inactive?: boolean }): Promise<string>;
+  /**
+   * `virsh define --validate` of a domain XML (libvirt checks it against its schema): a new persistent domain, or the
+   * new definition of an existing one with the same name and UUID.
+   */
+  defineDomain(xml: string): Promise<void>;
+  /** `virsh start`; throws 'not-found' for an unknown domain. */
+  startDomain(domain: string): Promise<void>;
+  /**
+   * `virsh undefine` with the checkpoint and snapshot metadata (`nvram`/`tpm`: also the NVRAM file and the swtpm state
+   * libvirt keeps for it). Idempotent: resolves false when there was no such domain.
+   */
+  undefineDomain(domain: string, opts?: { nvram?: boolean; tpm?: boolean }): Promise<boolean>;
   /** The persistent definition and where its NVRAM and TPM state are (read from the inactive XML). */
   vmState(domain: string): Promise<VmState>;
 
@@ -162,10 +174,6 @@ export interface Hypervisor {
    */
   startBlockPull(domain: string, disk: string, opts?: { bandwidthMiB?: number }): Promise<void>;
 
-  /** `define FILE`: a persistent definition from domain XML (the caller checked and wrote it). */
-  defineDomain(xml: string): Promise<void>;
-  /** `start DOM` */
-  startDomain(domain: string): Promise<void>;
   /** `destroy DOM` (no error when it is not running) then `undefine DOM --nvram --tpm` (no error when it is gone). */
   removeDomain(domain: string): Promise<void>;
 

@@ -407,6 +407,45 @@ export class VirshHypervisor implements Hypervisor {
     });
   }
 
+  async defineDomain(xml: string): Promise<void> {
+    const { name } = parseDomainXml(xml);
+    validateDomainName(name);
+    const dir = await mkdtemp(join(tmpdir(), 'vmbackup-domain-xml-'));
+    try {
+      const file = join(dir, 'domain.xml');
+      await writeFile(file, xml, { mode: 0o600 });
+      await this.virsh(['define', file, '--validate'], { action: `define domain "${name}"`, domain: name });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  async startDomain(domain: string): Promise<void> {
+    validateDomainName(domain);
+    await this.virsh(['start', domain], { action: `start domain "${domain}"`, domain });
+  }
+
+  async undefineDomain(domain: string, opts: { nvram?: boolean; tpm?: boolean } = {}): Promise<boolean> {
+    validateDomainName(domain);
+    try {
+      await this.virsh(
+        [
+          'undefine',
+          domain,
+          '--checkpoints-metadata',
+          '--snapshots-metadata',
+          ...(opts.nvram ? ['--nvram'] : []),
+          ...(opts.tpm ? ['--tpm'] : []),
+        ],
+        { action: `undefine domain "${domain}"`, domain },
+      );
+      return true;
+    } catch (err) {
+      if (err instanceof HypervisorError && err.kind === 'not-found') return false;
+      throw err;
+    }
+  }
+
   async vmState(domain: string): Promise<VmState> {
     const xml = await this.domainXml(domain, { inactive: true });
     return vmStateOf(xml);
@@ -711,22 +750,6 @@ export class VirshHypervisor implements Hypervisor {
       domain,
       disk,
     });
-  }
-
-  async defineDomain(xml: string): Promise<void> {
-    const dir = await mkdtemp(join(tmpdir(), 'vmbackup-domain-xml-'));
-    try {
-      const file = join(dir, 'domain.xml');
-      await writeFile(file, xml, { mode: 0o600 });
-      await this.virsh(['define', file], { action: 'define the restored domain' });
-    } finally {
-      await rm(dir, { recursive: true, force: true });
-    }
-  }
-
-  async startDomain(domain: string): Promise<void> {
-    validateDomainName(domain);
-    await this.virsh(['start', domain], { action: `start domain "${domain}"`, domain });
   }
 
   async removeDomain(domain: string): Promise<void> {

@@ -61,6 +61,8 @@ export interface DomainXml {
   channels: XmlChannel[];
   /** a virtio channel named org.qemu.guest_agent.0 (says nothing about an agent listening on it) */
   hasGuestAgentChannel: boolean;
+  /** the UEFI variable store's path (<os><nvram>), when the domain has one that names a file */
+  nvram?: string;
 }
 
 export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
@@ -197,6 +199,7 @@ export function parseDomainXml(xml: string): DomainXml {
   }));
 
   const id = attr(domain, 'id');
+  const nvram = text(node(node(domain['os'])?.['nvram']))?.trim();
   return {
     name,
     uuid: text(domain['uuid']) ?? '',
@@ -205,6 +208,7 @@ export function parseDomainXml(xml: string): DomainXml {
     disks,
     channels,
     hasGuestAgentChannel: channels.some((c) => c.targetName === GUEST_AGENT_CHANNEL),
+    ...(nvram ? { nvram } : {}),
   };
 }
 

@@ -11,3 +11,4 @@ export * from './manifest';
 export * from './prune';
 export * from './restore';
 export * from './verify';
+export * from './vm-restore';

@@ -27,6 +27,8 @@ import { temporalFlagsFrom } from './temporal-options';
 import { cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 
 export interface InstantFlags extends TargetFlags {
+  instant?: string;
+  finish?: string;
   to?: string;
   keepMacs?: boolean;
   bootDir?: string[];
