@@ -7,7 +7,8 @@
  *
  * Groups: limit, push, snapshot, commit, virtnbd, storage, e2e-remote, overhead, concurrent, incremental, chunks
  * (bench/incremental.ts: on the 4 GiB disk with --large, else 1 GiB), nbd (bench/nbd-read.ts: NBD readers for pull
- * mode on a qcow2 file of the same size, no domain), chunks (bench/chunks.ts: the chunk codec on one core).
+ * mode on a qcow2 file of the same size, no domain), chunks (bench/chunks.ts: the chunk codec on one core),
+ * instant (bench/instant.ts: always 4 GiB).
  * Writes DIR/latest.json and DIR/latest.md (tables); bench/run.sh renders the chart.
  */
 import { appendFileSync, createReadStream, createWriteStream, readFileSync, writeFileSync } from 'node:fs';
@@ -39,6 +40,7 @@ import type { MeasuredBackup, WorkerProcess } from './lib/vmbackup';
 import { IncrementalGroup } from './incremental';
 import { chunkBench } from './chunks';
 import { NbdReadGroup } from './nbd-read';
+import { InstantGroup } from './instant';
 import { buildReport } from './report';
 import type { BenchResults, CaseResult, Sample } from './report';
 
@@ -611,6 +613,20 @@ async function main(): Promise<void> {
       nbdRead = new NbdReadGroup({ work, record, log }, sz, mib);
       await nbdRead.prepare();
     }
+    let instant: InstantGroup | undefined;
+    if (want(ctx, 'instant')) {
+      // issue #14 quotes the 4 GiB disk: a quarter random keeps the full restore's reading real and the setup short
+      const [sz, mib] = args.smoke ? (['64m', 64] as const) : (['4g', 4096] as const);
+      log(`domain with a ${sz} qcow2 disk for the instant group, a quarter random`);
+      const io = {
+        work,
+        stateDir: env.stateDir,
+        record,
+        log,
+        backup: (d: string, a: string[]) => vmbackupBackup(ctx, d, a),
+      };
+      instant = new InstantGroup(io, sz, await make(`ins-${sz}`, mib, mib / 4), mib);
+    }
     const small = want(ctx, 'overhead') ? await make('64m', 64, 32) : undefined;
     const fleet: FixtureDomain[] = [];
     if (want(ctx, 'concurrent')) {
@@ -639,6 +655,7 @@ async function main(): Promise<void> {
       for (const [sz, dom] of imageDoms) await imageCases(ctx, sz, dom, rep);
       if (incremental) await incremental.run(rep);
       if (nbdRead) await nbdRead.run(rep);
+      if (instant) await instant.run(rep);
       if (want(ctx, 'commit')) {
         for (const mib of args.smoke ? [16] : [64, 512]) await commitCase(ctx, dom1(), mib, rep);
       }

@@ -222,6 +222,14 @@ function ratioDefs(sizes: string[], ids: string[]): RatioDef[] {
     },
     ...incrementalDefs(ids),
     ...nbdReadRatioDefs(ids),
+    ...ids
+      .filter((id) => /^\d+[mg]\/instant-start$/.test(id))
+      .map((id) => ({
+        name: `instant recovery (${id.split('/')[0]}): full restore / instant start`,
+        num: id.replace('instant-start', 'instant-full-restore'),
+        den: id,
+        metric: 'wallMs',
+      })),
   );
   return defs;
 }

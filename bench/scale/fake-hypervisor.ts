@@ -199,6 +199,8 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
     },
     pivot: unsupported('pivot'),
     abortBlockJob: unsupported('abortBlockJob'),
+    startBlockPull: unsupported('startBlockPull'),
+    removeDomain: unsupported('removeDomain'),
 
     async listCheckpoints(domain: string): Promise<Checkpoint[]> {
       need(domain);

@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { Context } from '@temporalio/activity';
 import { withDeadline } from '../hypervisor/deadline';
 import type { Hypervisor } from '../hypervisor/port';
-import type { HostActivities } from '../shared/activities';
+import type { HostActivities, InstantActivities } from '../shared/activities';
 import { defaultTargetUrl } from '../storage/registry';
 import type { ScheduleActivities } from '../shared/schedule';
 import { ErrorType } from '../shared/errors';
@@ -13,6 +13,7 @@ import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
+import { createInstantActivities } from './instant';
 import { createNotifyActivities } from './notify';
 import { createPushActivities } from './push';
 import { createScheduleActivities } from './schedule';
@@ -53,7 +54,7 @@ export interface ActivityDeps {
 }
 
 /** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
-export type HostWorkerActivities = HostActivities & ScheduleActivities;
+export type HostWorkerActivities = HostActivities & ScheduleActivities & InstantActivities;
 
 export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
@@ -96,6 +97,12 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       manifestKey: deps.manifestKey,
       runningBackupOf: deps.runningBackupOf,
       paths,
+    }),
+    ...createInstantActivities({
+      hypervisor: deps.hypervisor,
+      stateDir: deps.stateDir,
+      paths,
+      ...(deps.pollIntervalMs !== undefined ? { pollIntervalMs: deps.pollIntervalMs } : {}),
     }),
     ...createNotifyActivities({
       secrets: deps.secrets ?? [],

@@ -167,6 +167,15 @@ export interface Hypervisor {
   pivot(domain: string, disk: string): Promise<void>;
   /** `blockjob DOM DISK --abort` */
   abortBlockJob(domain: string, disk: string): Promise<void>;
+  /**
+   * `blockpull DOM DISK [--bandwidth MiB/s]` (no wait): copies every cluster the disk reads from its backing chain
+   * into its top image; when the job completes QEMU writes no backing file into the top image's header and libvirt
+   * drops the chain. The disk keeps running on the same file the whole time.
+   */
+  startBlockPull(domain: string, disk: string, opts?: { bandwidthMiB?: number }): Promise<void>;
+
+  /** `destroy DOM` (no error when it is not running) then `undefine DOM --nvram --tpm` (no error when it is gone). */
+  removeDomain(domain: string): Promise<void>;
 
   /** The domain's checkpoints as libvirt's metadata has them, parents before children. */
   listCheckpoints(domain: string): Promise<Checkpoint[]>;

@@ -29,6 +29,8 @@ export interface ImageInfo {
   dirty: boolean;
   /** qcow2's corrupt flag */
   corrupt?: boolean;
+  /** qcow2's external data file (the guest's data lives in that file, not in the image) */
+  dataFile?: string;
   /** with { backingChain: true }: the images below this one, top first */
   chain?: ImageInfo[];
 }
@@ -123,7 +125,7 @@ interface QemuImgInfoJson {
   'full-backing-filename'?: string;
   'backing-filename-format'?: string;
   'dirty-flag'?: boolean;
-  'format-specific'?: { data?: { corrupt?: boolean } };
+  'format-specific'?: { data?: { corrupt?: boolean; 'data-file'?: string } };
 }
 
 function toImageInfo(j: QemuImgInfoJson): ImageInfo {
@@ -137,6 +139,9 @@ function toImageInfo(j: QemuImgInfoJson): ImageInfo {
     backingFormat: j['backing-filename-format'],
     dirty: j['dirty-flag'] ?? false,
     corrupt: j['format-specific']?.data?.corrupt,
+    ...(j['format-specific']?.data?.['data-file'] !== undefined
+      ? { dataFile: j['format-specific'].data['data-file'] }
+      : {}),
   };
 }
 
@@ -369,6 +374,26 @@ export async function rebaseUnsafe(path: string, backing: string, backingFormat:
     {
       timeoutMs: 60_000,
     },
+  );
+  if (result.code !== 0) throw imageError(result, action);
+}
+
+/**
+ * `qemu-img create -f qcow2 -F FMT -b BACKING -u OVERLAY SIZE`: an empty qcow2 whose unallocated clusters read from
+ * BACKING (an absolute path the caller checked). -u: the backing file is not opened, so nothing its header names is
+ * followed here. The file must not exist (the caller removes a leftover first).
+ */
+export async function createOverlayImage(
+  path: string,
+  backing: string,
+  backingFormat: 'qcow2' | 'raw',
+  virtualSize: number,
+): Promise<void> {
+  const action = `create the overlay ${path} on ${backing}`;
+  const result = await qemuImg(
+    ['create', '-q', '-f', 'qcow2', '-F', backingFormat, '-b', backing, '-u', '--', path, String(virtualSize)],
+    action,
+    { timeoutMs: 60_000 },
   );
   if (result.code !== 0) throw imageError(result, action);
 }

@@ -735,6 +735,37 @@ export class VirshHypervisor implements Hypervisor {
     }
   }
 
+  async startBlockPull(domain: string, disk: string, opts: { bandwidthMiB?: number } = {}): Promise<void> {
+    validateDomainName(domain);
+    validateDiskName(domain, disk);
+    const bw = opts.bandwidthMiB;
+    if (bw !== undefined && !(Number.isInteger(bw) && bw > 0)) {
+      throw new HypervisorError('invalid', `a block pull bandwidth must be a whole number of MiB/s, not ${bw}`, {
+        domain,
+        disk,
+      });
+    }
+    await this.virsh(['blockpull', domain, disk, ...(bw !== undefined ? ['--bandwidth', String(bw)] : [])], {
+      action: `start pulling the backing chain of disk ${disk} of domain "${domain}" into its image`,
+      domain,
+      disk,
+    });
+  }
+
+  async removeDomain(domain: string): Promise<void> {
+    validateDomainName(domain);
+    const gone = (err: unknown): boolean =>
+      err instanceof HypervisorError && (err.kind === 'not-found' || /domain is not running/i.test(err.stderr ?? ''));
+    await this.virsh(['destroy', domain], { action: `stop domain "${domain}"`, domain }).catch((err: unknown) => {
+      if (!gone(err)) throw err;
+    });
+    await this.virsh(['undefine', domain, '--nvram', '--tpm'], { action: `undefine domain "${domain}"`, domain }).catch(
+      (err: unknown) => {
+        if (!gone(err)) throw err;
+      },
+    );
+  }
+
   // ---------------------------------------------------------------------------------------- checkpoints
 
   async listCheckpoints(domain: string): Promise<Checkpoint[]> {

@@ -308,6 +308,34 @@ export interface InspectDomainInput {
   includeAllDisks?: boolean;
 }
 
+/** `restore --finish NEWNAME`: the instant-restored domain whose disks are pulled from the backup. */
+export interface FinishInstantInput {
+  domain: string;
+  /** cap of each disk's pull, MiB/s (`--bandwidth`); default none */
+  bandwidthMiB?: number;
+}
+export interface InstantPullResult {
+  domain: string;
+  /** no disk read from the backup when the pull was asked for */
+  alreadyStandalone: boolean;
+}
+export interface FinishedDisk {
+  name: string;
+  /** the standalone image the disk runs on (the former overlay) */
+  path: string;
+}
+export interface FinishInstantResult {
+  domain: string;
+  alreadyStandalone: boolean;
+  disks: FinishedDisk[];
+}
+
+/** The steps of finishInstantRestore, on the domain's host queue. */
+export interface InstantActivities {
+  pullInstantDisks(input: FinishInstantInput): Promise<InstantPullResult>;
+  completeInstantFinish(input: FinishInstantInput): Promise<FinishedDisk[]>;
+}
+
 /**
  * Every activity the backup workflows call. The implementations (src/activities) are
  * checked against this interface; workflows proxy it onto the host's task queue.

@@ -32,6 +32,14 @@ export function backupWorkflowId(host: string, domain: string): string {
   return `vmbackup-backup-${host}-${domain}`;
 }
 
+/**
+ * One finish of an instant restore per domain and host: a second `restore --finish` of the same domain attaches to
+ * the running one.
+ */
+export function finishInstantWorkflowId(host: string, domain: string): string {
+  return `vmbackup-finish-instant-${host}-${domain}`;
+}
+
 /** Backup ids are file- and key-safe: `<domain>-<UTC yyyymmddThhmmssZ>-<4 hex>`. */
 export function makeBackupId(domain: string, at: Date, suffix: string): string {
   const ts = at

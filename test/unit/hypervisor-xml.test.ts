@@ -313,7 +313,7 @@ describe('whole-VM state from the inactive XML', () => {
   const uuid = '0a11db1e-3da8-4327-b810-0c4e3d32c888';
 
   test('libvirt 9.0 UEFI + TPM domain: the NVRAM file and the swtpm state directory libvirt uses', () => {
-    const xml = captured('dumpxml.uefi-tpm-pc.inactive.xml');
+    const xml = captured('dumpxml.uefi-tpm-vmstate.inactive.xml');
     expect(vmStateOf(xml)).toEqual({
       xml,
       name: 'vm-uefi',

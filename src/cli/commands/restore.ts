@@ -6,13 +6,16 @@
  * `vmbackup restore <backupId> --define NAME [--to DIR] [--start] [--keep-macs] [--dry-run]` and `--replace --yes`:
  * the whole VM (disks, definition, NVRAM, TPM state) as a libvirt domain, from the target alone: no Temporal.
  */
+import { Option } from 'commander';
 import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { createVirshHypervisor } from '../../hypervisor/virsh';
 import { RESTORE_FORMATS, restoreBackup, restoreVm, type RestoreFormat, type VmRestoreResult } from '../../repository';
 import { loadConfig } from '../../worker/config';
 import { action, CliError, formatBytes, printJson, safeText } from '../output';
+import { runFinish, runInstant, type InstantFlags } from './restore-instant';
 import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
+import { addTemporalOptions } from './temporal-options';
 
 interface RestoreFlags extends TargetFlags {
   disk?: string;
@@ -59,12 +62,40 @@ export function register(program: Command): void {
       'with --define or --replace: a directory from which the definition may keep host files (a direct-boot kernel), besides /usr/share, /usr/lib and /var/lib/libvirt/boot; repeatable',
       (value: string, previous: string[] = []) => [...previous, value],
     )
+    .option(
+      '--instant <name>',
+      'define and start the VM as NAME at once, on overlays (in --to DIR) whose backing files are the backup images (file:// targets)',
+    )
+    .option(
+      '--finish <name>',
+      'copy the data of an --instant VM into its overlays while it runs; it then needs no backup',
+    )
+    .option('--host <name>', "--finish: the VM's host (its worker's task queue); default: this machine")
+    .option('--bandwidth <MiB/s>', '--finish: at most this many MiB/s per disk')
+    .addOption(new Option('--heartbeat-timeout <seconds>', '--finish: retry a silent pull after this long').hideHelp())
     .option('--json', 'print one JSON object');
   addTargetOptions(cmd);
+  addTemporalOptions(cmd);
   cmd.action(
-    action(async (backupId: string | undefined, flags: RestoreFlags) =>
-      flags.define !== undefined || flags.replace ? runVmRestore(backupId, flags) : runRestore(backupId, flags),
-    ),
+    action(async (backupId: string | undefined, flags: RestoreFlags & InstantFlags) => {
+      if (flags.finish !== undefined) {
+        if (backupId || flags.instant !== undefined || flags.define !== undefined || flags.replace) {
+          throw new CliError(
+            'restore --finish NEWNAME takes no backup id, --instant, --define or --replace: it finishes the VM NEWNAME.',
+          );
+        }
+        return runFinish(flags.finish, flags);
+      }
+      if (flags.instant !== undefined) {
+        if (flags.define !== undefined || flags.replace) {
+          throw new CliError(
+            '--instant NAME starts the backup at once as a new domain; it does not go with --define or --replace.',
+          );
+        }
+        return runInstant(backupId, flags.instant, flags);
+      }
+      return flags.define !== undefined || flags.replace ? runVmRestore(backupId, flags) : runRestore(backupId, flags);
+    }),
   );
 }
 
