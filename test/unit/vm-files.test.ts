@@ -1,4 +1,5 @@
 /** Reading a whole-VM file a running VM may be writing: until two reads in a row are equal, capped, no symlinks. */
+import { renameSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,7 +32,12 @@ describe('readStable', () => {
     const file = join(dir, 'tpm2-00.permall');
     let i = 0;
     await writeFile(file, String(i));
-    const writer = setInterval(() => void writeFile(file, String(++i)), 20);
+    // each change whole and at once (temp + rename), as swtpm writes: a truncate-then-write could show two equal
+    // empty reads; synchronous, so every 100 ms pause between two reads sees at least one change
+    const writer = setInterval(() => {
+      writeFileSync(`${file}.tmp`, String(++i));
+      renameSync(`${file}.tmp`, file);
+    }, 20);
     try {
       await expect(readStable(file, 1024, 'TPM state file tpm2-00.permall of vm1')).rejects.toMatchObject({
         message: expect.stringMatching(
