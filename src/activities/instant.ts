@@ -16,7 +16,7 @@ import { HypervisorError } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
 import { imageInfo } from '../hypervisor/qemu-img';
 import { parseDomainXml } from '../hypervisor/xml';
-import { readInstantRecord, writeInstantRecord, type InstantRecord } from '../repository/instant';
+import { releaseInstantAccess, readInstantRecord, writeInstantRecord, type InstantRecord } from '../repository/instant';
 import type { FinishInstantInput, FinishedDisk, InstantPullResult } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import type { DiskInfo } from '../shared/types';
@@ -176,7 +176,10 @@ export function createInstantActivities(deps: InstantDeps) {
     );
   }
 
-  /** Checks that no recorded disk has a backing file any more (libvirt's view and the image header) and records it. */
+  /**
+   * Checks that no recorded disk has a backing file any more (libvirt's view and the image header), records it, and
+   * puts back the modes of the target directories --instant opened and the owners of the backup's images.
+   */
   async function completeInstantFinish(input: FinishInstantInput): Promise<FinishedDisk[]> {
     const { record, live } = await instantDomain(input, 'completeInstantFinish');
     const out: FinishedDisk[] = [];
@@ -201,6 +204,10 @@ export function createInstantActivities(deps: InstantDeps) {
     }
     if (!record.finishedAt)
       await writeInstantRecord(deps.stateDir, { ...record, finishedAt: new Date().toISOString() });
+    // nothing reads from the backup any more: the target directories --instant opened for QEMU's user close again and
+    // the images go back to their owners (unless another instant domain still runs on them); after finishedAt is on
+    // record, so a retry does it too
+    await releaseInstantAccess(deps.stateDir, record);
     return out;
   }
 

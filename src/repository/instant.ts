@@ -14,13 +14,15 @@
  * `--finish` acts only on a domain with such a record, with the same UUID, whose disks are the recorded overlays.
  */
 import { randomUUID } from 'node:crypto';
-import { chmod, lstat, mkdir, open, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
-import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import type { DomainRewrite } from '../hypervisor/domain-xml';
 import { HypervisorError } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
 import { createOverlayImage, imageInfo } from '../hypervisor/qemu-img';
+import { canTraverse, qemuUserOf, type QemuIdentity } from '../hypervisor/qemu-user';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import type { StorageTarget } from '../storage/contract';
 import { StorageError, errnoCode } from '../storage/errors';
@@ -60,6 +62,28 @@ export interface InstantRecord {
   tpmDir?: string;
   /** set by --finish once no disk reads from the backup any more */
   finishedAt?: string;
+  /**
+   * target directories --instant made searchable (mode | 0o111) for QEMU's user, each with the mode to put back once
+   * no unfinished record names it any more
+   */
+  openedDirs?: OpenedDir[];
+  /**
+   * the backup's images with their owners before the start: libvirt hands them to QEMU's user while the VM runs and,
+   * once a pull dropped them from the chain, does not give them back; --finish does
+   */
+  images?: OwnedImage[];
+}
+
+export interface OwnedImage {
+  path: string;
+  uid: number;
+  gid: number;
+}
+
+export interface OpenedDir {
+  path: string;
+  /** the permission bits before any instant restore opened it */
+  mode: number;
 }
 
 export function instantRecordDir(stateDir: string): string {
@@ -205,6 +229,8 @@ export interface InstantRestoreOptions extends CatalogOptions {
   bootDirs?: readonly string[];
   /** where swtpm state directories are (default /var/lib/libvirt/swtpm) */
   swtpmRoot?: string;
+  /** the user QEMU will run the definition as, undefined for root (default: its DAC label, else qemu.conf) */
+  qemuUserOf?: (xml: string) => Promise<QemuIdentity | undefined>;
 }
 
 export interface InstantRestoreResult {
@@ -294,12 +320,39 @@ export async function instantRestore(
       throw instantError(`${f} already exists; remove it or restore with another --to directory.`);
     }
   }
+  const rewrite: DomainRewrite = {
+    name,
+    uuid,
+    keepMacs: opts.keepMacs,
+    disks: Object.fromEntries(disks.map((d) => [d.name, { path: d.overlay, format: 'qcow2' as const }])),
+    ...(record.nvram ? { nvramPath: record.nvram } : {}),
+    logDir: opts.dir,
+    ...(opts.bootDirs?.length ? { bootDirs: opts.bootDirs } : {}),
+  };
+  let newXml: string;
+  try {
+    newXml = opts.rewriteXml(xml, manifest.domain, rewrite);
+  } catch (err) {
+    if (err instanceof HypervisorError) {
+      throw instantError(`Cannot start backup ${backupId} instantly: ${err.message.replace(/\.$/, '')}.`);
+    }
+    throw err;
+  }
+  // QEMU's user (not root) must pass through the target's 0700 directories to the images: they are opened below
+  const qemuUser = await (opts.qemuUserOf ?? qemuUserOf)(newXml);
+  if (qemuUser) {
+    const chainFiles = manifest.disks.flatMap((d) => diskChain(links, d.name).map((l) => join(local, l.disk.key)));
+    record.openedDirs = await dirsToOpen(opts.stateDir, name, local, chainFiles, qemuUser, backupId);
+    record.images = await imageOwners(opts.stateDir, name, chainFiles);
+  }
   const madeDir = await makeQemuDir(opts.dir);
-  // a record of a crashed earlier --instant of this name is replaced (its files, if any, were refused above)
+  // a record of a crashed earlier --instant of this name is replaced (its files, if any, were refused above); it is
+  // written before any directory is opened, so a crash leaves the modes to put back on record
   await writeInstantRecord(opts.stateDir, record);
   const created: string[] = [];
   let defined = false;
   try {
+    for (const d of record.openedDirs ?? []) await chmodDir(d.path, (mode) => mode | 0o111);
     for (const d of disks) {
       created.push(d.overlay);
       await createOverlayImage(d.overlay, d.backing, d.backingFormat, d.virtualSize);
@@ -322,24 +375,6 @@ export async function instantRestore(
         await writeFile(dest, bytes, { mode: 0o600, flag: 'wx' });
       }
     }
-    const rewrite: DomainRewrite = {
-      name,
-      uuid,
-      keepMacs: opts.keepMacs,
-      disks: Object.fromEntries(disks.map((d) => [d.name, { path: d.overlay, format: 'qcow2' as const }])),
-      ...(record.nvram ? { nvramPath: record.nvram } : {}),
-      logDir: opts.dir,
-      ...(opts.bootDirs?.length ? { bootDirs: opts.bootDirs } : {}),
-    };
-    let newXml: string;
-    try {
-      newXml = opts.rewriteXml(xml, manifest.domain, rewrite);
-    } catch (err) {
-      if (err instanceof HypervisorError) {
-        throw instantError(`Cannot start backup ${backupId} instantly: ${err.message.replace(/\.$/, '')}.`);
-      }
-      throw err;
-    }
     await hv.defineDomain(newXml);
     defined = true;
     await hv.startDomain(name);
@@ -355,6 +390,8 @@ export async function instantRestore(
   } catch (err) {
     if (defined) await hv.removeDomain(name).catch(() => undefined);
     for (const f of created) await rm(f, { recursive: true, force: true });
+    // the modes go back before the record goes: a crash in between leaves them on record, never lost
+    await releaseInstantAccess(opts.stateDir, record);
     await removeInstantRecord(opts.stateDir, name);
     if (madeDir) await rmdir(opts.dir).catch(() => undefined);
     if (err instanceof HypervisorError) {
@@ -367,6 +404,157 @@ export async function instantRestore(
       );
     }
     throw err;
+  }
+}
+
+// ------------------------------------------------------------------------------------------- QEMU's way in
+
+/** Every directory strictly above `dir`, `/` first. */
+function ancestors(dir: string): string[] {
+  const out: string[] = [];
+  for (let d = dirname(dir); ; d = dirname(d)) {
+    out.unshift(d);
+    if (d === dirname(d)) return out;
+  }
+}
+
+/**
+ * The target directories (from its root down to each image's directory) QEMU's user must search, each with the mode
+ * to put back later: its own when it is not searchable now, or the one an unfinished record of another instant
+ * domain gave for it (that domain opened it). Refuses, before anything is written, when QEMU's user cannot pass
+ * through a directory above the target root (vmbackup never changes those) or a directory below it is not a plain
+ * directory.
+ */
+async function dirsToOpen(
+  stateDir: string,
+  name: string,
+  root: string,
+  files: readonly string[],
+  user: QemuIdentity,
+  backupId: string,
+): Promise<OpenedDir[]> {
+  const as = `${user.user}:${user.group}`;
+  if (!(await canTraverse(user, dirname(root)))) {
+    for (const a of ancestors(root)) {
+      if (!(await canTraverse(user, a))) {
+        throw instantError(
+          `Cannot start backup ${backupId} instantly: its QEMU runs as ${as}, which cannot pass through ${a} above the target ${root}, and vmbackup opens only the target's own directories; let that user search ${a} (e.g. \`chmod o+x ${a}\`) or use a target outside it; nothing was changed.`,
+        );
+      }
+    }
+  }
+  const dirs = new Set<string>();
+  for (const f of files) {
+    const rel = relative(root, dirname(f));
+    if (rel.startsWith('..') || isAbsolute(rel)) throw instantError(`${f} is not under the target ${root}.`);
+    let d = root;
+    dirs.add(d);
+    for (const part of rel === '' ? [] : rel.split(sep)) dirs.add((d = join(d, part)));
+  }
+  const inherited = new Map<string, number>();
+  for (const other of await readInstantRecords(stateDir)) {
+    if (other.domain === name || other.finishedAt) continue;
+    for (const o of other.openedDirs ?? []) if (!inherited.has(o.path)) inherited.set(o.path, o.mode);
+  }
+  const out: OpenedDir[] = [];
+  for (const d of dirs) {
+    const st = await lstat(d);
+    if (!st.isDirectory()) {
+      throw instantError(
+        `Cannot start backup ${backupId} instantly: ${d} in the target is not a directory (a symlink?); nothing was changed.`,
+      );
+    }
+    const mode = st.mode & 0o7777;
+    const before = inherited.get(d);
+    if (before !== undefined) out.push({ path: d, mode: before });
+    else if ((mode & 0o111) !== 0o111) out.push({ path: d, mode });
+  }
+  return out;
+}
+
+/** The owners of the chain's images, or those an unfinished record of another instant domain gave for them. */
+async function imageOwners(stateDir: string, name: string, files: readonly string[]): Promise<OwnedImage[]> {
+  const inherited = new Map<string, OwnedImage>();
+  for (const other of await readInstantRecords(stateDir)) {
+    if (other.domain === name || other.finishedAt) continue;
+    for (const o of other.images ?? []) if (!inherited.has(o.path)) inherited.set(o.path, o);
+  }
+  const out: OwnedImage[] = [];
+  for (const path of new Set(files)) {
+    const st = await lstat(path); // a regular file: checkBackingChain saw it
+    out.push(inherited.get(path) ?? { path, uid: st.uid, gid: st.gid });
+  }
+  return out;
+}
+
+/** Every readable instant record of this host (a broken one is skipped: it names nothing to keep open). */
+async function readInstantRecords(stateDir: string): Promise<InstantRecord[]> {
+  const entries = await readdir(instantRecordDir(stateDir)).catch((err: unknown) => {
+    if (errnoCode(err) === 'ENOENT') return [] as string[];
+    throw err;
+  });
+  const out: InstantRecord[] = [];
+  for (const e of entries) {
+    if (!e.endsWith('.json')) continue;
+    const r = await readInstantRecord(stateDir, e.slice(0, -'.json'.length)).catch(() => undefined);
+    if (r) out.push(r);
+  }
+  return out;
+}
+
+/** chmod of a directory that is not followed if it became a symlink. A directory that is gone is skipped. */
+async function chmodDir(path: string, mode: (current: number) => number): Promise<void> {
+  let fh;
+  try {
+    fh = await open(path, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return; // the backup was removed meanwhile
+    throw err;
+  }
+  try {
+    const current = (await fh.stat()).mode & 0o7777;
+    const next = mode(current);
+    if (next !== current) await fh.chmod(next);
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Puts back what `record` opened for QEMU's user: the target directories' modes and the images' owners, except for
+ * those an unfinished record of another instant domain still names (that domain puts them back when it is done).
+ * Idempotent: run by --finish's last step and on every failure of --instant.
+ */
+export async function releaseInstantAccess(stateDir: string, record: InstantRecord): Promise<void> {
+  if (!record.openedDirs?.length && !record.images?.length) return;
+  const inUse = new Set<string>();
+  for (const other of await readInstantRecords(stateDir)) {
+    if (other.domain === record.domain || other.finishedAt) continue;
+    for (const o of [...(other.openedDirs ?? []), ...(other.images ?? [])]) inUse.add(o.path);
+  }
+  for (const img of record.images ?? []) {
+    if (!inUse.has(img.path)) await chownFile(img);
+  }
+  // deepest first, so a directory is never closed above one still being worked on
+  for (const d of [...(record.openedDirs ?? [])].reverse()) {
+    if (!inUse.has(d.path)) await chmodDir(d.path, () => d.mode);
+  }
+}
+
+/** Gives a regular file (never followed if it became a symlink) back its owner. A file that is gone is skipped. */
+async function chownFile(img: OwnedImage): Promise<void> {
+  let fh;
+  try {
+    fh = await open(img.path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return; // the backup was removed meanwhile
+    throw err;
+  }
+  try {
+    const st = await fh.stat();
+    if (st.isFile() && (st.uid !== img.uid || st.gid !== img.gid)) await fh.chown(img.uid, img.gid);
+  } finally {
+    await fh.close();
   }
 }
 
