@@ -7,6 +7,7 @@
  * ACLs and group bits count as they will for QEMU.
  */
 import { readFile } from 'node:fs/promises';
+import { HypervisorError } from './errors';
 import { execTool } from './exec';
 
 export const QEMU_CONF = '/etc/libvirt/qemu.conf';
@@ -61,6 +62,10 @@ function setprivArgs(id: QemuIdentity): string[] {
 export async function canTraverse(id: QemuIdentity, dir: string): Promise<boolean> {
   const r = await execTool('setpriv', [...setprivArgs(id), '--', 'test', '-x', dir], { timeoutMs: 30_000 });
   if (r.code === 0) return true;
-  if (r.code === 1) return false;
-  throw new Error(`setpriv as ${id.user}:${id.group} failed: ${r.stderr.trim() || `exit ${r.code}`}`);
+  // `test` says nothing; setpriv exits 1 too when it cannot become the user ("failed to parse reuid")
+  if (r.code === 1 && r.stderr.trim() === '') return false;
+  throw new HypervisorError(
+    'failed',
+    `cannot check whether QEMU's user ${id.user}:${id.group} (libvirt's DAC label or qemu.conf) can reach ${dir}: ${r.stderr.trim().replace(/\.$/, '') || `setpriv exit ${r.code}`}`,
+  );
 }

@@ -434,9 +434,14 @@ async function dirsToOpen(
   backupId: string,
 ): Promise<OpenedDir[]> {
   const as = `${user.user}:${user.group}`;
-  if (!(await canTraverse(user, dirname(root)))) {
+  const reaches = (dir: string): Promise<boolean> =>
+    canTraverse(user, dir).catch((err: unknown) => {
+      if (!(err instanceof HypervisorError)) throw err;
+      throw instantError(`Cannot start backup ${backupId} instantly: ${err.message}; nothing was changed.`);
+    });
+  if (!(await reaches(dirname(root)))) {
     for (const a of ancestors(root)) {
-      if (!(await canTraverse(user, a))) {
+      if (!(await reaches(a))) {
         throw instantError(
           `Cannot start backup ${backupId} instantly: its QEMU runs as ${as}, which cannot pass through ${a} above the target ${root}, and vmbackup opens only the target's own directories; let that user search ${a} (e.g. \`chmod o+x ${a}\`) or use a target outside it; nothing was changed.`,
         );
