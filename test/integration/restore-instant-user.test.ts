@@ -5,7 +5,8 @@
  *    --instant starts it (its QEMU process runs as libvirt-qemu), the target's directories down to the images are
  *    0711 while it runs, --finish completes, and afterwards they are 0700 again, the backup's files root's 0600,
  *    and `verify` passes;
- * 2. a target below a directory libvirt-qemu cannot pass through: refused with one sentence naming that directory,
+ * 2. a start that fails once the directories are open (--to where QEMU cannot reach): all put back, nothing left;
+ * 3. a target below a directory libvirt-qemu cannot pass through: refused with one sentence naming that directory,
  *    nothing defined, written or changed.
  * Everything lives under a fresh 0711 directory in /var/lib/libvirt/images (the state dir is under /root, which
  * libvirt-qemu cannot reach). Domains are `vmbt-in2-...`, removed even when a test fails.
@@ -176,6 +177,33 @@ describe('restore --instant of a VM whose QEMU runs as libvirt-qemu (real stack)
     expect(verify.code).toBe(0);
     expect(verify.stderr).toContain(`Backup ${backupId} on ${pathToFileURL(targetDir).href} is intact`);
   }, 600_000);
+
+  test('a start that fails after the directories were opened (--to where QEMU cannot reach) puts the modes and owners back', async () => {
+    const backupDir = join(targetDir, source.name, backupId);
+    const closed = await targetModes(targetDir, source.name, backupId);
+    const filesBefore = await backupFiles(backupDir);
+    const r = { name: `vmbt-in2-fail-${randomBytes(3).toString('hex')}`, dir: join(lockedDir, 'instant-fail') };
+    restored.push(r);
+    const res = await runCli(
+      ['restore', backupId, '--target', pathToFileURL(targetDir).href, '--instant', r.name, '--to', r.dir],
+      { env: cliEnv() },
+    );
+    expect(res.code).toBe(1);
+    const lines = res.stderr.trim().split('\n');
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/Permission denied.*nothing was left defined\.$/);
+    expect(
+      await virsh('dominfo', r.name).then(
+        () => true,
+        () => false,
+      ),
+    ).toBe(false);
+    await expect(stat(join(stackEnv().stateDir, 'instant', `${r.name}.json`))).rejects.toMatchObject({
+      code: 'ENOENT',
+    });
+    expect(await targetModes(targetDir, source.name, backupId)).toEqual(closed);
+    expect(await backupFiles(backupDir)).toEqual(filesBefore);
+  }, 300_000);
 
   test('a target below a directory libvirt-qemu cannot pass through is refused with one sentence, nothing changed', async () => {
     const before = {
