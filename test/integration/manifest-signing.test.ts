@@ -59,7 +59,7 @@ describe('manifest signing', () => {
 
     const verified = await runCli(['verify', backupId, '--target', target], { env: withKey });
     expect([verified.code, ownLines(verified.stderr)]).toEqual([0, []]);
-    expect(verified.stderr).toMatch(/is intact \(1 disk\)/);
+    expect(verified.stderr).toMatch(/is intact \(1 disk, domain\.xml\)/);
     const listed = await runCli(['list', '--target', target], { env: withKey });
     expect(listed.stdout.split('\n')[0]).toMatch(/\s+SIGNED$/);
     expect(listed.stdout).toMatch(new RegExp(`^${backupId}\\s.*\\syes$`, 'm'));

@@ -84,7 +84,7 @@ describe('backups to several targets', () => {
       expect(list.stdout).toContain(out.backupId);
       const verify = await runCli(['verify', out.backupId, '--target', target]);
       expect({ target, code: verify.code }).toEqual({ target, code: 0 });
-      expect(verify.stderr).toMatch(/is intact \(2 disks\)/);
+      expect(verify.stderr).toMatch(/is intact \(2 disks, domain\.xml\)/);
     }
 
     // Restored from S3 (offsite) and NFS, each disk equals the live disk (nothing wrote to it since);
