@@ -18,6 +18,7 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import { StorageError } from '../storage/errors';
+import { ID_RE as CHUNK_ID_RE, indexKey } from './chunks/config';
 import {
   MANIFEST_NAME,
   VM_NVRAM_NAME,
@@ -28,10 +29,18 @@ import {
   vmFileKey,
 } from '../storage/keys';
 
-/** The version this vmbackup writes. */
+/** The version this vmbackup writes for an image-tree backup. */
 export const MANIFEST_VERSION = 2;
+/**
+ * The version of a backup stored in a chunk repository (docs/chunk-format.md, "Backups"): its disks are indexes of
+ * chunks, not images. A vmbackup that reads only versions 1 and 2 refuses it ("upgrade vmbackup") instead of taking
+ * an index for an image.
+ */
+export const CHUNK_MANIFEST_VERSION = 3;
 /** The versions this vmbackup reads; a version-1 manifest reads as a full backup. */
-export const READABLE_MANIFEST_VERSIONS: readonly number[] = [1, 2];
+export const READABLE_MANIFEST_VERSIONS: readonly number[] = [1, 2, 3];
+/** A disk (or whole-VM file) stored in a chunk repository has this format; its key is its index's key. */
+export const CHUNKS_FORMAT = 'chunks';
 
 const Sha256 = z.string().regex(/^[0-9a-f]{64}$/, 'must be a hex SHA-256');
 const Segment = z.string().refine((s) => {
@@ -102,15 +111,44 @@ export const ManifestDiskSchema = z
      * header: it builds the chain from the manifests and opens it with explicit backing.
      */
     backing: ManifestBackingSchema.optional(),
+    /**
+     * format `chunks` only: the disk is the index `sha256` (its id) at `key` = `@chunk-repo/indexes/<id>`. `size` is
+     * the bytes of the chunks this disk references that this backup uploaded (the rest were already stored).
+     */
+    chunks: z
+      .object({
+        chunkSize: z.number().int().positive(),
+        /** entries of the index: ceil(virtualSize / chunkSize) */
+        count: z.number().int().nonnegative(),
+        zeroChunks: z.number().int().nonnegative(),
+        /** chunks this backup stored (the others were in the repository already) */
+        uploadedChunks: z.number().int().nonnegative(),
+      })
+      .passthrough()
+      .optional(),
   })
   .passthrough();
+
+/** Which chunk repository a version-3 manifest's indexes are in, and how it stores them. */
+export const ManifestRepositorySchema = z
+  .object({
+    id: z.string().regex(CHUNK_ID_RE, 'must be a repository id (64 hex)'),
+    chunkSize: z.number().int().positive(),
+    encryption: z.enum(['aes-256-gcm', 'none']),
+    compression: z.enum(['zstd', 'none']),
+  })
+  .passthrough();
+export type ManifestRepository = z.infer<typeof ManifestRepositorySchema>;
 
 /** Most a reader takes of each whole-VM file (they are small: a definition, a variable store, a TPM's state). */
 export const VM_FILE_MAX_BYTES = { xml: 4 << 20, nvram: 64 << 20, tpm: 16 << 20 } as const;
 
 const VmFileSchema = z
   .object({
-    /** object key on the target: `<domain>/<backupId>/<name>` (see storage/keys.ts) */
+    /**
+     * object key on the target: `<domain>/<backupId>/<name>` (see storage/keys.ts); in a chunk repository the file
+     * is stored like a disk, as an index: `@chunk-repo/indexes/<sha256>`, and `sha256` is that index's id
+     */
     key: z.string(),
     size: z.number().int().nonnegative(),
     sha256: Sha256,
@@ -189,7 +227,7 @@ export function manifestVmFiles(m: { vm?: ManifestVm }): ManifestVmEntry[] {
 
 const ManifestObject = z
   .object({
-    version: z.union([z.literal(1), z.literal(2)]),
+    version: z.union([z.literal(1), z.literal(2), z.literal(CHUNK_MANIFEST_VERSION)]),
     backupId: Segment,
     domain: z.string().regex(DOMAIN_NAME_RE),
     host: z.string().min(1),
@@ -202,7 +240,14 @@ const ManifestObject = z
     chain: ManifestChainSchema,
     disks: z.array(ManifestDiskSchema).min(1),
     vm: ManifestVmSchema.optional(),
+    /** version 3: the chunk repository holding the indexes */
+    repository: ManifestRepositorySchema.optional(),
     signature: Signature,
+    /**
+     * version 3 in an encrypted repository: HMAC-SHA256 with the repository's authentication key (in its master keys)
+     * over the canonical form without either signature; checked by every reader that opened the repository
+     */
+    repositorySignature: Signature,
   })
   .passthrough();
 
@@ -214,7 +259,12 @@ function issue(ctx: z.RefinementCtx, path: Array<string | number>, message: stri
 
 /** What no field schema can say alone: the layout of keys, and what each chain level allows. */
 function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
+  if (m.version === CHUNK_MANIFEST_VERSION || m.repository) {
+    checkChunkManifest(m, ctx);
+    return;
+  }
   for (const [i, d] of m.disks.entries()) {
+    if (d.format === CHUNKS_FORMAT) issue(ctx, ['disks', i, 'format'], 'is chunks only in a version-3 manifest');
     if (d.key !== imageKey(m.domain, m.backupId, d.name, d.format)) {
       issue(ctx, ['disks', i, 'key'], `must be ${m.domain}/${m.backupId}/${d.name}.${d.format}`);
     }
@@ -258,6 +308,41 @@ function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
       issue(ctx, ['disks', i, 'backing', 'key'], `must be ${expected}`);
     }
   }
+}
+
+/**
+ * A backup in a chunk repository (version 3): a full (every backup is a complete point; dedup, not a chain, saves
+ * the space), each disk and whole-VM file an index whose key is `@chunk-repo/indexes/<sha256>`. Two disks (or files)
+ * with the same data share an index, so keys need not differ.
+ */
+function checkChunkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
+  if (m.version !== CHUNK_MANIFEST_VERSION)
+    issue(ctx, ['version'], `must be ${CHUNK_MANIFEST_VERSION} with a repository`);
+  if (!m.repository) issue(ctx, ['repository'], 'is required in a version-3 manifest');
+  if (m.chain.level !== 'full' || m.chain.parent !== undefined)
+    issue(ctx, ['chain', 'level'], 'must be full in a chunk repository');
+  if (m.chain.base !== undefined && m.chain.base !== m.backupId)
+    issue(ctx, ['chain', 'base'], `must be the backup's own id ${m.backupId}`);
+  const indexed = (path: Array<string | number>, f: { key: string; sha256: string }) => {
+    if (f.key !== indexKey(f.sha256)) issue(ctx, path, `must be ${indexKey(f.sha256)}`);
+  };
+  for (const [i, d] of m.disks.entries()) {
+    if (d.format !== CHUNKS_FORMAT)
+      issue(ctx, ['disks', i, 'format'], `must be ${CHUNKS_FORMAT} in a chunk repository`);
+    if (d.backing) issue(ctx, ['disks', i, 'backing'], 'must be absent in a chunk repository');
+    if (!d.chunks) issue(ctx, ['disks', i, 'chunks'], 'is required in a chunk repository');
+    else if (m.repository && d.chunks.chunkSize !== m.repository.chunkSize)
+      issue(ctx, ['disks', i, 'chunks', 'chunkSize'], "must be the repository's chunk size");
+    indexed(['disks', i, 'key'], d);
+  }
+  if (new Set(m.disks.map((d) => d.name)).size !== m.disks.length) issue(ctx, ['disks'], 'disk names must be unique');
+  const vm = m.vm;
+  if (!vm) return;
+  indexed(['vm', 'xml', 'key'], vm.xml);
+  if (vm.nvram) indexed(['vm', 'nvram', 'key'], vm.nvram);
+  for (const [i, f] of (vm.tpm?.files ?? []).entries()) indexed(['vm', 'tpm', 'files', i, 'key'], f);
+  const tpmPaths = (vm.tpm?.files ?? []).map((f) => f.path);
+  if (new Set(tpmPaths).size !== tpmPaths.length) issue(ctx, ['vm', 'tpm', 'files'], 'paths must be unique');
 }
 
 /** Each whole-VM file has its fixed key, and no object of the backup shares a key with another. */
@@ -312,7 +397,10 @@ export type ManifestDisk = z.infer<typeof ManifestDiskSchema>;
 export type ManifestChain = Manifest['chain'];
 export type ManifestBacking = z.infer<typeof ManifestBackingSchema>;
 /** What a writer supplies: the version is filled in, and a missing chain means a full backup. */
-export type ManifestInput = Omit<z.input<typeof ManifestObject>, 'version' | 'chain' | 'signature'> & {
+export type ManifestInput = Omit<
+  z.input<typeof ManifestObject>,
+  'version' | 'chain' | 'signature' | 'repositorySignature'
+> & {
   chain?: z.input<typeof ManifestChainSchema>;
 };
 
@@ -327,12 +415,19 @@ function describe(err: z.ZodError): string {
     .join('; ');
 }
 
-/** A version-2 manifest from what the worker knows; throws one sentence when it would not be valid. */
+/**
+ * A manifest from what the worker knows (version 2, or 3 when `repository` is set); throws one sentence when it would
+ * not be valid.
+ */
 export function buildManifest(input: ManifestInput): Manifest {
-  const { signature: _dropped, ...rest } = input as ManifestInput & { signature?: unknown };
+  const {
+    signature: _dropped,
+    repositorySignature: _dropped2,
+    ...rest
+  } = input as ManifestInput & { signature?: unknown; repositorySignature?: unknown };
   const parsed = ManifestSchema.safeParse({
     ...rest,
-    version: MANIFEST_VERSION,
+    version: input.repository ? CHUNK_MANIFEST_VERSION : MANIFEST_VERSION,
     chain: input.chain ?? { level: 'full', base: input.backupId },
   });
   if (!parsed.success) {
@@ -375,7 +470,7 @@ export function readManifest(body: Buffer, where: string, opts: { manifestKey?: 
     );
   }
   const version = isPlainObject(json) ? json.version : undefined;
-  if (typeof version === 'number' && version > MANIFEST_VERSION) {
+  if (typeof version === 'number' && version > CHUNK_MANIFEST_VERSION) {
     throw new StorageError('failed', `The manifest ${where} has version ${version}; upgrade vmbackup to read it.`, {
       driver: 'catalog',
       permanent: true,
@@ -435,6 +530,40 @@ export function signManifest(m: Manifest, key: Buffer): Manifest {
   return { ...m, signature: `${SIGNATURE_PREFIX}${hmac(json, key).toString('hex')}` };
 }
 
+/**
+ * The bytes a repository signature covers: the canonical form (as above) without `signature` and
+ * `repositorySignature`. The user's signature, made after it, covers the repository signature.
+ */
+function repositoryHmac(json: Record<string, unknown>, authKey: Buffer): Buffer {
+  const { repositorySignature: _r, ...rest } = json;
+  return hmac(rest, authKey);
+}
+
+/** The chunk-repository manifest with `repositorySignature` set (with the repository's authentication key). */
+export function signRepositoryManifest(m: Manifest, authKey: Buffer): Manifest {
+  const json = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
+  return { ...m, repositorySignature: `${SIGNATURE_PREFIX}${repositoryHmac(json, authKey).toString('hex')}` };
+}
+
+/**
+ * Whether the stored manifest bytes carry a repository signature made with `authKey` (checked over the stored JSON,
+ * so fields this version does not know are covered too).
+ */
+export function hasRepositorySignature(body: Buffer, authKey: Buffer): boolean {
+  let json: unknown;
+  try {
+    json = JSON.parse(body.toString('utf8'));
+  } catch {
+    return false;
+  }
+  if (!isPlainObject(json)) return false;
+  const sig = json.repositorySignature;
+  if (typeof sig !== 'string' || !sig.startsWith(SIGNATURE_PREFIX)) return false;
+  const given = Buffer.from(sig.slice(SIGNATURE_PREFIX.length), 'hex');
+  const expected = repositoryHmac(json, authKey);
+  return given.length === expected.length && timingSafeEqual(given, expected);
+}
+
 /** True when the stored JSON carries a signature made with `key` over exactly these fields. */
 function hasSignatureOf(json: Record<string, unknown>, key: Buffer): boolean {
   const sig = json.signature;
@@ -442,4 +571,9 @@ function hasSignatureOf(json: Record<string, unknown>, key: Buffer): boolean {
   const given = Buffer.from(sig.slice(SIGNATURE_PREFIX.length), 'hex');
   const expected = hmac(json, key);
   return given.length === expected.length && timingSafeEqual(given, expected);
+}
+
+/** True for a backup stored in a chunk repository (version 3): its disks and whole-VM files are indexes. */
+export function isChunkManifest(m: Pick<Manifest, 'repository'>): m is Manifest & { repository: ManifestRepository } {
+  return m.repository !== undefined;
 }

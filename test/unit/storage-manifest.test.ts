@@ -4,8 +4,11 @@ import {
   canonicalManifestJson,
   decodeManifest,
   encodeManifest,
+  hasRepositorySignature,
+  isChunkManifest,
   readManifest,
   signManifest,
+  signRepositoryManifest,
   type ManifestInput,
 } from '../../src/repository/manifest';
 
@@ -200,7 +203,7 @@ describe('manifest v2', () => {
 
   test('damaged or newer manifests are refused with one sentence', () => {
     expect(() => decodeManifest(Buffer.from('{nope'), 'web/b/manifest.json on file:///x')).toThrow(/not valid JSON/);
-    expect(() => decodeManifest(body({ version: 3 }), 'm')).toThrow(/has version 3; upgrade vmbackup/);
+    expect(() => decodeManifest(body({ version: 4 }), 'm')).toThrow(/has version 4; upgrade vmbackup/);
     const bad = { ...buildManifest(input), disks: [] };
     expect(failure(() => decodeManifest(body(bad), 'm')).message).toMatch(/^The manifest m is invalid \(disks /);
     expect(failure(() => decodeManifest(body({ ...buildManifest(input), version: 0 }), 'm')).message).toMatch(
@@ -350,5 +353,99 @@ describe('whole-VM files (vm)', () => {
     const disk = { ...input.disks[0]!, name: 'domain', format: 'xml', key: `web/${FULL}/domain.xml` };
     const err = failure(() => buildManifest({ ...input, disks: [disk], vm }));
     expect(err.message).toMatch(/vm keys must differ/);
+  });
+});
+
+describe('manifest v3 (a backup in a chunk repository)', () => {
+  const IDX = 'c'.repeat(64);
+  const chunkDisk = {
+    name: 'vda',
+    format: 'chunks',
+    virtualSize: 1 << 30,
+    size: 4096,
+    sha256: IDX,
+    key: `@chunk-repo/indexes/${IDX}`,
+    chunks: { chunkSize: 4 << 20, count: 256, zeroChunks: 250, uploadedChunks: 1 },
+  };
+  const chunkInput: ManifestInput = {
+    ...input,
+    repository: { id: 'd'.repeat(64), chunkSize: 4 << 20, encryption: 'aes-256-gcm', compression: 'zstd' },
+    disks: [
+      {
+        name: 'vda',
+        format: 'chunks',
+        virtualSize: 1 << 30,
+        size: 4096,
+        sha256: IDX,
+        key: `@chunk-repo/indexes/${IDX}`,
+        chunks: { chunkSize: 4 << 20, count: 256, zeroChunks: 250, uploadedChunks: 1 },
+      },
+      // a second disk with the same data shares the index
+      {
+        name: 'vdb',
+        format: 'chunks',
+        virtualSize: 1 << 30,
+        size: 0,
+        sha256: IDX,
+        key: `@chunk-repo/indexes/${IDX}`,
+        chunks: { chunkSize: 4 << 20, count: 256, zeroChunks: 250, uploadedChunks: 0 },
+      },
+    ],
+    vm: { xml: { key: `@chunk-repo/indexes/${'e'.repeat(64)}`, size: 900, sha256: 'e'.repeat(64) } },
+  };
+
+  test('is written as version 3 and reads back; disks sharing an index are allowed', () => {
+    const m = buildManifest(chunkInput);
+    expect(m.version).toBe(3);
+    expect(isChunkManifest(m)).toBe(true);
+    expect(decodeManifest(encodeManifest(m), 'm')).toEqual(m);
+    expect(isChunkManifest(buildManifest(input))).toBe(false);
+  });
+
+  test.each([
+    [
+      'an image key',
+      { disks: [{ ...chunkDisk, key: `web/${FULL}/vda.chunks` }] },
+      /disks.0.key must be @chunk-repo\/indexes\//,
+    ],
+    ['a qcow2 disk', { disks: [{ ...input.disks[0]! }] }, /disks.0.format must be chunks/],
+    ['no chunk counts', { disks: [{ ...chunkDisk, chunks: undefined }] }, /disks.0.chunks is required/],
+    ['an incremental level', { chain: { level: 'inc', parent: INC, base: INC } }, /chain.level must be full/],
+    [
+      'a whole-VM file at its image-tree key',
+      { vm: { xml: { key: `web/${FULL}/domain.xml`, size: 1, sha256: 'e'.repeat(64) } } },
+      /vm.xml.key must be @chunk-repo/,
+    ],
+    [
+      'another chunk size than the repository',
+      {
+        disks: [{ ...chunkDisk, chunks: { chunkSize: 1 << 20, count: 1024, zeroChunks: 0, uploadedChunks: 0 } }],
+      },
+      /chunkSize must be the repository/,
+    ],
+  ] as Array<[string, Partial<ManifestInput>, RegExp]>)('refused: %s', (_name, change, message) => {
+    expect(() => buildManifest({ ...chunkInput, ...change })).toThrow(message);
+  });
+
+  test('a chunks disk in a version-2 manifest is refused (an older reader would take the index for an image)', () => {
+    const stored = { ...buildManifest(chunkInput), version: 2, repository: undefined };
+    expect(failure(() => decodeManifest(body(stored), 'm')).message).toMatch(/format is chunks only in a version-3/);
+  });
+
+  test('the repository signature: checked over the stored JSON, covered by the user signature made after it', () => {
+    const authKey = Buffer.alloc(32, 7);
+    const signed = signRepositoryManifest(buildManifest(chunkInput), authKey);
+    const stored = encodeManifest(signed);
+    expect(hasRepositorySignature(stored, authKey)).toBe(true);
+    expect(hasRepositorySignature(stored, Buffer.alloc(32, 8))).toBe(false);
+    expect(hasRepositorySignature(encodeManifest(buildManifest(chunkInput)), authKey)).toBe(false);
+    const changed = { ...JSON.parse(stored.toString()), host: 'evil' };
+    expect(hasRepositorySignature(body(changed), authKey)).toBe(false);
+    const user = Buffer.alloc(32, 9);
+    const both = encodeManifest(signManifest(signed, user));
+    expect(hasRepositorySignature(both, authKey)).toBe(true);
+    expect(readManifest(both, 'm', { manifestKey: user }).signed).toBe(true);
+    const stripped = { ...JSON.parse(both.toString()), repositorySignature: undefined };
+    expect(readManifest(body(stripped), 'm', { manifestKey: user }).signed).toBe(false);
   });
 });
