@@ -11,8 +11,10 @@ import {
   ChunkStore,
   REPOSITORY_ROOT,
   chunkKey,
+  getSmallFile,
   initRepository,
   openRepository,
+  putSmallFile,
   type DiskIndex,
 } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
@@ -159,5 +161,21 @@ describe.each(backends)('ChunkStore on %s', (_name, requireBackend, makeTarget) 
     // a missing chunk is 'missing', naming it
     await t.target.delete(chunkKey(idA));
     expect(await store.get(idA).catch((e: unknown) => e)).toMatchObject({ kind: 'missing', objectId: idA });
+  });
+
+  test('a small file (a whole-VM file) is stored as an index and read back verified; its size is checked', async () => {
+    const repo = await openRepository(t.target, PASSWORD);
+    const store = new ChunkStore(repo);
+    const xml = Buffer.from(`<domain type='qemu'><name>${MARKER}</name></domain>\n`.repeat(100));
+    const stored = await putSmallFile(store, xml);
+    expect(stored.key).toBe(`@chunk-repo/indexes/${stored.sha256}`);
+    expect(stored.size).toBe(xml.length);
+    expect(await getSmallFile(new ChunkStore(repo), stored.sha256, xml.length, 1 << 20)).toEqual(xml);
+    // the same file again stores nothing new
+    expect((await putSmallFile(new ChunkStore(repo), xml)).stats.uploadedBytes).toBe(0);
+    await expect(getSmallFile(store, stored.sha256, xml.length + 1, 1 << 20)).rejects.toMatchObject({
+      kind: 'corrupt',
+    });
+    await expect(getSmallFile(store, stored.sha256, xml.length, 100)).rejects.toThrow(/larger than 100 bytes/);
   });
 });

@@ -7,3 +7,5 @@ export * from './disk-index';
 export * from './zstd';
 export * from './repository';
 export * from './store';
+export * from './password';
+export * from './files';

@@ -215,3 +215,8 @@ export async function changePassword(
   if (repo.keyId) await repo.target.delete(`${KEYS_PREFIX}${repo.keyId}`);
   return { ...repo, keyId: newId };
 }
+
+/** Whether `target` holds a chunk repository (its config object exists). */
+export async function isChunkRepository(target: StorageTarget): Promise<boolean> {
+  return (await target.stat(CONFIG_KEY)) !== undefined;
+}
