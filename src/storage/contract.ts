@@ -107,6 +107,13 @@ export interface StorageTarget {
   list(prefix: string): AsyncIterable<ObjectInfo>;
 
   /**
+   * The distinct first segments of the target's keys (`web` for `web/b1/vda.qcow2`, `@chunk-repo` for a chunk
+   * repository), sorted, without walking below them: how the image tree's catalog finds its domains without listing
+   * the millions of chunks a chunk repository beside it may hold. Empty when the target holds nothing.
+   */
+  listTop(): AsyncIterable<string>;
+
+  /**
    * Fails with kind 'not-found' and one sentence naming what is missing (the directory, the NFS path, the bucket)
    * when the place this target names does not exist. An existing but empty place (an empty S3 prefix in an existing
    * bucket) is fine. Read-only, idempotent. `list` never makes that distinction: it is empty either way.

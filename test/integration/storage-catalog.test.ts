@@ -12,7 +12,15 @@ import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/clie
 import { MockActivityEnvironment } from '@temporalio/testing';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
-import { copyBackup, findBackup, listBackups, pruneBackups, restoreBackup, verifyBackup } from '../../src/repository';
+import {
+  collectGarbage,
+  copyBackup,
+  findBackup,
+  listBackups,
+  pruneBackups,
+  restoreBackup,
+  verifyBackup,
+} from '../../src/repository';
 import type { StorageTarget } from '../../src/storage/contract';
 import { StorageError } from '../../src/storage/errors';
 import { backUp, makeImage, stageImage, storageActivities } from '../storage/backups';
@@ -108,6 +116,36 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
       /has no disk vdz \(it has vda, vdb\)/,
     );
     await rm(out, { recursive: true, force: true });
+  });
+
+  test('list, find and gc never walk a chunk repository beside the tree (@chunk-repo/ may hold millions of chunks)', async () => {
+    await backUp(made.url, 'web', id(1), '2026-11-21T01:00:00.000Z', [vda]);
+    await t.putManifest('@chunk-repo/chunks/ab/ab01', Buffer.from('a chunk'));
+    await t.putManifest('@chunk-repo/x/manifest.json', Buffer.from('not a backup'));
+    const prefixes: string[] = [];
+    const watched: StorageTarget = {
+      ...t,
+      displayUrl: t.displayUrl,
+      capabilities: t.capabilities,
+      list: (prefix) => {
+        prefixes.push(prefix);
+        return t.list(prefix);
+      },
+      listTop: () => t.listTop(),
+      stat: (key) => t.stat(key),
+      getBuffer: (key, o) => t.getBuffer(key, o),
+      delete: (key) => t.delete(key),
+      removeUnfinished: (p) => t.removeUnfinished(p),
+      checkLocation: () => t.checkLocation(),
+    };
+    expect((await listBackups(watched, { mustExist: true })).map((b) => b.manifest.backupId)).toEqual([id(1)]);
+    await expect(findBackup(watched, 'not-a-guessable-id')).rejects.toThrow(/is not on/);
+    const gc = await collectGarbage(watched, { olderThanMs: 0, dryRun: true }, async () => false);
+    expect(gc.entries).toEqual([]);
+    expect(prefixes.length).toBeGreaterThan(0);
+    expect(prefixes.filter((p) => p === '' || p.startsWith('@'))).toEqual([]);
+    await t.delete('@chunk-repo/chunks/ab/ab01');
+    await t.delete('@chunk-repo/x/manifest.json');
   });
 
   test('a backup without a manifest is not listed, and deleteBackupObjects removes its images only', async () => {

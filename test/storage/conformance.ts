@@ -137,6 +137,23 @@ export function describeConformance(
       expect(await ct.leftovers()).toEqual([]);
     });
 
+    test('listTop: the first segments of the keys, each once, sorted, without what is below them', async () => {
+      const top = async () => {
+        const out: string[] = [];
+        for await (const name of t.listTop()) out.push(name);
+        return out;
+      };
+      expect(await top()).toEqual([]);
+      await t.putManifest('web/b1/manifest.json', Buffer.from('{}'));
+      await t.putManifest('web/b2/manifest.json', Buffer.from('{}'));
+      await t.putManifest('@chunk-repo/chunks/ab/abcd', Buffer.from('x'));
+      await t.putManifest('db/b3/manifest.json', Buffer.from('{}'));
+      await t.putManifest('loose-object', Buffer.from('x'));
+      expect(await top()).toEqual(['@chunk-repo', 'db', 'loose-object', 'web']);
+      for (const k of await keys(t)) await t.delete(k);
+      expect(await top()).toEqual([]);
+    });
+
     test('a missing object: get fails with not-found, stat is undefined, delete is fine', async () => {
       await expectKind(t.get('dom/nope/vda.qcow2'), 'not-found');
       await expectKind(t.getBuffer('dom/nope/manifest.json'), 'not-found');

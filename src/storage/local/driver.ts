@@ -18,7 +18,7 @@ import type {
   TargetCapabilities,
 } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, tooLargeError } from '../errors';
-import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -61,14 +61,6 @@ export interface LocalTargetOptions {
   checkpointBytes?: number;
   /** checkpoint window in milliseconds */
   checkpointMs?: number;
-}
-
-function isKeySegment(name: string): boolean {
-  try {
-    return normaliseKey(name) === name;
-  } catch {
-    return false;
-  }
 }
 
 async function unlinkQuietly(path: string): Promise<void> {
@@ -538,6 +530,21 @@ export class LocalTarget implements StorageTarget {
     const slash = p.lastIndexOf('/');
     const baseKey = slash >= 0 ? p.slice(0, slash) : '';
     yield* this.walk(baseKey, p);
+  }
+
+  async *listTop(): AsyncIterable<string> {
+    let entries;
+    try {
+      entries = await readdir(this.root, { withFileTypes: true });
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
+      throw this.error(err, 'list its directory');
+    }
+    const names = entries
+      .filter((e) => (e.isDirectory() || e.isFile()) && !isReservedName(e.name) && isKeySegment(e.name))
+      .map((e) => e.name)
+      .sort();
+    yield* names;
   }
 
   private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {

@@ -31,7 +31,7 @@ import {
   tooLargeError,
   type StorageErrorKind,
 } from '../errors';
-import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -509,6 +509,21 @@ export class NfsTarget implements StorageTarget {
       return out;
     });
     yield* found;
+  }
+
+  async *listTop(): AsyncIterable<string> {
+    const names = await this.op('list its directory', async (c) => {
+      const root = await this.dir(c, '', false);
+      if (!root) return [];
+      const out: string[] = [];
+      for (const e of await c.readdirplus(root)) {
+        if (isReservedName(e.name) || !isKeySegment(e.name)) continue;
+        const found = await this.entry(c, root, e);
+        if (found && (found.attrs.type === 1 || found.attrs.type === 2)) out.push(e.name);
+      }
+      return out.sort();
+    });
+    yield* names;
   }
 
   /** A directory entry's handle and attributes (READDIRPLUS may leave them out); undefined once it is gone. */

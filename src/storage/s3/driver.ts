@@ -628,6 +628,38 @@ export class S3Target implements StorageTarget {
     } while (token);
   }
 
+  async *listTop(): AsyncIterable<string> {
+    const base = this.prefix ? `${this.prefix}/` : '';
+    const names = new Set<string>();
+    let token: string | undefined;
+    do {
+      let out;
+      try {
+        out = await this.client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            Delimiter: '/',
+            ...(base ? { Prefix: base } : {}),
+            ...(token ? { ContinuationToken: token } : {}),
+          }),
+        );
+      } catch (err) {
+        throw this.error(err, 'list objects');
+      }
+      for (const cp of out.CommonPrefixes ?? []) {
+        const name = cp.Prefix?.slice(base.length, -1);
+        // the same rule as list(): a name no key can have is someone else's, not ours
+        if (name && this.keyOf(`${base}${name}/x`) !== undefined) names.add(name);
+      }
+      for (const o of out.Contents ?? []) {
+        const key = o.Key ? this.keyOf(o.Key) : undefined;
+        if (key !== undefined) names.add(key);
+      }
+      token = out.IsTruncated ? out.NextContinuationToken : undefined;
+    } while (token);
+    yield* [...names].sort();
+  }
+
   async removeUnfinished(prefix: string): Promise<number> {
     const p = normalisePrefix(prefix);
     const full = this.prefix ? `${this.prefix}/${p}` : p;
