@@ -13,7 +13,9 @@ import { MockActivityEnvironment } from '@temporalio/testing';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
 import {
+  buildManifest,
   collectGarbage,
+  encodeManifest,
   copyBackup,
   findBackup,
   listBackups,
@@ -146,6 +148,46 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
     expect(prefixes.filter((p) => p === '' || p.startsWith('@'))).toEqual([]);
     await t.delete('@chunk-repo/chunks/ab/ab01');
     await t.delete('@chunk-repo/x/manifest.json');
+  });
+
+  test('copy refuses a backup from a chunk repository with one sentence and writes nothing', async () => {
+    const idx = 'c'.repeat(64);
+    const m = buildManifest({
+      backupId: id(5),
+      domain: 'web',
+      host: 'hv1',
+      method: 'offline',
+      startedAt: '2026-11-25T01:00:00.000Z',
+      finishedAt: '2026-11-25T01:01:00.000Z',
+      quiesced: false,
+      libvirtVersion: '9.0.0',
+      qemuVersion: '7.2.0',
+      repository: { id: 'd'.repeat(64), chunkSize: 4 * MiB, encryption: 'none', compression: 'zstd' },
+      disks: [
+        {
+          name: 'vda',
+          format: 'chunks',
+          virtualSize: 8 * MiB,
+          size: 0,
+          sha256: idx,
+          key: `@chunk-repo/indexes/${idx}`,
+          chunks: { chunkSize: 4 * MiB, count: 2, zeroChunks: 2, uploadedChunks: 0 },
+        },
+      ],
+    });
+    await t.putManifest(`web/${id(5)}/manifest.json`, encodeManifest(m));
+    const dest = await localTarget();
+    try {
+      await expect(copyBackup(t, dest.target, id(5))).rejects.toThrow(
+        /is in a chunk repository on .*; copying from a chunk repository is not supported yet/,
+      );
+      const left: string[] = [];
+      for await (const o of dest.target.list('')) left.push(o.key);
+      expect(left).toEqual([]);
+    } finally {
+      await dest.target.close();
+      await dest.cleanup();
+    }
   });
 
   test('a backup without a manifest is not listed, and deleteBackupObjects removes its images only', async () => {
