@@ -44,7 +44,9 @@ describe('chunk-repo ratios in the report', () => {
     expect(borg?.met).toBe(false);
   });
 
-  test('repository size after both backups against each peer, goal <= 1x', () => {
+  test('repository size after the first backup and after both against each peer, goal <= 1x', () => {
+    expect(byName.get('chunk repo size after the first backup: vmbackup / restic (4g)')?.met).toBe(true);
+    expect(byName.get('chunk repo size after the first backup: vmbackup / borg (4g)')?.value).toBeCloseTo(2050 / 2049);
     expect(byName.get('chunk repo size after 2 backups: vmbackup / restic (4g)')?.met).toBe(false);
     expect(byName.get('chunk repo size after 2 backups: vmbackup / borg (4g)')?.value).toBeCloseTo(3900 / 3830);
   });
