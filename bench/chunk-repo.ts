@@ -313,6 +313,7 @@ export class ChunkRepoGroup {
     }
     if (!this.opts.peersOnly) {
       const probe = join(this.io.work, 'crepo-probe');
+      await mkdir(probe, { recursive: true });
       const r = await cli(['repo', 'init', `file://${probe}`, '--encryption', 'repokey', '--compression', 'zstd'], {
         env: this.vmEnv,
         allowFail: true,
@@ -395,6 +396,7 @@ export class ChunkRepoGroup {
     } else if (tool === 'borg') {
       await this.sh('borg init --encryption repokey "$1"', [repos.borg]);
     } else {
+      if (tool === 'vmbackup-file') await mkdir(repos.vmbackupFile, { recursive: true });
       const url = tool === 'vmbackup-file' ? `file://${repos.vmbackupFile}` : this.s3Url(repos);
       const r = await cli(['repo', 'init', url, '--encryption', 'repokey', '--compression', 'zstd'], {
         env: this.vmEnv,
