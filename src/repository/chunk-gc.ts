@@ -12,12 +12,19 @@
  * freshness rule (chunks/store.ts): a chunk or index a backup reuses was touched when older than the freshness window, so
  * it is younger than grace; one it uploaded is new. Hence grace must exceed twice the freshness window.
  */
-import type { ObjectInfo } from '../storage/contract';
+import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { isStorageError } from '../storage/errors';
 import { parseManifestKey } from '../storage/keys';
 import { MAX_MANIFEST_BYTES } from './catalog';
 import { CHUNK_MANIFEST_VERSION, hasRepositorySignature, manifestVmFiles, readManifest } from './manifest';
-import { ID_RE, INDEXES_PREFIX, chunkIdOfKey } from './chunks/config';
+import {
+  CONFIG_KEY,
+  ID_RE,
+  INDEXES_PREFIX,
+  SMALL_OBJECT_MAX_BYTES,
+  chunkIdOfKey,
+  parseRepositoryConfig,
+} from './chunks/config';
 import type { OpenRepository } from './chunks/repository';
 import { ChunkStore, FRESH_SECONDS } from './chunks/store';
 
@@ -242,4 +249,10 @@ async function markManifests(
     for (const f of manifestVmFiles(manifest)) if (!indexRefs.has(f.sha256)) indexRefs.set(f.sha256, manifest.backupId);
   }
   return { indexRefs, backups, foreignBackups };
+}
+
+/** The repository id of the chunk repository on `target` (its config is plaintext: no password needed). */
+export async function chunkRepositoryId(target: StorageTarget): Promise<string> {
+  const body = await target.getBuffer(CONFIG_KEY, { maxBytes: SMALL_OBJECT_MAX_BYTES });
+  return parseRepositoryConfig(body, target.displayUrl).repositoryId;
 }

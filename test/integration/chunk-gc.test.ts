@@ -9,6 +9,8 @@
  * exactly. (H1's backup path is not on main yet; a real concurrent backup replaces this when it is.)
  */
 import { randomBytes } from 'node:crypto';
+import { utimes } from 'node:fs/promises';
+import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import {
   ChunkGcError,
@@ -32,9 +34,12 @@ import {
   type OpenRepository,
 } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
+import { chunkGcWorkflowId } from '../../src/shared/chunk-gc';
+import { hostTaskQueue } from '../../src/shared/names';
 import { manifestKey } from '../../src/storage/keys';
 import { requireNfs, requireS3 } from '../helpers/stack';
 import type { ConformanceTarget } from '../storage/conformance';
+import { embeddedEnv, runCli, temporalClient, uniqueHost } from '../helpers/vmbackup';
 import { localTarget, nfsTarget, s3Target } from '../storage/fixtures';
 
 const KiB = 1024;
@@ -276,5 +281,107 @@ describe.each(backends)('chunk repository prune + gc on %s', (_name, requireBack
     const report = await collectChunkGarbage(repo, policy);
     expect(report.removed.map((o) => o.key)).toEqual([chunkKey(orphan)]);
     expect(await keysUnder(t.target, `${REPOSITORY_ROOT}/`)).toEqual(before.filter((k) => k !== chunkKey(orphan)));
+  });
+});
+
+describe('vmbackup gc on a chunk repository (the gcChunkRepository workflow, one per repository)', () => {
+  let t: Awaited<ReturnType<typeof localTarget>>;
+  let repo: OpenRepository;
+  let repositoryId: string;
+  const host = uniqueHost('cg');
+  const env = () => embeddedEnv(host, { VMBACKUP_PASSWORD: PASSWORD });
+  beforeEach(async () => {
+    t = await localTarget();
+    await initRepository(t.target, {
+      encryption: 'aes-256-gcm',
+      compression: 'zstd',
+      password: PASSWORD,
+      chunkSize: CHUNK,
+      scrypt: FAST_SCRYPT,
+    });
+    repo = await openRepository(t.target, PASSWORD);
+    repositoryId = repo.config.repositoryId;
+  });
+  afterEach(async () => {
+    await t?.target.close();
+    await t?.cleanup();
+  });
+
+  /** Sets an object's mtime back, as if it had been stored `hours` ago (local target: its own directory). */
+  async function age(key: string, hours: number): Promise<void> {
+    const when = new Date(Date.now() - hours * 3600_000);
+    await utimes(join(t.dir, key), when, when);
+  }
+
+  test('the CLI runs the gc as a workflow with its own password: dry run lists, then removes what no backup references and is older than --grace, keeps the rest', async () => {
+    const store = new ChunkStore(repo);
+    const disk = randomBytes(2 * CHUNK);
+    const b = await backup(repo, 'cg-web', '2026-11-01T02:00:00Z', disk);
+    const oldOrphan = (await store.put(randomBytes(CHUNK))).id as string;
+    const youngOrphan = (await store.put(randomBytes(CHUNK))).id as string;
+    for (const key of await keysUnder(t.target, `${REPOSITORY_ROOT}/`)) await age(key, 48);
+    await age(chunkKey(youngOrphan), 12); // younger than the 1d grace
+    const before = await keysUnder(t.target, `${REPOSITORY_ROOT}/`);
+
+    const dry = await runCli(['gc', '--target', t.url, '--dry-run'], { env: env() });
+    expect(dry.stderr).toContain('Would remove 1 chunk(s) and 0 index(es)');
+    expect(dry.code).toBe(0);
+    expect(dry.stdout).toContain(`would remove ${chunkKey(oldOrphan)}`);
+    expect(await keysUnder(t.target, `${REPOSITORY_ROOT}/`)).toEqual(before);
+
+    const res = await runCli(['gc', '--target', t.url, '--json'], { env: env() });
+    expect(res.stderr).toBe('');
+    expect(res.code).toBe(0);
+    const out = JSON.parse(res.stdout) as { entries: unknown[]; chunkRepository: Record<string, unknown> };
+    expect(out.entries).toEqual([]); // no dead backup prefix, and @chunk-repo/ is none
+    expect(out.chunkRepository).toMatchObject({
+      repositoryId,
+      backups: 1,
+      removedChunks: 1,
+      removedIndexes: 0,
+      keptYoung: 1,
+      removedKeys: [chunkKey(oldOrphan)],
+    });
+    expect(await keysUnder(t.target, `${REPOSITORY_ROOT}/`)).toEqual(before.filter((k) => k !== chunkKey(oldOrphan)));
+    const reader = new ChunkStore(repo);
+    expect((await readBack(reader, await reader.getIndex(b.diskIndex))).equals(disk)).toBe(true);
+  });
+
+  test('a second gc of one repository while one runs says so; a grace too short and a wrong password are one sentence each', async () => {
+    const { client, close } = await temporalClient();
+    const workflowId = chunkGcWorkflowId(repositoryId);
+    try {
+      // a gc of this repository that is running (queued on a host no worker serves yet)
+      const first = await client.workflow.start('gcChunkRepository', {
+        taskQueue: hostTaskQueue(uniqueHost('cg')),
+        workflowId,
+        args: [{ host: uniqueHost('cg'), target: t.url, graceSeconds: 86400 }],
+      });
+      try {
+        const second = await runCli(['gc', '--target', t.url], { env: env() });
+        expect(second.code).toBe(1);
+        // the dead-backup gc's line comes first, then the chunk gc's refusal
+        expect(second.stderr.trim().split('\n').pop()).toBe(
+          `vmbackup: A gc of the chunk repository on ${t.url} is already running (workflow ${workflowId}); run this gc again once it has finished.`,
+        );
+      } finally {
+        await first.terminate('test done');
+      }
+
+      const short = await runCli(['gc', '--target', t.url, '--grace', '2h'], { env: env() });
+      expect(short.code).toBe(1);
+      expect(short.stderr.trim()).toBe(
+        'vmbackup: --grace must be longer than 2 h (twice the 1 h a running backup may rely on a chunk without touching it), not 2 h.',
+      );
+
+      const wrong = await runCli(['gc', '--target', t.url], { env: embeddedEnv(host, { VMBACKUP_PASSWORD: 'nope' }) });
+      expect(wrong.code).toBe(1);
+      expect(wrong.stderr.trim().split('\n').pop()).toBe(
+        `vmbackup: The password does not open any key of the chunk repository on ${t.url}.`,
+      );
+      expect(wrong.stderr).not.toMatch(/\n\s+at /); // no stack trace
+    } finally {
+      await close();
+    }
   });
 });
