@@ -5,10 +5,11 @@
  *
  * Freshness (PBS's rule, for gc): gc deletes unreferenced objects whose modification time is older than its grace
  * period. A backup that reuses a stored chunk (or index) instead of uploading it relies on it staying there until its
- * manifest is written, so `has` (and `putIndex`) only answer "stored" for an object whose mtime is at most
- * `freshSeconds` old, touching it first when it is older; an answer is remembered for `freshSeconds` at most. With
- * grace > 2 x freshSeconds, an object `has` said yes to at time T has mtime >= T - 2 x freshSeconds, so gc cannot
- * delete it before T + grace - 2 x freshSeconds: that is how long a backup has from its last `has` to its manifest.
+ * manifest is written, so `has` (and `putIndex`) only answer "stored" for an object whose mtime is less than
+ * `freshSeconds` old, touching it first when it is older; a remembered answer expires when that mtime (or touch) is
+ * `freshSeconds` old. So an object `has` said yes to at time T has mtime > T - freshSeconds, and gc (deleting only
+ * what is older than grace) cannot delete it before T + grace - freshSeconds. gc requires grace > 2 x freshSeconds:
+ * the extra window covers clocks that differ (the storage's mtime against this host's clock).
  */
 import type { Readable } from 'node:stream';
 import type { ObjectInfo } from '../../storage/contract';
