@@ -9,9 +9,14 @@
  * exactly. (H1's backup path is not on main yet; a real concurrent backup replaces this when it is.)
  */
 import { randomBytes } from 'node:crypto';
-import { utimes } from 'node:fs/promises';
+import { mkdtemp, rm, utimes } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import { createChunkGcActivities } from '../../src/activities/chunk-gc';
+import { HostPaths } from '../../src/activities/host-paths';
+import { openTarget } from '../../src/storage/registry';
 import {
   ChunkGcError,
   buildManifest,
@@ -383,5 +388,71 @@ describe('vmbackup gc on a chunk repository (the gcChunkRepository workflow, one
     } finally {
       await close();
     }
+  });
+});
+
+describe('the collectChunkGarbage activity: what a workflow input cannot make it do', () => {
+  let t: Awaited<ReturnType<typeof localTarget>>;
+  let stateDir: string;
+  let repositoryId: string;
+  beforeEach(async () => {
+    t = await localTarget();
+    stateDir = await mkdtemp(join(tmpdir(), 'vmbackup-cg-state-'));
+    await initRepository(t.target, {
+      encryption: 'aes-256-gcm',
+      compression: 'zstd',
+      password: PASSWORD,
+      chunkSize: CHUNK,
+      scrypt: FAST_SCRYPT,
+    });
+    repositoryId = (await openRepository(t.target, PASSWORD)).config.repositoryId;
+  });
+  afterEach(async () => {
+    await t?.target.close();
+    await t?.cleanup();
+    await rm(stateDir, { recursive: true, force: true });
+  });
+
+  const activities = (allowTargets?: string[], repositoryPassword: string | undefined = PASSWORD) =>
+    createChunkGcActivities({
+      openTarget: (url) => openTarget(url, { env: {} }),
+      paths: new HostPaths({ stateDir, ...(allowTargets ? { allowTargets } : {}) }),
+      ...(repositoryPassword !== undefined ? { repositoryPassword } : {}),
+    });
+  const asWorkflow = (workflowId: string) =>
+    new MockActivityEnvironment({
+      workflowExecution: { workflowId, runId: 'r' },
+    } as unknown as ConstructorParameters<typeof MockActivityEnvironment>[0]);
+
+  test("runs only under its repository's workflow id, on an allowed target, with a grace above 2 h and the worker's password", async () => {
+    const orphan = (await new ChunkStore(await openRepository(t.target, PASSWORD)).put(randomBytes(CHUNK)))
+      .id as string;
+    const old = new Date(Date.now() - 48 * 3600_000);
+    await utimes(join(t.dir, chunkKey(orphan)), old, old);
+    const input = { host: 'cg-host', target: t.url, graceSeconds: 86400 };
+
+    const foreign = await asWorkflow(chunkGcWorkflowId('0'.repeat(64)))
+      .run(activities().collectChunkGarbage, input)
+      .catch((e: unknown) => e);
+    expect((foreign as Error).message).toBe(
+      `collectChunkGarbage: the gc of the chunk repository on ${t.url} runs only as workflow ${chunkGcWorkflowId(repositoryId)}.`,
+    );
+    const outside = await asWorkflow(chunkGcWorkflowId(repositoryId))
+      .run(activities(['file:///nowhere']).collectChunkGarbage, input)
+      .catch((e: unknown) => e);
+    expect((outside as Error).message).toMatch(/this worker does not write to .* outside the targets it allows/);
+    const short = await asWorkflow(chunkGcWorkflowId(repositoryId))
+      .run(activities().collectChunkGarbage, { ...input, graceSeconds: 3600 })
+      .catch((e: unknown) => e);
+    expect((short as Error).message).toMatch(/grace period must be longer than 2 h/);
+    const nopw = await asWorkflow(chunkGcWorkflowId(repositoryId))
+      .run(activities(undefined, '').collectChunkGarbage, input)
+      .catch((e: unknown) => e);
+    expect((nopw as Error).message).toBe(`The chunk repository on ${t.url} is encrypted: give its password.`);
+    expect(await keysUnder(t.target, chunkKey(orphan))).toEqual([chunkKey(orphan)]);
+
+    const done = await asWorkflow(chunkGcWorkflowId(repositoryId)).run(activities().collectChunkGarbage, input);
+    expect(done).toMatchObject({ removedChunks: 1, removedKeys: [chunkKey(orphan)], moreRemoved: 0 });
+    expect(await keysUnder(t.target, chunkKey(orphan))).toEqual([]);
   });
 });
