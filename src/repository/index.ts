@@ -7,6 +7,7 @@ export * from './catalog';
 export * from './chain';
 export * from './copy';
 export * from './gc';
+export * from './chunk-gc';
 export * from './manifest';
 export * from './prune';
 export * from './restore';

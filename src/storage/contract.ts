@@ -120,6 +120,14 @@ export interface StorageTarget {
    */
   checkLocation(): Promise<void>;
 
+  /**
+   * Set the object's modification time (what `stat` and `list` report as `modified`) to now, by the storage's own
+   * clock (the NFS server's, S3's), leaving its bytes and metadata as they are. Idempotent. Missing -> 'not-found'.
+   * A chunk repository's gc deletes only unreferenced objects older than its grace period; a backup that reuses a
+   * stored chunk touches it first when it is old, so gc cannot take it while the backup runs.
+   */
+  touch(key: string): Promise<void>;
+
   /** Remove an object. Idempotent: a missing object is not an error. */
   delete(key: string): Promise<void>;
 

@@ -616,6 +616,19 @@ export class LocalTarget implements StorageTarget {
     return removed;
   }
 
+  async touch(key: string): Promise<void> {
+    // through the same guarded open as a read: never a link, never a FIFO, never a directory
+    const fh = await this.openObject(key);
+    try {
+      const now = new Date();
+      await fh.utimes(now, now);
+    } catch (err) {
+      throw this.error(err, `touch ${key}`);
+    } finally {
+      await fh.close();
+    }
+  }
+
   async delete(key: string): Promise<void> {
     const path = this.path(key);
     const dir = dirname(path);

@@ -552,6 +552,16 @@ export class NfsTarget implements StorageTarget {
     }
   }
 
+  async touch(key: string): Promise<void> {
+    const k = normaliseKey(key);
+    const found = await this.op(`touch ${key}`, async (c) => {
+      const file = await this.lookupFile(c, k);
+      if (file) await c.touch(file.fh);
+      return file !== undefined;
+    });
+    if (!found) throw this.notFound(key);
+  }
+
   async delete(key: string): Promise<void> {
     const k = normaliseKey(key);
     const dirKey = posix.dirname(k) === '.' ? '' : posix.dirname(k);
