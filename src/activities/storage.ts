@@ -15,6 +15,7 @@ import type {
   ShippedImage,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
+import { resolvedLock } from '../shared/object-lock';
 import type { S3TargetOptions } from '../shared/types';
 import { deleteObjectsUnder } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
@@ -62,6 +63,14 @@ export function toActivityFailure(err: unknown): unknown {
     : ApplicationFailure.retryable(err.message, type);
 }
 
+/**
+ * The backup workflow fixes the lock date (its start + days); a caller that did not (an older workflow) gets one date
+ * per activity. `resolvedLock` is what the driver would do; doing it here lets writeManifest record the same date.
+ */
+function withLockDate(s3: S3TargetOptions): S3TargetOptions {
+  return s3.objectLock ? { ...s3, objectLock: resolvedLock(s3.objectLock, new Date()) } : s3;
+}
+
 /** Opens `url` with the backup's S3 options, runs `fn`, closes it; storage errors become what Temporal should do. */
 export async function withTarget<T>(
   deps: StorageActivityDeps,
@@ -71,13 +80,24 @@ export async function withTarget<T>(
 ): Promise<T> {
   let target: StorageTarget | undefined;
   try {
-    target = deps.openTarget(url, s3 ? { s3 } : {});
+    target = deps.openTarget(url, s3 ? { s3: withLockDate(s3) } : {});
     return await fn(target);
   } catch (err) {
     throw toActivityFailure(err);
   } finally {
     await target?.close().catch(() => undefined);
   }
+}
+
+/**
+ * A locked backup is committed only when every object it points at is retained at least until its date: an image
+ * shipped by a put that crashed before its retention was set (or by a server that ignored the lock headers of a
+ * multipart upload) gets it now.
+ */
+async function holdObject(target: StorageTarget, key: string, retainUntil: Date | undefined): Promise<void> {
+  const lock = target.objectLock?.writeLock;
+  if (!lock || (retainUntil && retainUntil.getTime() >= Date.parse(lock.retainUntil))) return;
+  await target.objectLock.hold(key);
 }
 
 export function createStorageActivities(
@@ -157,7 +177,8 @@ export function createStorageActivities(
     async writeManifest(input: ManifestInput): Promise<void> {
       deps.paths.checkTarget(input.target, 'writeManifest');
       await withTarget(deps, input.target, input.s3Options, async (target) => {
-        const built = buildManifest(input.manifest);
+        const lock = target.objectLock?.writeLock;
+        const built = buildManifest({ ...input.manifest, ...(lock ? { objectLock: lock } : {}) });
         const manifest = deps.manifestKey ? signManifest(built, deps.manifestKey) : built;
         const key = manifestKey(manifest.domain, manifest.backupId);
         const body = encodeManifest(manifest);
@@ -174,6 +195,7 @@ export function createStorageActivities(
               { driver: 'catalog' },
             );
           }
+          await holdObject(target, disk.key, info.retainUntil);
         }
         for (const f of manifestVmFiles(manifest)) {
           const info = await target.stat(f.key);
@@ -185,6 +207,7 @@ export function createStorageActivities(
               { driver: 'catalog' },
             );
           }
+          await holdObject(target, f.key, info.retainUntil);
         }
         await target.putManifest(key, body);
       });

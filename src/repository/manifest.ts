@@ -129,6 +129,15 @@ export const ManifestDiskSchema = z
   })
   .passthrough();
 
+/**
+ * S3 Object Lock (`--s3-object-lock`): the mode and date every object of the backup was written with (its start +
+ * the lock's days). Informative: the object's own retention on the server is what holds; prune asks the server.
+ */
+export const ManifestObjectLockSchema = z.object({
+  mode: z.enum(['governance', 'compliance']),
+  retainUntil: z.string().datetime({ offset: true }),
+});
+
 /** Which chunk repository a version-3 manifest's indexes are in, and how it stores them. */
 export const ManifestRepositorySchema = z
   .object({
@@ -242,6 +251,8 @@ const ManifestObject = z
     vm: ManifestVmSchema.optional(),
     /** version 3: the chunk repository holding the indexes */
     repository: ManifestRepositorySchema.optional(),
+    /** written with S3 Object Lock: every object of the backup is retained until this date */
+    objectLock: ManifestObjectLockSchema.optional(),
     signature: Signature,
     /**
      * version 3 in an encrypted repository: HMAC-SHA256 with the repository's authentication key (in its master keys)

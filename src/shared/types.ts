@@ -89,6 +89,19 @@ export interface S3TargetOptions {
   concurrency?: number;
   /** bytes per second, 0 = unlimited */
   bandwidthLimit?: number;
+  /** S3 Object Lock: every object written is locked (src/shared/object-lock.ts) */
+  objectLock?: ObjectLockOption;
+}
+
+/** `--s3-object-lock DAYS[:governance|compliance]`, and the date it means for one backup. */
+export interface ObjectLockOption {
+  mode: 'governance' | 'compliance';
+  days: number;
+  /**
+   * ISO date every object of this backup is retained until: the backup's start time + days, set by the backup
+   * workflow so one date describes the whole backup; absent, the time the target is opened + days (copy).
+   */
+  retainUntil?: string;
 }
 
 export interface BackupRequest {

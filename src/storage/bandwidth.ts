@@ -61,5 +61,6 @@ export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number
     delete: (key) => target.delete(key),
     removeUnfinished: (prefix) => target.removeUnfinished(prefix),
     close: () => target.close(),
+    ...(target.objectLock ? { objectLock: target.objectLock } : {}),
   };
 }

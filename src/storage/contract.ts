@@ -26,6 +26,34 @@ export interface ObjectInfo {
   modified: Date;
   /** user metadata, e.g. sha256 for images */
   metadata?: Record<string, string>;
+  /** S3 Object Lock: the date this (current) version is retained until, when it has one */
+  retainUntil?: Date;
+}
+
+/** One version of an object in a versioned (Object Lock) bucket, or a delete marker. */
+export interface ObjectVersion {
+  key: string;
+  versionId: string;
+  deleteMarker: boolean;
+  /** when the version may be deleted; absent: it never was locked (delete markers never are) */
+  retainUntil?: Date;
+}
+
+/**
+ * S3 Object Lock: versions that cannot be deleted before a date. A plain delete in such a bucket only adds a delete
+ * marker (the bytes stay, and are billed), so removing a backup there means deleting its versions.
+ */
+export interface ObjectLockStore {
+  /** the lock this target writes every object with (`--s3-object-lock`); absent: objects are written unlocked */
+  readonly writeLock?: { mode: 'governance' | 'compliance'; retainUntil: string };
+  /** whether the bucket has Object Lock enabled (asked once per target). Read-only, idempotent. */
+  enabled(): Promise<boolean>;
+  /** extends the current version of `key` to `writeLock`'s date when it is retained for less. Idempotent. */
+  hold(key: string): Promise<void>;
+  /** every version and delete marker under `prefix`, with retention dates; empty when none. Read-only. */
+  versions(prefix: string): Promise<ObjectVersion[]>;
+  /** deletes one version for good; missing is no error; one still retained fails with kind 'permission'. */
+  deleteVersion(key: string, versionId: string): Promise<void>;
 }
 
 /** Opaque resume state a driver hands out during putImage and accepts back after a crash. */
@@ -140,4 +168,7 @@ export interface StorageTarget {
 
   /** Release sockets/handles. */
   close(): Promise<void>;
+
+  /** S3 only: Object Lock and object versions (see ObjectLockStore); absent on targets without versions. */
+  readonly objectLock?: ObjectLockStore;
 }

@@ -36,6 +36,7 @@ import type {
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import { NOTIFY_PATCH } from '../shared/events';
+import { lockedRequest } from '../shared/object-lock';
 import type { BackupEvent, BackupOutcomeResult, VmbackupSinks } from '../shared/events';
 import {
   BACKUP_ID_RE,
@@ -167,8 +168,10 @@ export const HOST_SLOT_PATCH = 'host-backup-slots';
  */
 export const WHOLE_VM_PATCH = 'whole-vm-files';
 
-export async function backupDomain(req: BackupRequest): Promise<BackupResult> {
-  validateRequest(req);
+export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
+  validateRequest(request);
+  // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
+  const req = lockedRequest(request, workflowInfo().startTime.toISOString());
   const seen: BackupSeen = {};
   try {
     const result = await backupSteps(req, seen);

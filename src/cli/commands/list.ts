@@ -56,6 +56,8 @@ async function runList(flags: ListFlags): Promise<void> {
       );
       return;
     }
+    // only on a target with locked backups: scripts reading the other columns by position are not moved
+    const locked = backups.some((b) => b.manifest.objectLock);
     const rows = backups.map((b) => [
       b.manifest.backupId,
       b.manifest.domain,
@@ -66,6 +68,7 @@ async function runList(flags: ListFlags): Promise<void> {
       b.manifest.disks.map((d) => d.name).join(','),
       vmFilesOf(b.manifest) ?? '-',
       formatBytes(b.size),
+      ...(locked ? [b.manifest.objectLock?.retainUntil ?? '-'] : []),
       ...(manifestKey ? [b.signed ? 'yes' : 'NO'] : []),
     ]);
     printTable(
@@ -79,6 +82,7 @@ async function runList(flags: ListFlags): Promise<void> {
         'DISKS',
         'VM',
         'SIZE',
+        ...(locked ? ['LOCKED UNTIL'] : []),
         ...(manifestKey ? ['SIGNED'] : []),
       ],
       rows,

@@ -1,7 +1,8 @@
 /** S3 flags shared by every command that opens a target (the backup command reuses them). */
 import type { Command } from 'commander';
 import { z } from 'zod';
-import type { S3TargetOptions } from '../../shared/types';
+import { MAX_OBJECT_LOCK_DAYS } from '../../shared/object-lock';
+import type { ObjectLockOption, S3TargetOptions } from '../../shared/types';
 import { DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE_MIB, MIN_PART_SIZE_MIB } from '../../storage/registry';
 import { CliError } from '../output';
 
@@ -15,7 +16,11 @@ export function addS3Options(cmd: Command): Command {
       '--s3-part-size <MiB>',
       `S3: multipart part size in MiB (default ${DEFAULT_PART_SIZE_MIB}, at least ${MIN_PART_SIZE_MIB})`,
     )
-    .option('--bwlimit <rate>', 'S3: upload bandwidth limit in bytes/s, with K, M or G suffix (e.g. 50M); 0 = none');
+    .option('--bwlimit <rate>', 'S3: upload bandwidth limit in bytes/s, with K, M or G suffix (e.g. 50M); 0 = none')
+    .option(
+      '--s3-object-lock <DAYS[:mode]>',
+      'S3: write every object with Object Lock, retained DAYS days after the backup started; mode governance (default) or compliance; the bucket must have Object Lock enabled',
+    );
 }
 
 /** "50M" -> 52428800; K/M/G are powers of 1024. */
@@ -48,7 +53,19 @@ const FlagsSchema = z.object({
     .max(5120, '--s3-part-size must be at most 5120 MiB (an S3 limit)')
     .optional(),
   bwlimit: z.string().optional(),
+  s3ObjectLock: z.string().optional(),
 });
+
+/** "30" -> 30 days governance, "365:compliance"; throws CliError with one sentence otherwise. */
+export function parseObjectLock(text: string): ObjectLockOption {
+  const m = /^(\d+)(?::(governance|compliance))?$/i.exec(text.trim());
+  const days = m ? Number(m[1]) : NaN;
+  if (!m || days < 1 || days > MAX_OBJECT_LOCK_DAYS)
+    throw new CliError(
+      `--s3-object-lock "${text}" is not a lock: give DAYS (1 to ${MAX_OBJECT_LOCK_DAYS}) and optionally :governance or :compliance, e.g. 30 or 365:compliance.`,
+    );
+  return { days, mode: (m[2]?.toLowerCase() ?? 'governance') as ObjectLockOption['mode'] };
+}
 
 /** Typed S3TargetOptions from parsed commander flags; throws CliError with one sentence for a bad value. */
 export function s3OptionsFrom(flags: Record<string, unknown>): S3TargetOptions {
@@ -70,5 +87,6 @@ export function s3OptionsFrom(flags: Record<string, unknown>): S3TargetOptions {
     ...(f.s3Concurrency !== undefined ? { concurrency: f.s3Concurrency } : {}),
     ...(f.s3PartSize !== undefined ? { partSizeMiB: f.s3PartSize } : {}),
     ...(bandwidthLimit ? { bandwidthLimit } : {}),
+    ...(f.s3ObjectLock !== undefined ? { objectLock: parseObjectLock(f.s3ObjectLock) } : {}),
   };
 }
