@@ -1,6 +1,7 @@
 /** prune: restic's retention policy per domain; manifests are deleted first, then images. */
-import type { StorageTarget } from '../storage/contract';
+import type { ObjectLockStore, StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
+import { backupPrefix, manifestKey } from '../storage/keys';
 import { deleteBackup, listBackups, type CatalogOptions } from './catalog';
 import type { ChainLevel, Manifest } from './manifest';
 export interface PrunePolicy {
@@ -29,10 +30,13 @@ export interface PruneDecision {
   parent?: string;
   /**
    * why it is kept: 'last', 'daily', 'weekly', 'monthly', 'only backup', 'parent of <id>' (a kept backup depends
-   * on it), 'not restorable: …' (its chain is broken on this target: not counted, left for a person to decide);
+   * on it), 'not restorable: …' (its chain is broken on this target: not counted, left for a person to decide),
+   * 'locked until <date>' (S3 Object Lock: the policy would remove it, the server does not allow it yet);
    * empty when removed
    */
   reasons: string[];
+  /** S3 Object Lock: the latest date one of its objects is retained until, when that is still to come */
+  lockedUntil?: string;
 }
 
 export interface PruneReport {
@@ -229,7 +233,67 @@ export async function pruneBackups(target: StorageTarget, opts: PruneOptions): P
     report.keep.push(...keep);
     report.remove.push(...remove);
   }
+  const lock = target.objectLock;
+  if (lock && (await lock.enabled())) {
+    await keepLocked(target, report, lock);
+    if (opts.dryRun) return report;
+    for (const victim of report.remove) await deleteVersions(target, lock, victim.domain, victim.backupId);
+    return report;
+  }
   if (opts.dryRun) return report;
   for (const victim of report.remove) await deleteBackup(target, victim.domain, victim.backupId);
   return report;
+}
+
+/**
+ * S3 Object Lock: a backup the policy would remove while one of its object versions is still retained stays
+ * ('locked until <date>'), with every backup it depends on (a locked inc must stay restorable); a later prune removes
+ * it once the date passed. Asked of the server (one HeadObject per version), not of the manifest's `objectLock`:
+ * the retention is what holds.
+ */
+async function keepLocked(target: StorageTarget, report: PruneReport, lock: ObjectLockStore): Promise<void> {
+  const now = Date.now();
+  const byId = new Map(report.remove.map((d) => [d.backupId, d]));
+  const kept = new Set<string>();
+  for (const victim of report.remove) {
+    let latest = 0;
+    for (const v of await lock.versions(backupPrefix(victim.domain, victim.backupId))) {
+      latest = Math.max(latest, v.retainUntil?.getTime() ?? 0);
+    }
+    if (latest <= now) continue;
+    victim.lockedUntil = new Date(latest).toISOString();
+    victim.reasons.push(`locked until ${victim.lockedUntil}`);
+    kept.add(victim.backupId);
+  }
+  for (const id of [...kept]) {
+    let child = byId.get(id);
+    let parent = child?.parent ? byId.get(child.parent) : undefined;
+    while (child && parent) {
+      parent.reasons.push(`parent of ${child.backupId}`);
+      kept.add(parent.backupId);
+      child = parent;
+      parent = child.parent ? byId.get(child.parent) : undefined;
+    }
+  }
+  report.keep.push(...report.remove.filter((d) => kept.has(d.backupId)));
+  report.remove = report.remove.filter((d) => !kept.has(d.backupId));
+}
+
+/**
+ * A backup in a versioned (Object Lock) bucket: a plain delete would only hide it behind delete markers, its bytes
+ * kept and billed for ever. Every version and delete marker goes, the manifest's first (the backup stops being listed
+ * at once), then what unfinished uploads left.
+ */
+async function deleteVersions(
+  target: StorageTarget,
+  lock: ObjectLockStore,
+  domain: string,
+  backupId: string,
+): Promise<void> {
+  const prefix = backupPrefix(domain, backupId);
+  const manifest = manifestKey(domain, backupId);
+  const versions = await lock.versions(prefix);
+  const ordered = [...versions.filter((v) => v.key === manifest), ...versions.filter((v) => v.key !== manifest)];
+  for (const v of ordered) await lock.deleteVersion(v.key, v.versionId);
+  await target.removeUnfinished(prefix);
 }
