@@ -23,8 +23,9 @@ import {
 import { MockActivityEnvironment } from '@temporalio/testing';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage, S3TargetOptions } from '../../src/shared/types';
-import { s3ClientConfig, requireS3 } from '../helpers/stack';
-import { cliEnv, runCli } from '../helpers/vmbackup';
+import { useFixtureDomains } from '../fixtures/domains';
+import { requireLibvirt, requireS3, requireTemporal, s3ClientConfig } from '../helpers/stack';
+import { cliEnv, runCli, startWorkerProcess, uniqueHost } from '../helpers/vmbackup';
 import { makeImage, stageImage, storageActivities } from '../storage/backups';
 
 const acts = storageActivities();
@@ -304,4 +305,60 @@ test('a bucket without Object Lock is refused with one sentence, and nothing is 
   expect(bad.stderr).toContain(
     '--s3-object-lock "30:forever" is not a lock: give DAYS (1 to 36500) and optionally :governance or :compliance, e.g. 30 or 365:compliance.',
   );
+});
+
+describe('a locked backup of a running VM through the workflow', () => {
+  const newDomain = useFixtureDomains();
+  const host = uniqueHost('ol');
+  let worker: Awaited<ReturnType<typeof startWorkerProcess>> | undefined;
+
+  beforeAll(async () => {
+    await requireTemporal();
+    await requireLibvirt();
+    worker = await startWorkerProcess(host);
+  });
+  afterAll(async () => {
+    await worker?.stop();
+  });
+
+  test("every object (images, whole-VM files, manifest) is locked until the backup's start + DAYS", async () => {
+    const dom = await newDomain({ prefix: 'ol', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 12 }] });
+    const url = `s3://${lockedBucket}/t3`;
+    const res = await runCli([
+      'backup',
+      dom.name,
+      '--host',
+      host,
+      '--target',
+      url,
+      '--s3-part-size',
+      '5',
+      '--s3-object-lock',
+      '2',
+      '--wait',
+      '--json',
+    ]);
+    expect(res.stderr).toBe('');
+    expect(res.code).toBe(0);
+    const { backupId } = JSON.parse(res.stdout) as { backupId: string };
+    const list = await runCli(['list', '--target', url, '--json']);
+    const manifest = (
+      JSON.parse(list.stdout) as { backups: Array<{ backupId: string; startedAt: string; objectLock?: unknown }> }
+    ).backups.find((b) => b.backupId === backupId)!;
+    const retainUntil = new Date(Date.parse(manifest.startedAt) + 2 * 86_400_000).toISOString();
+    expect(manifest.objectLock).toEqual({ mode: 'governance', retainUntil });
+    const { versions: stored } = await versions(lockedBucket, `t3/${dom.name}/${backupId}/`);
+    expect(stored.map((v) => v.Key.split('/').pop())).toEqual(expect.arrayContaining(['manifest.json', 'vda.qcow2']));
+    expect(stored.length).toBeGreaterThan(2); // the domain XML (and NVRAM/TPM when the VM has them)
+    for (const v of stored) {
+      const head = await client.send(
+        new HeadObjectCommand({ Bucket: lockedBucket, Key: v.Key, VersionId: v.VersionId }),
+      );
+      expect({ key: v.Key, mode: head.ObjectLockMode, until: head.ObjectLockRetainUntilDate?.toISOString() }).toEqual({
+        key: v.Key,
+        mode: 'GOVERNANCE',
+        until: retainUntil,
+      });
+    }
+  });
 });
