@@ -17,11 +17,11 @@ import type {
 import { ErrorType } from '../shared/errors';
 import { resolvedLock } from '../shared/object-lock';
 import type { S3TargetOptions } from '../shared/types';
-import { deleteObjectsUnder } from '../repository/catalog';
+import { deleteObjectsUnder, findBackup } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest, manifestVmFiles, signManifest } from '../repository/manifest';
+import { buildManifest, encodeManifest, manifestVmFiles, signManifest, type Manifest } from '../repository/manifest';
 import type { HostPaths } from './host-paths';
 import type { UploadSlots } from './upload-slots';
 
@@ -98,6 +98,28 @@ async function holdObject(target: StorageTarget, key: string, retainUntil: Date 
   const lock = target.objectLock?.writeLock;
   if (!lock || (retainUntil && retainUntil.getTime() >= Date.parse(lock.retainUntil))) return;
   await target.objectLock.hold(key);
+}
+
+/**
+ * An incremental or differential backup is only as safe as the links it is built on: every object of its chain
+ * (each parent's images, whole-VM files and manifest, up to the full) gets the new backup's date too, so a locked
+ * link never depends on a parent whose lock passed. Extending a retention needs no bypass permission.
+ */
+async function holdChain(target: StorageTarget, manifest: Manifest): Promise<void> {
+  if (!target.objectLock?.writeLock) return;
+  const seen = new Set<string>([manifest.backupId]);
+  let parentId = manifest.chain.parent;
+  while (parentId && !seen.has(parentId)) {
+    seen.add(parentId);
+    const parent = (await findBackup(target, parentId)).manifest;
+    const keys = [
+      manifestKey(parent.domain, parent.backupId),
+      ...parent.disks.map((d) => d.key),
+      ...manifestVmFiles(parent).map((f) => f.key),
+    ];
+    for (const k of keys) await holdObject(target, k, (await target.stat(k))?.retainUntil);
+    parentId = parent.chain.parent;
+  }
 }
 
 export function createStorageActivities(
@@ -209,6 +231,7 @@ export function createStorageActivities(
           }
           await holdObject(target, f.key, info.retainUntil);
         }
+        await holdChain(target, manifest);
         await target.putManifest(key, body);
       });
     },

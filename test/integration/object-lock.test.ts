@@ -321,7 +321,7 @@ describe('a locked backup of a running VM through the workflow', () => {
     await worker?.stop();
   });
 
-  test("every object (images, whole-VM files, manifest) is locked until the backup's start + DAYS", async () => {
+  test("every object (images, whole-VM files, manifest) is locked until the backup's start + DAYS; an increment holds its full", async () => {
     const dom = await newDomain({ prefix: 'ol', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 12 }] });
     const url = `s3://${lockedBucket}/t3`;
     const res = await runCli([
@@ -358,6 +358,42 @@ describe('a locked backup of a running VM through the workflow', () => {
         key: v.Key,
         mode: 'GOVERNANCE',
         until: retainUntil,
+      });
+    }
+
+    // an incremental on top, locked for longer: the full it needs is held until the increment's date too
+    const inc = await runCli([
+      'backup',
+      dom.name,
+      '--host',
+      host,
+      '--target',
+      url,
+      '--level',
+      'inc',
+      '--s3-object-lock',
+      '3',
+      '--wait',
+      '--json',
+    ]);
+    expect(inc.stderr).toBe('');
+    expect(inc.code).toBe(0);
+    const incId = (JSON.parse(inc.stdout) as { backupId: string }).backupId;
+    const after = await runCli(['list', '--target', url, '--json']);
+    const incManifest = (
+      JSON.parse(after.stdout) as {
+        backups: Array<{ backupId: string; startedAt: string; chain: { level: string; parent?: string } }>;
+      }
+    ).backups.find((b) => b.backupId === incId)!;
+    expect(incManifest.chain).toMatchObject({ level: 'inc', parent: backupId });
+    const incUntil = new Date(Date.parse(incManifest.startedAt) + 3 * 86_400_000).toISOString();
+    for (const v of stored) {
+      const head = await client.send(
+        new HeadObjectCommand({ Bucket: lockedBucket, Key: v.Key, VersionId: v.VersionId }),
+      );
+      expect({ key: v.Key, until: head.ObjectLockRetainUntilDate?.toISOString() }).toEqual({
+        key: v.Key,
+        until: incUntil,
       });
     }
   });
