@@ -32,3 +32,21 @@ export function lockedRequest(req: BackupRequest, startedAt: string): BackupRequ
   if (!req.options.s3?.objectLock) return req;
   return { ...req, options: { ...req.options, s3: lockAt(req.options.s3, startedAt) } };
 }
+
+/**
+ * At least how many days a schedule's retention policy keeps a backup, backing up every `everySeconds`: keep-last n
+ * reaches n runs back, keep-daily n days (or n runs when they are further apart), keep-weekly n weeks, keep-monthly
+ * n months (counted as 28 days: the shortest). 0 when the policy keeps nothing by time.
+ */
+export function retentionReachDays(
+  policy: { keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number },
+  everySeconds: number,
+): number {
+  const everyDays = everySeconds / 86_400;
+  return Math.max(
+    (policy.keepLast ?? 0) * everyDays,
+    (policy.keepDaily ?? 0) * Math.max(1, everyDays),
+    (policy.keepWeekly ?? 0) * Math.max(7, everyDays),
+    (policy.keepMonthly ?? 0) * Math.max(28, everyDays),
+  );
+}

@@ -307,6 +307,31 @@ test('a bucket without Object Lock is refused with one sentence, and nothing is 
   );
 });
 
+test('a schedule whose retention is shorter than its lock is refused with one sentence', async () => {
+  const name = `ol-short-${run}`;
+  const res = await runCli([
+    'schedule',
+    'create',
+    name,
+    '--domain',
+    'web',
+    '--target',
+    `s3://${lockedBucket}/t5`,
+    '--every',
+    '1d',
+    '--keep-daily',
+    '7',
+    '--s3-object-lock',
+    '30',
+  ]);
+  expect(res.code).toBe(1);
+  expect(res.stderr.trim()).toBe(
+    'vmbackup: the retention policy keeps backups about 7 day(s) but --s3-object-lock locks them for 30: prune could not remove what the policy drops until the lock passes; keep them at least as long (e.g. --keep-daily 30) or lock them for fewer days',
+  );
+  const list = await runCli(['schedule', 'list']);
+  expect(list.stdout).not.toContain(name);
+});
+
 describe('a locked backup of a running VM through the workflow', () => {
   const newDomain = useFixtureDomains();
   const host = uniqueHost('ol');

@@ -15,6 +15,7 @@ import { redactUrl } from '../../storage/registry';
 import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
 import { action, CliError, printJson, printTable, safeText } from '../output';
+import { retentionReachDays } from '../../shared/object-lock';
 import { addBackupOptions, backupOptionsFrom, collect, uniqueTargets } from './backup';
 import type { BackupOptionFlags } from './backup';
 import { addTemporalOptions, temporalFlagsFrom } from './temporal-options';
@@ -269,6 +270,15 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
     throw new CliError('the retention policy keeps nothing: give a --keep-* greater than 0');
   }
   const options = backupOptionsFrom(flags);
+  const lock = options.s3?.objectLock;
+  if (lock && hasRetention) {
+    const reach = retentionReachDays(retention, everySeconds);
+    if (reach < lock.days) {
+      throw new CliError(
+        `the retention policy keeps backups about ${Math.floor(reach)} day(s) but --s3-object-lock locks them for ${lock.days}: prune could not remove what the policy drops until the lock passes; keep them at least as long (e.g. --keep-daily ${lock.days}) or lock them for fewer days`,
+      );
+    }
+  }
   const run: ScheduledBackupsInput = {
     schedule: name,
     group,
