@@ -332,6 +332,14 @@ test('a schedule whose retention is shorter than its lock is refused with one se
   expect(list.stdout).not.toContain(name);
 });
 
+test('--s3-object-lock without an s3:// target is refused with one sentence (it would lock nothing)', async () => {
+  const res = await runCli(['backup', 'web', '--target', `file://${work}/t6`, '--s3-object-lock', '30']);
+  expect(res.code).toBe(1);
+  expect(res.stderr.trim()).toBe(
+    'vmbackup: --s3-object-lock locks objects on s3:// targets only, and no --target is one: give an s3:// target in a bucket with Object Lock, or drop --s3-object-lock',
+  );
+});
+
 describe('a locked backup of a running VM through the workflow', () => {
   const newDomain = useFixtureDomains();
   const host = uniqueHost('ol');

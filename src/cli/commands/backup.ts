@@ -139,6 +139,15 @@ export function backupOptionsFrom(flags: BackupOptionFlags): BackupOptions {
   };
 }
 
+/** `--s3-object-lock` locks s3:// targets only: without one, the backup would be written unlocked. */
+export function requireLockTarget(options: BackupOptions, targets: readonly string[]): void {
+  if (options.s3?.objectLock && !targets.some((t) => t.startsWith('s3://'))) {
+    throw new CliError(
+      '--s3-object-lock locks objects on s3:// targets only, and no --target is one: give an s3:// target in a bucket with Object Lock, or drop --s3-object-lock',
+    );
+  }
+}
+
 export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
@@ -159,6 +168,7 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
     process.stderr.write(`${line}\n`),
   );
   const options = backupOptionsFrom(flags);
+  requireLockTarget(options, targets);
 
   // The Temporal client loads only for a command that talks to Temporal (help and --version stay instant).
   const [{ openSession }, { startBackup }, { watchBackup }] = await Promise.all([

@@ -16,7 +16,7 @@ import { loadConfig } from '../../worker/config';
 import type { Config } from '../../worker/config';
 import { action, CliError, printJson, printTable, safeText } from '../output';
 import { retentionReachDays } from '../../shared/object-lock';
-import { addBackupOptions, backupOptionsFrom, collect, uniqueTargets } from './backup';
+import { addBackupOptions, backupOptionsFrom, collect, requireLockTarget, uniqueTargets } from './backup';
 import type { BackupOptionFlags } from './backup';
 import { addTemporalOptions, temporalFlagsFrom } from './temporal-options';
 
@@ -270,6 +270,7 @@ async function runCreate(name: string, flags: CreateFlags): Promise<void> {
     throw new CliError('the retention policy keeps nothing: give a --keep-* greater than 0');
   }
   const options = backupOptionsFrom(flags);
+  requireLockTarget(options, targets);
   const lock = options.s3?.objectLock;
   if (lock && hasRetention) {
     const reach = retentionReachDays(retention, everySeconds);
