@@ -35,9 +35,17 @@ export async function cliPassword(
   return ask(`Password for the chunk repository on ${where}: `, opts.confirm ?? false);
 }
 
-/** A PasswordSource for restore and verify: asks only when the repository turns out to be encrypted. */
+/**
+ * A PasswordSource for restore and verify: asks only when the repository turns out to be encrypted, and once (a
+ * whole-VM restore opens the repository for its files and again for its disks).
+ */
 export function cliPasswordSource(where: string, passwordFile: string | undefined): PasswordSource {
-  return (needed) => cliPassword(where, { ...(passwordFile ? { passwordFile } : {}), needed });
+  let asked: Promise<string | undefined> | undefined;
+  return (needed) => {
+    if (!needed) return cliPassword(where, { ...(passwordFile ? { passwordFile } : {}), needed });
+    asked ??= cliPassword(where, { ...(passwordFile ? { passwordFile } : {}), needed });
+    return asked;
+  };
 }
 
 /** A new password (key add, key change): `--new-password-file`, VMBACKUP_NEW_PASSWORD, or asked for twice. */

@@ -145,6 +145,7 @@ async function runVmRestore(id: string | undefined, flags: RestoreFlags): Promis
   try {
     await withCliTarget(flags.target, flags, async (target) => {
       const result = await restoreVm(target, hypervisor, backupId, {
+        password: cliPasswordSource(target.displayUrl, flags.passwordFile),
         mode:
           flags.define !== undefined
             ? { kind: 'define', name: flags.define, ...(flags.to !== undefined ? { to: resolve(flags.to) } : {}) }

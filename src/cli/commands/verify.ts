@@ -78,7 +78,7 @@ async function runVerify(backupId: string, flags: VerifyFlags): Promise<void> {
       checked === 'read'
         ? '; every chunk read and authenticated'
         : checked === 'exists'
-          ? '; every chunk exists (--read-data reads and authenticates them)'
+          ? '; every chunk is present, none was read: --read-data reads and authenticates them'
           : '';
     process.stderr.write(
       `Backup ${backupId} on ${target.displayUrl} is intact (${disks} disk${disks === 1 ? '' : 's'}${vm}${links}${how}).\n`,
