@@ -12,7 +12,7 @@ import { StorageError } from '../storage/errors';
 import { brokenChainError, lookupOn, walkChain } from './chain';
 import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
 import { writeSparseFile } from './local-copy';
-import { manifestVmFiles } from './manifest';
+import { isChunkManifest, manifestVmFiles } from './manifest';
 import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
 
 export interface CopyOptions extends CatalogOptions {
@@ -52,6 +52,13 @@ export async function copyBackup(
 ): Promise<CopyReport> {
   const catalog = { manifestKey: opts.manifestKey };
   const { manifest } = await findBackup(from, backupId, catalog);
+  if (isChunkManifest(manifest))
+    // its manifest and indexes alone would be a backup whose chunks are elsewhere
+    throw new StorageError(
+      'failed',
+      `Backup ${backupId} on ${from.displayUrl} is stored in a chunk repository, and copy does not move chunk backups yet; restore it and back it up to the other target instead.`,
+      { driver: 'catalog', permanent: true },
+    );
   const walk = await walkChain(manifest, lookupOn(from, manifest.domain, catalog), from.displayUrl);
   if (walk.broken) throw brokenChainError(`Cannot copy backup ${backupId} from ${from.displayUrl}`, walk.broken, from);
   const report: CopyReport = { backupId, from: from.displayUrl, to: to.displayUrl, copied: [], skipped: [], links: [] };

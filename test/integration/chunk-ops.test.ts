@@ -6,7 +6,7 @@
  * refused by restore with nothing left behind, and a manifest not signed with the repository's key is refused.
  * Every test makes its own repository (below the backend's target), so the tests run in any order.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -22,8 +22,8 @@ import { signRepositoryManifest, type Manifest } from '../../src/repository/mani
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
 import { makeChunkBackup, putChunkManifest, chunkBackupId } from '../helpers/chunk-backups';
-import { identical } from '../helpers/images';
-import { requireNfs, requireS3 } from '../helpers/stack';
+import { identical, virsh } from '../helpers/images';
+import { requireLibvirt, requireNfs, requireS3 } from '../helpers/stack';
 import { cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
 import { localTarget, nfsTarget, s3Env, s3Target } from '../storage/fixtures';
 
@@ -259,6 +259,15 @@ describe.each(backends)('a chunk repository on %s', (_name, requireBackend, make
     // zero chunks are holes, and so is the zero half of chunk 1: 8 MiB of data, not 4 chunks x 4 MiB
     expect(await allocated(rawFile)).toBeLessThanOrEqual(9 * MiB);
 
+    // copy would move the manifest and indexes without the chunks: refused until it moves chunks
+    const copy = await vmbackup('copy', id, '--from', url, '--to', `${url}-copy`);
+    expect([copy.code, ownLines(copy.stderr)]).toEqual([
+      1,
+      [
+        `vmbackup: Backup ${id} on ${url} is stored in a chunk repository, and copy does not move chunk backups yet; restore it and back it up to the other target instead.`,
+      ],
+    ]);
+
     const fast = await vmbackup('verify', id, '--target', url, '--password-file', pwFile('one'));
     expect([fast.code, ownLines(fast.stderr)]).toEqual([0, []]);
     expect(fast.stderr).toContain(
@@ -374,5 +383,81 @@ describe.each(backends)('a chunk repository on %s', (_name, requireBackend, make
     expect([ok.code, ownLines(ok.stderr)]).toEqual([0, []]);
     expect(await identical(source, join(to, 'vda.raw'))).toBe(true);
     expect(indexKey(manifest.disks[0]!.sha256)).toBe(manifest.disks[0]!.key);
+  });
+});
+
+describe('whole-VM and instant restore of a chunk backup (local target)', () => {
+  let base: { url: string; dir: string; cleanup: () => Promise<void> };
+  const defined: string[] = [];
+  beforeAll(async () => {
+    await requireLibvirt();
+    base = await localTarget();
+  });
+  afterAll(async () => {
+    for (const name of defined) await virsh('undefine', name).catch(() => undefined);
+    await base?.cleanup();
+  });
+
+  test('--define NEW restores the disks and the definition stored in the repository; --instant is refused with one sentence', async () => {
+    const url = `${base.url}/vm`;
+    const target = openTarget(url, { env: {} });
+    try {
+      expect((await runCli(['repo', 'init', url, '--password-file', pwFile('one')])).code).toBe(0);
+      const repo = await openRepository(target, passwords.one);
+      const xml = `<domain type='qemu'>
+  <name>${DOMAIN}</name>
+  <uuid>${randomUUID()}</uuid>
+  <memory unit='KiB'>65536</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/nonexistent/${DOMAIN}-vda.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+`;
+      const { manifest } = await makeChunkBackup(repo, {
+        domain: DOMAIN,
+        disks: [{ name: 'vda', rawPath: source }],
+        xml,
+      });
+      const id = manifest.backupId;
+
+      const name = `vmbt-co-${randomBytes(3).toString('hex')}`;
+      const to = join(work, `vm-${name}`);
+      defined.push(name);
+      const res = await runCli(
+        ['restore', id, '--target', url, '--define', name, '--to', to, '--password-file', pwFile('one'), '--json'],
+        { env: cliEnv() },
+      );
+      expect([res.code, ownLines(res.stderr)]).toEqual([0, []]);
+      const r = JSON.parse(res.stdout) as {
+        domain: string;
+        disks: Array<{ name: string; path: string; format: string }>;
+      };
+      expect(r.disks).toEqual([{ name: 'vda', path: join(to, 'vda.qcow2'), format: 'qcow2' }]);
+      expect(await identical(source, join(to, 'vda.qcow2'))).toBe(true);
+      const dumped = await virsh('dumpxml', '--inactive', name);
+      expect(dumped).toContain(`<source file='${join(to, 'vda.qcow2')}'/>`);
+      expect(dumped).toMatch(/<driver name='qemu' type='qcow2'\/>/);
+
+      const instant = await runCli(
+        ['restore', id, '--target', url, '--instant', `vmbt-co-${randomBytes(3).toString('hex')}`],
+        {
+          env: cliEnv(),
+        },
+      );
+      expect([instant.code, ownLines(instant.stderr)]).toEqual([
+        1,
+        [
+          `vmbackup: Backup ${id} is stored in a chunk repository, and --instant runs a VM on the backup's own disk images, which a chunk repository does not have; restore it with --to or --define instead.`,
+        ],
+      ]);
+    } finally {
+      await target.close();
+    }
   });
 });
