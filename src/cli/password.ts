@@ -80,7 +80,6 @@ function readHidden(prompt: string): Promise<string> {
   const stdin = process.stdin;
   return new Promise((resolve, reject) => {
     let value = '';
-    process.stderr.write(prompt);
     const finish = (err?: Error): void => {
       stdin.off('data', onData);
       stdin.setRawMode(false);
@@ -99,7 +98,9 @@ function readHidden(prompt: string): Promise<string> {
       }
     };
     stdin.setEncoding('utf8');
+    // echo off before the prompt shows: an answer typed as soon as the prompt appears is never echoed
     stdin.setRawMode(true);
+    process.stderr.write(prompt);
     stdin.on('data', onData);
     stdin.resume();
   });

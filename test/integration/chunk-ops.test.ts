@@ -6,6 +6,7 @@
  * refused by restore with nothing left behind, and a manifest not signed with the repository's key is refused.
  * Every test makes its own repository (below the backend's target), so the tests run in any order.
  */
+import { spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -24,10 +25,12 @@ import { openTarget } from '../../src/storage/registry';
 import { makeChunkBackup, putChunkManifest, chunkBackupId } from '../helpers/chunk-backups';
 import { identical, virsh } from '../helpers/images';
 import { requireLibvirt, requireNfs, requireS3 } from '../helpers/stack';
-import { cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
+import { REPO_ROOT, cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
 import { localTarget, nfsTarget, s3Env, s3Target } from '../storage/fixtures';
 
 jest.setTimeout(600_000);
+
+const BIN = join(REPO_ROOT, 'bin', 'vmbackup');
 
 const MiB = 1 << 20;
 const VIRTUAL = 256 * MiB;
@@ -458,6 +461,46 @@ describe('whole-VM and instant restore of a chunk backup (local target)', () => 
       ]);
     } finally {
       await target.close();
+    }
+  });
+});
+
+describe('the password prompt at a terminal', () => {
+  /** `vmbackup ...args` on a pseudo-terminal (python3's pty), answering each prompt in turn */
+  function atTerminal(answers: string[], args: string[]): Promise<{ code: number; shown: string }> {
+    return new Promise((resolvePromise, reject) => {
+      const child = spawn('python3', [join(REPO_ROOT, 'test', 'helpers', 'pty-answer.py'), BIN, ...args], {
+        env: { ...cliEnv(), PTY_ANSWERS: answers.join('|') },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let shown = '';
+      child.stdout.on('data', (d: Buffer) => (shown += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (shown += d.toString()));
+      child.on('error', (err) => reject(new Error(`python3 is needed to drive a terminal: ${err.message}`)));
+      child.on('close', (code) => resolvePromise({ code: code ?? -1, shown }));
+    });
+  }
+
+  test('repo init asks twice without echo; two different answers change nothing', async () => {
+    const base = await localTarget();
+    try {
+      const pw = `typed at a terminal ${randomBytes(4).toString('hex')}`;
+      const made = await atTerminal([pw, pw], ['repo', 'init', `${base.url}/typed`]);
+      expect(made.code).toBe(0);
+      expect(made.shown).toContain('Password for the chunk repository on');
+      expect(made.shown).toContain('The same password again:');
+      expect(made.shown).not.toContain(pw);
+      const info = await runCli(['repo', 'info', `${base.url}/typed`, '--json'], {
+        env: cliEnv({ VMBACKUP_PASSWORD: pw }),
+      });
+      expect(JSON.parse(info.stdout)).toMatchObject({ checkedWithPassword: true, keys: 1 });
+
+      const differ = await atTerminal([pw, `${pw}x`], ['repo', 'init', `${base.url}/differ`]);
+      expect(differ.code).toBe(1);
+      expect(differ.shown).toContain('vmbackup: The two passwords differ; nothing was changed.');
+      expect(await readdir(join(base.dir, 'differ')).catch(() => [])).toEqual([]);
+    } finally {
+      await base.cleanup();
     }
   });
 });
