@@ -504,3 +504,60 @@ describe('the password prompt at a terminal', () => {
     }
   });
 });
+
+describe('an unencrypted chunk repository (local target)', () => {
+  test('no password to restore or verify; one given is refused (the config may have been rewritten); a flipped byte is still found', async () => {
+    const base = await localTarget();
+    const url = `${base.url}/plain`;
+    const target = openTarget(url, { env: {} });
+    try {
+      const init = await runCli(['repo', 'init', url, '--encryption', 'none', '--compression', 'none', '--json']);
+      expect(init.code).toBe(0);
+      expect(JSON.parse(init.stdout)).toMatchObject({ encryption: 'none', compression: 'none', keyId: null });
+      const keys = await runCli(['repo', 'key', 'list', url]);
+      expect([keys.code, ownLines(keys.stderr)]).toEqual([
+        1,
+        [`vmbackup: The chunk repository on ${url} is not encrypted: it has no keys (no password).`],
+      ]);
+
+      const repo = await openRepository(target, undefined);
+      const { manifest, indexes } = await makeChunkBackup(repo, {
+        domain: DOMAIN,
+        disks: [{ name: 'vda', rawPath: source }],
+      });
+      expect(manifest.repositorySignature).toBeUndefined();
+      const id = manifest.backupId;
+      const to = join(work, `plain-${randomBytes(3).toString('hex')}`);
+      const restored = await runCli(['restore', id, '--target', url, '--to', to]);
+      expect([restored.code, ownLines(restored.stderr)]).toEqual([0, []]);
+      expect(await identical(source, join(to, 'vda.qcow2'))).toBe(true);
+
+      const given = await runCli(['restore', id, '--target', url, '--to', `${to}-2`], {
+        env: cliEnv({ VMBACKUP_PASSWORD: passwords.one }),
+      });
+      expect([given.code, ownLines(given.stderr)]).toEqual([
+        1,
+        [
+          `vmbackup: The chunk repository on ${url} says it is unencrypted, but a password was given; its config was changed or the URL is wrong.`,
+        ],
+      ]);
+
+      const damagedId = indexes.get('vda')!.entries[25] as string; // the chunk at offset 100 MiB
+      const key = chunkKey(damagedId);
+      const body = await target.getBuffer(key, { maxBytes: 8 * MiB });
+      body[body.length >> 1]! ^= 0x01;
+      await target.delete(key);
+      await target.putManifest(key, body);
+      const verify = await runCli(['verify', id, '--target', url, '--read-data']);
+      expect([verify.code, ownLines(verify.stderr)]).toEqual([
+        1,
+        [
+          `vmbackup: Backup ${id} on ${url} failed verification: vda: the chunk at offset ${100 * MiB} (${damagedId}) is damaged.`,
+        ],
+      ]);
+    } finally {
+      await target.close();
+      await base.cleanup();
+    }
+  });
+});

@@ -179,17 +179,7 @@ async function runInit(url: string, flags: InitFlags): Promise<void> {
 
 async function runInfo(url: string, flags: RepoFlags): Promise<void> {
   await withCliTarget(url, flags, async (target) => {
-    let body: Buffer;
-    try {
-      body = await target.getBuffer(CONFIG_KEY, { maxBytes: SMALL_OBJECT_MAX_BYTES });
-    } catch (err) {
-      if (err instanceof StorageError && err.kind === 'not-found')
-        throw new CliError(
-          `${target.displayUrl} holds no chunk repository (no ${CONFIG_KEY}); create one with \`vmbackup repo init ${target.displayUrl}\`.`,
-        );
-      throw err;
-    }
-    const config = parseRepositoryConfig(body, target.displayUrl);
+    const config = parseRepositoryConfig(await readConfigObject(target), target.displayUrl);
     // the config is plaintext: only a password that opens a key proves it is the one the keys were made for
     const password = await cliPassword(target.displayUrl, { passwordFile: flags.passwordFile, needed: false });
     const opened = password !== undefined ? await openRepository(target, password) : undefined;
@@ -223,6 +213,19 @@ async function runInfo(url: string, flags: RepoFlags): Promise<void> {
   });
 }
 
+/** The config object's bytes; one sentence when the target holds no repository. */
+async function readConfigObject(target: StorageTarget): Promise<Buffer> {
+  try {
+    return await target.getBuffer(CONFIG_KEY, { maxBytes: SMALL_OBJECT_MAX_BYTES });
+  } catch (err) {
+    if (err instanceof StorageError && err.kind === 'not-found')
+      throw new CliError(
+        `${target.displayUrl} holds no chunk repository (no ${CONFIG_KEY}); create one with \`vmbackup repo init ${target.displayUrl}\`.`,
+      );
+    throw err;
+  }
+}
+
 async function countObjects(
   target: StorageTarget,
 ): Promise<{ keys: number; chunks: number; chunkBytes: number; indexes: number }> {
@@ -239,6 +242,12 @@ async function countObjects(
 
 async function withOpened(url: string, flags: RepoFlags, fn: (repo: OpenRepository) => Promise<void>): Promise<void> {
   await withCliTarget(url, flags, async (target) => {
+    // an unencrypted repository has no keys: say so instead of asking for a password it cannot use
+    const config = parseRepositoryConfig(await readConfigObject(target), target.displayUrl);
+    if (config.encryption === 'none')
+      throw new CliError(
+        `The chunk repository on ${target.displayUrl} is not encrypted: it has no keys (no password).`,
+      );
     const password = await cliPassword(target.displayUrl, { passwordFile: flags.passwordFile, needed: true });
     const repo = await openRepository(target, password);
     if (!repo.keys)
