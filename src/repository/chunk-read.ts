@@ -134,16 +134,17 @@ async function readIndex(store: ChunkStore, id: string, size: number): Promise<D
 /** Writes `data` at `offset`, leaving every all-zero 64 KiB block a hole (the file was truncated to its size). */
 const HOLE_BLOCK = 64 * 1024;
 async function writeNonZero(fh: FileHandle, offset: number, data: Buffer): Promise<void> {
-  let start = -1;
-  for (let off = 0; off <= data.length; off += HOLE_BLOCK) {
-    const block = off < data.length ? data.subarray(off, Math.min(off + HOLE_BLOCK, data.length)) : undefined;
-    const zero = !block || isAllZero(block);
+  let start = -1; // where the run of non-zero blocks being gathered starts
+  for (let off = 0; off < data.length; off += HOLE_BLOCK) {
+    const zero = isAllZero(data.subarray(off, Math.min(off + HOLE_BLOCK, data.length)));
     if (!zero && start < 0) start = off;
     if (zero && start >= 0) {
       await writeAll(fh, data.subarray(start, off), offset + start);
       start = -1;
     }
   }
+  // the last run, up to the chunk's end (a disk's last chunk may end inside a block)
+  if (start >= 0) await writeAll(fh, data.subarray(start), offset + start);
 }
 
 async function writeAll(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
