@@ -6,6 +6,7 @@
  */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { chunkRepoRatioDefs } from './chunk-repo';
 import { nbdReadRatioDefs } from './nbd-read';
 
 export type Sample = Record<string, number>;
@@ -25,7 +26,7 @@ export interface BenchResults {
   cases: CaseResult[];
 }
 
-interface RatioDef {
+export interface RatioDef {
   name: string;
   num: string;
   den: string;
@@ -222,6 +223,7 @@ function ratioDefs(sizes: string[], ids: string[]): RatioDef[] {
     },
     ...incrementalDefs(ids),
     ...nbdReadRatioDefs(ids),
+    ...chunkRepoRatioDefs(ids),
     ...ids
       .filter((id) => /^\d+[mg]\/instant-start$/.test(id))
       .map((id) => ({

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# npm run bench [-- --large] [-- --reps N] [-- --only limit,push,...] [-- --smoke]
+# npm run bench [-- --large] [-- --reps N] [-- --only limit,push,...,chunk-repo] [-- --smoke]
 # npm run bench -- --only scale [--smoke] [...]   (= npm run bench:scale: how the orchestration scales)
 # Brings up the real stack, builds vmbackup and the bench, installs the tools it compares with,
 # runs bench/main.ts and renders the chart. Results: bench/results/latest.{json,md}, ratios.png.
@@ -18,6 +18,9 @@ command -v virtnbdbackup >/dev/null || missing+=(virtnbdbackup)
 command -v rsvg-convert >/dev/null || missing+=(librsvg2-bin)
 [[ -x /usr/bin/time ]] || missing+=(time)
 command -v nfs-cp >/dev/null || missing+=(libnfs-utils)
+# the chunk-repo group's peers (issue #15): Debian's restic 0.14 and borg 1.2
+command -v restic >/dev/null || missing+=(restic)
+command -v borg >/dev/null || missing+=(borgbackup)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   apt-get update -qq >/dev/null

@@ -26,9 +26,15 @@ export function benchHost(): string {
 /** The CLI and worker environment: the stack's addresses, a cluster configured (same as the tests'). */
 export const vmbackupEnv = (): NodeJS.ProcessEnv => cliEnv();
 
-/** `vmbackup ARGS` under /usr/bin/time; parses the --json object it prints. */
-export async function cli(args: string[]): Promise<RunResult & { json: Record<string, unknown> }> {
-  const r = await timed(BIN, args, { env: vmbackupEnv() });
+/**
+ * `vmbackup ARGS` under /usr/bin/time; parses the --json object it prints. `env` adds variables to vmbackupEnv() (a
+ * chunk repository's password); `allowFail` returns a non-zero exit instead of throwing.
+ */
+export async function cli(
+  args: string[],
+  opts: { env?: Record<string, string>; allowFail?: boolean } = {},
+): Promise<RunResult & { json: Record<string, unknown> }> {
+  const r = await timed(BIN, args, { env: { ...vmbackupEnv(), ...opts.env }, allowFail: opts.allowFail });
   let json: Record<string, unknown> = {};
   try {
     // --json prints one (pretty-printed) object; warnings may precede it

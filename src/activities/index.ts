@@ -6,9 +6,11 @@ import type { Hypervisor } from '../hypervisor/port';
 import type { HostActivities, InstantActivities } from '../shared/activities';
 import { defaultTargetUrl } from '../storage/registry';
 import type { ScheduleActivities } from '../shared/schedule';
+import type { ChunkGcActivities } from '../shared/chunk-gc';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
+import { createChunkGcActivities } from './chunk-gc';
 import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
@@ -51,10 +53,15 @@ export interface ActivityDeps {
   runningBackupOf?: RunningBackupOf;
   /** uploads this worker runs at once to one target (`--max-concurrent-uploads`); undefined: no cap */
   maxConcurrentUploads?: number;
+  /**
+   * the chunk repositories' password (`vmbackup worker --password-file`, VMBACKUP_PASSWORD_FILE, VMBACKUP_PASSWORD),
+   * read once by the worker at its start; never part of an activity's input
+   */
+  repositoryPassword?: string;
 }
 
 /** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
-export type HostWorkerActivities = HostActivities & ScheduleActivities & InstantActivities;
+export type HostWorkerActivities = HostActivities & ScheduleActivities & InstantActivities & ChunkGcActivities;
 
 export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
@@ -79,6 +86,11 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       manifestKey: deps.manifestKey,
       paths,
       ...(deps.maxConcurrentUploads ? { uploads: uploadSlots(deps.maxConcurrentUploads) } : {}),
+    }),
+    ...createChunkGcActivities({
+      openTarget: deps.openTarget,
+      paths,
+      ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
     }),
     ...createVmFileActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget, paths }),
     ...createChainActivities({

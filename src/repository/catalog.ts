@@ -6,6 +6,7 @@
 import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
 import { backupPrefix, manifestKey, parseManifestKey } from '../storage/keys';
+import { DOMAIN_NAME_RE } from '../shared/names';
 import { readManifest, type Manifest } from './manifest';
 
 /**
@@ -48,11 +49,32 @@ export interface ListBackupsOptions extends CatalogOptions {
   mustExist?: boolean;
 }
 
+/**
+ * Every object of the image tree, `<domain>/...`, or of one domain's backups: only below top-level names that are
+ * domain names, so a chunk repository beside the tree (`@chunk-repo/`, possibly millions of chunks) is never walked.
+ */
+export async function* treeObjects(target: StorageTarget, domain?: string): AsyncIterable<ObjectInfo> {
+  if (domain !== undefined) {
+    yield* target.list(`${domain}/`);
+    return;
+  }
+  for await (const name of target.listTop()) {
+    if (DOMAIN_NAME_RE.test(name)) yield* target.list(`${name}/`);
+  }
+}
+
 /** Committed backups (those with a manifest), oldest first. A manifest that cannot be read is skipped. */
 export async function listBackups(target: StorageTarget, opts: ListBackupsOptions = {}): Promise<BackupEntry[]> {
   const found: ObjectInfo[] = [];
   let anything = false;
-  for await (const obj of target.list(opts.domain ? `${opts.domain}/` : '')) {
+  if (!opts.domain && opts.mustExist) {
+    // anything at all, a chunk repository included, shows that the location exists
+    for await (const _name of target.listTop()) {
+      anything = true;
+      break;
+    }
+  }
+  for await (const obj of treeObjects(target, opts.domain)) {
     anything = true;
     const parsed = parseManifestKey(obj.key);
     if (parsed && (!opts.domain || parsed.domain === opts.domain)) found.push(obj);
@@ -154,7 +176,7 @@ async function locate(target: StorageTarget, backupId: string, opts: CatalogOpti
     const info = key ? await target.stat(key) : undefined;
     if (key && info) return readEntry(target, key, info.size, opts);
   }
-  for await (const obj of target.list('')) {
+  for await (const obj of treeObjects(target)) {
     const parsed = parseManifestKey(obj.key);
     if (parsed?.backupId === backupId) return readEntry(target, obj.key, obj.size, opts);
   }

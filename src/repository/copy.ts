@@ -53,10 +53,10 @@ export async function copyBackup(
   const catalog = { manifestKey: opts.manifestKey };
   const { manifest } = await findBackup(from, backupId, catalog);
   if (isChunkManifest(manifest))
-    // its manifest and indexes alone would be a backup whose chunks are elsewhere
+    // copying its manifest and indexes without the chunks they name would leave a backup that cannot be restored
     throw new StorageError(
       'failed',
-      `Backup ${backupId} on ${from.displayUrl} is stored in a chunk repository, and copy does not move chunk backups yet; restore it and back it up to the other target instead.`,
+      `Backup ${backupId} is in a chunk repository on ${from.displayUrl}; copying from a chunk repository is not supported yet (restore it and back it up again, or copy the whole target with its @chunk-repo/).`,
       { driver: 'catalog', permanent: true },
     );
   const walk = await walkChain(manifest, lookupOn(from, manifest.domain, catalog), from.displayUrl);

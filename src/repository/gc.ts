@@ -12,7 +12,7 @@ import { parseDuration } from '../shared/duration';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { backupPrefix, MANIFEST_NAME, manifestKey } from '../storage/keys';
-import { removeBackupPrefix } from './catalog';
+import { removeBackupPrefix, treeObjects } from './catalog';
 
 export interface GcPolicy {
   /** a dead prefix is removed only when its newest object is at least this old (milliseconds) */
@@ -68,7 +68,7 @@ function safePrefix(domain: string, backupId: string): string | undefined {
 /** Groups the target's objects by `<domain>/<backupId>/`; keys with fewer segments are not backups and are skipped. */
 async function backupPrefixes(target: StorageTarget): Promise<Prefix[]> {
   const byPrefix = new Map<string, Prefix>();
-  for await (const obj of target.list('')) {
+  for await (const obj of treeObjects(target)) {
     const parts = obj.key.split('/');
     if (parts.length < 3) continue;
     const [domain, backupId] = parts as [string, string];

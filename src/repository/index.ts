@@ -8,6 +8,7 @@ export * from './chain';
 export * from './chunk-read';
 export * from './copy';
 export * from './gc';
+export * from './chunk-gc';
 export * from './manifest';
 export * from './prune';
 export * from './restore';

@@ -56,6 +56,8 @@ export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number
     checkLocation: () => target.checkLocation(),
     stat: (key) => target.stat(key),
     list: (prefix) => target.list(prefix),
+    listTop: () => target.listTop(),
+    touch: (key) => target.touch(key),
     delete: (key) => target.delete(key),
     removeUnfinished: (prefix) => target.removeUnfinished(prefix),
     close: () => target.close(),

@@ -107,11 +107,26 @@ export interface StorageTarget {
   list(prefix: string): AsyncIterable<ObjectInfo>;
 
   /**
+   * The distinct first segments of the target's keys (`web` for `web/b1/vda.qcow2`, `@chunk-repo` for a chunk
+   * repository), sorted, without walking below them: how the image tree's catalog finds its domains without listing
+   * the millions of chunks a chunk repository beside it may hold. Empty when the target holds nothing.
+   */
+  listTop(): AsyncIterable<string>;
+
+  /**
    * Fails with kind 'not-found' and one sentence naming what is missing (the directory, the NFS path, the bucket)
    * when the place this target names does not exist. An existing but empty place (an empty S3 prefix in an existing
    * bucket) is fine. Read-only, idempotent. `list` never makes that distinction: it is empty either way.
    */
   checkLocation(): Promise<void>;
+
+  /**
+   * Set the object's modification time (what `stat` and `list` report as `modified`) to now, by the storage's own
+   * clock (the NFS server's, S3's), leaving its bytes and metadata as they are. Idempotent. Missing -> 'not-found'.
+   * A chunk repository's gc deletes only unreferenced objects older than its grace period; a backup that reuses a
+   * stored chunk touches it first when it is old, so gc cannot take it while the backup runs.
+   */
+  touch(key: string): Promise<void>;
 
   /** Remove an object. Idempotent: a missing object is not an error. */
   delete(key: string): Promise<void>;

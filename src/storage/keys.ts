@@ -55,6 +55,15 @@ export function dirMayHold(dirKey: string, prefix: string): boolean {
   return prefix.startsWith(`${dirKey}/`) || dirKey.startsWith(prefix) || `${dirKey}/`.startsWith(prefix);
 }
 
+/** True when `name` is a name one key segment can have (a file someone else put there may not be). */
+export function isKeySegment(name: string): boolean {
+  try {
+    return normaliseKey(name) === name;
+  } catch {
+    return false;
+  }
+}
+
 /** True when `name` is a driver-internal file or directory that must never be listed. */
 export function isReservedName(name: string): boolean {
   return name.startsWith('.');

@@ -4,3 +4,4 @@ export { scheduledBackups } from './scheduled';
 export type { RecoverHostInput } from './recover';
 export { finishInstantRestore } from './finish-instant';
 export type { FinishInstantWorkflowInput } from './finish-instant';
+export { gcChunkRepository } from './chunk-gc';

@@ -12,7 +12,17 @@ import { GetObjectCommand, PutObjectCommand, type S3Client } from '@aws-sdk/clie
 import { MockActivityEnvironment } from '@temporalio/testing';
 import type { ShippedImage } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
-import { copyBackup, findBackup, listBackups, pruneBackups, restoreBackup, verifyBackup } from '../../src/repository';
+import {
+  buildManifest,
+  collectGarbage,
+  encodeManifest,
+  copyBackup,
+  findBackup,
+  listBackups,
+  pruneBackups,
+  restoreBackup,
+  verifyBackup,
+} from '../../src/repository';
 import type { StorageTarget } from '../../src/storage/contract';
 import { StorageError } from '../../src/storage/errors';
 import { backUp, makeImage, stageImage, storageActivities } from '../storage/backups';
@@ -108,6 +118,76 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
       /has no disk vdz \(it has vda, vdb\)/,
     );
     await rm(out, { recursive: true, force: true });
+  });
+
+  test('list, find and gc never walk a chunk repository beside the tree (@chunk-repo/ may hold millions of chunks)', async () => {
+    await backUp(made.url, 'web', id(1), '2026-11-21T01:00:00.000Z', [vda]);
+    await t.putManifest('@chunk-repo/chunks/ab/ab01', Buffer.from('a chunk'));
+    await t.putManifest('@chunk-repo/x/manifest.json', Buffer.from('not a backup'));
+    const prefixes: string[] = [];
+    const watched: StorageTarget = {
+      ...t,
+      displayUrl: t.displayUrl,
+      capabilities: t.capabilities,
+      list: (prefix) => {
+        prefixes.push(prefix);
+        return t.list(prefix);
+      },
+      listTop: () => t.listTop(),
+      stat: (key) => t.stat(key),
+      getBuffer: (key, o) => t.getBuffer(key, o),
+      delete: (key) => t.delete(key),
+      removeUnfinished: (p) => t.removeUnfinished(p),
+      checkLocation: () => t.checkLocation(),
+    };
+    expect((await listBackups(watched, { mustExist: true })).map((b) => b.manifest.backupId)).toEqual([id(1)]);
+    await expect(findBackup(watched, 'not-a-guessable-id')).rejects.toThrow(/is not on/);
+    const gc = await collectGarbage(watched, { olderThanMs: 0, dryRun: true }, async () => false);
+    expect(gc.entries).toEqual([]);
+    expect(prefixes.length).toBeGreaterThan(0);
+    expect(prefixes.filter((p) => p === '' || p.startsWith('@'))).toEqual([]);
+    await t.delete('@chunk-repo/chunks/ab/ab01');
+    await t.delete('@chunk-repo/x/manifest.json');
+  });
+
+  test('copy refuses a backup from a chunk repository with one sentence and writes nothing', async () => {
+    const idx = 'c'.repeat(64);
+    const m = buildManifest({
+      backupId: id(5),
+      domain: 'web',
+      host: 'hv1',
+      method: 'offline',
+      startedAt: '2026-11-25T01:00:00.000Z',
+      finishedAt: '2026-11-25T01:01:00.000Z',
+      quiesced: false,
+      libvirtVersion: '9.0.0',
+      qemuVersion: '7.2.0',
+      repository: { id: 'd'.repeat(64), chunkSize: 4 * MiB, encryption: 'none', compression: 'zstd' },
+      disks: [
+        {
+          name: 'vda',
+          format: 'chunks',
+          virtualSize: 8 * MiB,
+          size: 0,
+          sha256: idx,
+          key: `@chunk-repo/indexes/${idx}`,
+          chunks: { chunkSize: 4 * MiB, count: 2, zeroChunks: 2, uploadedChunks: 0 },
+        },
+      ],
+    });
+    await t.putManifest(`web/${id(5)}/manifest.json`, encodeManifest(m));
+    const dest = await localTarget();
+    try {
+      await expect(copyBackup(t, dest.target, id(5))).rejects.toThrow(
+        /is in a chunk repository on .*; copying from a chunk repository is not supported yet/,
+      );
+      const left: string[] = [];
+      for await (const o of dest.target.list('')) left.push(o.key);
+      expect(left).toEqual([]);
+    } finally {
+      await dest.target.close();
+      await dest.cleanup();
+    }
   });
 
   test('a backup without a manifest is not listed, and deleteBackupObjects removes its images only', async () => {

@@ -137,12 +137,60 @@ export function describeConformance(
       expect(await ct.leftovers()).toEqual([]);
     });
 
+    test('listTop: the first segments of the keys, each once, sorted, without what is below them', async () => {
+      const top = async () => {
+        const out: string[] = [];
+        for await (const name of t.listTop()) out.push(name);
+        return out;
+      };
+      expect(await top()).toEqual([]);
+      await t.putManifest('web/b1/manifest.json', Buffer.from('{}'));
+      await t.putManifest('web/b2/manifest.json', Buffer.from('{}'));
+      await t.putManifest('@chunk-repo/chunks/ab/abcd', Buffer.from('x'));
+      await t.putManifest('db/b3/manifest.json', Buffer.from('{}'));
+      await t.putManifest('loose-object', Buffer.from('x'));
+      expect(await top()).toEqual(['@chunk-repo', 'db', 'loose-object', 'web']);
+      for (const k of await keys(t)) await t.delete(k);
+      expect(await top()).toEqual([]);
+    });
+
     test('a missing object: get fails with not-found, stat is undefined, delete is fine', async () => {
       await expectKind(t.get('dom/nope/vda.qcow2'), 'not-found');
       await expectKind(t.getBuffer('dom/nope/manifest.json'), 'not-found');
       expect(await t.stat('dom/nope/vda.qcow2')).toBeUndefined();
       await t.delete('dom/nope/vda.qcow2');
       expect(await keys(t)).toEqual([]);
+    });
+
+    test("touch moves an object's modification time forward, keeping its bytes and metadata; a missing one is not-found", async () => {
+      await t.putImage('@chunk-repo/chunks/ab/abcd', small, { metadata: { disk: 'vda' } });
+      await t.putManifest('@chunk-repo/indexes/ef01', Buffer.from('an index'));
+      const before = await t.stat('@chunk-repo/chunks/ab/abcd');
+      const beforeIndex = await t.stat('@chunk-repo/indexes/ef01');
+      const namesBefore = await ct.leftovers();
+      // S3 and NFS servers report whole seconds: wait until the clock is in a later second than the puts
+      await new Promise((resolve) => setTimeout(resolve, 1200));
+      await t.touch('@chunk-repo/chunks/ab/abcd');
+      await t.touch('@chunk-repo/indexes/ef01');
+      const after = await t.stat('@chunk-repo/chunks/ab/abcd');
+      const afterIndex = await t.stat('@chunk-repo/indexes/ef01');
+      expect(after?.modified.getTime()).toBeGreaterThan(before?.modified.getTime() ?? Infinity);
+      expect(afterIndex?.modified.getTime()).toBeGreaterThan(beforeIndex?.modified.getTime() ?? Infinity);
+      // list reports the same new time (gc reads ages from the listing; S3's HEAD gives whole seconds, its list ms)
+      const listed = new Map<string, number>();
+      for await (const o of t.list('@chunk-repo/')) listed.set(o.key, Math.floor(o.modified.getTime() / 1000));
+      expect(listed.get('@chunk-repo/chunks/ab/abcd')).toBe(Math.floor((after?.modified.getTime() ?? 0) / 1000));
+      expect(after?.size).toBe(smallBytes.length);
+      expect(after?.metadata).toEqual(before?.metadata);
+      expect(after?.metadata?.sha256).toBe(sha(smallBytes));
+      expect((await collect(await t.get('@chunk-repo/chunks/ab/abcd'))).equals(smallBytes)).toBe(true);
+      expect((await t.getBuffer('@chunk-repo/indexes/ef01')).toString()).toBe('an index');
+      await t.touch('@chunk-repo/indexes/ef01'); // idempotent
+      await expectKind(t.touch('@chunk-repo/chunks/ab/nope'), 'not-found');
+      await expectKind(t.touch('nodir/nope'), 'not-found');
+      await expectKind(t.touch('../x'), 'invalid-key');
+      expect(await keys(t)).toEqual(['@chunk-repo/chunks/ab/abcd', '@chunk-repo/indexes/ef01']);
+      expect(await ct.leftovers()).toEqual(namesBefore); // no copy, temp file or upload left beside them
     });
 
     test('a manifest is replaced atomically and read back whole', async () => {

@@ -133,6 +133,7 @@ describe('local target: links inside the target are never followed', () => {
         await expect(t.target.getBuffer('web/b1/manifest.json')).rejects.toThrow(/lies behind a symbolic link/);
         await expect(t.target.stat('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
         await expect(t.target.delete('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
+        await expect(t.target.touch('web/b1/vda.qcow2')).rejects.toThrow(/lies behind a symbolic link/);
         await expect(t.target.putImage('web/b2/vda.qcow2', src)).rejects.toThrow(/lies behind a symbolic link/);
         await expect(t.target.putManifest('web/b2/manifest.json', Buffer.from('{}'))).rejects.toThrow(
           /lies behind a symbolic link/,
@@ -158,6 +159,11 @@ describe('local target: links inside the target are never followed', () => {
       await expect(t.target.get('web/b1/vda.qcow2')).rejects.toThrow(/is a symbolic link/);
       await expect(t.target.getBuffer('web/b1/vda.qcow2')).rejects.toThrow(/is a symbolic link/);
       expect(await t.target.stat('web/b1/vda.qcow2')).toBeUndefined();
+      // touch (gc freshness) never sets the time of what a link points at
+      const was = (await stat(join(outside, 'shadow'))).mtimeMs;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      await expect(t.target.touch('web/b1/vda.qcow2')).rejects.toThrow(/is a symbolic link/);
+      expect((await stat(join(outside, 'shadow'))).mtimeMs).toBe(was);
     });
   });
 

@@ -1,9 +1,18 @@
 /**
  * ChunkStore: content-addressed chunks over the StorageTarget contract. Idempotent and resumable by nature: a
  * chunk's key is its id, so storing it again changes nothing and a crashed upload is finished by putting what
- * `has` does not find. Which ids exist is known from a previous index (seed), a listing of `chunks/`, or a stat.
+ * `has` does not find. Which ids exist is known from a listing of `chunks/` or a stat.
+ *
+ * Freshness (PBS's rule, for gc): gc deletes unreferenced objects whose modification time is older than its grace
+ * period. A backup that reuses a stored chunk (or index) instead of uploading it relies on it staying there until its
+ * manifest is written, so `has` (and `putIndex`) only answer "stored" for an object whose mtime is less than
+ * `freshSeconds` old, touching it first when it is older; a remembered answer expires when that mtime (or touch) is
+ * `freshSeconds` old. So an object `has` said yes to at time T has mtime > T - freshSeconds, and gc (deleting only
+ * what is older than grace) cannot delete it before T + grace - freshSeconds. gc requires grace > 2 x freshSeconds:
+ * the extra window covers clocks that differ (the storage's mtime against this host's clock).
  */
 import type { Readable } from 'node:stream';
+import type { ObjectInfo } from '../../storage/contract';
 import { isStorageError } from '../../storage/errors';
 import { chunkId, decodeObject, encodeObject, isAllZero, maxObjectBytes } from './codec';
 import { CHUNKS_PREFIX, chunkIdOfKey, chunkKey, ID_RE, indexKey } from './config';
@@ -13,6 +22,8 @@ import { ChunkFormatError } from './errors';
 import type { OpenRepository } from './repository';
 
 export const DEFAULT_CONCURRENCY = 4;
+/** A stored object older than this is touched before a backup relies on it (see gc.ts: grace > 2 x this). */
+export const FRESH_SECONDS = 3600;
 
 export interface PutResult {
   id: IndexEntry;
@@ -44,31 +55,55 @@ class Slots {
   }
 }
 
+export interface ChunkStoreOptions {
+  concurrency?: number;
+  /** objects older than this are touched before `has`/`putIndex` rely on them; default FRESH_SECONDS */
+  freshSeconds?: number;
+  /** the clock ages are measured with (tests); default Date.now */
+  now?: () => number;
+}
+
 export class ChunkStore {
-  private readonly known = new Set<string>();
-  private listed = false;
+  /** id -> when it was last seen stored and fresh (ms): its mtime, or the time it was touched or uploaded */
+  private readonly fresh = new Map<string, number>();
+  /** from loadKnown: id -> mtime (ms) of every chunk the listing found */
+  private listedAt: Map<string, number> | undefined;
   readonly concurrency: number;
+  readonly freshMs: number;
+  private readonly now: () => number;
+  /** objects this store touched (tests and reports) */
+  touched = 0;
 
   constructor(
     readonly repo: OpenRepository,
-    opts: { concurrency?: number } = {},
+    opts: ChunkStoreOptions = {},
   ) {
     this.concurrency = Math.max(1, opts.concurrency ?? DEFAULT_CONCURRENCY);
+    const fresh = opts.freshSeconds ?? FRESH_SECONDS;
+    if (!(fresh > 0)) throw new ChunkFormatError('invalid-argument', 'The freshness window must be positive.');
+    this.freshMs = fresh * 1000;
+    this.now = opts.now ?? Date.now;
   }
 
-  /** Marks every chunk a previous index references as stored (restic and PBS trust the previous index the same way). */
-  seed(index: DiskIndex): void {
-    for (const e of index.entries) if (e !== 'zero') this.known.add(e);
-  }
+  /**
+   * Kept for callers that know a previous index. It no longer answers `has` from memory: a chunk the previous backup
+   * referenced may be one a gc is about to delete (that backup may have been pruned), so it is checked, and touched
+   * when old, like any other. `loadKnown` is the cheap way to know many chunks at once (one listing, with mtimes).
+   */
+  seed(_index: DiskIndex): void {}
 
-  /** Lists `chunks/` once: after this, `has` answers from memory. Returns how many chunk ids were found. */
+  /**
+   * Lists `chunks/` once, with each chunk's mtime: after this, `has` answers from memory for fresh chunks and a
+   * missing one, and touches (without a stat) an old one. Returns how many chunk ids were found.
+   */
   async loadKnown(): Promise<number> {
+    const listed = new Map<string, number>();
     for await (const obj of this.repo.target.list(CHUNKS_PREFIX)) {
       const id = chunkIdOfKey(obj.key);
-      if (id) this.known.add(id);
+      if (id) listed.set(id, obj.modified.getTime());
     }
-    this.listed = true;
-    return this.known.size;
+    this.listedAt = listed;
+    return listed.size;
   }
 
   /** The id `plaintext` has in this repository ('zero' for an all-zero chunk). */
@@ -76,13 +111,45 @@ export class ChunkStore {
     return isAllZero(plaintext) ? 'zero' : chunkId(this.repo, plaintext);
   }
 
-  /** Whether chunk `id` is stored (from the cache, else one stat unless `chunks/` was listed). */
+  /**
+   * Whether chunk `id` is stored, made fresh: an object older than the freshness window is touched before this
+   * answers true (gc then keeps it for at least its grace minus twice the window). Remembered for one window.
+   */
   async has(id: string): Promise<boolean> {
-    if (this.known.has(id)) return true;
-    if (this.listed) return false;
-    const info = await this.repo.target.stat(chunkKey(id));
-    if (info) this.known.add(id);
-    return info !== undefined;
+    const seen = this.fresh.get(id);
+    if (seen !== undefined && this.now() - seen < this.freshMs) return true;
+    const key = chunkKey(id);
+    let info: Pick<ObjectInfo, 'modified'> | undefined;
+    if (this.listedAt && seen === undefined) {
+      const mtime = this.listedAt.get(id);
+      if (mtime === undefined) return false;
+      info = { modified: new Date(mtime) };
+    } else info = await this.repo.target.stat(key);
+    if (!info) return false;
+    return this.keepFresh(id, key, info.modified.getTime());
+  }
+
+  /** Touches `key` when `mtime` is outside the freshness window; false when the object is gone meanwhile. */
+  private async keepFresh(id: string, key: string, mtime: number): Promise<boolean> {
+    const now = this.now();
+    // an mtime in the future (clocks apart) counts as now: it never makes an object look fresher than now
+    if (now - Math.min(mtime, now) < this.freshMs) {
+      this.fresh.set(id, Math.min(mtime, now));
+      return true;
+    }
+    try {
+      await this.repo.target.touch(key);
+    } catch (err) {
+      if (isStorageError(err) && err.kind === 'not-found') {
+        this.fresh.delete(id);
+        this.listedAt?.delete(id);
+        return false; // deleted since it was seen (a gc): store it again
+      }
+      throw err;
+    }
+    this.touched++;
+    this.fresh.set(id, now);
+    return true;
   }
 
   /**
@@ -105,8 +172,9 @@ export class ChunkStore {
   /** Encodes and stores a chunk whose id the caller computed from this very data. */
   private async upload(id: string, plaintext: Uint8Array): Promise<number> {
     const { body } = encodeObject(this.repo, 'chunk', id, plaintext);
+    const now = this.now();
     await this.repo.target.putManifest(chunkKey(id), body);
-    this.known.add(id);
+    this.fresh.set(id, now);
     return body.length;
   }
 
@@ -243,12 +311,18 @@ export class ChunkStore {
     }
   }
 
-  /** Stores a disk index as an encrypted object; returns its id. Idempotent. */
+  /**
+   * Stores a disk index as an encrypted object; returns its id. Idempotent. An index already stored (an unchanged
+   * disk) is reused like a chunk: touched when older than the freshness window, so gc does not take it before the
+   * manifest that names it is written.
+   */
   async putIndex(index: DiskIndex): Promise<string> {
     const plain = encodeDiskIndex(index);
     const id = chunkId(this.repo, plain);
-    if (await this.repo.target.stat(indexKey(id))) return id;
-    await this.repo.target.putManifest(indexKey(id), encodeObject(this.repo, 'index', id, plain).body);
+    const key = indexKey(id);
+    const info = await this.repo.target.stat(key);
+    if (info && (await this.keepFresh(`index:${id}`, key, info.modified.getTime()))) return id;
+    await this.repo.target.putManifest(key, encodeObject(this.repo, 'index', id, plain).body);
     return id;
   }
 

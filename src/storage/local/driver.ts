@@ -18,7 +18,7 @@ import type {
   TargetCapabilities,
 } from '../contract';
 import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, tooLargeError } from '../errors';
-import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -61,14 +61,6 @@ export interface LocalTargetOptions {
   checkpointBytes?: number;
   /** checkpoint window in milliseconds */
   checkpointMs?: number;
-}
-
-function isKeySegment(name: string): boolean {
-  try {
-    return normaliseKey(name) === name;
-  } catch {
-    return false;
-  }
 }
 
 async function unlinkQuietly(path: string): Promise<void> {
@@ -540,6 +532,21 @@ export class LocalTarget implements StorageTarget {
     yield* this.walk(baseKey, p);
   }
 
+  async *listTop(): AsyncIterable<string> {
+    let entries;
+    try {
+      entries = await readdir(this.root, { withFileTypes: true });
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
+      throw this.error(err, 'list its directory');
+    }
+    const names = entries
+      .filter((e) => (e.isDirectory() || e.isFile()) && !isReservedName(e.name) && isKeySegment(e.name))
+      .map((e) => e.name)
+      .sort();
+    yield* names;
+  }
+
   private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
     const dir = dirKey ? join(this.root, dirKey) : this.root;
     let entries;
@@ -607,6 +614,19 @@ export class LocalTarget implements StorageTarget {
     }
     if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyParents(dir);
     return removed;
+  }
+
+  async touch(key: string): Promise<void> {
+    // through the same guarded open as a read: never a link, never a FIFO, never a directory
+    const fh = await this.openObject(key);
+    try {
+      const now = new Date();
+      await fh.utimes(now, now);
+    } catch (err) {
+      throw this.error(err, `touch ${key}`);
+    } finally {
+      await fh.close();
+    }
   }
 
   async delete(key: string): Promise<void> {

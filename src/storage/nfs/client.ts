@@ -116,13 +116,18 @@ function postOpFh(r: XdrReader): Buffer | undefined {
 }
 
 /** sattr3 with only mode and/or size set */
-function sattr(w: XdrWriter, a: { mode?: number; size?: number }): XdrWriter {
+/** time_how of sattr3 (RFC 1813): DONT_CHANGE, SET_TO_SERVER_TIME */
+const DONT_CHANGE = 0;
+const SET_TO_SERVER_TIME = 1;
+
+function sattr(w: XdrWriter, a: { mode?: number; size?: number; timesToServerTime?: boolean }): XdrWriter {
   if (a.mode !== undefined) w.bool(true).u32(a.mode);
   else w.bool(false);
   w.bool(false).bool(false); // uid gid
   if (a.size !== undefined) w.bool(true).u64(a.size);
   else w.bool(false);
-  return w.u32(0).u32(0); // atime, mtime: DONT_CHANGE
+  const how = a.timesToServerTime ? SET_TO_SERVER_TIME : DONT_CHANGE;
+  return w.u32(how).u32(how); // atime, mtime
 }
 
 export interface FsInfo {
@@ -240,6 +245,15 @@ export class NfsClient {
     const r = await this.call(Proc.SETATTR, [w.bytes()]);
     const status = r.u32();
     if (status !== 0) throw this.fail(status, 'SETATTR');
+  }
+
+  /** Sets atime and mtime to the server's clock (the client's may differ; ages are compared with server times). */
+  async touch(fh: Buffer): Promise<void> {
+    const w = new XdrWriter().opaque(fh);
+    sattr(w, { timesToServerTime: true }).bool(false);
+    const r = await this.call(Proc.SETATTR, [w.bytes()]);
+    const status = r.u32();
+    if (status !== 0) throw this.fail(status, 'SETATTR (times)');
   }
 
   /** undefined when the name does not exist */

@@ -31,7 +31,7 @@ import {
   tooLargeError,
   type StorageErrorKind,
 } from '../errors';
-import { dirMayHold, isReservedName, normaliseKey, normalisePrefix } from '../keys';
+import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
   encodeSidecar,
@@ -511,6 +511,21 @@ export class NfsTarget implements StorageTarget {
     yield* found;
   }
 
+  async *listTop(): AsyncIterable<string> {
+    const names = await this.op('list its directory', async (c) => {
+      const root = await this.dir(c, '', false);
+      if (!root) return [];
+      const out: string[] = [];
+      for (const e of await c.readdirplus(root)) {
+        if (isReservedName(e.name) || !isKeySegment(e.name)) continue;
+        const found = await this.entry(c, root, e);
+        if (found && (found.attrs.type === 1 || found.attrs.type === 2)) out.push(e.name);
+      }
+      return out.sort();
+    });
+    yield* names;
+  }
+
   /** A directory entry's handle and attributes (READDIRPLUS may leave them out); undefined once it is gone. */
   private async entry(c: NfsClient, dir: Buffer, e: DirEntry): Promise<{ fh: Buffer; attrs: Fattr } | undefined> {
     if (e.attrs && e.fh) return { fh: e.fh, attrs: e.attrs };
@@ -535,6 +550,16 @@ export class NfsTarget implements StorageTarget {
         out.push({ key, size: attrs.size, modified: attrs.mtime });
       }
     }
+  }
+
+  async touch(key: string): Promise<void> {
+    const k = normaliseKey(key);
+    const found = await this.op(`touch ${key}`, async (c) => {
+      const file = await this.lookupFile(c, k);
+      if (file) await c.touch(file.fh);
+      return file !== undefined;
+    });
+    if (!found) throw this.notFound(key);
   }
 
   async delete(key: string): Promise<void> {

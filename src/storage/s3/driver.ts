@@ -15,6 +15,7 @@ import { Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
+  CopyObjectCommand,
   CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
@@ -60,6 +61,8 @@ export type { S3Environment };
 const DRIVER = 's3';
 const MiB = 1 << 20;
 const MAX_PARTS = 10_000;
+/** the largest object one CopyObject copies */
+const MAX_COPY_BYTES = 5 * 1024 * MiB;
 
 interface DonePart {
   PartNumber: number;
@@ -628,6 +631,38 @@ export class S3Target implements StorageTarget {
     } while (token);
   }
 
+  async *listTop(): AsyncIterable<string> {
+    const base = this.prefix ? `${this.prefix}/` : '';
+    const names = new Set<string>();
+    let token: string | undefined;
+    do {
+      let out;
+      try {
+        out = await this.client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            Delimiter: '/',
+            ...(base ? { Prefix: base } : {}),
+            ...(token ? { ContinuationToken: token } : {}),
+          }),
+        );
+      } catch (err) {
+        throw this.error(err, 'list objects');
+      }
+      for (const cp of out.CommonPrefixes ?? []) {
+        const name = cp.Prefix?.slice(base.length, -1);
+        // the same rule as list(): a name no key can have is someone else's, not ours
+        if (name && this.keyOf(`${base}${name}/x`) !== undefined) names.add(name);
+      }
+      for (const o of out.Contents ?? []) {
+        const key = o.Key ? this.keyOf(o.Key) : undefined;
+        if (key !== undefined) names.add(key);
+      }
+      token = out.IsTruncated ? out.NextContinuationToken : undefined;
+    } while (token);
+    yield* [...names].sort();
+  }
+
   async removeUnfinished(prefix: string): Promise<number> {
     const p = normalisePrefix(prefix);
     const full = this.prefix ? `${this.prefix}/${p}` : p;
@@ -663,6 +698,62 @@ export class S3Target implements StorageTarget {
       if (!out.IsTruncated) return removed;
       keyMarker = out.NextKeyMarker;
       uploadIdMarker = out.NextUploadIdMarker;
+    }
+  }
+
+  /**
+   * S3 has no "set mtime": an object's LastModified changes only when it is written. A copy onto itself with
+   * MetadataDirective REPLACE is a write without sending the bytes (S3 refuses a self-copy that changes nothing);
+   * the object's metadata, content type, storage class and encryption are given again so they stay. CopySourceIfMatch
+   * makes the copy fail rather than stamp another object's metadata onto one replaced between HEAD and COPY; that
+   * race is retried. A single CopyObject takes at most 5 GiB: larger objects (never a chunk or an index) are refused.
+   */
+  async touch(key: string): Promise<void> {
+    const full = this.fullKey(key);
+    const source = `${this.bucket}/${full.split('/').map(encodeURIComponent).join('/')}`;
+    for (let attempt = 1; ; attempt++) {
+      let head;
+      try {
+        head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: full }));
+      } catch (err) {
+        throw this.error(err, `touch ${key}`);
+      }
+      if ((head.ContentLength ?? 0) > MAX_COPY_BYTES)
+        throw new StorageError(
+          'failed',
+          `S3 target ${this.displayUrl} cannot touch ${key}: it is larger than the 5 GiB one CopyObject takes.`,
+          { driver: DRIVER, permanent: true },
+        );
+      try {
+        await this.client.send(
+          new CopyObjectCommand({
+            Bucket: this.bucket,
+            Key: full,
+            CopySource: source,
+            ...(head.ETag ? { CopySourceIfMatch: head.ETag } : {}),
+            MetadataDirective: 'REPLACE',
+            Metadata: head.Metadata ?? {},
+            ...(head.ContentType ? { ContentType: head.ContentType } : {}),
+            ...(head.StorageClass
+              ? { StorageClass: head.StorageClass as StorageClass }
+              : this.options.storageClass
+                ? { StorageClass: this.options.storageClass as StorageClass }
+                : {}),
+            ...(head.ServerSideEncryption
+              ? { ServerSideEncryption: head.ServerSideEncryption }
+              : this.options.serverSideEncryption
+                ? { ServerSideEncryption: this.options.serverSideEncryption as ServerSideEncryption }
+                : {}),
+            ...(head.SSEKMSKeyId ? { SSEKMSKeyId: head.SSEKMSKeyId } : {}),
+          }),
+        );
+        return;
+      } catch (err) {
+        const e = err as SdkError;
+        const replaced = e.$metadata?.httpStatusCode === 412 || e.name === 'PreconditionFailed';
+        if (replaced && attempt < 3) continue;
+        throw this.error(err, `touch ${key}`);
+      }
     }
   }
 

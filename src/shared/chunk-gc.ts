@@ -1,0 +1,49 @@
+/**
+ * gc of a chunk repository as a Temporal workflow: its input and result, its activity, its workflow id. One workflow
+ * id per repository (`gc-chunks-<repositoryId>`): Temporal, not a lock file of ours, keeps two gcs of one repository
+ * from running at once, and a host that dies leaves no lock behind. Sandbox-safe: types and names only.
+ */
+import type { S3TargetOptions } from './types';
+
+export interface ChunkGcInput {
+  /** the host whose worker runs it (a file:// target is that host's directory) */
+  host: string;
+  target: string;
+  s3Options?: S3TargetOptions;
+  /** unreferenced objects younger than this stay; the worker refuses one not above twice its freshness window */
+  graceSeconds: number;
+  dryRun?: boolean;
+}
+
+export interface ChunkGcResult {
+  target: string;
+  repositoryId: string;
+  dryRun: boolean;
+  graceSeconds: number;
+  backups: number;
+  foreignBackups: number;
+  referencedIndexes: number;
+  referencedChunks: number;
+  chunks: number;
+  indexes: number;
+  removedChunks: number;
+  removedIndexes: number;
+  removedBytes: number;
+  keptYoung: number;
+  keptYoungBytes: number;
+  /** the first MAX_LISTED removed (or, dry run, removable) keys; a history payload stays small */
+  removedKeys: string[];
+  /** how many more were removed than removedKeys lists */
+  moreRemoved: number;
+}
+
+export const CHUNK_GC_MAX_LISTED = 1000;
+
+export interface ChunkGcActivities {
+  collectChunkGarbage(input: ChunkGcInput): Promise<ChunkGcResult>;
+}
+
+/** The one workflow id a gc of repository `repositoryId` runs under. */
+export function chunkGcWorkflowId(repositoryId: string): string {
+  return `gc-chunks-${repositoryId}`;
+}
