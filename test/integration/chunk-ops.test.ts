@@ -267,7 +267,7 @@ describe.each(backends)('a chunk repository on %s', (_name, requireBackend, make
     expect([copy.code, ownLines(copy.stderr)]).toEqual([
       1,
       [
-        `vmbackup: Backup ${id} on ${url} is stored in a chunk repository, and copy does not move chunk backups yet; restore it and back it up to the other target instead.`,
+        `vmbackup: Backup ${id} is in a chunk repository on ${url}; copying from a chunk repository is not supported yet (restore it and back it up again, or copy the whole target with its @chunk-repo/).`,
       ],
     ]);
 
