@@ -5,14 +5,21 @@
 // Left out of the bundle, loaded from dist/ and node_modules as usual:
 // - the worker (dist/worker/index.js and all it loads): `vmbackup worker` and the embedded default
 //   run it from dist/, where it finds the prebuilt workflow bundle and the native Temporal core;
-// - the AWS SDK (loaded only when an S3 target is opened) and node-rsync.
+// - the AWS SDK (loaded only when an S3 target is opened) and node-rsync;
+// - @bokuweb/zstd-wasm: it reads its zstd.wasm next to its own file (bundled, it looked in dist/cli and failed).
 'use strict';
 const { dirname, join, relative, resolve, sep } = require('node:path');
 const webpack = require('webpack');
 
 const dist = join(__dirname, '..', 'dist');
 const outDir = join(dist, 'cli');
-const EXTERNAL_PACKAGES = [/^@temporalio\/worker(\/|$)/, /^@aws-sdk\//, /^@smithy\//, /^rsync$/];
+const EXTERNAL_PACKAGES = [
+  /^@temporalio\/worker(\/|$)/,
+  /^@aws-sdk\//,
+  /^@smithy\//,
+  /^rsync$/,
+  /^@bokuweb\/zstd-wasm(\/|$)/,
+];
 const WORKER_ENTRY = join(dist, 'worker', 'index.js');
 
 /** `require('../../worker')` from a bundled file becomes `require('../worker/index.js')` from dist/cli. */

@@ -8,6 +8,7 @@ import { register as installService } from './commands/install-service';
 import { register as list } from './commands/list';
 import { register as prune } from './commands/prune';
 import { register as recover } from './commands/recover';
+import { register as repo } from './commands/repo';
 import { register as report } from './commands/report';
 import { register as restore } from './commands/restore';
 import { register as schedule } from './commands/schedule';
@@ -33,6 +34,7 @@ export function buildProgram(): Command {
     copy,
     prune,
     gc,
+    repo,
     recover,
     report,
     worker,

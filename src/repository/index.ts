@@ -5,6 +5,7 @@
  */
 export * from './catalog';
 export * from './chain';
+export * from './chunk-read';
 export * from './copy';
 export * from './gc';
 export * from './chunk-gc';

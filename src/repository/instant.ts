@@ -28,7 +28,7 @@ import type { StorageTarget } from '../storage/contract';
 import { StorageError, errnoCode } from '../storage/errors';
 import type { CatalogOptions } from './catalog';
 import { diskChain, resolveChain } from './chain';
-import { VM_FILE_MAX_BYTES, type ManifestVmFile } from './manifest';
+import { VM_FILE_MAX_BYTES, isChunkManifest, type ManifestVmFile } from './manifest';
 
 /** Where libvirt keeps a domain's swtpm state: `<dir>/<uuid>/tpm2/...` */
 export const SWTPM_STATE_ROOT = '/var/lib/libvirt/swtpm';
@@ -271,6 +271,11 @@ export async function instantRestore(
     manifestKey: opts.manifestKey,
   });
   const manifest = top.manifest;
+  if (isChunkManifest(manifest)) {
+    throw instantError(
+      `Backup ${backupId} is stored in a chunk repository, and --instant runs a VM on the backup's own disk images, which a chunk repository does not have; restore it with --to or --define instead.`,
+    );
+  }
   const vm = manifest.vm;
   if (!vm) {
     throw instantError(

@@ -22,19 +22,21 @@ import { StorageError, errnoCode, isAbortError } from '../storage/errors';
 import type { CatalogOptions } from './catalog';
 import { diskChain, resolveChain, type DiskLink } from './chain';
 import { hashFile, writeSparseFile, type WrittenFile } from './local-copy';
-import type { Manifest, ManifestDisk } from './manifest';
+import { CHUNKS_FORMAT, isChunkManifest, type Manifest, type ManifestDisk } from './manifest';
+import { openChunkBackup, writeChunkDisk, type ChunkReadOptions } from './chunk-read';
+import type { ChunkStore } from './chunks';
 import { fsyncDir } from '../shared/fsync';
 
 export type RestoreFormat = 'qcow2' | 'raw';
 export const RESTORE_FORMATS: readonly RestoreFormat[] = ['qcow2', 'raw'];
 
-export interface RestoreOptions extends CatalogOptions {
+export interface RestoreOptions extends CatalogOptions, ChunkReadOptions {
   /** restore only this disk, to a file (or into `to` when it is a directory) */
   disk?: string;
   /** a file path for one disk; a directory for all disks */
   to: string;
   force?: boolean;
-  /** format of every restored image; default the stored one (qcow2 for every link of a chain) */
+  /** format of every restored image; default the stored one (qcow2 for every link of a chain and a chunk backup) */
   format?: RestoreFormat;
   /** aborts the restore; every file it created is removed before it rejects */
   signal?: AbortSignal;
@@ -97,13 +99,19 @@ export async function restoreBackup(
 ): Promise<RestoredDisk[]> {
   const where = `Cannot restore backup ${backupId} from ${target.displayUrl}`;
   const { top, links } = await resolveChain(target, backupId, where, { manifestKey: opts.manifestKey });
+  // a chunk backup: the repository is opened (password, manifest signature) before anything is written
+  const store = isChunkManifest(top.manifest) ? await openChunkBackup(target, top, opts) : undefined;
   const created = new CreatedFiles();
   try {
     const plan = await planRestore(top.manifest, opts, created);
     const staged: StagedDisk[] = [];
     for (const item of plan) {
       opts.signal?.throwIfAborted();
-      staged.push(await stageDisk(target, links, item, opts, created));
+      staged.push(
+        store
+          ? await stageChunkDisk(store, top.manifest, item, opts, created)
+          : await stageDisk(target, links, item, opts, created),
+      );
     }
     opts.signal?.throwIfAborted();
     for (const s of staged) await putInPlace(s, opts, created);
@@ -125,7 +133,9 @@ export async function restoreBackup(
 /** Which disk goes to which file in which format; makes the destination directory and refuses existing files. */
 async function planRestore(manifest: Manifest, opts: RestoreOptions, created: CreatedFiles): Promise<PlannedDisk[]> {
   const backupId = manifest.backupId;
-  const formatOf = (disk: ManifestDisk): string => opts.format ?? disk.format;
+  // a chunk backup is restored as qcow2 unless raw is asked for, like an image tree's default
+  const formatOf = (disk: ManifestDisk): string =>
+    opts.format ?? (disk.format === CHUNKS_FORMAT ? 'qcow2' : disk.format);
   const toStat = await stat(opts.to).catch(() => undefined);
   let plan: PlannedDisk[];
   if (opts.disk) {
@@ -275,6 +285,53 @@ async function stageDisk(
       await rm(work, { recursive: true, force: true });
       created.trees.delete(work);
     }
+  }
+}
+
+/**
+ * Writes one disk of a chunk backup to its hidden temp file: a sparse raw file (holes for zero chunks and all-zero
+ * blocks), converted by `qemu-img convert` when qcow2 is asked for (which keeps the holes unallocated). The raw file
+ * is then a work file next to the destination, so a qcow2 restore needs room for both for a while.
+ */
+async function stageChunkDisk(
+  store: ChunkStore,
+  manifest: Manifest,
+  item: PlannedDisk,
+  opts: RestoreOptions,
+  created: CreatedFiles,
+): Promise<StagedDisk> {
+  const dir = dirname(item.path);
+  const temp = join(dir, `.${basename(item.path)}.restore-${randomBytes(6).toString('hex')}`);
+  const virtualSize = item.disk.virtualSize;
+  const total = item.format === 'raw' ? virtualSize : 2 * virtualSize;
+  const progress = (done: number): void => opts.onProgress?.(item.disk.name, done, total);
+  const links = [manifest.backupId];
+  if (item.format === 'raw') {
+    created.files.add(temp);
+    await writeChunkDisk(store, manifest, item.disk, temp, { signal: opts.signal, onBytes: progress });
+    return { ...item, temp, size: (await stat(temp)).size, links };
+  }
+  const work = await makeWorkDir(dir, created);
+  try {
+    const raw = join(work, `${item.disk.name}.raw`);
+    await writeChunkDisk(store, manifest, item.disk, raw, { signal: opts.signal, onBytes: progress });
+    created.files.add(temp);
+    await (await open(temp, 'wx', 0o600)).close(); // qemu-img writes into it and keeps the mode
+    await convertImage({ path: raw, format: 'raw', backing: null }, temp, {
+      dstFormat: item.format as RestoreFormat,
+      signal: opts.signal,
+      onProgress: (fraction) => progress(virtualSize + Math.round(fraction * virtualSize)),
+    });
+    const fh = await open(temp, 'r+');
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    return { ...item, temp, size: (await stat(temp)).size, links };
+  } finally {
+    await rm(work, { recursive: true, force: true });
+    created.trees.delete(work);
   }
 }
 

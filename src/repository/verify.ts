@@ -15,7 +15,8 @@ import type { StorageTarget } from '../storage/contract';
 import { findBackup, type CatalogOptions } from './catalog';
 import { lookupOn, walkChain } from './chain';
 import { writeSparseFile, type WrittenFile } from './local-copy';
-import { manifestVmFiles } from './manifest';
+import { isChunkManifest, manifestVmFiles } from './manifest';
+import { verifyChunkBackup, type ChunkCheck, type ChunkReadOptions } from './chunk-read';
 import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
 import { StorageError } from '../storage/errors';
 
@@ -31,6 +32,8 @@ export interface DiskVerification {
   problem?: string;
   /** `qemu-img check` outcome for qcow2 */
   imageCheck?: 'ok' | 'leaks' | 'corrupt' | 'skipped';
+  /** a disk in a chunk repository: what was checked of its chunks (`expectedSha256` is then its index's id) */
+  chunks?: ChunkCheck;
 }
 
 /** A whole-VM file of a backup (domain.xml, nvram.fd, a TPM state file), checked against its manifest. */
@@ -45,6 +48,8 @@ export interface VmFileVerification {
   actualSize?: number;
   /** one sentence when not ok */
   problem?: string;
+  /** a file in a chunk repository: what was checked of its chunks */
+  chunks?: ChunkCheck;
 }
 
 /** One backup of the chain: the one asked for, or a link it depends on. */
@@ -73,7 +78,12 @@ export interface VerifyReport {
   links: LinkVerification[];
 }
 
-export interface VerifyOptions extends CatalogOptions {
+export interface VerifyOptions extends CatalogOptions, ChunkReadOptions {
+  /**
+   * a backup in a chunk repository: read and authenticate every chunk (default: check that each exists). An image
+   * tree's images are always read whole.
+   */
+  readData?: boolean;
   /** where downloaded qcow2 images are checked; default the OS temp dir */
   tempDir?: string;
   signal?: AbortSignal;
@@ -86,7 +96,29 @@ export async function verifyBackup(
   opts: VerifyOptions = {},
 ): Promise<VerifyReport> {
   const catalog = { manifestKey: opts.manifestKey };
-  const { manifest } = await findBackup(target, backupId, catalog);
+  const entry = await findBackup(target, backupId, catalog);
+  const { manifest } = entry;
+  if (isChunkManifest(manifest)) {
+    // a complete point: no chain to walk
+    const checked = await verifyChunkBackup(target, entry, opts);
+    const link: LinkVerification = {
+      backupId,
+      level: manifest.chain.level,
+      ok: !checked.problem && [...checked.disks, ...checked.vmFiles].every((d) => d.ok),
+      disks: checked.disks,
+      vmFiles: checked.vmFiles,
+      ...(checked.problem ? { problem: checked.problem } : {}),
+    };
+    return {
+      backupId,
+      domain: manifest.domain,
+      target: target.displayUrl,
+      ok: link.ok,
+      disks: link.disks,
+      vmFiles: link.vmFiles,
+      links: [link],
+    };
+  }
   const walk = await walkChain(manifest, lookupOn(target, manifest.domain, catalog), target.displayUrl);
   const links: LinkVerification[] = [];
   if (walk.broken) {

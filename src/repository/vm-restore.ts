@@ -25,7 +25,9 @@ import type { StorageTarget } from '../storage/contract';
 import { StorageError, errnoCode } from '../storage/errors';
 import type { CatalogOptions } from './catalog';
 import { resolveChain } from './chain';
-import { VM_FILE_MAX_BYTES, type Manifest, type ManifestVmFile } from './manifest';
+import { CHUNKS_FORMAT, VM_FILE_MAX_BYTES, isChunkManifest, type Manifest, type ManifestVmFile } from './manifest';
+import { openChunkBackup, readChunkVmFile, type ChunkReadOptions } from './chunk-read';
+import type { ChunkStore } from './chunks';
 import { restoreBackup } from './restore';
 
 /** libvirt's defaults on Debian and upstream: where it keeps a domain's NVRAM and its swtpm state. */
@@ -34,7 +36,7 @@ export const LIBVIRT_SWTPM_DIR = '/var/lib/libvirt/swtpm';
 
 export type VmRestoreMode = { kind: 'define'; name: string; to?: string } | { kind: 'replace'; confirmed: boolean };
 
-export interface VmRestoreOptions extends CatalogOptions {
+export interface VmRestoreOptions extends CatalogOptions, ChunkReadOptions {
   mode: VmRestoreMode;
   start?: boolean;
   /** define only: keep the interfaces' MAC addresses (replace always keeps them) */
@@ -139,7 +141,9 @@ export async function restoreVm(
       `backup ${backupId} has no domain definition (made before vmbackup stored it); restore the disks with restore --to and define the VM by hand`,
     );
   }
-  const files = await readVmFiles(target, manifest, fail);
+  // a chunk backup: its whole-VM files are small files in the repository (encrypted like its disks)
+  const store = isChunkManifest(manifest) ? await openChunkBackup(target, top, opts) : undefined;
+  const files = await readVmFiles(target, manifest, fail, store);
 
   const rewriteOf = (r: DomainRewrite) => {
     try {
@@ -164,11 +168,38 @@ interface Common {
 
 // ------------------------------------------------------------------------------------------ reading
 
-async function readVmFiles(target: StorageTarget, manifest: Manifest, fail: Common['fail']): Promise<VmFiles> {
+async function readVmFiles(
+  target: StorageTarget,
+  manifest: Manifest,
+  fail: Common['fail'],
+  store: ChunkStore | undefined,
+): Promise<VmFiles> {
   const vm = manifest.vm;
   if (!vm) throw new Error('no vm section');
   const read = async (what: string, entry: ManifestVmFile, maxBytes: number): Promise<VmFile> => {
     let data: Buffer;
+    if (store) {
+      // the index and every chunk are authenticated, and the size checked against the manifest
+      try {
+        data = await readChunkVmFile(store, {
+          name: what,
+          kind: 'xml',
+          key: entry.key,
+          size: entry.size,
+          sha256: entry.sha256,
+          maxBytes,
+        });
+      } catch (err) {
+        if (err instanceof StorageError)
+          throw fail(
+            err.kind === 'not-found' ? 'not-found' : 'invalid',
+            `its ${err.message}; restore from another copy`,
+            err,
+          );
+        throw err;
+      }
+      return { entry, data };
+    }
     try {
       data = await target.getBuffer(entry.key, { maxBytes });
     } catch (err) {
@@ -304,7 +335,11 @@ async function defineAnew(
     throw fail('exists', `${dir} already exists; remove it or pass --to DIR to restore the disks elsewhere`);
   }
   const disks = Object.fromEntries(
-    manifest.disks.map((d) => [d.name, { path: join(dir, `${d.name}.${d.format}`), format: d.format }]),
+    // a disk of a chunk backup is restored as qcow2, restoreBackup's default for it
+    manifest.disks.map((d) => {
+      const format = d.format === CHUNKS_FORMAT ? 'qcow2' : d.format;
+      return [d.name, { path: join(dir, `${d.name}.${format}`), format }];
+    }),
   );
   for (const [dev, d] of Object.entries(disks)) {
     if (d.format !== 'qcow2' && d.format !== 'raw')
@@ -352,6 +387,7 @@ async function defineAnew(
     const restored = await restoreBackup(target, manifest.backupId, {
       to: dir,
       ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
+      ...(opts.password ? { password: opts.password } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     for (const r of restored) undo.add(() => unlink(r.path));
@@ -505,6 +541,7 @@ async function replaceOriginal(
         to: temp,
         format: d.format,
         ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
+        ...(opts.password ? { password: opts.password } : {}),
         ...(opts.signal ? { signal: opts.signal } : {}),
       });
       undo.add(() => unlink(temp));

@@ -88,7 +88,7 @@ test('list shows each backup with its level and parent; --json carries chain per
   const table = await runCli(['list', '--target', chainUrl]);
   expect(table.code).toBe(0);
   const lines = table.stdout.trim().split('\n');
-  expect(lines[0]).toMatch(/^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+VM\s+SIZE$/);
+  expect(lines[0]).toMatch(/^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+FORMAT\s+VM\s+SIZE$/);
   const row = (id: string): string[] => (lines.find((l) => l.startsWith(id)) ?? '').split(/\s{2,}/);
   expect(row(chain.ids.full).slice(3, 5)).toEqual(['full', '-']);
   expect(row(chain.ids.inc1).slice(3, 5)).toEqual(['inc', chain.ids.full]);

@@ -79,7 +79,7 @@ test('list prints a table, --json one object; an empty target says so', async ()
   const table = await vmbackup('list', '--target', a.url);
   expect(table.code).toBe(0);
   expect(table.stdout.split('\n')[0]).toMatch(
-    /^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+VM\s+SIZE$/,
+    /^BACKUP ID\s+DOMAIN\s+STARTED\s+LEVEL\s+PARENT\s+METHOD\s+DISKS\s+FORMAT\s+VM\s+SIZE$/,
   );
   for (const id of ids) expect(table.stdout).toContain(id);
   const json = await vmbackup('list', '--target', a.url, '--domain', 'web', '--json');

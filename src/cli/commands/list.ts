@@ -35,6 +35,7 @@ async function runList(flags: ListFlags): Promise<void> {
         backups: backups.map((b) => ({
           ...b.manifest,
           chain: chainOf(b.manifest),
+          format: formatOf(b.manifest),
           vmFiles: vmFilesOf(b.manifest),
           size: b.size,
           ...(manifestKey ? { signed: b.signed } : {}),
@@ -66,6 +67,7 @@ async function runList(flags: ListFlags): Promise<void> {
       b.manifest.chain.parent ?? '-',
       b.manifest.method + (b.manifest.quiesced ? ' (quiesced)' : ''),
       b.manifest.disks.map((d) => d.name).join(','),
+      formatOf(b.manifest),
       vmFilesOf(b.manifest) ?? '-',
       formatBytes(b.size),
       ...(locked ? [b.manifest.objectLock?.retainUntil ?? '-'] : []),
@@ -80,6 +82,7 @@ async function runList(flags: ListFlags): Promise<void> {
         'PARENT',
         'METHOD',
         'DISKS',
+        'FORMAT',
         'VM',
         'SIZE',
         ...(locked ? ['LOCKED UNTIL'] : []),
@@ -88,6 +91,14 @@ async function runList(flags: ListFlags): Promise<void> {
       rows,
     );
   });
+}
+
+/**
+ * How a backup is stored: `chunks` in a chunk repository (its SIZE is then the bytes that backup uploaded: the chunks
+ * the repository did not hold yet), else its images' formats (`qcow2`, `raw`, `qcow2+raw`).
+ */
+function formatOf(m: Manifest): string {
+  return [...new Set(m.disks.map((d) => d.format))].join('+');
 }
 
 /** Which whole-VM files a backup holds, e.g. `xml+nvram+tpm`; null for a backup of disks only (made before them). */

@@ -16,8 +16,10 @@ import { action, CliError, formatBytes, printJson, safeText } from '../output';
 import { runFinish, runInstant, type InstantFlags } from './restore-instant';
 import { addTargetOptions, cliManifestKey, withCliTarget, type TargetFlags } from './target-options';
 import { addTemporalOptions } from './temporal-options';
+import { cliPasswordSource } from '../password';
 
 interface RestoreFlags extends TargetFlags {
+  passwordFile?: string;
   disk?: string;
   to?: string;
   format?: string;
@@ -45,6 +47,10 @@ export function register(program: Command): void {
     .option('--disk <name>', 'restore only this disk (e.g. vda) to the file --to')
     .option('--format <format>', `format of the restored images: ${RESTORE_FORMATS.join(' or ')} (default: as stored)`)
     .option('--force', 'overwrite existing files')
+    .option(
+      '--password-file <file>',
+      "a backup in an encrypted chunk repository: the repository's password (first line)",
+    )
     .option(
       '--define <name>',
       'the whole VM: restore the disks (into --to DIR), NVRAM and TPM state and define it as a new domain NAME',
@@ -139,6 +145,7 @@ async function runVmRestore(id: string | undefined, flags: RestoreFlags): Promis
   try {
     await withCliTarget(flags.target, flags, async (target) => {
       const result = await restoreVm(target, hypervisor, backupId, {
+        password: cliPasswordSource(target.displayUrl, flags.passwordFile),
         mode:
           flags.define !== undefined
             ? { kind: 'define', name: flags.define, ...(flags.to !== undefined ? { to: resolve(flags.to) } : {}) }
@@ -243,6 +250,7 @@ async function runRestore(id: string | undefined, flags: RestoreFlags): Promise<
     await withCliTarget(flags.target, flags, async (target) => {
       const restored = await restoreBackup(target, backupId, {
         manifestKey,
+        password: cliPasswordSource(target.displayUrl, flags.passwordFile),
         to: resolve(to),
         ...(flags.disk ? { disk: flags.disk } : {}),
         ...(format ? { format } : {}),
