@@ -9,6 +9,7 @@ import type { ScheduleActivities } from '../shared/schedule';
 import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
+import { createChunkRepositoryActivities } from './chunk-repository';
 import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
@@ -51,6 +52,11 @@ export interface ActivityDeps {
   runningBackupOf?: RunningBackupOf;
   /** uploads this worker runs at once to one target (`--max-concurrent-uploads`); undefined: no cap */
   maxConcurrentUploads?: number;
+  /**
+   * the chunk repositories' password (`vmbackup worker --password-file`, VMBACKUP_PASSWORD_FILE, VMBACKUP_PASSWORD),
+   * read once by the worker at its start; never part of an activity's input
+   */
+  repositoryPassword?: string;
 }
 
 /** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
@@ -79,6 +85,12 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       manifestKey: deps.manifestKey,
       paths,
       ...(deps.maxConcurrentUploads ? { uploads: uploadSlots(deps.maxConcurrentUploads) } : {}),
+    }),
+    ...createChunkRepositoryActivities({
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
+      paths,
+      ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
     }),
     ...createVmFileActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget, paths }),
     ...createChainActivities({

@@ -70,6 +70,11 @@ export interface Config {
    */
   manifestKeyFile?: string;
   /**
+   * `--password-file` of `vmbackup worker` or `vmbackup backup` (its in-process worker): the chunk repositories'
+   * password; without it the worker reads VMBACKUP_PASSWORD_FILE, then VMBACKUP_PASSWORD, at its start
+   */
+  passwordFile?: string;
+  /**
    * Target URL prefixes this host's worker ships to (VMBACKUP_ALLOW_TARGETS, `vmbackup worker --allow-target`);
    * undefined: every target. Anyone who can start a workflow on the cluster chooses a backup's targets.
    */

@@ -16,6 +16,7 @@ import { explainConnectFailure, temporalConnectOptions } from '../client/access'
 import { payloadCodecs } from '../client/codec';
 import { unreachableSentence } from '../client/connect';
 import { createVirshHypervisor } from '../hypervisor/virsh';
+import { passwordFrom } from '../repository/chunks/password';
 import { hostSlotTaskQueue, hostTaskQueue, SEARCH_ATTRIBUTES } from '../shared/names';
 import { openTarget, targetEnvironmentFrom } from '../storage/registry';
 import { qemuWritableDir, SYSTEM_QEMU_DIR } from '../activities/qemu-paths';
@@ -64,6 +65,11 @@ export function defaultMaxConcurrentBackups(): number {
 
 export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWorker> {
   const { config } = opts;
+  // the chunk repositories' password: this worker's own, read once here (a file it cannot read stops it before it connects), never sent through Temporal
+  const repositoryPassword = passwordFrom({
+    ...(config.passwordFile ? { passwordFile: config.passwordFile } : {}),
+    env: process.env,
+  });
   const connection = await connectNative(config, opts.address);
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
@@ -83,9 +89,13 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     runningBackupOf: temporalRunningBackupOf(client),
     // no webhook event may ever carry these, whatever a library puts into an error sentence
     ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
-    secrets: [targetEnv.AWS_SECRET_ACCESS_KEY, targetEnv.AWS_SESSION_TOKEN, config.temporalAccess.apiKey].filter(
-      (s): s is string => typeof s === 'string',
-    ),
+    ...(repositoryPassword !== undefined ? { repositoryPassword } : {}),
+    secrets: [
+      targetEnv.AWS_SECRET_ACCESS_KEY,
+      targetEnv.AWS_SESSION_TOKEN,
+      config.temporalAccess.apiKey,
+      repositoryPassword,
+    ].filter((s): s is string => typeof s === 'string'),
   });
   const dataConverter = payloadCodecs(config, 'worker');
   const code = workflowCode(opts.workflowBundle);
