@@ -330,7 +330,7 @@ interface QemuNbd {
 }
 
 function startQemuNbd(image: { name: string; format: string; path: string }, socket: string): QemuNbd {
-  const args = ['--read-only', '--force-share', '-f', image.format, '-k', socket, '-x', image.name, image.path];
+  const args = ['--read-only', '-f', image.format, '-k', socket, '-x', image.name, image.path];
   const child = spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'], env: toolEnv() });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => {
