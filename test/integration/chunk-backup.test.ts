@@ -24,7 +24,7 @@ import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
 import { identical } from '../helpers/images';
 import { requireLibvirt, requireNfs, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
+import { cliEnv, embeddedEnv, runCli, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 import { nfsTarget, s3Target } from '../storage/fixtures';
 
@@ -257,10 +257,12 @@ describe('backups into a chunk repository (real stack)', () => {
       }
       const diskChunks = new Set<string>();
       let uploadedForDisks = 0;
-      for (const dom of domains) {
-        const r = await backup(dom, 'auto', [url]);
+      // the first alone, then the other 19 at once (the host's backup slots queue them)
+      const first = await backup(domains[0]!, 'auto', [url]);
+      const rest = await Promise.all(domains.slice(1).map((dom) => backup(dom, 'auto', [url])));
+      for (const [i, r] of [first, ...rest].entries()) {
         expect(r.status).toBe('completed');
-        const { m } = await manifestOf(target, dom, r.backupId);
+        const { m } = await manifestOf(target, domains[i]!, r.backupId);
         uploadedForDisks += m.disks[0]!.chunks.uploadedChunks;
         const index = await new ChunkStore(repo).getIndex(m.disks[0]!.sha256);
         for (const e of index.entries) if (e !== 'zero') diskChunks.add(e);
@@ -331,6 +333,64 @@ describe('backups into a chunk repository (real stack)', () => {
       } finally {
         await other.stop();
       }
+    } finally {
+      await target.close();
+    }
+  });
+
+  test('one backup into a chunk repository and an image tree is refused with one sentence; nothing is stored', async () => {
+    const repoTarget = await localRepoTarget('mixed-repo');
+    const tree = await localRepoTarget('mixed-tree');
+    try {
+      await init(repoTarget.target);
+      const dom = await newDomain({ prefix: 'cb', start: false, disks: [{ format: 'raw', sizeMiB: 4 }] });
+      const failed = await backup(dom, 'auto', [repoTarget.url, tree.url]).then(
+        () => undefined,
+        (err: unknown) => err as Error,
+      );
+      expect(failed).toBeDefined();
+      expect(causeMessage(failed!)).toBe(
+        `${repoTarget.url} is a chunk repository and ${tree.url} is not: mixing an image tree and a chunk repository in one backup is not supported; give them separate backups (or schedules)`,
+      );
+      expect(await chunkObjects(repoTarget.target)).toEqual([]);
+      expect(await allFiles(new URL(tree.url).pathname)).toEqual([]);
+    } finally {
+      await repoTarget.target.close();
+      await tree.target.close();
+    }
+  });
+
+  test('backup --password-file is refused with one sentence when a cluster worker runs the backup', async () => {
+    const r = await runCli(['backup', 'vmbt-cb-none', '--target', 'file:///tmp/x', '--password-file', passwordFile]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/--password-file is read by this command's own worker only \(the embedded default\)/);
+    expect(r.stderr).toMatch(/nothing was started/);
+  });
+
+  test('embedded default: backup --password-file gives the password to its own worker; --json has the chunk figures', async () => {
+    const { url, target } = await localRepoTarget('embedded');
+    try {
+      const repo = await init(target);
+      const dom = await newDomain({
+        prefix: 'cb',
+        start: false,
+        disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 5 }],
+      });
+      const args = ['backup', dom.name, '--target', url, '--json', '--wait'];
+      const without = await runCli(args, { env: embeddedEnv(uniqueHost('cb')) });
+      expect(without.code).toBe(1);
+      expect(without.stdout).toMatch(/this worker has no password: give this host's worker the repository's password/);
+      const r = await runCli([...args, '--password-file', passwordFile], { env: embeddedEnv(uniqueHost('cb')) });
+      expect(r.code).toBe(0);
+      const out = JSON.parse(r.stdout) as BackupResult;
+      expect(out.status).toBe('completed');
+      // 5 MiB of random data: two chunks, two zero ones; and the definition's chunk
+      expect(out.targets[0]!.chunks).toMatchObject({ newChunks: 3, knownChunks: 0, zeroChunks: 2 });
+      expect(out.disks[0]!.format).toBe('chunks');
+      const { m } = await manifestOf(target, dom, out.backupId);
+      expect(out.disks[0]!.sha256).toBe(m.disks[0]!.sha256);
+      const restored = await readBack(repo, m, work);
+      expect(await identical(restored.vda!, dom.disks[0]!.path)).toBe(true);
     } finally {
       await target.close();
     }
