@@ -188,6 +188,11 @@ export interface OfflineCopyInput {
 export interface FinalizeImagesInput {
   backupId: string;
   images: ImageFile[];
+  /**
+   * every target is a chunk repository: no SHA-256 of the whole image file (`sha256` is left empty). The chunks'
+   * ids, computed as they are read, are the integrity record there, and the image file's own hash is never used.
+   */
+  skipFileHash?: boolean;
 }
 
 /** One overlay created by vmbackup for a disk (snapshot method). */

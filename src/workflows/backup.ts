@@ -348,7 +348,11 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
       made = await snapshotImages(run);
     }
     phase('finalizing');
-    images = await steps.long.finalizeImages({ backupId, images: made.files });
+    images = await steps.long.finalizeImages({
+      backupId,
+      images: made.files,
+      ...(plan?.chunkRepository ? { skipFileHash: true } : {}),
+    });
     seen.bytesRead = made.bytes ?? images.reduce((n, i) => n + i.size, 0);
     if (hardened) {
       phase('uploading');

@@ -207,6 +207,9 @@ describe('backups into a chunk repository (real stack)', () => {
     const pm = (await manifestOf(target, live, pushed.backupId)).m;
     expect(pm.vm).toBeDefined();
     const livePaths = await readBack(repo, pm, work);
+    // QEMU keeps qcow2 metadata of the write (new L2 entries) in memory until it flushes: the file on the host shows
+    // what the guest sees once QEMU has closed it (destroy: SIGTERM, a clean exit that flushes)
+    await live.destroy();
     expect(await identical(livePaths.vda!, live.disks[0]!.path)).toBe(true);
     process.stderr.write(`chunk-backup ${kind}: ${afterFirst.length} chunks after the first backup\n`);
   }
