@@ -121,6 +121,8 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
     const images = await Promise.all(
       input.images.map(async (i) => ({ ...i, path: await paths.stagingImage(i.path, backupId, i, activity) })),
     );
+    if (input.vm && (!Array.isArray(input.vm.files) || input.vm.files.length > 32))
+      throw permanent(`${activity}: the input's whole-VM files are not a list of at most 32`, ErrorType.InvalidInput);
     const vmFiles = await Promise.all(
       (input.vm?.files ?? []).map(async (f) => ({
         ...f,
