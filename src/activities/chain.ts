@@ -73,9 +73,10 @@ export function createChainActivities(deps: ChainDeps) {
         : {}),
     });
     // A chunk repository stores every backup whole, and no chain builds on a checkpoint there: none is created.
-    const chunkTargets = await chunkRepositoryTargets(input);
+    const { chunk: chunkTargets, unknown } = await chunkRepositoryTargets(input);
     if (chunkTargets.length > 0) {
-      const others = input.targets.filter((t) => !chunkTargets.includes(t));
+      // a target that could not be asked is tried as a repository: storing fails there with its own sentence
+      const others = input.targets.filter((t) => !chunkTargets.includes(t) && !unknown.includes(t));
       if (others.length > 0) {
         throw permanent(
           `${chunkTargets.map(redactUrl).join(', ')} ${chunkTargets.length > 1 ? 'are chunk repositories' : 'is a chunk repository'} and ${others.map(redactUrl).join(', ')} ${others.length > 1 ? 'are not' : 'is not'}: mixing an image tree and a chunk repository in one backup is not supported; give them separate backups (or schedules)`,
@@ -185,13 +186,24 @@ export function createChainActivities(deps: ChainDeps) {
     };
   }
 
-  /** The targets that hold a chunk repository (`@chunk-repo/config`). */
-  async function chunkRepositoryTargets(input: PlanBackupInput): Promise<string[]> {
-    const found: string[] = [];
+  /**
+   * The targets that hold a chunk repository (`@chunk-repo/config`), and those that could not be asked. A target that
+   * cannot be read must not fail the backup (the others may take it; shipping reports this one): it is left out of
+   * the decision, after a transient failure was retried on the early attempts.
+   */
+  async function chunkRepositoryTargets(input: PlanBackupInput): Promise<{ chunk: string[]; unknown: string[] }> {
+    const chunk: string[] = [];
+    const unknown: string[] = [];
     for (const target of input.targets) {
-      if (await withTarget(deps, target, input.s3Options, (t) => isChunkRepository(t))) found.push(target);
+      try {
+        if (await withTarget(deps, target, input.s3Options, (t) => isChunkRepository(t))) chunk.push(target);
+      } catch (err) {
+        const transient = err instanceof ApplicationFailure && !err.nonRetryable;
+        if (transient && Context.current().info.attempt < CATALOG_READ_ATTEMPTS) throw err;
+        unknown.push(target);
+      }
     }
-    return found;
+    return { chunk, unknown };
   }
 
   /**
