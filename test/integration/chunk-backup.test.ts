@@ -223,6 +223,27 @@ describe('backups into a chunk repository (real stack)', () => {
     }
   });
 
+  test('snapshot method, local: a running domain backed up into a chunk repository reads back exactly', async () => {
+    const { url, target } = await localRepoTarget('snapshot');
+    try {
+      const repo = await init(target);
+      const live = await newDomain({ prefix: 'cb', disks: [{ format: 'qcow2', sizeMiB: 24, randomMiB: 6 }] });
+      await live.writeThroughDevice('vda', 0x3c, 12, 1);
+      const r = await backup(live, 'snapshot', [url]);
+      expect(r.status).toBe('completed');
+      expect(r.method).toBe('snapshot');
+      const { m } = await manifestOf(target, live, r.backupId);
+      // 6 chunks: the random 6 MiB in chunks 0-1, the write at 12 MiB in chunk 3, the rest never written
+      expect(m.disks[0]!.chunks).toMatchObject({ count: 6, zeroChunks: 3 });
+      const restored = await readBack(repo, m, work);
+      // the overlay was committed back; compare once QEMU closed the disk (its qcow2 metadata flushed)
+      await live.destroy();
+      expect(await identical(restored.vda!, live.disks[0]!.path)).toBe(true);
+    } finally {
+      await target.close();
+    }
+  });
+
   test('issue test 1, NFS: offline and push backups read back exactly; a second backup uploads nothing', async () => {
     const nfs = await nfsTarget();
     try {
