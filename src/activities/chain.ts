@@ -14,6 +14,7 @@ import { HypervisorError } from '../hypervisor/errors';
 import type { Checkpoint, Hypervisor } from '../hypervisor/port';
 import { rebaseUnsafe } from '../hypervisor/qemu-img';
 import { listBackups } from '../repository/catalog';
+import { isChunkRepository } from '../repository/chunks';
 import type { BackupEntry } from '../repository/catalog';
 import { chainOf, chainProblem, findChainHead } from '../repository/chain-head';
 import type { TargetCatalog } from '../repository/chain-head';
@@ -45,6 +46,10 @@ export interface ChainDeps {
   paths: HostPaths;
 }
 
+/** Why a backup into a chunk repository is a full, whatever level was asked for. */
+export const CHUNK_FULL_REASON =
+  'a chunk repository stores every backup whole; unchanged chunks are not uploaded again';
+
 /** Attempts of planBackup that retry a transient catalog read before planning a full without that target's chain. */
 const CATALOG_READ_ATTEMPTS = 3;
 
@@ -67,6 +72,22 @@ export function createChainActivities(deps: ChainDeps) {
         ? { checkpoint: { name: checkpointName(backupId), disks: bitmapDisks } }
         : {}),
     });
+    // A chunk repository stores every backup whole, and no chain builds on a checkpoint there: none is created.
+    const { chunk: chunkTargets, unknown } = await chunkRepositoryTargets(input);
+    if (chunkTargets.length > 0) {
+      // a target that could not be asked is tried as a repository: storing fails there with its own sentence
+      const others = input.targets.filter((t) => !chunkTargets.includes(t) && !unknown.includes(t));
+      if (others.length > 0) {
+        throw permanent(
+          `${chunkTargets.map(redactUrl).join(', ')} ${chunkTargets.length > 1 ? 'are chunk repositories' : 'is a chunk repository'} and ${others.map(redactUrl).join(', ')} ${others.length > 1 ? 'are not' : 'is not'}: mixing an image tree and a chunk repository in one backup is not supported; give them separate backups (or schedules)`,
+          ErrorType.InvalidInput,
+        );
+      }
+      return {
+        ...full(CHUNK_FULL_REASON, false),
+        chunkRepository: true,
+      };
+    }
     // libvirt keeps dirty bitmaps in qcow2 images only; a raw disk is copied whole by every backup.
     const bitmapDisks = input.disks.filter((d) => d.format === 'qcow2').map((d) => d.name);
     // Push mode runs only where libvirt has the backup API (>= 7.2), which is also where checkpoints are stable.
@@ -163,6 +184,26 @@ export function createChainActivities(deps: ChainDeps) {
       fullDisks,
       checkpoint: { name: checkpointName(backupId), disks: bitmapDisks },
     };
+  }
+
+  /**
+   * The targets that hold a chunk repository (`@chunk-repo/config`), and those that could not be asked. A target that
+   * cannot be read must not fail the backup (the others may take it; shipping reports this one): it is left out of
+   * the decision, after a transient failure was retried on the early attempts.
+   */
+  async function chunkRepositoryTargets(input: PlanBackupInput): Promise<{ chunk: string[]; unknown: string[] }> {
+    const chunk: string[] = [];
+    const unknown: string[] = [];
+    for (const target of input.targets) {
+      try {
+        if (await withTarget(deps, target, input.s3Options, (t) => isChunkRepository(t))) chunk.push(target);
+      } catch (err) {
+        const transient = err instanceof ApplicationFailure && !err.nonRetryable;
+        if (transient && Context.current().info.attempt < CATALOG_READ_ATTEMPTS) throw err;
+        unknown.push(target);
+      }
+    }
+    return { chunk, unknown };
   }
 
   /**

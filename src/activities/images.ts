@@ -168,11 +168,14 @@ export function createImageActivities(deps: ImageDeps) {
         imageInfo(image.path, { format: image.format, forceShare: true }).catch((err: unknown) =>
           unreadableImage(image, err),
         ),
+        // a chunk repository hashes each chunk as it stores it: the file's own hash would be a second full read
         image.sha256 ??
-          sha256File(image.path, {
-            signal: ctx.cancellationSignal,
-            onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
-          }),
+          (input.skipFileHash
+            ? ''
+            : sha256File(image.path, {
+                signal: ctx.cancellationSignal,
+                onProgress: (bytes) => ctx.heartbeat({ done, bytesDone: before + bytes, bytesTotal: total }),
+              })),
       ]);
       if (!check.ok) {
         throw permanent(

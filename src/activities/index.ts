@@ -11,6 +11,7 @@ import { ErrorType } from '../shared/errors';
 import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
 import { createChunkGcActivities } from './chunk-gc';
+import { createChunkRepositoryActivities } from './chunk-repository';
 import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
@@ -89,6 +90,12 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
     }),
     ...createChunkGcActivities({
       openTarget: deps.openTarget,
+      paths,
+      ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
+    }),
+    ...createChunkRepositoryActivities({
+      openTarget: deps.openTarget,
+      manifestKey: deps.manifestKey,
       paths,
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
     }),

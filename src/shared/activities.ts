@@ -92,6 +92,53 @@ export interface BackupPlan {
   baseCheckpoint?: string;
   /** inc/diff: disks copied whole (new to the chain, raw, or without a bitmap) */
   fullDisks: string[];
+  /**
+   * every target is a chunk repository: the images are stored as chunks (storeChunkImages, writeChunkManifest), not
+   * shipped. Absent in plans recorded before chunk repositories, so their histories replay unchanged.
+   */
+  chunkRepository?: true;
+}
+
+export interface StoreChunkImagesInput {
+  backupId: string;
+  domain: string;
+  target: string;
+  s3Options?: S3TargetOptions;
+  /** the staged images (finalized) */
+  images: DiskImage[];
+  /** the whole-VM files captured into staging, stored as small indexes */
+  vm?: VmCapture;
+}
+/** What one disk (or whole-VM file) cost in the repository. */
+export interface ChunkStoreStats {
+  chunks: number;
+  zeroChunks: number;
+  knownChunks: number;
+  uploadedChunks: number;
+  uploadedBytes: number;
+}
+export interface StoredChunkDisk {
+  name: string;
+  virtualSize: number;
+  /** the index id */
+  index: string;
+  stats: ChunkStoreStats;
+}
+export interface StoredChunkImages {
+  disks: StoredChunkDisk[];
+  /** the manifest's `vm` with every file's key its index's key */
+  vm?: VmFilesRecord;
+  /** bytes and chunks of the whole-VM files */
+  vmStats?: ChunkStoreStats;
+}
+export interface ChunkManifestInput {
+  target: string;
+  s3Options?: S3TargetOptions;
+  /**
+   * the manifest with its disks as storeChunkImages stored them; the worker builds each disk's entry and the
+   * `repository` section from the repository it opens (and checks every index is there)
+   */
+  manifest: Omit<ManifestInput['manifest'], 'disks'> & { disks: StoredChunkDisk[] };
 }
 
 export interface PrepareChainImagesInput {
@@ -141,6 +188,11 @@ export interface OfflineCopyInput {
 export interface FinalizeImagesInput {
   backupId: string;
   images: ImageFile[];
+  /**
+   * every target is a chunk repository: no SHA-256 of the whole image file (`sha256` is left empty). The chunks'
+   * ids, computed as they are read, are the integrity record there, and the image file's own hash is never used.
+   */
+  skipFileHash?: boolean;
 }
 
 /** One overlay created by vmbackup for a disk (snapshot method). */
@@ -370,6 +422,9 @@ export interface HostActivities {
   // storage
   shipImage(input: ShipImageInput): Promise<ShippedImage>;
   writeManifest(input: ManifestInput): Promise<void>;
+  // chunk repositories
+  storeChunkImages(input: StoreChunkImagesInput): Promise<StoredChunkImages>;
+  writeChunkManifest(input: ChunkManifestInput): Promise<void>;
   deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void>;
   // events
   notify(input: NotifyInput): Promise<NotifyResult>;

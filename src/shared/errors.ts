@@ -24,6 +24,10 @@ export const ErrorType = {
   Unreachable: 'StorageUnreachable',
   InvalidTarget: 'InvalidTarget',
   StorageFailed: 'StorageFailed',
+  /** the worker has no password, or a wrong one, for an encrypted chunk repository */
+  RepositoryPassword: 'RepositoryPassword',
+  /** a chunk repository's config, keys or objects are not what this vmbackup reads, or are damaged */
+  RepositoryInvalid: 'RepositoryInvalid',
   /** a webhook did not take an event (retryable unless it answered a 4xx other than 408/429, or a redirect) */
   NotifyFailed: 'NotifyFailed',
 } as const;

@@ -140,6 +140,24 @@ export interface TargetResult {
   error?: string;
   /** per disk: where it was stored on that target (key or URL) */
   locations?: Record<string, string>;
+  /** a chunk repository: what this backup cost there (disks and whole-VM files together) */
+  chunks?: TargetChunkStats;
+}
+
+/** What a backup stored in one chunk repository. */
+export interface TargetChunkStats {
+  /** bytes sent to the target (encoded chunks; indexes and the manifest not counted) */
+  uploadedBytes: number;
+  /** chunks this backup stored */
+  newChunks: number;
+  /** chunks the repository held already */
+  knownChunks: number;
+  /** all-zero chunks (never stored) */
+  zeroChunks: number;
+  /** per disk: its index id */
+  indexes: Record<string, string>;
+  /** per disk: bytes sent for it */
+  diskBytes: Record<string, number>;
 }
 
 export type BackupStatus = 'running' | 'completed' | 'failed' | 'cancelled' | 'partial';

@@ -327,7 +327,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
   let made: MadeImages;
   let targets: TargetResult[] | undefined;
   const ship = () =>
-    shipToTargets(req, steps, staging, images, run.vm, progress, {
+    (plan?.chunkRepository ? storeInRepositories : shipToTargets)(req, steps, staging, images, run.vm, progress, {
       method,
       startedAt,
       quiesced: made.quiesced,
@@ -351,7 +351,11 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
       made = await snapshotImages(run);
     }
     phase('finalizing');
-    images = await steps.long.finalizeImages({ backupId, images: made.files });
+    images = await steps.long.finalizeImages({
+      backupId,
+      images: made.files,
+      ...(plan?.chunkRepository ? { skipFileHash: true } : {}),
+    });
     seen.bytesRead = made.bytes ?? images.reduce((n, i) => n + i.size, 0);
     if (hardened) {
       phase('uploading');
@@ -630,14 +634,18 @@ function resultOf(
     libvirtVersion: r.info.libvirtVersion,
     qemuVersion: r.info.qemuVersion,
     ...(plan ? { chain: chainInfo(plan) } : {}),
-    disks: r.images.map((img) => ({
-      name: img.name,
-      format: img.format,
-      virtualSize: img.virtualSize,
-      size: img.size,
-      sha256: img.sha256,
-      location: first?.locations?.[img.name] ?? '',
-    })),
+    disks: r.images.map((img) => {
+      // a chunk repository stores the disk as an index: its id and the bytes this backup sent for it
+      const index = first?.chunks?.indexes[img.name];
+      return {
+        name: img.name,
+        format: index ? 'chunks' : img.format,
+        virtualSize: img.virtualSize,
+        size: index ? (first?.chunks?.diskBytes[img.name] ?? 0) : img.size,
+        sha256: index ?? img.sha256,
+        location: first?.locations?.[img.name] ?? '',
+      };
+    }),
     skipped: r.info.skipped,
     targets: r.targets,
   };
@@ -757,6 +765,89 @@ async function shipToTargets(
   await Promise.all(remote.map(shipOne));
   if (staging.localTarget && req.targets.includes(staging.localTarget)) await shipOne(staging.localTarget);
   return req.targets.map((t) => results.get(t) ?? { target: t, ok: false, error: 'not attempted' });
+}
+
+/**
+ * Every target is a chunk repository (the plan says so): each stores the staged images as chunks, only those it does
+ * not hold, then commits the backup with its manifest. Targets run in parallel; one that fails keeps no manifest (its
+ * chunks stay for the next backup, or for gc).
+ */
+async function storeInRepositories(
+  req: BackupRequest,
+  acts: { long: ActivityProxy; short: ActivityProxy; quick: ActivityProxy },
+  _staging: StagingArea,
+  images: DiskImage[],
+  vm: VmCapture | undefined,
+  progress: BackupProgress,
+  meta: {
+    method: BackupMethod;
+    startedAt: string;
+    quiesced: boolean;
+    info: DomainInfo;
+    chain: ManifestInput['manifest']['chain'];
+  },
+): Promise<TargetResult[]> {
+  const { backupId, domain, host } = req;
+  const total = images.reduce((n, i) => n + i.virtualSize, 0);
+  const storeOne = async (target: string): Promise<TargetResult> => {
+    const state = progress.targets[target] ?? { bytesDone: 0, bytesTotal: total, state: 'pending' as const };
+    progress.targets[target] = state;
+    state.bytesTotal = total;
+    state.state = 'uploading';
+    try {
+      const stored = await acts.long.storeChunkImages({
+        backupId,
+        domain,
+        target,
+        s3Options: req.options.s3,
+        images,
+        ...(vm ? { vm } : {}),
+      });
+      await acts.quick.writeChunkManifest({
+        target,
+        s3Options: req.options.s3,
+        manifest: {
+          backupId,
+          domain,
+          host,
+          method: meta.method,
+          startedAt: meta.startedAt,
+          finishedAt: new Date().toISOString(),
+          quiesced: meta.quiesced,
+          libvirtVersion: meta.info.libvirtVersion,
+          qemuVersion: meta.info.qemuVersion,
+          disks: stored.disks,
+          ...(meta.chain ? { chain: meta.chain } : {}),
+          ...(stored.vm ? { vm: stored.vm } : {}),
+        },
+      });
+      state.bytesDone = total;
+      state.state = 'done';
+      const all = [...stored.disks.map((d) => d.stats), ...(stored.vmStats ? [stored.vmStats] : [])];
+      const sum = (f: (s: (typeof all)[number]) => number) => all.reduce((n, s) => n + f(s), 0);
+      return {
+        target,
+        ok: true,
+        // the index of each disk, as docs/chunk-format.md lays a repository out
+        locations: Object.fromEntries(
+          stored.disks.map((d) => [d.name, `${target.replace(/\/+$/, '')}/@chunk-repo/indexes/${d.index}`]),
+        ),
+        chunks: {
+          uploadedBytes: sum((s) => s.uploadedBytes),
+          newChunks: sum((s) => s.uploadedChunks),
+          knownChunks: sum((s) => s.knownChunks),
+          zeroChunks: sum((s) => s.zeroChunks),
+          indexes: Object.fromEntries(stored.disks.map((d) => [d.name, d.index])),
+          diskBytes: Object.fromEntries(stored.disks.map((d) => [d.name, d.stats.uploadedBytes])),
+        },
+      };
+    } catch (err) {
+      if (isCancellation(err)) throw err;
+      state.state = 'failed';
+      return { target, ok: false, error: errorMessage(err) };
+    }
+  };
+  return Promise.all(req.targets.map(storeOne));
 }
 
 /** Per disk of an increment: its parent's image, relative to it in the target layout `<domain>/<backupId>/<disk>`. */

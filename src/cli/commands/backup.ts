@@ -1,4 +1,5 @@
 /** `vmbackup backup <domain>`: start a backup, optionally follow it to the end. */
+import { resolve } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
 import type { BackupStatusView } from '../../client/backups';
@@ -17,6 +18,7 @@ import type {
   CopyTool,
   RequestedLevel,
   RequestedMethod,
+  TargetChunkStats,
 } from '../../shared/types';
 import { parseWebhookUrl } from '../../shared/webhook';
 import { canonicalTargetUrl, defaultTargetUrl, redactUrl, targetWithin } from '../../storage/registry';
@@ -48,6 +50,7 @@ interface BackupFlags extends BackupOptionFlags {
   target: string[];
   wait?: boolean;
   json?: boolean;
+  passwordFile?: string;
 }
 
 export function register(program: Command): void {
@@ -58,7 +61,11 @@ export function register(program: Command): void {
     .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
     .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
     .option('--wait', 'follow the backup to the end; exit 0 only on success')
-    .option('--json', 'print one JSON object with the result');
+    .option('--json', 'print one JSON object with the result')
+    .option(
+      '--password-file <file>',
+      "chunk repositories: the password, on the file's first line, for this command's own worker (the embedded default); a cluster's worker reads its own (vmbackup worker --password-file)",
+    );
   addBackupOptions(cmd);
   cmd.action(action(async (domain: string, flags: BackupFlags) => runBackup(domain, flags)));
 }
@@ -180,7 +187,13 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   let stopWorker: (() => Promise<void>) | undefined;
   let interrupts: InterruptWatch | undefined;
   try {
-    if (session.embedded && host === config.host) {
+    const ownWorker = session.embedded && host === config.host;
+    if (flags.passwordFile && !ownWorker) {
+      throw new CliError(
+        `--password-file is read by this command's own worker only (the embedded default); the backup runs on host ${host}'s worker, which reads its own password (vmbackup worker --password-file, VMBACKUP_PASSWORD_FILE or VMBACKUP_PASSWORD in its environment); nothing was started`,
+      );
+    }
+    if (ownWorker) {
       // Embedded default: this process is the host's worker for as long as the backup runs, and it writes to
       // this command's targets only (the local server takes workflows from any local user meanwhile).
       for (const t of targets) {
@@ -188,7 +201,14 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
           throw new CliError(`${redactUrl(t)} is outside VMBACKUP_ALLOW_TARGETS; nothing was started`);
         }
       }
-      stopWorker = await startInProcessWorker({ ...config, allowTargets: targets }, session.address);
+      stopWorker = await startInProcessWorker(
+        {
+          ...config,
+          allowTargets: targets,
+          ...(flags.passwordFile ? { passwordFile: resolve(flags.passwordFile) } : {}),
+        },
+        session.address,
+      );
     }
     interrupts = watchInterrupts();
     const { backupId, handle } = await startBackup(session.client, {
@@ -297,6 +317,12 @@ function describeLevel(chain: BackupChainInfo): string {
   return `${chain.level === 'inc' ? 'incremental' : 'differential'} on ${chain.parent ?? '?'}`;
 }
 
+/** What a backup cost in one chunk repository, in one line. */
+export function chunkLine(c: TargetChunkStats): string {
+  const mib = (c.uploadedBytes / (1 << 20)).toFixed(1);
+  return `chunk repository: ${mib} MiB uploaded, ${c.newChunks} new chunk(s), ${c.knownChunks} already stored, ${c.zeroChunks} zero`;
+}
+
 /** Prints the outcome and sets the exit code: 0 only for a backup stored on every target. */
 export function report(view: BackupStatusView, json: boolean, ctx: { domain: string; host: string }): void {
   const r: BackupResult | undefined = view.result;
@@ -338,6 +364,7 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
     if (r.chain?.reason) process.stderr.write(`  ${r.chain.reason}\n`);
     for (const t of r.targets) {
       process.stderr.write(`  ${t.ok ? 'ok    ' : 'FAILED'} ${t.target}${t.error ? `: ${t.error}` : ''}\n`);
+      if (t.chunks) process.stderr.write(`         ${chunkLine(t.chunks)}\n`);
     }
     for (const d of r.disks) process.stderr.write(`  ${d.name} ${d.format} sha256:${d.sha256} -> ${d.location}\n`);
     for (const s of r.skipped) process.stderr.write(`  skipped ${s.name}: ${s.reason}\n`);

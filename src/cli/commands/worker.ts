@@ -1,4 +1,5 @@
 /** `vmbackup worker [--host H]`: serve this host's task queues and the control queue until SIGINT/SIGTERM. */
+import { resolve } from 'node:path';
 import type { Client } from '@temporalio/client';
 import type { Command } from 'commander';
 import { HOST_NAME_RE, hostSlotTaskQueue, hostTaskQueue } from '../../shared/names';
@@ -19,6 +20,7 @@ interface WorkerFlags {
   maxConcurrentUploads?: string;
   allowNotify?: string[];
   metrics?: string;
+  passwordFile?: string;
 }
 
 export function register(program: Command): void {
@@ -49,6 +51,10 @@ export function register(program: Command): void {
       '--metrics <address>',
       "serve Prometheus metrics (this worker's backups and the Temporal SDK's) at http://<address>/metrics, e.g. 127.0.0.1:9464",
     )
+    .option(
+      '--password-file <file>',
+      'chunk repositories: their password, on the first line of FILE (else VMBACKUP_PASSWORD_FILE, then VMBACKUP_PASSWORD); read once at start',
+    )
     .action(
       action(async (flags: WorkerFlags) => {
         const base = loadConfig(process.env, temporalFlagsFrom(flags));
@@ -67,7 +73,13 @@ export function register(program: Command): void {
             throw new CliError((err as Error).message);
           }
         }
-        const config = { ...base, host, allowTargets, ...(allowNotify ? { allowNotify } : {}) };
+        const config = {
+          ...base,
+          host,
+          allowTargets,
+          ...(allowNotify ? { allowNotify } : {}),
+          ...(flags.passwordFile ? { passwordFile: resolve(flags.passwordFile) } : {}),
+        };
         const { createHostWorker, defaultMaxConcurrentBackups, recoverHostOverlays } = await import('../../worker');
         const address = config.temporalAddress ?? config.localTemporalAddress;
         const slots = maxConcurrentBackups ?? defaultMaxConcurrentBackups();

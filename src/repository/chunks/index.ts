@@ -9,3 +9,4 @@ export * from './repository';
 export * from './store';
 export * from './password';
 export * from './files';
+export * from './ingest';

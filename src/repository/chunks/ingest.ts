@@ -1,0 +1,127 @@
+/**
+ * Storing a disk from a source that knows where its data is (an NBD export with `base:allocation`): only the ranges
+ * that may hold data are read, each aligned chunk is hashed once as it is assembled, and only chunks the repository
+ * does not hold are uploaded, several at once. A chunk with no data range at all is `zero` without a read. Resuming
+ * after a crash is the same call again: `has()` finds what an earlier attempt stored and nothing is sent twice.
+ */
+import { ChunkFormatError } from './errors';
+import type { DiskIndex, IndexEntry } from './disk-index';
+import { entryCount } from './disk-index';
+import type { ChunkStore, StoreStats } from './store';
+
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
+/** A disk's guest-visible bytes as a reader of an NBD export (or a test) offers them. */
+export interface DiskSource {
+  /** the virtual size in bytes */
+  readonly size: number;
+  /** the ranges that may hold data, in offset order, not overlapping; the rest reads as zeros and is not read */
+  dataRanges(): AsyncIterable<ByteRange>;
+  /** the bytes of `ranges`, handed out in the order asked, each piece inside one range */
+  read(ranges: AsyncIterable<ByteRange>): AsyncIterable<{ offset: number; data: Buffer }>;
+}
+
+export interface IngestProgress {
+  /** guest bytes handled so far (chunks whose outcome is known, holes included) */
+  bytesDone: number;
+  stats: StoreStats;
+}
+
+export interface IngestOptions {
+  /** chunks being hashed, encoded or uploaded at once (default: the store's concurrency) */
+  concurrency?: number;
+  signal?: AbortSignal;
+  onProgress?: (p: IngestProgress) => void;
+}
+
+/** The data ranges cut at chunk boundaries, so that every piece read belongs to exactly one chunk. */
+export async function* splitAtChunks(ranges: AsyncIterable<ByteRange>, chunkSize: number): AsyncGenerator<ByteRange> {
+  let last = 0;
+  for await (const r of ranges) {
+    if (r.offset < last || r.length < 0) throw new ChunkFormatError('invalid-argument', 'Data ranges overlap.');
+    last = r.offset + r.length;
+    let at = r.offset;
+    while (at < last) {
+      const end = Math.min(last, (Math.floor(at / chunkSize) + 1) * chunkSize);
+      yield { offset: at, length: end - at };
+      at = end;
+    }
+  }
+}
+
+/** Stores the disk `source` holds; returns its index (not yet stored: see ChunkStore.putIndex) and what it cost. */
+export async function ingestDisk(
+  store: ChunkStore,
+  source: DiskSource,
+  opts: IngestOptions = {},
+): Promise<{ index: DiskIndex; stats: StoreStats }> {
+  const { chunkSize } = store.repo.config;
+  const size = source.size;
+  const count = entryCount(size, chunkSize);
+  const entries: IndexEntry[] = new Array<IndexEntry>(count).fill('zero');
+  const stats: StoreStats = { chunks: count, zeroChunks: 0, knownChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
+  const limit = Math.max(1, opts.concurrency ?? store.concurrency);
+  const running = new Set<Promise<void>>();
+  let failure: unknown;
+  let bytesDone = 0;
+  const report = () => opts.onProgress?.({ bytesDone, stats });
+
+  const lengthOf = (n: number) => Math.min(chunkSize, size - n * chunkSize);
+  const submit = async (n: number, chunk: Buffer): Promise<void> => {
+    while (running.size >= limit) await Promise.race(running);
+    if (failure !== undefined) throw failure;
+    const task = (async () => {
+      try {
+        const put = await store.put(chunk);
+        entries[n] = put.id;
+        if (put.id !== 'zero') {
+          if (put.uploadedBytes > 0) {
+            stats.uploadedChunks++;
+            stats.uploadedBytes += put.uploadedBytes;
+          } else stats.knownChunks++;
+        }
+        bytesDone += chunk.length;
+        report();
+      } catch (err) {
+        failure ??= err;
+      }
+    })();
+    running.add(task);
+    void task.finally(() => running.delete(task));
+  };
+
+  let current = -1;
+  let buf: Buffer | undefined;
+  try {
+    for await (const piece of source.read(splitAtChunks(source.dataRanges(), chunkSize))) {
+      if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+      if (failure !== undefined) throw failure;
+      const n = Math.floor(piece.offset / chunkSize);
+      if (
+        piece.offset + piece.data.length > size ||
+        n < current ||
+        (n + 1) * chunkSize < piece.offset + piece.data.length
+      )
+        throw new ChunkFormatError('invalid-argument', `A read at offset ${piece.offset} is outside its chunk.`);
+      if (n !== current) {
+        if (buf) await submit(current, buf);
+        // the chunks in between had no data range: zero, never read
+        bytesDone += Math.max(0, n - current - 1) * chunkSize;
+        current = n;
+        buf = Buffer.alloc(lengthOf(n));
+      }
+      piece.data.copy(buf!, piece.offset - n * chunkSize);
+    }
+    if (buf) await submit(current, buf);
+  } finally {
+    await Promise.all([...running]);
+  }
+  if (failure !== undefined) throw failure;
+  stats.zeroChunks = entries.filter((e) => e === 'zero').length;
+  bytesDone = size;
+  report();
+  return { index: { chunkSize, virtualSize: size, entries }, stats };
+}

@@ -1,0 +1,157 @@
+/**
+ * ingestDisk: a disk read from a source that says where its data is. What a backup relies on: ranges without data are
+ * never read, the index equals what storeDisk makes of the same bytes, a second run finds every chunk stored and
+ * uploads nothing, and a run that died half way is finished by sending only the chunks that are missing.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CHUNKS_PREFIX, ChunkStore, ingestDisk, initRepository, splitAtChunks } from '../../src/repository/chunks';
+import type { ByteRange, DiskSource, OpenRepository } from '../../src/repository/chunks';
+import type { StorageTarget } from '../../src/storage/contract';
+import { openTarget } from '../../src/storage/registry';
+
+const CHUNK = 64 * 1024; // the smallest chunk size: small test disks, many chunks
+
+async function* from<T>(items: T[]): AsyncGenerator<T> {
+  for (const i of items) yield i;
+}
+
+/** A disk in memory whose data ranges are given; records every byte range read. */
+function memorySource(disk: Buffer, data: ByteRange[]): DiskSource & { reads: ByteRange[] } {
+  const reads: ByteRange[] = [];
+  return {
+    size: disk.length,
+    reads,
+    dataRanges: () => from(data),
+    async *read(ranges) {
+      for await (const r of ranges) {
+        reads.push(r);
+        // two pieces per range, as a reader with a small request size hands them out
+        const half = Math.ceil(r.length / 2);
+        yield { offset: r.offset, data: Buffer.from(disk.subarray(r.offset, r.offset + half)) };
+        if (r.length > half)
+          yield { offset: r.offset + half, data: Buffer.from(disk.subarray(r.offset + half, r.offset + r.length)) };
+      }
+    },
+  };
+}
+
+async function chunkCount(target: StorageTarget): Promise<number> {
+  let n = 0;
+  for await (const _ of target.list(CHUNKS_PREFIX)) n++;
+  return n;
+}
+
+describe('ingestDisk', () => {
+  let dir: string;
+  let target: StorageTarget;
+  let repo: OpenRepository;
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmbackup-chunk-ingest-'));
+    target = openTarget(`file://${dir}`, { env: {} });
+    repo = await initRepository(target, { encryption: 'none', compression: 'zstd', chunkSize: CHUNK });
+  });
+  afterEach(async () => {
+    await target.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('splitAtChunks cuts ranges at chunk boundaries and refuses overlapping ranges', async () => {
+    const out: ByteRange[] = [];
+    for await (const r of splitAtChunks(from([{ offset: 10, length: 200 }]), 64)) out.push(r);
+    expect(out).toEqual([
+      { offset: 10, length: 54 },
+      { offset: 64, length: 64 },
+      { offset: 128, length: 64 },
+      { offset: 192, length: 18 },
+    ]);
+    const bad = splitAtChunks(
+      from([
+        { offset: 0, length: 100 },
+        { offset: 50, length: 10 },
+      ]),
+      64,
+    );
+    await expect(
+      (async () => {
+        for await (const _ of bad);
+      })(),
+    ).rejects.toThrow('Data ranges overlap.');
+  });
+
+  test('reads only the data ranges and makes the index storeDisk makes of the same bytes', async () => {
+    // 10 chunks and a short last one: data in chunks 1 (part), 2-3 (across the boundary), 9 and 10 (the tail)
+    const size = 10 * CHUNK + 1000;
+    const disk = Buffer.alloc(size);
+    const data: ByteRange[] = [
+      { offset: CHUNK + 100, length: 5000 },
+      { offset: 2 * CHUNK + 7, length: CHUNK + 10 },
+      { offset: 9 * CHUNK, length: CHUNK + 1000 },
+    ];
+    for (const r of data) randomBytes(r.length).copy(disk, r.offset);
+    const source = memorySource(disk, data);
+    const store = new ChunkStore(repo);
+    const { index, stats } = await ingestDisk(store, source);
+    const expected = await new ChunkStore(repo).storeDisk(from([disk]), size);
+    expect(index).toEqual(expected.index);
+    expect(stats).toMatchObject({ chunks: 11, zeroChunks: 6, uploadedChunks: 5, knownChunks: 0 });
+    // nothing outside the data ranges was read
+    const read = source.reads.reduce((n, r) => n + r.length, 0);
+    expect(read).toBe(data.reduce((n, r) => n + r.length, 0));
+    // and the bytes come back
+    const back = Buffer.alloc(size);
+    await store.readDisk(index, async (offset, chunk) => {
+      chunk.copy(back, offset);
+    });
+    expect(back.equals(disk)).toBe(true);
+  });
+
+  test('a data range of zeros is a zero chunk; a second run uploads nothing', async () => {
+    const size = 4 * CHUNK;
+    const disk = Buffer.alloc(size);
+    randomBytes(CHUNK).copy(disk, 3 * CHUNK);
+    const data = [{ offset: 0, length: size }]; // allocated everywhere, zeros in chunks 0-2
+    const first = await ingestDisk(new ChunkStore(repo), memorySource(disk, data));
+    expect(first.index.entries.slice(0, 3)).toEqual(['zero', 'zero', 'zero']);
+    expect(first.stats).toMatchObject({ zeroChunks: 3, uploadedChunks: 1 });
+    const again = await ingestDisk(new ChunkStore(repo), memorySource(disk, data));
+    expect(again.stats).toMatchObject({ uploadedChunks: 0, uploadedBytes: 0, knownChunks: 1 });
+    expect(again.index).toEqual(first.index);
+  });
+
+  test('a run that failed half way is finished by sending only the missing chunks', async () => {
+    const size = 12 * CHUNK;
+    const disk = randomBytes(size);
+    const data = [{ offset: 0, length: size }];
+    const failing = memorySource(disk, data);
+    const inner = failing.read.bind(failing);
+    let pieces = 0;
+    failing.read = async function* (ranges) {
+      for await (const p of inner(ranges)) {
+        // the worker dies after 5 chunks were read (two pieces per chunk)
+        if (++pieces > 10) throw new Error('killed');
+        yield p;
+      }
+    };
+    await expect(ingestDisk(new ChunkStore(repo, { concurrency: 2 }), failing)).rejects.toThrow('killed');
+    const stored = await chunkCount(target);
+    expect(stored).toBeGreaterThan(0);
+    expect(stored).toBeLessThan(12);
+    const retry = await ingestDisk(new ChunkStore(repo), memorySource(disk, data));
+    expect(retry.stats.knownChunks).toBe(stored);
+    expect(retry.stats.uploadedChunks).toBe(12 - stored);
+    expect(await chunkCount(target)).toBe(12);
+  });
+
+  test('a piece outside its chunk is refused', async () => {
+    const source: DiskSource = {
+      size: 2 * CHUNK,
+      dataRanges: () => from([{ offset: 0, length: 2 * CHUNK }]),
+      read: () => from([{ offset: CHUNK - 10, data: Buffer.alloc(20, 1) }]),
+    };
+    await expect(ingestDisk(new ChunkStore(repo), source)).rejects.toThrow(/outside its chunk/);
+  });
+});
