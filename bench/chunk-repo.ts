@@ -11,7 +11,7 @@
  *      by `restic init --repository-version 2` with a password file), then `sync -f REPO`;
  *    - borg: `borg create --chunker-params fixed,4194304 --compression zstd REPO::NAME -` reading RAW on stdin
  *      (`borg init --encryption repokey`, BORG_PASSPHRASE), then `sync -f REPO`;
- *    - vmbackup: `vmbackup backup DOMAIN --method offline --target URL --wait --json` (the whole CLI process timed)
+ *    - vmbackup: `vmbackup backup DOMAIN --method auto (the domain is shut off: the offline method) --target URL --wait --json` (the whole CLI process timed)
  *      into a repository made by `vmbackup repo init URL --encryption repokey --compression zstd`, VMBACKUP_PASSWORD
  *      in the environment of the CLI and of the group's own worker; a file:// repository, and an s3:// one (radosgw).
  * 2. scattered changes: COUNT x 64 KiB of fresh random bytes (1024 on the 4 GiB disk: 64 MiB) at distinct 64 KiB
@@ -451,7 +451,7 @@ export class ChunkRepoGroup {
       const w = this.worker!;
       await w.meter.reset();
       const r = await cli(
-        ['backup', this.dom.name, '--host', w.host, '--method', 'offline', '--target', url, '--wait', '--json'],
+        ['backup', this.dom.name, '--host', w.host, '--method', 'auto', '--target', url, '--wait', '--json'],
         { env: this.vmEnv, allowFail: true },
       );
       const wm = await w.meter.read();
@@ -462,7 +462,7 @@ export class ChunkRepoGroup {
       if (point === 2) repos.backup2[tool] = backupId;
       // ending synced like the peers: vmbackup fsyncs what it writes, so this is ~0 unless it does not
       const syncMs = tool === 'vmbackup-file' ? await syncMsOf(repos.vmbackupFile) : 0;
-      label = `vmbackup backup --method offline, ${tool === 'vmbackup-file' ? 'file' : 'S3'} chunk repository`;
+      label = `vmbackup backup (offline method), ${tool === 'vmbackup-file' ? 'file' : 'S3'} chunk repository`;
       sample = {
         wallMs: r.wallMs + syncMs,
         cliWallMs: r.wallMs,
