@@ -18,6 +18,8 @@ import { toolEnv } from '../hypervisor/exec';
 import { NbdClient, extents, isNbdError, rangesWhere, readRanges, STATE_HOLE, STATE_ZERO } from '../nbd';
 import {
   ChunkStore,
+  chunkBackupKeys,
+  holdChunkObjects,
   indexKey,
   ingestDisk,
   isChunkFormatError,
@@ -213,9 +215,16 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
             );
         }
         for (const f of vmEntries(rest.vm)) await store.getIndex(f.sha256);
+        // S3 Object Lock: every index and chunk this backup needs (most stored by earlier backups) is retained until
+        // its date before the manifest names them, so a locked backup never points at an earlier-unlocking object
+        if (target.objectLock?.writeLock) {
+          const ids = [...disks.map((d) => d.index), ...vmEntries(rest.vm).map((f) => f.sha256)];
+          await holdChunkObjects(target, await chunkBackupKeys(ids, (id) => store.getIndex(id)));
+        }
       } catch (err) {
         throw chunkFailure(err);
       }
+      const lock = target.objectLock?.writeLock;
       const manifestInput: RepositoryManifestInput = {
         ...rest,
         disks: disks.map((d) => ({
@@ -238,6 +247,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
           encryption: config.encryption,
           compression: config.compression,
         },
+        ...(lock ? { objectLock: lock } : {}),
       };
       let manifest = buildManifest(manifestInput);
       if (repo.keys) manifest = signRepositoryManifest(manifest, repo.keys.authKey);
