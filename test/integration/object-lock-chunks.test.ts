@@ -186,6 +186,15 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
       [`${prefix}/${dom.name}/${second.backupId}/manifest.json`]: until2,
     });
 
+    // report: the last good backup's lock date (JSON and table)
+    const report = await runCli(['report', '--target', url, '--host', host, '--json']);
+    const vms = (JSON.parse(report.stdout) as { vms: Array<{ domain: string; lastGood: { lockedUntil?: string } }> })
+      .vms;
+    expect(vms.find((v) => v.domain === dom.name)?.lastGood.lockedUntil).toBe(until2);
+    const table = await runCli(['report', '--target', url, '--host', host]);
+    expect(table.stdout).toMatch(/LOCKED UNTIL/);
+    expect(table.stdout).toContain(until2);
+
     // verify: every object holds; then one chunk's retention is shortened (the test's bypass) and verify names it
     const ok = await runCli(['verify', second.backupId, '--target', url]);
     expect(ok.code).toBe(0);
