@@ -21,7 +21,9 @@ import {
 } from '@aws-sdk/client-s3';
 import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
+import { deleteObjectsUnder } from '../../src/repository/catalog';
 import { collectChunkGarbage } from '../../src/repository/chunk-gc';
+import { collectGarbage } from '../../src/repository/gc';
 import { ChunkStore, chunkKey, openRepository } from '../../src/repository/chunks';
 import { openTarget } from '../../src/storage/registry';
 import type { BackupResult, S3TargetOptions } from '../../src/shared/types';
@@ -251,5 +253,51 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     // the passed one is gone for good (no version, no delete marker); the locked one and every referenced chunk stay
     expect(await allVersions(lockedBucket, shortLocked)).toEqual([]);
     expect(await keysUnder(`${prefix}/@chunk-repo/chunks/`)).toEqual([...chunks, longLocked].sort());
+  });
+
+  test('dead backups in a locked bucket: cleanup and gc leave retained versions alone, then delete every version', async () => {
+    const prefix = 'dead';
+    const url = `s3://${lockedBucket}/${prefix}`;
+    const dayUntil = new Date(Date.now() + 86_400_000).toISOString();
+    const shortUntil = new Date(Date.now() + 3_000);
+    // two backups that never committed (an image, no manifest), one retained for a day, one for a few seconds
+    const write = async (backupId: string, retainUntil: string): Promise<void> => {
+      const t = openTarget(url, { env: s3Env(), s3: { objectLock: { mode: 'governance', days: 1, retainUntil } } });
+      try {
+        await t.putManifest(`web/${backupId}/vda.raw`, randomBytes(1024));
+      } finally {
+        await t.close();
+      }
+    };
+    const longId = 'web-20261130T100000Z-aaaa';
+    const shortId = 'web-20261130T100000Z-bbbb';
+    await write(longId, dayUntil);
+    await write(shortId, shortUntil.toISOString());
+
+    const target = openTarget(url, { env: s3Env() });
+    try {
+      // the failed backup's cleanup (deleteBackupObjects) cannot delete a retained version, and does not hide it
+      // behind a delete marker either: it stays listed for gc
+      expect(await deleteObjectsUnder(target, 'web', longId)).toEqual([]);
+      expect(await keysUnder(`${prefix}/web/${longId}/`)).toEqual([`${prefix}/web/${longId}/vda.raw`]);
+
+      // wait for the short lock to pass (a wait, not a measurement)
+      while (Date.now() <= shortUntil.getTime() + 1_000) await new Promise((r) => setTimeout(r, 250));
+      const dry = await collectGarbage(target, { olderThanMs: 0, dryRun: true }, () => Promise.resolve(false));
+      expect(dry.entries.map((e) => [e.backupId, e.action, e.lockedUntil])).toEqual([
+        [longId, 'locked', dayUntil],
+        [shortId, 'would remove', undefined],
+      ]);
+      const report = await collectGarbage(target, { olderThanMs: 0 }, () => Promise.resolve(false));
+      expect(report.entries.map((e) => [e.backupId, e.action, e.lockedUntil])).toEqual([
+        [longId, 'locked', dayUntil],
+        [shortId, 'removed', undefined],
+      ]);
+    } finally {
+      await target.close();
+    }
+    // the passed one is gone for good: no version and no delete marker left
+    expect(await allVersions(lockedBucket, `${prefix}/web/${shortId}/`)).toEqual([]);
+    expect(await keysUnder(`${prefix}/web/`)).toEqual([`${prefix}/web/${longId}/vda.raw`]);
   });
 });

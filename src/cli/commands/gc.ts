@@ -224,7 +224,9 @@ function print(report: GcReport, json: boolean): void {
       ? 'kept (a backup with this id runs)'
       : e.action === 'too young'
         ? 'kept (too young)'
-        : e.action,
+        : e.action === 'locked'
+          ? `kept-by-lock (until ${e.lockedUntil ?? '?'})`
+          : e.action,
   ]);
   if (rows.length > 0) printTable(['PREFIX', 'NEWEST', 'OBJECTS', 'SIZE', 'ACTION'], rows);
   const gone = report.entries.filter((e) => e.action === 'removed' || e.action === 'would remove');
