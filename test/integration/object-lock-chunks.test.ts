@@ -160,6 +160,8 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     const init = await runCli(['repo', 'init', url, '--encryption', 'none', '--s3-object-lock', '1']);
     expect(init.code).toBe(0);
     expect(init.stdout).toMatch(/^Created an unencrypted chunk repository/);
+    // init's own writes are locked like any object written with the option
+    expect((await retention([`${prefix}/@chunk-repo/config`]))[`${prefix}/@chunk-repo/config`]).not.toBe('none');
 
     const dom = await newDomain({ prefix: 'lk', start: false, disks: [{ format: 'raw', sizeMiB: 12, randomMiB: 8 }] });
     const first = await backup(dom, url, { objectLock: { mode: 'governance', days: 1 } });
