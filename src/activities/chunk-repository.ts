@@ -172,6 +172,9 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
               ErrorType.ImageCorrupt,
             );
           const id = await store.putIndex(index);
+          // S3 Object Lock: every chunk this disk reuses gets the backup's date here, in this heartbeating step (one
+          // HeadObject per chunk is far too long for the manifest's short step on a large disk)
+          await holdChunkObjects(target, await chunkBackupKeys([id], () => Promise.resolve(index)));
           disks.push({ name: image.name, virtualSize: index.virtualSize, index: id, stats: { ...stats } });
           before += image.virtualSize;
         }
@@ -185,6 +188,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
             throw chunkFailure(err);
           });
           addStats(vmStats, put.stats);
+          await holdChunkObjects(target, await chunkBackupKeys([put.sha256], (id) => store.getIndex(id)));
           stored.set(f.name, put.sha256);
         }
         return { disks, vm: indexedVmRecord(input.vm.vm, stored), vmStats };
@@ -215,12 +219,11 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
             );
         }
         for (const f of vmEntries(rest.vm)) await store.getIndex(f.sha256);
-        // S3 Object Lock: every index and chunk this backup needs (most stored by earlier backups) is retained until
-        // its date before the manifest names them, so a locked backup never points at an earlier-unlocking object
-        if (target.objectLock?.writeLock) {
-          const ids = [...disks.map((d) => d.index), ...vmEntries(rest.vm).map((f) => f.sha256)];
-          await holdChunkObjects(target, await chunkBackupKeys(ids, (id) => store.getIndex(id)));
-        }
+        // S3 Object Lock: storeChunkImages gave every index and chunk of this backup (most stored by earlier
+        // backups) its date; the indexes are checked again here (a few objects), so the manifest is never written
+        // naming an index retained for less than the backup
+        const ids = [...disks.map((d) => d.index), ...vmEntries(rest.vm).map((f) => f.sha256)];
+        await holdChunkObjects(target, [...new Set(ids)].map(indexKey));
       } catch (err) {
         throw chunkFailure(err);
       }
