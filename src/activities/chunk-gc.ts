@@ -44,11 +44,15 @@ export function createChunkGcActivities(deps: ChunkGcActivityDeps): ChunkGcActiv
               ErrorType.InvalidInput,
             );
           const report = await collectChunkGarbage(repo, { graceSeconds: grace, dryRun: Boolean(input.dryRun) });
-          const { removed, ...counts } = report;
+          const { removed, keptLocked, ...counts } = report;
           return {
             ...counts,
             removedKeys: removed.slice(0, CHUNK_GC_MAX_LISTED).map((o) => o.key),
             moreRemoved: Math.max(0, removed.length - CHUNK_GC_MAX_LISTED),
+            keptLocked: keptLocked.length,
+            keptLockedKeys: keptLocked
+              .slice(0, CHUNK_GC_MAX_LISTED)
+              .map((o) => ({ key: o.key, retainUntil: o.retainUntil })),
           };
         });
       } catch (err) {

@@ -18,6 +18,8 @@ import { toolEnv } from '../hypervisor/exec';
 import { NbdClient, extents, isNbdError, rangesWhere, readRanges, STATE_HOLE, STATE_ZERO } from '../nbd';
 import {
   ChunkStore,
+  chunkBackupKeys,
+  holdChunkObjects,
   indexKey,
   ingestDisk,
   isChunkFormatError,
@@ -170,6 +172,9 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
               ErrorType.ImageCorrupt,
             );
           const id = await store.putIndex(index);
+          // S3 Object Lock: every chunk this disk reuses gets the backup's date here, in this heartbeating step (one
+          // HeadObject per chunk is far too long for the manifest's short step on a large disk)
+          await holdChunkObjects(target, await chunkBackupKeys([id], () => Promise.resolve(index)));
           disks.push({ name: image.name, virtualSize: index.virtualSize, index: id, stats: { ...stats } });
           before += image.virtualSize;
         }
@@ -183,6 +188,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
             throw chunkFailure(err);
           });
           addStats(vmStats, put.stats);
+          await holdChunkObjects(target, await chunkBackupKeys([put.sha256], (id) => store.getIndex(id)));
           stored.set(f.name, put.sha256);
         }
         return { disks, vm: indexedVmRecord(input.vm.vm, stored), vmStats };
@@ -213,9 +219,15 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
             );
         }
         for (const f of vmEntries(rest.vm)) await store.getIndex(f.sha256);
+        // S3 Object Lock: storeChunkImages gave every index and chunk of this backup (most stored by earlier
+        // backups) its date; the indexes are checked again here (a few objects), so the manifest is never written
+        // naming an index retained for less than the backup
+        const ids = [...disks.map((d) => d.index), ...vmEntries(rest.vm).map((f) => f.sha256)];
+        await holdChunkObjects(target, [...new Set(ids)].map(indexKey));
       } catch (err) {
         throw chunkFailure(err);
       }
+      const lock = target.objectLock?.writeLock;
       const manifestInput: RepositoryManifestInput = {
         ...rest,
         disks: disks.map((d) => ({
@@ -238,6 +250,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
           encryption: config.encryption,
           compression: config.compression,
         },
+        ...(lock ? { objectLock: lock } : {}),
       };
       let manifest = buildManifest(manifestInput);
       if (repo.keys) manifest = signRepositoryManifest(manifest, repo.keys.authKey);

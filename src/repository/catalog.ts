@@ -209,16 +209,45 @@ export async function deleteObjectsUnder(target: StorageTarget, domain: string, 
   return (await removeBackupPrefix(target, domain, backupId)).keys;
 }
 
-/** deleteObjectsUnder, also saying how many unfinished puts it removed. */
+/**
+ * deleteObjectsUnder, also saying how many unfinished puts it removed.
+ *
+ * In a bucket with S3 Object Lock (versioned) a plain delete only adds delete markers: the bytes stay, billed, and
+ * hidden from every listing, so no later gc would find them. There the prefix's versions are deleted for good, or,
+ * when one of them is still retained, nothing is deleted and `lockedUntil` says until when (the objects stay listed,
+ * and a gc after that date removes them).
+ */
 export async function removeBackupPrefix(
   target: StorageTarget,
   domain: string,
   backupId: string,
-): Promise<{ keys: string[]; unfinished: number }> {
+): Promise<{ keys: string[]; unfinished: number; lockedUntil?: string }> {
   const prefix = backupPrefix(domain, backupId);
+  const lock = target.objectLock && (await target.objectLock.enabled()) ? target.objectLock : undefined;
+  if (lock) {
+    const versions = await lock.versions(prefix);
+    const until = Math.max(0, ...versions.map((v) => v.retainUntil?.getTime() ?? 0));
+    const unfinished = await target.removeUnfinished(prefix);
+    if (until > Date.now()) return { keys: [], unfinished, lockedUntil: new Date(until).toISOString() };
+    for (const v of versions) await lock.deleteVersion(v.key, v.versionId);
+    return { keys: [...new Set(versions.filter((v) => !v.deleteMarker).map((v) => v.key))].sort(), unfinished };
+  }
   const keys: string[] = [];
   for await (const obj of target.list(prefix)) keys.push(obj.key);
   for (const key of keys) await target.delete(key);
   const unfinished = await target.removeUnfinished(prefix);
   return { keys, unfinished };
+}
+
+/** S3 Object Lock: the latest date a version under the backup prefix is retained until, when still to come. */
+export async function backupPrefixLockedUntil(
+  target: StorageTarget,
+  domain: string,
+  backupId: string,
+): Promise<string | undefined> {
+  const lock = target.objectLock && (await target.objectLock.enabled()) ? target.objectLock : undefined;
+  if (!lock) return undefined;
+  const versions = await lock.versions(backupPrefix(domain, backupId));
+  const until = Math.max(0, ...versions.map((v) => v.retainUntil?.getTime() ?? 0));
+  return until > Date.now() ? new Date(until).toISOString() : undefined;
 }

@@ -11,8 +11,12 @@
  * older than `start - grace`, checked again just before its delete. Backups that run meanwhile are safe by the
  * freshness rule (chunks/store.ts): a chunk or index a backup reuses was touched when older than the freshness window, so
  * it is younger than grace; one it uploaded is new. Hence grace must exceed twice the freshness window.
+ *
+ * S3 Object Lock (a versioned bucket): an unreferenced object one version of which is still retained is kept and
+ * reported with that date (`keptLocked`); once every version's retention passed, its versions and delete markers are
+ * deleted for good (a plain delete would only hide it behind a delete marker).
  */
-import type { ObjectInfo, StorageTarget } from '../storage/contract';
+import type { ObjectInfo, ObjectVersion, StorageTarget } from '../storage/contract';
 import { isStorageError } from '../storage/errors';
 import { parseManifestKey } from '../storage/keys';
 import { MAX_MANIFEST_BYTES } from './catalog';
@@ -69,6 +73,11 @@ export interface ChunkGcReport {
   keptYoungBytes: number;
   /** with dryRun: what would be removed; otherwise what was */
   removed: ChunkGcObject[];
+  /**
+   * S3 Object Lock: unreferenced objects a version of which the server still retains: kept, with the latest date
+   * (a later gc removes them once it passed)
+   */
+  keptLocked: Array<ChunkGcObject & { retainUntil: string }>;
 }
 
 /** A gc that must not sweep: one sentence for a person. */
@@ -185,8 +194,26 @@ export async function collectChunkGarbage(repo: OpenRepository, policy: ChunkGcP
     keptYoung: young.length,
     keptYoungBytes: young.reduce((n, o) => n + o.size, 0),
     removed: [],
+    keptLocked: [],
   };
+  // a versioned (Object Lock) bucket: a plain delete only adds a delete marker (the bytes stay, billed) and a
+  // retained version cannot be deleted at all, so each object's versions are asked for and deleted one by one
+  const lock = target.objectLock && (await target.objectLock.enabled()) ? target.objectLock : undefined;
   for (const o of remove) {
+    let versions: ObjectVersion[] | undefined;
+    if (lock) {
+      versions = (await lock.versions(o.key)).filter((v) => v.key === o.key);
+      const until = Math.max(0, ...versions.map((v) => v.retainUntil?.getTime() ?? 0));
+      if (until > Date.now()) {
+        report.keptLocked.push({
+          key: o.key,
+          size: o.size,
+          modified: o.modified.toISOString(),
+          retainUntil: new Date(until).toISOString(),
+        });
+        continue;
+      }
+    }
     if (!policy.dryRun) {
       // the listing may be minutes old: a backup may have touched (reused) it since. Checked again right before the
       // delete; what is left is the time between this stat and the delete (one request).
@@ -197,7 +224,23 @@ export async function collectChunkGarbage(repo: OpenRepository, policy: ChunkGcP
         report.keptYoungBytes += now.size;
         continue;
       }
-      await target.delete(o.key);
+      if (lock && versions) {
+        // versions written after the listing above (a touch) are not deleted: the object stays, current
+        try {
+          for (const v of versions) await lock.deleteVersion(v.key, v.versionId);
+        } catch (err) {
+          if (!isStorageError(err) || err.kind !== 'permission') throw err;
+          // retained since it was asked (a backup reused and held it meanwhile): kept, as any locked object
+          const until = Math.max(0, ...(await lock.versions(o.key)).map((v) => v.retainUntil?.getTime() ?? 0));
+          report.keptLocked.push({
+            key: o.key,
+            size: o.size,
+            modified: o.modified.toISOString(),
+            retainUntil: new Date(until).toISOString(),
+          });
+          continue;
+        }
+      } else await target.delete(o.key);
     }
     if (chunkIdOfKey(o.key) !== undefined) report.removedChunks++;
     else report.removedIndexes++;

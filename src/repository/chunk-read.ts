@@ -9,20 +9,24 @@ import type { FileHandle } from 'node:fs/promises';
 import { open } from 'node:fs/promises';
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
+import { manifestKey } from '../storage/keys';
 import type { BackupEntry } from './catalog';
 import {
   CHUNKS_PREFIX,
   CONFIG_KEY,
   ChunkStore,
   SMALL_OBJECT_MAX_BYTES,
+  chunkBackupKeys,
   chunkIdOfKey,
   entryRange,
   getSmallFile,
   isAllZero,
   isChunkFormatError,
+  lockShortfalls,
   openRepository,
   parseRepositoryConfig,
   type DiskIndex,
+  type LockShortfall,
 } from './chunks';
 import {
   hasRepositorySignature,
@@ -258,6 +262,11 @@ export interface ChunkVerification {
   problem?: string;
   disks: ChunkItemVerification[];
   vmFiles: ChunkItemVerification[];
+  /**
+   * a backup written with S3 Object Lock: the objects it needs (manifest, indexes, chunks) that the server retains
+   * for less than its date (or not at all); empty when every one holds
+   */
+  lock?: { retainUntil: string; objects: number; shortfalls: LockShortfall[] };
 }
 
 /**
@@ -294,7 +303,23 @@ export async function verifyChunkBackup(
   const vmFiles: ChunkItemVerification[] = [];
   for (const f of manifestVmFiles(m))
     vmFiles.push(await verifyItem(store, f.name, f.key, f.sha256, f.size, f.size, present));
-  return { disks, vmFiles };
+  if (!m.objectLock) return { disks, vmFiles };
+  return { disks, vmFiles, lock: await checkLock(store, m, m.objectLock.retainUntil, [...disks, ...vmFiles]) };
+}
+
+/**
+ * A locked chunk backup is as undeletable as the least-locked object it needs: each of them (the manifest, the
+ * indexes that could be read, their chunks) must be retained by the server until at least the manifest's date.
+ */
+async function checkLock(
+  store: ChunkStore,
+  m: Pick<Manifest, 'domain' | 'backupId'>,
+  retainUntil: string,
+  items: ChunkItemVerification[],
+): Promise<NonNullable<ChunkVerification['lock']>> {
+  const readable = items.filter((i) => i.actualSha256 !== undefined).map((i) => i.expectedSha256);
+  const keys = [manifestKey(m.domain, m.backupId), ...(await chunkBackupKeys(readable, (id) => store.getIndex(id)))];
+  return { retainUntil, objects: keys.length, shortfalls: await lockShortfalls(store.repo.target, keys, retainUntil) };
 }
 
 async function verifyItem(

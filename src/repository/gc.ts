@@ -12,7 +12,7 @@ import { parseDuration } from '../shared/duration';
 import { DOMAIN_NAME_RE } from '../shared/names';
 import type { ObjectInfo, StorageTarget } from '../storage/contract';
 import { backupPrefix, MANIFEST_NAME, manifestKey } from '../storage/keys';
-import { removeBackupPrefix, treeObjects } from './catalog';
+import { backupPrefixLockedUntil, removeBackupPrefix, treeObjects } from './catalog';
 
 export interface GcPolicy {
   /** a dead prefix is removed only when its newest object is at least this old (milliseconds) */
@@ -32,8 +32,13 @@ export interface GcEntry {
   bytes: number;
   /** modified time of the newest object under the prefix (ISO 8601) */
   newest: string;
-  /** removed (or, with dryRun, would be); kept because a backup with this id runs, or it is younger than the policy */
-  action: 'removed' | 'would remove' | 'running' | 'too young';
+  /**
+   * removed (or, with dryRun, would be); kept because a backup with this id runs, or it is younger than the policy,
+   * or (S3 Object Lock) one of its versions is still retained: `lockedUntil`
+   */
+  action: 'removed' | 'would remove' | 'running' | 'too young' | 'locked';
+  /** S3 Object Lock: the date the last of its versions is retained until, when that is still to come */
+  lockedUntil?: string;
   /** objects removed (keys); empty with dryRun */
   removedKeys: string[];
   /** unfinished uploads (temp files, S3 multipart uploads) removed under the prefix */
@@ -121,7 +126,11 @@ export async function collectGarbage(
       entry.action = 'running';
       continue;
     }
-    if (policy.dryRun) continue;
+    if (policy.dryRun) {
+      const lockedUntil = await backupPrefixLockedUntil(target, p.domain, p.backupId);
+      if (lockedUntil) Object.assign(entry, { action: 'locked', lockedUntil });
+      continue;
+    }
     // a backup may have committed since the listing (its manifest is the last object it writes): then it is not dead
     if (await target.stat(manifestKey(p.domain, p.backupId))) {
       report.entries.pop();
@@ -130,6 +139,7 @@ export async function collectGarbage(
     const removed = await removeBackupPrefix(target, p.domain, p.backupId);
     entry.removedKeys = removed.keys;
     entry.unfinishedRemoved = removed.unfinished;
+    if (removed.lockedUntil) Object.assign(entry, { action: 'locked', lockedUntil: removed.lockedUntil });
   }
   return report;
 }

@@ -74,6 +74,15 @@ export interface VerifyReport {
   disks: DiskVerification[];
   /** the whole-VM files of the backup asked for */
   vmFiles: VmFileVerification[];
+  /**
+   * a chunk backup written with S3 Object Lock: how many objects it needs, and those the server retains for less
+   * than its date (then `ok` is false)
+   */
+  lock?: {
+    retainUntil: string;
+    objects: number;
+    shortfalls: Array<{ key: string; retainUntil?: string; missing?: boolean }>;
+  };
   /** every backup it depends on and itself, oldest (the chain's full) first; a missing link comes first, not ok */
   links: LinkVerification[];
 }
@@ -101,13 +110,15 @@ export async function verifyBackup(
   if (isChunkManifest(manifest)) {
     // a complete point: no chain to walk
     const checked = await verifyChunkBackup(target, entry, opts);
+    const lockProblem = checked.lock ? describeShortfalls(backupId, checked.lock) : undefined;
+    const problem = checked.problem ?? lockProblem;
     const link: LinkVerification = {
       backupId,
       level: manifest.chain.level,
-      ok: !checked.problem && [...checked.disks, ...checked.vmFiles].every((d) => d.ok),
+      ok: !problem && [...checked.disks, ...checked.vmFiles].every((d) => d.ok),
       disks: checked.disks,
       vmFiles: checked.vmFiles,
-      ...(checked.problem ? { problem: checked.problem } : {}),
+      ...(problem ? { problem } : {}),
     };
     return {
       backupId,
@@ -116,6 +127,7 @@ export async function verifyBackup(
       ok: link.ok,
       disks: link.disks,
       vmFiles: link.vmFiles,
+      ...(checked.lock ? { lock: checked.lock } : {}),
       links: [link],
     };
   }
@@ -282,4 +294,21 @@ async function hashStream(target: StorageTarget, key: string, signal?: AbortSign
     { signal },
   );
   return { sha256: hash.digest('hex'), bytes };
+}
+
+/**
+ * One sentence naming the objects of a locked backup that the server retains for less than its date (the first
+ * three, and how many more); undefined when every one holds.
+ */
+function describeShortfalls(backupId: string, lock: NonNullable<VerifyReport['lock']>): string | undefined {
+  const short = lock.shortfalls;
+  if (short.length === 0) return undefined;
+  const named = short
+    .slice(0, 3)
+    .map(
+      (s) => `${s.key} (${s.missing ? 'missing' : s.retainUntil ? `retained until ${s.retainUntil}` : 'not retained'})`,
+    )
+    .join(', ');
+  const more = short.length > 3 ? ` and ${short.length - 3} more` : '';
+  return `backup ${backupId} is locked until ${lock.retainUntil}, but ${short.length} of the ${lock.objects} objects it needs can be deleted before that: ${named}${more}; their retention was shortened with a governance bypass or never set, and a new locked backup extends every object it shares with this one.`;
 }

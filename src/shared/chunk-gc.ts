@@ -35,6 +35,10 @@ export interface ChunkGcResult {
   removedKeys: string[];
   /** how many more were removed than removedKeys lists */
   moreRemoved: number;
+  /** S3 Object Lock: unreferenced objects kept because a version is still retained (a later gc removes them) */
+  keptLocked: number;
+  /** the first MAX_LISTED of them, each with the date its retention passes */
+  keptLockedKeys: Array<{ key: string; retainUntil: string }>;
 }
 
 export const CHUNK_GC_MAX_LISTED = 1000;

@@ -153,9 +153,23 @@ async function runChunkGc(flags: GcFlags, repositoryId: string, graceSeconds: nu
 function printChunks(r: ChunkGcResult): void {
   for (const key of r.removedKeys) process.stdout.write(`${r.dryRun ? 'would remove' : 'removed'} ${key}\n`);
   if (r.moreRemoved > 0) process.stdout.write(`... and ${r.moreRemoved} more\n`);
+  // a result of a worker from before Object Lock support has no keptLockedKeys
+  const locked = r.keptLockedKeys ?? [];
+  for (const k of locked) process.stdout.write(`kept-by-lock ${k.key} until ${k.retainUntil}\n`);
+  if ((r.keptLocked ?? 0) > locked.length)
+    process.stdout.write(`... and ${r.keptLocked - locked.length} more kept by lock\n`);
   process.stderr.write(
     `${r.dryRun ? 'Would remove' : 'Removed'} ${r.removedChunks} chunk(s) and ${r.removedIndexes} index(es) (${formatBytes(r.removedBytes)}) that none of the ${r.backups} backup(s) of the chunk repository on ${r.target} references; kept ${r.keptYoung} unreferenced object(s) younger than the grace period (${formatBytes(r.keptYoungBytes)}).\n`,
   );
+  if ((r.keptLocked ?? 0) > 0) {
+    const latest = locked
+      .map((k) => k.retainUntil)
+      .sort()
+      .at(-1);
+    process.stderr.write(
+      `Kept ${r.keptLocked} unreferenced object(s) that S3 Object Lock still retains${latest ? ` (the last until ${latest})` : ''}; a gc after that date removes them.\n`,
+    );
+  }
 }
 
 interface RunningCheck {
@@ -210,7 +224,9 @@ function print(report: GcReport, json: boolean): void {
       ? 'kept (a backup with this id runs)'
       : e.action === 'too young'
         ? 'kept (too young)'
-        : e.action,
+        : e.action === 'locked'
+          ? `kept-by-lock (until ${e.lockedUntil ?? '?'})`
+          : e.action,
   ]);
   if (rows.length > 0) printTable(['PREFIX', 'NEWEST', 'OBJECTS', 'SIZE', 'ACTION'], rows);
   const gone = report.entries.filter((e) => e.action === 'removed' || e.action === 'would remove');

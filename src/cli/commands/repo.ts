@@ -149,6 +149,16 @@ async function runInit(url: string, flags: InitFlags): Promise<void> {
   await withCliTarget(url, flags, async (target) => {
     if ((await target.stat(CONFIG_KEY)) !== undefined)
       throw new CliError(`${target.displayUrl} already holds a chunk repository; nothing was changed.`);
+    if (flags.s3ObjectLock !== undefined) {
+      if (!target.objectLock)
+        throw new CliError(
+          `--s3-object-lock needs an s3:// target, and ${target.displayUrl} is not one; nothing was written.`,
+        );
+      if (!(await target.objectLock.enabled()))
+        throw new CliError(
+          `${target.displayUrl} cannot hold a locked chunk repository: its bucket does not have Object Lock enabled, and it can only be enabled when a bucket is created; create one with \`aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket\`. Nothing was written.`,
+        );
+    }
     let password: string | undefined;
     if (encryption === 'none') {
       if (flags.passwordFile)

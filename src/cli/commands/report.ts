@@ -69,6 +69,8 @@ export interface ReportedVm {
     /** bytes of its images (on one target) */
     size: number;
     targets: string[];
+    /** S3 Object Lock: the date its objects are retained until (from its manifest), when it was written locked */
+    lockedUntil?: string;
   } | null;
   lastFailure: LastFailure | null;
 }
@@ -205,6 +207,7 @@ async function runReport(flags: ReportFlags): Promise<void> {
               targets: unique(
                 v.backups.filter((b) => b.entry.manifest.backupId === m.backupId).map((b) => redactTargetUrl(b.target)),
               ),
+              ...(m.objectLock ? { lockedUntil: m.objectLock.retainUntil } : {}),
             }
           : null,
         lastFailure: failures[i] ?? null,
@@ -262,8 +265,21 @@ function printHuman(
     process.stderr.write('No VMs: no schedule covers any, and the targets hold no backups.\n');
     return;
   }
+  // the lock column only when a reported backup was written with S3 Object Lock (as `list`)
+  const locked = reported.some((r) => r.lastGood?.lockedUntil);
   printTable(
-    ['DOMAIN', 'HOST', 'STATUS', 'LAST GOOD', 'AGE', 'LEVEL', 'SIZE', 'TARGETS', 'LAST FAILURE'],
+    [
+      'DOMAIN',
+      'HOST',
+      'STATUS',
+      'LAST GOOD',
+      'AGE',
+      'LEVEL',
+      'SIZE',
+      'TARGETS',
+      ...(locked ? ['LOCKED UNTIL'] : []),
+      'LAST FAILURE',
+    ],
     reported.map((r) => [
       r.domain,
       r.host,
@@ -273,6 +289,7 @@ function printHuman(
       r.lastGood?.level ?? '-',
       r.lastGood ? formatBytes(r.lastGood.size) : '-',
       r.lastGood ? String(r.lastGood.targets.length) : '0',
+      ...(locked ? [r.lastGood?.lockedUntil ?? '-'] : []),
       r.lastFailure ? `${r.lastFailure.at} (${r.lastFailure.status})` : '-',
     ]),
   );

@@ -10,3 +10,4 @@ export * from './store';
 export * from './password';
 export * from './files';
 export * from './ingest';
+export * from './lock';
