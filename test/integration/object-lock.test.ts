@@ -228,8 +228,9 @@ test('prune keeps a locked backup and says until when, and removes every version
   const newer = new Date(Date.now() - 86_400_000);
   const oldId = backupIdAt(older);
   const newId = backupIdAt(newer);
-  // the old backup's lock passes in a few seconds: a date the activities take as the workflow would send it
-  const soon = new Date(Date.now() + 8_000).toISOString();
+  // the old backup's lock passes in half a minute (room for two backups and two CLI runs on a loaded machine: 8 s was
+  // too little once): a date the activities take as the workflow would send it
+  const soon = new Date(Date.now() + 30_000).toISOString();
   await lockedBackup(url, oldId, older.toISOString(), {
     partSizeMiB: 5,
     objectLock: { mode: 'governance', days: 1, retainUntil: soon },
