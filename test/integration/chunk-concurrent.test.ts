@@ -24,7 +24,8 @@ import {
   initRepository,
 } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
-import { progressQuery } from '../../src/shared/queries';
+import { progressQuery, storeProgressSignal } from '../../src/shared/queries';
+import type { StoreProgress } from '../../src/shared/queries';
 import type { BackupProgress, BackupResult } from '../../src/shared/types';
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
@@ -261,10 +262,23 @@ describe('a chunk repository while a backup runs (real stack)', () => {
       const seen: Array<BackupProgress['targets'][string]> = [];
       let finished = false;
       const result = handle.result().finally(() => (finished = true));
+      let forged = false;
       while (!finished) {
         const p = await handle.query(progressQuery).catch(() => undefined);
         const t = p?.targets[url];
         if (t) seen.push({ ...t });
+        if (t?.state === 'uploading' && !forged) {
+          // anyone on the cluster can signal: what is not a storing target's count forward is dropped
+          forged = true;
+          const bad: unknown[] = [
+            { target: 'file:///elsewhere', bytesDone: 1 },
+            { target: '__proto__', bytesDone: 1 },
+            { target: url, bytesDone: -5 },
+            { target: url, bytesDone: '7' },
+            'not an object',
+          ];
+          for (const b of bad) await handle.signal(storeProgressSignal, b as StoreProgress).catch(() => undefined);
+        }
         await new Promise((r) => setTimeout(r, 200));
       }
       expect((await result).status).toBe('completed');
@@ -278,6 +292,9 @@ describe('a chunk repository while a backup runs (real stack)', () => {
       for (let i = 1; i < seen.length; i++) expect(seen[i]!.bytesDone).toBeGreaterThanOrEqual(seen[i - 1]!.bytesDone);
       const p = await handle.query(progressQuery);
       expect(p.targets[url]).toEqual({ bytesDone: total, bytesTotal: total, state: 'done' });
+      expect(forged).toBe(true);
+      expect(Object.keys(p.targets)).toEqual([url]);
+      expect(Object.getPrototypeOf(p.targets)).toBe(Object.prototype);
     } finally {
       await target.close();
     }
