@@ -76,7 +76,7 @@ export type StoreProgressReporter = (
 const REPORT_MIN_MS = 2_000;
 const REPORT_MAX_MS = 60_000;
 
-/** Calls `send` with the latest bytes, spaced as above; `flush` waits for a report in flight. */
+/** Calls `send` with the latest bytes, spaced as above. */
 function progressReporter(send: ((bytesDone: number) => Promise<void>) | undefined, total: number) {
   let lastAt = Date.now();
   let lastBytes = 0;
@@ -93,8 +93,11 @@ function progressReporter(send: ((bytesDone: number) => Promise<void>) | undefin
         .catch(() => undefined)
         .finally(() => (inFlight = undefined));
     },
+    /** waits for a report in flight, at most 5 s: a report never holds the step up */
     flush: async (): Promise<void> => {
-      await inFlight;
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([inFlight, new Promise((r) => (timer = setTimeout(r, 5_000)))]);
+      clearTimeout(timer);
     },
   };
 }
