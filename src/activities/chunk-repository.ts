@@ -29,6 +29,7 @@ import {
 import type { DiskSource, OpenRepository, StoreStats } from '../repository/chunks';
 import { buildManifest, encodeManifest, signManifest, signRepositoryManifest } from '../repository/manifest';
 import type { ManifestInput as RepositoryManifestInput } from '../repository/manifest';
+import type { StoreProgress } from '../shared/queries';
 import type {
   ChunkManifestInput,
   ChunkStoreStats,
@@ -57,6 +58,50 @@ export interface ChunkRepositoryDeps {
   chunkConcurrency?: number;
   /** NBD reads in flight per disk (default 8) */
   nbdInFlight?: number;
+  /**
+   * tells the running backup's workflow how far a target's store is (the progress query shows it); best effort: a
+   * report that fails is dropped. Undefined: the workflow sees the bytes only once the target is done.
+   */
+  reportProgress?: StoreProgressReporter;
+}
+
+/** Sends `progress` to the workflow run the activity belongs to (a signal on the worker's Temporal client). */
+export type StoreProgressReporter = (
+  execution: { workflowId: string; runId: string },
+  progress: StoreProgress,
+) => Promise<void>;
+
+/**
+ * Reports are spaced: at least this long apart, and once this long has passed only when the bytes moved by 1% of the
+ * total or REPORT_MAX_MS went by. A report is one event in the backup's history: a day-long store sends a few hundred.
+ */
+const REPORT_MIN_MS = 2_000;
+const REPORT_MAX_MS = 60_000;
+
+/** Calls `send` with the latest bytes, spaced as above. */
+function progressReporter(send: ((bytesDone: number) => Promise<void>) | undefined, total: number) {
+  let lastAt = Date.now();
+  let lastBytes = 0;
+  let inFlight: Promise<void> | undefined;
+  return {
+    update(bytesDone: number): void {
+      if (!send || inFlight) return;
+      const now = Date.now();
+      const since = now - lastAt;
+      if (since < REPORT_MIN_MS || (bytesDone - lastBytes < total / 100 && since < REPORT_MAX_MS)) return;
+      lastAt = now;
+      lastBytes = bytesDone;
+      inFlight = send(bytesDone)
+        .catch(() => undefined)
+        .finally(() => (inFlight = undefined));
+    },
+    /** waits for a report in flight, at most 5 s: a report never holds the step up */
+    flush: async (): Promise<void> => {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([inFlight, new Promise((r) => (timer = setTimeout(r, 5_000)))]);
+      clearTimeout(timer);
+    },
+  };
 }
 
 /** What storeChunkImages heartbeats: where it is, for `status` and for a person reading the history. */
@@ -145,6 +190,18 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
         uploadedChunks: 0,
         knownChunks: 0,
       };
+      const execution = ctx.info.workflowExecution;
+      const { reportProgress } = deps;
+      const report = progressReporter(
+        reportProgress && execution
+          ? (bytesDone) =>
+              reportProgress(
+                { workflowId: execution.workflowId, runId: execution.runId },
+                { target: input.target, bytesDone },
+              )
+          : undefined,
+        total,
+      );
       // a slow upload must not look like a dead worker
       const keepAlive = setInterval(() => ctx.heartbeat(beat), 5_000);
       try {
@@ -159,6 +216,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
                 beat.uploadedChunks = p.stats.uploadedChunks;
                 beat.knownChunks = p.stats.knownChunks;
                 ctx.heartbeat(beat);
+                report.update(beat.bytesDone);
               },
             }),
           ).catch((err: unknown) => {
@@ -194,6 +252,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
         return { disks, vm: indexedVmRecord(input.vm.vm, stored), vmStats };
       } finally {
         clearInterval(keepAlive);
+        await report.flush();
       }
     });
   }

@@ -12,6 +12,7 @@ import type { BackupStates } from './backup-states';
 import { createChainActivities } from './chain';
 import { createChunkGcActivities } from './chunk-gc';
 import { createChunkRepositoryActivities } from './chunk-repository';
+import type { StoreProgressReporter } from './chunk-repository';
 import { createDeadStagingActivities } from './dead-staging';
 import { permanent } from './failures';
 import { HostPaths } from './host-paths';
@@ -59,6 +60,8 @@ export interface ActivityDeps {
    * read once by the worker at its start; never part of an activity's input
    */
   repositoryPassword?: string;
+  /** tells a backup's workflow how far its chunk store is (the worker's Temporal client); undefined: not told */
+  reportStoreProgress?: StoreProgressReporter;
 }
 
 /** Everything the host's worker runs on `vmbackup-host-<host>`: the backup steps and a scheduled run's steps. */
@@ -98,6 +101,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       manifestKey: deps.manifestKey,
       paths,
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
+      ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),
     }),
     ...createVmFileActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget, paths }),
     ...createChainActivities({

@@ -24,7 +24,7 @@ import type { RecoveryAction } from '../shared/activities';
 import type { VmbackupSinks } from '../shared/events';
 import type * as MetricsModule from './metrics';
 import { temporalBackupStates } from './backup-states';
-import { temporalRunningBackupOf, temporalSlotGrants } from './slots';
+import { temporalRunningBackupOf, temporalSlotGrants, temporalStoreProgress } from './slots';
 import type { RecoverHostInput } from '../workflows/recover';
 import { readManifestKey, type Config } from './config';
 
@@ -74,6 +74,12 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
   const hypervisor = createVirshHypervisor({ uri: config.libvirtUri, sessions: config.virshSessions });
   const targetEnv = targetEnvironmentFrom(process.env);
   const client = new Client({ connection, namespace: config.namespace });
+  // signals carry payloads: through the payload codec like the workflow's own
+  const codecClient = new Client({
+    connection,
+    namespace: config.namespace,
+    dataConverter: payloadCodecs(config, 'client'),
+  });
   const activities = createActivities({
     hypervisor,
     stateDir: config.stateDir,
@@ -87,6 +93,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     ...(config.manifestKeyFile ? { manifestKey: readManifestKey(config.manifestKeyFile) } : {}),
     backupStates: temporalBackupStates(client),
     runningBackupOf: temporalRunningBackupOf(client),
+    reportStoreProgress: temporalStoreProgress(codecClient),
     // no webhook event may ever carry these, whatever a library puts into an error sentence
     ...(config.allowNotify ? { allowNotify: config.allowNotify } : {}),
     ...(repositoryPassword !== undefined ? { repositoryPassword } : {}),
@@ -118,7 +125,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     maxConcurrentBackups: opts.maxConcurrentBackups ?? defaultMaxConcurrentBackups(),
     dataConverter,
     // the signal's token is a payload: it goes through the payload codec like any other
-    client: new Client({ connection, namespace: config.namespace, dataConverter: payloadCodecs(config, 'client') }),
+    client: codecClient,
   });
   const workers = [worker, slots];
   if (opts.serveControlQueue) {

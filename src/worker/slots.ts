@@ -5,7 +5,8 @@ import type { RunningBackupOf } from '../activities/schedule';
 import type { SlotActivityDeps } from '../activities/slot';
 import { runningBackupOfDomain } from '../client/backups';
 import { DOMAIN_NAME_RE } from '../shared/names';
-import { slotGrantedSignal } from '../shared/queries';
+import { slotGrantedSignal, storeProgressSignal } from '../shared/queries';
+import type { StoreProgressReporter } from '../activities/chunk-repository';
 
 export function temporalSlotGrants(client: Client): SlotActivityDeps['grantSlot'] {
   return async (workflowId, runId, token) => {
@@ -23,5 +24,12 @@ export function temporalRunningBackupOf(client: Client): RunningBackupOf {
   return async (domain, exceptRunId) => {
     if (!DOMAIN_NAME_RE.test(domain)) throw new Error(`"${domain}" is not a domain name`);
     return runningBackupOfDomain(client, domain, exceptRunId);
+  };
+}
+
+/** storeChunkImages' progress, sent to its backup's workflow run as the storeProgress signal. */
+export function temporalStoreProgress(client: Client): StoreProgressReporter {
+  return async ({ workflowId, runId }, progress) => {
+    await client.workflow.getHandle(workflowId, runId).signal(storeProgressSignal, progress);
   };
 }

@@ -49,7 +49,7 @@ import {
   hostTaskQueue,
   pushImageFiles,
 } from '../shared/names';
-import { progressQuery, slotGrantedSignal } from '../shared/queries';
+import { progressQuery, slotGrantedSignal, storeProgressSignal } from '../shared/queries';
 import type { SlotActivities } from '../shared/schedule';
 import { StateKey, MethodKey } from '../shared/search';
 import type {
@@ -789,6 +789,16 @@ async function storeInRepositories(
 ): Promise<TargetResult[]> {
   const { backupId, domain, host } = req;
   const total = images.reduce((n, i) => n + i.virtualSize, 0);
+  // The store step reports its bytes as it goes (a signal from the activity: a heartbeat never reaches the
+  // workflow). A handler is no command: histories without these signals replay unchanged. Anyone on the cluster can
+  // signal: a report only moves a storing target's count forward, up to its total.
+  setHandler(storeProgressSignal, (p: unknown) => {
+    const { target, bytesDone } = (typeof p === 'object' && p !== null ? p : {}) as Record<string, unknown>;
+    if (typeof target !== 'string' || !Object.prototype.hasOwnProperty.call(progress.targets, target)) return;
+    const state = progress.targets[target];
+    if (!state || state.state !== 'uploading' || typeof bytesDone !== 'number' || !Number.isFinite(bytesDone)) return;
+    state.bytesDone = Math.max(state.bytesDone, Math.min(Math.floor(bytesDone), state.bytesTotal));
+  });
   const storeOne = async (target: string): Promise<TargetResult> => {
     const state = progress.targets[target] ?? { bytesDone: 0, bytesTotal: total, state: 'pending' as const };
     progress.targets[target] = state;
