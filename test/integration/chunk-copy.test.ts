@@ -22,7 +22,8 @@ import { restoreBackup } from '../../src/repository/restore';
 import { manifestKey } from '../../src/storage/keys';
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
-import { makeChunkBackup } from '../helpers/chunk-backups';
+import { makeChunkBackup, putChunkManifest } from '../helpers/chunk-backups';
+import { buildChain, putChain, type BuiltChain } from '../storage/chains';
 import { identical } from '../helpers/images';
 import { requireNfs, requireS3 } from '../helpers/stack';
 import { cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
@@ -38,6 +39,7 @@ const FAST = { N: 2 ** 10, r: 8, p: 1 };
 
 let work: string;
 let source: string;
+let chain: BuiltChain;
 const passwords = {
   one: 'source password of the chunk-copy test',
   two: 'destination password of the chunk-copy test',
@@ -72,6 +74,7 @@ beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'vmbackup-chunk-copy-'));
   source = join(work, 'source.raw');
   await makeSource(source);
+  chain = await buildChain(join(work, 'chain'), DOMAIN);
   for (const [name, pw] of Object.entries(passwords)) await writeFile(pwFile(name as Pw), `${pw}\n`);
 });
 
@@ -308,5 +311,58 @@ describe.each(backends)('copy with chunk repositories on %s', (_name, requireBac
       1,
       [`vmbackup: The password does not open any key of the chunk repository on ${dst.url}.`],
     ]);
+  });
+
+  test('an increment of an image-tree chain into a chunk repository: built from the manifests, each disk equals the disk at that point', async () => {
+    const tree = place('chain');
+    await putChain(tree.target, chain);
+    const dst = await repository('from-chain', 'two');
+    const out = await copy(chain.ids.inc2, '--from', tree.url, '--to', dst.url, '--to-password-file', pwFile('two'));
+    expect([out.code, ownLines(out.stderr)]).toEqual([0, []]);
+    const to = await mkdtemp(join(work, 'restore-'));
+    try {
+      const disks = await restoreBackup(dst.target, chain.ids.inc2, {
+        to,
+        format: 'raw',
+        password: async () => passwords.two,
+      });
+      expect(disks.map((d) => d.name).sort()).toEqual(Object.keys(chain.refs.inc2).sort());
+      for (const d of disks) expect(await identical(d.path, chain.refs.inc2[d.name]!)).toBe(true);
+    } finally {
+      await rm(to, { recursive: true, force: true });
+    }
+  });
+
+  test('a source manifest not signed with its repository key is refused with one sentence and nothing is written', async () => {
+    const src = await repository('forged', 'one');
+    const { manifest } = await makeChunkBackup(src.repo, { domain: DOMAIN, disks: [{ name: 'vda', rawPath: source }] });
+    const { repositorySignature: _dropped, ...unsigned } = manifest;
+    await putChunkManifest(src.repo, unsigned as typeof manifest);
+    const dst = await repository('forged-dst', 'two');
+    const tree = place('forged-tree');
+    const before = await objects(dst.target);
+    for (const [to, extra] of [
+      [dst.url, ['--to-password-file', pwFile('two')]],
+      [tree.url, []],
+    ] as const) {
+      const refused = await copy(
+        manifest.backupId,
+        '--from',
+        src.url,
+        '--to',
+        to,
+        '--password-file',
+        pwFile('one'),
+        ...extra,
+      );
+      expect([refused.code, ownLines(refused.stderr)]).toEqual([
+        1,
+        [
+          `vmbackup: The manifest of backup ${manifest.backupId} on ${src.url} is not signed with its chunk repository's key: it was written by someone else or changed; do not trust this backup.`,
+        ],
+      ]);
+    }
+    expect(await objects(dst.target)).toEqual(before);
+    expect(await objects(tree.target)).toEqual([]);
   });
 });
