@@ -229,6 +229,12 @@ export async function copyChunkToChunk(
     report.links.push({ backupId: m.backupId, level: 'full', action: 'skipped' });
     return report;
   }
+  // a chunk is moved whole: both repositories must cut disks the same way (checked before anything is written)
+  if (!same && dstRepo.config.chunkSize !== src.repo.config.chunkSize)
+    throw fail(
+      'failed',
+      `Cannot copy backup ${m.backupId} into ${to.displayUrl}: its chunk repository stores ${dstRepo.config.chunkSize}-byte chunks, the one on ${from.displayUrl} ${src.repo.config.chunkSize}-byte chunks; nothing was written (copy into a repository with the same chunk size).`,
+    );
   const dst = new ChunkStore(dstRepo);
   if (same) await copySameRepository(src, dst, entry, report, opts);
   else await copyAcrossRepositories(src, dst, m, report, opts);
@@ -360,11 +366,6 @@ async function recodeDisk(
     } else stats.knownChunks++;
   });
   const entries = index.entries.map((e) => (e === 'zero' ? 'zero' : (mapped.get(e) as IndexEntry)));
-  if (dst.repo.config.chunkSize !== index.chunkSize)
-    throw fail(
-      'failed',
-      `Cannot copy into ${dst.repo.where}: it stores ${dst.repo.config.chunkSize}-byte chunks, the source ${index.chunkSize}-byte chunks; copy into a repository made with --chunk-size ${index.chunkSize}.`,
-    );
   stats.zeroChunks = entries.filter((e) => e === 'zero').length;
   return { index: { chunkSize: index.chunkSize, virtualSize: index.virtualSize, entries }, stats };
 }

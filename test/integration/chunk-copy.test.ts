@@ -104,13 +104,14 @@ describe.each(backends)('copy with chunk repositories on %s', (_name, requireBac
   async function repository(
     sub: string,
     pw: Pw,
+    chunkSize = 1 * MiB,
   ): Promise<{ url: string; target: StorageTarget; repo: OpenRepository }> {
     const { url, target } = place(sub);
     const repo = await initRepository(target, {
       encryption: 'aes-256-gcm',
       compression: 'zstd',
       password: passwords[pw],
-      chunkSize: 1 * MiB,
+      chunkSize,
       scrypt: FAST,
     });
     return { url, target, repo };
@@ -226,6 +227,27 @@ describe.each(backends)('copy with chunk repositories on %s', (_name, requireBac
       [`vmbackup: The password does not open any key of the chunk repository on ${dst.url}.`],
     ]);
     expect(await objects(dst.target)).toEqual(before);
+    // a repository that cuts disks into other chunks cannot take them whole: refused before anything is written
+    const other = await repository('dst-2m', 'two', 2 * MiB);
+    const otherBefore = await objects(other.target);
+    const sizes = await copy(
+      manifest.backupId,
+      '--from',
+      src.url,
+      '--to',
+      other.url,
+      '--password-file',
+      pwFile('one'),
+      '--to-password-file',
+      pwFile('two'),
+    );
+    expect([sizes.code, ownLines(sizes.stderr)]).toEqual([
+      1,
+      [
+        `vmbackup: Cannot copy backup ${manifest.backupId} into ${other.url}: its chunk repository stores ${2 * MiB}-byte chunks, the one on ${src.url} ${MiB}-byte chunks; nothing was written (copy into a repository with the same chunk size).`,
+      ],
+    ]);
+    expect(await objects(other.target)).toEqual(otherBefore);
     const missing = await copy(manifest.backupId, '--from', src.url, '--to', dst.url, '--password-file', pwFile('one'));
     expect([missing.code, ownLines(missing.stderr)]).toEqual([
       1,
