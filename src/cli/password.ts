@@ -48,6 +48,37 @@ export function cliPasswordSource(where: string, passwordFile: string | undefine
   };
 }
 
+export const TO_PASSWORD_ENV = 'VMBACKUP_TO_PASSWORD';
+export const TO_PASSWORD_FILE_ENV = 'VMBACKUP_TO_PASSWORD_FILE';
+
+/**
+ * The destination repository's password for `copy`: `--to-password-file`, VMBACKUP_TO_PASSWORD_FILE,
+ * VMBACKUP_TO_PASSWORD, else asked for (once) when stdin is a terminal. Never the source's password: two repositories
+ * are two secrets, and a copy into the wrong one must not open it by accident.
+ */
+export function cliToPasswordSource(where: string, toPasswordFile: string | undefined): PasswordSource {
+  let asked: Promise<string | undefined> | undefined;
+  return (needed) => {
+    const file = toPasswordFile ?? process.env[TO_PASSWORD_FILE_ENV];
+    let given: string | undefined;
+    try {
+      given = file ? readPasswordFile(file) : process.env[TO_PASSWORD_ENV] || undefined;
+    } catch (err) {
+      if (isChunkFormatError(err)) return Promise.reject(new CliError(err.message));
+      throw err;
+    }
+    if (given !== undefined || !needed) return Promise.resolve(given);
+    if (!process.stdin.isTTY)
+      return Promise.reject(
+        new CliError(
+          `The chunk repository on ${where} (the destination) needs a password: give it with --to-password-file FILE, ${TO_PASSWORD_FILE_ENV} or ${TO_PASSWORD_ENV} (stdin is not a terminal, so it cannot be asked for).`,
+        ),
+      );
+    asked ??= ask(`Password for the chunk repository on ${where} (the destination): `, false);
+    return asked;
+  };
+}
+
 /** A new password (key add, key change): `--new-password-file`, VMBACKUP_NEW_PASSWORD, or asked for twice. */
 export async function cliNewPassword(where: string, newPasswordFile: string | undefined): Promise<string> {
   if (newPasswordFile) {

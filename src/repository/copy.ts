@@ -13,6 +13,9 @@ import { brokenChainError, lookupOn, walkChain } from './chain';
 import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
 import { writeSparseFile } from './local-copy';
 import { isChunkManifest, manifestVmFiles } from './manifest';
+import type { PasswordSource } from './chunk-read';
+import { copyChunkToChunk, copyChunkToTree, copyTreeToChunk } from './chunk-copy';
+import { isChunkRepository } from './chunks';
 import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
 
 export interface CopyOptions extends CatalogOptions {
@@ -20,6 +23,10 @@ export interface CopyOptions extends CatalogOptions {
   tempDir?: string;
   signal?: AbortSignal;
   onProgress?: (disk: string, bytesDone: number, bytesTotal: number) => void;
+  /** the source's chunk repository password (asked only when the source is one) */
+  password?: PasswordSource;
+  /** the destination's chunk repository password (asked only when the destination is one) */
+  toPassword?: PasswordSource;
 }
 
 export interface CopiedLink {
@@ -51,14 +58,13 @@ export async function copyBackup(
   opts: CopyOptions = {},
 ): Promise<CopyReport> {
   const catalog = { manifestKey: opts.manifestKey };
-  const { manifest } = await findBackup(from, backupId, catalog);
+  const entry = await findBackup(from, backupId, catalog);
+  const { manifest } = entry;
+  const toChunks = await isChunkRepository(to);
+  // a chunk repository on either side: chunk-copy.ts (a chunk backup is always a full, there is no chain to walk)
   if (isChunkManifest(manifest))
-    // copying its manifest and indexes without the chunks they name would leave a backup that cannot be restored
-    throw new StorageError(
-      'failed',
-      `Backup ${backupId} is in a chunk repository on ${from.displayUrl}; copying from a chunk repository is not supported yet (restore it and back it up again, or copy the whole target with its @chunk-repo/).`,
-      { driver: 'catalog', permanent: true },
-    );
+    return toChunks ? copyChunkToChunk(from, to, entry, opts) : copyChunkToTree(from, to, entry, opts);
+  if (toChunks) return copyTreeToChunk(from, to, manifest, opts);
   const walk = await walkChain(manifest, lookupOn(from, manifest.domain, catalog), from.displayUrl);
   if (walk.broken) throw brokenChainError(`Cannot copy backup ${backupId} from ${from.displayUrl}`, walk.broken, from);
   const report: CopyReport = { backupId, from: from.displayUrl, to: to.displayUrl, copied: [], skipped: [], links: [] };

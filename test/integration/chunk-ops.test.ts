@@ -262,12 +262,12 @@ describe.each(backends)('a chunk repository on %s', (_name, requireBackend, make
     // zero chunks are holes, and so is the zero half of chunk 1: 8 MiB of data, not 4 chunks x 4 MiB
     expect(await allocated(rawFile)).toBeLessThanOrEqual(9 * MiB);
 
-    // copy would move the manifest and indexes without the chunks: refused until it moves chunks
+    // copy opens the source repository (its password) before anything is written (chunk-copy.test.ts copies)
     const copy = await vmbackup('copy', id, '--from', url, '--to', `${url}-copy`);
     expect([copy.code, ownLines(copy.stderr)]).toEqual([
       1,
       [
-        `vmbackup: Backup ${id} is in a chunk repository on ${url}; copying from a chunk repository is not supported yet (restore it and back it up again, or copy the whole target with its @chunk-repo/).`,
+        `vmbackup: The chunk repository on ${url} needs a password: give it with --password-file FILE, VMBACKUP_PASSWORD_FILE or VMBACKUP_PASSWORD (stdin is not a terminal, so it cannot be asked for).`,
       ],
     ]);
 

@@ -179,7 +179,7 @@ describe.each(kinds)('catalog on a %s target', (kind, make) => {
     const dest = await localTarget();
     try {
       await expect(copyBackup(t, dest.target, id(5))).rejects.toThrow(
-        /is in a chunk repository on .*; copying from a chunk repository is not supported yet/,
+        /^Backup .* is stored in a chunk repository, but the target holds none \(no @chunk-repo\/config\); restore it from another copy\.$/,
       );
       const left: string[] = [];
       for await (const o of dest.target.list('')) left.push(o.key);

@@ -5,6 +5,7 @@
 import type { Command } from 'commander';
 import { copyBackup } from '../../repository';
 import { action, printJson } from '../output';
+import { cliPasswordSource, cliToPasswordSource } from '../password';
 import { addS3Options } from './s3-options';
 import { cliManifestKey, openCliTarget } from './target-options';
 
@@ -12,6 +13,8 @@ interface CopyFlags {
   from: string;
   to: string;
   json?: boolean;
+  passwordFile?: string;
+  toPasswordFile?: string;
   [flag: string]: unknown;
 }
 
@@ -24,7 +27,15 @@ export function register(program: Command): void {
     .argument('<backupId>', 'backup id (see `vmbackup list`)')
     .requiredOption('--from <url>', 'target holding the backup')
     .requiredOption('--to <url>', 'target to copy it to')
-    .option('--json', 'print one JSON object');
+    .option('--json', 'print one JSON object')
+    .option(
+      '--password-file <file>',
+      "the source's chunk repository password (first line); else VMBACKUP_PASSWORD_FILE or VMBACKUP_PASSWORD",
+    )
+    .option(
+      '--to-password-file <file>',
+      "the destination's chunk repository password (first line); else VMBACKUP_TO_PASSWORD_FILE or VMBACKUP_TO_PASSWORD",
+    );
   addS3Options(cmd);
   cmd.action(action(async (backupId: string, flags: CopyFlags) => runCopy(backupId, flags)));
 }
@@ -34,7 +45,11 @@ async function runCopy(backupId: string, flags: CopyFlags): Promise<void> {
   try {
     const to = openCliTarget(flags.to, flags);
     try {
-      const report = await copyBackup(from, to, backupId, { manifestKey: cliManifestKey() });
+      const report = await copyBackup(from, to, backupId, {
+        manifestKey: cliManifestKey(),
+        password: cliPasswordSource(from.displayUrl, flags.passwordFile),
+        toPassword: cliToPasswordSource(to.displayUrl, flags.toPasswordFile),
+      });
       if (flags.json) printJson(report);
       else {
         const parents = report.links.filter((l) => l.backupId !== backupId);
