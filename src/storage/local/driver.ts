@@ -6,8 +6,8 @@
  */
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { open, readdir, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join, relative, sep } from 'node:path';
+import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join, relative } from 'node:path';
 import type { Readable } from 'node:stream';
 import type {
   GetBufferOptions,
@@ -17,27 +17,19 @@ import type {
   StorageTarget,
   TargetCapabilities,
 } from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, tooLargeError } from '../errors';
-import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
-import {
-  decodeSidecar,
-  encodeSidecar,
-  isTempFor,
-  metadataOf,
-  SIDECAR_MAX_BYTES,
-  sidecarName,
-  sidecarOwner,
-  tempName,
-  tempOwner,
-} from '../sidecar';
-import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../shared/file-modes';
+import { StorageError, adviceFor, errnoCode, isAbortError, tooLargeError } from '../errors';
+import { normaliseKey } from '../keys';
+import { tempName, type Sidecar } from '../sidecar';
+import { PRIVATE_FILE_MODE } from '../../shared/file-modes';
 import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
 import type { TempFileCheckpoint } from '../source';
 import { fsyncDir } from '../../shared/fsync';
+import { AtomicTree } from '../tree/atomic-tree';
+import { LOCAL_DRIVER, LocalFileTree } from './tree';
 
-const DRIVER = 'local';
+const DRIVER = LOCAL_DRIVER;
 /**
  * One read or write. Small on purpose: the chunk read into a buffer is still in the CPU cache when it is
  * hashed and when the kernel copies it into the page cache. With 8 MiB chunks (32 MiB of buffers) every
@@ -71,6 +63,8 @@ export class LocalTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities;
   private readonly checkpointBytes: number;
   private readonly checkpointMs: number;
+  private readonly fs: LocalFileTree;
+  private readonly tree: AtomicTree;
 
   constructor(
     private readonly root: string,
@@ -79,55 +73,22 @@ export class LocalTarget implements StorageTarget {
   ) {
     this.checkpointBytes = options.checkpointBytes ?? CHECKPOINT_BYTES;
     this.checkpointMs = options.checkpointMs ?? CHECKPOINT_MS;
+    this.fs = new LocalFileTree(root, displayUrl);
+    this.tree = new AtomicTree(this.fs);
     // multipart: a copy resumes from its durable prefix after a crash
     this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root };
   }
 
   private error(err: unknown, what: string, fallback: 'failed' | 'not-found' = 'failed'): StorageError {
-    if (err instanceof StorageError) return err;
-    const code = errnoCode(err);
-    const kind = kindOfErrno(code) ?? fallback;
-    const detail = code ? ` (${code})` : err instanceof Error ? ` (${err.message})` : '';
-    const verb = kind === 'no-space' ? `ran out of space while trying to ${what}` : `could not ${what}${detail}`;
-    return new StorageError(kind, `Target ${this.displayUrl} ${verb}; ${adviceFor(kind)}.`, {
-      driver: DRIVER,
-      cause: err,
-    });
+    return this.fs.classify(err, what, fallback);
   }
 
   private path(key: string): string {
     return join(this.root, normaliseKey(key));
   }
 
-  /**
-   * Refuses a directory of this target that is, or lies below, a symbolic link. Whoever else can write the target
-   * could otherwise make `<domain>` a link to /etc, and a root worker would read, write or delete there. The target
-   * directory itself may be a link (a mount point named elsewhere); nothing below it may. A component that does not
-   * exist yet ends the walk: makeDirs creates real directories. (A link swapped in between this check and the
-   * open is not caught: docs/security.md.)
-   */
-  private async confine(dir: string, key: string): Promise<void> {
-    const rel = relative(this.root, dir);
-    if (rel === '') return;
-    let current = this.root;
-    for (const part of rel.split(sep)) {
-      current = join(current, part);
-      let st;
-      try {
-        st = await lstat(current);
-      } catch (err) {
-        if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-        throw this.error(err, `look at the directory of ${key}`);
-      }
-      if (st.isSymbolicLink()) {
-        throw new StorageError(
-          'invalid-key',
-          `Object ${key} on ${this.displayUrl} lies behind a symbolic link (${current}); vmbackup never follows links inside a target, remove the link.`,
-          { driver: DRIVER },
-        );
-      }
-      if (!st.isDirectory()) return;
-    }
+  private confine(dir: string, key: string): Promise<void> {
+    return this.fs.confine(dir, key);
   }
 
   /** Opens an object for reading: never through a link (final name or a directory), never waiting on a FIFO. */
@@ -188,7 +149,7 @@ export class LocalTarget implements StorageTarget {
         }
       }
       if (!fh) {
-        await this.removeStaleTemps(dir, name);
+        await this.tree.removeStaleTemps(this.dirKeyOf(dir), name);
         temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
         // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS); open's mode is less the umask
         fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
@@ -388,54 +349,20 @@ export class LocalTarget implements StorageTarget {
     }
   }
 
-  /** Temp files of an earlier attempt whose checkpoint was lost (the key is written by one workflow at a time). */
-  private async removeStaleTemps(dir: string, name: string): Promise<void> {
-    for (const entry of await readdir(dir)) {
-      if (isTempFor(name, entry)) await unlinkQuietly(join(dir, entry));
-    }
+  private dirKeyOf(dir: string): string {
+    return relative(this.root, dir);
   }
 
   private async mkdirs(dir: string, what: string): Promise<void> {
-    await this.confine(dir, relative(this.root, dir) || '.');
-    try {
-      await makeDirs(dir, PRIVATE_DIR_MODE);
-    } catch (err) {
-      throw this.error(err, what);
-    }
+    await this.tree.mkdirs(this.dirKeyOf(dir), what);
   }
 
-  private async writeSidecar(dir: string, name: string, body: Parameters<typeof encodeSidecar>[0]): Promise<void> {
-    await this.writeAtomic(dir, sidecarName(name), encodeSidecar(body));
-  }
-
-  private async writeAtomic(dir: string, name: string, body: Buffer): Promise<void> {
-    const temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
-    try {
-      const fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
-      try {
-        await fh.chmod(PRIVATE_FILE_MODE);
-        await fh.writeFile(body);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      await rename(temp, join(dir, name));
-      await fsyncDir(dir);
-    } catch (err) {
-      await unlinkQuietly(temp);
-      throw err;
-    }
+  private async writeSidecar(dir: string, name: string, body: Sidecar): Promise<void> {
+    await this.tree.writeSidecar(this.dirKeyOf(dir), name, body);
   }
 
   async putManifest(key: string, body: Buffer): Promise<void> {
-    const final = this.path(key);
-    const dir = dirname(final);
-    await this.mkdirs(dir, `create the directory for ${key}`);
-    try {
-      await this.writeAtomic(dir, basename(final), body);
-    } catch (err) {
-      throw this.error(err, `write ${key}`);
-    }
+    await this.tree.putManifest(key, body);
   }
 
   async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
@@ -509,111 +436,20 @@ export class LocalTarget implements StorageTarget {
     return this.error(err, `read ${key}`);
   }
 
-  async stat(key: string): Promise<ObjectInfo | undefined> {
-    const path = this.path(key);
-    await this.confine(dirname(path), key);
-    try {
-      const st = await lstat(path);
-      if (!st.isFile()) return undefined;
-      const side = await readSidecar(join(dirname(path), sidecarName(basename(path))));
-      const metadata = side ? metadataOf(decodeSidecar(side, st.size)) : undefined;
-      return { key: normaliseKey(key), size: st.size, modified: st.mtime, ...(metadata ? { metadata } : {}) };
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return undefined;
-      throw this.error(err, `stat ${key}`);
-    }
+  stat(key: string): Promise<ObjectInfo | undefined> {
+    return this.tree.stat(key);
   }
 
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    const p = normalisePrefix(prefix);
-    // start at the deepest directory the prefix names completely
-    const slash = p.lastIndexOf('/');
-    const baseKey = slash >= 0 ? p.slice(0, slash) : '';
-    yield* this.walk(baseKey, p);
+  list(prefix: string): AsyncIterable<ObjectInfo> {
+    return this.tree.list(prefix);
   }
 
-  async *listTop(): AsyncIterable<string> {
-    let entries;
-    try {
-      entries = await readdir(this.root, { withFileTypes: true });
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-      throw this.error(err, 'list its directory');
-    }
-    const names = entries
-      .filter((e) => (e.isDirectory() || e.isFile()) && !isReservedName(e.name) && isKeySegment(e.name))
-      .map((e) => e.name)
-      .sort();
-    yield* names;
+  listTop(): AsyncIterable<string> {
+    return this.tree.listTop();
   }
 
-  private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
-    const dir = dirKey ? join(this.root, dirKey) : this.root;
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (err) {
-      // a target directory nobody wrote to yet holds no objects (the default target starts that way)
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-      throw this.error(err, `list ${dirKey || 'its directory'}`);
-    }
-    entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-    for (const entry of entries) {
-      if (isReservedName(entry.name)) continue;
-      const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
-      // a file someone else put there under a name no key can have is not ours to list (S3 skips those too)
-      if (!isKeySegment(entry.name)) continue;
-      if (entry.isDirectory()) {
-        if (dirMayHold(key, prefix)) {
-          yield* this.walk(key, prefix);
-        }
-      } else if (entry.isFile() && key.startsWith(prefix)) {
-        const info = await this.stat(key);
-        if (info) yield info;
-      }
-    }
-  }
-
-  async removeUnfinished(prefix: string): Promise<number> {
-    const p = normalisePrefix(prefix);
-    const slash = p.lastIndexOf('/');
-    return this.sweep(slash >= 0 ? p.slice(0, slash) : '', p);
-  }
-
-  /** Temp files (and the sidecars written for them) of keys under `prefix`, below `dirKey`. */
-  private async sweep(dirKey: string, prefix: string): Promise<number> {
-    const dir = dirKey ? join(this.root, dirKey) : this.root;
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return 0;
-      throw this.error(err, `list ${dirKey || 'its directory'}`);
-    }
-    const names = new Set(entries.map((e) => e.name));
-    let removed = 0;
-    for (const entry of entries) {
-      const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
-      if (entry.isDirectory()) {
-        if (!isReservedName(entry.name) && dirMayHold(key, prefix)) {
-          removed += await this.sweep(key, prefix);
-        }
-        continue;
-      }
-      const temp = tempOwner(entry.name);
-      const side = sidecarOwner(entry.name);
-      const owner = temp ?? (side !== undefined && !names.has(side) ? side : undefined);
-      if (owner === undefined || !(dirKey ? `${dirKey}/${owner}` : owner).startsWith(prefix)) continue;
-      try {
-        await unlink(join(dir, entry.name));
-      } catch (err) {
-        if (errnoCode(err) === 'ENOENT') continue;
-        throw this.error(err, `remove ${key}`);
-      }
-      if (temp !== undefined) removed++;
-    }
-    if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyParents(dir);
-    return removed;
+  removeUnfinished(prefix: string): Promise<number> {
+    return this.tree.removeUnfinished(prefix);
   }
 
   async touch(key: string): Promise<void> {
@@ -629,57 +465,11 @@ export class LocalTarget implements StorageTarget {
     }
   }
 
-  async delete(key: string): Promise<void> {
-    const path = this.path(key);
-    const dir = dirname(path);
-    await this.confine(dir, key);
-    try {
-      await unlink(path);
-    } catch (err) {
-      if (errnoCode(err) !== 'ENOENT' && errnoCode(err) !== 'ENOTDIR') throw this.error(err, `delete ${key}`);
-    }
-    await unlinkQuietly(join(dir, sidecarName(basename(path))));
-    await this.removeEmptyParents(dir);
-  }
-
-  /** Drop now-empty `<domain>/<backupId>` directories so pruning leaves no litter. */
-  private async removeEmptyParents(dir: string): Promise<void> {
-    let current = dir;
-    while (current.startsWith(this.root + '/') && current !== this.root) {
-      try {
-        await rmdir(current);
-      } catch {
-        return;
-      }
-      current = dirname(current);
-    }
+  delete(key: string): Promise<void> {
+    return this.tree.delete(key);
   }
 
   async close(): Promise<void> {}
-}
-
-/**
- * A sidecar's bytes, or undefined when there is none or it cannot be ours: a link, a FIFO (never waited on), not a
- * regular file, or larger than SIDECAR_MAX_BYTES (never read into memory).
- */
-async function readSidecar(path: string): Promise<Buffer | undefined> {
-  let fh: FileHandle;
-  try {
-    fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
-  } catch {
-    return undefined;
-  }
-  try {
-    const st = await fh.stat();
-    if (!st.isFile() || st.size > SIDECAR_MAX_BYTES) return undefined;
-    const buf = Buffer.alloc(SIDECAR_MAX_BYTES + 1);
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
-    return bytesRead > SIDECAR_MAX_BYTES ? undefined : buf.subarray(0, bytesRead);
-  } catch {
-    return undefined;
-  } finally {
-    await fh.close();
-  }
 }
 
 /** pwrite until the kernel took every byte (a regular file may take less than asked, e.g. near ENOSPC). */
