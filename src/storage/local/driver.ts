@@ -4,9 +4,8 @@
  * fsyncs before every rename (restic's local.Save: temp in the same dir, fsync, rename,
  * fsync the directory).
  */
-import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { open, rename, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import type { Readable } from 'node:stream';
 import type {
@@ -17,27 +16,18 @@ import type {
   StorageTarget,
   TargetCapabilities,
 } from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, tooLargeError } from '../errors';
+import { StorageError, adviceFor, errnoCode, tooLargeError } from '../errors';
 import { normaliseKey } from '../keys';
-import { tempName, type Sidecar } from '../sidecar';
+import type { Sidecar } from '../sidecar';
 import { PRIVATE_FILE_MODE } from '../../shared/file-modes';
 import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
-import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
-import type { TempFileCheckpoint } from '../source';
 import { fsyncDir } from '../../shared/fsync';
 import { AtomicTree } from '../tree/atomic-tree';
 import { LOCAL_DRIVER, LocalFileTree } from './tree';
+import { CHUNK } from './upload';
 
 const DRIVER = LOCAL_DRIVER;
-/**
- * One read or write. Small on purpose: the chunk read into a buffer is still in the CPU cache when it is
- * hashed and when the kernel copies it into the page cache. With 8 MiB chunks (32 MiB of buffers) every
- * pass went to memory and the copy spent about twice the kernel time (1 GiB: 2.7 s sys vs 1.2 s).
- */
-const CHUNK = 1 << 20;
-/** Buffers reused for the whole copy: one being written and hashed, the others already being read ahead. */
-const RING = 3;
 /**
  * fdatasync + checkpoint after this many bytes or this long, whichever comes first. The trade-off: a
  * crash re-copies at most one window (about a second at local-disk speed, 10 s on a slow one), and in
@@ -55,14 +45,8 @@ export interface LocalTargetOptions {
   checkpointMs?: number;
 }
 
-async function unlinkQuietly(path: string): Promise<void> {
-  await unlink(path).catch(() => undefined);
-}
-
 export class LocalTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities;
-  private readonly checkpointBytes: number;
-  private readonly checkpointMs: number;
   private readonly fs: LocalFileTree;
   private readonly tree: AtomicTree;
 
@@ -71,9 +55,10 @@ export class LocalTarget implements StorageTarget {
     readonly displayUrl: string,
     options: LocalTargetOptions = {},
   ) {
-    this.checkpointBytes = options.checkpointBytes ?? CHECKPOINT_BYTES;
-    this.checkpointMs = options.checkpointMs ?? CHECKPOINT_MS;
-    this.fs = new LocalFileTree(root, displayUrl);
+    this.fs = new LocalFileTree(root, displayUrl, {
+      bytes: options.checkpointBytes ?? CHECKPOINT_BYTES,
+      ms: options.checkpointMs ?? CHECKPOINT_MS,
+    });
     this.tree = new AtomicTree(this.fs);
     // multipart: a copy resumes from its durable prefix after a crash
     this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root };
@@ -121,164 +106,10 @@ export class LocalTarget implements StorageTarget {
     return fh;
   }
 
-  async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
-    const final = this.path(key);
-    const dir = dirname(final);
-    const name = basename(final);
-    const expected = opts.metadata?.sha256;
-    const size = await sourceSize(sourcePath, key, DRIVER);
-    await this.mkdirs(dir, `create the directory for ${key}`);
-
-    if (opts.allowMove) {
-      const moved = await this.tryMove(key, sourcePath, final, size, opts);
-      if (moved) return moved;
-    }
-
-    let temp: string | undefined;
-    let fh: FileHandle | undefined;
-    try {
-      let offset = 0;
-      let hash: Hash = createHash('sha256');
-      const resume = asTempFileCheckpoint(opts.resume);
-      if (resume && resume.offset <= size) {
-        const resumed = await this.openResumed(join(dir, resume.temp), resume, opts.signal);
-        if (resumed) {
-          ({ fh, hash } = resumed);
-          offset = resume.offset;
-          temp = join(dir, resume.temp);
-        }
-      }
-      if (!fh) {
-        await this.tree.removeStaleTemps(this.dirKeyOf(dir), name);
-        temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
-        // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS); open's mode is less the umask
-        fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
-        await fh.chmod(PRIVATE_FILE_MODE);
-      }
-      const tempPath = temp as string;
-      const startOffset = offset;
-      opts.onProgress?.(offset, size);
-      await this.copyInto(fh, sourcePath, offset, size, hash, opts, (checkpoint) =>
-        opts.onCheckpoint?.({ temp: basename(tempPath), ...checkpoint } satisfies TempFileCheckpoint),
-      );
-      await fh.sync();
-      await fh.close();
-      fh = undefined;
-      const sha256 = hash.digest('hex');
-      if (expected && expected !== sha256) {
-        await unlinkQuietly(tempPath);
-        throw new StorageError(
-          'checksum',
-          `Copying ${sourcePath} to ${key} on ${this.displayUrl} produced SHA-256 ${sha256} but ${expected} was expected; the source changed or is corrupt, run the backup again.`,
-          { driver: DRIVER },
-        );
-      }
-      await this.writeSidecar(dir, name, { size, sha256, metadata: { ...opts.metadata, sha256 } });
-      await rename(tempPath, final);
-      await fsyncDir(dir);
-      return { key: normaliseKey(key), size, sha256, bytesSent: size - startOffset };
-    } catch (err) {
-      if (fh) await fh.close().catch(() => undefined);
-      const aborted = opts.signal?.aborted || isAbortError(err);
-      const classified = aborted ? undefined : this.error(err, `write ${key}`);
-      // keep the temp file only when a retry can resume from it
-      if (temp && (aborted || classified?.permanent)) await unlinkQuietly(temp);
-      if (aborted) throw opts.signal?.reason ?? err;
-      throw classified;
-    }
-  }
-
-  /**
-   * Copies [start, size) of the source into `fh` at the same offsets, feeding `hash` on the way. Reads run
-   * ahead into a small ring of reused buffers while the current chunk is written (one write in flight, so
-   * the file grows in order) and hashed on this thread meanwhile. Every checkpoint window the written prefix
-   * is fdatasync'ed in the background and reported through `checkpoint` once it is durable.
-   */
-  private async copyInto(
-    fh: FileHandle,
-    sourcePath: string,
-    start: number,
-    size: number,
-    hash: Hash,
-    opts: PutImageOptions,
-    checkpoint: (cp: Omit<TempFileCheckpoint, 'temp'>) => void,
-  ): Promise<void> {
-    const { signal, pace } = opts;
-    const src = await open(sourcePath, 'r');
-    const reads: Array<Promise<{ view: Buffer; buf: Buffer }>> = [];
-    const free: Buffer[] = Array.from({ length: RING }, () =>
-      Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(size - start, 1))),
+  putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+    return this.tree.putImage(key, sourcePath, opts, (dirKey, name, size) =>
+      this.tryMove(key, sourcePath, join(this.fs.dirPath(dirKey), name), size, opts),
     );
-    let readPos = start;
-    let stopped = false;
-    const readInto = async (buf: Buffer, at: number, want: number): Promise<{ view: Buffer; buf: Buffer }> => {
-      if (pace) await pace(want, signal);
-      if (stopped) throw new Error('copy stopped');
-      let got = 0;
-      while (got < want) {
-        const { bytesRead } = await src.read(buf, got, want - got, at + got);
-        if (bytesRead === 0) throw new Error(`${sourcePath} shrank while it was being copied (expected ${size} bytes)`);
-        got += bytesRead;
-      }
-      return { view: buf.subarray(0, want), buf };
-    };
-    const readAhead = (): void => {
-      while (!stopped && free.length > 0 && readPos < size) {
-        const want = Math.min(CHUNK, size - readPos);
-        const p = readInto(free.pop() as Buffer, readPos, want);
-        p.catch(() => undefined); // surfaced when awaited
-        reads.push(p);
-        readPos += want;
-      }
-    };
-    let writing: Promise<void> | undefined;
-    // the fdatasync of one window runs while the next is written; its checkpoint is emitted once it is durable
-    let syncing: { done: Promise<void>; offset: number; prefixSha256: string } | undefined;
-    const settle = async (): Promise<void> => {
-      if (!syncing) return;
-      const s = syncing;
-      syncing = undefined;
-      await s.done;
-      checkpoint({ offset: s.offset, prefixSha256: s.prefixSha256 });
-    };
-    let offset = start;
-    let windowStart = start;
-    let windowSince = Date.now();
-    try {
-      readAhead();
-      while (reads.length > 0) {
-        signal?.throwIfAborted();
-        const { view, buf } = await (reads.shift() as Promise<{ view: Buffer; buf: Buffer }>);
-        await writing; // one write in flight at a time
-        const at = offset;
-        writing = writeFully(fh, view, at).then(() => {
-          free.push(buf);
-          readAhead();
-          opts.onProgress?.(at + view.length, size);
-        });
-        writing.catch(() => undefined); // awaited above or below
-        hash.update(view); // on this thread while the write runs on the thread pool
-        offset += view.length;
-        const due = offset - windowStart >= this.checkpointBytes || Date.now() - windowSince >= this.checkpointMs;
-        if (due && offset < size) {
-          await writing;
-          await settle();
-          const done = fh.datasync();
-          done.catch(() => undefined); // awaited in settle
-          syncing = { done, offset, prefixSha256: prefixDigest(hash) };
-          windowStart = offset;
-          windowSince = Date.now();
-        }
-      }
-      await writing;
-      await settle();
-    } finally {
-      stopped = true;
-      // nothing may still use fh when the caller closes or removes the temp file; reads still waiting for
-      // their pace (a bandwidth limit) are not waited for, the source is closed once they are done
-      await Promise.allSettled([writing, syncing?.done]);
-      void Promise.allSettled(reads).then(() => src.close().catch(() => undefined));
-    }
   }
 
   /** Rename the source into place when it lives on the target's filesystem; undefined when it does not. */
@@ -323,30 +154,6 @@ export class LocalTarget implements StorageTarget {
     await fsyncDir(dir);
     await fsyncDir(dirname(sourcePath)).catch(() => undefined);
     return { key: normaliseKey(key), size, sha256, bytesSent: 0 };
-  }
-
-  /** Reopen a temp file from a checkpoint if its durable prefix still hashes as recorded. */
-  private async openResumed(
-    temp: string,
-    cp: TempFileCheckpoint,
-    signal?: AbortSignal,
-  ): Promise<{ fh: FileHandle; hash: Hash } | undefined> {
-    try {
-      const st = await stat(temp);
-      if (st.size < cp.offset) return undefined;
-      const hash = createHash('sha256');
-      await hashRange(temp, hash, 0, cp.offset, signal);
-      if (prefixDigest(hash) !== cp.prefixSha256) {
-        await unlinkQuietly(temp);
-        return undefined;
-      }
-      const fh = await open(temp, 'r+');
-      await fh.truncate(cp.offset);
-      return { fh, hash };
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT') return undefined;
-      throw err;
-    }
   }
 
   private dirKeyOf(dir: string): string {
@@ -470,13 +277,4 @@ export class LocalTarget implements StorageTarget {
   }
 
   async close(): Promise<void> {}
-}
-
-/** pwrite until the kernel took every byte (a regular file may take less than asked, e.g. near ENOSPC). */
-async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<void> {
-  let written = 0;
-  while (written < data.length) {
-    const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
-    written += bytesWritten;
-  }
 }

@@ -3,13 +3,16 @@
  * directory at or below the target's root may be a symbolic link (`confine`), a file is opened with O_NOFOLLOW and
  * O_NONBLOCK (never a link, never waiting on a FIFO), and every new file or directory is private.
  */
+import { createHash, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { lstat, open, readdir, rename, rmdir, unlink, type FileHandle } from 'node:fs/promises';
+import { lstat, open, readdir, rename, rmdir, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { join, relative, sep } from 'node:path';
 import { StorageError, adviceFor, errnoCode, kindOfErrno } from '../errors';
 import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../shared/file-modes';
 import { fsyncDir } from '../../shared/fsync';
-import type { FileInfo, FileTreePort, TreeEntry } from '../tree/port';
+import { hashRange, prefixDigest } from '../source';
+import type { FileInfo, ImageTreePort, ImageUpload, TreeEntry } from '../tree/port';
+import { LocalUpload, type CheckpointWindow } from './upload';
 import { childKey } from '../tree/port';
 
 export const LOCAL_DRIVER = 'local';
@@ -18,14 +21,58 @@ function isMissing(err: unknown): boolean {
   return errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR';
 }
 
-export class LocalFileTree implements FileTreePort {
+export class LocalFileTree implements ImageTreePort {
   readonly driver = LOCAL_DRIVER;
   readonly listsMetadata = true;
 
   constructor(
     readonly root: string,
     readonly displayUrl: string,
+    private readonly window: CheckpointWindow,
   ) {}
+
+  async createUpload(dirKey: string, temp: string): Promise<ImageUpload> {
+    // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS); open's mode is less the umask
+    const fh = await open(join(this.dirPath(dirKey), temp), 'wx', PRIVATE_FILE_MODE);
+    try {
+      await fh.chmod(PRIVATE_FILE_MODE);
+    } catch (err) {
+      await fh.close().catch(() => undefined);
+      throw err;
+    }
+    return new LocalUpload(fh, this.window);
+  }
+
+  /** The temp file's own durable prefix is hashed again: it must still be what the checkpoint recorded. */
+  async resumeUpload(
+    dirKey: string,
+    temp: string,
+    cp: { offset: number; prefixSha256: string },
+    _sourcePath: string,
+    signal?: AbortSignal,
+  ): Promise<{ upload: ImageUpload; hash: Hash } | undefined> {
+    const path = join(this.dirPath(dirKey), temp);
+    try {
+      const st = await stat(path);
+      if (st.size < cp.offset) return undefined;
+      const hash = createHash('sha256');
+      await hashRange(path, hash, 0, cp.offset, signal);
+      if (prefixDigest(hash) !== cp.prefixSha256) {
+        await unlink(path).catch(() => undefined);
+        return undefined;
+      }
+      const fh = await open(path, 'r+');
+      await fh.truncate(cp.offset);
+      return { upload: new LocalUpload(fh, this.window), hash };
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  commit(dirKey: string, temp: string, name: string): Promise<void> {
+    return this.rename(dirKey, temp, name);
+  }
 
   classify(err: unknown, what: string, fallback: 'failed' | 'not-found' = 'failed'): StorageError {
     if (err instanceof StorageError) return err;

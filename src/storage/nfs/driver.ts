@@ -10,8 +10,6 @@
  * COMMIT at each checkpoint, and the write verifier to detect a server restart that lost
  * uncommitted data (then the window since the last COMMIT is sent again).
  */
-import { createHash, randomBytes, type Hash } from 'node:crypto';
-import { stat as fsStat } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import type {
   GetBufferOptions,
@@ -21,23 +19,14 @@ import type {
   StorageTarget,
   TargetCapabilities,
 } from '../contract';
-import { StorageError, adviceFor, isAbortError, tooLargeError } from '../errors';
+import { StorageError, adviceFor, tooLargeError } from '../errors';
 import { normaliseKey } from '../keys';
-import { tempName } from '../sidecar';
-import { asTempFileCheckpoint, hashRange, prefixDigest, readChunks, sourceSize } from '../source';
-import type { TempFileCheckpoint } from '../source';
 import { AtomicTree } from '../tree/atomic-tree';
-import { splitKey } from '../tree/port';
-import { NfsStatusError, Stable, type NfsClient } from './client';
 import { NFS_DRIVER, NfsFileTree, type NfsTargetSpec } from './tree';
 
 export type { NfsTargetSpec } from './tree';
 
 const DRIVER = NFS_DRIVER;
-/** COMMIT + checkpoint this often: the resume point, and what is re-sent if the server restarts */
-const CHECKPOINT_EVERY = 64 << 20;
-/** WRITEs in flight on the one TCP connection */
-const WRITE_DEPTH = 8;
 /** READs in flight for get(): enough to keep the server's disk and the socket busy while one reply is consumed */
 const READ_DEPTH = 16;
 /** READ size for get() (the server's rtmax permitting) */
@@ -60,146 +49,8 @@ export class NfsTarget implements StorageTarget {
     return this.fs.classify(err, what);
   }
 
-  async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
-    const k = normaliseKey(key);
-    const { dirKey, name } = splitKey(k);
-    const size = await sourceSize(sourcePath, key, DRIVER);
-    const signal = opts.signal;
-    let c: NfsClient | undefined;
-    let dir: Buffer | undefined;
-    let temp: string | undefined;
-    try {
-      c = await this.fs.client();
-      const client = c;
-      dir = (await this.fs.dir(client, dirKey, true)) as Buffer;
-      const d = dir;
-      let hash: Hash = createHash('sha256');
-      let offset = 0;
-      let fh: Buffer | undefined;
-      const resume = asTempFileCheckpoint(opts.resume);
-      if (resume && resume.offset <= size) {
-        const found = await client.lookup(d, resume.temp);
-        const attrs = found ? (found.attrs ?? (await client.getattr(found.fh))) : undefined;
-        if (found && attrs && attrs.size >= resume.offset) {
-          // the server's prefix is durable (COMMITted); re-hash our side of it to restore the hash state
-          await hashRange(sourcePath, hash, 0, resume.offset, signal);
-          if (prefixDigest(hash) === resume.prefixSha256) {
-            await client.setSize(found.fh, resume.offset);
-            fh = found.fh;
-            offset = resume.offset;
-            temp = resume.temp;
-          } else {
-            hash = createHash('sha256');
-          }
-        }
-      }
-      if (!fh) {
-        await this.tree.removeStaleTemps(dirKey, name);
-        temp = tempName(name, randomBytes(8).toString('hex'));
-        fh = await client.create(d, temp, 'guarded', 0o600);
-      }
-      const file = fh;
-      const tempFile = temp as string;
-      const startOffset = offset;
-      const wsize = this.fs.wsize(client);
-      opts.onProgress?.(offset, size);
-      // COMMIT of one window runs while the next window is sent; its checkpoint is emitted once it is durable
-      let pending:
-        { commit: Promise<string>; verifiers: Set<string>; start: number; end: number; prefix: string } | undefined;
-      const settle = async (w: NonNullable<typeof pending>): Promise<void> => {
-        let committed = await w.commit;
-        for (let attempt = 0; ![...w.verifiers].every((v) => v === committed); attempt++) {
-          // the server restarted between WRITE and COMMIT and may have lost the window: send it again
-          if (attempt >= 3) throw new NfsStatusError(5, 'NFS3ERR_IO', 'COMMIT verifier keeps changing');
-          w.verifiers = await this.sendRange(client, file, sourcePath, w.start, w.end, wsize, {
-            signal,
-            pace: opts.pace,
-          });
-          committed = await client.commit(file);
-        }
-        if (w.end < size)
-          opts.onCheckpoint?.({ temp: tempFile, offset: w.end, prefixSha256: w.prefix } satisfies TempFileCheckpoint);
-      };
-      while (offset < size) {
-        const windowEnd = Math.min(size, offset + CHECKPOINT_EVERY);
-        const verifiers = await this.sendRange(client, file, sourcePath, offset, windowEnd, wsize, opts, hash);
-        if (pending) await settle(pending);
-        const commit = client.commit(file);
-        commit.catch(() => undefined); // awaited in settle
-        pending = { commit, verifiers, start: offset, end: windowEnd, prefix: prefixDigest(hash) };
-        offset = windowEnd;
-      }
-      if (pending) await settle(pending);
-      const sha256 = hash.digest('hex');
-      const expected = opts.metadata?.sha256;
-      if (expected && expected !== sha256) {
-        throw new StorageError(
-          'checksum',
-          `Copying ${sourcePath} to ${key} on ${this.displayUrl} produced SHA-256 ${sha256} but ${expected} was expected; the source changed or is corrupt, run the backup again.`,
-          { driver: DRIVER },
-        );
-      }
-      await this.tree.writeSidecar(dirKey, name, { size, sha256, metadata: { ...opts.metadata, sha256 } });
-      try {
-        await client.rename(d, tempFile, d, name);
-      } catch (err) {
-        // a RENAME retransmitted after a reconnect finds its source gone: it was done the first time
-        const now = await client.lookup(d, name);
-        if (!(err instanceof NfsStatusError && err.status === 2 && now?.attrs?.size === size)) throw err;
-      }
-      return { key: k, size, sha256, bytesSent: size - startOffset };
-    } catch (err) {
-      const aborted = signal?.aborted || isAbortError(err);
-      const classified = aborted ? undefined : this.error(err, `write ${key}`);
-      if (c && dir && temp && (aborted || classified?.permanent)) await c.remove(dir, temp).catch(() => undefined);
-      if (aborted) throw signal?.reason ?? err;
-      throw classified;
-    }
-  }
-
-  /** Pipelined UNSTABLE WRITEs of [start, end) of the source; returns the write verifiers seen. */
-  private async sendRange(
-    c: NfsClient,
-    fh: Buffer,
-    sourcePath: string,
-    start: number,
-    end: number,
-    wsize: number,
-    opts: Pick<PutImageOptions, 'signal' | 'pace' | 'onProgress'>,
-    hash?: Hash,
-  ): Promise<Set<string>> {
-    const verifiers = new Set<string>();
-    const inFlight = new Set<Promise<void>>();
-    let failure: unknown;
-    let done = start;
-    const total = (await fsStat(sourcePath)).size;
-    for await (const chunk of readChunks(sourcePath, {
-      start,
-      end,
-      chunkSize: wsize,
-      signal: opts.signal,
-      pace: opts.pace,
-    })) {
-      hash?.update(chunk);
-      while (inFlight.size >= WRITE_DEPTH) await Promise.race(inFlight);
-      if (failure) break;
-      const at = done;
-      done += chunk.length;
-      const p: Promise<void> = this.fs
-        .writeFully(c, fh, at, chunk, Stable.UNSTABLE)
-        .then((v) => {
-          verifiers.add(v);
-          opts.onProgress?.(at + chunk.length, total);
-        })
-        .catch((err: unknown) => {
-          failure ??= err;
-        })
-        .finally(() => inFlight.delete(p));
-      inFlight.add(p);
-    }
-    await Promise.all(inFlight);
-    if (failure) throw failure;
-    return verifiers;
+  putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+    return this.tree.putImage(key, sourcePath, opts);
   }
 
   putManifest(key: string, body: Buffer): Promise<void> {

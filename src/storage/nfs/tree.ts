@@ -3,11 +3,14 @@
  * again after a failed mount) and a cache of directory handles, forgotten and looked up again when the server
  * calls one stale.
  */
+import { createHash, type Hash } from 'node:crypto';
 import { StorageError, adviceFor, errnoCode, kindOfErrno, type StorageErrorKind } from '../errors';
-import type { FileInfo, FileTreePort, TreeEntry } from '../tree/port';
+import { hashRange, prefixDigest } from '../source';
+import type { FileInfo, ImageTreePort, ImageUpload, TreeEntry } from '../tree/port';
 import { childKey, splitKey } from '../tree/port';
 import { NfsClient, NfsStatusError, Stable, type DirEntry, type Fattr } from './client';
 import { RpcError } from './rpc';
+import { NfsUpload } from './upload';
 
 export const NFS_DRIVER = 'nfs';
 const NFS3ERR_STALE = 70;
@@ -19,7 +22,7 @@ export interface NfsTargetSpec {
   path: string;
 }
 
-export class NfsFileTree implements FileTreePort {
+export class NfsFileTree implements ImageTreePort {
   readonly driver = NFS_DRIVER;
   readonly listsMetadata = false;
   private session: Promise<NfsClient> | undefined;
@@ -263,6 +266,50 @@ export class NfsFileTree implements FileTreePort {
       const dir = await this.dir(c, dirKey, false);
       const found = dir && (await c.lookup(dir, name));
       return found ? this.readBounded(c, found.fh, maxBytes) : undefined;
+    });
+  }
+
+  createUpload(dirKey: string, temp: string): Promise<ImageUpload> {
+    return this.withClient(async (c) => {
+      const dir = (await this.dir(c, dirKey, true)) as Buffer;
+      return new NfsUpload(this, c, await c.create(dir, temp, 'guarded', 0o600));
+    });
+  }
+
+  /**
+   * The server's prefix is durable (COMMITted); our side of it (the source) is hashed again to restore the hash
+   * state, which costs a local read rather than reading the image back over the network.
+   */
+  resumeUpload(
+    dirKey: string,
+    temp: string,
+    cp: { offset: number; prefixSha256: string },
+    sourcePath: string,
+    signal?: AbortSignal,
+  ): Promise<{ upload: ImageUpload; hash: Hash } | undefined> {
+    return this.withClient(async (c) => {
+      const dir = (await this.dir(c, dirKey, true)) as Buffer;
+      const found = await c.lookup(dir, temp);
+      const attrs = found ? (found.attrs ?? (await c.getattr(found.fh))) : undefined;
+      if (!found || !attrs || attrs.size < cp.offset) return undefined;
+      const hash = createHash('sha256');
+      await hashRange(sourcePath, hash, 0, cp.offset, signal);
+      if (prefixDigest(hash) !== cp.prefixSha256) return undefined;
+      await c.setSize(found.fh, cp.offset);
+      return { upload: new NfsUpload(this, c, found.fh), hash };
+    });
+  }
+
+  commit(dirKey: string, temp: string, name: string, size: number): Promise<void> {
+    return this.withClient(async (c) => {
+      const dir = (await this.dir(c, dirKey, true)) as Buffer;
+      try {
+        await c.rename(dir, temp, dir, name);
+      } catch (err) {
+        // a RENAME retransmitted after a reconnect finds its source gone: it was done the first time
+        const now = await c.lookup(dir, name);
+        if (!(err instanceof NfsStatusError && err.status === 2 && now?.attrs?.size === size)) throw err;
+      }
     });
   }
 

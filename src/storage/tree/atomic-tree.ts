@@ -5,8 +5,9 @@
  * visible object always has its metadata; listings skip reserved names; deleting the last object of a directory
  * removes the directory; `removeUnfinished` sweeps what a crashed put left behind.
  */
-import { randomBytes } from 'node:crypto';
-import type { ObjectInfo } from '../contract';
+import { createHash, randomBytes, type Hash } from 'node:crypto';
+import type { ObjectInfo, PutImageOptions, PutImageResult } from '../contract';
+import { StorageError, isAbortError } from '../errors';
 import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
 import {
   decodeSidecar,
@@ -20,7 +21,8 @@ import {
   tempOwner,
   type Sidecar,
 } from '../sidecar';
-import { childKey, splitKey, type FileTreePort, type TreeEntry } from './port';
+import { asTempFileCheckpoint, sourceSize, type TempFileCheckpoint } from '../source';
+import { childKey, splitKey, type ImageTreePort, type ImageUpload, type TreeEntry } from './port';
 
 function byName(a: TreeEntry, b: TreeEntry): number {
   return a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
@@ -33,7 +35,77 @@ function baseOf(prefix: string): string {
 }
 
 export class AtomicTree {
-  constructor(private readonly port: FileTreePort) {}
+  constructor(private readonly port: ImageTreePort) {}
+
+  /**
+   * Copies an image to `key`: into a temp file (resumed from `opts.resume` when its prefix still matches), durable,
+   * checked against `opts.metadata.sha256`, its sidecar written, then renamed into place. `move` may store the
+   * source without a copy (`opts.allowMove`); undefined lets the copy go ahead.
+   */
+  async putImage(
+    key: string,
+    sourcePath: string,
+    opts: PutImageOptions = {},
+    move?: (dirKey: string, name: string, size: number) => Promise<PutImageResult | undefined>,
+  ): Promise<PutImageResult> {
+    const k = normaliseKey(key);
+    const { dirKey, name } = splitKey(k);
+    const size = await sourceSize(sourcePath, key, this.port.driver);
+    await this.mkdirs(dirKey, `create the directory for ${key}`);
+    if (opts.allowMove && move) {
+      const moved = await move(dirKey, name, size);
+      if (moved) return moved;
+    }
+    let temp: string | undefined;
+    let upload: ImageUpload | undefined;
+    try {
+      let offset = 0;
+      let hash: Hash = createHash('sha256');
+      const resume = asTempFileCheckpoint(opts.resume);
+      if (resume && resume.offset <= size) {
+        const resumed = await this.port.resumeUpload(dirKey, resume.temp, resume, sourcePath, opts.signal);
+        if (resumed) {
+          ({ upload, hash } = resumed);
+          offset = resume.offset;
+          temp = resume.temp;
+        }
+      }
+      if (!upload) {
+        await this.removeStaleTemps(dirKey, name);
+        temp = tempName(name, randomBytes(8).toString('hex'));
+        upload = await this.port.createUpload(dirKey, temp);
+      }
+      const tempFile = temp as string;
+      const startOffset = offset;
+      opts.onProgress?.(offset, size);
+      await upload.copy(sourcePath, offset, size, hash, opts, (at, prefixSha256) =>
+        opts.onCheckpoint?.({ temp: tempFile, offset: at, prefixSha256 } satisfies TempFileCheckpoint),
+      );
+      const done = upload;
+      upload = undefined;
+      await done.finish();
+      const sha256 = hash.digest('hex');
+      const expected = opts.metadata?.sha256;
+      if (expected && expected !== sha256) {
+        throw new StorageError(
+          'checksum',
+          `Copying ${sourcePath} to ${key} on ${this.port.displayUrl} produced SHA-256 ${sha256} but ${expected} was expected; the source changed or is corrupt, run the backup again.`,
+          { driver: this.port.driver },
+        );
+      }
+      await this.writeSidecar(dirKey, name, { size, sha256, metadata: { ...opts.metadata, sha256 } });
+      await this.port.commit(dirKey, tempFile, name, size);
+      return { key: k, size, sha256, bytesSent: size - startOffset };
+    } catch (err) {
+      if (upload) await upload.abandon();
+      const aborted = opts.signal?.aborted || isAbortError(err);
+      const classified = aborted ? undefined : this.port.classify(err, `write ${key}`);
+      // keep the temp file only when a retry can resume from it
+      if (temp && (aborted || classified?.permanent)) await this.port.unlink(dirKey, temp).catch(() => false);
+      if (aborted) throw opts.signal?.reason ?? err;
+      throw classified;
+    }
+  }
 
   /** Creates the directory of a key; `what` names the failure for the user. */
   async mkdirs(dirKey: string, what: string): Promise<void> {

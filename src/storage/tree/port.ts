@@ -7,6 +7,8 @@
  * port never sees `..` or an absolute path. Methods throw the backend's own errors (errno, NFS status); `classify`
  * turns one into the sentence a user reads, so the wording stays the driver's.
  */
+import type { Hash } from 'node:crypto';
+import type { PutImageOptions } from '../contract';
 import type { StorageError } from '../errors';
 
 export type TreeEntryType = 'file' | 'dir' | 'other';
@@ -45,6 +47,44 @@ export interface FileTreePort {
   statFile(dirKey: string, name: string): Promise<FileInfo | undefined>;
   /** A small file's bytes; undefined when missing, not a regular file, or larger than `maxBytes`. */
   readSmall(dirKey: string, name: string, maxBytes: number): Promise<Buffer | undefined>;
+}
+
+/** A temp file that putImage is filling: the driver's own copy engine (local: pwrite + fdatasync, NFS: WRITE + COMMIT). */
+export interface ImageUpload {
+  /**
+   * Copies [offset, size) of the source into the temp at the same offsets, feeding `hash` on the way and calling
+   * `checkpoint` with each prefix once it is durable (never for the whole file).
+   */
+  copy(
+    sourcePath: string,
+    offset: number,
+    size: number,
+    hash: Hash,
+    opts: PutImageOptions,
+    checkpoint: (offset: number, prefixSha256: string) => void,
+  ): Promise<void>;
+  /** Makes every byte durable and releases the file. */
+  finish(): Promise<void>;
+  /** Releases the file after a failure; never throws. */
+  abandon(): Promise<void>;
+}
+
+/** The file-tree port plus what putImage needs: a temp file to fill, resumed from a checkpoint, and its commit. */
+export interface ImageTreePort extends FileTreePort {
+  createUpload(dirKey: string, temp: string): Promise<ImageUpload>;
+  /**
+   * Reopens the temp of a checkpoint when its durable prefix still hashes as recorded (truncated there), with the
+   * hash state at `cp.offset`; undefined when it is gone or does not match (then the put starts anew).
+   */
+  resumeUpload(
+    dirKey: string,
+    temp: string,
+    cp: { offset: number; prefixSha256: string },
+    sourcePath: string,
+    signal?: AbortSignal,
+  ): Promise<{ upload: ImageUpload; hash: Hash } | undefined>;
+  /** Renames a finished temp of `size` bytes over `name`; durable when this returns. */
+  commit(dirKey: string, temp: string, name: string, size: number): Promise<void>;
 }
 
 /** `a/b/c` -> { dirKey: 'a/b', name: 'c' }; `c` -> { dirKey: '', name: 'c' }. */
