@@ -8,14 +8,7 @@ import { constants as fsConstants } from 'node:fs';
 import { open, rename, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import type { Readable } from 'node:stream';
-import type {
-  GetBufferOptions,
-  ObjectInfo,
-  PutImageOptions,
-  PutImageResult,
-  StorageTarget,
-  TargetCapabilities,
-} from '../contract';
+import type { GetBufferOptions, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, errnoCode, tooLargeError } from '../errors';
 import { normaliseKey } from '../keys';
 import type { Sidecar } from '../sidecar';
@@ -24,6 +17,7 @@ import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
 import { fsyncDir } from '../../shared/fsync';
 import { AtomicTree } from '../tree/atomic-tree';
+import { TreeTarget } from '../tree/tree-target';
 import { LOCAL_DRIVER, LocalFileTree } from './tree';
 import { CHUNK } from './upload';
 
@@ -45,16 +39,17 @@ export interface LocalTargetOptions {
   checkpointMs?: number;
 }
 
-export class LocalTarget implements StorageTarget {
+export class LocalTarget extends TreeTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities;
   private readonly fs: LocalFileTree;
-  private readonly tree: AtomicTree;
+  protected readonly tree: AtomicTree;
 
   constructor(
     private readonly root: string,
     readonly displayUrl: string,
     options: LocalTargetOptions = {},
   ) {
+    super();
     this.fs = new LocalFileTree(root, displayUrl, {
       bytes: options.checkpointBytes ?? CHECKPOINT_BYTES,
       ms: options.checkpointMs ?? CHECKPOINT_MS,
@@ -106,7 +101,7 @@ export class LocalTarget implements StorageTarget {
     return fh;
   }
 
-  putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+  override putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
     return this.tree.putImage(key, sourcePath, opts, (dirKey, name, size) =>
       this.tryMove(key, sourcePath, join(this.fs.dirPath(dirKey), name), size, opts),
     );
@@ -166,10 +161,6 @@ export class LocalTarget implements StorageTarget {
 
   private async writeSidecar(dir: string, name: string, body: Sidecar): Promise<void> {
     await this.tree.writeSidecar(this.dirKeyOf(dir), name, body);
-  }
-
-  async putManifest(key: string, body: Buffer): Promise<void> {
-    await this.tree.putManifest(key, body);
   }
 
   async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
@@ -243,22 +234,6 @@ export class LocalTarget implements StorageTarget {
     return this.error(err, `read ${key}`);
   }
 
-  stat(key: string): Promise<ObjectInfo | undefined> {
-    return this.tree.stat(key);
-  }
-
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.tree.list(prefix);
-  }
-
-  listTop(): AsyncIterable<string> {
-    return this.tree.listTop();
-  }
-
-  removeUnfinished(prefix: string): Promise<number> {
-    return this.tree.removeUnfinished(prefix);
-  }
-
   async touch(key: string): Promise<void> {
     // through the same guarded open as a read: never a link, never a FIFO, never a directory
     const fh = await this.openObject(key);
@@ -270,10 +245,6 @@ export class LocalTarget implements StorageTarget {
     } finally {
       await fh.close();
     }
-  }
-
-  delete(key: string): Promise<void> {
-    return this.tree.delete(key);
   }
 
   async close(): Promise<void> {}

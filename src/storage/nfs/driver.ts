@@ -11,17 +11,11 @@
  * uncommitted data (then the window since the last COMMIT is sent again).
  */
 import { Readable } from 'node:stream';
-import type {
-  GetBufferOptions,
-  ObjectInfo,
-  PutImageOptions,
-  PutImageResult,
-  StorageTarget,
-  TargetCapabilities,
-} from '../contract';
+import type { GetBufferOptions, StorageTarget, TargetCapabilities } from '../contract';
 import { StorageError, adviceFor, tooLargeError } from '../errors';
 import { normaliseKey } from '../keys';
 import { AtomicTree } from '../tree/atomic-tree';
+import { TreeTarget } from '../tree/tree-target';
 import { NFS_DRIVER, NfsFileTree, type NfsTargetSpec } from './tree';
 
 export type { NfsTargetSpec } from './tree';
@@ -32,29 +26,22 @@ const READ_DEPTH = 16;
 /** READ size for get() (the server's rtmax permitting) */
 const READ_SIZE = 1 << 20;
 
-export class NfsTarget implements StorageTarget {
+export class NfsTarget extends TreeTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities = { atomicReplace: true, multipart: true, rangeReads: true };
   private readonly fs: NfsFileTree;
-  private readonly tree: AtomicTree;
+  protected readonly tree: AtomicTree;
 
   constructor(
     private readonly spec: NfsTargetSpec,
     readonly displayUrl: string,
   ) {
+    super();
     this.fs = new NfsFileTree(spec, displayUrl);
     this.tree = new AtomicTree(this.fs);
   }
 
   private error(err: unknown, what: string): StorageError {
     return this.fs.classify(err, what);
-  }
-
-  putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
-    return this.tree.putImage(key, sourcePath, opts);
-  }
-
-  putManifest(key: string, body: Buffer): Promise<void> {
-    return this.tree.putManifest(key, body);
   }
 
   private notFound(key: string): StorageError {
@@ -147,18 +134,6 @@ export class NfsTarget implements StorageTarget {
     }
   }
 
-  stat(key: string): Promise<ObjectInfo | undefined> {
-    return this.tree.stat(key);
-  }
-
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.tree.list(prefix);
-  }
-
-  listTop(): AsyncIterable<string> {
-    return this.tree.listTop();
-  }
-
   async touch(key: string): Promise<void> {
     const k = normaliseKey(key);
     const found = await this.fs.op(`touch ${key}`, async (c) => {
@@ -167,14 +142,6 @@ export class NfsTarget implements StorageTarget {
       return file !== undefined;
     });
     if (!found) throw this.notFound(key);
-  }
-
-  delete(key: string): Promise<void> {
-    return this.tree.delete(key);
-  }
-
-  removeUnfinished(prefix: string): Promise<number> {
-    return this.tree.removeUnfinished(prefix);
   }
 
   close(): Promise<void> {
