@@ -4,48 +4,24 @@
  * fsyncs before every rename (restic's local.Save: temp in the same dir, fsync, rename,
  * fsync the directory).
  */
-import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { open, readdir, rename, rmdir, stat, unlink, lstat, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join, relative, sep } from 'node:path';
+import { open, rename, stat, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join, relative } from 'node:path';
 import type { Readable } from 'node:stream';
-import type {
-  GetBufferOptions,
-  ObjectInfo,
-  PutImageOptions,
-  PutImageResult,
-  StorageTarget,
-  TargetCapabilities,
-} from '../contract';
-import { StorageError, adviceFor, errnoCode, isAbortError, kindOfErrno, tooLargeError } from '../errors';
-import { dirMayHold, isKeySegment, isReservedName, normaliseKey, normalisePrefix } from '../keys';
-import {
-  decodeSidecar,
-  encodeSidecar,
-  isTempFor,
-  metadataOf,
-  SIDECAR_MAX_BYTES,
-  sidecarName,
-  sidecarOwner,
-  tempName,
-  tempOwner,
-} from '../sidecar';
-import { makeDirs, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../shared/file-modes';
+import type { GetBufferOptions, PutImageOptions, PutImageResult, StorageTarget, TargetCapabilities } from '../contract';
+import { StorageError, adviceFor, errnoCode, tooLargeError } from '../errors';
+import { normaliseKey } from '../keys';
+import type { Sidecar } from '../sidecar';
+import { PRIVATE_FILE_MODE } from '../../shared/file-modes';
 import { fileStamp } from '../../shared/file-stamp';
 import { sha256File } from '../../shared/sha256-file';
-import { asTempFileCheckpoint, hashRange, prefixDigest, sourceSize } from '../source';
-import type { TempFileCheckpoint } from '../source';
 import { fsyncDir } from '../../shared/fsync';
+import { AtomicTree } from '../tree/atomic-tree';
+import { TreeTarget } from '../tree/tree-target';
+import { LOCAL_DRIVER, LocalFileTree } from './tree';
+import { CHUNK } from './upload';
 
-const DRIVER = 'local';
-/**
- * One read or write. Small on purpose: the chunk read into a buffer is still in the CPU cache when it is
- * hashed and when the kernel copies it into the page cache. With 8 MiB chunks (32 MiB of buffers) every
- * pass went to memory and the copy spent about twice the kernel time (1 GiB: 2.7 s sys vs 1.2 s).
- */
-const CHUNK = 1 << 20;
-/** Buffers reused for the whole copy: one being written and hashed, the others already being read ahead. */
-const RING = 3;
+const DRIVER = LOCAL_DRIVER;
 /**
  * fdatasync + checkpoint after this many bytes or this long, whichever comes first. The trade-off: a
  * crash re-copies at most one window (about a second at local-disk speed, 10 s on a slow one), and in
@@ -63,71 +39,36 @@ export interface LocalTargetOptions {
   checkpointMs?: number;
 }
 
-async function unlinkQuietly(path: string): Promise<void> {
-  await unlink(path).catch(() => undefined);
-}
-
-export class LocalTarget implements StorageTarget {
+export class LocalTarget extends TreeTarget implements StorageTarget {
   readonly capabilities: TargetCapabilities;
-  private readonly checkpointBytes: number;
-  private readonly checkpointMs: number;
+  private readonly fs: LocalFileTree;
+  protected readonly tree: AtomicTree;
 
   constructor(
     private readonly root: string,
     readonly displayUrl: string,
     options: LocalTargetOptions = {},
   ) {
-    this.checkpointBytes = options.checkpointBytes ?? CHECKPOINT_BYTES;
-    this.checkpointMs = options.checkpointMs ?? CHECKPOINT_MS;
+    super();
+    this.fs = new LocalFileTree(root, displayUrl, {
+      bytes: options.checkpointBytes ?? CHECKPOINT_BYTES,
+      ms: options.checkpointMs ?? CHECKPOINT_MS,
+    });
+    this.tree = new AtomicTree(this.fs);
     // multipart: a copy resumes from its durable prefix after a crash
     this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root };
   }
 
   private error(err: unknown, what: string, fallback: 'failed' | 'not-found' = 'failed'): StorageError {
-    if (err instanceof StorageError) return err;
-    const code = errnoCode(err);
-    const kind = kindOfErrno(code) ?? fallback;
-    const detail = code ? ` (${code})` : err instanceof Error ? ` (${err.message})` : '';
-    const verb = kind === 'no-space' ? `ran out of space while trying to ${what}` : `could not ${what}${detail}`;
-    return new StorageError(kind, `Target ${this.displayUrl} ${verb}; ${adviceFor(kind)}.`, {
-      driver: DRIVER,
-      cause: err,
-    });
+    return this.fs.classify(err, what, fallback);
   }
 
   private path(key: string): string {
     return join(this.root, normaliseKey(key));
   }
 
-  /**
-   * Refuses a directory of this target that is, or lies below, a symbolic link. Whoever else can write the target
-   * could otherwise make `<domain>` a link to /etc, and a root worker would read, write or delete there. The target
-   * directory itself may be a link (a mount point named elsewhere); nothing below it may. A component that does not
-   * exist yet ends the walk: makeDirs creates real directories. (A link swapped in between this check and the
-   * open is not caught: docs/security.md.)
-   */
-  private async confine(dir: string, key: string): Promise<void> {
-    const rel = relative(this.root, dir);
-    if (rel === '') return;
-    let current = this.root;
-    for (const part of rel.split(sep)) {
-      current = join(current, part);
-      let st;
-      try {
-        st = await lstat(current);
-      } catch (err) {
-        if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-        throw this.error(err, `look at the directory of ${key}`);
-      }
-      if (st.isSymbolicLink()) {
-        throw new StorageError(
-          'invalid-key',
-          `Object ${key} on ${this.displayUrl} lies behind a symbolic link (${current}); vmbackup never follows links inside a target, remove the link.`,
-          { driver: DRIVER },
-        );
-      }
-      if (!st.isDirectory()) return;
-    }
+  private confine(dir: string, key: string): Promise<void> {
+    return this.fs.confine(dir, key);
   }
 
   /** Opens an object for reading: never through a link (final name or a directory), never waiting on a FIFO. */
@@ -160,164 +101,10 @@ export class LocalTarget implements StorageTarget {
     return fh;
   }
 
-  async putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
-    const final = this.path(key);
-    const dir = dirname(final);
-    const name = basename(final);
-    const expected = opts.metadata?.sha256;
-    const size = await sourceSize(sourcePath, key, DRIVER);
-    await this.mkdirs(dir, `create the directory for ${key}`);
-
-    if (opts.allowMove) {
-      const moved = await this.tryMove(key, sourcePath, final, size, opts);
-      if (moved) return moved;
-    }
-
-    let temp: string | undefined;
-    let fh: FileHandle | undefined;
-    try {
-      let offset = 0;
-      let hash: Hash = createHash('sha256');
-      const resume = asTempFileCheckpoint(opts.resume);
-      if (resume && resume.offset <= size) {
-        const resumed = await this.openResumed(join(dir, resume.temp), resume, opts.signal);
-        if (resumed) {
-          ({ fh, hash } = resumed);
-          offset = resume.offset;
-          temp = join(dir, resume.temp);
-        }
-      }
-      if (!fh) {
-        await this.removeStaleTemps(dir, name);
-        temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
-        // 'wx' plus a random name: unique even where O_EXCL is unreliable (old NFS); open's mode is less the umask
-        fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
-        await fh.chmod(PRIVATE_FILE_MODE);
-      }
-      const tempPath = temp as string;
-      const startOffset = offset;
-      opts.onProgress?.(offset, size);
-      await this.copyInto(fh, sourcePath, offset, size, hash, opts, (checkpoint) =>
-        opts.onCheckpoint?.({ temp: basename(tempPath), ...checkpoint } satisfies TempFileCheckpoint),
-      );
-      await fh.sync();
-      await fh.close();
-      fh = undefined;
-      const sha256 = hash.digest('hex');
-      if (expected && expected !== sha256) {
-        await unlinkQuietly(tempPath);
-        throw new StorageError(
-          'checksum',
-          `Copying ${sourcePath} to ${key} on ${this.displayUrl} produced SHA-256 ${sha256} but ${expected} was expected; the source changed or is corrupt, run the backup again.`,
-          { driver: DRIVER },
-        );
-      }
-      await this.writeSidecar(dir, name, { size, sha256, metadata: { ...opts.metadata, sha256 } });
-      await rename(tempPath, final);
-      await fsyncDir(dir);
-      return { key: normaliseKey(key), size, sha256, bytesSent: size - startOffset };
-    } catch (err) {
-      if (fh) await fh.close().catch(() => undefined);
-      const aborted = opts.signal?.aborted || isAbortError(err);
-      const classified = aborted ? undefined : this.error(err, `write ${key}`);
-      // keep the temp file only when a retry can resume from it
-      if (temp && (aborted || classified?.permanent)) await unlinkQuietly(temp);
-      if (aborted) throw opts.signal?.reason ?? err;
-      throw classified;
-    }
-  }
-
-  /**
-   * Copies [start, size) of the source into `fh` at the same offsets, feeding `hash` on the way. Reads run
-   * ahead into a small ring of reused buffers while the current chunk is written (one write in flight, so
-   * the file grows in order) and hashed on this thread meanwhile. Every checkpoint window the written prefix
-   * is fdatasync'ed in the background and reported through `checkpoint` once it is durable.
-   */
-  private async copyInto(
-    fh: FileHandle,
-    sourcePath: string,
-    start: number,
-    size: number,
-    hash: Hash,
-    opts: PutImageOptions,
-    checkpoint: (cp: Omit<TempFileCheckpoint, 'temp'>) => void,
-  ): Promise<void> {
-    const { signal, pace } = opts;
-    const src = await open(sourcePath, 'r');
-    const reads: Array<Promise<{ view: Buffer; buf: Buffer }>> = [];
-    const free: Buffer[] = Array.from({ length: RING }, () =>
-      Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(size - start, 1))),
+  override putImage(key: string, sourcePath: string, opts: PutImageOptions = {}): Promise<PutImageResult> {
+    return this.tree.putImage(key, sourcePath, opts, (dirKey, name, size) =>
+      this.tryMove(key, sourcePath, join(this.fs.dirPath(dirKey), name), size, opts),
     );
-    let readPos = start;
-    let stopped = false;
-    const readInto = async (buf: Buffer, at: number, want: number): Promise<{ view: Buffer; buf: Buffer }> => {
-      if (pace) await pace(want, signal);
-      if (stopped) throw new Error('copy stopped');
-      let got = 0;
-      while (got < want) {
-        const { bytesRead } = await src.read(buf, got, want - got, at + got);
-        if (bytesRead === 0) throw new Error(`${sourcePath} shrank while it was being copied (expected ${size} bytes)`);
-        got += bytesRead;
-      }
-      return { view: buf.subarray(0, want), buf };
-    };
-    const readAhead = (): void => {
-      while (!stopped && free.length > 0 && readPos < size) {
-        const want = Math.min(CHUNK, size - readPos);
-        const p = readInto(free.pop() as Buffer, readPos, want);
-        p.catch(() => undefined); // surfaced when awaited
-        reads.push(p);
-        readPos += want;
-      }
-    };
-    let writing: Promise<void> | undefined;
-    // the fdatasync of one window runs while the next is written; its checkpoint is emitted once it is durable
-    let syncing: { done: Promise<void>; offset: number; prefixSha256: string } | undefined;
-    const settle = async (): Promise<void> => {
-      if (!syncing) return;
-      const s = syncing;
-      syncing = undefined;
-      await s.done;
-      checkpoint({ offset: s.offset, prefixSha256: s.prefixSha256 });
-    };
-    let offset = start;
-    let windowStart = start;
-    let windowSince = Date.now();
-    try {
-      readAhead();
-      while (reads.length > 0) {
-        signal?.throwIfAborted();
-        const { view, buf } = await (reads.shift() as Promise<{ view: Buffer; buf: Buffer }>);
-        await writing; // one write in flight at a time
-        const at = offset;
-        writing = writeFully(fh, view, at).then(() => {
-          free.push(buf);
-          readAhead();
-          opts.onProgress?.(at + view.length, size);
-        });
-        writing.catch(() => undefined); // awaited above or below
-        hash.update(view); // on this thread while the write runs on the thread pool
-        offset += view.length;
-        const due = offset - windowStart >= this.checkpointBytes || Date.now() - windowSince >= this.checkpointMs;
-        if (due && offset < size) {
-          await writing;
-          await settle();
-          const done = fh.datasync();
-          done.catch(() => undefined); // awaited in settle
-          syncing = { done, offset, prefixSha256: prefixDigest(hash) };
-          windowStart = offset;
-          windowSince = Date.now();
-        }
-      }
-      await writing;
-      await settle();
-    } finally {
-      stopped = true;
-      // nothing may still use fh when the caller closes or removes the temp file; reads still waiting for
-      // their pace (a bandwidth limit) are not waited for, the source is closed once they are done
-      await Promise.allSettled([writing, syncing?.done]);
-      void Promise.allSettled(reads).then(() => src.close().catch(() => undefined));
-    }
   }
 
   /** Rename the source into place when it lives on the target's filesystem; undefined when it does not. */
@@ -364,78 +151,16 @@ export class LocalTarget implements StorageTarget {
     return { key: normaliseKey(key), size, sha256, bytesSent: 0 };
   }
 
-  /** Reopen a temp file from a checkpoint if its durable prefix still hashes as recorded. */
-  private async openResumed(
-    temp: string,
-    cp: TempFileCheckpoint,
-    signal?: AbortSignal,
-  ): Promise<{ fh: FileHandle; hash: Hash } | undefined> {
-    try {
-      const st = await stat(temp);
-      if (st.size < cp.offset) return undefined;
-      const hash = createHash('sha256');
-      await hashRange(temp, hash, 0, cp.offset, signal);
-      if (prefixDigest(hash) !== cp.prefixSha256) {
-        await unlinkQuietly(temp);
-        return undefined;
-      }
-      const fh = await open(temp, 'r+');
-      await fh.truncate(cp.offset);
-      return { fh, hash };
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT') return undefined;
-      throw err;
-    }
-  }
-
-  /** Temp files of an earlier attempt whose checkpoint was lost (the key is written by one workflow at a time). */
-  private async removeStaleTemps(dir: string, name: string): Promise<void> {
-    for (const entry of await readdir(dir)) {
-      if (isTempFor(name, entry)) await unlinkQuietly(join(dir, entry));
-    }
+  private dirKeyOf(dir: string): string {
+    return relative(this.root, dir);
   }
 
   private async mkdirs(dir: string, what: string): Promise<void> {
-    await this.confine(dir, relative(this.root, dir) || '.');
-    try {
-      await makeDirs(dir, PRIVATE_DIR_MODE);
-    } catch (err) {
-      throw this.error(err, what);
-    }
+    await this.tree.mkdirs(this.dirKeyOf(dir), what);
   }
 
-  private async writeSidecar(dir: string, name: string, body: Parameters<typeof encodeSidecar>[0]): Promise<void> {
-    await this.writeAtomic(dir, sidecarName(name), encodeSidecar(body));
-  }
-
-  private async writeAtomic(dir: string, name: string, body: Buffer): Promise<void> {
-    const temp = join(dir, tempName(name, randomBytes(8).toString('hex')));
-    try {
-      const fh = await open(temp, 'wx', PRIVATE_FILE_MODE);
-      try {
-        await fh.chmod(PRIVATE_FILE_MODE);
-        await fh.writeFile(body);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      await rename(temp, join(dir, name));
-      await fsyncDir(dir);
-    } catch (err) {
-      await unlinkQuietly(temp);
-      throw err;
-    }
-  }
-
-  async putManifest(key: string, body: Buffer): Promise<void> {
-    const final = this.path(key);
-    const dir = dirname(final);
-    await this.mkdirs(dir, `create the directory for ${key}`);
-    try {
-      await this.writeAtomic(dir, basename(final), body);
-    } catch (err) {
-      throw this.error(err, `write ${key}`);
-    }
+  private async writeSidecar(dir: string, name: string, body: Sidecar): Promise<void> {
+    await this.tree.writeSidecar(this.dirKeyOf(dir), name, body);
   }
 
   async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
@@ -509,113 +234,6 @@ export class LocalTarget implements StorageTarget {
     return this.error(err, `read ${key}`);
   }
 
-  async stat(key: string): Promise<ObjectInfo | undefined> {
-    const path = this.path(key);
-    await this.confine(dirname(path), key);
-    try {
-      const st = await lstat(path);
-      if (!st.isFile()) return undefined;
-      const side = await readSidecar(join(dirname(path), sidecarName(basename(path))));
-      const metadata = side ? metadataOf(decodeSidecar(side, st.size)) : undefined;
-      return { key: normaliseKey(key), size: st.size, modified: st.mtime, ...(metadata ? { metadata } : {}) };
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return undefined;
-      throw this.error(err, `stat ${key}`);
-    }
-  }
-
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    const p = normalisePrefix(prefix);
-    // start at the deepest directory the prefix names completely
-    const slash = p.lastIndexOf('/');
-    const baseKey = slash >= 0 ? p.slice(0, slash) : '';
-    yield* this.walk(baseKey, p);
-  }
-
-  async *listTop(): AsyncIterable<string> {
-    let entries;
-    try {
-      entries = await readdir(this.root, { withFileTypes: true });
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-      throw this.error(err, 'list its directory');
-    }
-    const names = entries
-      .filter((e) => (e.isDirectory() || e.isFile()) && !isReservedName(e.name) && isKeySegment(e.name))
-      .map((e) => e.name)
-      .sort();
-    yield* names;
-  }
-
-  private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
-    const dir = dirKey ? join(this.root, dirKey) : this.root;
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (err) {
-      // a target directory nobody wrote to yet holds no objects (the default target starts that way)
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return;
-      throw this.error(err, `list ${dirKey || 'its directory'}`);
-    }
-    entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-    for (const entry of entries) {
-      if (isReservedName(entry.name)) continue;
-      const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
-      // a file someone else put there under a name no key can have is not ours to list (S3 skips those too)
-      if (!isKeySegment(entry.name)) continue;
-      if (entry.isDirectory()) {
-        if (dirMayHold(key, prefix)) {
-          yield* this.walk(key, prefix);
-        }
-      } else if (entry.isFile() && key.startsWith(prefix)) {
-        const info = await this.stat(key);
-        if (info) yield info;
-      }
-    }
-  }
-
-  async removeUnfinished(prefix: string): Promise<number> {
-    const p = normalisePrefix(prefix);
-    const slash = p.lastIndexOf('/');
-    return this.sweep(slash >= 0 ? p.slice(0, slash) : '', p);
-  }
-
-  /** Temp files (and the sidecars written for them) of keys under `prefix`, below `dirKey`. */
-  private async sweep(dirKey: string, prefix: string): Promise<number> {
-    const dir = dirKey ? join(this.root, dirKey) : this.root;
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return 0;
-      throw this.error(err, `list ${dirKey || 'its directory'}`);
-    }
-    const names = new Set(entries.map((e) => e.name));
-    let removed = 0;
-    for (const entry of entries) {
-      const key = dirKey ? `${dirKey}/${entry.name}` : entry.name;
-      if (entry.isDirectory()) {
-        if (!isReservedName(entry.name) && dirMayHold(key, prefix)) {
-          removed += await this.sweep(key, prefix);
-        }
-        continue;
-      }
-      const temp = tempOwner(entry.name);
-      const side = sidecarOwner(entry.name);
-      const owner = temp ?? (side !== undefined && !names.has(side) ? side : undefined);
-      if (owner === undefined || !(dirKey ? `${dirKey}/${owner}` : owner).startsWith(prefix)) continue;
-      try {
-        await unlink(join(dir, entry.name));
-      } catch (err) {
-        if (errnoCode(err) === 'ENOENT') continue;
-        throw this.error(err, `remove ${key}`);
-      }
-      if (temp !== undefined) removed++;
-    }
-    if (dirKey && `${dirKey}/`.startsWith(prefix)) await this.removeEmptyParents(dir);
-    return removed;
-  }
-
   async touch(key: string): Promise<void> {
     // through the same guarded open as a read: never a link, never a FIFO, never a directory
     const fh = await this.openObject(key);
@@ -629,64 +247,5 @@ export class LocalTarget implements StorageTarget {
     }
   }
 
-  async delete(key: string): Promise<void> {
-    const path = this.path(key);
-    const dir = dirname(path);
-    await this.confine(dir, key);
-    try {
-      await unlink(path);
-    } catch (err) {
-      if (errnoCode(err) !== 'ENOENT' && errnoCode(err) !== 'ENOTDIR') throw this.error(err, `delete ${key}`);
-    }
-    await unlinkQuietly(join(dir, sidecarName(basename(path))));
-    await this.removeEmptyParents(dir);
-  }
-
-  /** Drop now-empty `<domain>/<backupId>` directories so pruning leaves no litter. */
-  private async removeEmptyParents(dir: string): Promise<void> {
-    let current = dir;
-    while (current.startsWith(this.root + '/') && current !== this.root) {
-      try {
-        await rmdir(current);
-      } catch {
-        return;
-      }
-      current = dirname(current);
-    }
-  }
-
   async close(): Promise<void> {}
-}
-
-/**
- * A sidecar's bytes, or undefined when there is none or it cannot be ours: a link, a FIFO (never waited on), not a
- * regular file, or larger than SIDECAR_MAX_BYTES (never read into memory).
- */
-async function readSidecar(path: string): Promise<Buffer | undefined> {
-  let fh: FileHandle;
-  try {
-    fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
-  } catch {
-    return undefined;
-  }
-  try {
-    const st = await fh.stat();
-    if (!st.isFile() || st.size > SIDECAR_MAX_BYTES) return undefined;
-    const buf = Buffer.alloc(SIDECAR_MAX_BYTES + 1);
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
-    return bytesRead > SIDECAR_MAX_BYTES ? undefined : buf.subarray(0, bytesRead);
-  } catch {
-    return undefined;
-  } finally {
-    await fh.close();
-  }
-}
-
-/** pwrite until the kernel took every byte (a regular file may take less than asked, e.g. near ENOSPC). */
-async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<void> {
-  let written = 0;
-  while (written < data.length) {
-    const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
-    written += bytesWritten;
-  }
 }
