@@ -177,14 +177,6 @@ async function mapVm(
   };
 }
 
-function addStats(into: StoreStats, s: StoreStats): void {
-  into.chunks += s.chunks;
-  into.zeroChunks += s.zeroChunks;
-  into.knownChunks += s.knownChunks;
-  into.uploadedChunks += s.uploadedChunks;
-  into.uploadedBytes += s.uploadedBytes;
-}
-
 /** Writes the destination's version-3 manifest, signed with its key (and the user's), last. */
 async function commitChunkManifest(
   dst: OpenRepository,
@@ -222,13 +214,8 @@ export async function copyChunkToChunk(
   const src = await openChunkBackup(from, entry, { ...(opts.password ? { password: opts.password } : {}) });
   const dstRepo = await openDestination(to, opts.toPassword);
   const report = newReport(from, to, m.backupId);
-  const key = manifestKeyOf(m.domain, m.backupId);
   const same = sameRepository(src.repo, dstRepo);
-  if (await destinationHas(to, key, m.backupId, dstRepo, opts.manifestKey)) {
-    report.skipped.push(key);
-    report.links.push({ backupId: m.backupId, level: 'full', action: 'skipped' });
-    return report;
-  }
+  if (await skippedAsPresent(to, m, 'full', dstRepo, opts, report)) return report;
   // a chunk is moved whole: both repositories must cut disks the same way (checked before anything is written)
   if (!same && dstRepo.config.chunkSize !== src.repo.config.chunkSize)
     throw fail(
@@ -401,29 +388,14 @@ export async function copyChunkToTree(
   const password = opts.password ? onceSource(opts.password) : undefined;
   const src = await openChunkBackup(from, entry, password ? { password } : {});
   const report = newReport(from, to, m.backupId);
-  const key = manifestKeyOf(m.domain, m.backupId);
-  if (await destinationHas(to, key, m.backupId, undefined, opts.manifestKey)) {
-    report.skipped.push(key);
-    report.links.push({ backupId: m.backupId, level: 'full', action: 'skipped' });
-    return report;
-  }
-  const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
-  try {
-    const restored = await restoreBackup(from, m.backupId, {
-      to: join(work, 'disks'),
-      format: 'qcow2',
-      ...(password ? { password } : {}),
-      ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
-      ...(opts.signal ? { signal: opts.signal } : {}),
-    });
+  if (await skippedAsPresent(to, m, 'full', undefined, opts, report)) return report;
+  await withRestoredDisks(from, m, 'qcow2', opts, password ? { password } : {}, async (work, restored) => {
     const disks = [];
-    for (const d of m.disks) {
-      const r = restored.find((x) => x.name === d.name);
-      if (!r) throw fail('failed', `The restore of backup ${m.backupId} wrote no disk ${d.name}.`);
-      const sha256 = (await hashFile(r.path, opts.signal ? { signal: opts.signal } : {})).sha256;
-      const size = (await stat(r.path)).size;
+    for (const { disk: d, path } of restored) {
+      const sha256 = (await hashFile(path, opts.signal ? { signal: opts.signal } : {})).sha256;
+      const size = (await stat(path)).size;
       const k = imageKey(m.domain, m.backupId, d.name, 'qcow2');
-      await to.putImage(k, r.path, { metadata: { sha256 }, ...(opts.signal ? { signal: opts.signal } : {}) });
+      await to.putImage(k, path, { metadata: { sha256 }, ...(opts.signal ? { signal: opts.signal } : {}) });
       report.copied.push(k);
       disks.push({ name: d.name, format: 'qcow2', virtualSize: d.virtualSize, size, sha256, key: k });
     }
@@ -451,10 +423,57 @@ export async function copyChunkToTree(
       chain: { level: 'full', base: m.backupId },
     });
     if (opts.manifestKey) manifest = signManifest(manifest, opts.manifestKey);
+    const key = manifestKeyOf(m.domain, m.backupId);
     await to.putManifest(key, encodeManifest(manifest));
     report.copied.push(key);
-    report.links.push({ backupId: m.backupId, level: 'full', action: 'copied' });
-    return report;
+  });
+  report.links.push({ backupId: m.backupId, level: 'full', action: 'copied' });
+  return report;
+}
+
+/** When the destination holds this backup already: the report says it was skipped, and true is returned. */
+async function skippedAsPresent(
+  to: StorageTarget,
+  m: Pick<Manifest, 'domain' | 'backupId'>,
+  level: Manifest['chain']['level'],
+  repo: OpenRepository | undefined,
+  opts: CopyOptions,
+  report: CopyReport,
+): Promise<boolean> {
+  const key = manifestKeyOf(m.domain, m.backupId);
+  if (!(await destinationHas(to, key, m.backupId, repo, opts.manifestKey))) return false;
+  report.skipped.push(key);
+  report.links.push({ backupId: m.backupId, level, action: 'skipped' });
+  return true;
+}
+
+/**
+ * Restores backup `m` from `from` into a temporary directory and hands each of its disks, in manifest order, to
+ * `fn` with the restored file's path; the directory is removed afterwards, whatever happened.
+ */
+async function withRestoredDisks(
+  from: StorageTarget,
+  m: Pick<Manifest, 'backupId' | 'disks'>,
+  format: 'raw' | 'qcow2',
+  opts: CopyOptions,
+  extra: { password?: PasswordSource },
+  fn: (work: string, disks: Array<{ disk: Manifest['disks'][number]; path: string }>) => Promise<void>,
+): Promise<void> {
+  const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
+  try {
+    const restored = await restoreBackup(from, m.backupId, {
+      to: join(work, 'disks'),
+      format,
+      ...(extra.password ? { password: extra.password } : {}),
+      ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    const disks = m.disks.map((disk) => {
+      const r = restored.find((x) => x.name === disk.name);
+      if (!r) throw fail('failed', `The restore of backup ${m.backupId} wrote no disk ${disk.name}.`);
+      return { disk, path: r.path };
+    });
+    await fn(work, disks);
   } finally {
     await rm(work, { recursive: true, force: true });
   }
@@ -487,32 +506,18 @@ export async function copyTreeToChunk(
 ): Promise<CopyReport> {
   const dstRepo = await openDestination(to, opts.toPassword);
   const report = newReport(from, to, top.backupId);
-  const key = manifestKeyOf(top.domain, top.backupId);
-  if (await destinationHas(to, key, top.backupId, dstRepo, opts.manifestKey)) {
-    report.skipped.push(key);
-    report.links.push({ backupId: top.backupId, level: top.chain.level, action: 'skipped' });
-    return report;
-  }
+  if (await skippedAsPresent(to, top, top.chain.level, dstRepo, opts, report)) return report;
   const dst = new ChunkStore(dstRepo);
-  const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
-  try {
-    const restored = await restoreBackup(from, top.backupId, {
-      to: join(work, 'disks'),
-      format: 'raw',
-      ...(opts.manifestKey ? { manifestKey: opts.manifestKey } : {}),
-      ...(opts.signal ? { signal: opts.signal } : {}),
-    });
+  await withRestoredDisks(from, top, 'raw', opts, {}, async (_work, restored) => {
     const disks = [];
-    for (const d of top.disks) {
-      const r = restored.find((x) => x.name === d.name);
-      if (!r) throw fail('failed', `The restore of backup ${top.backupId} wrote no disk ${d.name}.`);
-      const size = (await stat(r.path)).size;
+    for (const { disk: d, path } of restored) {
+      const size = (await stat(path)).size;
       if (size !== d.virtualSize)
         throw fail(
           'checksum',
           `Disk ${d.name} of backup ${top.backupId} restored to ${size} bytes, not its ${d.virtualSize}.`,
         );
-      const { index, stats } = await dst.storeDisk(createReadStream(r.path, { highWaterMark: 1 << 20 }), size);
+      const { index, stats } = await dst.storeDisk(createReadStream(path, { highWaterMark: 1 << 20 }), size);
       const id = await dst.putIndex(index);
       const ik = indexKey(id);
       (stats.uploadedChunks > 0 ? report.copied : report.skipped).push(ik);
@@ -530,9 +535,8 @@ export async function copyTreeToChunk(
           uploadedChunks: stats.uploadedChunks,
         },
       });
-      await rm(r.path, { force: true });
+      await rm(path, { force: true });
     }
-    const vmStats: StoreStats = { chunks: 0, zeroChunks: 0, knownChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
     const vm = await mapVm(top.vm, async (f, name, maxBytes) => {
       const body = await from.getBuffer(f.key, { maxBytes });
       const sha256 = createHash('sha256').update(body).digest('hex');
@@ -542,7 +546,6 @@ export async function copyTreeToChunk(
           `Cannot copy ${name} (${f.key}) from ${from.displayUrl}: it has ${body.length} bytes and SHA-256 ${sha256}, the manifest says ${f.size} bytes and ${f.sha256}; run verify there.`,
         );
       const put = await putSmallFile(dst, body);
-      addStats(vmStats, put.stats);
       (put.stats.uploadedChunks > 0 ? report.copied : report.skipped).push(put.key);
       return { key: put.key, size: put.size, sha256: put.sha256 };
     });
@@ -552,9 +555,7 @@ export async function copyTreeToChunk(
       opts.manifestKey,
       report,
     );
-    report.links.push({ backupId: top.backupId, level: 'full', action: 'copied' });
-    return report;
-  } finally {
-    await rm(work, { recursive: true, force: true });
-  }
+  });
+  report.links.push({ backupId: top.backupId, level: 'full', action: 'copied' });
+  return report;
 }

@@ -16,6 +16,7 @@
  * reported with that date (`keptLocked`); once every version's retention passed, its versions and delete markers are
  * deleted for good (a plain delete would only hide it behind a delete marker).
  */
+import type { ChunkGcCounts } from '../shared/chunk-gc';
 import type { ObjectInfo, ObjectVersion, StorageTarget } from '../storage/contract';
 import { isStorageError } from '../storage/errors';
 import { parseManifestKey } from '../storage/keys';
@@ -50,27 +51,7 @@ export interface ChunkGcObject {
   modified: string;
 }
 
-export interface ChunkGcReport {
-  target: string;
-  repositoryId: string;
-  dryRun: boolean;
-  graceSeconds: number;
-  /** version-3 manifests of this repository that were marked */
-  backups: number;
-  /** version-3 manifests of another repository (left alone; their indexes are not here) */
-  foreignBackups: number;
-  referencedIndexes: number;
-  referencedChunks: number;
-  /** chunk and index objects found */
-  chunks: number;
-  indexes: number;
-  /** unreferenced, deleted (or, with dryRun, would be) */
-  removedChunks: number;
-  removedIndexes: number;
-  removedBytes: number;
-  /** unreferenced but younger than grace (or touched since the listing): kept */
-  keptYoung: number;
-  keptYoungBytes: number;
+export interface ChunkGcReport extends ChunkGcCounts {
   /** with dryRun: what would be removed; otherwise what was */
   removed: ChunkGcObject[];
   /**

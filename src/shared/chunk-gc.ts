@@ -15,22 +15,32 @@ export interface ChunkGcInput {
   dryRun?: boolean;
 }
 
-export interface ChunkGcResult {
+/** What a gc of a chunk repository found and did: the figures its report and its workflow result share. */
+export interface ChunkGcCounts {
   target: string;
   repositoryId: string;
   dryRun: boolean;
   graceSeconds: number;
+  /** version-3 manifests of this repository that were marked */
   backups: number;
+  /** version-3 manifests of another repository (left alone; their indexes are not here) */
   foreignBackups: number;
   referencedIndexes: number;
   referencedChunks: number;
+  /** chunk and index objects found */
   chunks: number;
   indexes: number;
+  /** unreferenced, deleted (or, with dryRun, would be) */
   removedChunks: number;
   removedIndexes: number;
   removedBytes: number;
+  /** unreferenced but younger than grace (or touched since the listing): kept */
   keptYoung: number;
   keptYoungBytes: number;
+}
+
+/** The workflow's result: the counts, and the keys it names cut to MAX_LISTED (a history payload stays small). */
+export interface ChunkGcResult extends ChunkGcCounts {
   /** the first MAX_LISTED removed (or, dry run, removable) keys; a history payload stays small */
   removedKeys: string[];
   /** how many more were removed than removedKeys lists */
