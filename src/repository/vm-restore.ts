@@ -15,7 +15,7 @@
 import { randomBytes, randomUUID, createHash } from 'node:crypto';
 import { chmod, link, mkdir, open, rename, rm, rmdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join } from 'node:path';
-import { rewriteDomain, type DomainRewrite } from '../hypervisor/domain-xml';
+import { rewriteDomain, type DomainRewrite, type RewrittenDomain } from '../hypervisor/domain-xml';
 import { HypervisorError } from '../hypervisor/errors';
 import type { Hypervisor } from '../hypervisor/port';
 import { parseDomainXml } from '../hypervisor/xml';
@@ -102,6 +102,35 @@ interface VmFiles {
   xml: string;
   nvram?: VmFile & { path: string };
   tpm?: { version: '1.2' | '2.0'; files: Array<VmFile & { path: string }> };
+}
+
+/** What a define or replace restore reports: the same shape whichever it was, dry run or not. */
+function restoreResult(
+  manifest: Manifest,
+  who: Pick<VmRestoreResult, 'from' | 'domain' | 'uuid' | 'mode'>,
+  opts: { dryRun?: boolean },
+  made: {
+    rewritten: RewrittenDomain;
+    disks: DomainRewrite['disks'];
+    nvramPath: string | undefined;
+    tpmDir: string | undefined;
+    files: VmFiles;
+  },
+): VmRestoreResult {
+  const { rewritten, disks, nvramPath, tpmDir, files } = made;
+  return {
+    backupId: manifest.backupId,
+    ...who,
+    dryRun: Boolean(opts.dryRun),
+    started: false,
+    xml: rewritten.xml,
+    disks: Object.entries(disks).map(([n, d]) => ({ name: n, path: d.path, format: d.format })),
+    ...(nvramPath ? { nvram: nvramPath } : {}),
+    ...(tpmDir && files.tpm ? { tpm: { dir: tpmDir, files: files.tpm.files.map((f) => join(tpmDir, f.path)) } } : {}),
+    logFiles: rewritten.logFiles,
+    ejected: rewritten.ejected,
+    keptHostFiles: rewritten.keptHostFiles,
+  };
 }
 
 /** What this run created or moved aside, undone in reverse on a failure. */
@@ -360,22 +389,13 @@ async function defineAnew(
     logDir: dir,
     ...(opts.bootDirs ? { bootDirs: opts.bootDirs } : {}),
   });
-  const result: VmRestoreResult = {
-    backupId: manifest.backupId,
-    from: manifest.domain,
-    domain: name,
-    uuid,
-    mode: 'define',
-    dryRun: Boolean(opts.dryRun),
-    started: false,
-    xml: rewritten.xml,
-    disks: Object.entries(disks).map(([n, d]) => ({ name: n, path: d.path, format: d.format })),
-    ...(nvramPath ? { nvram: nvramPath } : {}),
-    ...(tpmDir && files.tpm ? { tpm: { dir: tpmDir, files: files.tpm.files.map((f) => join(tpmDir, f.path)) } } : {}),
-    logFiles: rewritten.logFiles,
-    ejected: rewritten.ejected,
-    keptHostFiles: rewritten.keptHostFiles,
-  };
+  const result = restoreResult(manifest, { from: manifest.domain, domain: name, uuid, mode: 'define' }, opts, {
+    rewritten,
+    disks: disks as DomainRewrite['disks'],
+    nvramPath,
+    tpmDir,
+    files,
+  });
   if (opts.dryRun) return result;
 
   const undo = new Undo();
@@ -504,22 +524,13 @@ async function replaceOriginal(
     logDir,
     ...(opts.bootDirs ? { bootDirs: opts.bootDirs } : {}),
   });
-  const result: VmRestoreResult = {
-    backupId: manifest.backupId,
-    from: name,
-    domain: name,
-    uuid: current.uuid,
-    mode: 'replace',
-    dryRun: Boolean(opts.dryRun),
-    started: false,
-    xml: rewritten.xml,
-    disks: Object.entries(disks).map(([n, d]) => ({ name: n, path: d.path, format: d.format })),
-    ...(nvramPath ? { nvram: nvramPath } : {}),
-    ...(tpmDir && files.tpm ? { tpm: { dir: tpmDir, files: files.tpm.files.map((f) => join(tpmDir, f.path)) } } : {}),
-    logFiles: rewritten.logFiles,
-    ejected: rewritten.ejected,
-    keptHostFiles: rewritten.keptHostFiles,
-  };
+  const result = restoreResult(manifest, { from: name, domain: name, uuid: current.uuid, mode: 'replace' }, opts, {
+    rewritten,
+    disks,
+    nvramPath,
+    tpmDir,
+    files,
+  });
   if (opts.dryRun) return result;
   if (!mode.confirmed) {
     throw fail(
