@@ -397,3 +397,34 @@ export async function createOverlayImage(
   );
   if (result.code !== 0) throw imageError(result, action);
 }
+
+/**
+ * `qemu-img create -f qcow2 -o cluster_size=C [-F qcow2 -b NAME -u] PATH SIZE`: a new empty qcow2, with NAME recorded
+ * as its backing file (as given: a relative name is relative to the image's directory; -u: not opened). The file
+ * must not exist, or be empty (the caller creates it 0600 first: qemu-img keeps the mode).
+ */
+export async function createImage(
+  path: string,
+  virtualSize: number,
+  opts: { clusterSize?: number; backing?: { name: string; format: 'qcow2' | 'raw' } } = {},
+): Promise<void> {
+  const action = `create the image ${path}`;
+  const backing = opts.backing ? ['-F', opts.backing.format, '-b', opts.backing.name, '-u'] : [];
+  const result = await qemuImg(
+    [
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-o',
+      `cluster_size=${opts.clusterSize ?? 65536}`,
+      ...backing,
+      '--',
+      path,
+      String(virtualSize),
+    ],
+    action,
+    { timeoutMs: 60_000 },
+  );
+  if (result.code !== 0) throw imageError(result, action);
+}

@@ -37,8 +37,14 @@ export const MANIFEST_VERSION = 2;
  * an index for an image.
  */
 export const CHUNK_MANIFEST_VERSION = 3;
+/**
+ * An image-tree backup with a disk whose `sha256` is a content digest (`content` set: a pull backup,
+ * docs/nbd.md "Pull into an image tree"), not the SHA-256 of the stored file. A vmbackup that reads only versions
+ * 1-3 would hash the file, find another value and call a good backup corrupt: it refuses version 4 instead.
+ */
+export const CONTENT_MANIFEST_VERSION = 4;
 /** The versions this vmbackup reads; a version-1 manifest reads as a full backup. */
-export const READABLE_MANIFEST_VERSIONS: readonly number[] = [1, 2, 3];
+export const READABLE_MANIFEST_VERSIONS: readonly number[] = [1, 2, 3, 4];
 /** A disk (or whole-VM file) stored in a chunk repository has this format; its key is its index's key. */
 export const CHUNKS_FORMAT = 'chunks';
 
@@ -115,6 +121,19 @@ export const ManifestDiskSchema = z
      * format `chunks` only: the disk is the index `sha256` (its id) at `key` = `@chunk-repo/indexes/<id>`. `size` is
      * the bytes of the chunks this disk references that this backup uploaded (the rest were already stored).
      */
+    /**
+     * a pulled image: `sha256` is the content digest of the image's own guest data (content-digest.ts, read with no
+     * backing file), not the SHA-256 of the file; verify and restore recompute it from the image
+     */
+    content: z
+      .object({
+        scheme: z.literal('content-v1'),
+        chunkSize: z.number().int().positive(),
+        chunks: z.number().int().nonnegative(),
+        zeroChunks: z.number().int().nonnegative(),
+      })
+      .passthrough()
+      .optional(),
     chunks: z
       .object({
         chunkSize: z.number().int().positive(),
@@ -236,7 +255,12 @@ export function manifestVmFiles(m: { vm?: ManifestVm }): ManifestVmEntry[] {
 
 const ManifestObject = z
   .object({
-    version: z.union([z.literal(1), z.literal(2), z.literal(CHUNK_MANIFEST_VERSION)]),
+    version: z.union([
+      z.literal(1),
+      z.literal(2),
+      z.literal(CHUNK_MANIFEST_VERSION),
+      z.literal(CONTENT_MANIFEST_VERSION),
+    ]),
     backupId: Segment,
     domain: z.string().regex(DOMAIN_NAME_RE),
     host: z.string().min(1),
@@ -274,8 +298,13 @@ function checkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
     checkChunkManifest(m, ctx);
     return;
   }
+  const hasContent = m.disks.some((d) => d.content);
+  if (hasContent !== (m.version === CONTENT_MANIFEST_VERSION)) {
+    issue(ctx, ['version'], `must be ${CONTENT_MANIFEST_VERSION} exactly when a disk has a content digest`);
+  }
   for (const [i, d] of m.disks.entries()) {
     if (d.format === CHUNKS_FORMAT) issue(ctx, ['disks', i, 'format'], 'is chunks only in a version-3 manifest');
+    if (d.content && d.format !== 'qcow2') issue(ctx, ['disks', i, 'content'], 'is for qcow2 images only');
     if (d.key !== imageKey(m.domain, m.backupId, d.name, d.format)) {
       issue(ctx, ['disks', i, 'key'], `must be ${m.domain}/${m.backupId}/${d.name}.${d.format}`);
     }
@@ -438,7 +467,11 @@ export function buildManifest(input: ManifestInput): Manifest {
   } = input as ManifestInput & { signature?: unknown; repositorySignature?: unknown };
   const parsed = ManifestSchema.safeParse({
     ...rest,
-    version: input.repository ? CHUNK_MANIFEST_VERSION : MANIFEST_VERSION,
+    version: input.repository
+      ? CHUNK_MANIFEST_VERSION
+      : (input.disks as ReadonlyArray<{ content?: unknown }>).some((d) => d.content !== undefined)
+        ? CONTENT_MANIFEST_VERSION
+        : MANIFEST_VERSION,
     chain: input.chain ?? { level: 'full', base: input.backupId },
   });
   if (!parsed.success) {
@@ -481,7 +514,7 @@ export function readManifest(body: Buffer, where: string, opts: { manifestKey?: 
     );
   }
   const version = isPlainObject(json) ? json.version : undefined;
-  if (typeof version === 'number' && version > CHUNK_MANIFEST_VERSION) {
+  if (typeof version === 'number' && version > CONTENT_MANIFEST_VERSION) {
     throw new StorageError('failed', `The manifest ${where} has version ${version}; upgrade vmbackup to read it.`, {
       driver: 'catalog',
       permanent: true,

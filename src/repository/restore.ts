@@ -12,6 +12,7 @@
  *   in place only at the end. On any failure or interruption (the signal) every file and directory this run created
  *   is removed again.
  */
+import { imageContentDigest } from './pull-image';
 import { randomBytes } from 'node:crypto';
 import { link, mkdir, open, rename, rm, rmdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
@@ -237,7 +238,7 @@ async function stageDisk(
     // a whole image in the format asked for: stream it, hashing as it is written
     created.files.add(temp);
     const got = await writeSparseFile(await target.get(top.disk.key), temp, { signal: opts.signal, onBytes: progress });
-    checkDigest(got, top, target);
+    await checkDigest(got, top, target, temp, opts.signal);
     return { ...item, temp, size: got.bytes, sha256: got.sha256, links: ids };
   }
   const local = target.capabilities.localPath;
@@ -261,7 +262,7 @@ async function stageDisk(
         path = join(work, `${l.backupId}.${l.disk.name}.${l.disk.format}`);
         got = await writeSparseFile(await target.get(l.disk.key), path, { signal: opts.signal, onBytes: progress });
       }
-      checkDigest(got, l, target);
+      await checkDigest(got, l, target, path, opts.signal);
       before += got.bytes;
       files.push({ path, format: l.disk.format });
     }
@@ -349,9 +350,26 @@ function missingImage(l: DiskLink, target: StorageTarget): StorageError {
   );
 }
 
-/** A link is used only when its bytes are exactly what its manifest recorded. */
-function checkDigest(got: WrittenFile, l: DiskLink, target: StorageTarget): void {
-  if (got.sha256 === l.disk.sha256 && got.bytes === l.disk.size) return;
+/**
+ * A link is used only when its bytes are exactly what its manifest recorded: the file's SHA-256, or for a pulled
+ * image (`content`) the content digest of its guest data, recomputed from the image at PATH.
+ */
+async function checkDigest(
+  got: WrittenFile,
+  l: DiskLink,
+  target: StorageTarget,
+  path: string,
+  signal?: AbortSignal,
+): Promise<void> {
+  if (l.disk.content && got.bytes === l.disk.size) {
+    const content = await imageContentDigest(path, l.disk.virtualSize, { signal });
+    if (content.sha256 === l.disk.sha256) return;
+    throw restoreError(
+      `Disk ${l.disk.name} of backup ${l.backupId} on ${target.displayUrl} is corrupt (the guest data of ${l.disk.key} has content digest ${content.sha256}; the manifest says ${l.disk.sha256}); restore it from another copy.`,
+      'checksum',
+    );
+  }
+  if (!l.disk.content && got.sha256 === l.disk.sha256 && got.bytes === l.disk.size) return;
   throw restoreError(
     `Disk ${l.disk.name} of backup ${l.backupId} on ${target.displayUrl} is corrupt (SHA-256 ${got.sha256}, ${got.bytes} bytes; the manifest says ${l.disk.sha256}, ${l.disk.size} bytes); restore it from another copy.`,
     'checksum',

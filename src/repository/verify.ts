@@ -19,6 +19,7 @@ import { isChunkManifest, manifestVmFiles } from './manifest';
 import { verifyChunkBackup, type ChunkCheck, type ChunkReadOptions } from './chunk-read';
 import type { ChainLevel, Manifest, ManifestDisk, ManifestVmEntry } from './manifest';
 import { StorageError } from '../storage/errors';
+import { imageContentDigest } from './pull-image';
 
 export interface DiskVerification {
   name: string;
@@ -238,7 +239,18 @@ async function verifyDisk(target: StorageTarget, disk: ManifestDisk, opts: Verif
         problem: `disk ${disk.name}: ${disk.key} has ${got.bytes} bytes, the manifest says ${disk.size}`,
       };
     }
-    if (got.sha256 !== disk.sha256) {
+    if (disk.content && checkPath) {
+      // a pulled image: its manifest holds the digest of its guest data, recomputed from the image
+      const content = await imageContentDigest(checkPath, disk.virtualSize, { signal: opts.signal });
+      result.actualSha256 = content.sha256;
+      if (content.sha256 !== disk.sha256) {
+        return {
+          ...result,
+          ok: false,
+          problem: `disk ${disk.name}: the guest data of ${disk.key} has content digest ${content.sha256}, the manifest says ${disk.sha256}`,
+        };
+      }
+    } else if (got.sha256 !== disk.sha256) {
       return {
         ...result,
         ok: false,
