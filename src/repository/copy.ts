@@ -11,7 +11,8 @@ import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
 import { brokenChainError, lookupOn, walkChain } from './chain';
 import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
-import { writeSparseFile } from './local-copy';
+import { hashFile, writeSparseFile } from './local-copy';
+import { imageContentDigest } from './pull-image';
 import { isChunkManifest, manifestVmFiles } from './manifest';
 import type { PasswordSource } from './chunk-read';
 import { copyChunkToChunk, copyChunkToTree, copyTreeToChunk } from './chunk-copy';
@@ -95,7 +96,9 @@ async function copyLink(
   const copiedBefore = report.copied.length;
   for (const disk of m.disks) {
     const there = await to.stat(disk.key);
-    if (there && there.size === disk.size && there.metadata?.sha256 === disk.sha256) {
+    // a pulled image is stored with its file's SHA-256 and, as `content`, the digest the manifest names
+    const stored = disk.content ? there?.metadata?.content : there?.metadata?.sha256;
+    if (there && there.size === disk.size && stored === disk.sha256) {
       report.skipped.push(disk.key);
       continue;
     }
@@ -153,7 +156,6 @@ async function copyVmFile(
 }
 
 async function copyImage(from: StorageTarget, to: StorageTarget, disk: ManifestDisk, opts: CopyOptions): Promise<void> {
-  const metadata = { sha256: disk.sha256 };
   const onProgress = (done: number, total: number): void => opts.onProgress?.(disk.name, done, total);
   const local = from.capabilities.localPath;
   if (local) {
@@ -168,15 +170,41 @@ async function copyImage(from: StorageTarget, to: StorageTarget, disk: ManifestD
         },
       );
     }
-    await to.putImage(disk.key, join(local, disk.key), { metadata, signal: opts.signal, onProgress });
+    const path = join(local, disk.key);
+    await to.putImage(disk.key, path, {
+      metadata: await imageMetadata(disk, path, opts),
+      signal: opts.signal,
+      onProgress,
+    });
     return;
   }
   const work = await mkdtemp(join(opts.tempDir ?? tmpdir(), 'vmbackup-copy-'));
   try {
     const staged = join(work, basename(disk.key));
     await writeSparseFile(await from.get(disk.key), staged, { signal: opts.signal });
-    await to.putImage(disk.key, staged, { metadata, signal: opts.signal, onProgress });
+    await to.putImage(disk.key, staged, {
+      metadata: await imageMetadata(disk, staged, opts),
+      signal: opts.signal,
+      onProgress,
+    });
   } finally {
     await rm(work, { recursive: true, force: true });
   }
+}
+
+/**
+ * What putImage checks the copied bytes against. A pulled image's manifest `sha256` is the content digest of its
+ * guest data, not of the file: the source file's guest data is checked against it first (a damaged source is never
+ * copied), then the file's own SHA-256 guards the transfer.
+ */
+async function imageMetadata(disk: ManifestDisk, path: string, opts: CopyOptions): Promise<Record<string, string>> {
+  if (!disk.content) return { sha256: disk.sha256 };
+  const content = await imageContentDigest(path, disk.virtualSize, { signal: opts.signal });
+  if (content.sha256 !== disk.sha256)
+    throw new StorageError(
+      'checksum',
+      `Cannot copy disk ${disk.name} (${disk.key}): its guest data has content digest ${content.sha256}, the manifest says ${disk.sha256}; run verify there.`,
+      { driver: 'catalog', permanent: true },
+    );
+  return { sha256: (await hashFile(path, { signal: opts.signal })).sha256, content: disk.sha256 };
 }

@@ -9,13 +9,15 @@ import { mkdir, mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { restoreBackup, verifyBackup } from '../../src/repository';
+import { copyBackup, restoreBackup, verifyBackup } from '../../src/repository';
 import { buildManifest, encodeManifest } from '../../src/repository/manifest';
 import { imageContentDigest, pullImageTreeSupport, writePulledImage } from '../../src/repository/pull-image';
 import type { PulledImage, PullImageProgress } from '../../src/repository/pull-image';
 import { openTarget } from '../../src/storage/registry';
 import { manifestKey } from '../../src/storage/keys';
 import { startQemuNbd } from '../helpers/nbd';
+import { requireS3 } from '../helpers/stack';
+import { s3Target } from '../storage/fixtures';
 import type { NbdServer } from '../helpers/nbd';
 
 const run = promisify(execFile);
@@ -255,6 +257,25 @@ describe('writePulledImage into a local image tree', () => {
     await restoreBackup(target, 'inc1', { disk: 'vda', to: restored });
     expect(await compare(restored, source)).toBe('identical');
 
+    // copy of the pulled chain: to another directory and to S3; each copy verifies there, a second copy sends nothing
+    await requireS3();
+    const s3 = await s3Target();
+    const elsewhere = openTarget(`file://${join(dir, 'copy-dest')}`);
+    try {
+      for (const dest of [elsewhere, s3.target]) {
+        const first = await copyBackup(target, dest, 'inc1');
+        expect(first.copied).toEqual(expect.arrayContaining(['vm1/full1/vda.qcow2', 'vm1/inc1/vda.qcow2']));
+        expect((await verifyBackup(dest, 'inc1', { readData: true })).ok).toBe(true);
+        const again = await copyBackup(target, dest, 'inc1');
+        expect(again.copied).toEqual([]);
+        expect(again.skipped).toEqual(expect.arrayContaining(['vm1/full1/vda.qcow2', 'vm1/inc1/vda.qcow2']));
+      }
+    } finally {
+      await elsewhere.close();
+      await s3.target.close();
+      await s3.cleanup();
+    }
+
     // flip one byte of guest data in the full's stored image (the first data cluster: random bytes)
     const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'qcow2', fullPath()]);
     const first = (JSON.parse(stdout) as Array<{ data: boolean; offset?: number }>).find(
@@ -275,6 +296,16 @@ describe('writePulledImage into a local image tree', () => {
     await expect(restoreBackup(target, 'inc1', { disk: 'vda', to: join(dir, 'restored2.qcow2') })).rejects.toThrow(
       /Disk vda of backup full1 .* is corrupt/,
     );
+    // a damaged pulled image is never copied: the copy names the disk and writes no image
+    const third = openTarget(`file://${join(dir, 'copy-dest-2')}`);
+    try {
+      await expect(copyBackup(target, third, 'inc1')).rejects.toThrow(
+        /^Cannot copy disk vda \(vm1\/full1\/vda\.qcow2\): its guest data has content digest [0-9a-f]{64}, the manifest says/,
+      );
+      expect(await third.stat('vm1/full1/vda.qcow2')).toBeUndefined();
+    } finally {
+      await third.close();
+    }
     await target.close();
   });
 
