@@ -228,7 +228,8 @@ export function useChunkRepoWorker(opts: {
   });
   afterAll(async () => {
     // a test may have stopped the worker (SIGSTOP) and failed before it let it go on
-    if (ctx.worker?.child.pid) process.kill(ctx.worker.child.pid, 'SIGCONT');
+    const child = ctx.worker?.child;
+    if (child?.pid && child.exitCode === null && child.signalCode === null) process.kill(child.pid, 'SIGCONT');
     await ctx.worker?.stop();
     await closeClient?.();
     if (ctx.work) await rm(ctx.work, { recursive: true, force: true });
