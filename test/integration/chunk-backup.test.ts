@@ -8,92 +8,45 @@
  * backup point then has one known content, the disk's, and equality is exact rather than "about right".
  */
 import { randomBytes } from 'node:crypto';
-import { copyFile, mkdtemp, open, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, open, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { ListObjectsV2Command } from '@aws-sdk/client-s3';
-import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
-import { CHUNKS_PREFIX, ChunkStore, chunkIdOfKey, initRepository } from '../../src/repository/chunks';
-import type { OpenRepository } from '../../src/repository/chunks';
+import { CHUNKS_PREFIX, ChunkStore } from '../../src/repository/chunks';
 import { hasRepositorySignature } from '../../src/repository/manifest';
 import type { StorageTarget } from '../../src/storage/contract';
-import { openTarget } from '../../src/storage/registry';
 import type { BackupResult, RequestedMethod } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
+import {
+  chunkObjects,
+  initTestRepository,
+  localRepoTarget,
+  manifestOf,
+  readBack,
+  useChunkRepoWorker,
+} from '../helpers/chunk-repo';
 import { identical } from '../helpers/images';
 import { requireLibvirt, requireNfs, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, embeddedEnv, runCli, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
-import type { WorkerProcess } from '../helpers/vmbackup';
+import { cliEnv, embeddedEnv, runCli, startWorkerProcess, uniqueHost } from '../helpers/vmbackup';
 import { nfsTarget, s3Target } from '../storage/fixtures';
 
 jest.setTimeout(20 * 60_000);
 
 const PASSWORD = 'correct horse battery staple';
-/** cheap for tests; the worker reads the cost from the key object */
-const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
 const MiB = 1 << 20;
-
-interface ManifestJson {
-  version: number;
-  backupId: string;
-  method: string;
-  chain: { level: string; reason?: string; checkpoint?: string };
-  repository: { id: string; chunkSize: number; encryption: string };
-  repositorySignature?: string;
-  disks: Array<{
-    name: string;
-    format: string;
-    virtualSize: number;
-    size: number;
-    sha256: string;
-    key: string;
-    chunks: { count: number; zeroChunks: number; uploadedChunks: number };
-  }>;
-  vm?: { xml: { key: string; sha256: string; size: number } };
-}
 
 describe('backups into a chunk repository (real stack)', () => {
   const newDomain = useFixtureDomains();
-  let client: Client;
-  let closeClient: () => Promise<void>;
-  let worker: WorkerProcess | undefined;
-  let host: string;
-  let work: string;
-  let passwordFile: string;
-
-  beforeAll(async () => {
-    await requireTemporal();
-    await requireLibvirt();
-    await requireS3();
-    await requireNfs();
-    ({ client, close: closeClient } = await temporalClient());
-    work = await mkdtemp(join(stackEnv().stateDir, 'test-chunk-backup-'));
-    passwordFile = join(work, 'password');
-    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
-    host = uniqueHost('cb');
-    worker = await startWorkerProcess(host, { args: ['--password-file', passwordFile] });
-  });
-  afterAll(async () => {
-    await worker?.stop();
-    await closeClient?.();
-    if (work) await rm(work, { recursive: true, force: true });
+  const ctx = useChunkRepoWorker({
+    name: 'chunk-backup',
+    hostPrefix: 'cb',
+    password: PASSWORD,
+    require: [requireTemporal, requireLibvirt, requireS3, requireNfs],
   });
 
-  async function localRepoTarget(name: string): Promise<{ url: string; target: StorageTarget }> {
-    const url = pathToFileURL(await mkdtemp(join(work, `${name}-`))).href;
-    return { url, target: openTarget(url, { env: {} }) };
-  }
-
-  async function init(target: StorageTarget): Promise<OpenRepository> {
-    return initRepository(target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      scrypt: SCRYPT,
-    });
-  }
+  const localRepo = (name: string) => localRepoTarget(ctx.work, name);
+  const init = (target: StorageTarget) => initTestRepository(target, PASSWORD);
 
   async function backup(
     dom: FixtureDomain,
@@ -101,54 +54,14 @@ describe('backups into a chunk repository (real stack)', () => {
     targets: string[],
     opts: { host?: string; level?: 'auto' | 'full' | 'inc' } = {},
   ): Promise<BackupResult> {
-    const { handle } = await startBackup(client, {
+    const { handle } = await startBackup(ctx.client, {
       domain: dom.name,
-      host: opts.host ?? host,
+      host: opts.host ?? ctx.host,
       method,
       targets,
       options: { heartbeatTimeoutSeconds: 5, ...(opts.level ? { level: opts.level } : {}) },
     });
     return handle.result();
-  }
-
-  async function manifestOf(
-    target: StorageTarget,
-    dom: FixtureDomain,
-    id: string,
-  ): Promise<{ m: ManifestJson; body: Buffer }> {
-    const body = await target.getBuffer(`${dom.name}/${id}/manifest.json`);
-    return { m: JSON.parse(body.toString('utf8')) as ManifestJson, body };
-  }
-
-  /** Every disk of a backup read back through ChunkStore into a sparse raw file (what a restore does). */
-  async function readBack(repo: OpenRepository, m: ManifestJson, dir: string): Promise<Record<string, string>> {
-    const store = new ChunkStore(repo);
-    const out: Record<string, string> = {};
-    for (const d of m.disks) {
-      const index = await store.getIndex(d.sha256);
-      expect(index.virtualSize).toBe(d.virtualSize);
-      const path = join(dir, `${m.backupId}-${d.name}.raw`);
-      const fh = await open(path, 'w');
-      try {
-        await fh.truncate(d.virtualSize);
-        await store.readDisk(index, async (offset, data) => {
-          await fh.write(data, 0, data.length, offset);
-        });
-      } finally {
-        await fh.close();
-      }
-      out[d.name] = path;
-    }
-    return out;
-  }
-
-  async function chunkObjects(target: StorageTarget): Promise<string[]> {
-    const ids: string[] = [];
-    for await (const o of target.list(CHUNKS_PREFIX)) {
-      const id = chunkIdOfKey(o.key);
-      if (id) ids.push(id);
-    }
-    return ids.sort();
   }
 
   /** issue test 1 on one backend: offline and push backups equal their source; a second backup sends nothing */
@@ -169,12 +82,12 @@ describe('backups into a chunk repository (real stack)', () => {
     expect(first.chain?.reason).toBe(
       'full: a chunk repository stores every backup whole; unchanged chunks are not uploaded again',
     );
-    const { m, body } = await manifestOf(target, off, first.backupId);
+    const { m, body } = await manifestOf(target, off.name, first.backupId);
     expect(m.version).toBe(3);
     expect(m.repository.id).toBe(repo.config.repositoryId);
     expect(m.disks.map((d) => d.format)).toEqual(['chunks', 'chunks']);
     expect(hasRepositorySignature(body, repo.keys!.authKey)).toBe(true);
-    const restored = await readBack(repo, m, work);
+    const restored = await readBack(repo, m, ctx.work);
     for (const disk of off.disks) expect(await identical(restored[disk.dev]!, disk.path)).toBe(true);
     // the qcow2 disk: 12 chunks of 4 MiB, 10 MiB random (3 chunks) + 3 MiB pattern (1 chunk), the rest holes
     expect(m.disks[0]!.chunks).toMatchObject({ count: 12, zeroChunks: 8 });
@@ -191,7 +104,7 @@ describe('backups into a chunk repository (real stack)', () => {
     expect(stats2).toMatchObject({ newChunks: 0, uploadedBytes: 0 });
     expect(stats2.knownChunks).toBe(stats1.newChunks);
     expect(await chunkObjects(target)).toEqual(afterFirst);
-    const m2 = (await manifestOf(target, off, second.backupId)).m;
+    const m2 = (await manifestOf(target, off.name, second.backupId)).m;
     expect(m2.disks.map((d) => d.sha256)).toEqual(m.disks.map((d) => d.sha256));
 
     // push: a running domain (no OS: nothing writes its disk but us) after a write through the device
@@ -204,9 +117,9 @@ describe('backups into a chunk repository (real stack)', () => {
     expect(pushed.status).toBe('completed');
     expect(pushed.method).toBe('push');
     expect(pushed.chain?.checkpoint).toBeUndefined(); // no checkpoint for a chunk repository
-    const pm = (await manifestOf(target, live, pushed.backupId)).m;
+    const pm = (await manifestOf(target, live.name, pushed.backupId)).m;
     expect(pm.vm).toBeDefined();
-    const livePaths = await readBack(repo, pm, work);
+    const livePaths = await readBack(repo, pm, ctx.work);
     // QEMU keeps qcow2 metadata of the write (new L2 entries) in memory until it flushes: the file on the host shows
     // what the guest sees once QEMU has closed it (destroy: SIGTERM, a clean exit that flushes)
     await live.destroy();
@@ -215,7 +128,7 @@ describe('backups into a chunk repository (real stack)', () => {
   }
 
   test('issue test 1, local: offline and push backups read back exactly; a second backup uploads nothing', async () => {
-    const { url, target } = await localRepoTarget('local');
+    const { url, target } = await localRepo('local');
     try {
       await backupAndReadBack('local', url, target);
     } finally {
@@ -224,7 +137,7 @@ describe('backups into a chunk repository (real stack)', () => {
   });
 
   test('snapshot method, local: a running domain backed up into a chunk repository reads back exactly', async () => {
-    const { url, target } = await localRepoTarget('snapshot');
+    const { url, target } = await localRepo('snapshot');
     try {
       const repo = await init(target);
       const live = await newDomain({ prefix: 'cb', disks: [{ format: 'qcow2', sizeMiB: 24, randomMiB: 6 }] });
@@ -232,10 +145,10 @@ describe('backups into a chunk repository (real stack)', () => {
       const r = await backup(live, 'snapshot', [url]);
       expect(r.status).toBe('completed');
       expect(r.method).toBe('snapshot');
-      const { m } = await manifestOf(target, live, r.backupId);
+      const { m } = await manifestOf(target, live.name, r.backupId);
       // 6 chunks: the random 6 MiB in chunks 0-1, the write at 12 MiB in chunk 3, the rest never written
       expect(m.disks[0]!.chunks).toMatchObject({ count: 6, zeroChunks: 3 });
-      const restored = await readBack(repo, m, work);
+      const restored = await readBack(repo, m, ctx.work);
       // the overlay was committed back; compare once QEMU closed the disk (its qcow2 metadata flushed)
       await live.destroy();
       expect(await identical(restored.vda!, live.disks[0]!.path)).toBe(true);
@@ -265,10 +178,10 @@ describe('backups into a chunk repository (real stack)', () => {
   });
 
   test('issue test 1: 20 domains cloned from one template image store the template chunks once', async () => {
-    const { url, target } = await localRepoTarget('clones');
+    const { url, target } = await localRepo('clones');
     try {
       const repo = await init(target);
-      const template = join(work, 'template.raw');
+      const template = join(ctx.work, 'template.raw');
       const tfh = await open(template, 'w');
       await tfh.truncate(16 * MiB);
       await tfh.write(randomBytes(12 * MiB), 0, 12 * MiB, 0);
@@ -286,7 +199,7 @@ describe('backups into a chunk repository (real stack)', () => {
       const rest = await Promise.all(domains.slice(1).map((dom) => backup(dom, 'auto', [url])));
       for (const [i, r] of [first, ...rest].entries()) {
         expect(r.status).toBe('completed');
-        const { m } = await manifestOf(target, domains[i]!, r.backupId);
+        const { m } = await manifestOf(target, domains[i]!.name, r.backupId);
         uploadedForDisks += m.disks[0]!.chunks.uploadedChunks;
         const index = await new ChunkStore(repo).getIndex(m.disks[0]!.sha256);
         for (const e of index.entries) if (e !== 'zero') diskChunks.add(e);
@@ -299,7 +212,7 @@ describe('backups into a chunk repository (real stack)', () => {
       expect(stored.length).toBeLessThanOrEqual(3 + 20);
       const last = domains[19]!;
       const lastId = await lastBackup(target, last);
-      const restored = await readBack(repo, (await manifestOf(target, last, lastId!)).m, work);
+      const restored = await readBack(repo, (await manifestOf(target, last.name, lastId!)).m, ctx.work);
       expect(await identical(restored.vda!, template)).toBe(true);
     } finally {
       await target.close();
@@ -316,7 +229,7 @@ describe('backups into a chunk repository (real stack)', () => {
   }
 
   test('issue test 2: an encrypted repository holds no marker from the guest data; a wrong password is one sentence', async () => {
-    const { url, target } = await localRepoTarget('marker');
+    const { url, target } = await localRepo('marker');
     const dir = new URL(url).pathname;
     try {
       await init(target);
@@ -338,7 +251,7 @@ describe('backups into a chunk repository (real stack)', () => {
       }
 
       // a worker of another host with a wrong password: the backup fails with one sentence naming what to set
-      const wrongFile = join(work, 'wrong-password');
+      const wrongFile = join(ctx.work, 'wrong-password');
       await writeFile(wrongFile, 'not the password\n', { mode: 0o600 });
       const otherHost = uniqueHost('cb');
       const other = await startWorkerProcess(otherHost, { env: cliEnv({ VMBACKUP_PASSWORD_FILE: wrongFile }) });
@@ -363,8 +276,8 @@ describe('backups into a chunk repository (real stack)', () => {
   });
 
   test('one backup into a chunk repository and an image tree is refused with one sentence; nothing is stored', async () => {
-    const repoTarget = await localRepoTarget('mixed-repo');
-    const tree = await localRepoTarget('mixed-tree');
+    const repoTarget = await localRepo('mixed-repo');
+    const tree = await localRepo('mixed-tree');
     try {
       await init(repoTarget.target);
       const dom = await newDomain({ prefix: 'cb', start: false, disks: [{ format: 'raw', sizeMiB: 4 }] });
@@ -385,14 +298,21 @@ describe('backups into a chunk repository (real stack)', () => {
   });
 
   test('backup --password-file is refused with one sentence when a cluster worker runs the backup', async () => {
-    const r = await runCli(['backup', 'vmbt-cb-none', '--target', 'file:///tmp/x', '--password-file', passwordFile]);
+    const r = await runCli([
+      'backup',
+      'vmbt-cb-none',
+      '--target',
+      'file:///tmp/x',
+      '--password-file',
+      ctx.passwordFile,
+    ]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/--password-file is read by this command's own worker only \(the embedded default\)/);
     expect(r.stderr).toMatch(/nothing was started/);
   });
 
   test('embedded default: backup --password-file gives the password to its own worker; --json has the chunk figures', async () => {
-    const { url, target } = await localRepoTarget('embedded');
+    const { url, target } = await localRepo('embedded');
     try {
       const repo = await init(target);
       const dom = await newDomain({
@@ -404,16 +324,16 @@ describe('backups into a chunk repository (real stack)', () => {
       const without = await runCli(args, { env: embeddedEnv(uniqueHost('cb')) });
       expect(without.code).toBe(1);
       expect(without.stdout).toMatch(/this worker has no password: give this host's worker the repository's password/);
-      const r = await runCli([...args, '--password-file', passwordFile], { env: embeddedEnv(uniqueHost('cb')) });
+      const r = await runCli([...args, '--password-file', ctx.passwordFile], { env: embeddedEnv(uniqueHost('cb')) });
       expect(r.code).toBe(0);
       const out = JSON.parse(r.stdout) as BackupResult;
       expect(out.status).toBe('completed');
       // 5 MiB of random data: two chunks, two zero ones; and the definition's chunk
       expect(out.targets[0]!.chunks).toMatchObject({ newChunks: 3, knownChunks: 0, zeroChunks: 2 });
       expect(out.disks[0]!.format).toBe('chunks');
-      const { m } = await manifestOf(target, dom, out.backupId);
+      const { m } = await manifestOf(target, dom.name, out.backupId);
       expect(out.disks[0]!.sha256).toBe(m.disks[0]!.sha256);
-      const restored = await readBack(repo, m, work);
+      const restored = await readBack(repo, m, ctx.work);
       expect(await identical(restored.vda!, dom.disks[0]!.path)).toBe(true);
     } finally {
       await target.close();
@@ -424,7 +344,7 @@ describe('backups into a chunk repository (real stack)', () => {
     const s3 = await s3Target();
     const { s3: stack } = stackEnv();
     const killHost = uniqueHost('cb');
-    let w = await startWorkerProcess(killHost, { args: ['--password-file', passwordFile] });
+    let w = await startWorkerProcess(killHost, { args: ['--password-file', ctx.passwordFile] });
     try {
       const repo = await init(s3.target);
       const dom = await newDomain({
@@ -432,7 +352,7 @@ describe('backups into a chunk repository (real stack)', () => {
         start: false,
         disks: [{ format: 'raw', sizeMiB: 256, randomMiB: 256 }],
       });
-      const { handle } = await startBackup(client, {
+      const { handle } = await startBackup(ctx.client, {
         domain: dom.name,
         host: killHost,
         method: 'auto',
@@ -464,13 +384,13 @@ describe('backups into a chunk repository (real stack)', () => {
       await w.kill9();
       const before = await etags();
       expect(before.size).toBeLessThan(64); // killed while uploading, not after
-      w = await startWorkerProcess(killHost, { args: ['--password-file', passwordFile] });
+      w = await startWorkerProcess(killHost, { args: ['--password-file', ctx.passwordFile] });
       const result = await handle.result();
       expect(result.status).toBe('completed');
       const stats = result.targets[0]!.chunks!;
       // the final attempt found what the killed one stored and sent only the rest (the disk's 64 chunks are random,
       // none zero; the domain definition, stored after the disk, is one more chunk)
-      const { m } = await manifestOf(s3.target, dom, result.backupId);
+      const { m } = await manifestOf(s3.target, dom.name, result.backupId);
       expect(m.disks[0]!.chunks).toMatchObject({ count: 64, zeroChunks: 0, uploadedChunks: 64 - before.size });
       expect(stats.knownChunks).toBe(before.size);
       expect(stats.newChunks).toBe(64 - before.size + 1);
@@ -478,7 +398,7 @@ describe('backups into a chunk repository (real stack)', () => {
       expect(after.size).toBe(65);
       // each chunk object was written once: an encrypted chunk written again would have a new nonce, a new ETag
       for (const [key, etag] of before) expect(after.get(key)).toBe(etag);
-      const restored = await readBack(repo, m, work);
+      const restored = await readBack(repo, m, ctx.work);
       expect(await identical(restored.vda!, dom.disks[0]!.path)).toBe(true);
       await rm(restored.vda!, { force: true });
     } finally {
@@ -489,7 +409,7 @@ describe('backups into a chunk repository (real stack)', () => {
   });
 
   test('issue test 5: two workers of two hosts back up two domains into one repository at once', async () => {
-    const { url, target } = await localRepoTarget('two-hosts');
+    const { url, target } = await localRepo('two-hosts');
     const hostB = uniqueHost('cb');
     const workerB = await startWorkerProcess(hostB, { env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }) });
     try {
@@ -503,7 +423,7 @@ describe('backups into a chunk repository (real stack)', () => {
       const shared = randomBytes(8 * MiB);
       for (const dom of [a!, b!]) {
         await rm(dom.disks[0]!.path);
-        const raw = join(work, `${dom.name}.raw`);
+        const raw = join(ctx.work, `${dom.name}.raw`);
         const fh = await open(raw, 'w');
         await fh.truncate(64 * MiB);
         await fh.write(shared, 0, shared.length, 0);
@@ -522,8 +442,8 @@ describe('backups into a chunk repository (real stack)', () => {
         [a!, ra],
         [b!, rb],
       ] as const) {
-        const { m } = await manifestOf(target, dom, r.backupId);
-        const restored = await readBack(repo, m, work);
+        const { m } = await manifestOf(target, dom.name, r.backupId);
+        const restored = await readBack(repo, m, ctx.work);
         expect(await identical(restored.vda!, dom.disks[0]!.path)).toBe(true);
       }
       // the shared 8 MiB are two chunks stored once; each disk's own 16 MiB four chunks

@@ -10,44 +10,25 @@
  * restore exactly.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, open, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
+import { open, readFile, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
-import {
-  CHUNKS_PREFIX,
-  ChunkStore,
-  REPOSITORY_ROOT,
-  chunkKey,
-  indexKey,
-  initRepository,
-} from '../../src/repository/chunks';
+import { CHUNKS_PREFIX, ChunkStore, REPOSITORY_ROOT, chunkKey, indexKey } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
 import { progressQuery, storeProgressSignal } from '../../src/shared/queries';
 import type { StoreProgress } from '../../src/shared/queries';
 import type { BackupProgress, BackupResult } from '../../src/shared/types';
 import type { StorageTarget } from '../../src/storage/contract';
-import { openTarget } from '../../src/storage/registry';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
+import { initTestRepository, keysUnder, localRepoTarget, useChunkRepoWorker } from '../helpers/chunk-repo';
 import { identical } from '../helpers/images';
-import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
-import {
-  cliEnv,
-  embeddedEnv,
-  runCli,
-  startWorkerProcess,
-  temporalClient,
-  uniqueHost,
-  waitFor,
-} from '../helpers/vmbackup';
-import type { WorkerProcess } from '../helpers/vmbackup';
+import { requireLibvirt, requireTemporal } from '../helpers/stack';
+import { cliEnv, embeddedEnv, runCli, uniqueHost, waitFor } from '../helpers/vmbackup';
 
 jest.setTimeout(20 * 60_000);
 
 const PASSWORD = 'concurrent chunk backups';
-const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
 const MiB = 1 << 20;
 const HOUR = 3600_000;
 
@@ -59,49 +40,24 @@ interface ManifestJson {
 
 describe('a chunk repository while a backup runs (real stack)', () => {
   const newDomain = useFixtureDomains();
-  let client: Client;
-  let closeClient: () => Promise<void>;
-  let worker: WorkerProcess | undefined;
-  let host: string;
-  let work: string;
-  let passwordFile: string;
-
-  beforeAll(async () => {
-    await requireTemporal();
-    await requireLibvirt();
-    ({ client, close: closeClient } = await temporalClient());
-    work = await mkdtemp(join(stackEnv().stateDir, 'test-chunk-concurrent-'));
-    passwordFile = join(work, 'password');
-    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
-    host = uniqueHost('cq');
-    worker = await startWorkerProcess(host, { args: ['--password-file', passwordFile] });
-  });
-  afterAll(async () => {
-    if (worker?.child.pid) process.kill(worker.child.pid, 'SIGCONT');
-    await worker?.stop();
-    await closeClient?.();
-    if (work) await rm(work, { recursive: true, force: true });
+  const ctx = useChunkRepoWorker({
+    name: 'chunk-concurrent',
+    hostPrefix: 'cq',
+    password: PASSWORD,
+    require: [requireTemporal, requireLibvirt],
   });
 
   async function repository(
     name: string,
   ): Promise<{ url: string; dir: string; target: StorageTarget; repo: OpenRepository }> {
-    const dir = await mkdtemp(join(work, `${name}-`));
-    const url = pathToFileURL(dir).href;
-    const target = openTarget(url, { env: {} });
-    const repo = await initRepository(target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      scrypt: SCRYPT,
-    });
-    return { url, dir, target, repo };
+    const { url, dir, target } = await localRepoTarget(ctx.work, name);
+    return { url, dir, target, repo: await initTestRepository(target, PASSWORD) };
   }
 
   function start(dom: FixtureDomain, url: string) {
-    return startBackup(client, {
+    return startBackup(ctx.client, {
       domain: dom.name,
-      host,
+      host: ctx.host,
       method: 'auto',
       targets: [url],
       // B's worker is stopped for a while on purpose: its steps must not be declared dead meanwhile
@@ -113,12 +69,6 @@ describe('a chunk repository while a backup runs (real stack)', () => {
     const r = await (await start(dom, url)).handle.result();
     expect(r.status).toBe('completed');
     return r;
-  }
-
-  async function keysUnder(target: StorageTarget, prefix: string): Promise<string[]> {
-    const out: string[] = [];
-    for await (const o of target.list(prefix)) out.push(o.key);
-    return out.sort();
   }
 
   async function manifests(target: StorageTarget): Promise<ManifestJson[]> {
@@ -190,7 +140,7 @@ describe('a chunk repository while a backup runs (real stack)', () => {
           (++probes % 10 === 0 && ((await handle.query(progressQuery)).targets[url]?.bytesDone ?? 0) >= a1Data.length),
         { timeoutMs: 600_000, intervalMs: 20 },
       );
-      const pid = worker!.child.pid!;
+      const pid = ctx.worker!.child.pid!;
       process.kill(pid, 'SIGSTOP');
       try {
         expect(await keysUnder(target, `${b.name}/`)).toEqual([]); // B is not committed
@@ -222,7 +172,7 @@ describe('a chunk repository while a backup runs (real stack)', () => {
       const bResult = await handle.result();
       expect(bResult.status).toBe('completed');
       expect(bResult.backupId).toBe(bId);
-      const to = join(work, `restored-${bId}`);
+      const to = join(ctx.work, `restored-${bId}`);
       const restored = await runCli(['restore', bId, '--target', url, '--to', to, '--format', 'raw'], {
         env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }),
       });
@@ -239,7 +189,7 @@ describe('a chunk repository while a backup runs (real stack)', () => {
       }
       expect(stale).toEqual([]);
       // and A's second backup still restores
-      const toA = join(work, `restored-${a2.backupId}`);
+      const toA = join(ctx.work, `restored-${a2.backupId}`);
       const restoredA = await runCli(['restore', a2.backupId, '--target', url, '--to', toA, '--format', 'raw'], {
         env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }),
       });

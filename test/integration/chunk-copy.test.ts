@@ -8,34 +8,31 @@
  * with test/storage/backups.ts; every test makes its own repositories, so the tests run in any order.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  CONFIG_KEY,
-  KEYS_PREFIX,
-  initRepository,
-  openRepository,
-  type OpenRepository,
-} from '../../src/repository/chunks';
+import { CONFIG_KEY, KEYS_PREFIX, openRepository, type OpenRepository } from '../../src/repository/chunks';
 import { restoreBackup } from '../../src/repository/restore';
 import { manifestKey } from '../../src/storage/keys';
 import type { StorageTarget } from '../../src/storage/contract';
-import { openTarget } from '../../src/storage/registry';
 import { makeChunkBackup, putChunkManifest } from '../helpers/chunk-backups';
+import {
+  REPO_BACKENDS,
+  initTestRepository,
+  ownLines,
+  useRepositoryPlaces,
+  writePasswordFile,
+} from '../helpers/chunk-repo';
 import { buildChain, putChain, type BuiltChain } from '../storage/chains';
 import { identical } from '../helpers/images';
-import { requireNfs, requireS3 } from '../helpers/stack';
 import { cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
 import { backUp, makeImage } from '../storage/backups';
-import { localTarget, nfsTarget, s3Env, s3Target } from '../storage/fixtures';
 
 jest.setTimeout(600_000);
 
 const MiB = 1 << 20;
 const VIRTUAL = 64 * MiB;
 const DOMAIN = 'vmbt-cc-copy';
-const FAST = { N: 2 ** 10, r: 8, p: 1 };
 
 let work: string;
 let source: string;
@@ -60,46 +57,20 @@ async function makeSource(path: string): Promise<void> {
   }
 }
 
-function ownLines(stderr: string): string[] {
-  return stderr.split('\n').filter((l) => l.startsWith('vmbackup: '));
-}
-
-const backends: Array<[string, () => Promise<void>, () => Promise<{ url: string; cleanup: () => Promise<void> }>]> = [
-  ['local', async () => undefined, () => localTarget()],
-  ['nfs', requireNfs, () => nfsTarget()],
-  ['s3', requireS3, () => s3Target()],
-];
-
 beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'vmbackup-chunk-copy-'));
   source = join(work, 'source.raw');
   await makeSource(source);
   chain = await buildChain(join(work, 'chain'), DOMAIN);
-  for (const [name, pw] of Object.entries(passwords)) await writeFile(pwFile(name as Pw), `${pw}\n`);
+  for (const [name, pw] of Object.entries(passwords)) await writePasswordFile(work, pw, `pw-${name}`);
 });
 
 afterAll(async () => {
   if (work) await rm(work, { recursive: true, force: true });
 });
 
-describe.each(backends)('copy with chunk repositories on %s', (_name, requireBackend, makeTarget) => {
-  let base: { url: string; cleanup: () => Promise<void> };
-  const opened: StorageTarget[] = [];
-  beforeAll(async () => {
-    await requireBackend();
-    base = await makeTarget();
-  });
-  afterAll(async () => {
-    for (const t of opened) await t.close();
-    await base?.cleanup();
-  });
-
-  function place(sub: string): { url: string; target: StorageTarget } {
-    const url = `${base.url}/${sub}-${randomBytes(3).toString('hex')}`;
-    const target = openTarget(url, { env: s3Env() });
-    opened.push(target);
-    return { url, target };
-  }
+describe.each(REPO_BACKENDS)('copy with chunk repositories on %s', (_name, requireBackend, makeTarget) => {
+  const place = useRepositoryPlaces(requireBackend, makeTarget);
 
   async function repository(
     sub: string,
@@ -107,13 +78,7 @@ describe.each(backends)('copy with chunk repositories on %s', (_name, requireBac
     chunkSize = 1 * MiB,
   ): Promise<{ url: string; target: StorageTarget; repo: OpenRepository }> {
     const { url, target } = place(sub);
-    const repo = await initRepository(target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: passwords[pw],
-      chunkSize,
-      scrypt: FAST,
-    });
+    const repo = await initTestRepository(target, passwords[pw], { chunkSize });
     return { url, target, repo };
   }
 

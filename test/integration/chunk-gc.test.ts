@@ -32,16 +32,15 @@ import {
   chunkKey,
   getSmallFile,
   indexKey,
-  initRepository,
   openRepository,
   putSmallFile,
   type DiskIndex,
   type OpenRepository,
 } from '../../src/repository/chunks';
-import type { StorageTarget } from '../../src/storage/contract';
 import { chunkGcWorkflowId } from '../../src/shared/chunk-gc';
 import { hostTaskQueue } from '../../src/shared/names';
 import { manifestKey } from '../../src/storage/keys';
+import { initTestRepository, keysUnder, readDiskToBuffer } from '../helpers/chunk-repo';
 import { requireNfs, requireS3 } from '../helpers/stack';
 import type { ConformanceTarget } from '../storage/conformance';
 import { embeddedEnv, runCli, temporalClient, uniqueHost } from '../helpers/vmbackup';
@@ -52,23 +51,8 @@ const CHUNK = 64 * KiB;
 const PASSWORD = 'chunk-gc integration password';
 const FRESH = 2;
 const GRACE = 5;
-const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-async function keysUnder(target: StorageTarget, prefix: string): Promise<string[]> {
-  const out: string[] = [];
-  for await (const o of target.list(prefix)) out.push(o.key);
-  return out.sort();
-}
-
-async function readBack(store: ChunkStore, index: DiskIndex): Promise<Buffer> {
-  const out = Buffer.alloc(index.virtualSize);
-  await store.readDisk(index, async (offset, data) => {
-    data.copy(out, offset);
-  });
-  return out;
-}
 
 interface MadeBackup {
   backupId: string;
@@ -157,13 +141,7 @@ describe.each(backends)('chunk repository prune + gc on %s', (_name, requireBack
   });
 
   test('prune removes only <domain>/<backupId>/; gc then removes exactly what only the pruned backup used and is older than grace, keeps young chunks and a chunk a running backup reused, and everything kept restores', async () => {
-    await initRepository(t.target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      chunkSize: CHUNK,
-      scrypt: FAST_SCRYPT,
-    });
+    await initTestRepository(t.target, PASSWORD, { chunkSize: CHUNK });
     const repo = await openRepository(t.target, PASSWORD);
     const store = new ChunkStore(repo, { freshSeconds: FRESH });
     const shared = randomBytes(2 * CHUNK);
@@ -227,11 +205,11 @@ describe.each(backends)('chunk repository prune + gc on %s', (_name, requireBack
     const reader = new ChunkStore(await openRepository(t.target, PASSWORD));
     const lateEntry = await findBackup(t.target, late.backupId);
     const lateIndex = await reader.getIndex(lateEntry.manifest.disks[0]?.sha256 as string);
-    expect((await readBack(reader, lateIndex)).equals(runningDisk)).toBe(true);
+    expect((await readDiskToBuffer(reader, lateIndex)).equals(runningDisk)).toBe(true);
     expect((await getSmallFile(reader, runningXml.sha256, runningXml.size, 1 << 20)).toString()).toContain('cg-db');
     // and the backup prune kept still restores
     const keptIndex = await reader.getIndex(kept.diskIndex);
-    expect((await readBack(reader, keptIndex)).equals(newDisk)).toBe(true);
+    expect((await readDiskToBuffer(reader, keptIndex)).equals(newDisk)).toBe(true);
 
     // a second gc finds nothing more to remove (the young chunk is still young or unreferenced-but-kept)
     const again = await collectChunkGarbage(repo, policy);
@@ -239,13 +217,7 @@ describe.each(backends)('chunk repository prune + gc on %s', (_name, requireBack
   });
 
   test('a manifest gc cannot read or verify stops it before it deletes anything; a grace not above twice the freshness window is refused', async () => {
-    await initRepository(t.target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      chunkSize: CHUNK,
-      scrypt: FAST_SCRYPT,
-    });
+    await initTestRepository(t.target, PASSWORD, { chunkSize: CHUNK });
     const repo = await openRepository(t.target, PASSWORD);
     const store = new ChunkStore(repo, { freshSeconds: FRESH });
     const b = await backup(repo, 'cg-app', '2026-11-01T02:00:00Z', randomBytes(2 * CHUNK));
@@ -297,13 +269,7 @@ describe('vmbackup gc on a chunk repository (the gcChunkRepository workflow, one
   const env = () => embeddedEnv(host, { VMBACKUP_PASSWORD: PASSWORD });
   beforeEach(async () => {
     t = await localTarget();
-    await initRepository(t.target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      chunkSize: CHUNK,
-      scrypt: FAST_SCRYPT,
-    });
+    await initTestRepository(t.target, PASSWORD, { chunkSize: CHUNK });
     repo = await openRepository(t.target, PASSWORD);
     repositoryId = repo.config.repositoryId;
   });
@@ -349,7 +315,7 @@ describe('vmbackup gc on a chunk repository (the gcChunkRepository workflow, one
     });
     expect(await keysUnder(t.target, `${REPOSITORY_ROOT}/`)).toEqual(before.filter((k) => k !== chunkKey(oldOrphan)));
     const reader = new ChunkStore(repo);
-    expect((await readBack(reader, await reader.getIndex(b.diskIndex))).equals(disk)).toBe(true);
+    expect((await readDiskToBuffer(reader, await reader.getIndex(b.diskIndex))).equals(disk)).toBe(true);
   });
 
   test('a second gc of one repository while one runs says so; a grace too short and a wrong password are one sentence each', async () => {
@@ -398,13 +364,7 @@ describe('the collectChunkGarbage activity: what a workflow input cannot make it
   beforeEach(async () => {
     t = await localTarget();
     stateDir = await mkdtemp(join(tmpdir(), 'vmbackup-cg-state-'));
-    await initRepository(t.target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      chunkSize: CHUNK,
-      scrypt: FAST_SCRYPT,
-    });
+    await initTestRepository(t.target, PASSWORD, { chunkSize: CHUNK });
     repositoryId = (await openRepository(t.target, PASSWORD)).config.repositoryId;
   });
   afterEach(async () => {

@@ -8,25 +8,24 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdtemp, open, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  chunkKey,
-  indexKey,
-  initRepository,
-  openRepository,
-  type DiskIndex,
-  type OpenRepository,
-} from '../../src/repository/chunks';
+import { chunkKey, indexKey, openRepository, type DiskIndex, type OpenRepository } from '../../src/repository/chunks';
 import { signRepositoryManifest, type Manifest } from '../../src/repository/manifest';
-import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
+import {
+  REPO_BACKENDS,
+  initTestRepository,
+  ownLines,
+  useRepositoryPlaces,
+  writePasswordFile,
+} from '../helpers/chunk-repo';
 import { makeChunkBackup, putChunkManifest, chunkBackupId } from '../helpers/chunk-backups';
 import { identical, virsh } from '../helpers/images';
-import { requireLibvirt, requireNfs, requireS3 } from '../helpers/stack';
+import { requireLibvirt } from '../helpers/stack';
 import { REPO_ROOT, cliEnv, runCli, type CliResult } from '../helpers/vmbackup';
-import { localTarget, nfsTarget, s3Env, s3Target } from '../storage/fixtures';
+import { localTarget } from '../storage/fixtures';
 
 jest.setTimeout(600_000);
 
@@ -67,48 +66,19 @@ async function allocated(path: string): Promise<number> {
   return (await stat(path)).blocks * 512;
 }
 
-/** The lines vmbackup itself wrote to stderr (not Node's or the AWS SDK's warnings). */
-function ownLines(stderr: string): string[] {
-  return stderr.split('\n').filter((l) => l.startsWith('vmbackup: '));
-}
-
-const backends: Array<[string, () => Promise<void>, () => Promise<{ url: string; cleanup: () => Promise<void> }>]> = [
-  ['local', async () => undefined, () => localTarget()],
-  ['nfs', requireNfs, () => nfsTarget()],
-  ['s3', requireS3, () => s3Target()],
-];
-
 beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'vmbackup-chunk-ops-'));
   source = join(work, 'source.raw');
   await makeSource(source);
-  for (const [name, pw] of Object.entries(passwords))
-    await writeFile(pwFile(name as keyof typeof passwords), `${pw}\n`);
+  for (const [name, pw] of Object.entries(passwords)) await writePasswordFile(work, pw, `pw-${name}`);
 });
 
 afterAll(async () => {
   if (work) await rm(work, { recursive: true, force: true });
 });
 
-describe.each(backends)('a chunk repository on %s', (_name, requireBackend, makeTarget) => {
-  let base: { url: string; cleanup: () => Promise<void> };
-  const opened: StorageTarget[] = [];
-  beforeAll(async () => {
-    await requireBackend();
-    base = await makeTarget();
-  });
-  afterAll(async () => {
-    for (const t of opened) await t.close();
-    await base?.cleanup();
-  });
-
-  /** A fresh place for one test's repository: its URL and the target opened on it. */
-  function place(sub: string): { url: string; target: StorageTarget } {
-    const url = `${base.url}/${sub}-${randomBytes(3).toString('hex')}`;
-    const target = openTarget(url, { env: s3Env() });
-    opened.push(target);
-    return { url, target };
-  }
+describe.each(REPO_BACKENDS)('a chunk repository on %s', (_name, requireBackend, makeTarget) => {
+  const place = useRepositoryPlaces(requireBackend, makeTarget);
 
   const vmbackup = (...args: string[]): Promise<CliResult> => runCli(args, { env: cliEnv() });
 
@@ -343,11 +313,7 @@ describe.each(backends)('a chunk repository on %s', (_name, requireBackend, make
     };
     const edited: Manifest = { ...renamed(), host: 'someone-else' };
     await putChunkManifest(repo, edited); // still carries the original signature: it covers other fields
-    const other = await initRepository(place('other').target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: 'x',
-    });
+    const other = await initTestRepository(place('other').target, 'x');
     const resigned = signRepositoryManifest({ ...renamed(), repositorySignature: undefined }, other.keys!.authKey);
     await putChunkManifest(repo, resigned);
     for (const forged of [edited, resigned]) {

@@ -69,6 +69,10 @@ describe('incremental and differential chains (real stack)', () => {
     await requireNfs();
     ({ client, close: closeClient } = await temporalClient());
     work = await mkdtemp(join(stackEnv().stateDir, 'test-incremental-'));
+    // One host and its worker for every test of the file: each test backs up a domain of its own to targets of its
+    // own, one backup at a time, so the tests do not interfere; the kill -9 test starts the host's worker again.
+    host = uniqueHost('inc');
+    worker = await startWorkerProcess(host);
   });
   afterAll(async () => {
     await worker?.stop();
@@ -76,12 +80,9 @@ describe('incremental and differential chains (real stack)', () => {
     if (work) await rm(work, { recursive: true, force: true });
   });
   beforeEach(async () => {
-    host = uniqueHost('inc');
-    worker = await startWorkerProcess(host);
-  });
-  afterEach(async () => {
-    await worker?.stop();
-    worker = undefined;
+    // a test that failed between its kill -9 and the restart leaves no worker: the next test starts one
+    if (!worker || worker.child.exitCode !== null || worker.child.signalCode !== null)
+      worker = await startWorkerProcess(host);
   });
 
   async function localTarget(name: string): Promise<string> {

@@ -29,6 +29,7 @@ import { openTarget } from '../../src/storage/registry';
 import type { BackupResult, S3TargetOptions } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
+import { manifestOf } from '../helpers/chunk-repo';
 import { requireLibvirt, requireS3, requireTemporal, s3ClientConfig } from '../helpers/stack';
 import { runCli, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
@@ -122,10 +123,10 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     return handle.result();
   }
 
-  async function manifestOf(prefix: string, dom: FixtureDomain, id: string): Promise<ManifestJson> {
+  async function lockedManifest(prefix: string, dom: FixtureDomain, id: string): Promise<ManifestJson> {
     const target = openTarget(`s3://${lockedBucket}/${prefix}`, { env: s3Env() });
     try {
-      return JSON.parse((await target.getBuffer(`${dom.name}/${id}/manifest.json`)).toString('utf8')) as ManifestJson;
+      return (await manifestOf<ManifestJson>(target, dom.name, id)).m;
     } finally {
       await target.close();
     }
@@ -166,7 +167,7 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     const dom = await newDomain({ prefix: 'lk', start: false, disks: [{ format: 'raw', sizeMiB: 12, randomMiB: 8 }] });
     const first = await backup(dom, url, { objectLock: { mode: 'governance', days: 1 } });
     expect(first.status).toBe('completed');
-    const m1 = await manifestOf(prefix, dom, first.backupId);
+    const m1 = await lockedManifest(prefix, dom, first.backupId);
     const until1 = m1.objectLock?.retainUntil as string;
     expect(m1.objectLock?.mode).toBe('governance');
     const chunks = await keysUnder(`${prefix}/@chunk-repo/chunks/`);
@@ -180,7 +181,7 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     const second = await backup(dom, url, { objectLock: { mode: 'governance', days: 2 } });
     expect(second.status).toBe('completed');
     expect(second.targets[0]!.chunks).toMatchObject({ newChunks: 0 });
-    const m2 = await manifestOf(prefix, dom, second.backupId);
+    const m2 = await lockedManifest(prefix, dom, second.backupId);
     const until2 = m2.objectLock?.retainUntil as string;
     expect(Date.parse(until2)).toBeGreaterThan(Date.parse(until1));
     expect(m2.disks.map((d) => d.sha256)).toEqual(m1.disks.map((d) => d.sha256));

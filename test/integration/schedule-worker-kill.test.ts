@@ -19,7 +19,12 @@ import type { WorkerProcess } from '../helpers/vmbackup';
 import { deleteSchedule, scheduleCli, scheduleEnv, uniqueScheduleName, waitForRuns } from '../helpers/schedules';
 import type { RunView } from '../helpers/schedules';
 
-const EVERY_S = 30;
+/**
+ * The schedule's interval, which is also how long a run waits for its backups. Each wait below is a multiple of it,
+ * so it is short; it must still be well above one backup of the VM (a 1 GiB push backup takes 2-3 s here), or the
+ * run after the killed backup would report the VM still running instead of completed.
+ */
+const EVERY_S = 10;
 
 async function jobActive(domain: string): Promise<boolean> {
   return /Job type:\s+(Bounded|Unbounded)/.test(await virsh('domjobinfo', domain).catch(() => ''));
