@@ -8,6 +8,7 @@
  * never part of an activity's input: Temporal's history is readable by anyone on the cluster.
  */
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -26,7 +27,7 @@ import {
   openRepository,
   putSmallFile,
 } from '../repository/chunks';
-import type { DiskSource, OpenRepository, StoreStats } from '../repository/chunks';
+import type { DiskIndex, DiskSource, IngestOptions, OpenRepository, StoreStats } from '../repository/chunks';
 import { buildManifest, encodeManifest, signManifest, signRepositoryManifest } from '../repository/manifest';
 import type { ManifestInput as RepositoryManifestInput } from '../repository/manifest';
 import type { StoreProgress } from '../shared/queries';
@@ -36,14 +37,17 @@ import type {
   StoredChunkDisk,
   StoredChunkImages,
   StoreChunkImagesInput,
+  StoreOfflineDisksInput,
   VmFilesRecord,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import { fileStamp } from '../shared/file-stamp';
+import type { Hypervisor } from '../hypervisor/port';
 import type { StorageTarget } from '../storage/contract';
 import { manifestKey } from '../storage/keys';
 import { permanent } from './failures';
 import type { HostPaths } from './host-paths';
+import { offlineGuard, sourceStamp, startedDuringCopy } from './offline-guard';
 import { withTarget } from './storage';
 import type { StorageActivityDeps } from './storage';
 
@@ -52,6 +56,8 @@ export interface ChunkRepositoryDeps {
   /** the user's manifest signing key: signs after the repository's signature */
   manifestKey?: Buffer;
   paths: HostPaths;
+  /** the offline method reads a shut-off domain's disks in place (storeOfflineDisks) */
+  hypervisor?: Hypervisor;
   /** this worker's repository password (read once at its start); undefined: none given */
   repositoryPassword?: string;
   /** chunks hashed, encoded or uploaded at once per disk (default 4) */
@@ -155,6 +161,13 @@ function chunkFailure(err: unknown): unknown {
   return err;
 }
 
+/** One disk a store step stores: how to read it into the store (ingestDisk over some read-only source). */
+interface DiskToStore {
+  name: string;
+  virtualSize: number;
+  ingest(store: ChunkStore, opts: IngestOptions): Promise<{ index: DiskIndex; stats: StoreStats }>;
+}
+
 export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
   const { paths } = deps;
 
@@ -168,6 +181,78 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
     const images = await Promise.all(
       input.images.map(async (i) => ({ ...i, path: await paths.stagingImage(i.path, backupId, i, activity) })),
     );
+    const disks: DiskToStore[] = images.map((image) => ({
+      name: image.name,
+      virtualSize: image.virtualSize,
+      async ingest(store, opts) {
+        const stampBefore = image.stamp ?? fileStamp(await stat(image.path));
+        const stored = await readImage(image, 'the staged image', stagingDirOf(image.path), (source) =>
+          ingestDisk(store, source, opts),
+        );
+        if (fileStamp(await stat(image.path)) !== stampBefore)
+          throw new Error(`the staged image of disk ${image.name} changed while it was stored; the step is retried`);
+        return stored;
+      },
+    }));
+    return storeDisks(input, backupId, disks, activity);
+  }
+
+  /**
+   * The offline method into a chunk repository: the shut-off domain's own disks are read where they are, each
+   * through a read-only `qemu-nbd -f <format>` export, and chunked; nothing is copied into staging. The guarantee is
+   * copyOfflineDisks': the disks are the ones libvirt has for the domain, the domain stays shut off while they are
+   * read (a start aborts the read), and a source file that changed meanwhile discards the read. Only then is the
+   * disk's index stored: the manifest (a later step) can only name a disk read whole from a shut-off domain.
+   */
+  async function storeOfflineDisks(input: StoreOfflineDisksInput): Promise<StoredChunkImages> {
+    const activity = 'storeOfflineDisks';
+    paths.checkTarget(input.target, activity);
+    const backupId = paths.backupId(input.backupId, activity);
+    const domain = paths.domainName(input.domain, activity);
+    const stagingDir = await paths.stagingDir(input.stagingDir, backupId, activity);
+    const hv = deps.hypervisor;
+    if (!hv) throw permanent(`${activity}: this worker has no hypervisor connection`, ErrorType.InvalidInput);
+    const guard = offlineGuard(hv, paths);
+    const live = await guard.disksOfDomain({ domain, disks: input.disks }, activity);
+    const ctx = Context.current();
+    const disks: DiskToStore[] = live.map((disk) => ({
+      name: disk.name,
+      virtualSize: disk.virtualSize,
+      async ingest(store, opts) {
+        const stamp = await sourceStamp(disk.source);
+        await guard.assertShutOff(domain);
+        const watch = guard.watchShutOff(domain, ctx.cancellationSignal);
+        let stored: { index: DiskIndex; stats: StoreStats };
+        try {
+          // the format libvirt names, never probed; a qcow2's backing chain as its header says (as qemu-img convert
+          // in copyOfflineDisks opens it)
+          stored = await readImage(
+            { name: disk.name, format: disk.format, path: disk.source, virtualSize: disk.virtualSize },
+            `disk ${disk.name} of ${domain}`,
+            stagingDir,
+            (source) => ingestDisk(store, source, { ...opts, signal: watch.signal }),
+          );
+        } catch (err) {
+          if (watch.started()) throw startedDuringCopy(domain);
+          throw err;
+        } finally {
+          watch.stop();
+        }
+        await guard.assertShutOff(domain);
+        if ((await sourceStamp(disk.source)) !== stamp) throw startedDuringCopy(domain);
+        return stored;
+      },
+    }));
+    return storeDisks(input, backupId, disks, activity);
+  }
+
+  /** Stores each disk's chunks and index, then the whole-VM files; heartbeats and reports progress as it goes. */
+  async function storeDisks(
+    input: Pick<StoreChunkImagesInput, 'target' | 's3Options' | 'vm'>,
+    backupId: string,
+    images: DiskToStore[],
+    activity: string,
+  ): Promise<StoredChunkImages> {
     if (input.vm && (!Array.isArray(input.vm.files) || input.vm.files.length > 32))
       throw permanent(`${activity}: the input's whole-VM files are not a list of at most 32`, ErrorType.InvalidInput);
     const vmFiles = await Promise.all(
@@ -181,6 +266,8 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
     return withTarget(deps, input.target, input.s3Options, async (target) => {
       const repo = await openWorkerRepository(target, deps.repositoryPassword);
       const store = new ChunkStore(repo, { concurrency: deps.chunkConcurrency ?? 4 });
+      // a file tree answers which chunks it holds with one listing instead of a stat per chunk
+      if (target.capabilities.fileTree) await store.loadKnown();
       const disks: StoredChunkDisk[] = [];
       let before = 0;
       const beat: ChunkStoreHeartbeat = {
@@ -207,9 +294,8 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
       try {
         for (const image of images) {
           beat.disk = image.name;
-          const stampBefore = image.stamp ?? fileStamp(await stat(image.path));
-          const { index, stats } = await readStagedImage(image, stagingDirOf(image.path), (source) =>
-            ingestDisk(store, source, {
+          const { index, stats } = await image
+            .ingest(store, {
               signal: ctx.cancellationSignal,
               onProgress: (p) => {
                 beat.bytesDone = before + p.bytesDone;
@@ -218,12 +304,10 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
                 ctx.heartbeat(beat);
                 report.update(beat.bytesDone);
               },
-            }),
-          ).catch((err: unknown) => {
-            throw chunkFailure(err);
-          });
-          if (fileStamp(await stat(image.path)) !== stampBefore)
-            throw new Error(`the staged image of disk ${image.name} changed while it was stored; the step is retried`);
+            })
+            .catch((err: unknown) => {
+              throw chunkFailure(err);
+            });
           if (index.virtualSize !== image.virtualSize)
             throw permanent(
               `the staged image of disk ${image.name} holds ${index.virtualSize} bytes, not its ${image.virtualSize}`,
@@ -321,7 +405,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
     });
   }
 
-  return { storeChunkImages, writeChunkManifest };
+  return { storeChunkImages, storeOfflineDisks, writeChunkManifest };
 }
 
 /** The whole-VM files a manifest `vm` record names. */
@@ -353,31 +437,34 @@ function stagingDirOf(path: string): string {
 const MAX_SOCKET_PATH = 100;
 
 /**
- * Runs `fn` over the guest data of a staged image: `qemu-nbd --read-only -f <format>` (the format we wrote, never
- * probed: a raw copy starts with whatever the guest wrote) on a Unix socket in the staging directory, one client
+ * Runs `fn` over the guest data of a staged image, or of a shut-off domain's own disk (`what` names it):
+ * `qemu-nbd --read-only -f <format>` (the format we wrote or libvirt names, never probed: a raw disk starts with
+ * whatever the guest wrote) on a Unix socket of its own in the staging directory (two targets read one disk at once), one client
  * with `base:allocation`. qemu-nbd is stopped whatever happens (also on cancel): it serves one client and exits
  * when it disconnects, and is killed if it is still there.
  */
-async function readStagedImage<T>(
+async function readImage<T>(
   image: { name: string; format: string; path: string; virtualSize: number },
+  what: string,
   stagingDir: string,
   fn: (source: DiskSource) => Promise<T>,
 ): Promise<T> {
   let socketDir = stagingDir;
   let ownDir: string | undefined;
-  if (join(stagingDir, `nbd-${image.name}.sock`).length > MAX_SOCKET_PATH) {
+  const socketName = `nbd-${image.name}-${randomBytes(4).toString('hex')}.sock`;
+  if (join(stagingDir, socketName).length > MAX_SOCKET_PATH) {
     ownDir = await mkdtemp(join(tmpdir(), 'vmbackup-nbd-'));
     socketDir = ownDir;
   }
-  const socket = join(socketDir, `nbd-${image.name}.sock`);
+  const socket = join(socketDir, socketName);
   await rm(socket, { force: true });
   const server = startQemuNbd(image, socket);
   let client: NbdClient | undefined;
   try {
-    client = await connectWhenListening(socket, server);
+    client = await connectWhenListening(socket, image.name, server, what);
     if (client.info.size !== image.virtualSize)
       throw permanent(
-        `qemu-nbd exports ${client.info.size} bytes of the staged image of disk ${image.name}, not its ${image.virtualSize}`,
+        `qemu-nbd exports ${client.info.size} bytes of ${what === 'the staged image' ? `the staged image of disk ${image.name}` : what}, not its ${image.virtualSize}`,
         ErrorType.ImageCorrupt,
       );
     const c = client;
@@ -439,17 +526,22 @@ function startQemuNbd(image: { name: string; format: string; path: string }, soc
 }
 
 /** Connects once qemu-nbd listens (it creates the socket after opening the image); its exit is one sentence. */
-async function connectWhenListening(socket: string, server: QemuNbd): Promise<NbdClient> {
+async function connectWhenListening(
+  socket: string,
+  exportName: string,
+  server: QemuNbd,
+  what: string,
+): Promise<NbdClient> {
   // a deadline for qemu-nbd to come up, not a measurement
   const deadline = Date.now() + 30_000;
   for (;;) {
     if (server.exited() !== undefined)
-      throw new Error(`qemu-nbd could not export the staged image: ${server.stderr() || `exit ${server.exited()}`}`);
+      throw new Error(`qemu-nbd could not export ${what}: ${server.stderr() || `exit ${server.exited()}`}`);
     try {
       return await NbdClient.connect({
         socketPath: socket,
         metaContexts: ['base:allocation'],
-        exportName: basenameOf(socket),
+        exportName,
       });
     } catch (err) {
       const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
@@ -458,11 +550,4 @@ async function connectWhenListening(socket: string, server: QemuNbd): Promise<Nb
     }
     await new Promise((r) => setTimeout(r, 50));
   }
-}
-
-function basenameOf(socket: string): string {
-  return socket
-    .slice(socket.lastIndexOf('/') + 1)
-    .replace(/^nbd-/, '')
-    .replace(/\.sock$/, '');
 }

@@ -13,9 +13,10 @@ import { sha256File } from '../shared/sha256-file';
 import type { FinalizeImagesInput, ImageFile, OfflineCopyInput } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
 import { makeFilePrivate } from '../shared/file-modes';
-import type { DiskInfo, DiskImage } from '../shared/types';
+import type { DiskImage } from '../shared/types';
 import { hypervisorFailure, permanent } from './failures';
 import type { HostPaths } from './host-paths';
+import { offlineGuard, sourceStamp, startedDuringCopy } from './offline-guard';
 import type { ByteProgress } from './push';
 
 export interface ImageDeps {
@@ -31,6 +32,7 @@ interface FinalizeCheckpoint extends ByteProgress {
 export function createImageActivities(deps: ImageDeps) {
   const hv = deps.hypervisor;
   const paths = deps.paths;
+  const guard = offlineGuard(hv, paths);
 
   /**
    * A shut-off domain has no QEMU process, so no backup job: copy each disk with
@@ -40,7 +42,7 @@ export function createImageActivities(deps: ImageDeps) {
   async function copyOfflineDisks(input: OfflineCopyInput): Promise<ImageFile[]> {
     const ctx = Context.current();
     const stagingDir = await paths.stagingDir(input.stagingDir, input.backupId, 'copyOfflineDisks');
-    const disks = await disksOfDomain(input);
+    const disks = await guard.disksOfDomain(input, 'copyOfflineDisks');
     const total = disks.reduce((n, d) => n + d.virtualSize, 0);
     const images: ImageFile[] = [];
     let before = 0;
@@ -51,23 +53,10 @@ export function createImageActivities(deps: ImageDeps) {
         { name: disk.name, format: 'qcow2' },
         'copyOfflineDisks',
       );
-      const stamp = await fileStamp(disk.source);
-      await assertShutOff(input.domain);
+      const stamp = await sourceStamp(disk.source);
+      await guard.assertShutOff(input.domain);
       await rm(dst, { force: true });
-      const watch = new AbortController();
-      ctx.cancellationSignal.addEventListener('abort', () => watch.abort(), { once: true });
-      let started = false;
-      const watcher = setInterval(() => {
-        hv.state(input.domain).then(
-          (s) => {
-            if (s !== 'shut off') {
-              started = true;
-              watch.abort();
-            }
-          },
-          () => undefined,
-        );
-      }, 500);
+      const watch = guard.watchShutOff(input.domain, ctx.cancellationSignal);
       try {
         await convertImage({ path: disk.source, format: disk.format, backing: 'from-header' }, dst, {
           dstFormat: 'qcow2',
@@ -77,16 +66,16 @@ export function createImageActivities(deps: ImageDeps) {
         });
       } catch (err) {
         await rm(dst, { force: true });
-        if (started) throw startedDuringCopy(input.domain);
+        if (watch.started()) throw startedDuringCopy(input.domain);
         throw err;
       } finally {
-        clearInterval(watcher);
+        watch.stop();
       }
-      await assertShutOff(input.domain).catch(async (err: unknown) => {
+      await guard.assertShutOff(input.domain).catch(async (err: unknown) => {
         await rm(dst, { force: true });
         throw err;
       });
-      if ((await fileStamp(disk.source)) !== stamp) {
+      if ((await sourceStamp(disk.source)) !== stamp) {
         await rm(dst, { force: true });
         throw startedDuringCopy(input.domain);
       }
@@ -96,43 +85,6 @@ export function createImageActivities(deps: ImageDeps) {
       images.push({ name: disk.name, format: 'qcow2', path: dst, virtualSize: disk.virtualSize });
     }
     return images;
-  }
-
-  /**
-   * The disks to copy, as libvirt reports them for the domain now: a source path in the input is never read
-   * unless it is the one libvirt has for that disk (an input naming /etc/shadow as a disk is refused).
-   */
-  async function disksOfDomain(input: OfflineCopyInput): Promise<DiskInfo[]> {
-    if (!Array.isArray(input.disks) || input.disks.length === 0) {
-      throw permanent(`copyOfflineDisks: no disk of ${input.domain} to copy`, ErrorType.InvalidInput);
-    }
-    let live: DiskInfo[];
-    try {
-      live = await hv.disks(input.domain);
-    } catch (err) {
-      hypervisorFailure(err);
-    }
-    return input.disks.map((asked) => {
-      const name = paths.diskName(asked.name, 'copyOfflineDisks');
-      const disk = live.find((d) => d.name === name);
-      if (!disk || !disk.source || disk.source !== asked.source || disk.format !== asked.format) {
-        throw permanent(
-          `copyOfflineDisks: ${input.domain} has no disk ${name} on ${asked.source} (${asked.format}) according to libvirt${disk?.source ? `, it uses ${disk.source} (${disk.format})` : ''}; refused`,
-          ErrorType.InvalidInput,
-        );
-      }
-      return disk;
-    });
-  }
-
-  async function assertShutOff(domain: string): Promise<void> {
-    let state: string;
-    try {
-      state = await hv.state(domain);
-    } catch (err) {
-      hypervisorFailure(err);
-    }
-    if (state !== 'shut off') throw startedDuringCopy(domain);
   }
 
   /** `qemu-img check` and SHA-256 of each image; resumes after the last image finished. */
@@ -218,16 +170,4 @@ function unreadableImage(image: ImageFile, err: unknown): never {
     );
   }
   hypervisorFailure(err);
-}
-
-function startedDuringCopy(domain: string) {
-  return permanent(
-    `${domain} was started during the offline copy, so the copy was discarded: run the backup again (a running domain is backed up live)`,
-    ErrorType.DomainStarted,
-  );
-}
-
-async function fileStamp(path: string): Promise<string> {
-  const s = await stat(path);
-  return `${s.size}:${s.mtimeMs}`;
 }

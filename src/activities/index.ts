@@ -98,6 +98,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
     }),
     ...createChunkRepositoryActivities({
       openTarget: deps.openTarget,
+      hypervisor: deps.hypervisor,
       manifestKey: deps.manifestKey,
       paths,
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),

@@ -109,6 +109,20 @@ export interface StoreChunkImagesInput {
   /** the whole-VM files captured into staging, stored as small indexes */
   vm?: VmCapture;
 }
+/**
+ * The offline method into chunk repositories: the shut-off domain's own disks (as inspectDomain reported them, checked
+ * against libvirt again) are read in place, with no staging copy; the whole-VM files come from staging.
+ */
+export interface StoreOfflineDisksInput {
+  backupId: string;
+  domain: string;
+  target: string;
+  s3Options?: S3TargetOptions;
+  disks: DiskInfo[];
+  /** the backup's staging directory (the NBD sockets live there) */
+  stagingDir: string;
+  vm?: VmCapture;
+}
 /** What one disk (or whole-VM file) cost in the repository. */
 export interface ChunkStoreStats {
   chunks: number;
@@ -424,6 +438,7 @@ export interface HostActivities {
   writeManifest(input: ManifestInput): Promise<void>;
   // chunk repositories
   storeChunkImages(input: StoreChunkImagesInput): Promise<StoredChunkImages>;
+  storeOfflineDisks(input: StoreOfflineDisksInput): Promise<StoredChunkImages>;
   writeChunkManifest(input: ChunkManifestInput): Promise<void>;
   deleteBackupObjects(input: DeleteBackupObjectsInput): Promise<void>;
   // events

@@ -18,6 +18,8 @@ export interface TargetCapabilities {
   rangeReads: boolean;
   /** a local directory backs this target: images may be moved in with rename(2) */
   localPath?: string;
+  /** a directory tree backs this target (local, NFS): listing a prefix costs a readdir per directory, not a request per 1000 objects */
+  fileTree?: boolean;
 }
 
 export interface ObjectInfo {

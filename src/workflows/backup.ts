@@ -168,6 +168,13 @@ export const HOST_SLOT_PATCH = 'host-backup-slots';
  */
 export const WHOLE_VM_PATCH = 'whole-vm-files';
 
+/**
+ * Offline backups into chunk repositories started before this change copied the disks into staging
+ * (copyOfflineDisks), finalized the copies and stored them (storeChunkImages); since, each target reads the shut-off
+ * domain's own disks (storeOfflineDisks): no copy, no finalizeImages.
+ */
+export const OFFLINE_DIRECT_PATCH = 'offline-chunks-read-in-place';
+
 export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
   validateRequest(request);
   // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
@@ -325,6 +332,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
 
   let images: DiskImage[];
   let made: MadeImages;
+  let readInPlace = false;
   let targets: TargetResult[] | undefined;
   const ship = () =>
     (plan?.chunkRepository ? storeInRepositories : shipToTargets)(req, steps, staging, images, run.vm, progress, {
@@ -334,11 +342,17 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
       info,
       chain: plan ? manifestChain(plan, made.checkpointXml) : undefined,
       backing: plan ? manifestBacking(plan) : {},
+      readInPlace,
     });
   try {
     if (method === 'push') {
       made = await pushImages(run);
       progress.bytesDone = made.bytes ?? 0;
+    } else if (method === 'offline' && plan?.chunkRepository && patched(OFFLINE_DIRECT_PATCH)) {
+      // into chunk repositories the shut-off domain's disks are read where they are (storeOfflineDisks)
+      await captureVm(run);
+      readInPlace = true;
+      made = { files: [], quiesced: false, bytes: progress.bytesTotal };
     } else if (method === 'offline') {
       // the domain is off: its definition, NVRAM and TPM state are what the disks are
       await captureVm(run);
@@ -351,11 +365,13 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
       made = await snapshotImages(run);
     }
     phase('finalizing');
-    images = await steps.long.finalizeImages({
-      backupId,
-      images: made.files,
-      ...(plan?.chunkRepository ? { skipFileHash: true } : {}),
-    });
+    images = readInPlace
+      ? info.disks.map((d) => ({ ...d, path: d.source, size: 0, sha256: '' }))
+      : await steps.long.finalizeImages({
+          backupId,
+          images: made.files,
+          ...(plan?.chunkRepository ? { skipFileHash: true } : {}),
+        });
     seen.bytesRead = made.bytes ?? images.reduce((n, i) => n + i.size, 0);
     if (hardened) {
       phase('uploading');
@@ -775,7 +791,7 @@ async function shipToTargets(
 async function storeInRepositories(
   req: BackupRequest,
   acts: { long: ActivityProxy; short: ActivityProxy; quick: ActivityProxy },
-  _staging: StagingArea,
+  staging: StagingArea,
   images: DiskImage[],
   vm: VmCapture | undefined,
   progress: BackupProgress,
@@ -785,6 +801,8 @@ async function storeInRepositories(
     quiesced: boolean;
     info: DomainInfo;
     chain: ManifestInput['manifest']['chain'];
+    /** the offline method: each target reads the domain's disks in place (OFFLINE_DIRECT_PATCH) */
+    readInPlace?: boolean;
   },
 ): Promise<TargetResult[]> {
   const { backupId, domain, host } = req;
@@ -805,14 +823,24 @@ async function storeInRepositories(
     state.bytesTotal = total;
     state.state = 'uploading';
     try {
-      const stored = await acts.long.storeChunkImages({
-        backupId,
-        domain,
-        target,
-        s3Options: req.options.s3,
-        images,
-        ...(vm ? { vm } : {}),
-      });
+      const stored = meta.readInPlace
+        ? await acts.long.storeOfflineDisks({
+            backupId,
+            domain,
+            target,
+            s3Options: req.options.s3,
+            disks: meta.info.disks,
+            stagingDir: staging.dir,
+            ...(vm ? { vm } : {}),
+          })
+        : await acts.long.storeChunkImages({
+            backupId,
+            domain,
+            target,
+            s3Options: req.options.s3,
+            images,
+            ...(vm ? { vm } : {}),
+          });
       await acts.quick.writeChunkManifest({
         target,
         s3Options: req.options.s3,

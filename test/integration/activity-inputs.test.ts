@@ -346,6 +346,42 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(await readdir(stagingDir)).toEqual([]);
     expect(await exists(join(work, id))).toBe(false);
   });
+
+  test('storeOfflineDisks (the offline method read in place) of a source libvirt does not report is refused', async () => {
+    const dom = await newDomain({ prefix: 'inp', disks: [{ format: 'qcow2', sizeMiB: 16 }], start: false });
+    const secret = join(work, 'forged-offline-source.raw');
+    await writeFile(secret, Buffer.alloc(MiB, 0x5f));
+    const id = backupId();
+    const stagingDir = join(state, 'staging', id);
+    await mkdir(stagingDir, { recursive: true });
+    const disk = {
+      name: 'vda',
+      source: secret,
+      format: 'raw',
+      device: 'disk',
+      readonly: false,
+      shareable: false,
+      virtualSize: MiB,
+      allocation: MiB,
+      backingChain: [],
+    };
+    const input = { backupId: id, domain: dom.name, target: allowed, disks: [disk], stagingDir };
+    const failure = await refused('storeOfflineDisks', input);
+    expect(failure.type).toBe(ErrorType.InvalidInput);
+    expect(failure.message).toBe(
+      `storeOfflineDisks: ${dom.name} has no disk vda on ${secret} (raw) according to libvirt, it uses ${dom.disks[0]!.path} (qcow2); refused`,
+    );
+    // a staging dir outside the roots, and a target outside the allow-list
+    const real = { ...disk, source: dom.disks[0]!.path, format: 'qcow2' };
+    await refused('storeOfflineDisks', { ...input, disks: [real], stagingDir: join(work, id) });
+    await refused('storeOfflineDisks', {
+      ...input,
+      disks: [real],
+      target: pathToFileURL(join(work, 'not-allowed')).href,
+    });
+    expect(await readdir(stagingDir)).toEqual([]);
+    expect(await exists(join(work, 'allowed'))).toBe(false);
+  });
 });
 
 /** The failure at the bottom of a chain of causes (a workflow failed by an activity failed by ...). */

@@ -11,3 +11,4 @@ export * from './password';
 export * from './files';
 export * from './ingest';
 export * from './lock';
+export * from './codec-pool';

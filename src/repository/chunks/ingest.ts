@@ -73,9 +73,10 @@ export async function ingestDisk(
   const submit = async (n: number, chunk: Buffer): Promise<void> => {
     while (running.size >= limit) await Promise.race(running);
     if (failure !== undefined) throw failure;
+    const length = chunk.length;
     const task = (async () => {
       try {
-        const put = await store.put(chunk);
+        const put = await store.put(chunk, undefined, { handOver: true });
         entries[n] = put.id;
         if (put.id !== 'zero') {
           if (put.uploadedBytes > 0) {
@@ -83,7 +84,7 @@ export async function ingestDisk(
             stats.uploadedBytes += put.uploadedBytes;
           } else stats.knownChunks++;
         }
-        bytesDone += chunk.length;
+        bytesDone += length;
         report();
       } catch (err) {
         failure ??= err;

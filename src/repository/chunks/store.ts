@@ -15,6 +15,8 @@ import type { Readable } from 'node:stream';
 import type { ObjectInfo } from '../../storage/contract';
 import { isStorageError } from '../../storage/errors';
 import { chunkId, decodeObject, encodeObject, isAllZero, maxObjectBytes } from './codec';
+import { codecPool } from './codec-pool';
+import type { CodecPool } from './codec-pool';
 import { CHUNKS_PREFIX, chunkIdOfKey, chunkKey, ID_RE, indexKey } from './config';
 import type { DiskIndex, IndexEntry } from './disk-index';
 import { decodeDiskIndex, encodeDiskIndex, entryCount, entryRange } from './disk-index';
@@ -61,6 +63,8 @@ export interface ChunkStoreOptions {
   freshSeconds?: number;
   /** the clock ages are measured with (tests); default Date.now */
   now?: () => number;
+  /** the codec threads (default: this process's codecPool()) */
+  pool?: CodecPool;
 }
 
 export class ChunkStore {
@@ -73,6 +77,8 @@ export class ChunkStore {
   private readonly now: () => number;
   /** objects this store touched (tests and reports) */
   touched = 0;
+  /** where chunks are hashed, encoded and decoded */
+  private readonly pool: CodecPool;
 
   constructor(
     readonly repo: OpenRepository,
@@ -83,6 +89,7 @@ export class ChunkStore {
     if (!(fresh > 0)) throw new ChunkFormatError('invalid-argument', 'The freshness window must be positive.');
     this.freshMs = fresh * 1000;
     this.now = opts.now ?? Date.now;
+    this.pool = opts.pool ?? codecPool();
   }
 
   /**
@@ -154,24 +161,30 @@ export class ChunkStore {
 
   /**
    * Stores `plaintext` unless it is all zero or already stored. Idempotent. `id` is checked against the data, so
-   * a caller's mistake can never store data under another chunk's name.
+   * a caller's mistake can never store data under another chunk's name. The id and the encoding are computed in the
+   * codec threads (codecPool); `handOver`: the caller no longer uses `plaintext`, which then moves there uncopied.
    */
-  async put(plaintext: Uint8Array, id: IndexEntry = this.idOf(plaintext)): Promise<PutResult> {
-    if (id === 'zero') {
+  async put(plaintext: Uint8Array, id?: IndexEntry, opts: { handOver?: boolean } = {}): Promise<PutResult> {
+    if (id === 'zero' || (id === undefined && isAllZero(plaintext))) {
       if (!isAllZero(plaintext)) throw new ChunkFormatError('invalid-argument', 'A chunk marked zero has data.');
-      return { id, uploadedBytes: 0 };
+      return { id: 'zero', uploadedBytes: 0 };
     }
-    if (!ID_RE.test(id) || chunkId(this.repo, plaintext) !== id)
+    if (id !== undefined && !ID_RE.test(id))
       throw new ChunkFormatError('invalid-argument', `The data given for chunk ${id} does not have that id.`, {
         objectId: id,
       });
-    if (await this.has(id)) return { id, uploadedBytes: 0 };
-    return { id, uploadedBytes: await this.upload(id, plaintext) };
+    const hashed = await this.pool.id(this.repo, plaintext, opts.handOver ?? false);
+    if (id !== undefined && hashed.id !== id)
+      throw new ChunkFormatError('invalid-argument', `The data given for chunk ${id} does not have that id.`, {
+        objectId: id,
+      });
+    if (await this.has(hashed.id)) return { id: hashed.id, uploadedBytes: 0 };
+    return { id: hashed.id, uploadedBytes: await this.upload(hashed.id, hashed.data, true) };
   }
 
   /** Encodes and stores a chunk whose id the caller computed from this very data. */
-  private async upload(id: string, plaintext: Uint8Array): Promise<number> {
-    const { body } = encodeObject(this.repo, 'chunk', id, plaintext);
+  private async upload(id: string, plaintext: Uint8Array, handOver = false): Promise<number> {
+    const body = await this.pool.encode(this.repo, 'chunk', id, plaintext, handOver);
     const now = this.now();
     await this.repo.target.putManifest(chunkKey(id), body);
     this.fresh.set(id, now);
@@ -197,7 +210,7 @@ export class ChunkStore {
         });
       throw err;
     }
-    return decodeObject(this.repo, 'chunk', id, body);
+    return this.pool.decode(this.repo, 'chunk', id, body, true);
   }
 
   /**

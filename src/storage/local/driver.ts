@@ -56,7 +56,7 @@ export class LocalTarget extends TreeTarget implements StorageTarget {
     });
     this.tree = new AtomicTree(this.fs);
     // multipart: a copy resumes from its durable prefix after a crash
-    this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root };
+    this.capabilities = { atomicReplace: true, multipart: true, rangeReads: true, localPath: root, fileTree: true };
   }
 
   private error(err: unknown, what: string, fallback: 'failed' | 'not-found' = 'failed'): StorageError {

@@ -27,7 +27,12 @@ const READ_DEPTH = 16;
 const READ_SIZE = 1 << 20;
 
 export class NfsTarget extends TreeTarget implements StorageTarget {
-  readonly capabilities: TargetCapabilities = { atomicReplace: true, multipart: true, rangeReads: true };
+  readonly capabilities: TargetCapabilities = {
+    atomicReplace: true,
+    multipart: true,
+    rangeReads: true,
+    fileTree: true,
+  };
   private readonly fs: NfsFileTree;
   protected readonly tree: AtomicTree;
 

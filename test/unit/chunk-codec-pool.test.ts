@@ -1,0 +1,97 @@
+/**
+ * The chunk codec's worker threads (codec-pool.ts): many chunks hashed, encoded and decoded in the threads equal what
+ * the main thread's codec makes of them, and a thread that dies rejects its job with one sentence instead of hanging.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CodecPool, ChunkFormatError, chunkId, decodeObject, initRepository } from '../../src/repository/chunks';
+import type { OpenRepository } from '../../src/repository/chunks';
+import type { StorageTarget } from '../../src/storage/contract';
+import { openTarget } from '../../src/storage/registry';
+
+jest.setTimeout(120_000);
+
+const CHUNK = 256 * 1024;
+
+describe('chunk codec pool', () => {
+  let dir: string;
+  let target: StorageTarget;
+  let repo: OpenRepository;
+  const pool = new CodecPool(2, 4);
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmbackup-codec-pool-'));
+    target = openTarget(`file://${dir}`, { env: {} });
+    repo = await initRepository(target, {
+      encryption: 'aes-256-gcm',
+      compression: 'zstd',
+      password: 'pool',
+      chunkSize: CHUNK,
+      scrypt: { N: 1024, r: 8, p: 1 },
+    });
+  });
+  afterAll(async () => {
+    await pool.close();
+    await target.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('64 chunks in and out through the threads equal their plaintext, ids as the main thread computes them', async () => {
+    const chunks = Array.from({ length: 64 }, (_, i) =>
+      i % 2 ? randomBytes(CHUNK) : Buffer.alloc(CHUNK, `compressible ${i} `),
+    );
+    const out = await Promise.all(
+      chunks.map(async (plain) => {
+        const copy = Buffer.from(plain);
+        const { id, data } = await pool.id(repo, copy, true);
+        expect(data.equals(plain)).toBe(true);
+        const body = await pool.encode(repo, 'chunk', id, data, true);
+        // what the threads stored, the main thread reads back (and the threads do too)
+        expect(decodeObject(repo, 'chunk', id, body).equals(plain)).toBe(true);
+        return { id, back: await pool.decode(repo, 'chunk', id, body) };
+      }),
+    );
+    out.forEach(({ id, back }, i) => {
+      expect(id).toBe(chunkId(repo, chunks[i]!));
+      expect(back.equals(chunks[i]!)).toBe(true);
+    });
+  });
+
+  test('a damaged object fails in the thread with the codec sentence and its kind', async () => {
+    const plain = randomBytes(CHUNK);
+    const { id } = await pool.id(repo, plain);
+    const body = await pool.encode(repo, 'chunk', id, plain);
+    body[body.length - 1]! ^= 1;
+    const err = await pool.decode(repo, 'chunk', id, body).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ChunkFormatError);
+    expect((err as ChunkFormatError).kind).toBe('corrupt');
+    expect((err as ChunkFormatError).objectId).toBe(id);
+    expect((err as Error).message).toMatch(/is damaged or not what the repository stored \(authentication failed\)/);
+  });
+
+  test('a thread that dies rejects the job it ran with one sentence; the next jobs still run', async () => {
+    const big = randomBytes(4 * CHUNK);
+    const small = new CodecPool(1, 2);
+    try {
+      // warm the thread up, then kill it while it hashes
+      await small.id(repo, randomBytes(16));
+      const jobs = Array.from({ length: 3 }, () =>
+        small.id(repo, big).then(
+          () => 'done',
+          (e: Error) => e.message,
+        ),
+      );
+      await small.running[0]!.terminate();
+      const outcomes = await Promise.all(jobs);
+      expect(outcomes[0]).toMatch(
+        /^The chunk codec thread stopped \(exit code 1\) while it hashed a chunk; the step is retried\.$/,
+      );
+      // the queued jobs went to a new thread
+      expect(outcomes.slice(1)).toEqual(['done', 'done']);
+    } finally {
+      await small.close();
+    }
+  });
+});
