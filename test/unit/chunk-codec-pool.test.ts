@@ -72,18 +72,21 @@ describe('chunk codec pool', () => {
   });
 
   test('a thread that dies rejects the job it ran with one sentence; the next jobs still run', async () => {
-    const big = randomBytes(4 * CHUNK);
+    const big = randomBytes(16 * CHUNK);
     const small = new CodecPool(1, 2);
-    try {
-      // warm the thread up, then kill it while it hashes
-      await small.id(repo, randomBytes(16));
-      const jobs = Array.from({ length: 3 }, () =>
-        small.id(repo, big).then(
-          () => 'done',
-          (e: Error) => e.message,
-        ),
+    const outcome = (p: Promise<unknown>) =>
+      p.then(
+        () => 'done',
+        (e: Error) => e.message,
       );
-      await small.running[0]!.terminate();
+    try {
+      // warm the thread up, then kill it while it hashes: the job is posted synchronously by id(), and terminate is
+      // asked for at once, long before 64 MiB are hashed (the other jobs are queued only after that)
+      await small.id(repo, randomBytes(16));
+      const first = outcome(small.id(repo, big));
+      const stopped = small.running[0]!.terminate();
+      const jobs = [first, outcome(small.id(repo, big)), outcome(small.id(repo, big))];
+      await stopped;
       const outcomes = await Promise.all(jobs);
       expect(outcomes[0]).toMatch(
         /^The chunk codec thread stopped \(exit code 1\) while it hashed a chunk; the step is retried\.$/,

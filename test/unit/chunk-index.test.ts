@@ -111,12 +111,13 @@ describe('ChunkStore on a local directory', () => {
     const repo = await initRepository(target, { encryption: 'none', compression: 'none' });
     let inFlight = 0;
     let most = 0;
-    // the real local target, with its puts counted (and slowed a little so they overlap)
+    // the real local target, with its puts counted (and slowed, 200 ms: longer than a chunk takes to hash and encode
+    // on its codec thread on a loaded machine, so that puts always overlap)
     const counted = Object.create(target) as StorageTarget;
     counted.putManifest = async (key, body) => {
       most = Math.max(most, ++inFlight);
       try {
-        await new Promise((r) => setTimeout(r, 20));
+        await new Promise((r) => setTimeout(r, 200));
         await target.putManifest(key, body);
       } finally {
         inFlight--;
