@@ -74,7 +74,7 @@ export function register(program: Command): void {
 export function addBackupOptions(cmd: Command): Command {
   cmd
     .addOption(
-      new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'),
+      new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot', 'pull']).default('auto'),
     )
     .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
     .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
