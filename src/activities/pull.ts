@@ -110,8 +110,9 @@ export function createPullActivities(deps: PullDeps) {
   type Layout = Awaited<ReturnType<typeof layout>>;
 
   /**
-   * The socket's directory: 0700 when QEMU runs as root; else 0770 with QEMU's group (QEMU creates the socket in
-   * it, so it needs write and search; nobody else may connect and read the disks).
+   * The socket's directory: 0700 when QEMU runs as root; else 0770 with QEMU's group. QEMU creates the socket in it,
+   * so it needs write and search (0710 gives "nbd-server-start: Failed to bind socket to ...: Permission denied");
+   * nobody else may connect and read the disks.
    */
   async function makeSocketDir(l: Layout, domain: string): Promise<void> {
     await rm(l.socketDir, { recursive: true, force: true });

@@ -8,7 +8,7 @@
  * holds the chunk uploads back until the test releases them, so the read is stopped mid-disk (ingest waits for its
  * uploads) while the test writes.
  */
-import { lstat, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, lstat, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { Client } from '@temporalio/client';
@@ -32,6 +32,8 @@ jest.setTimeout(20 * 60_000);
 const PASSWORD = 'pull mode reads only what changed';
 const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
 const MiB = 1 << 20;
+/** libvirt's images directory: QEMU running as libvirt-qemu can reach a fixture domain's files under it */
+const QEMU_REACHABLE_ROOT = '/var/lib/libvirt/images';
 
 interface ManifestJson {
   backupId: string;
@@ -290,6 +292,32 @@ describe('pull backups into chunk repositories (real stack)', () => {
     );
     expect(await target.stat(`${dom.name}/${backupId}/manifest.json`)).toBeUndefined();
     expect(await checkpoints(dom)).toEqual(before);
+  });
+
+  it('a domain whose QEMU runs as libvirt-qemu: the socket directory admits only root and QEMU, and the backup completes', async () => {
+    const { url, target, repo } = await s3Repository();
+    const parent = await mkdtemp(join(QEMU_REACHABLE_ROOT, 'vmbt-pl-'));
+    cleanups.push(() => rm(parent, { recursive: true, force: true }));
+    await chmod(parent, 0o711);
+    const dom = await newDomain({
+      prefix: 'pl',
+      runAsRoot: false,
+      parentDir: parent,
+      disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }],
+    });
+    const expected = await snapshotOf(dom, 'user');
+    const hold = proxy.hold(chunkPut);
+    const { backupId, handle } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
+    const staging = await anyExists(stagingDirs(backupId));
+    const st = await stat(join(staging!, 'nbd'));
+    hold.release();
+    expect((st.mode & 0o777).toString(8)).toBe('770');
+    expect(st.uid).toBe(0);
+    expect(st.gid).not.toBe(0); // QEMU's group: QEMU creates the socket in it
+    const result: BackupResult = await handle.result();
+    expect(result.status).toBe('completed');
+    await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
   });
 
   it('a pull backup to an image-tree target is refused with one sentence, before anything is created', async () => {
