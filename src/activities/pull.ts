@@ -333,7 +333,7 @@ export function createPullActivities(deps: PullDeps) {
     }
     await measureScratch();
     await saveJournal();
-    return { targets: results, scratchPeakBytes: j.scratchPeakBytes, attached };
+    return { targets: results, scratchPeakBytes: j.scratchPeakBytes, attached, attempt: ctx.info.attempt };
   }
 
   return { beginPullBackup, pullIntoRepositories, endPullBackup };

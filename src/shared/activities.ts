@@ -190,6 +190,8 @@ export interface PulledRepositories {
   scratchPeakBytes: number;
   /** the last attempt found the job running (a retry) */
   attached: boolean;
+  /** the attempt of the step that finished (1: no retry) */
+  attempt: number;
 }
 
 export interface PrepareChainImagesInput {

@@ -236,6 +236,8 @@ export interface PullStats {
   scratchPeakBytes: number;
   /** the read found the job of an earlier attempt running (a retried step) */
   attached: boolean;
+  /** the attempt of the read step that finished: > 1 with attached false means the job was begun again */
+  attempt: number;
   /** per disk, on the first target that took the backup */
   disks: Record<string, { readChunks: number; carriedChunks: number; readBytes: number; resumedFrom: number }>;
 }

@@ -726,6 +726,7 @@ async function pullBackup(
     pull: {
       scratchPeakBytes: pulled.scratchPeakBytes,
       attached: pulled.attached,
+      attempt: pulled.attempt,
       disks: Object.fromEntries((firstOk?.ok ? firstOk.disks : []).map((d) => [d.name, d.pull])),
     },
   };

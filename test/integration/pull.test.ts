@@ -262,6 +262,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
       const result: BackupResult = await handle.result();
       expect(result.status).toBe('completed');
       // the same job (its scratch files, so the journal's point in time) was attached to, and the read resumed
+      expect(result.pull!.attempt).toBeGreaterThan(1);
       expect(result.pull!.attached).toBe(true);
       expect(result.pull!.disks['vda']!.resumedFrom).toBeGreaterThanOrEqual(4 * 4 * MiB);
       expect(result.pull!.disks['vda']!.resumedFrom).toBeLessThanOrEqual(journal.chunks * 4 * MiB);
@@ -271,6 +272,28 @@ describe('pull backups into chunk repositories (real stack)', () => {
     } finally {
       await w.stop();
     }
+  });
+
+  it('libvirt lost the job mid-read (ended behind our back): the retried step begins a new job cleanly and reads from 0', async () => {
+    const { url, target, repo } = await s3Repository();
+    // 128 MiB: more than the read holds in flight and in its upload queue when the job goes (about 60 MiB)
+    const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 128, randomMiB: 128 }] });
+    const expected = await snapshotOf(dom, 'lost');
+    const hold = proxy.hold(chunkPut, { after: 2 });
+    const { handle } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
+    await virsh('domjobabort', dom.name); // what a libvirtd or domain restart does to the job
+    hold.release();
+    const result: BackupResult = await handle.result();
+    expect(result.status).toBe('completed');
+    // a retried step (the first one's read failed) that began a new job, not one that attached
+    expect(result.pull!.attempt).toBeGreaterThan(1);
+    expect(result.pull!.attached).toBe(false);
+    expect(result.pull!.disks['vda']!.resumedFrom).toBe(0);
+    expect(result.chain?.checkpoint).toBeDefined();
+    expect(await checkpoints(dom)).toEqual([result.chain!.checkpoint]);
+    await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
+    expect(await jobType(dom)).toBe('None');
   });
 
   it('cancel mid-read: the job ends, scratch and socket are removed, nothing is committed and no checkpoint is left', async () => {
