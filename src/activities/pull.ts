@@ -45,6 +45,7 @@ import { makeDirs, QEMU_DIR_MODE } from '../shared/file-modes';
 import { chunkFailure, openWorkerRepository } from './chunk-repository';
 import type { ChunkRepositoryDeps } from './chunk-repository';
 import { hypervisorFailure, permanent } from './failures';
+import type { HostPaths } from './host-paths';
 import { withTarget } from './storage';
 
 export interface PullDeps extends ChunkRepositoryDeps {
@@ -308,7 +309,7 @@ export function createPullActivities(deps: PullDeps) {
                 });
                 before += disk.virtualSize;
               }
-              const stored = input.vm ? await storeVmFiles(store, t, input) : undefined;
+              const stored = input.vm ? await storeVmFiles(store, t, input, paths) : undefined;
               return { target, ok: true as const, disks, ...(stored ?? {}) };
             }),
           );
@@ -344,14 +345,16 @@ async function storeVmFiles(
   store: ChunkStore,
   target: Parameters<typeof holdChunkObjects>[0],
   input: PullIntoRepositoriesInput,
+  paths: HostPaths,
 ): Promise<{ vm: VmFilesRecord; vmStats: ChunkStoreStats }> {
   const vm = input.vm!;
+  if (!Array.isArray(vm.files) || vm.files.length > 32)
+    throw permanent('pullIntoRepositories: the whole-VM files are not a list of at most 32', ErrorType.InvalidInput);
   const vmStats: ChunkStoreStats = { chunks: 0, zeroChunks: 0, knownChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
   const ids = new Map<string, string>();
   for (const f of vm.files) {
-    if (!f.path.startsWith(`${input.job.stagingDir.replace(/\/+$/, '')}/`) || f.path.includes('/../'))
-      throw permanent(`pullIntoRepositories: ${f.path} is not a staged whole-VM file`, ErrorType.InvalidInput);
-    const body = await readFile(f.path);
+    const path = await paths.stagingVmFile(f.path, input.job.backupId, f.name, 'pullIntoRepositories');
+    const body = await readFile(path);
     if (body.length !== f.size) throw new Error(`the staged file ${f.name} changed since it was captured`);
     const put = await putSmallFile(store, body);
     for (const k of Object.keys(vmStats) as Array<keyof ChunkStoreStats>) vmStats[k] += put.stats[k];
