@@ -135,6 +135,10 @@ export function createFakeHypervisor(opts: FakeHostOptions): FakeHypervisor {
       return { xml, name: domain, uuid: '00000000-0000-4000-8000-000000000000' };
     },
 
+    beginPullBackup(domain: string): Promise<void> {
+      // the scale bench measures push backups only
+      return Promise.reject(new HypervisorError('invalid', `pull backups are not simulated (${domain})`, { domain }));
+    },
     async beginPushBackup(domain: string, targets: BackupTargetSpec[], o?: PushBackupOptions): Promise<void> {
       need(domain);
       if (running(domain)) throw new HypervisorError('busy', 'domain has active block job', { domain });

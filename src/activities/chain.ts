@@ -19,6 +19,7 @@ import type { BackupEntry } from '../repository/catalog';
 import { chainOf, chainProblem, findChainHead } from '../repository/chain-head';
 import type { TargetCatalog } from '../repository/chain-head';
 import type { Manifest } from '../repository/manifest';
+import type { StorageTarget } from '../storage/contract';
 import type {
   BackupPlan,
   DropCheckpointInput,
@@ -50,6 +51,23 @@ export interface ChainDeps {
 export const CHUNK_FULL_REASON =
   'a chunk repository stores every backup whole; unchanged chunks are not uploaded again';
 
+/** `chunkRepository: true` in a plan once the targets are known to be chunk repositories. */
+function chunkRepositoryMark(is: () => boolean): () => { chunkRepository?: true } {
+  return () => (is() ? { chunkRepository: true } : {});
+}
+
+/**
+ * A pull increment into a repository takes the parent's index of each disk for the chunks that did not change: each
+ * index must be there (its chunks are checked one by one as they are taken). Undefined when whole, else why not.
+ */
+async function indexProblem(target: StorageTarget, parent: Manifest): Promise<string | undefined> {
+  for (const disk of parent.disks) {
+    if (!(await target.stat(disk.key)))
+      return `the index of disk ${disk.name} of ${parent.backupId} is missing on ${target.displayUrl}`;
+  }
+  return undefined;
+}
+
 /** Attempts of planBackup that retry a transient catalog read before planning a full without that target's chain. */
 const CATALOG_READ_ATTEMPTS = 3;
 
@@ -62,6 +80,8 @@ export function createChainActivities(deps: ChainDeps) {
   async function planBackup(input: PlanBackupInput): Promise<BackupPlan> {
     const { backupId, domain, requested } = input;
     deps.paths.checkTargets(input.targets, 'planBackup');
+    let chunkRepository = false;
+    const inRepository = chunkRepositoryMark(() => chunkRepository);
     const full = (reason?: string, checkpoint = true): BackupPlan => ({
       level: 'full',
       requested,
@@ -71,8 +91,11 @@ export function createChainActivities(deps: ChainDeps) {
       ...(checkpoint && bitmapDisks.length > 0
         ? { checkpoint: { name: checkpointName(backupId), disks: bitmapDisks } }
         : {}),
+      ...inRepository(),
     });
-    // A chunk repository stores every backup whole, and no chain builds on a checkpoint there: none is created.
+    // A chunk repository stores every backup whole. Push, snapshot and offline backups into one are fulls with no
+    // checkpoint; a pull backup reads only what changed since the last backup's checkpoint (the rest of its index is
+    // the previous index's), so it keeps a checkpoint chain there.
     const { chunk: chunkTargets, unknown } = await chunkRepositoryTargets(input);
     if (chunkTargets.length > 0) {
       // a target that could not be asked is tried as a repository: storing fails there with its own sentence
@@ -83,16 +106,14 @@ export function createChainActivities(deps: ChainDeps) {
           ErrorType.InvalidInput,
         );
       }
-      return {
-        ...full(CHUNK_FULL_REASON, false),
-        chunkRepository: true,
-      };
+      chunkRepository = true;
+      if (input.method !== 'pull') return full(CHUNK_FULL_REASON, false);
     }
     // libvirt keeps dirty bitmaps in qcow2 images only; a raw disk is copied whole by every backup.
     const bitmapDisks = input.disks.filter((d) => d.format === 'qcow2').map((d) => d.name);
-    // Push mode runs only where libvirt has the backup API (>= 7.2), which is also where checkpoints are stable.
-    if (input.method !== 'push') {
-      return full(`the ${input.method} method takes full backups only (incrementals need push mode)`, false);
+    // The backup API (libvirt >= 7.2) is also where checkpoints are stable.
+    if (input.method !== 'push' && input.method !== 'pull') {
+      return full(`the ${input.method} method takes full backups only (incrementals need push or pull mode)`, false);
     }
     if (bitmapDisks.length === 0) {
       return full(`no disk of ${domain} is qcow2, and libvirt keeps dirty bitmaps in qcow2 images only`, false);
@@ -103,12 +124,15 @@ export function createChainActivities(deps: ChainDeps) {
     const read = await readCatalogs(input);
     if ('unreadable' in read) return full(read.unreadable);
     const catalogs = read.catalogs;
+    // In a repository every backup is whole: an increment reads what changed since the newest backup, and a
+    // differential would read more for the same result, so it is taken as an increment.
+    const asInc = chunkRepository || requested !== 'diff';
     const head = await findChainHead(
       catalogs.map((c) => c.catalog),
       {
         domain,
         host: input.host,
-        level: requested === 'diff' ? 'diff' : 'inc',
+        level: asInc ? 'inc' : 'diff',
         maxChain: input.maxChain,
         ...(input.fullEverySeconds !== undefined
           ? { fullNotBefore: new Date(Date.parse(input.requestedAt) - input.fullEverySeconds * 1000).toISOString() }
@@ -119,12 +143,14 @@ export function createChainActivities(deps: ChainDeps) {
     const { parent, base } = head;
     for (const { target, catalog } of catalogs) {
       const { links } = await chainOf(parent, catalog.entries, catalog.target);
-      const problem = await withTarget(deps, target, input.s3Options, (t) => chainProblem(t, links));
+      const problem = await withTarget(deps, target, input.s3Options, (t) =>
+        chunkRepository ? indexProblem(t, parent) : chainProblem(t, links),
+      );
       if (problem) return full(problem);
     }
 
     // The disks against the backup this one builds on.
-    const level: BackupLevel = requested === 'diff' ? 'diff' : 'inc';
+    const level: BackupLevel = asInc ? 'inc' : 'diff';
     const now = new Map(input.disks.map((d) => [d.name, d]));
     for (const old of parent.disks) {
       const cur = now.get(old.name);
@@ -173,6 +199,9 @@ export function createChainActivities(deps: ChainDeps) {
     return {
       level,
       requested,
+      ...(chunkRepository && requested === 'diff'
+        ? { reason: 'inc: a chunk repository stores every backup whole, so a differential is taken as an increment' }
+        : {}),
       base: base.backupId,
       incremental: parentCheckpoint,
       parent: {
@@ -183,6 +212,7 @@ export function createChainActivities(deps: ChainDeps) {
       baseCheckpoint: base.chain.checkpoint,
       fullDisks,
       checkpoint: { name: checkpointName(backupId), disks: bitmapDisks },
+      ...inRepository(),
     };
   }
 

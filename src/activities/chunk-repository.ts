@@ -155,7 +155,7 @@ function noStats(): ChunkStoreStats {
 }
 
 /** A chunk format failure while storing: corrupt or foreign data in the repository is permanent; the rest is not ours. */
-function chunkFailure(err: unknown): unknown {
+export function chunkFailure(err: unknown): unknown {
   if (isChunkFormatError(err)) return permanent(err.message, ErrorType.RepositoryInvalid);
   if (isNbdError(err)) return ApplicationFailure.retryable(err.message, 'NbdFailed');
   return err;

@@ -19,6 +19,7 @@ import { HostPaths } from './host-paths';
 import { createImageActivities } from './images';
 import { createInstantActivities } from './instant';
 import { createNotifyActivities } from './notify';
+import { createPullActivities } from './pull';
 import { createPushActivities } from './push';
 import { createScheduleActivities } from './schedule';
 import type { RunningBackupOf } from './schedule';
@@ -100,6 +101,13 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       openTarget: deps.openTarget,
       hypervisor: deps.hypervisor,
       manifestKey: deps.manifestKey,
+      paths,
+      ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
+      ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),
+    }),
+    ...createPullActivities({
+      hypervisor: deps.hypervisor,
+      openTarget: deps.openTarget,
       paths,
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
       ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),

@@ -78,6 +78,21 @@ export interface PushBackupOptions {
   fullDisks?: string[];
 }
 
+export interface PullBackupOptions {
+  /** the Unix socket QEMU's NBD server listens on (absolute; its directory must exist and be reachable by QEMU) */
+  socket: string;
+  /** the disks to export, each with its scratch file */
+  disks: Array<{ dev: string; scratch: string }>;
+  /** the domain's disk targets as the caller read them (inspect): the others are listed backup='no' */
+  allDisks?: string[];
+  /** the parent checkpoint: each export offers `qemu:dirty-bitmap:backup-<disk>`, the writes since it */
+  incremental?: string;
+  /** the checkpoint to create with the backup, at the backup's point in time */
+  checkpoint?: CheckpointSpec;
+  /** inside an incremental backup, disks exported whole (backupmode='full'): raw, or new to the chain */
+  fullDisks?: string[];
+}
+
 /** Whether an incremental from a checkpoint can be taken for one disk, as libvirt sees it now. */
 export interface CheckpointBitmapState {
   disk: string;
@@ -151,6 +166,11 @@ export interface Hypervisor {
    * the job then fails or is aborted (delete it then).
    */
   beginPushBackup(domain: string, targets: BackupTargetSpec[], opts?: PushBackupOptions): Promise<void>;
+  /**
+   * virDomainBackupBegin in pull mode: QEMU exports each disk's point-in-time view over NBD on a Unix socket until
+   * the job is ended with abortJob (`domjobabort`: how a pull job ends). Checkpoint behaviour as for push.
+   */
+  beginPullBackup(domain: string, opts: PullBackupOptions): Promise<void>;
   /** The running job (`domjobinfo`). */
   jobInfo(domain: string): Promise<JobInfo>;
   /** The last completed job, kept (`domjobinfo --completed --keep-completed`). */

@@ -24,10 +24,12 @@ import type {
   BlockJobInfo,
   Checkpoint,
   CheckpointBitmapState,
+  CheckpointSpec,
   Hypervisor,
   JobInfo,
   JobType,
   OverlaySpec,
+  PullBackupOptions,
   PushBackupOptions,
   VmState,
 } from './port';
@@ -40,6 +42,7 @@ import {
   parseCheckpointXml,
   parseCheckpointXmls,
   parseDomainXml,
+  pullBackupXml,
   pushBackupXml,
   vmStateOf,
 } from './xml';
@@ -579,29 +582,81 @@ export class VirshHypervisor implements Hypervisor {
     }
 
     const disks = targets.map((t) => t.disk).join(', ');
+    const what =
+      opts.incremental === undefined ? 'push backup' : `incremental push backup from checkpoint ${opts.incremental}`;
+    await this.backupBegin(
+      domain,
+      pushBackupXml(targets, all, { incremental: opts.incremental, fullDisks: opts.fullDisks }),
+      opts.checkpoint,
+      all,
+      { action: `start the ${what} of domain "${domain}" (${disks})`, checkpoint: opts.incremental },
+    );
+  }
+
+  async beginPullBackup(domain: string, opts: PullBackupOptions): Promise<void> {
+    validateDomainName(domain);
+    if (opts.disks.length === 0) {
+      throw new HypervisorError('invalid', `a pull backup of domain "${domain}" needs at least one disk`, { domain });
+    }
+    // eslint-disable-next-line no-control-regex
+    if (!isAbsolute(opts.socket) || /[\u0000-\u001f]/.test(opts.socket) || opts.socket.length > 100) {
+      throw new HypervisorError(
+        'invalid',
+        `the NBD socket of a pull backup of domain "${domain}" must be an absolute path of at most 100 bytes without control characters, not ${JSON.stringify(opts.socket)}`,
+        { domain },
+      );
+    }
+    const seen = new Set<string>();
+    for (const d of opts.disks) {
+      validateDiskName(domain, d.dev);
+      validateImagePath(domain, d.dev, d.scratch, 'scratch');
+      if (seen.has(d.dev)) {
+        throw new HypervisorError('invalid', `disk ${d.dev} of domain "${domain}" is listed twice in the backup`, {
+          domain,
+          disk: d.dev,
+        });
+      }
+      seen.add(d.dev);
+    }
+    if (opts.incremental !== undefined) validateCheckpointName(domain, opts.incremental, 'parent checkpoint');
+    if (opts.checkpoint) validateCheckpointName(domain, opts.checkpoint.name);
+    for (const d of [...(opts.checkpoint?.disks ?? []), ...(opts.fullDisks ?? [])]) validateDiskName(domain, d);
+    const all = opts.allDisks ?? (await this.parsedXml(domain)).disks.map((d) => d.target);
+    for (const d of [...seen, ...(opts.checkpoint?.disks ?? [])]) {
+      if (!all.includes(d)) {
+        throw new HypervisorError('not-found', `domain "${domain}" has no disk ${d} (it has ${all.join(', ')})`, {
+          domain,
+          disk: d,
+        });
+      }
+    }
+    const what =
+      opts.incremental === undefined ? 'pull backup' : `incremental pull backup from checkpoint ${opts.incremental}`;
+    await this.backupBegin(domain, pullBackupXml(opts.socket, opts.disks, all, opts), opts.checkpoint, all, {
+      action: `start the ${what} of domain "${domain}" (${[...seen].join(', ')})`,
+      checkpoint: opts.incremental,
+    });
+  }
+
+  /** `backup-begin DOMAIN backup.xml [checkpoint.xml]`, the XML files private and removed afterwards. */
+  private async backupBegin(
+    domain: string,
+    backupXml: string,
+    checkpoint: CheckpointSpec | undefined,
+    all: string[],
+    ctx: { action: string; checkpoint: string | undefined },
+  ): Promise<void> {
     const dir = await mkdtemp(join(tmpdir(), 'vmbackup-backup-xml-'));
     try {
       const backupFile = join(dir, 'backup.xml');
-      await writeFile(
-        backupFile,
-        pushBackupXml(targets, all, { incremental: opts.incremental, fullDisks: opts.fullDisks }),
-        { mode: 0o600 },
-      );
+      await writeFile(backupFile, backupXml, { mode: 0o600 });
       const args = ['backup-begin', domain, backupFile];
-      if (opts.checkpoint) {
+      if (checkpoint) {
         const checkpointFile = join(dir, 'checkpoint.xml');
-        await writeFile(checkpointFile, checkpointCreateXml(opts.checkpoint.name, opts.checkpoint.disks, all), {
-          mode: 0o600,
-        });
+        await writeFile(checkpointFile, checkpointCreateXml(checkpoint.name, checkpoint.disks, all), { mode: 0o600 });
         args.push(checkpointFile);
       }
-      const what =
-        opts.incremental === undefined ? 'push backup' : `incremental push backup from checkpoint ${opts.incremental}`;
-      await this.virsh(args, {
-        action: `start the ${what} of domain "${domain}" (${disks})`,
-        domain,
-        checkpoint: opts.incremental,
-      });
+      await this.virsh(args, { action: ctx.action, domain, checkpoint: ctx.checkpoint });
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

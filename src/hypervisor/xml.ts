@@ -269,6 +269,43 @@ export function pushBackupXml(
   return `<domainbackup mode='push'>\n${incremental}  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`;
 }
 
+/** A disk of a pull backup: QEMU's copy-before-write scratch file for the guest's writes while the job runs. */
+export interface PullDiskSpec {
+  /** disk target, e.g. vda: also the NBD export's name */
+  dev: string;
+  /** absolute path of the qcow2 scratch file libvirt creates (sparse: it grows with the guest's writes) */
+  scratch: string;
+}
+
+/**
+ * A pull-mode <domainbackup>: QEMU serves each listed disk's point-in-time view over NBD on the Unix socket
+ * `socket` (export = disk target, dirty bitmap context `qemu:dirty-bitmap:backup-<disk>` with `incremental`), and
+ * keeps the old content of blocks the guest overwrites in `scratch`. Every other disk is listed with backup='no'.
+ */
+export function pullBackupXml(
+  socket: string,
+  disks: readonly PullDiskSpec[],
+  allDisks: readonly string[],
+  opts: { incremental?: string; fullDisks?: readonly string[] } = {},
+): string {
+  const listed = new Set(disks.map((d) => d.dev));
+  const full = new Set(opts.incremental === undefined ? [] : (opts.fullDisks ?? []));
+  const lines = disks.map(
+    (d) =>
+      `    <disk name='${escapeXmlAttr(d.dev)}' backup='yes'${full.has(d.dev) ? ` backupmode='full'` : ''} type='file'>` +
+      `<scratch file='${escapeXmlAttr(d.scratch)}'/><driver type='qcow2'/></disk>`,
+  );
+  for (const disk of allDisks) {
+    if (!listed.has(disk)) lines.push(`    <disk name='${escapeXmlAttr(disk)}' backup='no'/>`);
+  }
+  const incremental =
+    opts.incremental === undefined ? '' : `  <incremental>${escapeXmlAttr(opts.incremental)}</incremental>\n`;
+  return (
+    `<domainbackup mode='pull'>\n${incremental}  <server transport='unix' socket='${escapeXmlAttr(socket)}'/>\n` +
+    `  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`
+  );
+}
+
 /** A checkpoint disk as `checkpoint-dumpxml --size` reports it. */
 export interface XmlCheckpointDisk extends CheckpointDisk {
   /** bytes changed since the checkpoint; libvirt leaves it out when the bitmap is missing or inconsistent */

@@ -11,6 +11,7 @@
 import type { StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
 import { findBackup, type BackupEntry, type CatalogOptions } from './catalog';
+import { isChunkManifest } from './manifest';
 import type { Manifest, ManifestDisk } from './manifest';
 
 /** More links than any real chain (a new full is forced long before); a bound against a forged loop. */
@@ -47,7 +48,8 @@ export async function walkChain(top: Manifest, lookup: ManifestLookup, where: st
   const newestFirst: Manifest[] = [top];
   const seen = new Set([top.backupId]);
   let child = top;
-  while (child.chain.level !== 'full') {
+  // a backup in a chunk repository is whole: its `parent` names a checkpoint's backup, not data it depends on
+  while (child.chain.level !== 'full' && !isChunkManifest(child)) {
     const parentId = child.chain.parent;
     const stop = (reason: string, missing = parentId ?? '?'): ChainWalk => ({
       links: newestFirst.reverse(),

@@ -264,7 +264,7 @@ const ManifestObject = z
     backupId: Segment,
     domain: z.string().regex(DOMAIN_NAME_RE),
     host: z.string().min(1),
-    method: z.enum(['push', 'snapshot', 'offline']),
+    method: z.enum(['push', 'snapshot', 'offline', 'pull']),
     startedAt: z.string().datetime({ offset: true }),
     finishedAt: z.string().datetime({ offset: true }),
     quiesced: z.boolean(),
@@ -359,10 +359,18 @@ function checkChunkManifest(m: ManifestObject, ctx: z.RefinementCtx): void {
   if (m.version !== CHUNK_MANIFEST_VERSION)
     issue(ctx, ['version'], `must be ${CHUNK_MANIFEST_VERSION} with a repository`);
   if (!m.repository) issue(ctx, ['repository'], 'is required in a version-3 manifest');
-  if (m.chain.level !== 'full' || m.chain.parent !== undefined)
-    issue(ctx, ['chain', 'level'], 'must be full in a chunk repository');
-  if (m.chain.base !== undefined && m.chain.base !== m.backupId)
-    issue(ctx, ['chain', 'base'], `must be the backup's own id ${m.backupId}`);
+  // Every backup in a repository is whole. A pull increment (level inc) records the backup whose checkpoint it read
+  // the changes since, and whose index gave it the unchanged chunks: `parent`, for the checkpoint chain only.
+  if (m.chain.level === 'full') {
+    if (m.chain.parent !== undefined) issue(ctx, ['chain', 'parent'], 'must be absent for a full backup');
+    if (m.chain.base !== undefined && m.chain.base !== m.backupId)
+      issue(ctx, ['chain', 'base'], `must be the backup's own id ${m.backupId}`);
+  } else {
+    if (m.chain.level !== 'inc' || m.method !== 'pull')
+      issue(ctx, ['chain', 'level'], 'must be full in a chunk repository, or inc for a pull backup');
+    if (m.chain.parent === undefined || m.chain.parent === m.backupId)
+      issue(ctx, ['chain', 'parent'], 'must name the backup an increment read its changes since');
+  }
   const indexed = (path: Array<string | number>, f: { key: string; sha256: string }) => {
     if (f.key !== indexKey(f.sha256)) issue(ctx, path, `must be ${indexKey(f.sha256)}`);
   };

@@ -3,6 +3,7 @@ import type { ObjectLockStore, StorageTarget } from '../storage/contract';
 import { StorageError } from '../storage/errors';
 import { backupPrefix, manifestKey } from '../storage/keys';
 import { deleteBackup, listBackups, type CatalogOptions } from './catalog';
+import { isChunkManifest } from './manifest';
 import type { ChainLevel, Manifest } from './manifest';
 export interface PrunePolicy {
   keepLast?: number;
@@ -111,14 +112,14 @@ export function applyPolicy(
   for (const m of points) {
     if ((reasons.get(m.backupId) ?? []).length === 0) continue;
     let child = m;
-    let parent = child.chain.parent ? byId.get(child.chain.parent) : undefined;
+    let parent = child.chain.parent && !isChunkManifest(child) ? byId.get(child.chain.parent) : undefined;
     while (parent) {
       const why = reasons.get(parent.backupId) as string[];
       const reason = `parent of ${child.backupId}`;
       if (why.includes(reason)) break;
       why.push(reason);
       child = parent;
-      parent = child.chain.parent ? byId.get(child.chain.parent) : undefined;
+      parent = child.chain.parent && !isChunkManifest(child) ? byId.get(child.chain.parent) : undefined;
     }
   }
   const decision = (m: Manifest): PruneDecision => ({
@@ -138,7 +139,7 @@ export function applyPolicy(
 function missingAncestor(m: Manifest, byId: ReadonlyMap<string, Manifest>): string | undefined {
   const seen = new Set<string>();
   let link = m;
-  while (link.chain.level !== 'full') {
+  while (link.chain.level !== 'full' && !isChunkManifest(link)) {
     const parentId = link.chain.parent;
     if (!parentId || seen.has(parentId)) return parentId ?? '(no parent)';
     seen.add(parentId);

@@ -155,6 +155,59 @@ export interface ChunkManifestInput {
   manifest: Omit<ManifestInput['manifest'], 'disks'> & { disks: StoredChunkDisk[] };
 }
 
+/** A pull job of one backup: the same input begins it, attaches to it and ends it (paths derive from stagingDir). */
+export interface BeginPullInput {
+  backupId: string;
+  domain: string;
+  disks: DiskInfo[];
+  stagingDir: string;
+  /** the parent checkpoint: each export offers the dirty bitmap since it */
+  incremental?: string;
+  /** the checkpoint this backup creates */
+  checkpoint?: { name: string; disks: string[] };
+  /** inside an increment: disks read whole (no bitmap: raw, or new to the chain) */
+  fullDisks?: string[];
+}
+export interface PullJob {
+  socket: string;
+  scratch: string[];
+  /** true when the job of an earlier attempt was found running and attached to */
+  attached: boolean;
+}
+export interface PullIntoRepositoriesInput {
+  job: BeginPullInput;
+  targets: string[];
+  s3Options?: S3TargetOptions;
+  /** an increment: the backup it builds on and its index per disk (unchanged chunks take its entries) */
+  parent?: { backupId: string; disks: Array<{ name: string; index: string }> };
+  /** the whole-VM files captured into staging at the job's start */
+  vm?: VmCapture;
+}
+/** What a pull cost for one disk beyond the store's stats. */
+export interface PullDiskResult extends StoredChunkDisk {
+  pull: {
+    /** chunks read from the export (an increment: only changed ones) */
+    readChunks: number;
+    /** chunks that took the previous backup's entry without a read */
+    carriedChunks: number;
+    readBytes: number;
+    /** the offset this attempt started reading at (> 0: it resumed an earlier attempt's read) */
+    resumedFrom: number;
+  };
+}
+export type PulledTarget =
+  | { target: string; ok: true; disks: PullDiskResult[]; vm?: VmFilesRecord; vmStats?: ChunkStoreStats }
+  | { target: string; ok: false; error: string };
+export interface PulledRepositories {
+  targets: PulledTarget[];
+  /** the scratch files' largest allocated size seen while reading (bytes, all disks) */
+  scratchPeakBytes: number;
+  /** the last attempt found the job running (a retry) */
+  attached: boolean;
+  /** the attempt of the step that finished (1: no retry) */
+  attempt: number;
+}
+
 export interface PrepareChainImagesInput {
   /** the backup the images are staged for (checked against their directory; older workflows do not pass it) */
   backupId?: string;
@@ -414,6 +467,10 @@ export interface HostActivities {
   beginPushBackup(input: PushBackupInput): Promise<PushBackupJob>;
   awaitBackupJob(input: AwaitBackupJobInput): Promise<BackupJobStats>;
   abortPushBackup(input: AwaitBackupJobInput): Promise<void>;
+  // pull mode
+  beginPullBackup(input: BeginPullInput): Promise<PullJob>;
+  pullIntoRepositories(input: PullIntoRepositoriesInput): Promise<PulledRepositories>;
+  endPullBackup(input: BeginPullInput): Promise<void>;
   // shut-off domain
   copyOfflineDisks(input: OfflineCopyInput): Promise<ImageFile[]>;
   // snapshot method

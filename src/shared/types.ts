@@ -1,11 +1,11 @@
 /** Types exchanged between the CLI, workflows and activities (all JSON-serialisable). */
 
-export type BackupMethod = 'push' | 'snapshot' | 'offline';
+export type BackupMethod = 'push' | 'snapshot' | 'offline' | 'pull';
 /** full: every cluster; inc: what changed since the previous backup of the chain; diff: since the chain's full. */
 export type BackupLevel = 'full' | 'inc' | 'diff';
 /** auto: an incremental when every target holds a chain that can continue, else a full. */
 export type RequestedLevel = 'auto' | BackupLevel;
-export type RequestedMethod = 'auto' | 'push' | 'snapshot';
+export type RequestedMethod = 'auto' | 'push' | 'snapshot' | 'pull';
 export type DomainState = 'running' | 'paused' | 'shut off' | 'other';
 
 export interface DiskInfo {
@@ -226,6 +226,20 @@ export interface BackupResult {
   disks: Array<{ name: string; format: string; virtualSize: number; size: number; sha256: string; location: string }>;
   skipped: SkippedDisk[];
   targets: TargetResult[];
+  /** pull mode: what reading the job's exports cost */
+  pull?: PullStats;
+}
+
+/** What a pull backup read and how much scratch space QEMU used meanwhile. */
+export interface PullStats {
+  /** the scratch files' peak allocated size (bytes, all disks): the guest's writes during the job */
+  scratchPeakBytes: number;
+  /** the read found the job of an earlier attempt running (a retried step) */
+  attached: boolean;
+  /** the attempt of the read step that finished: > 1 with attached false means the job was begun again */
+  attempt: number;
+  /** per disk, on the first target that took the backup */
+  disks: Record<string, { readChunks: number; carriedChunks: number; readBytes: number; resumedFrom: number }>;
 }
 
 /** What Temporal shows of a backup's workflow: running, closed, or unknown (no run with that backup id is visible). */

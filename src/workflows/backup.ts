@@ -175,6 +175,12 @@ export const WHOLE_VM_PATCH = 'whole-vm-files';
  */
 export const OFFLINE_DIRECT_PATCH = 'offline-chunks-read-in-place';
 
+/**
+ * Pull mode (issue #16): QEMU exports the disks over NBD and the worker reads them straight into chunk repositories.
+ * Only requests with `method: 'pull'` take this branch; no history recorded before it has one.
+ */
+export const PULL_PATCH = 'pull-mode';
+
 export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
   validateRequest(request);
   // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
@@ -310,11 +316,12 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
   }
 
+  if (method === 'pull') pullWriter(req, plan);
   const staging = await quick.prepareStaging({
     backupId,
     domain,
     targets: req.targets,
-    writtenByQemu: method === 'push',
+    writtenByQemu: method === 'push' || method === 'pull',
   });
   // Undo steps, newest first; run on failure or cancel in a non-cancellable scope.
   const compensations: Array<() => Promise<void>> = [() => quick.cleanupStaging({ backupId, stagingDir: staging.dir })];
@@ -329,6 +336,8 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
     hardened,
     wholeVm: patched(WHOLE_VM_PATCH),
   };
+
+  if (method === 'pull') return pullBackup(run, progress, seen, startedAt);
 
   let images: DiskImage[];
   let made: MadeImages;
@@ -555,6 +564,203 @@ async function pushImages(run: BackupRun): Promise<MadeImages> {
   return made;
 }
 
+/**
+ * Where a pull backup writes, decided by the target kind: chunk repositories take the stream (pullIntoRepositories).
+ * Image-tree targets get their writer later (a local qcow2 through qemu-nbd); until then they are refused here,
+ * before anything is created.
+ */
+function pullWriter(req: BackupRequest, plan: BackupPlan | undefined): 'repository' {
+  if (plan?.chunkRepository) return 'repository';
+  throw ApplicationFailure.nonRetryable(
+    `a pull backup of ${req.domain} cannot go to ${req.targets.length > 1 ? 'these targets' : req.targets[0]}: pull mode writes into chunk repositories only (\`vmbackup repo init\`), image-tree targets take push backups (--method push)`,
+    ErrorType.InvalidInput,
+  );
+}
+
+/**
+ * Pull mode: begin the job (QEMU exports each disk's point-in-time view), read the exports into every repository,
+ * end the job (`domjobabort`, also on failure or cancel), commit each repository's manifest, settle the checkpoint.
+ */
+async function pullBackup(
+  run: BackupRun,
+  progress: BackupProgress,
+  seen: BackupSeen,
+  startedAt: string,
+): Promise<BackupResult> {
+  const { req, steps, info, plan, staging, compensations } = run;
+  const { backupId, domain, host } = req;
+  const { quick } = steps;
+  const job = {
+    backupId,
+    domain,
+    disks: info.disks,
+    stagingDir: staging.dir,
+    ...(plan?.incremental ? { incremental: plan.incremental, fullDisks: plan.fullDisks } : {}),
+    ...(plan?.checkpoint ? { checkpoint: plan.checkpoint } : {}),
+  };
+  const total = info.disks.reduce((n, d) => n + d.virtualSize, 0);
+  let targets: TargetResult[];
+  let pulled;
+  let checkpointXml: string | undefined;
+  try {
+    run.phase('backing-up');
+    // Registered before the step: a begin that fails after libvirt started the job must still end it.
+    const endJob = () => steps.short.endPullBackup(job);
+    compensations.unshift(endJob);
+    if (plan?.checkpoint) {
+      const checkpoint = { domain, name: plan.checkpoint.name };
+      compensations.splice(1, 0, () => quick.dropCheckpoint(checkpoint));
+    }
+    await quick.beginPullBackup(job);
+    // the job's start is the disks' point in time
+    await captureVm(run);
+    run.phase('uploading');
+    compensations.unshift(() => removeUncommitted(req, quick));
+    setHandler(storeProgressSignal, (p: unknown) => {
+      const { target, bytesDone } = (typeof p === 'object' && p !== null ? p : {}) as Record<string, unknown>;
+      if (typeof target !== 'string' || typeof bytesDone !== 'number' || !Number.isFinite(bytesDone)) return;
+      // one read feeds the targets in turn: the bytes count over all of them
+      progress.bytesDone = Math.max(progress.bytesDone, Math.min(Math.floor(bytesDone), progress.bytesTotal));
+    });
+    progress.bytesTotal = total * req.targets.length;
+    for (const t of req.targets) {
+      const state = progress.targets[t];
+      if (state) Object.assign(state, { bytesTotal: total, state: 'uploading' });
+    }
+    pulled = await steps.long.pullIntoRepositories({
+      job,
+      targets: req.targets,
+      s3Options: req.options.s3,
+      ...(plan?.parent && plan.level !== 'full'
+        ? {
+            parent: {
+              backupId: plan.parent.backupId,
+              disks: plan.parent.disks.map((d) => ({ name: d.name, index: d.sha256 })),
+            },
+          }
+        : {}),
+      ...(run.vm ? { vm: run.vm } : {}),
+    });
+    seen.bytesRead = pulled.targets.reduce(
+      (n, t) => n + (t.ok ? t.disks.reduce((m, d) => m + d.pull.readBytes, 0) : 0),
+      0,
+    );
+    if (plan?.checkpoint) {
+      const prepared = await quick.prepareChainImages({
+        backupId,
+        domain,
+        images: [],
+        backing: {},
+        checkpoint: plan.checkpoint.name,
+      });
+      checkpointXml = prepared.checkpointXml;
+    }
+    // the job has served its purpose: end it before the manifests (the scratch files go with it)
+    compensations.splice(compensations.indexOf(endJob), 1);
+    await CancellationScope.nonCancellable(() => steps.short.endPullBackup(job));
+    const chain = plan ? manifestChain(plan, checkpointXml) : undefined;
+    targets = await Promise.all(
+      pulled.targets.map(async (t): Promise<TargetResult> => {
+        const state = progress.targets[t.target];
+        if (!t.ok) {
+          if (state) state.state = 'failed';
+          return { target: t.target, ok: false, error: t.error };
+        }
+        try {
+          await quick.writeChunkManifest({
+            target: t.target,
+            s3Options: req.options.s3,
+            manifest: {
+              backupId,
+              domain,
+              host,
+              method: 'pull',
+              startedAt,
+              finishedAt: new Date().toISOString(),
+              quiesced: false,
+              libvirtVersion: info.libvirtVersion,
+              qemuVersion: info.qemuVersion,
+              disks: t.disks.map((d) => ({ name: d.name, virtualSize: d.virtualSize, index: d.index, stats: d.stats })),
+              ...(chain ? { chain } : {}),
+              ...(t.vm ? { vm: t.vm } : {}),
+            },
+          });
+        } catch (err) {
+          if (isCancellation(err)) throw err;
+          if (state) state.state = 'failed';
+          return { target: t.target, ok: false, error: errorMessage(err) };
+        }
+        if (state) Object.assign(state, { state: 'done', bytesDone: total });
+        const all = [...t.disks.map((d) => d.stats), ...(t.vmStats ? [t.vmStats] : [])];
+        const sum = (f: (s: (typeof all)[number]) => number) => all.reduce((n, s) => n + f(s), 0);
+        return {
+          target: t.target,
+          ok: true,
+          locations: Object.fromEntries(
+            t.disks.map((d) => [d.name, `${t.target.replace(/\/+$/, '')}/@chunk-repo/indexes/${d.index}`]),
+          ),
+          chunks: {
+            uploadedBytes: sum((s) => s.uploadedBytes),
+            newChunks: sum((s) => s.uploadedChunks),
+            knownChunks: sum((s) => s.knownChunks),
+            zeroChunks: sum((s) => s.zeroChunks),
+            indexes: Object.fromEntries(t.disks.map((d) => [d.name, d.index])),
+            diskBytes: Object.fromEntries(t.disks.map((d) => [d.name, d.stats.uploadedBytes])),
+          },
+        };
+      }),
+    );
+  } catch (err) {
+    await runCompensations(compensations);
+    progress.error = errorMessage(err);
+    upsertSearchAttributes([{ key: StateKey, value: isCancellation(err) ? 'cancelled' : 'failed' }]);
+    throw err;
+  }
+  progress.bytesDone = progress.bytesTotal;
+  const okTargets = targets.filter((t) => t.ok);
+  if (plan?.checkpoint) await settleCheckpoint(req, quick, plan, plan.checkpoint.name, okTargets.length > 0);
+  run.phase('cleaning-up');
+  await CancellationScope.nonCancellable(() => quick.cleanupStaging({ backupId, stagingDir: staging.dir }));
+  const firstOk = pulled.targets.find((t) => t.ok);
+  const result: BackupResult = {
+    ...resultOf(req, {
+      method: 'pull',
+      startedAt,
+      quiesced: false,
+      info,
+      plan,
+      images: info.disks.map((d) => ({
+        name: d.name,
+        format: 'chunks',
+        path: '',
+        virtualSize: d.virtualSize,
+        size: 0,
+        sha256: '',
+      })),
+      targets,
+    }),
+    pull: {
+      scratchPeakBytes: pulled.scratchPeakBytes,
+      attached: pulled.attached,
+      attempt: pulled.attempt,
+      disks: Object.fromEntries((firstOk?.ok ? firstOk.disks : []).map((d) => [d.name, d.pull])),
+    },
+  };
+  if (okTargets.length === 0) {
+    progress.error = targets.map((t) => t.error).join('; ');
+    upsertSearchAttributes([{ key: StateKey, value: 'failed' }]);
+    throw ApplicationFailure.create({
+      message: `backup ${backupId} of ${domain} reached no target: ${progress.error}`,
+      type: 'NoTargetSucceeded',
+      nonRetryable: true,
+      details: [result],
+    });
+  }
+  run.phase('done');
+  upsertSearchAttributes([{ key: StateKey, value: result.status }]);
+  return result;
+}
+
 /** The snapshot method: overlays take the guest's writes while the quiet bases are copied, then commit + pivot. */
 async function snapshotImages(run: BackupRun): Promise<MadeImages> {
   const { req, steps, info, staging, compensations } = run;
@@ -677,6 +883,15 @@ function chooseMethod(req: BackupRequest, info: DomainInfo): BackupMethod {
   // A shut-off domain has no QEMU process: no backup job and no snapshot, copy the files directly.
   if (info.state === 'shut off') return 'offline';
   if (req.method === 'snapshot') return 'snapshot';
+  if (req.method === 'pull' && patched(PULL_PATCH)) {
+    if (!info.backupApi) {
+      throw ApplicationFailure.nonRetryable(
+        `pull mode needs libvirt >= 7.2 and QEMU >= 4.2, ${req.host} has libvirt ${info.libvirtVersion} and QEMU ${info.qemuVersion}: use --method snapshot`,
+        ErrorType.BackupApiUnavailable,
+      );
+    }
+    return 'pull';
+  }
   if (req.method === 'push') {
     if (!info.backupApi) {
       throw ApplicationFailure.nonRetryable(

@@ -147,6 +147,31 @@ describe('activities check their own inputs (an attacker on the cluster, a worke
     expect(await readFile(canary.file, 'utf8')).toBe('precious');
   });
 
+  test('the pull steps put no socket or scratch file, and remove nothing, outside the staging dir', async () => {
+    const id = backupId();
+    const canary = await canaryDir(join('canary-pull', id));
+    await writeFile(join(canary.dir, 'vda.scratch.qcow2'), 'precious');
+    const job = {
+      backupId: id,
+      domain: 'vmbt-inp-nosuch',
+      disks: [{ name: 'vda', format: 'qcow2', virtualSize: 16 * MiB }],
+      stagingDir: canary.dir,
+    };
+    for (const [activity, input] of [
+      ['beginPullBackup', job],
+      ['endPullBackup', job],
+      ['pullIntoRepositories', { job, targets: [allowed] }],
+    ] as const) {
+      const failure = await refused(activity, input);
+      expect(failure.type).toBe(ErrorType.InvalidInput);
+      expect(failure.message).toBe(
+        `${activity}: ${canary.dir} is not the staging directory of backup ${id} on this host (not under a staging directory of this host); refused`,
+      );
+    }
+    expect(await readFile(join(canary.dir, 'vda.scratch.qcow2'), 'utf8')).toBe('precious');
+    expect((await readdir(canary.dir)).sort()).toEqual(['precious.txt', 'vda.scratch.qcow2']);
+  });
+
   test('prepareChainImages rewrites no image header outside the staging dir, and no backing file but a parent image', async () => {
     // a qcow2 image that is not ours (a VM's disk, say): its header must not get a backing file
     const canary = join(work, 'canary-disk.qcow2');

@@ -146,6 +146,61 @@ describe('ingestDisk', () => {
     expect(await chunkCount(target)).toBe(12);
   });
 
+  test('an increment reads only the changed chunks; the others keep the previous entries, and the index is whole', async () => {
+    const size = 8 * CHUNK;
+    const disk = randomBytes(size);
+    const all = [{ offset: 0, length: size }];
+    const previous = await ingestDisk(new ChunkStore(repo), memorySource(disk, all));
+    // chunks 2 and 5 change; chunk 6 is zeroed (dirty, no data left)
+    randomBytes(100).copy(disk, 2 * CHUNK + 7);
+    randomBytes(CHUNK).copy(disk, 5 * CHUNK);
+    disk.fill(0, 6 * CHUNK, 7 * CHUNK);
+    const changed = new Set([2, 5, 6]);
+    const source = memorySource(disk, [
+      { offset: 2 * CHUNK, length: CHUNK },
+      { offset: 5 * CHUNK, length: CHUNK },
+    ]);
+    const inc = await ingestDisk(new ChunkStore(repo), source, {
+      carry: { entries: previous.index.entries, changed: (n) => changed.has(n) },
+    });
+    expect(source.reads.reduce((n, r) => n + r.length, 0)).toBe(2 * CHUNK);
+    expect(inc.stats.uploadedChunks).toBe(2);
+    const full = await new ChunkStore(repo).storeDisk(from([disk]), size);
+    expect(inc.index).toEqual(full.index);
+    expect(inc.index.entries[6]).toBe('zero');
+  });
+
+  test('a resumed run starts after the settled prefix it is given and makes the same index', async () => {
+    const size = 10 * CHUNK;
+    const disk = randomBytes(size);
+    const all = [{ offset: 0, length: size }];
+    let settled = { chunks: 0, entries: [] as string[] };
+    const failing = memorySource(disk, all);
+    const inner = failing.read.bind(failing);
+    let pieces = 0;
+    failing.read = async function* (ranges) {
+      for await (const p of inner(ranges)) {
+        if (++pieces > 12) throw new Error('killed');
+        yield p;
+      }
+    };
+    await expect(
+      ingestDisk(new ChunkStore(repo, { concurrency: 2 }), failing, {
+        onProgress: (p) => (settled = { chunks: p.settledChunks, entries: p.entries.slice(0, p.settledChunks) }),
+      }),
+    ).rejects.toThrow('killed');
+    expect(settled.chunks).toBeGreaterThan(0);
+    expect(settled.chunks).toBeLessThan(10);
+    const rest = memorySource(disk, [{ offset: settled.chunks * CHUNK, length: size - settled.chunks * CHUNK }]);
+    const resumed = await ingestDisk(new ChunkStore(repo), rest, { resume: settled });
+    expect(rest.reads[0]!.offset).toBe(settled.chunks * CHUNK);
+    const full = await new ChunkStore(repo).storeDisk(from([disk]), size);
+    expect(resumed.index).toEqual(full.index);
+    // a piece before the resumed prefix's end is refused
+    const early = memorySource(disk, [{ offset: 0, length: CHUNK }]);
+    await expect(ingestDisk(new ChunkStore(repo), early, { resume: settled })).rejects.toThrow(/outside its chunk/);
+  });
+
   test('a piece outside its chunk is refused', async () => {
     const source: DiskSource = {
       size: 2 * CHUNK,

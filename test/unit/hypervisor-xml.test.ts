@@ -10,6 +10,7 @@ import {
   parseCheckpointXmls,
   parseDomainXml,
   parseVmStateXml,
+  pullBackupXml,
   pushBackupXml,
   vmStateOf,
 } from '../../src/hypervisor/xml';
@@ -113,6 +114,33 @@ describe('parseDomainXml', () => {
   test('not a domain', () => {
     expect(() => parseDomainXml('<network><name>default</name></network>')).toThrow(HypervisorError);
     expect(() => parseDomainXml('')).toThrow(/not a domain/);
+  });
+});
+
+describe('pullBackupXml', () => {
+  test('a Unix socket server, a scratch file per disk, every other disk excluded; attributes escaped', () => {
+    expect(
+      pullBackupXml(
+        '/st/b1/nbd/backup.sock',
+        [
+          { dev: 'vda', scratch: '/st/b1/vda.scratch.qcow2' },
+          { dev: 'vdb', scratch: "/st/b'1/vdb.scratch.qcow2" },
+        ],
+        ['vda', 'vdb', 'sda'],
+        { incremental: 'vmbackup.b0', fullDisks: ['vdb'] },
+      ),
+    ).toBe(
+      `<domainbackup mode='pull'>
+  <incremental>vmbackup.b0</incremental>
+  <server transport='unix' socket='/st/b1/nbd/backup.sock'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file'><scratch file='/st/b1/vda.scratch.qcow2'/><driver type='qcow2'/></disk>
+    <disk name='vdb' backup='yes' backupmode='full' type='file'><scratch file='/st/b&apos;1/vdb.scratch.qcow2'/><driver type='qcow2'/></disk>
+    <disk name='sda' backup='no'/>
+  </disks>
+</domainbackup>
+`,
+    );
   });
 });
 

@@ -403,6 +403,12 @@ describe('manifest v3 (a backup in a chunk repository)', () => {
     expect(isChunkManifest(buildManifest(input))).toBe(false);
   });
 
+  test('a pull increment is a whole backup that names the backup it read the changes since', () => {
+    const m = buildManifest({ ...chunkInput, method: 'pull', chain: { level: 'inc', parent: INC, base: INC } });
+    expect(m.chain).toMatchObject({ level: 'inc', parent: INC });
+    expect(decodeManifest(encodeManifest(m), 'm')).toEqual(m);
+  });
+
   test.each([
     [
       'an image key',
@@ -412,6 +418,16 @@ describe('manifest v3 (a backup in a chunk repository)', () => {
     ['a qcow2 disk', { disks: [{ ...input.disks[0]! }] }, /disks.0.format must be chunks/],
     ['no chunk counts', { disks: [{ ...chunkDisk, chunks: undefined }] }, /disks.0.chunks is required/],
     ['an incremental level', { chain: { level: 'inc', parent: INC, base: INC } }, /chain.level must be full/],
+    [
+      'a pull differential',
+      { method: 'pull', chain: { level: 'diff', parent: INC, base: INC } },
+      /chain.level must be/,
+    ],
+    [
+      'a pull increment naming no parent',
+      { method: 'pull', chain: { level: 'inc', base: INC } },
+      /chain.parent must name/,
+    ],
     [
       'a whole-VM file at its image-tree key',
       { vm: { xml: { key: `web/${FULL}/domain.xml`, size: 1, sha256: 'e'.repeat(64) } } },

@@ -56,7 +56,7 @@ interface BackupFlags extends BackupOptionFlags {
 export function register(program: Command): void {
   const cmd = program
     .command('backup')
-    .description('back up a VM (running: push mode or snapshot method; shut off: direct copy)')
+    .description('back up a VM (running: push mode, pull mode or snapshot method; shut off: direct copy)')
     .argument('<domain>', 'libvirt domain name')
     .option('--host <name>', "the VM's host (its worker's task queue); default: this machine")
     .option('--target <url>', 'file:///abs/dir, nfs://host/export/path or s3://bucket/prefix (repeatable)', collect, [])
@@ -74,7 +74,7 @@ export function register(program: Command): void {
 export function addBackupOptions(cmd: Command): Command {
   cmd
     .addOption(
-      new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot']).default('auto'),
+      new Option('--method <method>', 'backup procedure').choices(['auto', 'push', 'snapshot', 'pull']).default('auto'),
     )
     .option('--quiesce', 'snapshot method: freeze guest filesystems through the guest agent (falls back when missing)')
     .option('--require-quiesce', 'snapshot method: fail instead of falling back to crash-consistent')
@@ -349,6 +349,7 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
             })),
             skipped: r.skipped,
             targets: r.targets,
+            ...(r.pull ? { pull: r.pull } : {}),
           }
         : {
             backupId: view.backupId,
@@ -368,6 +369,7 @@ export function report(view: BackupStatusView, json: boolean, ctx: { domain: str
     }
     for (const d of r.disks) process.stderr.write(`  ${d.name} ${d.format} sha256:${d.sha256} -> ${d.location}\n`);
     for (const s of r.skipped) process.stderr.write(`  skipped ${s.name}: ${s.reason}\n`);
+    if (r.pull) process.stderr.write(`  scratch space used by QEMU at its peak: ${r.pull.scratchPeakBytes} bytes\n`);
   } else {
     process.stderr.write(
       `vmbackup: backup ${view.backupId} ${view.execution.toLowerCase()}: ${view.error ?? 'no result'}\n`,

@@ -28,6 +28,18 @@ export interface IngestProgress {
   /** guest bytes handled so far (chunks whose outcome is known, holes included) */
   bytesDone: number;
   stats: StoreStats;
+  /** every chunk below this one has its final entry (what a resumed attempt can start after) */
+  settledChunks: number;
+  /** the index entries so far (final below settledChunks); a live view: copy what is kept */
+  entries: readonly IndexEntry[];
+}
+
+/** Chunks an increment does not read: each takes the entry of the backup it builds on. */
+export interface IngestCarry {
+  /** the previous backup's entries for this disk (same chunk size and disk size) */
+  entries: readonly IndexEntry[];
+  /** whether chunk n changed since that backup (or must be read again): only those are read */
+  changed(n: number): boolean;
 }
 
 export interface IngestOptions {
@@ -35,6 +47,13 @@ export interface IngestOptions {
   concurrency?: number;
   signal?: AbortSignal;
   onProgress?: (p: IngestProgress) => void;
+  /** an increment: unchanged chunks keep the previous backup's entries (the source's ranges must skip them) */
+  carry?: IngestCarry;
+  /**
+   * a resumed attempt: the first `chunks` entries are final already (a journal of an earlier attempt); the source's
+   * ranges must start at or after chunk `chunks`
+   */
+  resume?: { chunks: number; entries: readonly IndexEntry[] };
 }
 
 /** The data ranges cut at chunk boundaries, so that every piece read belongs to exactly one chunk. */
@@ -62,18 +81,38 @@ export async function ingestDisk(
   const size = source.size;
   const count = entryCount(size, chunkSize);
   const entries: IndexEntry[] = new Array<IndexEntry>(count).fill('zero');
+  const { carry, resume } = opts;
+  if (carry && carry.entries.length !== count)
+    throw new ChunkFormatError(
+      'invalid-argument',
+      `The previous index has ${carry.entries.length} chunks, not ${count}.`,
+    );
+  if (resume && (resume.chunks < 0 || resume.chunks > count || resume.entries.length < resume.chunks))
+    throw new ChunkFormatError('invalid-argument', 'The resumed entries do not fit this disk.');
+  // a chunk no range reaches: unchanged (the previous entry) or zero
+  const unread = (n: number): IndexEntry => (carry && !carry.changed(n) ? carry.entries[n]! : 'zero');
+  for (let n = 0; n < count; n++) entries[n] = resume && n < resume.chunks ? resume.entries[n]! : unread(n);
+  const first = resume?.chunks ?? 0;
   const stats: StoreStats = { chunks: count, zeroChunks: 0, knownChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
   const limit = Math.max(1, opts.concurrency ?? store.concurrency);
   const running = new Set<Promise<void>>();
+  const pending = new Set<number>();
   let failure: unknown;
-  let bytesDone = 0;
-  const report = () => opts.onProgress?.({ bytesDone, stats });
+  let bytesDone = first * chunkSize;
+  let current = -1;
+  const settled = (): number => {
+    let low = current < 0 ? first : current;
+    for (const n of pending) low = Math.min(low, n);
+    return low;
+  };
+  const report = () => opts.onProgress?.({ bytesDone, stats, settledChunks: settled(), entries });
 
   const lengthOf = (n: number) => Math.min(chunkSize, size - n * chunkSize);
   const submit = async (n: number, chunk: Buffer): Promise<void> => {
     while (running.size >= limit) await Promise.race(running);
     if (failure !== undefined) throw failure;
     const length = chunk.length;
+    pending.add(n);
     const task = (async () => {
       try {
         const put = await store.put(chunk, undefined, { handOver: true });
@@ -88,13 +127,14 @@ export async function ingestDisk(
         report();
       } catch (err) {
         failure ??= err;
+      } finally {
+        pending.delete(n);
       }
     })();
     running.add(task);
     void task.finally(() => running.delete(task));
   };
 
-  let current = -1;
   let buf: Buffer | undefined;
   try {
     for await (const piece of source.read(splitAtChunks(source.dataRanges(), chunkSize))) {
@@ -104,19 +144,22 @@ export async function ingestDisk(
       if (
         piece.offset + piece.data.length > size ||
         n < current ||
+        n < first ||
         (n + 1) * chunkSize < piece.offset + piece.data.length
       )
         throw new ChunkFormatError('invalid-argument', `A read at offset ${piece.offset} is outside its chunk.`);
       if (n !== current) {
         if (buf) await submit(current, buf);
-        // the chunks in between had no data range: zero, never read
-        bytesDone += Math.max(0, n - current - 1) * chunkSize;
+        // the chunks in between had no data range: zero or unchanged, never read
+        bytesDone += Math.max(0, n - Math.max(current + 1, first)) * chunkSize;
         current = n;
+        entries[n] = 'zero';
         buf = Buffer.alloc(lengthOf(n));
       }
       piece.data.copy(buf!, piece.offset - n * chunkSize);
     }
     if (buf) await submit(current, buf);
+    current = count;
   } finally {
     await Promise.all([...running]);
   }

@@ -1,0 +1,361 @@
+/**
+ * Pull-mode backups into chunk repositories (issue #16, tests 1-3, and the image-tree refusal) on the real stack:
+ * libvirt's pull job exports each disk over NBD, the worker reads it straight into the repository.
+ *
+ * Writes during a job: the fixture domains have no OS, so the test writes through the device while the job runs and
+ * expects every backup to equal the disk at the job's START (QEMU's copy-before-write keeps the old blocks in the
+ * scratch file). "While the job runs" is made certain without timing: the S3 endpoint the worker uses is a proxy that
+ * holds the chunk uploads back until the test releases them, so the read is stopped mid-disk (ingest waits for its
+ * uploads) while the test writes.
+ */
+import { chmod, lstat, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type { Client } from '@temporalio/client';
+import { startBackup } from '../../src/client/backups';
+import { ChunkStore, initRepository } from '../../src/repository/chunks';
+import type { OpenRepository } from '../../src/repository/chunks';
+import type { StorageTarget } from '../../src/storage/contract';
+import type { BackupResult } from '../../src/shared/types';
+import { useFixtureDomains } from '../fixtures/domains';
+import type { FixtureDomain } from '../fixtures/domains';
+import { identical, reference, virsh } from '../helpers/images';
+import { startS3FaultProxy } from '../helpers/s3-fault-proxy';
+import type { S3FaultProxy } from '../helpers/s3-fault-proxy';
+import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
+import { cliEnv, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
+import type { WorkerProcess } from '../helpers/vmbackup';
+import { s3Target } from '../storage/fixtures';
+
+jest.setTimeout(20 * 60_000);
+
+const PASSWORD = 'pull mode reads only what changed';
+const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
+const MiB = 1 << 20;
+/** libvirt's images directory: QEMU running as libvirt-qemu can reach a fixture domain's files under it */
+const QEMU_REACHABLE_ROOT = '/var/lib/libvirt/images';
+
+interface ManifestJson {
+  backupId: string;
+  method: string;
+  chain: { level: string; parent?: string; checkpoint?: string };
+  disks: Array<{ name: string; virtualSize: number; sha256: string }>;
+}
+
+/** a chunk object's upload (not an index's, not a HEAD) */
+const chunkPut = (method: string, url: string) => method === 'PUT' && /chunk-repo\/chunks\//.test(decodeURI(url));
+
+describe('pull backups into chunk repositories (real stack)', () => {
+  const newDomain = useFixtureDomains();
+  let client: Client;
+  let closeClient: () => Promise<void>;
+  let proxy: S3FaultProxy;
+  let worker: WorkerProcess | undefined;
+  let host: string;
+  let work: string;
+  let passwordFile: string;
+  const cleanups: Array<() => Promise<void>> = [];
+
+  beforeAll(async () => {
+    await requireTemporal();
+    await requireLibvirt();
+    await requireS3();
+    ({ client, close: closeClient } = await temporalClient());
+    work = await mkdtemp(join(stackEnv().stateDir, 'test-pull-'));
+    passwordFile = join(work, 'password');
+    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
+    proxy = await startS3FaultProxy(stackEnv().s3.endpoint);
+    host = uniqueHost('pl');
+    worker = await startPullWorker(host);
+  });
+  afterAll(async () => {
+    await worker?.stop();
+    for (const c of cleanups) await c().catch(() => undefined);
+    await proxy?.close();
+    await closeClient?.();
+    if (work) await rm(work, { recursive: true, force: true });
+  });
+
+  function startPullWorker(h: string): Promise<WorkerProcess> {
+    return startWorkerProcess(h, {
+      env: cliEnv({ AWS_ENDPOINT_URL: proxy.url }),
+      args: ['--password-file', passwordFile],
+    });
+  }
+
+  async function s3Repository(): Promise<{ url: string; target: StorageTarget; repo: OpenRepository }> {
+    const s3 = await s3Target();
+    cleanups.push(() => s3.cleanup());
+    const repo = await initRepository(s3.target, {
+      encryption: 'aes-256-gcm',
+      compression: 'zstd',
+      password: PASSWORD,
+      scrypt: SCRYPT,
+    });
+    return { url: s3.url, target: s3.target, repo };
+  }
+
+  function start(dom: FixtureDomain, targets: string[], level: 'full' | 'inc' | 'auto', onHost = host) {
+    return startBackup(client, {
+      domain: dom.name,
+      host: onHost,
+      method: 'pull',
+      targets,
+      options: { heartbeatTimeoutSeconds: 5, level },
+    });
+  }
+
+  async function manifestOf(target: StorageTarget, dom: FixtureDomain, id: string): Promise<ManifestJson> {
+    return JSON.parse((await target.getBuffer(`${dom.name}/${id}/manifest.json`)).toString('utf8')) as ManifestJson;
+  }
+
+  /** Every disk of a backup read back through ChunkStore into a sparse raw file (what a restore does). */
+  async function readBack(repo: OpenRepository, m: ManifestJson): Promise<Record<string, string>> {
+    const store = new ChunkStore(repo);
+    const out: Record<string, string> = {};
+    for (const d of m.disks) {
+      const index = await store.getIndex(d.sha256);
+      const path = join(work, `${m.backupId}-${d.name}.raw`);
+      const fh = await open(path, 'w');
+      try {
+        await fh.truncate(d.virtualSize);
+        await store.readDisk(index, async (offset, data) => {
+          await fh.write(data, 0, data.length, offset);
+        });
+      } finally {
+        await fh.close();
+      }
+      out[d.name] = path;
+    }
+    return out;
+  }
+
+  /** The disks as they are now, as raw files: what a backup whose job starts now must restore to. */
+  async function snapshotOf(dom: FixtureDomain, tag: string): Promise<Record<string, string>> {
+    const out: Record<string, string> = {};
+    for (const d of dom.disks) out[d.dev] = await reference(d.path, join(work, `${dom.name}-${tag}-${d.dev}.raw`));
+    return out;
+  }
+
+  async function expectRestoresTo(repo: OpenRepository, m: ManifestJson, expected: Record<string, string>) {
+    const restored = await readBack(repo, m);
+    expect(Object.keys(restored).sort()).toEqual(Object.keys(expected).sort());
+    for (const [dev, path] of Object.entries(expected)) {
+      expect(`${dev}: ${String(await identical(restored[dev]!, path))}`).toBe(`${dev}: true`);
+    }
+  }
+
+  async function jobType(dom: FixtureDomain): Promise<string> {
+    const out = await virsh('domjobinfo', dom.name);
+    return /Job type:\s+(\S+)/.exec(out)?.[1] ?? out;
+  }
+
+  async function checkpoints(dom: FixtureDomain): Promise<string[]> {
+    return (await virsh('checkpoint-list', dom.name, '--name'))
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean);
+  }
+
+  /** The places a backup's staging directory can be (QEMU-reachable fallback included). */
+  function stagingDirs(backupId: string): string[] {
+    return [join(stackEnv().stateDir, 'staging', backupId), join('/var/lib/vmbackup/staging', backupId)];
+  }
+
+  async function anyExists(paths: string[]): Promise<string | undefined> {
+    for (const p of paths)
+      if (
+        await lstat(p).then(
+          () => true,
+          () => false,
+        )
+      )
+        return p;
+    return undefined;
+  }
+
+  it('pull full, then pull incremental after writes, of a running two-disk domain into S3: each restore equals the disks at its job start; the increment reads only the changed chunks', async () => {
+    const { url, target, repo } = await s3Repository();
+    const dom = await newDomain({
+      prefix: 'pl',
+      disks: [
+        { format: 'qcow2', sizeMiB: 32, randomMiB: 12, patterns: [{ byte: 0x5a, offsetMiB: 20, lengthMiB: 2 }] },
+        { format: 'qcow2', sizeMiB: 16, patterns: [{ byte: 0x33, offsetMiB: 4, lengthMiB: 1 }] },
+      ],
+    });
+    await dom.resolveDevices();
+
+    // full: the guest writes while the read is held mid-disk
+    const atFull = await snapshotOf(dom, 'full');
+    let hold = proxy.hold(chunkPut);
+    const { handle: fullRun } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on its first chunk upload', async () => hold.held() > 0);
+    expect(await jobType(dom)).not.toBe('None');
+    await dom.writeThroughDevice('vda', 0xe1, 2, 1); // chunk 0 of vda
+    // over data the disk holds: QEMU copies the old blocks to the scratch file (a hole needs no copy)
+    await dom.writeThroughDevice('vdb', 0xe2, 4, 1); // chunk 1 of vdb
+    hold.release();
+    const full: BackupResult = await fullRun.result();
+    expect(full.status).toBe('completed');
+    expect(full.method).toBe('pull');
+    expect(full.chain?.level).toBe('full');
+    expect(full.chain?.checkpoint).toBeDefined();
+    // the writes went into QEMU's copy-before-write scratch files while the job ran
+    expect(full.pull!.scratchPeakBytes).toBeGreaterThanOrEqual(2 * MiB);
+    const m1 = await manifestOf(target, dom, full.backupId);
+    expect(m1.method).toBe('pull');
+    expect(m1.chain).toMatchObject({ level: 'full', checkpoint: full.chain!.checkpoint });
+    await expectRestoresTo(repo, m1, atFull);
+    expect(await jobType(dom)).toBe('None');
+    for (const d of stagingDirs(full.backupId)) expect(await anyExists([d])).toBeUndefined();
+
+    // between the backups: one more changed chunk on vda (chunk 2); with the writes during the full, the dirty
+    // chunks since the full's checkpoint are vda 0 and 2, vdb 1
+    await dom.writeThroughDevice('vda', 0x71, 9, 1);
+    const atInc = await snapshotOf(dom, 'inc');
+    hold = proxy.hold(chunkPut);
+    const { handle: incRun } = await start(dom, [url], 'inc');
+    await waitFor('the incremental read to wait on a chunk upload', async () => hold.held() > 0);
+    await dom.writeThroughDevice('vda', 0x99, 20, 1); // after the job's start: not in this backup
+    hold.release();
+    const inc: BackupResult = await incRun.result();
+    expect(inc.status).toBe('completed');
+    expect(inc.method).toBe('pull');
+    expect(inc.chain).toMatchObject({ level: 'inc', parent: full.backupId });
+    expect(inc.pull!.disks).toMatchObject({
+      vda: { readChunks: 2, carriedChunks: 6, resumedFrom: 0 },
+      vdb: { readChunks: 1, carriedChunks: 3, resumedFrom: 0 },
+    });
+    expect(inc.targets[0]!.chunks!.newChunks).toBeLessThanOrEqual(3);
+    const m2 = await manifestOf(target, dom, inc.backupId);
+    expect(m2.method).toBe('pull');
+    expect(m2.chain).toMatchObject({ level: 'inc', parent: full.backupId, checkpoint: inc.chain!.checkpoint });
+    // whole and restorable alone: the unchanged chunks are the full's
+    await expectRestoresTo(repo, m2, atInc);
+    expect(await checkpoints(dom)).toContain(inc.chain!.checkpoint);
+  });
+
+  it('kill -9 of the worker mid-read: a new worker attaches to the same job and resumes from the journal, not from 0', async () => {
+    const { url, target, repo } = await s3Repository();
+    const h = uniqueHost('pl');
+    let w = await startPullWorker(h);
+    try {
+      // 64 MiB of random data: 16 chunks; the read is held after 6 uploads, so it is mid-disk when the worker dies
+      const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 64 }] });
+      const expected = await snapshotOf(dom, 'kill');
+      const hold = proxy.hold(chunkPut, { after: 6 });
+      const { backupId, handle } = await start(dom, [url], 'full', h);
+      const journal = await waitFor('the journal of the held read', async () => {
+        for (const d of stagingDirs(backupId)) {
+          const j = JSON.parse(await readFile(join(d, 'pull-journal.json'), 'utf8').catch(() => '{}')) as {
+            targets?: Record<string, Record<string, { chunks: number }>>;
+          };
+          const chunks = j.targets?.[url]?.['vda']?.chunks ?? 0;
+          if (chunks >= 4 && hold.held() > 0) return { dir: d, chunks };
+        }
+        return undefined;
+      });
+      await w.kill9();
+      hold.release();
+      expect(await jobType(dom)).not.toBe('None'); // the job outlives the worker
+      w = await startPullWorker(h);
+      const result: BackupResult = await handle.result();
+      expect(result.status).toBe('completed');
+      // the same job (its scratch files, so the journal's point in time) was attached to, and the read resumed
+      expect(result.pull!.attempt).toBeGreaterThan(1);
+      expect(result.pull!.attached).toBe(true);
+      expect(result.pull!.disks['vda']!.resumedFrom).toBeGreaterThanOrEqual(4 * 4 * MiB);
+      expect(result.pull!.disks['vda']!.resumedFrom).toBeLessThanOrEqual(journal.chunks * 4 * MiB);
+      await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
+      expect(await jobType(dom)).toBe('None');
+      expect(await anyExists(stagingDirs(backupId))).toBeUndefined();
+    } finally {
+      await w.stop();
+    }
+  });
+
+  it('libvirt lost the job mid-read (ended behind our back): the retried step begins a new job cleanly and reads from 0', async () => {
+    const { url, target, repo } = await s3Repository();
+    // 128 MiB: more than the read holds in flight and in its upload queue when the job goes (about 60 MiB)
+    const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 128, randomMiB: 128 }] });
+    const expected = await snapshotOf(dom, 'lost');
+    const hold = proxy.hold(chunkPut, { after: 2 });
+    const { handle } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
+    await virsh('domjobabort', dom.name); // what a libvirtd or domain restart does to the job
+    hold.release();
+    const result: BackupResult = await handle.result();
+    expect(result.status).toBe('completed');
+    // a retried step (the first one's read failed) that began a new job, not one that attached
+    expect(result.pull!.attempt).toBeGreaterThan(1);
+    expect(result.pull!.attached).toBe(false);
+    expect(result.pull!.disks['vda']!.resumedFrom).toBe(0);
+    expect(result.chain?.checkpoint).toBeDefined();
+    expect(await checkpoints(dom)).toEqual([result.chain!.checkpoint]);
+    await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
+    expect(await jobType(dom)).toBe('None');
+  });
+
+  it('cancel mid-read: the job ends, scratch and socket are removed, nothing is committed and no checkpoint is left', async () => {
+    const { url, target } = await s3Repository();
+    const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 32, randomMiB: 24 }] });
+    const before = await checkpoints(dom);
+    const hold = proxy.hold(chunkPut);
+    const { backupId, handle } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
+    const staging = await anyExists(stagingDirs(backupId));
+    expect(staging).toBeDefined();
+    expect(await anyExists([join(staging!, 'vda.scratch.qcow2')])).toBeDefined();
+    await handle.cancel();
+    hold.release();
+    await expect(handle.result()).rejects.toThrow();
+    await waitFor('the pull job to end', async () => (await jobType(dom)) === 'None');
+    await waitFor('the staging dir (scratch files, socket dir, journal) to go', async () =>
+      (await anyExists(stagingDirs(backupId))) === undefined ? true : undefined,
+    );
+    expect(await target.stat(`${dom.name}/${backupId}/manifest.json`)).toBeUndefined();
+    expect(await checkpoints(dom)).toEqual(before);
+  });
+
+  it('a domain whose QEMU runs as libvirt-qemu: the socket directory admits only root and QEMU, and the backup completes', async () => {
+    const { url, target, repo } = await s3Repository();
+    const parent = await mkdtemp(join(QEMU_REACHABLE_ROOT, 'vmbt-pl-'));
+    cleanups.push(() => rm(parent, { recursive: true, force: true }));
+    await chmod(parent, 0o711);
+    const dom = await newDomain({
+      prefix: 'pl',
+      runAsRoot: false,
+      parentDir: parent,
+      disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }],
+    });
+    const expected = await snapshotOf(dom, 'user');
+    const hold = proxy.hold(chunkPut);
+    const { backupId, handle } = await start(dom, [url], 'full');
+    await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
+    const staging = await anyExists(stagingDirs(backupId));
+    const st = await stat(join(staging!, 'nbd'));
+    hold.release();
+    expect((st.mode & 0o777).toString(8)).toBe('770');
+    expect(st.uid).toBe(0);
+    expect(st.gid).not.toBe(0); // QEMU's group: QEMU creates the socket in it
+    const result: BackupResult = await handle.result();
+    expect(result.status).toBe('completed');
+    await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
+  });
+
+  it('a pull backup to an image-tree target is refused with one sentence, before anything is created', async () => {
+    const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 16 }] });
+    const url = pathToFileURL(await mkdtemp(join(work, 'tree-'))).href;
+    const { backupId, handle } = await start(dom, [url], 'auto');
+    const err = await handle.result().then(
+      () => undefined,
+      (e: unknown) => e as { cause?: { message?: string } },
+    );
+    expect(err?.cause?.message).toBe(
+      `a pull backup of ${dom.name} cannot go to ${url}: pull mode writes into chunk repositories only (\`vmbackup repo init\`), image-tree targets take push backups (--method push)`,
+    );
+    expect(await anyExists(stagingDirs(backupId))).toBeUndefined();
+    expect(await checkpoints(dom)).toEqual([]);
+    expect(await jobType(dom)).toBe('None');
+  });
+});
