@@ -122,6 +122,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
     ...createDeadStagingActivities({
       stagingRoots: deps.stagingRoots ?? paths.recoveryStagingRoots(fileURLToPath(defaultTargetUrl(deps.stateDir))),
       backupStates,
+      hypervisor: deps.hypervisor,
     }),
     ...createScheduleActivities({
       hypervisor: deps.hypervisor,

@@ -18,7 +18,6 @@
  * `<disk>.scratch.qcow2` and the journal; the socket is `<staging>/nbd/backup.sock` in a directory only root and
  * QEMU can enter (docs/security.md), or under /run/vmbackup-nbd when that path is too long for a Unix socket.
  */
-import { createHash } from 'node:crypto';
 import { chown, lstat, mkdir, readFile, rename, rm, stat, writeFile, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
@@ -46,6 +45,7 @@ import { chunkFailure, openWorkerRepository } from './chunk-repository';
 import type { ChunkRepositoryDeps } from './chunk-repository';
 import { hypervisorFailure, permanent } from './failures';
 import type { HostPaths } from './host-paths';
+import { pullSocketDir, scratchFile, SHORT_SOCKET_ROOT, SOCKET_NAME } from './pull-paths';
 import { withTarget } from './storage';
 
 export interface PullDeps extends ChunkRepositoryDeps {
@@ -55,9 +55,6 @@ export interface PullDeps extends ChunkRepositoryDeps {
 }
 
 const ACTIVE: ReadonlySet<JobInfo['type']> = new Set(['Bounded', 'Unbounded']);
-/** sockaddr_un holds 108 bytes with its NUL; libvirt and QEMU refuse longer paths */
-const MAX_SOCKET_PATH = 100;
-const SOCKET_NAME = 'backup.sock';
 const JOURNAL = 'pull-journal.json';
 /** how often the settled prefix of the indexes is written to the journal */
 const JOURNAL_EVERY_MS = 2_000;
@@ -99,13 +96,10 @@ export function createPullActivities(deps: PullDeps) {
     const disks = input.disks.map((d) => ({
       name: paths.diskName(d.name, activity),
       virtualSize: d.virtualSize,
-      scratch: join(dir, `${paths.diskName(d.name, activity)}.scratch.qcow2`),
+      scratch: scratchFile(dir, paths.diskName(d.name, activity)),
     }));
-    let socketDir = join(dir, 'nbd');
-    if (join(socketDir, SOCKET_NAME).length > MAX_SOCKET_PATH) {
-      const id = createHash('sha256').update(dir).digest('hex').slice(0, 16);
-      socketDir = join(deps.shortSocketRoot ?? '/run/vmbackup-nbd', id);
-    }
+    // derived from the staging dir alone: recovery finds a dead backup's socket dir from its staging dir
+    const socketDir = pullSocketDir(dir, deps.shortSocketRoot ?? SHORT_SOCKET_ROOT);
     return { dir, disks, socketDir, socket: join(socketDir, SOCKET_NAME), journal: join(dir, JOURNAL) };
   }
   type Layout = Awaited<ReturnType<typeof layout>>;

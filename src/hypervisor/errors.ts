@@ -181,7 +181,7 @@ const RULES: ReadonlyArray<readonly [HypervisorErrorKind, RegExp]> = [
     /cannot acquire state change lock|already in active block job|has a blockjob assigned|has an active block job|another job|job is already active|operation is already in progress/i,
   ],
   ['exists', /for backup of '[^']*' exists|already exists/i],
-  ['no-job', /no job is active|does not have an active block job|no current block job/i],
+  ['no-job', /no job is active|does not have an active block job|no current block job|no domain backup job present/i],
   ['not-running', /domain is not running|for inactive domain|domain is not active/i],
   ['unsupported', /operation not supported|unsupported configuration|argument unsupported|not supported|unsupported/i],
 ];

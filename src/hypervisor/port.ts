@@ -93,6 +93,21 @@ export interface PullBackupOptions {
   fullDisks?: string[];
 }
 
+/**
+ * A backup job running on a domain, as `backup-dumpxml` describes it: where QEMU writes (push: each disk's target
+ * file; pull: each disk's scratch file, and the NBD socket). Only what tells whose job it is; paths as libvirt
+ * reports them, never resolved.
+ */
+export interface RunningBackupJob {
+  mode: 'push' | 'pull';
+  /** pull: the Unix socket of the NBD server (absent for a TCP server) */
+  socket?: string;
+  /** pull: the server's transport as libvirt reports it (unix, tcp) */
+  transport?: string;
+  /** the disks the job backs up (backup='yes'), each with its target (push) or scratch (pull) file or device */
+  disks: Array<{ name: string; file?: string }>;
+}
+
 /** Whether an incremental from a checkpoint can be taken for one disk, as libvirt sees it now. */
 export interface CheckpointBitmapState {
   disk: string;
@@ -177,6 +192,11 @@ export interface Hypervisor {
   completedJobInfo(domain: string): Promise<JobInfo>;
   /** `domjobabort`; no error if no job runs. */
   abortJob(domain: string): Promise<void>;
+  /**
+   * The backup job running on the domain (`backup-dumpxml`), or undefined when none runs (also when the domain is not
+   * running). Throws `not-found` for an unknown domain, `invalid` when libvirt's XML is not a backup description.
+   */
+  backupJob(domain: string): Promise<RunningBackupJob | undefined>;
 
   /** `snapshot-create-as --disk-only --atomic --no-metadata` with a diskspec per overlay. */
   createOverlays(domain: string, overlays: OverlaySpec[], opts: { quiesce: boolean }): Promise<void>;

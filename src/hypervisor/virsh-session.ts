@@ -34,6 +34,8 @@ const QUERIES: ReadonlyMap<string, ReadonlySet<string>> = new Map([
   ['dumpxml', new Set(['--inactive'])],
   ['domblkinfo', new Set<string>()],
   ['domjobinfo', new Set(['--completed', '--keep-completed', '--rawstats'])],
+  // recovery asks every domain whose backup job (if any) it is
+  ['backup-dumpxml', new Set<string>()],
   // `blockjob DOM DISK --raw` reports the job; --abort, --pivot and --bandwidth change it
   ['blockjob', new Set(['--raw'])],
   // an incremental backup asks these 4-6 times (plan, the new checkpoint's XML, retiring old ones)

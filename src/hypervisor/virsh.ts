@@ -31,6 +31,7 @@ import type {
   OverlaySpec,
   PullBackupOptions,
   PushBackupOptions,
+  RunningBackupJob,
   VmState,
 } from './port';
 import { imageInfo } from './qemu-img';
@@ -41,6 +42,7 @@ import {
   checkpointRedefineXml,
   parseCheckpointXml,
   parseCheckpointXmls,
+  parseBackupJobXml,
   parseDomainXml,
   pullBackupXml,
   pushBackupXml,
@@ -690,6 +692,22 @@ export class VirshHypervisor implements Hypervisor {
       if (err instanceof HypervisorError && err.kind === 'no-job') return;
       throw err;
     }
+  }
+
+  async backupJob(domain: string): Promise<RunningBackupJob | undefined> {
+    validateDomainName(domain);
+    let out: string;
+    try {
+      out = await this.virsh(['backup-dumpxml', domain], {
+        action: `read the backup job of domain "${domain}"`,
+        domain,
+      });
+    } catch (err) {
+      // "Domain backup job id not found: no domain backup job present" (also for a domain that is not running)
+      if (err instanceof HypervisorError && (err.kind === 'no-job' || err.kind === 'not-running')) return undefined;
+      throw err;
+    }
+    return parseBackupJobXml(out);
   }
 
   async createOverlays(domain: string, overlays: OverlaySpec[], opts: { quiesce: boolean }): Promise<void> {

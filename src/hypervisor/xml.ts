@@ -4,7 +4,7 @@
  * and the guest agent channel.
  */
 import { XMLParser } from 'fast-xml-parser';
-import type { BackupTargetSpec, Checkpoint, CheckpointDisk, VmState } from './port';
+import type { BackupTargetSpec, Checkpoint, CheckpointDisk, RunningBackupJob, VmState } from './port';
 import { SWTPM_STATE_ROOT } from './port';
 import { HypervisorError } from './errors';
 
@@ -304,6 +304,54 @@ export function pullBackupXml(
     `<domainbackup mode='pull'>\n${incremental}  <server transport='unix' socket='${escapeXmlAttr(socket)}'/>\n` +
     `  <disks>\n${lines.join('\n')}\n  </disks>\n</domainbackup>\n`
   );
+}
+
+/**
+ * The running backup job `backup-dumpxml` describes. Read by recovery to tell whose job it is, so only the fields
+ * that tell it are kept and each is checked: a disk name must be a disk target, a path absolute and free of control
+ * characters (one that is not is left out: such a job cannot be attributed to a staging directory of ours). Throws
+ * HypervisorError `invalid` when the XML is not one `<domainbackup>` of mode push or pull.
+ */
+export function parseBackupJobXml(xml: string): RunningBackupJob {
+  const bad = (what: string) => new HypervisorError('invalid', `backup job XML ${what}`);
+  let doc: XmlNode;
+  try {
+    doc = parser.parse(xml) as XmlNode;
+  } catch (err) {
+    throw new HypervisorError('invalid', `backup job XML cannot be parsed: ${String(err)}`, { cause: err });
+  }
+  const root = doc['domainbackup'];
+  if (Array.isArray(root)) throw bad('holds more than one <domainbackup>');
+  const backup = node(root);
+  if (!backup) throw bad('without <domainbackup>: not a backup job');
+  const mode = attr(backup, 'mode') ?? 'push'; // libvirt's default mode
+  if (mode !== 'push' && mode !== 'pull') throw bad(`has mode ${JSON.stringify(mode)}`);
+  const job: RunningBackupJob = { mode, disks: [] };
+  if (mode === 'pull') {
+    const server = node(backup['server']);
+    const transport = attr(server, 'transport') ?? 'tcp';
+    job.transport = transport;
+    const socket = attr(server, 'socket');
+    if (transport === 'unix' && socket !== undefined && isPlainPath(socket)) job.socket = socket;
+  }
+  const seen = new Set<string>();
+  for (const d of nodes(node(backup['disks'])?.['disk'])) {
+    const name = attr(d, 'name') ?? '';
+    if (!DISK_TARGET_RE.test(name)) throw bad(`names a disk ${JSON.stringify(name)}: not a disk target such as vda`);
+    if (seen.has(name)) throw bad(`lists disk ${name} twice`);
+    seen.add(name);
+    if ((attr(d, 'backup') ?? 'yes') !== 'yes') continue;
+    const where = node(d[mode === 'push' ? 'target' : 'scratch']);
+    const file = attr(where, 'file') ?? attr(where, 'dev');
+    job.disks.push(file !== undefined && isPlainPath(file) ? { name, file } : { name });
+  }
+  return job;
+}
+
+/** An absolute path without control characters (what a job file of ours always is). */
+function isPlainPath(path: string): boolean {
+  // eslint-disable-next-line no-control-regex
+  return path.startsWith('/') && !/[\u0000-\u001f\u007f]/.test(path);
 }
 
 /** A checkpoint disk as `checkpoint-dumpxml --size` reports it. */

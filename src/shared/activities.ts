@@ -322,9 +322,30 @@ export interface StagingRecovery {
   backupId: string;
   staging: string;
   action: 'removed-staging' | 'failed';
+  /** removed-staging: a pull backup's socket directory under /run/vmbackup-nbd, removed with it */
+  socketDir?: string;
   detail?: string;
 }
-export type RecoveryAction = OverlayRecovery | StagingRecovery;
+/** What recovery did about a backup job (push or pull) running on a domain. */
+export interface JobRecovery {
+  domain: string;
+  /** the backup whose staging directory holds the job's files (absent: a job that is not vmbackup's) */
+  backupId?: string;
+  /** the job as libvirt describes it: its mode and files (targets or scratch files, and a pull job's socket) */
+  job: { mode: 'push' | 'pull'; files: string[] };
+  /**
+   * job-ended: the job of a dead backup was ended (`domjobabort`) before its staging directory was removed;
+   * job-not-ours: a job whose files are not a backup's staging files of ours, left alone; failed: the job of a dead
+   * backup could not be ended, and its staging directory is kept
+   */
+  action: 'job-ended' | 'job-not-ours' | 'failed';
+  /** job-ended: the checkpoint the dead backup was creating, deleted (its backup was never committed) */
+  checkpoint?: string;
+  /** job-ended: the pull job's socket directory under /run/vmbackup-nbd, removed */
+  socketDir?: string;
+  detail?: string;
+}
+export type RecoveryAction = OverlayRecovery | StagingRecovery | JobRecovery;
 
 export interface CleanupStagingInput {
   backupId: string;
@@ -479,7 +500,8 @@ export interface HostActivities {
   commitAndPivot(input: OverlaysInput): Promise<void>;
   removeOverlays(input: OverlaysInput): Promise<void>;
   recoverOverlays(input: RecoverInput): Promise<OverlayRecovery[]>;
-  removeDeadStaging(input: RecoverInput): Promise<StagingRecovery[]>;
+  /** ends the backup jobs of dead backups, then removes their staging directories */
+  removeDeadStaging(input: RecoverInput): Promise<Array<StagingRecovery | JobRecovery>>;
   // both
   finalizeImages(input: FinalizeImagesInput): Promise<DiskImage[]>;
   // incremental chains

@@ -25,6 +25,12 @@ afterEach(async () => {
 
 const id = (domain: string, n: number) => `${domain}-20261130T000000Z-000${n}`;
 
+/** A host without domains (so without backup jobs): the jobs part is test/integration/recover-jobs.test.ts's. */
+const noDomains = {
+  listDomains: () => Promise.resolve([]),
+  backupJob: () => Promise.resolve(undefined),
+} as unknown as Hypervisor;
+
 test('every staging directory prepareStaging makes lies directly under a root recovery scans', async () => {
   // a private parent: as root, QEMU-written staging then falls back to the system directory
   const parent = join(work, 'private');
@@ -108,6 +114,7 @@ test('removes the staging dirs of closed and long-unknown backups, keeps running
       asked.push(backupId);
       return states.get(backupId) ?? 'unknown';
     },
+    hypervisor: noDomains,
   });
   const env = new MockActivityEnvironment();
 

@@ -27,6 +27,8 @@ describe('classifyHypervisorError on captured stderr', () => {
     ['stderr.backup-busy.txt', 'busy'],
     ['stderr.no-job.txt', 'no-job'],
     ['stderr.no-block-job.txt', 'no-job'],
+    // backup-dumpxml of a domain without a backup job (running or not)
+    ['stderr.no-backup-job.txt', 'no-job'],
     ['stderr.not-running.txt', 'not-running'],
     ['stderr.no-base.txt', 'failed'],
     // checkpoints (the capture.sh `checkpoints` section)

@@ -7,6 +7,7 @@ import {
   checkpointRedefineXml,
   escapeXmlAttr,
   parseCheckpointXml,
+  parseBackupJobXml,
   parseCheckpointXmls,
   parseDomainXml,
   parseVmStateXml,
@@ -400,5 +401,59 @@ describe('whole-VM state from the inactive XML', () => {
 
   test('not a domain: the same error as parseDomainXml', () => {
     expect(() => parseVmStateXml('<network><name>x</name></network>')).toThrow(HypervisorError);
+  });
+});
+
+describe('parseBackupJobXml (backup-dumpxml of a running job, read by recovery)', () => {
+  const staging = '/var/lib/vmbackup/staging/vm1-20261130T150000Z-0a1b';
+
+  test('a pull job: its unix socket and the scratch file of each backed-up disk', () => {
+    expect(parseBackupJobXml(captured('backup-dumpxml.pull.xml'))).toEqual({
+      mode: 'pull',
+      transport: 'unix',
+      socket: `${staging}/nbd/backup.sock`,
+      disks: [{ name: 'vda', file: `${staging}/vda.scratch.qcow2` }],
+    });
+  });
+
+  test('a push job: the target file of each backed-up disk', () => {
+    expect(parseBackupJobXml(captured('backup-dumpxml.push.xml'))).toEqual({
+      mode: 'push',
+      disks: [{ name: 'vda', file: `${staging}/vda.qcow2` }],
+    });
+  });
+
+  test('a TCP export has no socket; a relative or control-character path is left out, so no staging dir claims it', () => {
+    const xml =
+      "<domainbackup mode='pull'><server transport='tcp' name='0.0.0.0' port='10809'/><disks>" +
+      "<disk name='vda'><scratch file='rel/vda.scratch.qcow2'/></disk>" +
+      "<disk name='vdb'><scratch file='/s/vdb\u0007.scratch.qcow2'/></disk>" +
+      "<disk name='vdc' type='block'><scratch dev='/dev/sdz'/></disk></disks></domainbackup>";
+    expect(parseBackupJobXml(xml)).toEqual({
+      mode: 'pull',
+      transport: 'tcp',
+      disks: [{ name: 'vda' }, { name: 'vdb' }, { name: 'vdc', file: '/dev/sdz' }],
+    });
+  });
+
+  test('not one backup description: invalid, with one sentence', () => {
+    const invalid = (xml: string) => {
+      try {
+        parseBackupJobXml(xml);
+      } catch (err) {
+        return err instanceof HypervisorError ? `${err.kind}: ${err.message}` : String(err);
+      }
+      return 'parsed';
+    };
+    expect(invalid('<domain><name>x</name></domain>')).toBe(
+      'invalid: backup job XML without <domainbackup>: not a backup job',
+    );
+    expect(invalid("<domainbackup mode='copy'/>")).toBe('invalid: backup job XML has mode "copy"');
+    expect(invalid("<domainbackup><disks><disk name='../x'/></disks></domainbackup>")).toBe(
+      'invalid: backup job XML names a disk "../x": not a disk target such as vda',
+    );
+    expect(invalid("<domainbackup><disks><disk name='vda'/><disk name='vda'/></disks></domainbackup>")).toBe(
+      'invalid: backup job XML lists disk vda twice',
+    );
   });
 });

@@ -1,4 +1,4 @@
-/** `vmbackup recover [--host H]`: undo what backups that no longer run left: overlays, staging directories. */
+/** `vmbackup recover [--host H]`: undo what backups that no longer run left: overlays, backup jobs, staging directories. */
 import type { Command } from 'commander';
 import type { RecoveryAction } from '../../shared/activities';
 import { HOST_NAME_RE } from '../../shared/names';
@@ -10,7 +10,7 @@ export function register(program: Command): void {
   program
     .command('recover')
     .description(
-      'commit and pivot overlays, and remove staging directories, left by dead backups; report what was done',
+      'commit and pivot overlays, end backup jobs, and remove staging directories, left by dead backups; report what was done',
     )
     .option('--host <name>', 'host to recover (its worker does the work); default: this machine')
     .option('--domain <name>', 'only this domain')
@@ -52,9 +52,21 @@ export function register(program: Command): void {
     );
 }
 
-/** One line per action: `vm1 vda: committed /path` or `<backupId>: removed-staging /path`. */
+/**
+ * One line per action: `vm1 vda: committed /path`, `<backupId>: removed-staging /path`, or
+ * `vm1: job-ended (pull job of <backupId>: ...)`.
+ */
 export function recoveryLine(a: RecoveryAction): string {
   const detail = a.detail ? ` (${a.detail})` : '';
-  if ('staging' in a) return `${a.backupId}: ${a.action} ${a.staging}${detail}`;
+  if ('job' in a) {
+    const of = a.backupId ? ` of ${a.backupId}` : '';
+    const also = [
+      ...(a.checkpoint ? [`checkpoint ${a.checkpoint} deleted`] : []),
+      ...(a.socketDir ? [`${a.socketDir} removed`] : []),
+    ];
+    return `${a.domain}: ${a.action} ${a.job.mode} job${of} (${a.job.files.join(', ')})${also.length ? `; ${also.join(', ')}` : ''}${detail}`;
+  }
+  if ('staging' in a)
+    return `${a.backupId}: ${a.action} ${a.staging}${a.socketDir ? ` and ${a.socketDir}` : ''}${detail}`;
   return `${a.domain} ${a.disk}: ${a.action} ${a.overlay}${detail}`;
 }
