@@ -220,19 +220,27 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
     expect(bad.stderr).toContain(`${relative} (retained until ${earlier.toISOString()})`);
 
     // gc: two chunks no backup references, one retained for a day, one for a few seconds
-    const store = async (retainUntil: string): Promise<string> => {
-      const t = openTarget(url, { env: s3Env(), s3: { objectLock: { mode: 'governance', days: 1, retainUntil } } });
+    // the date is taken once the repository is open, right before the put: on a loaded machine opening it can take
+    // longer than a short lock, and a retain-until date already past is refused by the server (InvalidArgument)
+    const store = async (lockMs: number): Promise<{ key: string; until: Date }> => {
+      const repo = await openRepository(openTarget(url, { env: s3Env() }), undefined);
+      await repo.target.close();
+      const until = new Date(Date.now() + lockMs);
+      const t = openTarget(url, {
+        env: s3Env(),
+        s3: { objectLock: { mode: 'governance', days: 1, retainUntil: until.toISOString() } },
+      });
       try {
-        const put = await new ChunkStore(await openRepository(t, undefined)).put(randomBytes(4096));
-        return `${prefix}/${chunkKey(put.id)}`;
+        const put = await new ChunkStore({ ...repo, target: t }).put(randomBytes(4096));
+        return { key: `${prefix}/${chunkKey(put.id)}`, until };
       } finally {
         await t.close();
       }
     };
-    const dayUntil = new Date(Date.now() + 86_400_000).toISOString();
-    const shortUntil = new Date(Date.now() + 3_000);
-    const longLocked = await store(dayUntil);
-    const shortLocked = await store(shortUntil.toISOString());
+    const long = await store(86_400_000);
+    const longLocked = long.key;
+    const dayUntil = long.until.toISOString();
+    const { key: shortLocked, until: shortUntil } = await store(5_000);
     // wait for the short lock to pass (a wait, not a measurement)
     while (Date.now() <= shortUntil.getTime() + 1_000) await new Promise((r) => setTimeout(r, 250));
 
@@ -261,21 +269,25 @@ describe('S3 Object Lock in a chunk repository (real radosgw)', () => {
   test('dead backups in a locked bucket: cleanup and gc leave retained versions alone, then delete every version', async () => {
     const prefix = 'dead';
     const url = `s3://${lockedBucket}/${prefix}`;
-    const dayUntil = new Date(Date.now() + 86_400_000).toISOString();
-    const shortUntil = new Date(Date.now() + 3_000);
-    // two backups that never committed (an image, no manifest), one retained for a day, one for a few seconds
-    const write = async (backupId: string, retainUntil: string): Promise<void> => {
-      const t = openTarget(url, { env: s3Env(), s3: { objectLock: { mode: 'governance', days: 1, retainUntil } } });
+    // two backups that never committed (an image, no manifest), one retained for a day, one for a few seconds; each
+    // date is taken right before its put (a date already past is refused by the server)
+    const write = async (backupId: string, lockMs: number): Promise<Date> => {
+      const until = new Date(Date.now() + lockMs);
+      const t = openTarget(url, {
+        env: s3Env(),
+        s3: { objectLock: { mode: 'governance', days: 1, retainUntil: until.toISOString() } },
+      });
       try {
         await t.putManifest(`web/${backupId}/vda.raw`, randomBytes(1024));
       } finally {
         await t.close();
       }
+      return until;
     };
     const longId = 'web-20261130T100000Z-aaaa';
     const shortId = 'web-20261130T100000Z-bbbb';
-    await write(longId, dayUntil);
-    await write(shortId, shortUntil.toISOString());
+    const dayUntil = (await write(longId, 86_400_000)).toISOString();
+    const shortUntil = await write(shortId, 5_000);
 
     const target = openTarget(url, { env: s3Env() });
     try {
