@@ -8,6 +8,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { chunkRepoRatioDefs } from './chunk-repo';
 import { nbdReadRatioDefs } from './nbd-read';
+import { pullRatioDefs } from './pull';
 
 export type Sample = Record<string, number>;
 
@@ -224,6 +225,7 @@ function ratioDefs(sizes: string[], ids: string[]): RatioDef[] {
     ...incrementalDefs(ids),
     ...nbdReadRatioDefs(ids),
     ...chunkRepoRatioDefs(ids),
+    ...pullRatioDefs(ids),
     ...ids
       .filter((id) => /^\d+[mg]\/instant-start$/.test(id))
       .map((id) => ({

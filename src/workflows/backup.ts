@@ -181,6 +181,13 @@ export const OFFLINE_DIRECT_PATCH = 'offline-chunks-read-in-place';
  */
 export const PULL_PATCH = 'pull-mode';
 
+/**
+ * `--method auto` into chunk repositories (the pull bench, docs/benchmarks.md "Pull mode"): a running domain whose host
+ * has the backup API is read in pull mode there (the planned push is planned again as pull). Backups started before
+ * this change took push mode into chunk repositories; image trees still take push either way.
+ */
+export const AUTO_PULL_PATCH = 'auto-pull-into-chunk-repositories';
+
 export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
   validateRequest(request);
   // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
@@ -301,7 +308,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
 
   phase('inspecting');
   const info = await quick.inspectDomain({ domain, includeAllDisks: req.options.includeAllDisks });
-  const method = chooseMethod(req, info);
+  let method = chooseMethod(req, info);
   progress.method = method;
   progress.bytesTotal = info.disks.reduce((n, d) => n + d.virtualSize, 0);
   upsertSearchAttributes([{ key: MethodKey, value: method }]);
@@ -311,6 +318,15 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
   if (patched(INCREMENTAL_PATCH)) {
     phase('planning');
     plan = await planLevel(req, steps, method, info);
+    // auto picked push (a running domain, the backup API): into chunk repositories pull mode is faster and reads only
+    // the changed chunks, so it is taken there. The marker is asked only on that path: other histories replay as before.
+    if (req.method === 'auto' && method === 'push' && plan.chunkRepository && patched(AUTO_PULL_PATCH)) {
+      method = 'pull';
+      progress.method = method;
+      upsertSearchAttributes([{ key: MethodKey, value: method }]);
+      plan = await planLevel(req, steps, method, info);
+      log.info('auto: pull mode into chunk repositories', { backupId, domain });
+    }
     progress.level = plan.level;
     seen.level = plan.level;
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });

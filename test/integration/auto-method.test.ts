@@ -1,0 +1,103 @@
+/**
+ * `--method auto` on a running domain whose host has libvirt's backup API (issue #16's decision, from the pull bench:
+ * docs/benchmarks.md "Pull mode"): into a chunk repository the backup is taken in pull mode, with its checkpoint chain
+ * (the next auto backup reads only the changed chunks); into an image tree it stays push mode.
+ */
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type { Client } from '@temporalio/client';
+import { startBackup } from '../../src/client/backups';
+import { initRepository } from '../../src/repository/chunks';
+import { openTarget } from '../../src/storage/registry';
+import type { BackupResult } from '../../src/shared/types';
+import { useFixtureDomains } from '../fixtures/domains';
+import type { FixtureDomain } from '../fixtures/domains';
+import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
+import { cliEnv, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
+import type { WorkerProcess } from '../helpers/vmbackup';
+
+jest.setTimeout(10 * 60_000);
+
+const PASSWORD = 'auto picks pull for chunk repositories';
+const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
+
+describe('--method auto on a running domain with the backup API (real stack)', () => {
+  const newDomain = useFixtureDomains();
+  let client: Client;
+  let closeClient: () => Promise<void>;
+  let worker: WorkerProcess | undefined;
+  let host: string;
+  let work: string;
+
+  beforeAll(async () => {
+    await requireTemporal();
+    await requireLibvirt();
+    ({ client, close: closeClient } = await temporalClient());
+    work = await mkdtemp(join(stackEnv().stateDir, 'test-auto-method-'));
+    const passwordFile = join(work, 'password');
+    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
+    host = uniqueHost('pb');
+    worker = await startWorkerProcess(host, { env: cliEnv(), args: ['--password-file', passwordFile] });
+  });
+  afterAll(async () => {
+    await worker?.stop();
+    await closeClient?.();
+    if (work) await rm(work, { recursive: true, force: true });
+  });
+
+  async function backup(dom: FixtureDomain, url: string): Promise<BackupResult> {
+    const { handle } = await startBackup(client, {
+      domain: dom.name,
+      host,
+      method: 'auto',
+      targets: [url],
+      options: { level: 'auto' },
+    });
+    return handle.result();
+  }
+
+  async function manifestMethod(dir: string, dom: FixtureDomain, id: string): Promise<string> {
+    const m = JSON.parse(await readFile(join(dir, dom.name, id, 'manifest.json'), 'utf8')) as { method: string };
+    return m.method;
+  }
+
+  it('into a chunk repository auto takes pull mode, and the next auto backup reads only the changed chunks', async () => {
+    const dom = await newDomain({ prefix: 'pb', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 32 }] });
+    const dir = await mkdtemp(join(work, 'repo-'));
+    const url = pathToFileURL(dir).href;
+    const target = openTarget(url);
+    try {
+      await initRepository(target, {
+        encryption: 'aes-256-gcm',
+        compression: 'none',
+        password: PASSWORD,
+        scrypt: SCRYPT,
+      });
+    } finally {
+      await target.close();
+    }
+    const first = await backup(dom, url);
+    expect(first.status).toBe('completed');
+    expect(first.method).toBe('pull');
+    expect(first.chain?.level).toBe('full');
+    expect(await manifestMethod(dir, dom, first.backupId)).toBe('pull');
+
+    await dom.writeThroughDevice('vda', 0x5c, 40, 1);
+    const second = await backup(dom, url);
+    expect(second.method).toBe('pull');
+    expect(second.chain).toMatchObject({ level: 'inc', parent: first.backupId });
+    // one 1 MiB write: one 4 MiB chunk read, the other 15 carried from the first backup's index
+    expect(second.pull?.disks.vda).toMatchObject({ readChunks: 1, carriedChunks: 15 });
+  });
+
+  it('into an image tree auto stays push mode', async () => {
+    const dom = await newDomain({ prefix: 'pb', disks: [{ format: 'qcow2', sizeMiB: 32, randomMiB: 16 }] });
+    const dir = await mkdtemp(join(work, 'tree-'));
+    const result = await backup(dom, pathToFileURL(dir).href);
+    expect(result.status).toBe('completed');
+    expect(result.method).toBe('push');
+    expect(result.pull).toBeUndefined();
+    expect(await manifestMethod(dir, dom, result.backupId)).toBe('push');
+  });
+});
