@@ -19,6 +19,7 @@ import type { BackupEntry } from '../repository/catalog';
 import { chainOf, chainProblem, findChainHead } from '../repository/chain-head';
 import type { TargetCatalog } from '../repository/chain-head';
 import type { Manifest } from '../repository/manifest';
+import { pullImageTreeSupport } from '../repository/pull-image';
 import type { StorageTarget } from '../storage/contract';
 import type {
   BackupPlan,
@@ -108,6 +109,14 @@ export function createChainActivities(deps: ChainDeps) {
       }
       chunkRepository = true;
       if (input.method !== 'pull') return full(CHUNK_FULL_REASON, false);
+    } else if (input.method === 'pull') {
+      // a pull backup writes an image tree's qcow2 in place: on a local path only (pullImageTreeSupport)
+      for (const target of input.targets) {
+        const support = await withTarget(deps, target, input.s3Options, (t) =>
+          Promise.resolve(pullImageTreeSupport(t)),
+        );
+        if (!support.supported) throw permanent(support.reason, ErrorType.InvalidInput);
+      }
     }
     // libvirt keeps dirty bitmaps in qcow2 images only; a raw disk is copied whole by every backup.
     const bitmapDisks = input.disks.filter((d) => d.format === 'qcow2').map((d) => d.name);

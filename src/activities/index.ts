@@ -61,6 +61,8 @@ export interface ActivityDeps {
    * read once by the worker at its start; never part of an activity's input
    */
   repositoryPassword?: string;
+  /** pull into an image tree: bytes of a disk between two durable resume points (default 1 GiB) */
+  pullWindowBytes?: number;
   /** tells a backup's workflow how far its chunk store is (the worker's Temporal client); undefined: not told */
   reportStoreProgress?: StoreProgressReporter;
 }
@@ -109,6 +111,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       hypervisor: deps.hypervisor,
       openTarget: deps.openTarget,
       paths,
+      ...(deps.pullWindowBytes ? { pullWindowBytes: deps.pullWindowBytes } : {}),
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
       ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),
     }),

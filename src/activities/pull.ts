@@ -18,7 +18,8 @@
  * `<disk>.scratch.qcow2` and the journal; the socket is `<staging>/nbd/backup.sock` in a directory only root and
  * QEMU can enter (docs/security.md), or under /run/vmbackup-nbd when that path is too long for a Unix socket.
  */
-import { chown, lstat, mkdir, readFile, rename, rm, stat, writeFile, chmod } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { chown, lstat, mkdir, readFile, realpath, rename, rm, stat, writeFile, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import { ApplicationFailure } from '@temporalio/common';
@@ -28,6 +29,11 @@ import { qemuUserOf } from '../hypervisor/qemu-user';
 import { NbdClient, extents, isNbdError, readRanges, STATE_DIRTY, STATE_HOLE, STATE_ZERO } from '../nbd';
 import type { BlockExtent } from '../nbd';
 import { ChunkStore, chunkBackupKeys, holdChunkObjects, ingestDisk, putSmallFile } from '../repository/chunks';
+import { ALLOCATION_CONTEXT, pullImageTreeSupport, writePulledImage } from '../repository/pull-image';
+import type { StorageTarget } from '../storage/contract';
+import { imageKey } from '../storage/keys';
+import { tempName } from '../storage/sidecar';
+import { fileStamp } from '../shared/file-stamp';
 import type { ByteRange, DiskSource, IndexEntry, IngestProgress } from '../repository/chunks';
 import type {
   BeginPullInput,
@@ -35,8 +41,12 @@ import type {
   PullDiskResult,
   PullIntoRepositoriesInput,
   PullJob,
+  PulledImageTrees,
   PulledRepositories,
   PulledTarget,
+  PulledTree,
+  PulledTreeDisk,
+  PullIntoImageTreesInput,
   VmFilesRecord,
 } from '../shared/activities';
 import { ErrorType } from '../shared/errors';
@@ -52,6 +62,11 @@ export interface PullDeps extends ChunkRepositoryDeps {
   hypervisor: Hypervisor;
   /** where the socket directory goes when `<staging>/nbd/backup.sock` is too long (default /run/vmbackup-nbd) */
   shortSocketRoot?: string;
+  /**
+   * a pull into an image tree flushes the new image and heartbeats a resume offset after each this many bytes of a
+   * disk (VMBACKUP_PULL_WINDOW_MIB; default 1 GiB, a multiple of 4 MiB): what a killed worker writes again at most
+   */
+  pullWindowBytes?: number;
 }
 
 const ACTIVE: ReadonlySet<JobInfo['type']> = new Set(['Bounded', 'Unbounded']);
@@ -331,7 +346,232 @@ export function createPullActivities(deps: PullDeps) {
     return { targets: results, scratchPeakBytes: j.scratchPeakBytes, attached, attempt: ctx.info.attempt };
   }
 
-  return { beginPullBackup, pullIntoRepositories, endPullBackup };
+  /**
+   * Pull mode into LOCAL image trees: per target and disk, writePulledImage reads the export (`base:allocation` for a
+   * full, the disk's dirty bitmap for an increment, with the parent's image as backing by the relative name push
+   * uses) into a temp name in the backup's directory on the target, then the image is committed by a rename whose
+   * sidecar holds the content digest taken while writing (never a file SHA-256: the file is never read again).
+   *
+   * Resume: each flushed window's offset goes to the heartbeat, with the job it belongs to (its scratch files). A
+   * retried attempt that attaches to the same job reopens the temp image from there; a new job (libvirt lost the old
+   * one) is another point in time, so every disk is written again from 0, committed ones included. A cancelled
+   * attempt removes its temp image (the workflow's undo sweeps the backup's directory as well).
+   */
+  async function pullIntoImageTrees(input: PullIntoImageTreesInput): Promise<PulledImageTrees> {
+    const activity = 'pullIntoImageTrees';
+    const l = await layout(input.job, activity);
+    const targets = paths.checkTargets(input.targets, activity);
+    const { domain, backupId } = input.job;
+    const ctx = Context.current();
+    let attached: boolean;
+    try {
+      attached = await ensureJob(input.job, l, activity);
+    } catch (err) {
+      hypervisorFailure(err);
+    }
+    const jobId = await scratchIdentity(l.disks.map((d) => d.scratch));
+    const before = ctx.info.heartbeatDetails as PullTreeHeartbeat | undefined;
+    const same = attached && before?.job === jobId && typeof before.targets === 'object' && before.targets !== null;
+    const beat: PullTreeHeartbeat = {
+      job: jobId,
+      target: '',
+      disk: '',
+      targets: same ? before.targets : {},
+      bytesDone: 0,
+      bytesTotal: l.disks.reduce((n, d) => n + d.virtualSize, 0) * targets.length,
+      scratchPeakBytes: same && Number.isSafeInteger(before.scratchPeakBytes) ? before.scratchPeakBytes : 0,
+    };
+    const measureScratch = async () => {
+      let sum = 0;
+      for (const d of l.disks)
+        sum += await stat(d.scratch).then(
+          (st) => st.blocks * 512,
+          () => 0,
+        );
+      beat.scratchPeakBytes = Math.max(beat.scratchPeakBytes, sum);
+    };
+    await measureScratch();
+    // a write that waits on a slow disk must not look like a dead worker
+    const timer = setInterval(() => {
+      void measureScratch()
+        .then(() => ctx.heartbeat(beat))
+        .catch(() => undefined);
+    }, JOURNAL_EVERY_MS);
+    const execution = ctx.info.workflowExecution;
+    const results: PulledTree[] = [];
+    let done = 0;
+    try {
+      for (const target of targets) {
+        beat.target = target;
+        const progress = (beat.targets[target] ??= {});
+        let temp: string | undefined;
+        try {
+          const disks = await withTarget(deps, target, input.s3Options, async (t) => {
+            const support = pullImageTreeSupport(t);
+            if (!support.supported) throw permanent(support.reason, ErrorType.InvalidInput);
+            const dir = await backupDirOn(support.localPath, domain, backupId, t.displayUrl);
+            const out: PulledTreeDisk[] = [];
+            for (const disk of l.disks) {
+              beat.disk = disk.name;
+              const key = imageKey(domain, backupId, disk.name, 'qcow2');
+              const had = progress[disk.name];
+              const committed = had?.committed;
+              if (committed) {
+                const there = await t.stat(key);
+                if (there?.size === committed.size && there.metadata?.content === committed.content.sha256) {
+                  out.push(committed);
+                  done += disk.virtualSize;
+                  continue;
+                }
+              }
+              temp = join(dir, tempName(`${disk.name}.qcow2`, tempSuffix(backupId)));
+              // resumed only where the image of that window is still there (else written anew from 0)
+              const from =
+                !committed && had && Number.isSafeInteger(had.resumeFrom) && (await exists(temp)) ? had.resumeFrom : 0;
+              const increment = input.job.incremental !== undefined && !(input.job.fullDisks ?? []).includes(disk.name);
+              const backing = increment
+                ? await parentImage(t, support.localPath, input, disk.name, activity)
+                : undefined;
+              const img = await writePulledImage({
+                source: { socketPath: l.socket, exportName: disk.name },
+                context: backing ? `qemu:dirty-bitmap:backup-${disk.name}` : ALLOCATION_CONTEXT,
+                virtualSize: disk.virtualSize,
+                dest: temp,
+                ...(backing ? { backing } : {}),
+                from,
+                ...(deps.pullWindowBytes ? { window: deps.pullWindowBytes } : {}),
+                signal: ctx.cancellationSignal,
+                onProgress: (p) => {
+                  progress[disk.name] = { resumeFrom: p.resumeFrom };
+                  beat.bytesDone = done + p.resumeFrom;
+                  ctx.heartbeat(beat);
+                  if (deps.reportProgress && execution)
+                    void deps
+                      .reportProgress(
+                        { workflowId: execution.workflowId, runId: execution.runId },
+                        { target, bytesDone: beat.bytesDone },
+                      )
+                      .catch(() => undefined);
+                },
+              });
+              // committed by a rename: the sidecar holds the content digest taken while writing, no file SHA-256
+              await t.putImage(key, temp, {
+                allowMove: true,
+                sourceStamp: fileStamp(await stat(temp)),
+                metadata: { content: img.content.sha256, domain, backupid: backupId, disk: disk.name, format: 'qcow2' },
+              });
+              temp = undefined;
+              const record: PulledTreeDisk = {
+                name: disk.name,
+                virtualSize: disk.virtualSize,
+                key,
+                size: img.size,
+                content: {
+                  sha256: img.content.sha256,
+                  scheme: 'content-v1',
+                  chunkSize: img.content.chunkSize,
+                  chunks: img.content.chunks,
+                  zeroChunks: img.content.zeroChunks,
+                },
+                pull: { readBytes: img.copiedBytes, zeroedBytes: img.zeroedBytes, resumedFrom: from },
+              };
+              progress[disk.name] = { resumeFrom: disk.virtualSize, committed: record };
+              done += disk.virtualSize;
+              beat.bytesDone = done;
+              ctx.heartbeat(beat);
+              out.push(record);
+            }
+            return out;
+          });
+          results.push({ target, ok: true, disks });
+        } catch (err) {
+          // cancelled, or this target failed for good: its temp image goes (a retry would begin it anew)
+          const retried =
+            !ctx.cancellationSignal.aborted &&
+            (isNbdError(err) ||
+              err instanceof HypervisorError ||
+              (err instanceof ApplicationFailure && !err.nonRetryable));
+          if (temp && !retried) await rm(temp, { force: true }).catch(() => undefined);
+          if (ctx.cancellationSignal.aborted || isNbdError(err) || err instanceof HypervisorError) throw err;
+          if (err instanceof ApplicationFailure && !err.nonRetryable) throw err;
+          delete beat.targets[target];
+          results.push({ target, ok: false, error: err instanceof Error ? err.message : String(err) });
+        }
+      }
+    } catch (err) {
+      if (isNbdError(err)) throw ApplicationFailure.retryable(err.message, 'NbdFailed');
+      if (err instanceof HypervisorError) hypervisorFailure(err);
+      throw err;
+    } finally {
+      clearInterval(timer);
+    }
+    await measureScratch();
+    return { targets: results, scratchPeakBytes: beat.scratchPeakBytes, attached, attempt: ctx.info.attempt };
+  }
+
+  return { beginPullBackup, pullIntoRepositories, pullIntoImageTrees, endPullBackup };
+}
+
+/** What pullIntoImageTrees heartbeats: the job it writes for and, per target and disk, how far it got. */
+export interface PullTreeHeartbeat {
+  /** the job's identity (its scratch files): offsets of another job's point in time are never resumed from */
+  job: string;
+  target: string;
+  disk: string;
+  /** target -> disk -> everything before `resumeFrom` is written and flushed in the temp image; or committed */
+  targets: Record<string, Record<string, { resumeFrom: number; committed?: PulledTreeDisk }>>;
+  bytesDone: number;
+  bytesTotal: number;
+  scratchPeakBytes: number;
+}
+
+/** The temp name's suffix of a backup's pulled images: the same in every attempt, so a retry finds its image. */
+function tempSuffix(backupId: string): string {
+  return createHash('sha256').update(`pull-image:${backupId}`).digest('hex').slice(0, 16);
+}
+
+/**
+ * `<root>/<domain>/<backupId>`, made 0700 and checked to be that very directory: a link someone planted in the target
+ * (the domain's directory pointing elsewhere) is never written through.
+ */
+async function backupDirOn(root: string, domain: string, backupId: string, displayUrl: string): Promise<string> {
+  const dir = join(root, imageKey(domain, backupId, 'x', 'qcow2'), '..');
+  await makeDirs(dir, 0o700);
+  const [real, realRoot] = await Promise.all([realpath(dir), realpath(root)]);
+  if (real !== join(realRoot, domain, backupId)) {
+    throw permanent(
+      `the backup directory ${domain}/${backupId} on ${displayUrl} leads outside the target (a symbolic link); remove the link`,
+      ErrorType.InvalidInput,
+    );
+  }
+  return dir;
+}
+
+/** An increment's backing: the parent backup's image of DISK on this target, by the name push increments use. */
+async function parentImage(
+  t: StorageTarget,
+  root: string,
+  input: PullIntoImageTreesInput,
+  disk: string,
+  activity: string,
+): Promise<{ name: string; path: string; format: 'qcow2' }> {
+  const parent = input.parent;
+  const d = parent?.disks.find((x) => x.name === disk);
+  if (!parent || !d)
+    throw permanent(`${activity}: the increment names no parent image of disk ${disk}`, ErrorType.InvalidInput);
+  const key = imageKey(input.job.domain, parent.backupId, disk, 'qcow2');
+  if (d.format !== 'qcow2' || d.key !== key)
+    throw permanent(
+      `${activity}: the parent image of disk ${disk} is not ${key} (${d.key}, ${d.format}); take a full backup (--level full)`,
+      ErrorType.InvalidInput,
+    );
+  // stat refuses a key that is (or lies behind) a link
+  if (!(await t.stat(key)))
+    throw permanent(
+      `${activity}: the parent image ${key} of disk ${disk} is missing on ${t.displayUrl}; take a full backup (--level full)`,
+      ErrorType.InvalidInput,
+    );
+  return { name: `../${parent.backupId}/${disk}.qcow2`, path: join(root, key), format: 'qcow2' };
 }
 
 /** The whole-VM files captured into staging, stored as small indexes (as storeChunkImages does). */

@@ -21,7 +21,14 @@ import { deleteObjectsUnder, findBackup } from '../repository/catalog';
 import type { PutCheckpoint, StorageTarget } from '../storage/contract';
 import { StorageError, type StorageErrorKind } from '../storage/errors';
 import { imageKey, manifestKey } from '../storage/keys';
-import { buildManifest, encodeManifest, manifestVmFiles, signManifest, type Manifest } from '../repository/manifest';
+import {
+  buildManifest,
+  encodeManifest,
+  manifestVmFiles,
+  signManifest,
+  storedDigest,
+  type Manifest,
+} from '../repository/manifest';
 import type { HostPaths } from './host-paths';
 import type { UploadSlots } from './upload-slots';
 
@@ -209,7 +216,7 @@ export function createStorageActivities(
         // the manifest commits the backup: it may only point at images that are there, whole
         for (const disk of manifest.disks) {
           const info = await target.stat(disk.key);
-          const stored = info?.metadata?.sha256;
+          const stored = storedDigest(disk, info?.metadata);
           if (!info || info.size !== disk.size || (stored !== undefined && stored !== disk.sha256)) {
             throw new StorageError(
               'not-found',

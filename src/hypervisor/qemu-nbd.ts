@@ -6,7 +6,8 @@
  */
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { access, mkdtemp, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -58,7 +59,15 @@ export async function startQemuNbd(image: ImageSpec, opts: QemuNbdOptions): Prom
     '--',
     imageSpecFilename(image),
   ];
-  const child = spawn(QEMU_NBD, args, { env: toolEnv(), stdio: ['ignore', 'ignore', 'pipe'] });
+  // It dies with the worker: a qemu-nbd left behind by a worker killed mid-write would keep the image's write lock
+  // (the retried step could not reopen it) and, closed later, write its stale qcow2 metadata cache over the image.
+  const deathSig = await parentDeathSignal();
+  const child = deathSig
+    ? spawn(deathSig, ['--pdeathsig', 'KILL', '--', QEMU_NBD, ...args], {
+        env: toolEnv(),
+        stdio: ['ignore', 'ignore', 'pipe'],
+      })
+    : spawn(QEMU_NBD, args, { env: toolEnv(), stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (s: string) => {
@@ -71,7 +80,9 @@ export async function startQemuNbd(image: ImageSpec, opts: QemuNbdOptions): Prom
   const what = `serve ${image.path} over NBD`;
   const cleanup = () => rm(dir, { recursive: true, force: true });
   const failed = (r: { code: number | null; signal: NodeJS.Signals | null; error?: Error }) => {
-    const missing = (r.error as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';
+    const missing =
+      (r.error as NodeJS.ErrnoException | undefined)?.code === 'ENOENT' ||
+      (r.code === 127 && /failed to execute qemu-nbd/.test(stderr));
     const said = missing
       ? 'qemu-nbd is not installed (apt-get install qemu-utils)'
       : (stderr.trim().split('\n').at(-1) ?? '') || `qemu-nbd exited with ${r.signal ?? `code ${String(r.code)}`}`;
@@ -113,6 +124,24 @@ export async function startQemuNbd(image: ImageSpec, opts: QemuNbdOptions): Prom
       await cleanup();
     },
   };
+}
+
+let setpriv: Promise<string | undefined> | undefined;
+/** util-linux `setpriv`, which sets PR_SET_PDEATHSIG and execs qemu-nbd in the same process; undefined without it. */
+function parentDeathSignal(): Promise<string | undefined> {
+  setpriv ??= (async () => {
+    for (const p of ['/usr/bin/setpriv', '/bin/setpriv']) {
+      if (
+        await access(p, constants.X_OK).then(
+          () => true,
+          () => false,
+        )
+      )
+        return p;
+    }
+    return undefined;
+  })();
+  return setpriv;
 }
 
 async function kill(child: ChildProcess, exit: Promise<unknown>): Promise<void> {

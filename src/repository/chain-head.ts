@@ -7,6 +7,7 @@ import type { StorageTarget } from '../storage/contract';
 import type { BackupEntry } from './catalog';
 import { walkChain } from './chain';
 import type { ChainWalk } from './chain';
+import { storedDigest } from './manifest';
 import type { Manifest } from './manifest';
 
 export interface ChainHeadQuery {
@@ -110,7 +111,7 @@ export async function chainProblem(target: StorageTarget, links: Manifest[]): Pr
     for (const disk of link.disks) {
       const info = await target.stat(disk.key);
       if (!info) return `disk ${disk.name} of ${link.backupId} is missing on ${target.displayUrl}`;
-      const stored = info.metadata?.sha256;
+      const stored = storedDigest(disk, info.metadata);
       if (info.size !== disk.size || (stored !== undefined && stored !== disk.sha256)) {
         return `disk ${disk.name} of ${link.backupId} on ${target.displayUrl} is not the image its manifest records`;
       }

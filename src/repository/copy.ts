@@ -13,7 +13,7 @@ import { brokenChainError, lookupOn, walkChain } from './chain';
 import { findBackup, MAX_MANIFEST_BYTES, type CatalogOptions } from './catalog';
 import { hashFile, writeSparseFile } from './local-copy';
 import { imageContentDigest } from './pull-image';
-import { isChunkManifest, manifestVmFiles } from './manifest';
+import { isChunkManifest, manifestVmFiles, storedDigest } from './manifest';
 import type { PasswordSource } from './chunk-read';
 import { copyChunkToChunk, copyChunkToTree, copyTreeToChunk } from './chunk-copy';
 import { isChunkRepository } from './chunks';
@@ -96,8 +96,8 @@ async function copyLink(
   const copiedBefore = report.copied.length;
   for (const disk of m.disks) {
     const there = await to.stat(disk.key);
-    // a pulled image is stored with its file's SHA-256 and, as `content`, the digest the manifest names
-    const stored = disk.content ? there?.metadata?.content : there?.metadata?.sha256;
+    // a pulled image is stored with, as `content`, the digest the manifest names (and here its file's SHA-256)
+    const stored = storedDigest(disk, there?.metadata);
     if (there && there.size === disk.size && stored === disk.sha256) {
       report.skipped.push(disk.key);
       continue;

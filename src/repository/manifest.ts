@@ -168,6 +168,18 @@ export const ManifestRepositorySchema = z
   .passthrough();
 export type ManifestRepository = z.infer<typeof ManifestRepositorySchema>;
 
+/**
+ * The digest a target's object metadata holds for DISK, to compare with the manifest's `sha256`: for a pulled image
+ * (`content`) the content digest of its guest data (its sidecar may hold no file SHA-256 at all: the writer never
+ * read the file again; a copy adds the file's), else the file's SHA-256. Undefined when the target keeps none.
+ */
+export function storedDigest(
+  disk: { content?: unknown },
+  metadata: Readonly<Record<string, string>> | undefined,
+): string | undefined {
+  return disk.content ? metadata?.content : metadata?.sha256;
+}
+
 /** Most a reader takes of each whole-VM file (they are small: a definition, a variable store, a TPM's state). */
 export const VM_FILE_MAX_BYTES = { xml: 4 << 20, nvram: 64 << 20, tpm: 16 << 20 } as const;
 

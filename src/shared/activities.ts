@@ -208,6 +208,51 @@ export interface PulledRepositories {
   attempt: number;
 }
 
+/**
+ * Pull mode into local image trees: each disk written as a qcow2 in the backup's directory on each target (a full, or
+ * an increment whose backing is the parent's image by the relative name push uses), committed there by rename.
+ */
+export interface PullIntoImageTreesInput {
+  job: BeginPullInput;
+  targets: string[];
+  s3Options?: S3TargetOptions;
+  /** an increment: the backup it builds on and its image of each disk read through the dirty bitmap */
+  parent?: { backupId: string; disks: Array<{ name: string; key: string; format: string }> };
+}
+/** The content digest of a pulled image's guest data, as the manifest records it (ManifestDisk.content). */
+export interface PulledContent {
+  sha256: string;
+  scheme: 'content-v1';
+  chunkSize: number;
+  chunks: number;
+  zeroChunks: number;
+}
+export interface PulledTreeDisk {
+  name: string;
+  virtualSize: number;
+  /** `<domain>/<backupId>/<disk>.qcow2`, committed */
+  key: string;
+  /** the qcow2 file's bytes */
+  size: number;
+  content: PulledContent;
+  pull: {
+    /** bytes read from the export and written as data (this attempt) */
+    readBytes: number;
+    /** bytes written as zeros (this attempt) */
+    zeroedBytes: number;
+    /** the offset this attempt started writing at (> 0: it resumed an earlier attempt's image) */
+    resumedFrom: number;
+  };
+}
+export type PulledTree =
+  { target: string; ok: true; disks: PulledTreeDisk[] } | { target: string; ok: false; error: string };
+export interface PulledImageTrees {
+  targets: PulledTree[];
+  scratchPeakBytes: number;
+  attached: boolean;
+  attempt: number;
+}
+
 export interface PrepareChainImagesInput {
   /** the backup the images are staged for (checked against their directory; older workflows do not pass it) */
   backupId?: string;
@@ -389,6 +434,8 @@ export interface ManifestInput {
       sha256: string;
       key: string;
       backing?: { backupId: string; key: string; sha256: string };
+      /** a pulled image: `sha256` is the content digest of its guest data (version-4 manifest) */
+      content?: { scheme: 'content-v1'; chunkSize: number; chunks: number; zeroChunks: number };
     }>;
     chain?: {
       level: BackupLevel;
@@ -491,6 +538,7 @@ export interface HostActivities {
   // pull mode
   beginPullBackup(input: BeginPullInput): Promise<PullJob>;
   pullIntoRepositories(input: PullIntoRepositoriesInput): Promise<PulledRepositories>;
+  pullIntoImageTrees(input: PullIntoImageTreesInput): Promise<PulledImageTrees>;
   endPullBackup(input: BeginPullInput): Promise<void>;
   // shut-off domain
   copyOfflineDisks(input: OfflineCopyInput): Promise<ImageFile[]>;

@@ -239,7 +239,14 @@ export interface PullStats {
   /** the attempt of the read step that finished: > 1 with attached false means the job was begun again */
   attempt: number;
   /** per disk, on the first target that took the backup */
-  disks: Record<string, { readChunks: number; carriedChunks: number; readBytes: number; resumedFrom: number }>;
+  /**
+   * per disk, on the first target that took the backup; into a chunk repository: the chunks read and carried over,
+   * into an image tree: the bytes written as zeros
+   */
+  disks: Record<
+    string,
+    { readChunks?: number; carriedChunks?: number; zeroedBytes?: number; readBytes: number; resumedFrom: number }
+  >;
 }
 
 /** What Temporal shows of a backup's workflow: running, closed, or unknown (no run with that backup id is visible). */

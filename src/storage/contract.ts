@@ -81,6 +81,8 @@ export interface PutImageOptions {
   /**
    * `ino:size:mtimeMs` of the source when `metadata.sha256` was computed. A driver that moves the
    * file may trust that digest while the source still has this stamp (no second read of the image).
+   * With `metadata.content` and no `metadata.sha256` (an image pulled in place, whose guest data was hashed as it
+   * was written), a driver that moves the file stores no file SHA-256 at all: readers compare `content`.
    */
   sourceStamp?: string;
   /**
@@ -98,7 +100,10 @@ export interface GetBufferOptions {
 export interface PutImageResult {
   key: string;
   size: number;
-  /** SHA-256 of the bytes stored, computed while streaming (hex) */
+  /**
+   * SHA-256 of the bytes stored, computed while streaming (hex); '' for an image moved into place with a content
+   * digest only (`metadata.content`, no `metadata.sha256`, an unchanged `sourceStamp`): its file was never hashed
+   */
   sha256: string;
   /** bytes actually transferred in this call (less than size after a resume) */
   bytesSent: number;

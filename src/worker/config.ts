@@ -45,10 +45,21 @@ const EnvSchema = z.object({
     .optional()
     .or(z.literal('').transform(() => undefined)),
   VMBACKUP_ALLOW_NOTIFY: z.string().optional(),
+  VMBACKUP_PULL_WINDOW_MIB: z.coerce
+    .number()
+    .int()
+    .positive()
+    .refine((n) => n % 4 === 0, 'VMBACKUP_PULL_WINDOW_MIB must be a multiple of 4 (MiB)')
+    .optional(),
 });
 
 export interface Config {
   stateDir: string;
+  /**
+   * a pull into an image tree flushes and heartbeats a resume offset after each this many bytes of a disk
+   * (VMBACKUP_PULL_WINDOW_MIB, a multiple of 4 MiB; default 1 GiB)
+   */
+  pullWindowBytes?: number;
   /** this machine's name in task queues (`vmbackup-host-<host>`) */
   host: string;
   /** set: submit to that cluster only; unset: embedded local server + in-process worker */
@@ -151,6 +162,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: Temporal
     ...(e.VMBACKUP_ALLOW_NOTIFY !== undefined && e.VMBACKUP_ALLOW_NOTIFY.trim() !== ''
       ? { allowNotify: parseAllowNotify(e.VMBACKUP_ALLOW_NOTIFY.split(/[\s,]+/), 'VMBACKUP_ALLOW_NOTIFY') }
       : {}),
+    ...(e.VMBACKUP_PULL_WINDOW_MIB ? { pullWindowBytes: e.VMBACKUP_PULL_WINDOW_MIB * (1 << 20) } : {}),
   };
 }
 

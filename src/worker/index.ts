@@ -86,6 +86,7 @@ export async function createHostWorker(opts: HostWorkerOptions): Promise<HostWor
     qemuStateDir: await qemuWritableDir(config.stateDir, '.', SYSTEM_QEMU_DIR),
     pollIntervalMs: config.pollIntervalMs,
     allowTargets: config.allowTargets,
+    ...(config.pullWindowBytes ? { pullWindowBytes: config.pullWindowBytes } : {}),
     ...(opts.maxConcurrentUploads ? { maxConcurrentUploads: opts.maxConcurrentUploads } : {}),
     // S3 credentials, region and endpoint are read once, here at the edge (standard AWS variables).
     openTarget: (url, options) => openTarget(url, { ...options, env: targetEnv }),

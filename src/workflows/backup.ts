@@ -31,6 +31,8 @@ import type {
   ImageFile,
   ManifestInput,
   OverlayRecord,
+  PulledTarget,
+  PulledTreeDisk,
   StagingArea,
   VmCapture,
 } from '../shared/activities';
@@ -188,6 +190,12 @@ export const PULL_PATCH = 'pull-mode';
  */
 export const AUTO_PULL_PATCH = 'auto-pull-into-chunk-repositories';
 
+/**
+ * Pull mode into local image trees (issue #16): before it, a pull backup to an image-tree target was refused in the
+ * workflow (pullWriter); since, the disks are written as qcow2 images in the tree (pullIntoImageTrees).
+ */
+export const PULL_IMAGE_TREE_PATCH = 'pull-image-tree';
+
 export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
   validateRequest(request);
   // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
@@ -332,7 +340,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
     log.info('level chosen', { backupId, level: plan.level, reason: plan.reason, parent: plan.parent?.backupId });
   }
 
-  if (method === 'pull') pullWriter(req, plan);
+  const writer = method === 'pull' ? pullWriter(req, plan) : undefined;
   const staging = await quick.prepareStaging({
     backupId,
     domain,
@@ -353,7 +361,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
     wholeVm: patched(WHOLE_VM_PATCH),
   };
 
-  if (method === 'pull') return pullBackup(run, progress, seen, startedAt);
+  if (writer) return pullBackup(run, progress, seen, startedAt, writer);
 
   let images: DiskImage[];
   let made: MadeImages;
@@ -581,12 +589,13 @@ async function pushImages(run: BackupRun): Promise<MadeImages> {
 }
 
 /**
- * Where a pull backup writes, decided by the target kind: chunk repositories take the stream (pullIntoRepositories).
- * Image-tree targets get their writer later (a local qcow2 through qemu-nbd); until then they are refused here,
- * before anything is created.
+ * Where a pull backup writes, decided by the target kind: chunk repositories take the stream (pullIntoRepositories),
+ * local image trees a qcow2 per disk (pullIntoImageTrees; planBackup refused image trees on nfs:// and s3://, and a
+ * mix of both kinds, before anything was created). Backups from before PULL_IMAGE_TREE_PATCH refused image trees here.
  */
-function pullWriter(req: BackupRequest, plan: BackupPlan | undefined): 'repository' {
+function pullWriter(req: BackupRequest, plan: BackupPlan | undefined): 'repository' | 'image-tree' {
   if (plan?.chunkRepository) return 'repository';
+  if (patched(PULL_IMAGE_TREE_PATCH)) return 'image-tree';
   throw ApplicationFailure.nonRetryable(
     `a pull backup of ${req.domain} cannot go to ${req.targets.length > 1 ? 'these targets' : req.targets[0]}: pull mode writes into chunk repositories only (\`vmbackup repo init\`), image-tree targets take push backups (--method push)`,
     ErrorType.InvalidInput,
@@ -602,6 +611,7 @@ async function pullBackup(
   progress: BackupProgress,
   seen: BackupSeen,
   startedAt: string,
+  writer: 'repository' | 'image-tree',
 ): Promise<BackupResult> {
   const { req, steps, info, plan, staging, compensations } = run;
   const { backupId, domain, host } = req;
@@ -643,20 +653,36 @@ async function pullBackup(
       const state = progress.targets[t];
       if (state) Object.assign(state, { bytesTotal: total, state: 'uploading' });
     }
-    pulled = await steps.long.pullIntoRepositories({
-      job,
-      targets: req.targets,
-      s3Options: req.options.s3,
-      ...(plan?.parent && plan.level !== 'full'
-        ? {
-            parent: {
-              backupId: plan.parent.backupId,
-              disks: plan.parent.disks.map((d) => ({ name: d.name, index: d.sha256 })),
-            },
-          }
-        : {}),
-      ...(run.vm ? { vm: run.vm } : {}),
-    });
+    const increment = plan?.parent && plan.level !== 'full' ? plan.parent : undefined;
+    pulled =
+      writer === 'repository'
+        ? await steps.long.pullIntoRepositories({
+            job,
+            targets: req.targets,
+            s3Options: req.options.s3,
+            ...(increment
+              ? {
+                  parent: {
+                    backupId: increment.backupId,
+                    disks: increment.disks.map((d) => ({ name: d.name, index: d.sha256 })),
+                  },
+                }
+              : {}),
+            ...(run.vm ? { vm: run.vm } : {}),
+          })
+        : await pullTreeStep(req).pullIntoImageTrees({
+            job,
+            targets: req.targets,
+            s3Options: req.options.s3,
+            ...(increment
+              ? {
+                  parent: {
+                    backupId: increment.backupId,
+                    disks: increment.disks.map((d) => ({ name: d.name, key: d.key, format: d.format })),
+                  },
+                }
+              : {}),
+          });
     seen.bytesRead = pulled.targets.reduce(
       (n, t) => n + (t.ok ? t.disks.reduce((m, d) => m + d.pull.readBytes, 0) : 0),
       0,
@@ -675,13 +701,25 @@ async function pullBackup(
     compensations.splice(compensations.indexOf(endJob), 1);
     await CancellationScope.nonCancellable(() => steps.short.endPullBackup(job));
     const chain = plan ? manifestChain(plan, checkpointXml) : undefined;
+    const read = pulled;
     targets = await Promise.all(
-      pulled.targets.map(async (t): Promise<TargetResult> => {
+      read.targets.map(async (t): Promise<TargetResult> => {
         const state = progress.targets[t.target];
         if (!t.ok) {
           if (state) state.state = 'failed';
           return { target: t.target, ok: false, error: t.error };
         }
+        if (writer === 'image-tree') {
+          return commitPulledTree(run, {
+            target: t.target,
+            disks: t.disks as PulledTreeDisk[],
+            startedAt,
+            chain,
+            state,
+            total,
+          });
+        }
+        const rt = t as Extract<PulledTarget, { ok: true }>;
         try {
           await quick.writeChunkManifest({
             target: t.target,
@@ -696,9 +734,14 @@ async function pullBackup(
               quiesced: false,
               libvirtVersion: info.libvirtVersion,
               qemuVersion: info.qemuVersion,
-              disks: t.disks.map((d) => ({ name: d.name, virtualSize: d.virtualSize, index: d.index, stats: d.stats })),
+              disks: rt.disks.map((d) => ({
+                name: d.name,
+                virtualSize: d.virtualSize,
+                index: d.index,
+                stats: d.stats,
+              })),
               ...(chain ? { chain } : {}),
-              ...(t.vm ? { vm: t.vm } : {}),
+              ...(rt.vm ? { vm: rt.vm } : {}),
             },
           });
         } catch (err) {
@@ -707,21 +750,21 @@ async function pullBackup(
           return { target: t.target, ok: false, error: errorMessage(err) };
         }
         if (state) Object.assign(state, { state: 'done', bytesDone: total });
-        const all = [...t.disks.map((d) => d.stats), ...(t.vmStats ? [t.vmStats] : [])];
+        const all = [...rt.disks.map((d) => d.stats), ...(rt.vmStats ? [rt.vmStats] : [])];
         const sum = (f: (s: (typeof all)[number]) => number) => all.reduce((n, s) => n + f(s), 0);
         return {
           target: t.target,
           ok: true,
           locations: Object.fromEntries(
-            t.disks.map((d) => [d.name, `${t.target.replace(/\/+$/, '')}/@chunk-repo/indexes/${d.index}`]),
+            rt.disks.map((d) => [d.name, `${t.target.replace(/\/+$/, '')}/@chunk-repo/indexes/${d.index}`]),
           ),
           chunks: {
             uploadedBytes: sum((s) => s.uploadedBytes),
             newChunks: sum((s) => s.uploadedChunks),
             knownChunks: sum((s) => s.knownChunks),
             zeroChunks: sum((s) => s.zeroChunks),
-            indexes: Object.fromEntries(t.disks.map((d) => [d.name, d.index])),
-            diskBytes: Object.fromEntries(t.disks.map((d) => [d.name, d.stats.uploadedBytes])),
+            indexes: Object.fromEntries(rt.disks.map((d) => [d.name, d.index])),
+            diskBytes: Object.fromEntries(rt.disks.map((d) => [d.name, d.stats.uploadedBytes])),
           },
         };
       }),
@@ -745,14 +788,18 @@ async function pullBackup(
       quiesced: false,
       info,
       plan,
-      images: info.disks.map((d) => ({
-        name: d.name,
-        format: 'chunks',
-        path: '',
-        virtualSize: d.virtualSize,
-        size: 0,
-        sha256: '',
-      })),
+      images: info.disks.map((d) => {
+        const tree = writer === 'image-tree' && firstOk?.ok ? (firstOk.disks as PulledTreeDisk[]) : [];
+        const img = tree.find((x) => x.name === d.name);
+        return {
+          name: d.name,
+          format: writer === 'image-tree' ? 'qcow2' : 'chunks',
+          path: '',
+          virtualSize: d.virtualSize,
+          size: img?.size ?? 0,
+          sha256: img?.content.sha256 ?? '',
+        };
+      }),
       targets,
     }),
     pull: {
@@ -775,6 +822,100 @@ async function pullBackup(
   run.phase('done');
   upsertSearchAttributes([{ key: StateKey, value: result.status }]);
   return result;
+}
+
+/**
+ * The pull-into-image-trees step: a long step whose cancellation is awaited, so that the backup's undo (which sweeps
+ * the backup's directory on the target) runs only once the step stopped writing its temp image.
+ */
+function pullTreeStep(req: BackupRequest): Pick<ActivityProxy, 'pullIntoImageTrees'> {
+  const heartbeatTimeout = `${req.options.heartbeatTimeoutSeconds ?? 30}s` as const;
+  return proxyActivities<HostActivities>({
+    taskQueue: hostTaskQueue(req.host),
+    startToCloseTimeout: '24h',
+    heartbeatTimeout,
+    cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+    retry: {
+      initialInterval: '1s',
+      backoffCoefficient: 2,
+      maximumInterval: '60s',
+      maximumAttempts: LONG_STEP_ATTEMPTS,
+    },
+  });
+}
+
+/**
+ * Commits a pull backup on one image tree, as shipToTargets commits a push backup: the whole-VM files, then the
+ * manifest (version 4: each disk's `sha256` is the content digest taken while it was written, `content` says so;
+ * an increment's disks name their parent's image as `backing`, as push increments do).
+ */
+async function commitPulledTree(
+  run: BackupRun,
+  t: {
+    target: string;
+    disks: PulledTreeDisk[];
+    startedAt: string;
+    chain: ManifestInput['manifest']['chain'];
+    state: BackupProgress['targets'][string] | undefined;
+    total: number;
+  },
+): Promise<TargetResult> {
+  const { req, steps, info, plan } = run;
+  const { backupId, domain, host } = req;
+  const backing = plan ? manifestBacking(plan) : {};
+  try {
+    if (run.vm) {
+      await steps.short.shipVmFiles({
+        backupId,
+        domain,
+        target: t.target,
+        files: run.vm.files,
+        s3Options: req.options.s3,
+      });
+    }
+    await steps.quick.writeManifest({
+      target: t.target,
+      s3Options: req.options.s3,
+      manifest: {
+        backupId,
+        domain,
+        host,
+        method: 'pull',
+        startedAt: t.startedAt,
+        finishedAt: new Date().toISOString(),
+        quiesced: false,
+        libvirtVersion: info.libvirtVersion,
+        qemuVersion: info.qemuVersion,
+        disks: t.disks.map((d) => ({
+          name: d.name,
+          format: 'qcow2',
+          virtualSize: d.virtualSize,
+          size: d.size,
+          sha256: d.content.sha256,
+          key: d.key,
+          content: {
+            scheme: d.content.scheme,
+            chunkSize: d.content.chunkSize,
+            chunks: d.content.chunks,
+            zeroChunks: d.content.zeroChunks,
+          },
+          ...(backing[d.name] ? { backing: backing[d.name] } : {}),
+        })),
+        ...(t.chain ? { chain: t.chain } : {}),
+        ...(run.vm ? { vm: run.vm.vm } : {}),
+      },
+    });
+  } catch (err) {
+    if (isCancellation(err)) throw err;
+    if (t.state) t.state.state = 'failed';
+    return { target: t.target, ok: false, error: errorMessage(err) };
+  }
+  if (t.state) Object.assign(t.state, { state: 'done', bytesDone: t.total });
+  return {
+    target: t.target,
+    ok: true,
+    locations: Object.fromEntries(t.disks.map((d) => [d.name, `${t.target.replace(/\/+$/, '')}/${d.key}`])),
+  };
 }
 
 /** The snapshot method: overlays take the guest's writes while the quiet bases are copied, then commit + pivot. */

@@ -121,8 +121,12 @@ export class LocalTarget extends TreeTarget implements StorageTarget {
     const expected = opts.metadata?.sha256;
     // The digest was taken by the caller on this very file (same inode, size and mtime): a rename does not
     // change a byte, so reading the whole image again would only cost time.
-    const trusted = expected !== undefined && opts.sourceStamp !== undefined && opts.sourceStamp === fileStamp(src);
-    const sha256 = trusted ? expected : await sha256File(sourcePath, { signal: opts.signal });
+    const unchanged = opts.sourceStamp !== undefined && opts.sourceStamp === fileStamp(src);
+    const trusted = expected !== undefined && unchanged;
+    // An image pulled in place (pull mode) comes with the content digest of its guest data only: its file was never
+    // hashed, and the sidecar does not claim a file SHA-256 (readers compare `content`, verify recomputes it).
+    const contentOnly = expected === undefined && opts.metadata?.content !== undefined && unchanged;
+    const sha256 = contentOnly ? undefined : trusted ? expected : await sha256File(sourcePath, { signal: opts.signal });
     opts.onProgress?.(size, size);
     if (expected && expected !== sha256) {
       throw new StorageError(
@@ -140,7 +144,11 @@ export class LocalTarget extends TreeTarget implements StorageTarget {
       } finally {
         await fh.close();
       }
-      await this.writeSidecar(dir, basename(final), { size, sha256, metadata: { ...opts.metadata, sha256 } });
+      await this.writeSidecar(
+        dir,
+        basename(final),
+        sha256 ? { size, sha256, metadata: { ...opts.metadata, sha256 } } : { size, metadata: { ...opts.metadata } },
+      );
       await rename(sourcePath, final);
     } catch (err) {
       if (errnoCode(err) === 'EXDEV') return undefined;
@@ -148,7 +156,7 @@ export class LocalTarget extends TreeTarget implements StorageTarget {
     }
     await fsyncDir(dir);
     await fsyncDir(dirname(sourcePath)).catch(() => undefined);
-    return { key: normaliseKey(key), size, sha256, bytesSent: 0 };
+    return { key: normaliseKey(key), size, sha256: sha256 ?? '', bytesSent: 0 };
   }
 
   private dirKeyOf(dir: string): string {
