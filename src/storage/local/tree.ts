@@ -173,10 +173,14 @@ export class LocalFileTree implements ImageTreePort {
     }
   }
 
-  async rename(dirKey: string, from: string, to: string): Promise<void> {
+  async rename(dirKey: string, from: string, to: string, opts: { syncDir?: boolean } = {}): Promise<void> {
     const dir = this.dirPath(dirKey);
     await rename(join(dir, from), join(dir, to));
-    await fsyncDir(dir);
+    if (opts.syncDir ?? true) await fsyncDir(dir);
+  }
+
+  async syncDir(dirKey: string): Promise<void> {
+    await fsyncDir(this.dirPath(dirKey));
   }
 
   async statFile(dirKey: string, name: string): Promise<FileInfo | undefined> {
