@@ -114,4 +114,11 @@ describe('chunk writes: durable before any index names them, one directory sync 
     const dirOf = `${CHUNKS_PREFIX}${(put.id as string).slice(0, 2)}`;
     expect(calls.slice(after)).toContainEqual({ op: 'syncDir', dir: dirOf });
   });
+
+  test('a directory removed since its chunk was put (its last object deleted) leaves flush nothing to do', async () => {
+    const store = new ChunkStore(repo);
+    const put = await store.put(randomBytes(CHUNK));
+    await target.delete(`${CHUNKS_PREFIX}${(put.id as string).slice(0, 2)}/${put.id as string}`);
+    await expect(target.flush()).resolves.toBeUndefined();
+  });
 });

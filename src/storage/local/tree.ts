@@ -180,7 +180,12 @@ export class LocalFileTree implements ImageTreePort {
   }
 
   async syncDir(dirKey: string): Promise<void> {
-    await fsyncDir(this.dirPath(dirKey));
+    try {
+      await fsyncDir(this.dirPath(dirKey));
+    } catch (err) {
+      // removed since (its last object deleted): nothing left in it to make durable
+      if (!isMissing(err)) throw err;
+    }
   }
 
   async statFile(dirKey: string, name: string): Promise<FileInfo | undefined> {

@@ -46,7 +46,7 @@ export interface FileTreePort {
    * false` only once a later `syncDir(dirKey)` returned.
    */
   rename(dirKey: string, from: string, to: string, opts?: { syncDir?: boolean }): Promise<void>;
-  /** Makes the directory's entries (renames into it) durable. */
+  /** Makes the directory's entries (renames into it) durable; nothing to do when the directory is gone. */
   syncDir(dirKey: string): Promise<void>;
   /** A regular file's size and mtime; undefined when missing or anything else than a regular file. */
   statFile(dirKey: string, name: string): Promise<FileInfo | undefined>;
