@@ -149,7 +149,7 @@ export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, pl
 
 export interface DecodeOptions {
   /**
-   * false: an encrypted object is not hashed again to compare its plaintext with `id` (restore, copy). Its GCM tag
+   * false: an encrypted object is not hashed again to compare its plaintext with `id` (restore). Its GCM tag
    * under the repository's encryption key already authenticates the payload and, through the associated data, the
    * header and `id`: only a holder of the key can make an object that decodes under `id`, and the plaintext is the
    * one that holder stored under `id`. The id check then only guards against a key holder's own bug (data stored
