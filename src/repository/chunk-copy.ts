@@ -256,10 +256,11 @@ async function copySameRepository(
         report.skipped.push(chunkKey(chunk));
         return;
       }
-      await dst.repo.target.putManifest(chunkKey(chunk), await readVerified(src, 'chunk', chunk));
+      await dst.repo.target.putBatched(chunkKey(chunk), await readVerified(src, 'chunk', chunk));
       report.copied.push(chunkKey(chunk));
     });
-    // the index after its chunks: an index there always has every chunk it names
+    // the index after its chunks, durable: an index there always has every chunk it names
+    await dst.repo.target.flush();
     const ik = indexKey(id);
     if (await dst.repo.target.stat(ik)) report.skipped.push(ik);
     else {

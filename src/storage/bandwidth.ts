@@ -51,6 +51,8 @@ export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number
       });
     },
     putManifest: (key, body) => target.putManifest(key, body),
+    putBatched: (key, body) => target.putBatched(key, body),
+    flush: () => target.flush(),
     get: (key, range) => target.get(key, range),
     getBuffer: (key, opts) => target.getBuffer(key, opts),
     checkLocation: () => target.checkLocation(),

@@ -123,6 +123,19 @@ export interface StorageTarget {
 
   /** Store a small object (manifest) atomically. Idempotent. */
   putManifest(key: string, body: Buffer): Promise<void>;
+  /**
+   * Store a small object (a chunk) atomically, like putManifest, except that its name is durable only once a later
+   * `flush()` returns: many of them cost one directory sync each instead of one per object. Its bytes are durable
+   * before its name is visible, so after a crash it is there whole, or not at all; never a name whose data was
+   * lost. Readers see it when this returns. Idempotent.
+   */
+  putBatched(key: string, body: Buffer): Promise<void>;
+  /**
+   * Makes every putBatched that returned before this call durable, name included. Call it before writing what names
+   * those objects (a chunk repository's index). Idempotent; a no-op on a target where each put is durable when it
+   * returns (S3; NFS, whose server commits a RENAME before it replies).
+   */
+  flush(): Promise<void>;
 
   /** Read an object, whole or `range` (inclusive start, exclusive end). Missing -> 'not-found'. */
   get(key: string, range?: { start: number; end: number }): Promise<Readable>;

@@ -201,6 +201,22 @@ export function describeConformance(
       expect(await keys(t)).toEqual(['d/b/manifest.json']);
     });
 
+    test('putBatched: readable and listed at once, idempotent, no temp left; flush (twice) keeps every object as put', async () => {
+      const a = randomBytes(70_000);
+      const b = randomBytes(10);
+      await t.putBatched('c/ab/ab01', a);
+      await t.putBatched('c/cd/cd02', b);
+      await t.putBatched('c/ab/ab01', a);
+      expect((await t.getBuffer('c/ab/ab01')).equals(a)).toBe(true);
+      expect(await keys(t)).toEqual(['c/ab/ab01', 'c/cd/cd02']);
+      await t.flush();
+      await t.flush();
+      expect((await t.getBuffer('c/cd/cd02')).equals(b)).toBe(true);
+      expect(await t.removeUnfinished('c/')).toBe(0);
+      await t.delete('c/cd/cd02');
+      await t.flush(); // a directory emptied since is no error
+    });
+
     test('getBuffer with maxBytes reads an object up to the limit and refuses a larger one as permanent', async () => {
       const body = randomBytes(100_000);
       await t.putManifest('d/b/manifest.json', body);

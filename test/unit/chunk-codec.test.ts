@@ -90,6 +90,8 @@ describe.each([
       const bad = Buffer.from(body);
       bad[pos] = (bad[pos] as number) ^ 0x01;
       expectCorrupt(() => decodeObject(c, 'chunk', id, bad), id);
+      // restore's decode (no second hash of an encrypted chunk) finds it just the same
+      expectCorrupt(() => decodeObject(c, 'chunk', id, bad, { checkId: false }), id);
     }
   });
 
@@ -101,6 +103,18 @@ describe.each([
     const idB = chunkId(c, b);
     const objectOfA = encodeObject(c, 'chunk', idA, a).body;
     expectCorrupt(() => decodeObject(c, 'chunk', idB, objectOfA), idB);
+    expectCorrupt(() => decodeObject(c, 'chunk', idB, objectOfA, { checkId: false }), idB);
+  });
+
+  test('checkId false: an encrypted chunk is trusted on its GCM tag (which covers its id), an unencrypted one never', () => {
+    const c = codec(encrypted);
+    const plain = compressible('bug');
+    // what only a holder of the key can make: a valid object whose plaintext does not have the id it is stored under
+    const otherId = chunkId(c, randomBytes(100));
+    const { body } = encodeObject(c, 'chunk', otherId, plain);
+    expectCorrupt(() => decodeObject(c, 'chunk', otherId, body), otherId);
+    if (encrypted) expect(decodeObject(c, 'chunk', otherId, body, { checkId: false }).equals(plain)).toBe(true);
+    else expectCorrupt(() => decodeObject(c, 'chunk', otherId, body, { checkId: false }), otherId);
   });
 
   test('a chunk object is not accepted as an index, nor the reverse', () => {

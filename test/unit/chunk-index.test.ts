@@ -114,11 +114,11 @@ describe('ChunkStore on a local directory', () => {
     // the real local target, with its puts counted (and slowed, 200 ms: longer than a chunk takes to hash and encode
     // on its codec thread on a loaded machine, so that puts always overlap)
     const counted = Object.create(target) as StorageTarget;
-    counted.putManifest = async (key, body) => {
+    counted.putBatched = async (key, body) => {
       most = Math.max(most, ++inFlight);
       try {
         await new Promise((r) => setTimeout(r, 200));
-        await target.putManifest(key, body);
+        await target.putBatched(key, body);
       } finally {
         inFlight--;
       }

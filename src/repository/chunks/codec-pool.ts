@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
-import type { ChunkCodec, ObjectType } from './codec';
+import type { ChunkCodec, DecodeOptions, ObjectType } from './codec';
 import type { RepositoryConfig } from './config';
 import { ChunkFormatError } from './errors';
 import type { ChunkFormatErrorKind } from './errors';
@@ -23,9 +23,7 @@ export interface CodecParams {
   where: string;
 }
 
-export type CodecJob = { seq: number; codec: CodecParams; data: Uint8Array } & (
-  { op: 'id' } | { op: 'encode'; type: ObjectType; id: string } | { op: 'decode'; type: ObjectType; id: string }
-);
+export type CodecJob = { seq: number; codec: CodecParams; data: Uint8Array } & JobBody;
 
 export interface CodecReply {
   seq: number;
@@ -35,7 +33,9 @@ export interface CodecReply {
 }
 
 type JobBody =
-  { op: 'id' } | { op: 'encode'; type: ObjectType; id: string } | { op: 'decode'; type: ObjectType; id: string };
+  | { op: 'id' }
+  | { op: 'encode'; type: ObjectType; id: string }
+  | { op: 'decode'; type: ObjectType; id: string; checkId: boolean };
 
 interface Pending {
   job: CodecJob;
@@ -101,9 +101,17 @@ export class CodecPool {
     return asBuffer((await this.run(codec, { op: 'encode', type, id }, plaintext, handOver)).data!);
   }
 
-  /** The verified plaintext of a stored object (decodeObject in a thread). */
-  async decode(codec: ChunkCodec, type: ObjectType, id: string, body: Uint8Array, handOver = false): Promise<Buffer> {
-    return asBuffer((await this.run(codec, { op: 'decode', type, id }, body, handOver)).data!);
+  /** The verified plaintext of a stored object (decodeObject in a thread; `opts` as decodeObject's). */
+  async decode(
+    codec: ChunkCodec,
+    type: ObjectType,
+    id: string,
+    body: Uint8Array,
+    handOver = false,
+    opts: DecodeOptions = {},
+  ): Promise<Buffer> {
+    const job = { op: 'decode', type, id, checkId: opts.checkId ?? true } as const;
+    return asBuffer((await this.run(codec, job, body, handOver)).data!);
   }
 
   /** Threads running now (tests; diagnostics). */

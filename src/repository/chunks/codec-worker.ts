@@ -44,7 +44,7 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
       return { reply: { seq: job.seq, data: body }, transfer: whole(body) };
     }
     case 'decode': {
-      const plain = decodeObject(codec, job.type, job.id, data);
+      const plain = decodeObject(codec, job.type, job.id, data, { checkId: job.checkId });
       return { reply: { seq: job.seq, data: plain }, transfer: whole(plain) };
     }
   }

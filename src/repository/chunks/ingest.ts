@@ -20,7 +20,10 @@ export interface DiskSource {
   readonly size: number;
   /** the ranges that may hold data, in offset order, not overlapping; the rest reads as zeros and is not read */
   dataRanges(): AsyncIterable<ByteRange>;
-  /** the bytes of `ranges`, handed out in the order asked, each piece inside one range */
+  /**
+   * the bytes of `ranges`, handed out in the order asked, each piece inside one range; a piece's buffer is the
+   * caller's once handed out (the source never writes it again): a piece that is a whole chunk is stored as it is
+   */
   read(ranges: AsyncIterable<ByteRange>): AsyncIterable<{ offset: number; data: Buffer }>;
 }
 
@@ -154,6 +157,12 @@ export async function ingestDisk(
         bytesDone += Math.max(0, n - Math.max(current + 1, first)) * chunkSize;
         current = n;
         entries[n] = 'zero';
+        // a read of the whole chunk is the chunk: no second buffer, no copy (each fresh 4 MiB buffer costs its page
+        // faults in the worker, which maps every large buffer on its own; bin/vmbackup)
+        if (piece.offset === n * chunkSize && piece.data.length === lengthOf(n)) {
+          buf = piece.data;
+          continue;
+        }
         buf = Buffer.alloc(lengthOf(n));
       }
       piece.data.copy(buf!, piece.offset - n * chunkSize);

@@ -15,6 +15,7 @@ import type { Readable } from 'node:stream';
 import type { ObjectInfo } from '../../storage/contract';
 import { isStorageError } from '../../storage/errors';
 import { chunkId, decodeObject, encodeObject, isAllZero, maxObjectBytes } from './codec';
+import type { DecodeOptions } from './codec';
 import { codecPool } from './codec-pool';
 import type { CodecPool } from './codec-pool';
 import { CHUNKS_PREFIX, chunkIdOfKey, chunkKey, ID_RE, indexKey } from './config';
@@ -186,13 +187,17 @@ export class ChunkStore {
   private async upload(id: string, plaintext: Uint8Array, handOver = false): Promise<number> {
     const body = await this.pool.encode(this.repo, 'chunk', id, plaintext, handOver);
     const now = this.now();
-    await this.repo.target.putManifest(chunkKey(id), body);
+    // durable (directory synced) by the flush in putIndex, before any index can name it
+    await this.repo.target.putBatched(chunkKey(id), body);
     this.fresh.set(id, now);
     return body.length;
   }
 
-  /** The verified plaintext of chunk `id`; ChunkFormatError 'missing' or 'corrupt' naming it otherwise. */
-  async get(id: string): Promise<Buffer> {
+  /**
+   * The verified plaintext of chunk `id`; ChunkFormatError 'missing' or 'corrupt' naming it otherwise. `checkId:
+   * false` trusts an encrypted chunk's GCM tag without hashing its plaintext again (DecodeOptions).
+   */
+  async get(id: string, opts: DecodeOptions = {}): Promise<Buffer> {
     if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not a chunk id.`);
     let body: Buffer;
     try {
@@ -210,7 +215,7 @@ export class ChunkStore {
         });
       throw err;
     }
-    return this.pool.decode(this.repo, 'chunk', id, body, true);
+    return this.pool.decode(this.repo, 'chunk', id, body, true, opts);
   }
 
   /**
@@ -291,6 +296,8 @@ export class ChunkStore {
   /**
    * Reads a disk back from its index, chunk by chunk in offset order, each verified, `concurrency` fetched ahead.
    * `write` receives every non-zero chunk with its offset; zero chunks are skipped (the destination keeps holes).
+   * An encrypted chunk is trusted on its GCM tag, which authenticates it under its id (DecodeOptions); an unencrypted
+   * one is checked against its id.
    */
   async readDisk(index: DiskIndex, write: (offset: number, data: Buffer) => Promise<void>): Promise<void> {
     const fetches: Array<Promise<Buffer> | undefined> = [];
@@ -298,7 +305,7 @@ export class ChunkStore {
       const e = index.entries[n];
       if (e === undefined || e === 'zero') fetches[n] = undefined;
       else {
-        const p = this.get(e);
+        const p = this.get(e, { checkId: false });
         p.catch(() => undefined); // observed below, in order
         fetches[n] = p;
       }
@@ -325,11 +332,14 @@ export class ChunkStore {
   }
 
   /**
-   * Stores a disk index as an encrypted object; returns its id. Idempotent. An index already stored (an unchanged
+   * Stores a disk index as an encrypted object; returns its id, after flushing the target (every chunk put before is
+   * durable, name included). Idempotent. An index already stored (an unchanged
    * disk) is reused like a chunk: touched when older than the freshness window, so gc does not take it before the
    * manifest that names it is written.
    */
   async putIndex(index: DiskIndex): Promise<string> {
+    // an index never names a chunk that is not durable: the chunks this store put are synced first
+    await this.repo.target.flush();
     const plain = encodeDiskIndex(index);
     const id = chunkId(this.repo, plain);
     const key = indexKey(id);

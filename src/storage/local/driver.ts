@@ -190,8 +190,18 @@ export class LocalTarget extends TreeTarget implements StorageTarget {
       if (maxBytes === undefined) return await fh.readFile();
       // the size first (a 3 GiB file is refused without a read), then a read that stops past the limit
       if (st.size > maxBytes) throw tooLargeError(key, this.displayUrl, maxBytes, DRIVER);
-      const parts: Buffer[] = [];
+      // one buffer of the size fstat gave, read in place: a 4 MiB chunk is one allocation (that the codec threads can
+      // take over whole), not four reads and a copy
+      const buf = Buffer.allocUnsafe(st.size);
       let total = 0;
+      while (total < buf.length) {
+        const { bytesRead } = await fh.read(buf, total, buf.length - total, total);
+        if (bytesRead === 0) return Buffer.from(buf.subarray(0, total)); // it shrank meanwhile
+        total += bytesRead;
+      }
+      if ((await fh.read(Buffer.alloc(1), 0, 1, total)).bytesRead === 0) return buf;
+      // it grew meanwhile: read on in pieces, never past the limit
+      const parts: Buffer[] = [buf];
       for (;;) {
         const chunk = Buffer.allocUnsafe(Math.min(CHUNK, maxBytes + 1 - total));
         const { bytesRead } = await fh.read(chunk, 0, chunk.length, total);

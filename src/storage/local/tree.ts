@@ -173,10 +173,19 @@ export class LocalFileTree implements ImageTreePort {
     }
   }
 
-  async rename(dirKey: string, from: string, to: string): Promise<void> {
+  async rename(dirKey: string, from: string, to: string, opts: { syncDir?: boolean } = {}): Promise<void> {
     const dir = this.dirPath(dirKey);
     await rename(join(dir, from), join(dir, to));
-    await fsyncDir(dir);
+    if (opts.syncDir ?? true) await fsyncDir(dir);
+  }
+
+  async syncDir(dirKey: string): Promise<void> {
+    try {
+      await fsyncDir(this.dirPath(dirKey));
+    } catch (err) {
+      // removed since (its last object deleted): nothing left in it to make durable
+      if (!isMissing(err)) throw err;
+    }
   }
 
   async statFile(dirKey: string, name: string): Promise<FileInfo | undefined> {

@@ -246,11 +246,17 @@ export class NfsFileTree implements ImageTreePort {
     });
   }
 
-  rename(dirKey: string, from: string, to: string): Promise<void> {
+  /** Durable when the server replies (NFSv3, RFC 1813: a server commits a RENAME to stable storage first). */
+  rename(dirKey: string, from: string, to: string, _opts?: { syncDir?: boolean }): Promise<void> {
     return this.withClient(async (c) => {
       const dir = (await this.dir(c, dirKey, true)) as Buffer;
       await c.rename(dir, from, dir, to);
     });
+  }
+
+  /** Nothing to do: every RENAME into the directory was durable when the server replied. */
+  syncDir(_dirKey: string): Promise<void> {
+    return Promise.resolve();
   }
 
   statFile(dirKey: string, name: string): Promise<FileInfo | undefined> {

@@ -689,6 +689,16 @@ export class S3Target implements StorageTarget {
     }
   }
 
+  /** A PUT is durable when S3 answers: the same as putManifest. */
+  putBatched(key: string, body: Buffer): Promise<void> {
+    return this.putManifest(key, body);
+  }
+
+  /** Nothing to do: every put was durable when it returned. */
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
   async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
     const full = this.fullKey(key);
     if (range && range.end <= range.start) {

@@ -35,6 +35,9 @@ function baseOf(prefix: string): string {
 }
 
 export class AtomicTree {
+  /** directories that putBatched renamed into and no flush has synced since */
+  private readonly unsynced = new Set<string>();
+
   constructor(private readonly port: ImageTreePort) {}
 
   /**
@@ -147,6 +150,38 @@ export class AtomicTree {
       await this.writeAtomic(dirKey, name, body);
     } catch (err) {
       throw this.port.classify(err, `write ${key}`);
+    }
+  }
+
+  /**
+   * putManifest without the directory sync: the temp is written and synced (its bytes durable) before the rename, so
+   * the name, once it survives a crash, always has its data; the directory is synced by the next flush().
+   */
+  async putBatched(key: string, body: Buffer): Promise<void> {
+    const { dirKey, name } = splitKey(normaliseKey(key));
+    await this.mkdirs(dirKey, `create the directory for ${key}`);
+    const temp = tempName(name, randomBytes(8).toString('hex'));
+    try {
+      await this.port.writeNew(dirKey, temp, body);
+      await this.port.rename(dirKey, temp, name, { syncDir: false });
+    } catch (err) {
+      await this.port.unlink(dirKey, temp).catch(() => false);
+      throw this.port.classify(err, `write ${key}`);
+    }
+    this.unsynced.add(dirKey);
+  }
+
+  /** Syncs each directory putBatched renamed into, once. */
+  async flush(): Promise<void> {
+    for (const dirKey of [...this.unsynced]) {
+      // taken out before the sync: a rename meanwhile adds it again, for the next flush
+      this.unsynced.delete(dirKey);
+      try {
+        await this.port.syncDir(dirKey);
+      } catch (err) {
+        this.unsynced.add(dirKey);
+        throw this.port.classify(err, `make the objects in ${dirKey || 'the top directory'} durable`);
+      }
     }
   }
 

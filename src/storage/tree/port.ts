@@ -41,8 +41,13 @@ export interface FileTreePort {
   rmdir(dirKey: string): Promise<boolean>;
   /** Creates a new file exclusively (private mode) holding `body`, durable when this returns. */
   writeNew(dirKey: string, name: string, body: Buffer): Promise<void>;
-  /** Renames within one directory, replacing `to`; durable (directory synced) when this returns. */
-  rename(dirKey: string, from: string, to: string): Promise<void>;
+  /**
+   * Renames within one directory, replacing `to`; durable (directory synced) when this returns, or with `syncDir:
+   * false` only once a later `syncDir(dirKey)` returned.
+   */
+  rename(dirKey: string, from: string, to: string, opts?: { syncDir?: boolean }): Promise<void>;
+  /** Makes the directory's entries (renames into it) durable; nothing to do when the directory is gone. */
+  syncDir(dirKey: string): Promise<void>;
   /** A regular file's size and mtime; undefined when missing or anything else than a regular file. */
   statFile(dirKey: string, name: string): Promise<FileInfo | undefined>;
   /** A small file's bytes; undefined when missing, not a regular file, or larger than `maxBytes`. */

@@ -16,6 +16,14 @@ export abstract class TreeTarget {
     return this.tree.putManifest(key, body);
   }
 
+  putBatched(key: string, body: Buffer): Promise<void> {
+    return this.tree.putBatched(key, body);
+  }
+
+  flush(): Promise<void> {
+    return this.tree.flush();
+  }
+
   stat(key: string): Promise<ObjectInfo | undefined> {
     return this.tree.stat(key);
   }
