@@ -10,7 +10,7 @@
  * restore exactly.
  */
 import { randomBytes } from 'node:crypto';
-import { open, readFile, stat, utimes } from 'node:fs/promises';
+import { open, readFile, readdir, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startBackup } from '../../src/client/backups';
 import { CHUNKS_PREFIX, ChunkStore, REPOSITORY_ROOT, chunkKey, indexKey } from '../../src/repository/chunks';
@@ -201,14 +201,37 @@ describe('a chunk repository while a backup runs (real stack)', () => {
   });
 
   test('live progress: the progress query shows a chunk target storing, between 0 and its total, before it is done', async () => {
-    const { url, target } = await repository('progress');
+    const { url, dir, target } = await repository('progress');
     try {
       const dom = await newDomain({
         prefix: 'cq',
         start: false,
-        disks: [{ format: 'raw', sizeMiB: 256, randomMiB: 256 }],
+        disks: [{ format: 'raw', sizeMiB: 512, randomMiB: 512 }],
       });
       const { handle } = await start(dom, url);
+      // The store reports at most every 2 s (REPORT_MIN_MS): on a quiet machine it can store a disk faster than
+      // that. So once its first chunk is on disk, the worker is stopped for a little over 2 s: the next chunk it
+      // stores after SIGCONT is reported, with most of the disk still to go.
+      const chunkDir = join(dir, CHUNKS_PREFIX);
+      const stored = async (): Promise<number> => {
+        let n = 0;
+        for (const sub of await readdir(chunkDir).catch(() => [] as string[]))
+          n += (await readdir(join(chunkDir, sub)).catch(() => [] as string[])).filter((f) =>
+            /^[0-9a-f]{64}$/.test(f),
+          ).length;
+        return n;
+      };
+      await waitFor('the first chunk of the backup on disk', async () => (await stored()) > 0, {
+        timeoutMs: 600_000,
+        intervalMs: 20,
+      });
+      const pid = ctx.worker!.child.pid!;
+      process.kill(pid, 'SIGSTOP');
+      try {
+        await new Promise((r) => setTimeout(r, 2_200));
+      } finally {
+        process.kill(pid, 'SIGCONT');
+      }
       const seen: Array<BackupProgress['targets'][string]> = [];
       let finished = false;
       const result = handle.result().finally(() => (finished = true));
@@ -229,12 +252,12 @@ describe('a chunk repository while a backup runs (real stack)', () => {
           ];
           for (const b of bad) await handle.signal(storeProgressSignal, b as StoreProgress).catch(() => undefined);
         }
-        await new Promise((r) => setTimeout(r, 200));
+        await new Promise((r) => setTimeout(r, 50));
       }
       expect((await result).status).toBe('completed');
       const storing = seen.filter((t) => t.state === 'uploading');
       expect(storing.length).toBeGreaterThan(0);
-      const total = 256 * MiB;
+      const total = 512 * MiB;
       expect(storing.every((t) => t.bytesTotal === total)).toBe(true);
       // seen between 0 and the total while the target was storing
       expect(storing.some((t) => t.bytesDone > 0 && t.bytesDone < total)).toBe(true);
