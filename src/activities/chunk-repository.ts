@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { Context } from '@temporalio/activity';
 import { ApplicationFailure } from '@temporalio/common';
 import { toolEnv } from '../hypervisor/exec';
-import { NbdClient, extents, isNbdError, rangesWhere, readRanges, STATE_HOLE, STATE_ZERO } from '../nbd';
+import { NbdClient, extents, isNbdError, pooledReads, rangesWhere, STATE_HOLE, STATE_ZERO } from '../nbd';
 import {
   ChunkStore,
   chunkBackupKeys,
@@ -472,7 +472,7 @@ async function readImage<T>(
       size: c.info.size,
       dataRanges: () =>
         rangesWhere(extents(c, { context: 'base:allocation' }), (f) => (f & (STATE_HOLE | STATE_ZERO)) === 0),
-      read: (ranges) => readRanges(c, ranges, { inFlight: 8 }),
+      ...pooledReads(c, { inFlight: 8 }),
     };
     return await fn(source);
   } finally {

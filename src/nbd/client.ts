@@ -220,15 +220,20 @@ export class NbdClient {
     return this.maxRequest;
   }
 
-  /** Reads LENGTH bytes at OFFSET (split into requests of at most the server's maximum, widened to its minimum). */
-  async read(offset: number, length: number): Promise<Buffer> {
+  /**
+   * Reads LENGTH bytes at OFFSET (split into requests of at most the server's maximum, widened to its minimum).
+   * INTO, when given, is where the bytes go (exactly LENGTH bytes; e.g. a pooled buffer): what resolves is INTO.
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     this.checkRange('read', offset, length);
-    if (length === 0) return Buffer.alloc(0);
+    if (into && into.length !== length)
+      throw this.error('invalid', `cannot read ${length} bytes into a buffer of ${into.length}`, offset, length);
+    if (length === 0) return into ?? Buffer.alloc(0);
     const min = this.info.blockSize.minimum;
     const start = offset - (offset % min);
     const end = Math.min(this.info.size, Math.ceil((offset + length) / min) * min);
     if (start === offset && end === offset + length && length <= this.maxRequest) {
-      return this.request(CMD.READ, 0, offset, length) as Promise<Buffer>;
+      return this.request(CMD.READ, 0, offset, length, undefined, into) as Promise<Buffer>;
     }
     const parts: Array<Promise<Buffer>> = [];
     for (let o = start; o < end; o += this.maxRequest) {
@@ -236,7 +241,10 @@ export class NbdClient {
     }
     const whole = await settleAll(parts);
     const joined = whole.length === 1 ? whole[0]! : Buffer.concat(whole);
-    return joined.subarray(offset - start, offset - start + length);
+    const bytes = joined.subarray(offset - start, offset - start + length);
+    if (!into) return bytes;
+    bytes.copy(into);
+    return into;
   }
 
   /**
@@ -385,7 +393,14 @@ export class NbdClient {
     });
   }
 
-  private request(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<unknown> {
+  private request(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload?: Buffer,
+    into?: Buffer,
+  ): Promise<unknown> {
     if (this.failure) {
       const f = this.failure;
       return Promise.reject(
@@ -413,7 +428,7 @@ export class NbdClient {
       };
       if (type === CMD.READ) {
         // every byte is overwritten by a data chunk or zeroed by a hole chunk before resolve (coverage is checked)
-        p.buffer = Buffer.allocUnsafe(length);
+        p.buffer = into ?? Buffer.allocUnsafe(length);
         p.covered = [];
       }
       if (type === CMD.BLOCK_STATUS) p.statuses = new Map();

@@ -8,5 +8,5 @@ export { NbdError, isNbdError, nbdErrnoName } from './errors';
 export type { NbdErrorKind } from './errors';
 export { STATE_DIRTY, STATE_HOLE, STATE_ZERO } from './protocol';
 export type { BlockSizes } from './protocol';
-export { extents, rangesWhere, readRanges } from './ranges';
+export { READ_REQUEST_BYTES, extents, pooledReads, rangesWhere, readRanges } from './ranges';
 export type { ByteRange, ExtentsOptions, RangeData, ReadRangesOptions } from './ranges';

@@ -2,6 +2,7 @@
  * What a backup reader needs on top of the client: the extents of one context over a range (merged), and the bytes of
  * a list of ranges read with several requests in flight, handed out in order with bounded memory.
  */
+import { BufferPool } from '../shared/buffer-pool';
 import type { BlockExtent, NbdClient } from './client';
 import { NbdError } from './errors';
 
@@ -51,11 +52,19 @@ export interface ByteRange {
   length: number;
 }
 
+/** readRanges' largest request by default (never above the server's maximum) */
+export const READ_REQUEST_BYTES = 4 << 20;
+
 export interface ReadRangesOptions {
   /** requests in flight (default 8) */
   inFlight?: number;
   /** the largest single request (default: 4 MiB, never above the client's limit) */
   requestSize?: number;
+  /**
+   * where the pieces are read into (no fresh buffer per piece): each piece handed out is then the caller's to give
+   * back to the pool once done with it (or to drop). Its buffers must hold requestSize bytes.
+   */
+  pool?: BufferPool;
 }
 
 export interface RangeData {
@@ -89,7 +98,9 @@ export async function* readRanges(
   }
   const inFlight = Math.max(1, opts.inFlight ?? 8);
   const limit = Math.min(...clients.map((c) => c.requestLimit));
-  const size = Math.max(1, Math.min(opts.requestSize ?? 4 << 20, limit));
+  const size = Math.max(1, Math.min(opts.requestSize ?? READ_REQUEST_BYTES, limit));
+  if (opts.pool && opts.pool.size < size)
+    throw new NbdError('invalid', `readRanges: the pool's buffers of ${opts.pool.size} bytes cannot hold ${size}.`);
   let turn = 0;
   const pieces = splitRanges(ranges, size);
   const queue: Array<{ offset: number; data: Promise<Buffer> }> = [];
@@ -101,9 +112,10 @@ export async function* readRanges(
         exhausted = true;
         break;
       }
-      const data = clients[turn++ % clients.length]!.read(next.value.offset, next.value.length);
+      const { offset, length } = next.value;
+      const data = clients[turn++ % clients.length]!.read(offset, length, opts.pool?.take(length));
       data.catch(() => undefined); // awaited in order below; a later piece's failure must not be unhandled meanwhile
-      queue.push({ offset: next.value.offset, data });
+      queue.push({ offset, data });
     }
   };
   try {
@@ -116,9 +128,25 @@ export async function* readRanges(
     }
   } finally {
     // the consumer stopped early or a read failed: let what is in flight settle (its result is dropped)
-    await Promise.allSettled(queue.map((q) => q.data));
+    for (const r of await Promise.allSettled(queue.map((q) => q.data)))
+      if (r.status === 'fulfilled') opts.pool?.give(r.value);
     await pieces.return(undefined);
   }
+}
+
+/**
+ * readRanges over CLIENT into reused buffers (a pool of its own): `read` hands out the pieces, `release` takes a
+ * piece's buffer back once its reader is done with it (pieces never released are simply garbage).
+ */
+export function pooledReads(
+  client: NbdClient,
+  opts: { inFlight?: number } = {},
+): { read(ranges: AsyncIterable<ByteRange>): AsyncGenerator<RangeData>; release(data: Buffer): void } {
+  const pool = new BufferPool(Math.min(READ_REQUEST_BYTES, client.requestLimit));
+  return {
+    read: (ranges) => readRanges(client, ranges, { inFlight: opts.inFlight ?? 8, requestSize: pool.size, pool }),
+    release: (data) => pool.give(data),
+  };
 }
 
 async function* splitRanges(

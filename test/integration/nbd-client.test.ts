@@ -8,7 +8,17 @@
 import { mkdtemp, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, extents, rangesWhere, readRanges } from '../../src/nbd';
+import {
+  NbdClient,
+  NbdError,
+  STATE_DIRTY,
+  STATE_HOLE,
+  extents,
+  pooledReads,
+  rangesWhere,
+  readRanges,
+} from '../../src/nbd';
+import { BufferPool } from '../../src/shared/buffer-pool';
 import { startFakeNbdServer } from '../helpers/nbd-fake-server';
 import type { FakeServer, Scenario } from '../helpers/nbd-fake-server';
 import { mergeMap, nbdinfoMap, qemuImgMap, requireNbdTools, startNbdkit, startQemuNbd, tool } from '../helpers/nbd';
@@ -192,6 +202,45 @@ describe('against qemu-nbd (qcow2)', () => {
     expect(pieces.every((p) => p.length <= 64 * KiB)).toBe(true);
     const want = Buffer.concat(expected.map((e) => raw.subarray(e.offset, e.offset + e.length)));
     expect(Buffer.concat(parts).equals(want)).toBe(true);
+  });
+
+  test('readRanges into a BufferPool: a buffer given back holds a later piece, the bytes stay right', async () => {
+    const allocated = rangesWhere(extents(client, { context: 'base:allocation' }), (f) => (f & STATE_HOLE) === 0);
+    const pool = new BufferPool(16 * KiB);
+    const parts: Buffer[] = [];
+    const memory = new Set<ArrayBufferLike>();
+    let pieces = 0;
+    for await (const { data } of readRanges(client, allocated, { inFlight: 4, requestSize: 16 * KiB, pool })) {
+      parts.push(Buffer.from(data)); // a copy: the buffer itself is given back and read into again
+      memory.add(data.buffer);
+      pieces++;
+      pool.give(data);
+    }
+    const expected = (await qemuImgMap(image)).filter((e) => (e.flags & STATE_HOLE) === 0);
+    const want = Buffer.concat(expected.map((e) => raw.subarray(e.offset, e.offset + e.length)));
+    expect(Buffer.concat(parts).equals(want)).toBe(true);
+    expect(pieces).toBeGreaterThan(20);
+    expect(memory.size).toBeLessThanOrEqual(5); // reused: at most inFlight + 1 buffers
+    expect(pool.allocated).toBe(memory.size);
+    // pooledReads: the same bytes, each piece's buffer its own until released
+    const reads = pooledReads(client, { inFlight: 4 });
+    const again: Buffer[] = [];
+    for await (const { data } of reads.read(
+      rangesWhere(extents(client, { context: 'base:allocation' }), (f) => (f & STATE_HOLE) === 0),
+    )) {
+      again.push(Buffer.from(data));
+      reads.release(data);
+    }
+    expect(Buffer.concat(again).equals(want)).toBe(true);
+    // read(into): the bytes land in the caller's buffer, which is what resolves; a buffer of another size is refused
+    const into = Buffer.alloc(8 * KiB, 0xee);
+    expect(await client.read(12 * KiB, 8 * KiB, into)).toBe(into);
+    expect(into.equals(raw.subarray(12 * KiB, 20 * KiB))).toBe(true);
+    const odd = Buffer.alloc(5000);
+    expect((await client.read(1000, 5000, odd)).equals(raw.subarray(1000, 6000))).toBe(true);
+    await expect(client.read(0, 4 * KiB, Buffer.alloc(KiB))).rejects.toThrow(
+      /cannot read 4096 bytes into a buffer of 1024/,
+    );
   });
 
   test('readRanges spreads its requests over 4 connections (multi-conn) and still hands the bytes out in order', async () => {

@@ -6,7 +6,14 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CodecPool, ChunkFormatError, chunkId, decodeObject, initRepository } from '../../src/repository/chunks';
+import {
+  CodecPool,
+  ChunkFormatError,
+  chunkId,
+  decodeObject,
+  initRepository,
+  maxObjectBytes,
+} from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
@@ -57,6 +64,36 @@ describe('chunk codec pool', () => {
       expect(id).toBe(chunkId(repo, chunks[i]!));
       expect(back.equals(chunks[i]!)).toBe(true);
     });
+  });
+
+  test('encodeInto writes the object into the buffer given and hands both buffers back, for reuse', async () => {
+    const room = maxObjectBytes(repo, 'chunk');
+    let out = Buffer.allocUnsafeSlow(room);
+    for (const plain of [randomBytes(CHUNK), Buffer.alloc(CHUNK, 'compressible ')]) {
+      const mine = Buffer.allocUnsafeSlow(CHUNK);
+      plain.copy(mine);
+      const { id } = await pool.id(repo, plain);
+      const r = await pool.encodeInto(repo, 'chunk', id, mine, out);
+      // moved, not copied: the views given are empty now, the ones back hold the same memory's bytes
+      expect(mine.length).toBe(0);
+      expect(out.length).toBe(0);
+      expect(r.plaintext.equals(plain)).toBe(true);
+      expect(r.body.buffer.byteLength).toBe(room);
+      expect(r.body.byteOffset).toBe(0);
+      expect(decodeObject(repo, 'chunk', id, r.body).equals(plain)).toBe(true);
+      // the same object as encode() makes, nonce aside: same length, header and compression flag
+      const plainBody = await pool.encode(repo, 'chunk', id, plain);
+      expect(r.body.length).toBe(plainBody.length);
+      expect(r.body.subarray(0, 3).equals(plainBody.subarray(0, 3))).toBe(true);
+      out = Buffer.from(r.body.buffer);
+    }
+    const small = Buffer.allocUnsafeSlow(CHUNK / 2);
+    const plain = randomBytes(CHUNK);
+    const { id } = await pool.id(repo, plain);
+    await expect(pool.encodeInto(repo, 'chunk', id, Buffer.from(plain), small)).rejects.toThrow(
+      /does not fit the buffer given/,
+    );
+    await expect(pool.encodeInto(repo, 'chunk', id, plain, out.subarray(1))).rejects.toThrow(/whole buffer of its own/);
   });
 
   test('a damaged object fails in the thread with the codec sentence and its kind', async () => {

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { CHUNKS_PREFIX, ChunkStore, ingestDisk, initRepository, splitAtChunks } from '../../src/repository/chunks';
 import type { ByteRange, DiskSource, OpenRepository } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
+import { BufferPool } from '../../src/shared/buffer-pool';
 import { openTarget } from '../../src/storage/registry';
 
 const CHUNK = 64 * 1024; // the smallest chunk size: small test disks, many chunks
@@ -107,6 +108,50 @@ describe('ingestDisk', () => {
       chunk.copy(back, offset);
     });
     expect(back.equals(disk)).toBe(true);
+  });
+
+  test('a source that reuses buffers gets each one back once ingest is done with it, and the data stays right', async () => {
+    // whole-chunk pieces from a BufferPool (as an NBD reader with a pool hands them out): a buffer released too early
+    // would be overwritten by a later read while its chunk is still being hashed or stored
+    const size = 24 * CHUNK;
+    const disk = randomBytes(size);
+    disk.fill(0, 5 * CHUNK, 6 * CHUNK); // a zero chunk: never sent to the store, released as it is
+    const pool = new BufferPool(CHUNK);
+    // the length of each buffer when released (a later chunk read into the same memory moves it to a codec thread,
+    // which empties every older view of it)
+    const released: number[] = [];
+    const source: DiskSource = {
+      size,
+      dataRanges: () => from([{ offset: 0, length: size }]),
+      async *read(ranges) {
+        for await (const r of ranges) {
+          const b = pool.take(r.length);
+          disk.copy(b, 0, r.offset, r.offset + r.length);
+          yield { offset: r.offset, data: b };
+        }
+      },
+      release: (b) => {
+        released.push(b.length);
+        pool.give(b);
+      },
+    };
+    for (const attempt of ['uploads', 'finds every chunk']) {
+      released.length = 0;
+      const store = new ChunkStore(repo, { concurrency: 4 });
+      const { index, stats } = await ingestDisk(store, source);
+      expect(released).toHaveLength(24);
+      expect(released.every((n) => n === CHUNK)).toBe(true); // never an emptied (moved away) view
+      expect(stats.zeroChunks).toBe(1);
+      expect(stats.uploadedChunks + stats.knownChunks).toBe(23);
+      if (attempt === 'uploads') expect(stats.uploadedChunks).toBe(23);
+      // buffers were reused, so far fewer were made than chunks read
+      expect(pool.allocated).toBeLessThan(24);
+      const back = Buffer.alloc(size);
+      await store.readDisk(index, async (offset, chunk) => {
+        chunk.copy(back, offset);
+      });
+      expect(back.equals(disk)).toBe(true);
+    }
   });
 
   test('a data range of zeros is a zero chunk; a second run uploads nothing', async () => {

@@ -9,6 +9,7 @@ import {
   KEYS_PREFIX,
   addKey,
   changePassword,
+  derivedKeyStats,
   initRepository,
   listKeys,
   openRepository,
@@ -54,6 +55,22 @@ test('a wrong password is one sentence naming the target, no stack', async () =>
   const none = await failure(openRepository(target, undefined));
   expect(none.kind).toBe('wrong-password');
   expect(none.message.split('\n')).toHaveLength(1);
+});
+
+test('a second open derives no key again; a wrong password after a right one is still refused', async () => {
+  const repo = await init('right');
+  const before = derivedKeyStats();
+  const a = await openRepository(target, 'right');
+  const b = await openRepository(target, 'right');
+  const after = derivedKeyStats();
+  // init derived with its own random salt; the first open derives (once: one key object), the second reuses it
+  expect(after.derived - before.derived).toBe(1);
+  expect(after.reused - before.reused).toBe(1);
+  expect(a.keys!.encKey.equals(repo.keys!.encKey)).toBe(true);
+  expect(b.keys!.idKey.equals(repo.keys!.idKey)).toBe(true);
+  expect((await failure(openRepository(target, 'wrong'))).kind).toBe('wrong-password');
+  expect((await failure(openRepository(target, 'righ'))).kind).toBe('wrong-password');
+  expect(derivedKeyStats().derived - after.derived).toBe(2);
 });
 
 test('the default scrypt cost is stored in the key object and opens again', async () => {

@@ -23,12 +23,14 @@ export interface CodecParams {
   where: string;
 }
 
-export type CodecJob = { seq: number; codec: CodecParams; data: Uint8Array } & JobBody;
+export type CodecJob = { seq: number; codec: CodecParams; data: Uint8Array; out?: Uint8Array } & JobBody;
 
 export interface CodecReply {
   seq: number;
   id?: string;
   data?: Uint8Array;
+  /** encodeInto: the object, a view of the job's `out` (moved back) */
+  body?: Uint8Array;
   error?: { message: string; kind?: ChunkFormatErrorKind; objectId?: string | undefined };
 }
 
@@ -101,6 +103,22 @@ export class CodecPool {
     return asBuffer((await this.run(codec, { op: 'encode', type, id }, plaintext, handOver)).data!);
   }
 
+  /**
+   * The stored object for `plaintext`, written into `out` (a buffer of at least maxObjectBytes): both buffers move to
+   * the thread and come back, `body` a view of out's memory, `plaintext` the same bytes, so that the caller can reuse
+   * both (BufferPool) instead of allocating per chunk. Both must be whole buffers (their own ArrayBuffer).
+   */
+  async encodeInto(
+    codec: ChunkCodec,
+    type: ObjectType,
+    id: string,
+    plaintext: Uint8Array,
+    out: Uint8Array,
+  ): Promise<{ body: Buffer; plaintext: Buffer }> {
+    const r = await this.run(codec, { op: 'encode', type, id }, plaintext, true, out);
+    return { body: asBuffer(r.body!), plaintext: asBuffer(r.data!) };
+  }
+
   /** The verified plaintext of a stored object (decodeObject in a thread; `opts` as decodeObject's). */
   async decode(
     codec: ChunkCodec,
@@ -126,12 +144,19 @@ export class CodecPool {
     await Promise.all(threads.map((t) => t.worker.terminate()));
   }
 
-  private async run(codec: ChunkCodec, body: JobBody, data: Uint8Array, handOver: boolean): Promise<CodecReply> {
+  private async run(
+    codec: ChunkCodec,
+    body: JobBody,
+    data: Uint8Array,
+    handOver: boolean,
+    out?: Uint8Array,
+  ): Promise<CodecReply> {
     while (this.queue.length >= this.maxQueued) await new Promise<void>((r) => this.roomWaiters.push(r));
     // a buffer handed over that is the whole of its memory moves to the thread; anything else is copied once
-    const own =
-      handOver && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : new Uint8Array(data);
-    const job = { seq: ++this.seq, codec: params(codec), data: own, ...body } as CodecJob;
+    const own = handOver && isWhole(data) ? data : new Uint8Array(data);
+    if (out && (!isWhole(out) || out.buffer === own.buffer))
+      throw new ChunkFormatError('invalid-argument', 'An object is encoded into a whole buffer of its own.');
+    const job = { seq: ++this.seq, codec: params(codec), data: own, ...(out ? { out } : {}), ...body } as CodecJob;
     const reply = await new Promise<CodecReply>((resolve, reject) => {
       this.queue.push({ job, resolve, reject });
       this.dispatch();
@@ -155,7 +180,9 @@ export class CodecPool {
       this.roomWaiters.shift()?.();
       thread.busy = next;
       thread.worker.ref();
-      thread.worker.postMessage(next.job, [next.job.data.buffer as ArrayBuffer]);
+      const moved = [next.job.data.buffer as ArrayBuffer];
+      if (next.job.out) moved.push(next.job.out.buffer as ArrayBuffer);
+      thread.worker.postMessage(next.job, moved);
     }
     if (this.queue.length === 0 && this.threads.every((t) => !t.busy)) {
       this.idle = setTimeout(() => void this.close(), IDLE_MS);
@@ -202,6 +229,11 @@ function params(codec: ChunkCodec): CodecParams {
     zstd: codec.zstd.implementation,
     where: codec.where,
   };
+}
+
+/** A view of the whole of an unshared ArrayBuffer: what can be moved to a thread. */
+function isWhole(u: Uint8Array): boolean {
+  return u.buffer instanceof ArrayBuffer && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength;
 }
 
 function asBuffer(u: Uint8Array): Buffer {

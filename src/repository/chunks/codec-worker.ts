@@ -40,6 +40,16 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
         transfer: [job.data.buffer as ArrayBuffer],
       };
     case 'encode': {
+      if (job.out) {
+        // encodeInto: the object goes into the caller's buffer, and both buffers go back
+        const out = Buffer.from(job.out.buffer, job.out.byteOffset, job.out.byteLength);
+        const { body } = encodeObject(codec, job.type, job.id, data, out);
+        if (body.buffer !== out.buffer) throw new Error(`the ${job.type} ${job.id} does not fit the buffer given`);
+        return {
+          reply: { seq: job.seq, data: job.data, body },
+          transfer: [job.data.buffer as ArrayBuffer, job.out.buffer as ArrayBuffer],
+        };
+      }
       const { body } = encodeObject(codec, job.type, job.id, data);
       return { reply: { seq: job.seq, data: body }, transfer: whole(body) };
     }

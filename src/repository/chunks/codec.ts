@@ -101,8 +101,17 @@ export interface EncodedObject {
   compressed: boolean;
 }
 
-/** Builds the stored object for `plaintext`, whose id is `id` (the caller computed it with chunkId). */
-export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, plaintext: Uint8Array): EncodedObject {
+/**
+ * Builds the stored object for `plaintext`, whose id is `id` (the caller computed it with chunkId). `into`, when it
+ * is large enough (maxObjectBytes), is where the object is written: the body is then a view of it.
+ */
+export function encodeObject(
+  codec: ChunkCodec,
+  type: ObjectType,
+  id: string,
+  plaintext: Uint8Array,
+  into?: Buffer,
+): EncodedObject {
   if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not a chunk id.`);
   if (plaintext.length > maxPlaintext(codec, type))
     throw new ChunkFormatError(
@@ -121,11 +130,15 @@ export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, pl
   const encrypted = isEncrypted(codec);
   if (encrypted) flags |= FLAG_ENCRYPTED;
   const header = Buffer.from([ENVELOPE_VERSION, TYPE_BYTE[type], flags]);
+  const bodyBytes =
+    HEADER_BYTES +
+    (encrypted ? NONCE_BYTES + payload.length + TAG_BYTES : payload.length + (flags & FLAG_ZSTD ? DIGEST_BYTES : 0));
+  const out = into && into.length >= bodyBytes ? into.subarray(0, bodyBytes) : undefined;
   if (!encrypted) {
     // the plaintext's id covers every byte of a raw payload, but not the bytes of a zstd frame that do not change what
     // it decodes to (padding, header fields): a digest of the frame makes every flipped byte detectable
-    if (!(flags & FLAG_ZSTD)) return { body: Buffer.concat([header, payload]), compressed: false };
-    return { body: Buffer.concat([header, payload, payloadDigest(header, id, payload)]), compressed: true };
+    const parts = [header, payload, ...(flags & FLAG_ZSTD ? [payloadDigest(header, id, payload)] : [])];
+    return { body: out ? concatInto(out, parts) : Buffer.concat(parts), compressed: (flags & FLAG_ZSTD) !== 0 };
   }
   if (!codec.keys) throw new ChunkFormatError('invalid-argument', 'An encrypted repository needs its master keys.');
   const nonce = randomBytes(NONCE_BYTES);
@@ -134,7 +147,7 @@ export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, pl
   // the object is allocated once and the ciphertext copied in slice by slice: update() returns a new buffer, and
   // one as large as the payload, then concatenated, would be two fresh 4 MiB buffers per chunk (page faults each
   // in a worker that maps every large buffer on its own) where small slices reuse the same heap memory
-  const body = Buffer.allocUnsafe(HEADER_BYTES + NONCE_BYTES + payload.length + TAG_BYTES);
+  const body = out ?? Buffer.allocUnsafe(bodyBytes);
   header.copy(body, 0);
   nonce.copy(body, HEADER_BYTES);
   let at = HEADER_BYTES + NONCE_BYTES;
@@ -145,6 +158,15 @@ export function encodeObject(codec: ChunkCodec, type: ObjectType, id: string, pl
   cipher.getAuthTag().copy(body, at);
   if (at + TAG_BYTES !== body.length) throw new Error('AES-256-GCM changed the payload length');
   return { body, compressed: (flags & FLAG_ZSTD) !== 0 };
+}
+
+function concatInto(out: Buffer, parts: Uint8Array[]): Buffer {
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 export interface DecodeOptions {

@@ -25,6 +25,11 @@ export interface DiskSource {
    * caller's once handed out (the source never writes it again): a piece that is a whole chunk is stored as it is
    */
   read(ranges: AsyncIterable<ByteRange>): AsyncIterable<{ offset: number; data: Buffer }>;
+  /**
+   * a buffer ingest is done with (a piece's, or what a stored chunk's buffer came back as): the source may reuse it
+   * for a later piece. Never called for a buffer anything may still read.
+   */
+  release?(data: Buffer): void;
 }
 
 export interface IngestProgress {
@@ -119,6 +124,7 @@ export async function ingestDisk(
     const task = (async () => {
       try {
         const put = await store.put(chunk, undefined, { handOver: true });
+        source.release?.(put.data ?? chunk);
         entries[n] = put.id;
         if (put.id !== 'zero') {
           if (put.uploadedBytes > 0) {
@@ -166,6 +172,7 @@ export async function ingestDisk(
         buf = Buffer.alloc(lengthOf(n));
       }
       piece.data.copy(buf!, piece.offset - n * chunkSize);
+      source.release?.(piece.data);
     }
     if (buf) await submit(current, buf);
     current = count;

@@ -13,6 +13,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { ObjectInfo } from '../../storage/contract';
+import { BufferPool } from '../../shared/buffer-pool';
 import { isStorageError } from '../../storage/errors';
 import { chunkId, decodeObject, encodeObject, isAllZero, maxObjectBytes } from './codec';
 import type { DecodeOptions } from './codec';
@@ -32,6 +33,11 @@ export interface PutResult {
   id: IndexEntry;
   /** bytes sent to the target (0 when the chunk was zero or already stored) */
   uploadedBytes: number;
+  /**
+   * put with handOver: the chunk's bytes, back from the codec threads (the caller's buffer moved there and back, so
+   * its old view is empty now). The caller may reuse this buffer (e.g. give it to a BufferPool).
+   */
+  data?: Buffer;
 }
 
 export interface StoreStats {
@@ -80,6 +86,8 @@ export class ChunkStore {
   touched = 0;
   /** where chunks are hashed, encoded and decoded */
   private readonly pool: CodecPool;
+  /** buffers the encoded chunks are written into (made on the first upload) */
+  private bodies: BufferPool | undefined;
 
   constructor(
     readonly repo: OpenRepository,
@@ -179,18 +187,37 @@ export class ChunkStore {
       throw new ChunkFormatError('invalid-argument', `The data given for chunk ${id} does not have that id.`, {
         objectId: id,
       });
-    if (await this.has(hashed.id)) return { id: hashed.id, uploadedBytes: 0 };
-    return { id: hashed.id, uploadedBytes: await this.upload(hashed.id, hashed.data, true) };
+    const back = opts.handOver ? { data: hashed.data } : {};
+    if (await this.has(hashed.id)) return { id: hashed.id, uploadedBytes: 0, ...back };
+    const up = await this.uploadOwned(hashed.id, hashed.data);
+    return { id: hashed.id, uploadedBytes: up.bytes, ...(opts.handOver ? { data: up.plaintext } : {}) };
   }
 
   /** Encodes and stores a chunk whose id the caller computed from this very data. */
   private async upload(id: string, plaintext: Uint8Array, handOver = false): Promise<number> {
     const body = await this.pool.encode(this.repo, 'chunk', id, plaintext, handOver);
+    await this.store(id, body);
+    return body.length;
+  }
+
+  /**
+   * upload of a buffer the store owns (a whole one, moved to the codec threads): the object is written into a
+   * reused buffer, given back once the target has it; the plaintext comes back for the caller to reuse.
+   */
+  private async uploadOwned(id: string, plaintext: Buffer): Promise<{ bytes: number; plaintext: Buffer }> {
+    this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2);
+    const encoded = await this.pool.encodeInto(this.repo, 'chunk', id, plaintext, this.bodies.take());
+    await this.store(id, encoded.body);
+    // only now: the write has returned, nothing reads the body any more (a failed write drops the buffer)
+    this.bodies.give(encoded.body);
+    return { bytes: encoded.body.length, plaintext: encoded.plaintext };
+  }
+
+  private async store(id: string, body: Buffer): Promise<void> {
     const now = this.now();
     // durable (directory synced) by the flush in putIndex, before any index can name it
     await this.repo.target.putBatched(chunkKey(id), body);
     this.fresh.set(id, now);
-    return body.length;
   }
 
   /**

@@ -1,0 +1,63 @@
+/**
+ * BufferPool (src/shared/buffer-pool.ts): buffers come back for reuse only once given, never twice to two takers, and
+ * a buffer moved to a thread and back (another ArrayBuffer object over the same memory) is taken back too.
+ */
+import { MessageChannel } from 'node:worker_threads';
+import { BufferPool } from '../../src/shared/buffer-pool';
+
+test('a buffer given back is the next one taken; none is made while one waits', () => {
+  const pool = new BufferPool(1024);
+  const a = pool.take();
+  const b = pool.take(100);
+  expect(a.length).toBe(1024);
+  expect(b.length).toBe(100);
+  expect(a.buffer).not.toBe(b.buffer);
+  expect(pool.allocated).toBe(2);
+  pool.give(b);
+  const c = pool.take();
+  expect(c.buffer).toBe(b.buffer);
+  expect(c.length).toBe(1024);
+  expect(pool.allocated).toBe(2);
+});
+
+test('a buffer given twice is kept once: two takers never share one', () => {
+  const pool = new BufferPool(64);
+  const a = pool.take();
+  pool.give(a);
+  pool.give(a.subarray(8));
+  expect(pool.idle).toBe(1);
+  const x = pool.take();
+  const y = pool.take();
+  expect(x.buffer).not.toBe(y.buffer);
+});
+
+test('foreign sizes, shared memory, detached buffers and a full pool are not kept', () => {
+  const pool = new BufferPool(64, 1);
+  pool.give(Buffer.alloc(32));
+  pool.give(new Uint8Array(new SharedArrayBuffer(64)));
+  const moved = pool.take();
+  structuredClone(moved.buffer, { transfer: [moved.buffer] });
+  pool.give(moved);
+  expect(pool.idle).toBe(0);
+  pool.give(pool.take());
+  pool.give(Buffer.allocUnsafeSlow(64));
+  expect(pool.idle).toBe(1);
+  expect(() => pool.take(65)).toThrow(/does not fit/);
+  expect(() => new BufferPool(0)).toThrow(/positive size/);
+});
+
+test('a buffer moved to another thread and back is taken back (same memory, new ArrayBuffer object)', async () => {
+  const pool = new BufferPool(4096);
+  const a = pool.take();
+  a.fill(7);
+  const { port1, port2 } = new MessageChannel();
+  const back = new Promise<ArrayBuffer>((resolve) => port2.once('message', (m: ArrayBuffer) => resolve(m)));
+  port1.postMessage(a.buffer, [a.buffer]);
+  const ab = await back;
+  port1.close();
+  expect(a.length).toBe(0); // detached here
+  pool.give(Buffer.from(ab));
+  const again = pool.take();
+  expect(pool.allocated).toBe(1);
+  expect(again[0]).toBe(7);
+});
