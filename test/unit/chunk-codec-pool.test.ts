@@ -109,7 +109,7 @@ describe('chunk codec pool', () => {
   });
 
   test('a thread that dies rejects the job it ran with one sentence; the next jobs still run', async () => {
-    const big = randomBytes(16 * CHUNK);
+    const big = randomBytes(256 * CHUNK); // 64 MiB: ~50 ms of hashing, far longer than terminate takes to arrive
     const small = new CodecPool(1, 2);
     const outcome = (p: Promise<unknown>) =>
       p.then(
