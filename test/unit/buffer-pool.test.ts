@@ -36,7 +36,7 @@ test('foreign sizes, shared memory, detached buffers and a full pool are not kep
   pool.give(Buffer.alloc(32));
   pool.give(new Uint8Array(new SharedArrayBuffer(64)));
   const moved = pool.take();
-  structuredClone(moved.buffer, { transfer: [moved.buffer] });
+  structuredClone(moved.buffer, { transfer: [moved.buffer as ArrayBuffer] });
   pool.give(moved);
   expect(pool.idle).toBe(0);
   pool.give(pool.take());
@@ -52,7 +52,7 @@ test('a buffer moved to another thread and back is taken back (same memory, new 
   a.fill(7);
   const { port1, port2 } = new MessageChannel();
   const back = new Promise<ArrayBuffer>((resolve) => port2.once('message', (m: ArrayBuffer) => resolve(m)));
-  port1.postMessage(a.buffer, [a.buffer]);
+  port1.postMessage(a.buffer, [a.buffer as ArrayBuffer]);
   const ab = await back;
   port1.close();
   expect(a.length).toBe(0); // detached here

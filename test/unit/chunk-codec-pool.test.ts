@@ -85,7 +85,7 @@ describe('chunk codec pool', () => {
       const plainBody = await pool.encode(repo, 'chunk', id, plain);
       expect(r.body.length).toBe(plainBody.length);
       expect(r.body.subarray(0, 3).equals(plainBody.subarray(0, 3))).toBe(true);
-      out = Buffer.from(r.body.buffer);
+      out = Buffer.from(r.body.buffer as ArrayBuffer);
     }
     const small = Buffer.allocUnsafeSlow(CHUNK / 2);
     const plain = randomBytes(CHUNK);
@@ -94,6 +94,23 @@ describe('chunk codec pool', () => {
       /does not fit the buffer given/,
     );
     await expect(pool.encodeInto(repo, 'chunk', id, plain, out.subarray(1))).rejects.toThrow(/whole buffer of its own/);
+  });
+
+  test('decodeInto writes the plaintext into the buffer given (compressed or not) and hands it back', async () => {
+    for (const plain of [randomBytes(CHUNK), Buffer.alloc(CHUNK, 'compressible ')]) {
+      const { id } = await pool.id(repo, plain);
+      const body = await pool.encode(repo, 'chunk', id, plain);
+      const out = Buffer.allocUnsafeSlow(CHUNK);
+      const back = await pool.decodeInto(repo, 'chunk', id, Buffer.from(body), out, { checkId: false });
+      expect(out.length).toBe(0); // moved there and back: this view is empty, `back` holds the memory
+      expect(back.buffer.byteLength).toBe(CHUNK);
+      expect(back.equals(plain)).toBe(true);
+      // a damaged object still fails, and nothing comes back
+      body[body.length - 1]! ^= 1;
+      await expect(
+        pool.decodeInto(repo, 'chunk', id, body, Buffer.allocUnsafeSlow(CHUNK), { checkId: false }),
+      ).rejects.toThrow(/is damaged or not what the repository stored/);
+    }
   });
 
   test('a damaged object fails in the thread with the codec sentence and its kind', async () => {

@@ -29,7 +29,7 @@ export interface CodecReply {
   seq: number;
   id?: string;
   data?: Uint8Array;
-  /** encodeInto: the object, a view of the job's `out` (moved back) */
+  /** encodeInto's object, decodeInto's plaintext: a view of the job's `out` (moved back) */
   body?: Uint8Array;
   error?: { message: string; kind?: ChunkFormatErrorKind; objectId?: string | undefined };
 }
@@ -130,6 +130,22 @@ export class CodecPool {
   ): Promise<Buffer> {
     const job = { op: 'decode', type, id, checkId: opts.checkId ?? true } as const;
     return asBuffer((await this.run(codec, job, body, handOver)).data!);
+  }
+
+  /**
+   * decode into `out` (a whole buffer of at least the plaintext's size, e.g. from a BufferPool): the body moves to the
+   * thread for good, `out` moves there and back; what resolves is a view of out's memory.
+   */
+  async decodeInto(
+    codec: ChunkCodec,
+    type: ObjectType,
+    id: string,
+    body: Uint8Array,
+    out: Uint8Array,
+    opts: DecodeOptions = {},
+  ): Promise<Buffer> {
+    const job = { op: 'decode', type, id, checkId: opts.checkId ?? true } as const;
+    return asBuffer((await this.run(codec, job, body, true, out)).body!);
   }
 
   /** Threads running now (tests; diagnostics). */

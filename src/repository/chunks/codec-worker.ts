@@ -54,6 +54,12 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
       return { reply: { seq: job.seq, data: body }, transfer: whole(body) };
     }
     case 'decode': {
+      if (job.out) {
+        // decodeInto: the plaintext goes into the caller's buffer, which goes back (the body stays here)
+        const out = Buffer.from(job.out.buffer, job.out.byteOffset, job.out.byteLength);
+        const plain = decodeObject(codec, job.type, job.id, data, { checkId: job.checkId }, out);
+        return { reply: { seq: job.seq, body: plain }, transfer: [job.out.buffer as ArrayBuffer] };
+      }
       const plain = decodeObject(codec, job.type, job.id, data, { checkId: job.checkId });
       return { reply: { seq: job.seq, data: plain }, transfer: whole(plain) };
     }

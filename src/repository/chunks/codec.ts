@@ -182,7 +182,7 @@ export interface DecodeOptions {
 }
 
 /**
- * The verified plaintext of a stored object fetched under `id`. Any damage, a foreign object, or an object stored
+ * The verified plaintext of a stored object fetched under `id` (written into `into` when given: a view of it). Any damage, a foreign object, or an object stored
  * under another id fails with ChunkFormatError 'corrupt' naming the id (see DecodeOptions for what `checkId: false`
  * trusts to the GCM tag).
  */
@@ -192,6 +192,7 @@ export function decodeObject(
   id: string,
   body: Buffer,
   opts: DecodeOptions = {},
+  into?: Buffer,
 ): Buffer {
   const corrupt = (why: string, cause?: unknown): ChunkFormatError =>
     new ChunkFormatError(
@@ -216,12 +217,23 @@ export function decodeObject(
     const decipher = createDecipheriv('aes-256-gcm', codec.keys.encKey, nonce);
     decipher.setAAD(associatedData(body.subarray(0, HEADER_BYTES), id));
     decipher.setAuthTag(body.subarray(body.length - TAG_BYTES));
+    const sealed = body.subarray(HEADER_BYTES + NONCE_BYTES, body.length - TAG_BYTES);
     try {
-      // GCM is a stream mode: final() only checks the tag and returns no bytes, so update's output is the payload
-      // (no second copy of a 4 MiB chunk)
-      payload = decipher.update(body.subarray(HEADER_BYTES + NONCE_BYTES, body.length - TAG_BYTES));
-      const rest = decipher.final();
-      if (rest.length > 0) payload = Buffer.concat([payload, rest]);
+      if (into && into.length >= sealed.length) {
+        // into the caller's buffer slice by slice (as encodeObject); nothing of it is handed out before final()
+        // has checked the tag
+        let at = 0;
+        for (let off = 0; off < sealed.length; off += CIPHER_SLICE)
+          at += decipher.update(sealed.subarray(off, Math.min(off + CIPHER_SLICE, sealed.length))).copy(into, at);
+        at += decipher.final().copy(into, at);
+        payload = into.subarray(0, at);
+      } else {
+        // GCM is a stream mode: final() only checks the tag and returns no bytes, so update's output is the payload
+        // (no second copy of a 4 MiB chunk)
+        payload = decipher.update(sealed);
+        const rest = decipher.final();
+        if (rest.length > 0) payload = Buffer.concat([payload, rest]);
+      }
     } catch (cause) {
       throw corrupt('authentication failed', cause);
     }
@@ -248,5 +260,10 @@ export function decodeObject(
   if ((opts.checkId ?? true) || !encrypted) {
     if (chunkId(codec, plaintext) !== id) throw corrupt('content does not match its id');
   }
-  return plaintext;
+  if (!into || plaintext.buffer === into.buffer) return plaintext;
+  if (plaintext.length > into.length)
+    throw new ChunkFormatError('invalid-argument', `The ${type} ${id} does not fit the buffer given.`, {
+      objectId: id,
+    });
+  return into.subarray(0, plaintext.copy(into));
 }

@@ -97,8 +97,7 @@ async function deriveCached(password: string, salt: Buffer, p: ScryptParams, now
   kekStats.derived++;
   kekCache.delete(key);
   kekCache.set(key, { kek, at: now });
-  for (const [k, v] of kekCache)
-    if (kekCache.size > KEK_CACHE_MAX || now - v.at >= KEK_CACHE_MS) kekCache.delete(k);
+  for (const [k, v] of kekCache) if (kekCache.size > KEK_CACHE_MAX || now - v.at >= KEK_CACHE_MS) kekCache.delete(k);
   return kek;
 }
 

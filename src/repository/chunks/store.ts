@@ -224,7 +224,7 @@ export class ChunkStore {
    * The verified plaintext of chunk `id`; ChunkFormatError 'missing' or 'corrupt' naming it otherwise. `checkId:
    * false` trusts an encrypted chunk's GCM tag without hashing its plaintext again (DecodeOptions).
    */
-  async get(id: string, opts: DecodeOptions = {}): Promise<Buffer> {
+  async get(id: string, opts: DecodeOptions = {}, into?: Buffer): Promise<Buffer> {
     if (!ID_RE.test(id)) throw new ChunkFormatError('invalid-argument', `${JSON.stringify(id)} is not a chunk id.`);
     let body: Buffer;
     try {
@@ -242,6 +242,7 @@ export class ChunkStore {
         });
       throw err;
     }
+    if (into) return this.pool.decodeInto(this.repo, 'chunk', id, body, into, opts);
     return this.pool.decode(this.repo, 'chunk', id, body, true, opts);
   }
 
@@ -323,21 +324,24 @@ export class ChunkStore {
   /**
    * Reads a disk back from its index, chunk by chunk in offset order, each verified, `concurrency` fetched ahead.
    * `write` receives every non-zero chunk with its offset; zero chunks are skipped (the destination keeps holes).
+   * The chunk's buffer is reused once `write`'s promise resolves: copy what must be kept.
    * An encrypted chunk is trusted on its GCM tag, which authenticates it under its id (DecodeOptions); an unencrypted
    * one is checked against its id.
    */
   async readDisk(index: DiskIndex, write: (offset: number, data: Buffer) => Promise<void>): Promise<void> {
     const fetches: Array<Promise<Buffer> | undefined> = [];
+    const ahead = Math.min(this.concurrency, index.entries.length);
+    // each chunk is decoded into a reused buffer, taken back once `write` has returned (see BufferPool for why)
+    const plain = new BufferPool(index.chunkSize, ahead + 1);
     const start = (n: number): void => {
       const e = index.entries[n];
       if (e === undefined || e === 'zero') fetches[n] = undefined;
       else {
-        const p = this.get(e, { checkId: false });
+        const p = this.get(e, { checkId: false }, plain.take());
         p.catch(() => undefined); // observed below, in order
         fetches[n] = p;
       }
     };
-    const ahead = Math.min(this.concurrency, index.entries.length);
     for (let n = 0; n < ahead; n++) start(n);
     for (let n = 0; n < index.entries.length; n++) {
       const p = fetches[n];
@@ -355,6 +359,7 @@ export class ChunkStore {
           },
         );
       await write(offset, data);
+      plain.give(data);
     }
   }
 
