@@ -129,8 +129,12 @@ export async function backupTimeline(
 export function splitTimeline(t: BackupTimeline): Record<string, number> {
   const out: Record<string, number> = {};
   for (const a of t.activities) out[a.name] = (out[a.name] ?? 0) + (a.closedAt - a.startedAt);
-  // union of activity run intervals (targets ship in parallel)
-  const iv = t.activities.map((a) => [a.startedAt, a.closedAt] as const).sort((x, y) => x[0] - y[0]);
+  // union of activity run intervals (targets ship in parallel); a span without both times (an activity still
+  // running, or cancelled before it started: NaN) is left out, or one NaN would make the whole union NaN-poisoned
+  const iv = t.activities
+    .filter((a) => Number.isFinite(a.startedAt) && Number.isFinite(a.closedAt))
+    .map((a) => [a.startedAt, a.closedAt] as const)
+    .sort((x, y) => x[0] - y[0]);
   let covered = 0;
   let curS = -Infinity;
   let curE = -Infinity;
