@@ -1,50 +1,59 @@
 /**
- * endPullBackup on a real pull job whose end takes longer than its wait (issue #16 follow-up): the activity is called
- * directly (MockActivityEnvironment only supplies the activity Context), as the workflow's retries would call it.
+ * endPullBackup on a real pull job whose end takes longer than its wait (issue #16 follow-up), called directly
+ * (MockActivityEnvironment only supplies the activity Context) as the workflow's retries call it; and what the backup
+ * workflow does when that step fails on every attempt.
  *
  * "The job outlives the wait" is made certain without timing: the domain's disk is in an IOThread of its own, and the
  * test stops that one thread (a ptrace stop, test/helpers/threads.ts). QEMU then cannot cancel the disk's block job,
  * so libvirt reports the aborted job as running for as long as the thread is stopped, while QEMU's monitor, libvirt
- * and virsh keep answering.
+ * and virsh keep answering. No NBD client may be connected then: QEMU 7.2 aborts ("nbd_blockdev_client_closed:
+ * Assertion `qemu_in_main_thread() && nbd_server' failed") when a client of an IOThread disk's export disconnects.
+ * So the workflow test runs a real pull backup of a domain without IOThread and replaces only endPullBackup by a step
+ * that keeps failing (pure orchestration: the real job is left running, as a job that does not end would be).
  */
-import { lstat, mkdtemp, rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { Client } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import { createActivities } from '../../src/activities';
+import { startBackup } from '../../src/client/backups';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import type { BeginPullInput, PullJob, StagingArea } from '../../src/shared/activities';
+import { hostTaskQueue } from '../../src/shared/names';
 import type { DomainInfo } from '../../src/shared/types';
 import { openTarget } from '../../src/storage/registry';
+import { createSlotWorker } from '../../src/worker';
 import { useFixtureDomains } from '../fixtures/domains';
-import { virsh } from '../helpers/images';
-import { requireLibvirt, stackEnv } from '../helpers/stack';
+import { initTestRepository, localRepoTarget } from '../helpers/chunk-repo';
+import { checkpoints, jobType, present } from '../helpers/pull-jobs';
+import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { iothreadIds, stopThread } from '../helpers/threads';
 import type { StoppedThread } from '../helpers/threads';
+import { temporalClient, uniqueHost } from '../helpers/vmbackup';
 
 jest.setTimeout(10 * 60_000);
 
-const present = (p: string) =>
-  lstat(p).then(
-    () => true,
-    () => false,
-  );
+const PASSWORD = 'a pull job that outlives its end step';
+const REPO_ROOT = resolve(__dirname, '..', '..');
 
 describe('endPullBackup on a real pull job', () => {
   const newDomain = useFixtureDomains();
   let work: string;
+  let closeClient: (() => Promise<void>) | undefined;
+  let client: Client;
 
   beforeAll(async () => {
     await requireLibvirt();
     work = await mkdtemp(join(stackEnv().stateDir, 'test-pull-job-end-'));
+    Runtime.install({ logger: new DefaultLogger('WARN') });
   });
   afterAll(async () => {
+    await closeClient?.();
     if (work) await rm(work, { recursive: true, force: true });
   });
-
-  async function jobType(domain: string): Promise<string> {
-    const out = await virsh('domjobinfo', domain);
-    return /Job type:\s+(\S+)/.exec(out)?.[1] ?? out;
-  }
 
   test('a job still running 10 s after domjobabort keeps its scratch file and socket and fails the attempt as retryable; the retry after it ended cleans up', async () => {
     const dom = await newDomain({
@@ -72,7 +81,7 @@ describe('endPullBackup on a real pull job', () => {
       })) as StagingArea;
       const job: BeginPullInput = { backupId, domain: dom.name, disks: info.disks, stagingDir: staging.dir };
       const begun = (await env.run(acts.beginPullBackup, job)) as PullJob;
-      expect(await jobType(dom.name)).toBe('Unbounded');
+      expect(await jobType(dom)).toBe('Unbounded');
       const scratch = begun.scratch[0]!;
       expect(await present(scratch)).toBe(true);
       expect(await present(begun.socket)).toBe(true);
@@ -86,7 +95,7 @@ describe('endPullBackup on a real pull job', () => {
         nonRetryable: false,
       });
       // nothing of the running job was removed under QEMU
-      expect(await jobType(dom.name)).toBe('Unbounded');
+      expect(await jobType(dom)).toBe('Unbounded');
       expect(await present(scratch)).toBe(true);
       expect(await present(begun.socket)).toBe(true);
 
@@ -94,7 +103,7 @@ describe('endPullBackup on a real pull job', () => {
       stopped = undefined;
       // the retry: the job ends (aborted again or already gone), then its files go
       await env.run(acts.endPullBackup, job);
-      expect(await jobType(dom.name)).toBe('None');
+      expect(await jobType(dom)).toBe('None');
       expect(await present(scratch)).toBe(false);
       expect(await present(dirname(begun.socket))).toBe(false);
       expect(await dom.state()).toBe('running');
@@ -105,6 +114,99 @@ describe('endPullBackup on a real pull job', () => {
     } finally {
       await stopped?.release();
       hv.close();
+    }
+  });
+
+  test('a pull backup whose job end step fails on every attempt keeps its staging dir and checkpoint under the running job', async () => {
+    await requireTemporal();
+    const bundle = join(REPO_ROOT, 'dist', 'workflow-bundle.js');
+    if (!existsSync(bundle))
+      throw new Error('dist/workflow-bundle.js is missing: run `npm run build` (npm test does it)');
+    ({ client, close: closeClient } = await temporalClient());
+    const env = stackEnv();
+    const dom = await newDomain({ prefix: 'ep', disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }] });
+    const repo = await localRepoTarget(work, 'repo');
+    await initTestRepository(repo.target, PASSWORD);
+    const host = uniqueHost('ep');
+    const hypervisor = createVirshHypervisor({ uri: env.libvirt.uri });
+    const real = createActivities({
+      hypervisor,
+      stateDir: env.stateDir,
+      repositoryPassword: PASSWORD,
+      openTarget: (url, options) => openTarget(url, { ...options, env: {} }),
+    });
+    // The orchestration under test: what the workflow does when endPullBackup keeps failing (a job that does not
+    // end, as the first test makes real). The real job is left running, as it would be then.
+    const ends: BeginPullInput[] = [];
+    let stagingCleanups = 0;
+    let checkpointDrops = 0;
+    const activities = {
+      ...real,
+      endPullBackup: async (input: BeginPullInput) => {
+        ends.push(input);
+        throw ApplicationFailure.retryable('injected: the pull job did not end', 'BackupJobFailed');
+      },
+      cleanupStaging: async (input: Parameters<typeof real.cleanupStaging>[0]) => {
+        stagingCleanups++;
+        return real.cleanupStaging(input);
+      },
+      dropCheckpoint: async (input: Parameters<typeof real.dropCheckpoint>[0]) => {
+        checkpointDrops++;
+        return real.dropCheckpoint(input);
+      },
+    };
+    const connection = await NativeConnection.connect({ address: env.temporal.address });
+    const worker = await Worker.create({
+      connection,
+      namespace: env.temporal.namespace,
+      taskQueue: hostTaskQueue(host),
+      activities,
+      workflowBundle: { codePath: bundle },
+    });
+    const slots = await createSlotWorker({
+      connection,
+      namespace: env.temporal.namespace,
+      host,
+      maxConcurrentBackups: 2,
+      client: new Client({ connection, namespace: env.temporal.namespace }),
+    });
+    const running = Promise.all([worker.run(), slots.run()]);
+    const mock = new MockActivityEnvironment({ startToCloseTimeoutMs: 5 * 60_000 });
+    try {
+      const { backupId, handle } = await startBackup(client, {
+        domain: dom.name,
+        host,
+        method: 'pull',
+        targets: [repo.url],
+        options: { heartbeatTimeoutSeconds: 10, level: 'full' },
+      });
+      await expect(handle.result()).rejects.toThrow();
+      // every attempt the short steps allow, then the backup failed with the step's sentence
+      expect(ends).toHaveLength(6);
+      const job = ends[0]!;
+      const scratch = join(job.stagingDir, 'vda.scratch.qcow2');
+      // QEMU's files under the running job are kept, and so is the checkpoint the job's bitmaps belong to
+      expect(await jobType(dom)).toBe('Unbounded');
+      expect(await present(scratch)).toBe(true);
+      expect({ stagingCleanups, checkpointDrops }).toEqual({ stagingCleanups: 0, checkpointDrops: 0 });
+      expect(await checkpoints(dom)).toEqual([`vmbackup.${backupId}`]);
+      // no manifest: nothing was committed
+      expect(await present(join(repo.dir, dom.name, backupId, 'manifest.json'))).toBe(false);
+
+      // what the retried step (or recovery) does once it can: end the job, then staging goes
+      await mock.run(real.endPullBackup, job);
+      expect(await jobType(dom)).toBe('None');
+      expect(await present(scratch)).toBe(false);
+      await mock.run(real.cleanupStaging, { backupId, stagingDir: job.stagingDir });
+      expect(await present(job.stagingDir)).toBe(false);
+      expect(await dom.state()).toBe('running');
+    } finally {
+      worker.shutdown();
+      slots.shutdown();
+      await running;
+      hypervisor.close();
+      await connection.close();
+      await repo.target.close();
     }
   });
 });
