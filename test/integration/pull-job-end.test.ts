@@ -11,23 +11,21 @@
  * So the workflow test runs a real pull backup of a domain without IOThread and replaces only endPullBackup by a step
  * that keeps failing (pure orchestration: the real job is left running, as a job that does not end would be).
  */
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
-import { Client } from '@temporalio/client';
+import { dirname, join } from 'node:path';
+import type { Client } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
+import { DefaultLogger, Runtime } from '@temporalio/worker';
 import { createActivities } from '../../src/activities';
 import { startBackup } from '../../src/client/backups';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import type { BeginPullInput, PullJob, StagingArea } from '../../src/shared/activities';
-import { hostTaskQueue } from '../../src/shared/names';
 import type { DomainInfo } from '../../src/shared/types';
 import { openTarget } from '../../src/storage/registry';
-import { createSlotWorker } from '../../src/worker';
 import { useFixtureDomains } from '../fixtures/domains';
 import { initTestRepository, localRepoTarget } from '../helpers/chunk-repo';
+import { startInProcessHostWorker } from '../helpers/host-worker';
 import { checkpoints, jobType, present } from '../helpers/pull-jobs';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { iothreadIds, stopThread } from '../helpers/threads';
@@ -37,7 +35,6 @@ import { temporalClient, uniqueHost } from '../helpers/vmbackup';
 jest.setTimeout(10 * 60_000);
 
 const PASSWORD = 'a pull job that outlives its end step';
-const REPO_ROOT = resolve(__dirname, '..', '..');
 
 describe('endPullBackup on a real pull job', () => {
   const newDomain = useFixtureDomains();
@@ -119,9 +116,6 @@ describe('endPullBackup on a real pull job', () => {
 
   test('a pull backup whose job end step fails on every attempt keeps its staging dir and checkpoint under the running job', async () => {
     await requireTemporal();
-    const bundle = join(REPO_ROOT, 'dist', 'workflow-bundle.js');
-    if (!existsSync(bundle))
-      throw new Error('dist/workflow-bundle.js is missing: run `npm run build` (npm test does it)');
     ({ client, close: closeClient } = await temporalClient());
     const env = stackEnv();
     const dom = await newDomain({ prefix: 'ep', disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }] });
@@ -155,22 +149,7 @@ describe('endPullBackup on a real pull job', () => {
         return real.dropCheckpoint(input);
       },
     };
-    const connection = await NativeConnection.connect({ address: env.temporal.address });
-    const worker = await Worker.create({
-      connection,
-      namespace: env.temporal.namespace,
-      taskQueue: hostTaskQueue(host),
-      activities,
-      workflowBundle: { codePath: bundle },
-    });
-    const slots = await createSlotWorker({
-      connection,
-      namespace: env.temporal.namespace,
-      host,
-      maxConcurrentBackups: 2,
-      client: new Client({ connection, namespace: env.temporal.namespace }),
-    });
-    const running = Promise.all([worker.run(), slots.run()]);
+    const worker = await startInProcessHostWorker(host, activities);
     const mock = new MockActivityEnvironment({ startToCloseTimeoutMs: 5 * 60_000 });
     try {
       const { backupId, handle } = await startBackup(client, {
@@ -201,11 +180,8 @@ describe('endPullBackup on a real pull job', () => {
       expect(await present(job.stagingDir)).toBe(false);
       expect(await dom.state()).toBe('running');
     } finally {
-      worker.shutdown();
-      slots.shutdown();
-      await running;
+      await worker.stop();
       hypervisor.close();
-      await connection.close();
       await repo.target.close();
     }
   });
