@@ -80,6 +80,8 @@ const JOURNAL = 'pull-journal.json';
 const PULL_CHUNK_CONCURRENCY = 8;
 /** how often the settled prefix of the indexes is written to the journal */
 const JOURNAL_EVERY_MS = 2_000;
+/** how long endPullBackup waits for an aborted pull job to end before the attempt fails (and is retried) */
+const JOB_END_WAIT_MS = 10_000;
 
 /** What pullIntoRepositories heartbeats: where it is per target and disk. */
 export interface PullHeartbeat {
@@ -192,21 +194,31 @@ export function createPullActivities(deps: PullDeps) {
     }
   }
 
-  /** Undo and end of a pull job: `domjobabort` (how a pull job ends), then scratch files, socket dir, journal. */
+  /**
+   * Undo and end of a pull job: `domjobabort` (how a pull job ends), then scratch files, socket dir, journal. A job
+   * still running after the wait keeps all of them (QEMU still writes the old blocks into its scratch files) and
+   * fails the attempt as retryable: a later attempt finds it ended, or aborts it again, and cleans up.
+   */
   async function endPullBackup(input: BeginPullInput): Promise<void> {
     const l = await layout(input, 'endPullBackup');
+    /** our job (its socket is ours), still running after domjobabort and the wait */
+    let running = false;
     try {
       const job = await hv.jobInfo(input.domain);
       if (ACTIVE.has(job.type) && (await exists(l.socket))) {
         await hv.abortJob(input.domain);
-        for (let i = 0; i < 100 && ACTIVE.has((await hv.jobInfo(input.domain)).type); i++) {
-          await new Promise((r) => setTimeout(r, 100));
-        }
+        running = !(await jobEnds(input.domain, JOB_END_WAIT_MS));
       }
     } catch (err) {
       if (!(err instanceof HypervisorError && (err.kind === 'not-found' || err.kind === 'not-running')))
         hypervisorFailure(err);
     }
+    if (running)
+      throw ApplicationFailure.create({
+        message: `the pull backup job of domain ${input.domain} did not end within ${JOB_END_WAIT_MS / 1000} s of domjobabort; its scratch files are kept and the step is retried (if the backup fails, \`vmbackup recover --domain ${input.domain}\` ends the job and removes them)`,
+        type: ErrorType.BackupJobFailed,
+        nonRetryable: false,
+      });
     await Promise.all([
       ...l.disks.map((d) => rm(d.scratch, { force: true })),
       rm(l.socketDir, { recursive: true, force: true }),
@@ -514,6 +526,19 @@ export function createPullActivities(deps: PullDeps) {
     }
     await measureScratch();
     return { targets: results, scratchPeakBytes: beat.scratchPeakBytes, attached, attempt: ctx.info.attempt };
+  }
+
+  /**
+   * Whether the job running on `domain` ends within `ms`: libvirt ends an aborted job asynchronously, once QEMU has
+   * cancelled its block jobs (a QEMU whose disk I/O hangs takes as long as the I/O does).
+   */
+  async function jobEnds(domain: string, ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (ACTIVE.has((await hv.jobInfo(domain)).type)) {
+      if (Date.now() >= deadline) return false;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return true;
   }
 
   return { beginPullBackup, pullIntoRepositories, pullIntoImageTrees, endPullBackup };

@@ -196,6 +196,14 @@ export const AUTO_PULL_PATCH = 'auto-pull-into-chunk-repositories';
  */
 export const PULL_IMAGE_TREE_PATCH = 'pull-image-tree';
 
+/**
+ * A pull job that did not end (endPullBackup failed on its last attempt, e.g. the job was still running after each
+ * domjobabort) may still have QEMU writing into its scratch files in staging: since this change the backup's staging
+ * directory is kept then, for `vmbackup recover` to end the job and remove it, and the backup's checkpoint is not
+ * deleted under the job (the next backup retires it). Before, both were removed anyway.
+ */
+export const PULL_JOB_LEFT_RUNNING_PATCH = 'pull-job-left-running-keeps-staging';
+
 export async function backupDomain(request: BackupRequest): Promise<BackupResult> {
   validateRequest(request);
   // S3 Object Lock: every object of this backup is retained until its start (the manifest's startedAt) + days
@@ -628,14 +636,38 @@ async function pullBackup(
   let targets: TargetResult[];
   let pulled;
   let checkpointXml: string | undefined;
+  // Whether the job may still run after its end step gave up (since PULL_JOB_LEFT_RUNNING_PATCH): then the staging
+  // cleanup backUp registered (the last undo step) leaves the scratch files QEMU may still write to, and the
+  // checkpoint stays.
+  let jobLeftRunning = false;
+  const endPullJob = async () => {
+    try {
+      await steps.short.endPullBackup(job);
+    } catch (err) {
+      if (patched(PULL_JOB_LEFT_RUNNING_PATCH)) jobLeftRunning = true;
+      throw err;
+    }
+  };
+  const cleanupStaging = compensations.pop();
+  compensations.push(async () => {
+    if (jobLeftRunning) {
+      log.warn('the pull job may still run: its staging directory is kept for `vmbackup recover`', {
+        domain,
+        stagingDir: staging.dir,
+      });
+      return;
+    }
+    await cleanupStaging?.();
+  });
   try {
     run.phase('backing-up');
     // Registered before the step: a begin that fails after libvirt started the job must still end it.
-    const endJob = () => steps.short.endPullBackup(job);
-    compensations.unshift(endJob);
+    compensations.unshift(endPullJob);
     if (plan?.checkpoint) {
       const checkpoint = { domain, name: plan.checkpoint.name };
-      compensations.splice(1, 0, () => quick.dropCheckpoint(checkpoint));
+      // left to the next backup's retireCheckpoints while the job may run: deleting it touches the job's disks
+      // (checkpoint-delete under a job whose disk I/O hangs hangs too, and holds the domain's libvirt lock meanwhile)
+      compensations.splice(1, 0, () => (jobLeftRunning ? Promise.resolve() : quick.dropCheckpoint(checkpoint)));
     }
     await quick.beginPullBackup(job);
     // the job's start is the disks' point in time
@@ -698,8 +730,8 @@ async function pullBackup(
       checkpointXml = prepared.checkpointXml;
     }
     // the job has served its purpose: end it before the manifests (the scratch files go with it)
-    compensations.splice(compensations.indexOf(endJob), 1);
-    await CancellationScope.nonCancellable(() => steps.short.endPullBackup(job));
+    compensations.splice(compensations.indexOf(endPullJob), 1);
+    await CancellationScope.nonCancellable(endPullJob);
     const chain = plan ? manifestChain(plan, checkpointXml) : undefined;
     const read = pulled;
     targets = await Promise.all(

@@ -3,53 +3,33 @@
  * docs/benchmarks.md "Pull mode"): into a chunk repository the backup is taken in pull mode, with its checkpoint chain
  * (the next auto backup reads only the changed chunks); into an image tree it stays push mode.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
-import { initRepository } from '../../src/repository/chunks';
-import { openTarget } from '../../src/storage/registry';
 import type { BackupResult } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
-import type { WorkerProcess } from '../helpers/vmbackup';
+import { initTestRepository, localRepoTarget, useChunkRepoWorker } from '../helpers/chunk-repo';
+import { requireLibvirt, requireTemporal } from '../helpers/stack';
 
 jest.setTimeout(10 * 60_000);
 
 const PASSWORD = 'auto picks pull for chunk repositories';
-const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
 
 describe('--method auto on a running domain with the backup API (real stack)', () => {
   const newDomain = useFixtureDomains();
-  let client: Client;
-  let closeClient: () => Promise<void>;
-  let worker: WorkerProcess | undefined;
-  let host: string;
-  let work: string;
-
-  beforeAll(async () => {
-    await requireTemporal();
-    await requireLibvirt();
-    ({ client, close: closeClient } = await temporalClient());
-    work = await mkdtemp(join(stackEnv().stateDir, 'test-auto-method-'));
-    const passwordFile = join(work, 'password');
-    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
-    host = uniqueHost('pb');
-    worker = await startWorkerProcess(host, { env: cliEnv(), args: ['--password-file', passwordFile] });
-  });
-  afterAll(async () => {
-    await worker?.stop();
-    await closeClient?.();
-    if (work) await rm(work, { recursive: true, force: true });
+  const ctx = useChunkRepoWorker({
+    name: 'auto-method',
+    hostPrefix: 'pb',
+    password: PASSWORD,
+    require: [requireTemporal, requireLibvirt],
   });
 
   async function backup(dom: FixtureDomain, url: string): Promise<BackupResult> {
-    const { handle } = await startBackup(client, {
+    const { handle } = await startBackup(ctx.client, {
       domain: dom.name,
-      host,
+      host: ctx.host,
       method: 'auto',
       targets: [url],
       options: { level: 'auto' },
@@ -64,16 +44,9 @@ describe('--method auto on a running domain with the backup API (real stack)', (
 
   it('into a chunk repository auto takes pull mode, and the next auto backup reads only the changed chunks', async () => {
     const dom = await newDomain({ prefix: 'pb', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 32 }] });
-    const dir = await mkdtemp(join(work, 'repo-'));
-    const url = pathToFileURL(dir).href;
-    const target = openTarget(url);
+    const { url, dir, target } = await localRepoTarget(ctx.work, 'repo');
     try {
-      await initRepository(target, {
-        encryption: 'aes-256-gcm',
-        compression: 'none',
-        password: PASSWORD,
-        scrypt: SCRYPT,
-      });
+      await initTestRepository(target, PASSWORD);
     } finally {
       await target.close();
     }
@@ -93,7 +66,7 @@ describe('--method auto on a running domain with the backup API (real stack)', (
 
   it('into an image tree auto stays push mode', async () => {
     const dom = await newDomain({ prefix: 'pb', disks: [{ format: 'qcow2', sizeMiB: 32, randomMiB: 16 }] });
-    const dir = await mkdtemp(join(work, 'tree-'));
+    const dir = await mkdtemp(join(ctx.work, 'tree-'));
     const result = await backup(dom, pathToFileURL(dir).href);
     expect(result.status).toBe('completed');
     expect(result.method).toBe('push');

@@ -4,26 +4,21 @@
  * domain while its disk is read is refused (QEMU cannot take the disk's write lock from under the read-only export)
  * or discards the backup with the offline method's sentence; either way no manifest names a mixed disk.
  */
-import { mkdtemp, open, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
-import { ChunkStore, initRepository } from '../../src/repository/chunks';
+import { ChunkStore } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
-import { openTarget } from '../../src/storage/registry';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
+import { initTestRepository, localRepoTarget, useChunkRepoWorker } from '../helpers/chunk-repo';
 import { identical } from '../helpers/images';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
-import { startWorkerProcess, temporalClient, uniqueHost } from '../helpers/vmbackup';
-import type { WorkerProcess } from '../helpers/vmbackup';
 
 jest.setTimeout(15 * 60_000);
 
 const PASSWORD = 'offline direct password';
-const SCRYPT = { N: 1 << 12, r: 8, p: 1 };
 const MiB = 1 << 20;
 
 interface StagingSeen {
@@ -37,39 +32,16 @@ interface StagingSeen {
 
 describe('offline method into a chunk repository: the disks are read in place (real stack)', () => {
   const newDomain = useFixtureDomains();
-  let client: Client;
-  let closeClient: () => Promise<void>;
-  let worker: WorkerProcess | undefined;
-  let host: string;
-  let work: string;
-
-  beforeAll(async () => {
-    await requireTemporal();
-    await requireLibvirt();
-    ({ client, close: closeClient } = await temporalClient());
-    work = await mkdtemp(join(stackEnv().stateDir, 'test-chunk-offline-direct-'));
-    const passwordFile = join(work, 'password');
-    await writeFile(passwordFile, `${PASSWORD}\n`, { mode: 0o600 });
-    host = uniqueHost('cs');
-    worker = await startWorkerProcess(host, { args: ['--password-file', passwordFile] });
-  });
-  afterAll(async () => {
-    await worker?.stop();
-    await closeClient?.();
-    if (work) await rm(work, { recursive: true, force: true });
+  const ctx = useChunkRepoWorker({
+    name: 'chunk-offline-direct',
+    hostPrefix: 'cs',
+    password: PASSWORD,
+    require: [requireTemporal, requireLibvirt],
   });
 
   async function repository(): Promise<{ dir: string; url: string; target: StorageTarget; repo: OpenRepository }> {
-    const dir = await mkdtemp(join(work, 'repo-'));
-    const url = pathToFileURL(dir).href;
-    const target = openTarget(url, { env: {} });
-    const repo = await initRepository(target, {
-      encryption: 'aes-256-gcm',
-      compression: 'zstd',
-      password: PASSWORD,
-      scrypt: SCRYPT,
-    });
-    return { dir, url, target, repo };
+    const { url, dir, target } = await localRepoTarget(ctx.work, 'repo');
+    return { dir, url, target, repo: await initTestRepository(target, PASSWORD) };
   }
 
   /** Every place the backup's staging directory can be (a local target's .staging, the state dir, QEMU's dir). */
@@ -146,9 +118,9 @@ describe('offline method into a chunk repository: the disks are read in place (r
           { format: 'raw', sizeMiB: 40, randomMiB: 24 },
         ],
       });
-      const { backupId, handle } = await startBackup(client, {
+      const { backupId, handle } = await startBackup(ctx.client, {
         domain: dom.name,
-        host,
+        host: ctx.host,
         method: 'auto',
         targets: [url],
         options: { heartbeatTimeoutSeconds: 5 },
@@ -168,7 +140,7 @@ describe('offline method into a chunk repository: the disks are read in place (r
       expect(manifest.disks.map((d) => d.format)).toEqual(['chunks', 'chunks']);
       for (const disk of dom.disks) {
         const d = manifest.disks.find((x) => x.name === disk.dev)!;
-        const out = join(work, `${backupId}-${disk.dev}.raw`);
+        const out = join(ctx.work, `${backupId}-${disk.dev}.raw`);
         await restoreDisk(repo, d.sha256, out);
         expect(await identical(out, disk.path)).toBe(true);
       }
@@ -187,9 +159,9 @@ describe('offline method into a chunk repository: the disks are read in place (r
         disks: [{ format: 'qcow2', sizeMiB: 768, randomMiB: 640 }],
       });
       const d = dom;
-      const { backupId, handle } = await startBackup(client, {
+      const { backupId, handle } = await startBackup(ctx.client, {
         domain: d.name,
-        host,
+        host: ctx.host,
         method: 'auto',
         targets: [url],
         options: { heartbeatTimeoutSeconds: 5 },
@@ -221,7 +193,7 @@ describe('offline method into a chunk repository: the disks are read in place (r
         // QEMU could not lock the disk the read-only export holds: the domain stayed off, the backup is whole
         expect(await d.state()).toBe('shut off');
         expect(outcome.ok).toBe(true);
-        const out = join(work, `${backupId}-vda.raw`);
+        const out = join(ctx.work, `${backupId}-vda.raw`);
         const manifest = JSON.parse((await target.getBuffer(manifestKeys[0]!)).toString()) as {
           disks: Array<{ sha256: string }>;
         };

@@ -8,7 +8,7 @@
  * with SIGSTOP; the worker's write then waits, the job stays, and the test writes into the guest's disks before it
  * lets the writer go on (SIGCONT).
  */
-import { lstat, mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { Client, WorkflowHandle } from '@temporalio/client';
@@ -16,7 +16,8 @@ import { startBackup } from '../../src/client/backups';
 import type { BackupResult } from '../../src/shared/types';
 import { useFixtureDomains } from '../fixtures/domains';
 import type { FixtureDomain } from '../fixtures/domains';
-import { identical, reference, run, virsh } from '../helpers/images';
+import { identical, reference, run } from '../helpers/images';
+import { checkpoints, jobType, present, stagingDirs } from '../helpers/pull-jobs';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
@@ -127,29 +128,6 @@ describe('pull backups into local image trees (real stack)', () => {
     expect(res.stderr).toMatch(new RegExp(`Backup ${id} on .* is intact`));
   }
 
-  async function jobType(dom: FixtureDomain): Promise<string> {
-    const out = await virsh('domjobinfo', dom.name);
-    return /Job type:\s+(\S+)/.exec(out)?.[1] ?? out;
-  }
-
-  async function checkpoints(dom: FixtureDomain): Promise<string[]> {
-    return (await virsh('checkpoint-list', dom.name, '--name'))
-      .split('\n')
-      .map((l) => l.trim())
-      .filter(Boolean);
-  }
-
-  function stagingDirs(backupId: string): string[] {
-    return [join(stackEnv().stateDir, 'staging', backupId), join('/var/lib/vmbackup/staging', backupId)];
-  }
-
-  async function exists(path: string): Promise<boolean> {
-    return lstat(path).then(
-      () => true,
-      () => false,
-    );
-  }
-
   /** Every file under DIR (names relative to it), dot files included. */
   async function filesUnder(dir: string): Promise<string[]> {
     const out: string[] = [];
@@ -184,7 +162,7 @@ describe('pull backups into local image trees (real stack)', () => {
     await waitFor(
       'the pull job to begin (its scratch file)',
       async () => {
-        for (const f of scratch) if (await exists(f)) return true;
+        for (const f of scratch) if (await present(f)) return true;
         return undefined;
       },
       { intervalMs: 1 },
@@ -309,7 +287,7 @@ describe('pull backups into local image trees (real stack)', () => {
     expect((await filesUnder(join(tree.dir, dom.name, fullId))).filter((f) => f.includes('.tmp-'))).toEqual([]);
     await expectRestoresTo(tree.url, fullId, atFull);
     expect(await jobType(dom)).toBe('None');
-    for (const d of stagingDirs(fullId)) expect(await exists(d)).toBe(false);
+    for (const d of stagingDirs(fullId)) expect(await present(d)).toBe(false);
 
     // between the backups: one more change on vda; after the job's start, writes that must not be in it
     await dom.writeThroughDevice('vda', 0x71, 9, 1);
@@ -396,7 +374,7 @@ describe('pull backups into local image trees (real stack)', () => {
       expect(seen).toBeLessThan(128 * MiB);
       await w.kill9();
       // the writer dies with the worker (it would keep the image's write lock and its stale metadata cache)
-      await waitFor('the stopped writer to die with its worker', async () => !(await exists(`/proc/${pid}`)));
+      await waitFor('the stopped writer to die with its worker', async () => !(await present(`/proc/${pid}`)));
       expect(await jobType(dom)).not.toBe('None'); // the job outlives the worker
       w = await startTreeWorker(h);
       const result: BackupResult = await handle.result();
@@ -408,7 +386,7 @@ describe('pull backups into local image trees (real stack)', () => {
       await expectRestoresTo(tree.url, backupId, expected);
       await expectVerified(tree.url, backupId);
       expect(await jobType(dom)).toBe('None');
-      for (const d of stagingDirs(backupId)) expect(await exists(d)).toBe(false);
+      for (const d of stagingDirs(backupId)) expect(await present(d)).toBe(false);
       expect((await filesUnder(tree.dir)).filter((f) => f.includes('.tmp-'))).toEqual([]);
     } finally {
       await w.stop();
@@ -421,13 +399,13 @@ describe('pull backups into local image trees (real stack)', () => {
     const before = await checkpoints(dom);
     const { backupId, handle } = await start(dom, [tree.url], 'full');
     const { pid } = await stopAWriter(backupId, ['vda']);
-    expect(await exists(join(tree.dir, dom.name, backupId))).toBe(true);
+    expect(await present(join(tree.dir, dom.name, backupId))).toBe(true);
     await handle.cancel();
     process.kill(pid, 'SIGCONT');
     await expect(handle.result()).rejects.toThrow();
     await waitFor('the pull job to end', async () => (await jobType(dom)) === 'None');
     await waitFor('the staging dir to go', async () => {
-      for (const d of stagingDirs(backupId)) if (await exists(d)) return undefined;
+      for (const d of stagingDirs(backupId)) if (await present(d)) return undefined;
       return true;
     });
     expect(await filesUnder(tree.dir)).toEqual([]);
@@ -460,7 +438,7 @@ describe('pull backups into local image trees (real stack)', () => {
     const prune = await runCli(['prune', '--target', tree.url, '--domain', dom.name, '--keep-last', '1', '--json']);
     expectOk(prune);
     await expectRestoresTo(tree.url, pushInc.backupId, atPushInc);
-    expect(await exists(join(tree.dir, dom.name, pushFull.backupId))).toBe(false);
+    expect(await present(join(tree.dir, dom.name, pushFull.backupId))).toBe(false);
   });
 
   it('refused with one sentence before anything is created: an image tree on S3, and an image tree mixed with a chunk repository', async () => {

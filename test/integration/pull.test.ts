@@ -8,7 +8,7 @@
  * holds the chunk uploads back until the test releases them, so the read is stopped mid-disk (ingest waits for its
  * uploads) while the test writes.
  */
-import { chmod, lstat, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Client } from '@temporalio/client';
 import { startBackup } from '../../src/client/backups';
@@ -21,6 +21,7 @@ import type { FixtureDomain } from '../fixtures/domains';
 import { identical, reference, virsh } from '../helpers/images';
 import { startS3FaultProxy } from '../helpers/s3-fault-proxy';
 import type { S3FaultProxy } from '../helpers/s3-fault-proxy';
+import { anyPresent, checkpoints, jobType, stagingDirs } from '../helpers/pull-jobs';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
@@ -144,35 +145,6 @@ describe('pull backups into chunk repositories (real stack)', () => {
     }
   }
 
-  async function jobType(dom: FixtureDomain): Promise<string> {
-    const out = await virsh('domjobinfo', dom.name);
-    return /Job type:\s+(\S+)/.exec(out)?.[1] ?? out;
-  }
-
-  async function checkpoints(dom: FixtureDomain): Promise<string[]> {
-    return (await virsh('checkpoint-list', dom.name, '--name'))
-      .split('\n')
-      .map((l) => l.trim())
-      .filter(Boolean);
-  }
-
-  /** The places a backup's staging directory can be (QEMU-reachable fallback included). */
-  function stagingDirs(backupId: string): string[] {
-    return [join(stackEnv().stateDir, 'staging', backupId), join('/var/lib/vmbackup/staging', backupId)];
-  }
-
-  async function anyExists(paths: string[]): Promise<string | undefined> {
-    for (const p of paths)
-      if (
-        await lstat(p).then(
-          () => true,
-          () => false,
-        )
-      )
-        return p;
-    return undefined;
-  }
-
   it('pull full, then pull incremental after writes, of a running two-disk domain into S3: each restore equals the disks at its job start; the increment reads only the changed chunks', async () => {
     const { url, target, repo } = await s3Repository();
     const dom = await newDomain({
@@ -206,7 +178,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
     expect(m1.chain).toMatchObject({ level: 'full', checkpoint: full.chain!.checkpoint });
     await expectRestoresTo(repo, m1, atFull);
     expect(await jobType(dom)).toBe('None');
-    for (const d of stagingDirs(full.backupId)) expect(await anyExists([d])).toBeUndefined();
+    for (const d of stagingDirs(full.backupId)) expect(await anyPresent([d])).toBeUndefined();
 
     // between the backups: one more changed chunk on vda (chunk 2); with the writes during the full, the dirty
     // chunks since the full's checkpoint are vda 0 and 2, vdb 1
@@ -267,7 +239,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
       expect(result.pull!.disks['vda']!.resumedFrom).toBeLessThanOrEqual(journal.chunks * 4 * MiB);
       await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
       expect(await jobType(dom)).toBe('None');
-      expect(await anyExists(stagingDirs(backupId))).toBeUndefined();
+      expect(await anyPresent(stagingDirs(backupId))).toBeUndefined();
     } finally {
       await w.stop();
     }
@@ -302,15 +274,15 @@ describe('pull backups into chunk repositories (real stack)', () => {
     const hold = proxy.hold(chunkPut);
     const { backupId, handle } = await start(dom, [url], 'full');
     await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
-    const staging = await anyExists(stagingDirs(backupId));
+    const staging = await anyPresent(stagingDirs(backupId));
     expect(staging).toBeDefined();
-    expect(await anyExists([join(staging!, 'vda.scratch.qcow2')])).toBeDefined();
+    expect(await anyPresent([join(staging!, 'vda.scratch.qcow2')])).toBeDefined();
     await handle.cancel();
     hold.release();
     await expect(handle.result()).rejects.toThrow();
     await waitFor('the pull job to end', async () => (await jobType(dom)) === 'None');
     await waitFor('the staging dir (scratch files, socket dir, journal) to go', async () =>
-      (await anyExists(stagingDirs(backupId))) === undefined ? true : undefined,
+      (await anyPresent(stagingDirs(backupId))) === undefined ? true : undefined,
     );
     expect(await target.stat(`${dom.name}/${backupId}/manifest.json`)).toBeUndefined();
     expect(await checkpoints(dom)).toEqual(before);
@@ -331,7 +303,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
     const hold = proxy.hold(chunkPut);
     const { backupId, handle } = await start(dom, [url], 'full');
     await waitFor('the pull read to wait on a chunk upload', async () => hold.held() > 0);
-    const staging = await anyExists(stagingDirs(backupId));
+    const staging = await anyPresent(stagingDirs(backupId));
     const st = await stat(join(staging!, 'nbd'));
     hold.release();
     expect((st.mode & 0o777).toString(8)).toBe('770');
@@ -359,7 +331,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
     expect(said).toContain(
       `A pull backup cannot write an image tree on ${s3.url}: it writes the qcow2 in place through a local qemu-nbd, so only file:// image trees take it; use a chunk repository there, or --method push.`,
     );
-    expect(await anyExists(stagingDirs(backupId))).toBeUndefined();
+    expect(await anyPresent(stagingDirs(backupId))).toBeUndefined();
     expect(await checkpoints(dom)).toEqual([]);
     expect(await jobType(dom)).toBe('None');
   });

@@ -5,29 +5,29 @@
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ApplicationFailure } from '@temporalio/common';
 import type { WorkflowHandle } from '@temporalio/client';
-import { Client, WorkflowFailedError } from '@temporalio/client';
-import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
+import type { Client } from '@temporalio/client';
+import { WorkflowFailedError } from '@temporalio/client';
+import { DefaultLogger, Runtime } from '@temporalio/worker';
 import { createActivities } from '../../src/activities';
 import { startBackup } from '../../src/client/backups';
 import { createVirshHypervisor } from '../../src/hypervisor/virsh';
 import { hostTaskQueue } from '../../src/shared/names';
 import type { BackupRequest } from '../../src/shared/types';
 import { openTarget } from '../../src/storage/registry';
-import { createSlotWorker } from '../../src/worker';
 import { useFixtureDomains } from '../fixtures/domains';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
 import { cliEnv, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
+import { startInProcessHostWorker } from '../helpers/host-worker';
 import { startS3FaultProxy } from '../helpers/s3-fault-proxy';
 import type { S3FaultProxy } from '../helpers/s3-fault-proxy';
 import { s3Env, s3Target } from '../storage/fixtures';
 
 const run = promisify(execFile);
-const REPO_ROOT = resolve(__dirname, '..', '..');
 
 async function jobActive(domain: string): Promise<boolean> {
   const { stdout } = await run('virsh', ['domjobinfo', domain]);
@@ -207,9 +207,6 @@ describe('push job undo is registered before the job starts (real stack, in-test
   });
 
   test('beginPushBackup failing after libvirt started the job: the job is aborted and staging removed', async () => {
-    const bundle = join(REPO_ROOT, 'dist', 'workflow-bundle.js');
-    if (!existsSync(bundle))
-      throw new Error('dist/workflow-bundle.js is missing: run `npm run build` (npm test does it)');
     const dom = await newDomain({ prefix: 'saga', disks: [{ format: 'qcow2', sizeMiB: 2048, randomMiB: 1024 }] });
     const host = uniqueHost('saga');
     const env = stackEnv();
@@ -229,23 +226,7 @@ describe('push job undo is registered before the job starts (real stack, in-test
         throw ApplicationFailure.nonRetryable('injected: the step failed after the job started', 'InjectedFault');
       },
     };
-    const connection = await NativeConnection.connect({ address: env.temporal.address });
-    const worker = await Worker.create({
-      connection,
-      namespace: env.temporal.namespace,
-      taskQueue: hostTaskQueue(host),
-      activities,
-      workflowBundle: { codePath: bundle },
-    });
-    // every backup waits for one of its host's slots first
-    const slots = await createSlotWorker({
-      connection,
-      namespace: env.temporal.namespace,
-      host,
-      maxConcurrentBackups: 2,
-      client: new Client({ connection, namespace: env.temporal.namespace }),
-    });
-    const running = Promise.all([worker.run(), slots.run()]);
+    const worker = await startInProcessHostWorker(host, activities);
     try {
       const { backupId, handle } = await startBackup(client, {
         domain: dom.name,
@@ -262,11 +243,8 @@ describe('push job undo is registered before the job starts (real stack, in-test
       for (const dir of stagingDirsOf(backupId)) expect(existsSync(dir)).toBe(false);
       expect(await dom.state()).toBe('running');
     } finally {
-      worker.shutdown();
-      slots.shutdown();
-      await running;
+      await worker.stop();
       hypervisor.close();
-      await connection.close();
     }
   });
 });
