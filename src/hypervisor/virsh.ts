@@ -521,6 +521,7 @@ export class VirshHypervisor implements Hypervisor {
       virtualSize: 0,
       allocation: 0,
       backingChain: [],
+      ...(disk.iothread ? { iothread: true } : {}),
     };
     const local = disk.type === 'file' || disk.type === 'block';
     if (!disk.source || !local) return info;

@@ -42,6 +42,11 @@ export interface XmlDisk {
   backingChain?: XmlImageRef[];
   /** a block job that copies or commits this disk (blockcommit --active, blockcopy) */
   mirror?: { job?: string; ready: boolean; path?: string; format?: string };
+  /**
+   * its I/O runs in an IOThread: `<driver iothread=N>` or an `<iothreads>` mapping on the disk, or (SCSI) a
+   * virtio-scsi controller with an IOThread
+   */
+  iothread: boolean;
 }
 
 export interface XmlChannel {
@@ -172,13 +177,20 @@ export function parseDomainXml(xml: string): DomainXml {
     throw new HypervisorError('failed', 'libvirt returned XML without a <domain><name>: not a domain description');
   }
   const devices = node(domain['devices']) ?? {};
+  // any SCSI controller in an IOThread puts its disks there (which one a disk sits on is not worth resolving here:
+  // the answer is only ever used to be careful)
+  const scsiIothread = nodes(devices['controller']).some(
+    (c) => attr(c, 'type') === 'scsi' && attr(node(c['driver']), 'iothread') !== undefined,
+  );
 
   const disks: XmlDisk[] = nodes(devices['disk']).map((d) => {
     const type = attr(d, 'type') ?? 'file';
     const source = node(d['source']);
+    const driver = node(d['driver']);
+    const bus = attr(node(d['target']), 'bus');
     return {
       target: attr(node(d['target']), 'dev') ?? '',
-      bus: attr(node(d['target']), 'bus'),
+      bus,
       type,
       device: deviceOf(attr(d, 'device')),
       format: attr(node(d['driver']), 'type'),
@@ -189,6 +201,10 @@ export function parseDomainXml(xml: string): DomainXml {
       alias: attr(node(d['alias']), 'name'),
       backingChain: backingChainOf(d),
       mirror: mirrorOf(d),
+      iothread:
+        attr(driver, 'iothread') !== undefined ||
+        (driver !== undefined && 'iothreads' in driver) ||
+        (bus === 'scsi' && scsiIothread),
     };
   });
 

@@ -24,6 +24,8 @@ export interface DiskInfo {
   allocation: number;
   /** backing chain below `source` (file paths, top first); empty for a standalone image */
   backingChain: string[];
+  /** its I/O runs in an IOThread (set only then): pull mode refuses such disks (src/workflows/backup.ts) */
+  iothread?: boolean;
 }
 
 export interface SkippedDisk {

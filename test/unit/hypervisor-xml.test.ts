@@ -37,6 +37,7 @@ describe('parseDomainXml', () => {
         alias: 'virtio-disk0',
         backingChain: [{ type: 'file', path: '/VM/template.qcow2', format: 'qcow2' }],
         mirror: undefined,
+        iothread: false,
       },
       expect.objectContaining({
         target: 'vdb',
@@ -110,6 +111,27 @@ describe('parseDomainXml', () => {
       ['vdb', 'volume', 'default/v.qcow2'],
       ['hdc', 'file', undefined],
     ]);
+  });
+
+  test('disks in an IOThread: driver iothread, an <iothreads> mapping, a virtio-scsi controller with one', () => {
+    const xml = parseDomainXml(`<domain type='kvm'><name>t</name><iothreads>2</iothreads><devices>
+      <controller type='scsi' index='0' model='virtio-scsi'><driver iothread='2'/></controller>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2' iothread='1'/><source file='/a'/><target dev='vda' bus='virtio'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'><iothreads><iothread id='1'/></iothreads></driver><source file='/b'/><target dev='vdb' bus='virtio'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/c'/><target dev='sda' bus='scsi'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/d'/><target dev='vdc' bus='virtio'/></disk>
+    </devices></domain>`);
+    expect(xml.disks.map((d) => [d.target, d.iothread])).toEqual([
+      ['vda', true],
+      ['vdb', true],
+      ['sda', true],
+      ['vdc', false],
+    ]);
+    const plain = parseDomainXml(`<domain type='kvm'><name>p</name><devices>
+      <controller type='scsi' index='0' model='virtio-scsi'/>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/c'/><target dev='sda' bus='scsi'/></disk>
+    </devices></domain>`);
+    expect(plain.disks[0]!.iothread).toBe(false);
   });
 
   test('not a domain', () => {
