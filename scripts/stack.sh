@@ -424,7 +424,7 @@ osd objectstore = bluestore
 # inside the OSD data dir bluestore fails with "Too many levels of symbolic links"
 bluestore block path = $C/osd0-block.img
 bluestore block create = true
-bluestore block size = 10737418240
+bluestore block size = 25769803776
 bluestore fsck on mount = false
 osd memory target = 1073741824
 [client.rgw.gw]
@@ -440,7 +440,7 @@ EOF
       ceph-mon -c "$CONF" --mkfs -i a --monmap "$C/monmap" --keyring "$C/keyring"
   } >>"$C/log/setup.log" 2>&1 || fail s3 'creating the Ceph monitor failed' "$C/log/setup.log"
   # sparse: bluestore only writes what it uses
-  truncate -s 10G "$C/osd0-block.img"
+  truncate -s 24G "$C/osd0-block.img"
   touch "$C/.setup-done"
 }
 
@@ -468,7 +468,7 @@ s3_ensure_bucket() {
   local health
   health=$(timeout 10 ceph -c "$CONF" health 2>/dev/null || true)
   if [[ $health == *'full osd'* ]]; then
-    fail s3 "creating bucket $S3_BUCKET failed: the OSD ($C/osd0-block.img, 10 GiB) is full ($health); remove leftover objects (radosgw-admin -c $CONF bucket list --bucket $S3_BUCKET), then radosgw-admin -c $CONF gc process --include-all" "$C/log/client.rgw.gw.log"
+    fail s3 "creating bucket $S3_BUCKET failed: the OSD ($C/osd0-block.img) is full ($health); its data is only tests' and benches': start over with: bash scripts/stack.sh down s3; rm -rf $C; bash scripts/stack.sh up s3 (or remove leftover objects: radosgw-admin -c $CONF bucket list --bucket $S3_BUCKET, then radosgw-admin -c $CONF gc process --include-all)" "$C/log/client.rgw.gw.log"
   fi
   fail s3 "creating bucket $S3_BUCKET failed: ${out//$'\n'/ }" "$C/log/client.rgw.gw.log"
 }
@@ -521,7 +521,7 @@ s3_up() {
   if [[ -z $p ]]; then
     require_free_port 's3 (radosgw)' "$S3_PORT"
     # Deleted objects are reclaimed after a minute, not Ceph's default two hours: tests and benches write
-    # and delete GiBs, and a full 10 GiB OSD hangs radosgw.
+    # and delete GiBs, and a full OSD (24 GiB; 10 GiB filled up under back-to-back 4 GiB benches) hangs radosgw.
     spawn "$C/log/rgw.out" radosgw -f -c "$CONF" -n client.rgw.gw --rgw-gc-obj-min-wait 60 --rgw-gc-processor-period 60
     p=$SPAWNED
     echo "$p" >"$C/rgw.pid"
