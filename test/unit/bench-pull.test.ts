@@ -34,10 +34,10 @@ describe('dataExtents', () => {
 });
 
 describe('amounts written', () => {
-  test("the guest's writes during the S3 backup: 256 MiB on the 4 GiB disk, a sixteenth of a small one", () => {
-    expect(guestWriteMiB(4096)).toBe(256);
-    expect(guestWriteMiB(8192)).toBe(256);
-    expect(guestWriteMiB(256)).toBe(16);
+  test("the guest's writes during the S3 backup: 128 MiB on the 4 GiB disk, a 32nd of a small one", () => {
+    expect(guestWriteMiB(4096)).toBe(128);
+    expect(guestWriteMiB(8192)).toBe(128);
+    expect(guestWriteMiB(256)).toBe(8);
     expect(guestWriteMiB(64)).toBe(4);
   });
   test('the increment: 64 MiB on the 4 GiB disk (the issue), 4 MiB on a smoke disk', () => {
