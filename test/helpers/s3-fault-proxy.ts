@@ -40,6 +40,8 @@ export interface S3FaultProxy {
   fail(fault: Fault): void;
   /** holds the matching requests after the first `after` of them (default 0) until released */
   hold(match: (method: string, url: string) => boolean, opts?: { after?: number }): Hold;
+  /** releases every hold (a test that failed before its own release must not hold the next test's requests) */
+  releaseAll(): void;
   close(): Promise<void>;
 }
 
@@ -113,6 +115,12 @@ export async function startS3FaultProxy(upstream: string): Promise<S3FaultProxy>
           for (const go of h.waiting.splice(0)) go();
         },
       };
+    },
+    releaseAll: () => {
+      for (const h of holds.splice(0)) {
+        h.on = false;
+        for (const go of h.waiting.splice(0)) go();
+      }
     },
     close: () =>
       new Promise<void>((resolve) => {

@@ -68,6 +68,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
     host = uniqueHost('pl');
     worker = await startPullWorker(host);
   });
+  afterEach(() => proxy?.releaseAll());
   afterAll(async () => {
     await worker?.stop();
     for (const c of cleanups) await c().catch(() => undefined);
@@ -211,10 +212,12 @@ describe('pull backups into chunk repositories (real stack)', () => {
     const h = uniqueHost('pl');
     let w = await startPullWorker(h);
     try {
-      // 64 MiB of random data: 16 chunks; the read is held after 6 uploads, so it is mid-disk when the worker dies
-      const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 64, randomMiB: 64 }] });
+      // 128 MiB of random data: 32 chunks; the read is held after 12 uploads, so it is mid-disk when the worker dies.
+      // Up to 8 chunks are stored at once and their uploads finish in any order: 12 uploads let chunks 0-3 be among
+      // them (the journal records only the chunks below the lowest one still pending), where 6 often did not
+      const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 128, randomMiB: 128 }] });
       const expected = await snapshotOf(dom, 'kill');
-      const hold = proxy.hold(chunkPut, { after: 6 });
+      const hold = proxy.hold(chunkPut, { after: 12 });
       const { backupId, handle } = await start(dom, [url], 'full', h);
       const journal = await waitFor('the journal of the held read', async () => {
         for (const d of stagingDirs(backupId)) {
