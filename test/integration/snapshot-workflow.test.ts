@@ -161,11 +161,16 @@ describe('snapshot-method backup workflow', () => {
       intervalMs: 20,
     });
     await dom.writeThroughDevice('vda', 0xab, 300, 8);
-    // finalizeImages (a long, heartbeating step) runs once the overlays are committed and removed
-    await waitFor('the pivot and finalizeImages', () => pending(handle, 'finalizeImages'), {
-      intervalMs: 20,
-      timeoutMs: 300_000,
-    });
+    // finalizeImages (a long, heartbeating step) runs once the overlays are committed and removed. Scheduled counts
+    // too: in one loaded CI run the wait for it to be pending timed out after 300 s (the cause was not seen: a run
+    // that completed between two polls of `describe` would do it), and what the kill checks holds either way: no
+    // second commit
+    await waitFor(
+      'the pivot and finalizeImages',
+      async () =>
+        (await pending(handle, 'finalizeImages')) || (await activityRuns(handle, 'finalizeImages')).scheduled > 0,
+      { intervalMs: 20, timeoutMs: 240_000 },
+    );
     expect(await domblklist(dom.name)).toEqual({ vda });
     await restartWorker();
     const result = await handle.result();
