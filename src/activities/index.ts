@@ -167,11 +167,38 @@ export function attemptMarginMs(startToCloseMs: number): number {
 export function withAttemptDeadlines<A extends object>(activities: A): A {
   const wrapped: Record<string, (input: unknown) => Promise<unknown>> = {};
   for (const [name, fn] of Object.entries(activities) as Array<[string, (input: unknown) => Promise<unknown>]>) {
+    const run = KEEPALIVE_STEPS.has(name) ? (input: unknown) => keptAlive(() => fn(input)) : fn;
     wrapped[name] = (input: unknown) => {
       const timeout = Context.current().info.startToCloseTimeoutMs;
-      if (!(timeout > 0)) return fn(input);
-      return withDeadline(Date.now() + timeout - attemptMarginMs(timeout), () => fn(input));
+      if (!(timeout > 0)) return run(input);
+      return withDeadline(Date.now() + timeout - attemptMarginMs(timeout), () => run(input));
     };
   }
   return wrapped as unknown as A;
+}
+
+/**
+ * The workflow's short steps (a few seconds, at most minutes, no progress of their own to report): the worker
+ * heartbeats for them while they run. With a heartbeat timeout on them, a worker that dies in one is noticed within
+ * that timeout and the step is retried, rather than after its start-to-close timeout (5 minutes). Only steps that
+ * never heartbeat details belong here: a heartbeat without details replaces the last one's.
+ */
+export const KEEPALIVE_STEPS: ReadonlySet<string> = new Set([
+  'planBackup',
+  'abortPushBackup',
+  'endPullBackup',
+  'shipVmFiles',
+]);
+
+/** Runs `fn`, heartbeating (without details) three times per heartbeat timeout while it runs; local activities cannot. */
+export async function keptAlive<T>(fn: () => Promise<T>): Promise<T> {
+  const ctx = Context.current();
+  const every = ctx.info.heartbeatTimeoutMs;
+  if (ctx.info.isLocal || !every || !(every > 0)) return fn();
+  const beat = setInterval(() => ctx.heartbeat(), Math.max(200, Math.floor(every / 3)));
+  try {
+    return await fn();
+  } finally {
+    clearInterval(beat);
+  }
 }

@@ -101,7 +101,17 @@ function activities(host: string, heartbeatTimeoutSec: number, legacyRetries: bo
   };
   // Short steps give up after ~30 s of a transient failure (libvirt unreachable) so the user gets an answer;
   // long steps keep retrying: a libvirtd restart or a flaky network must not lose an hour-long copy.
+  // Each short step heartbeats while it runs (the worker does it for them: KEEPALIVE_STEPS in
+  // src/activities/index.ts), so a worker that dies in one is noticed after the heartbeat timeout, not after the
+  // step's 5 minutes. Options are not part of a history's determinism: older histories replay unchanged.
   const short = proxyActivities<HostActivities>({
+    ...base,
+    startToCloseTimeout: '5m',
+    heartbeatTimeout: `${heartbeatTimeoutSec}s`,
+    retry: { ...base.retry, maximumAttempts: 6 },
+  });
+  // Before SHORT_STEPS_LOCAL_PATCH the quick steps ran as these regular activities, which do not heartbeat.
+  const legacyQuick = proxyActivities<HostActivities>({
     ...base,
     startToCloseTimeout: '5m',
     retry: { ...base.retry, maximumAttempts: 6 },
@@ -135,7 +145,7 @@ function activities(host: string, heartbeatTimeoutSec: number, legacyRetries: bo
     localRetryThreshold: '10s',
     retry: { ...base.retry, maximumAttempts: 10 },
   });
-  return { short, long, overlaySteps, local, localOverlaySteps };
+  return { short, legacyQuick, long, overlaySteps, local, localOverlaySteps };
 }
 
 /**
@@ -315,9 +325,9 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
   const steps: Steps = {
     short: acts.short,
     long: acts.long,
-    quick: localSteps ? acts.local : acts.short,
+    quick: localSteps ? acts.local : acts.legacyQuick,
     overlaySteps: localSteps ? acts.localOverlaySteps : acts.overlaySteps,
-    removeUnknownOverlays: localSteps ? acts.localOverlaySteps : acts.short,
+    removeUnknownOverlays: localSteps ? acts.localOverlaySteps : acts.legacyQuick,
   };
   const { quick } = steps;
   const startedAt = workflowInfo().startTime.toISOString();
@@ -463,6 +473,7 @@ async function backUp(req: BackupRequest, markers: BackupMarkers, seen: BackupSe
 
 /** The activity proxies a backup uses, chosen once from its patch markers. */
 interface Steps {
+  /** planBackup, abortPushBackup, endPullBackup, shipVmFiles: regular activities, kept alive by the worker */
   short: ActivityProxy;
   long: ActivityProxy;
   /** quick steps: local activities since SHORT_STEPS_LOCAL_PATCH */

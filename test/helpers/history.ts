@@ -117,3 +117,20 @@ export function activityTimeline(events: HistoryEvent[]): ActivityTimeline {
 export function runsOf(timeline: ActivityTimeline, name: string): ActivitySpan[] {
   return timeline.activities.filter((a) => a.name === name);
 }
+
+/**
+ * Regular activities in the history that a dead worker would stall for more than `maxMs`: scheduled with no heartbeat
+ * timeout and a start-to-close timeout above `maxMs` (Temporal notices a dead worker only through one of the two).
+ */
+export function slowToNoticeDeadWorker(events: HistoryEvent[], maxMs: number): string[] {
+  const durationMs = (d: Ts): number => (d ? Number(d.seconds ?? 0) * 1000 + (d.nanos ?? 0) / 1e6 : 0);
+  const out: string[] = [];
+  for (const e of events) {
+    const a = e.activityTaskScheduledEventAttributes;
+    if (!a) continue;
+    const heartbeat = durationMs(a.heartbeatTimeout as Ts);
+    const startToClose = durationMs(a.startToCloseTimeout as Ts);
+    if (!(heartbeat > 0) && startToClose > maxMs) out.push(`${a.activityType?.name} (${startToClose / 1000} s)`);
+  }
+  return out;
+}

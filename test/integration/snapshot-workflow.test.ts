@@ -17,7 +17,7 @@ import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
 import { startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 import { domblklist, exists, holds, identical, reference } from '../helpers/images';
-import { activityTimeline, runsOf } from '../helpers/history';
+import { activityTimeline, runsOf, slowToNoticeDeadWorker } from '../helpers/history';
 
 const MiB = 1 << 20;
 
@@ -41,11 +41,6 @@ async function activityRuns(handle: Handle, name: string): Promise<{ scheduled: 
 
 async function completed(handle: Handle, name: string): Promise<boolean> {
   return runsOf(await timeline(handle), name).some((r) => r.outcome === 'completed');
-}
-
-async function pending(handle: Handle, name: string): Promise<boolean> {
-  const d = await handle.describe();
-  return d.raw.pendingActivities?.some((a) => a.activityType?.name === name) ?? false;
 }
 
 describe('snapshot-method backup workflow', () => {
@@ -161,16 +156,13 @@ describe('snapshot-method backup workflow', () => {
       intervalMs: 20,
     });
     await dom.writeThroughDevice('vda', 0xab, 300, 8);
-    // finalizeImages (a long, heartbeating step) runs once the overlays are committed and removed. Scheduled counts
-    // too: in one loaded CI run the wait for it to be pending timed out after 300 s (the cause was not seen: a run
-    // that completed between two polls of `describe` would do it), and what the kill checks holds either way: no
-    // second commit
-    await waitFor(
-      'the pivot and finalizeImages',
-      async () =>
-        (await pending(handle, 'finalizeImages')) || (await activityRuns(handle, 'finalizeImages')).scheduled > 0,
-      { intervalMs: 20, timeoutMs: 240_000 },
-    );
+    // Right after the pivot the workflow goes on at once (finalizeImages, shipImage, shipVmFiles, writeManifest:
+    // each a few ms to seconds here), so the kill lands in whichever step runs then. Each of them must be retried
+    // within seconds by the new worker, and none may commit a second time.
+    await waitFor('commitAndPivot to complete', () => completed(handle, 'commitAndPivot'), {
+      intervalMs: 20,
+      timeoutMs: 240_000,
+    });
     expect(await domblklist(dom.name)).toEqual({ vda });
     await restartWorker();
     const result = await handle.result();
@@ -180,6 +172,9 @@ describe('snapshot-method backup workflow', () => {
     expect(await domblklist(dom.name)).toEqual({ vda });
     expect(await exists(overlaysOf(backupId))).toBe(false);
     expect(await activityRuns(handle, 'commitAndPivot')).toEqual({ scheduled: 1, maxAttempt: 1 });
+    // every step the dead worker could have held is noticed within its heartbeat timeout (5 s here) or a minute; a
+    // short step without one once held a CI run for its whole 5-minute start-to-close timeout
+    expect(slowToNoticeDeadWorker((await handle.fetchHistory()).events ?? [], 60_000)).toEqual([]);
   });
 
   test('cancel during the copy: the undo step commits and pivots, no overlay is left', async () => {
