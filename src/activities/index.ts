@@ -188,6 +188,7 @@ export const KEEPALIVE_STEPS: ReadonlySet<string> = new Set([
   'abortPushBackup',
   'endPullBackup',
   'shipVmFiles',
+  'completeInstantFinish',
 ]);
 
 /** Runs `fn`, heartbeating (without details) three times per heartbeat timeout while it runs; local activities cannot. */

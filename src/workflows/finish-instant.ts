@@ -32,6 +32,8 @@ export async function finishInstantRestore(input: FinishInstantWorkflowInput): P
   const { completeInstantFinish } = proxyActivities<InstantActivities>({
     taskQueue,
     startToCloseTimeout: '5m',
+    // the worker heartbeats for it (KEEPALIVE_STEPS): a worker that dies in it is noticed in seconds, not minutes
+    heartbeatTimeout: `${heartbeatSeconds}s`,
     retry: { initialInterval: '2s', maximumInterval: '1m', maximumAttempts: 10 },
   });
   const request = {

@@ -33,6 +33,7 @@ import {
 } from '../helpers/vmbackup';
 import { finishInstantWorkflowId } from '../../src/shared/names';
 import type { WorkerProcess } from '../helpers/vmbackup';
+import { slowToNoticeDeadWorker } from '../helpers/history';
 
 const MiB = 1 << 20;
 const DISK_MIB = 4096;
@@ -336,6 +337,14 @@ describe('restore --instant / --finish of a running guest (real stack)', () => {
     expect(await backingFile(overlay)).toBeUndefined();
     expect((await virsh('domstate', r.name)).trim()).toBe('running');
     expect(await backupImages()).toEqual(imagesBefore);
+    // each of the finish's steps notices a dead worker within its heartbeat timeout or a minute
+    const { client, close } = await temporalClient();
+    try {
+      const history = await client.workflow.getHandle(finishInstantWorkflowId(host, r.name)).fetchHistory();
+      expect(slowToNoticeDeadWorker(history.events ?? [], 60_000)).toEqual([]);
+    } finally {
+      await close();
+    }
   }, 600_000);
 });
 
