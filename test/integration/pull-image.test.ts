@@ -5,7 +5,7 @@
  * only; a missing one fails the file.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, open, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -307,6 +307,83 @@ describe('writePulledImage into a local image tree', () => {
       await third.close();
     }
     await target.close();
+  });
+
+  test('a file system that refuses O_DIRECT: the writer reopens the image with the page cache, and the image is whole', async () => {
+    // No file system on this host refuses O_DIRECT (tmpfs and FUSE take it on Linux 6.6+), so a qemu-nbd first on
+    // PATH answers --cache=none as qemu-nbd does on such a file system (EINVAL from open) and runs the real one
+    // otherwise; every call is logged.
+    const shim = join(dir, 'odirect-shim');
+    await mkdir(shim, { recursive: true });
+    const real = (await run('sh', ['-c', 'command -v qemu-nbd'])).stdout.trim();
+    const log = join(shim, 'calls.log');
+    await writeFile(
+      join(shim, 'qemu-nbd'),
+      [
+        '#!/bin/sh',
+        `echo "$*" >> '${log}'`,
+        'for a in "$@"; do',
+        '  if [ "$a" = "--cache=none" ]; then',
+        '    eval "img=\\${$#}"',
+        `    echo "qemu-nbd: Failed to blk_new_open '$img': Could not open '$img': Invalid argument" >&2`,
+        '    exit 1',
+        '  fi',
+        'done',
+        `exec '${real}' "$@"`,
+        '',
+      ].join('\n'),
+      { mode: 0o755 },
+    );
+    const dest = join(dir, 'odirect.qcow2');
+    const s = await exportSource();
+    const path = process.env.PATH;
+    process.env.PATH = `${shim}:${path}`;
+    let pulled: PulledImage;
+    try {
+      pulled = await writePulledImage({
+        source: { socketPath: s.socket, exportName: 'vda' },
+        context: 'base:allocation',
+        virtualSize: SIZE,
+        dest,
+      });
+    } finally {
+      process.env.PATH = path;
+      await stopSource();
+    }
+    const calls = (await readFile(log, 'utf8')).trim().split('\n');
+    expect(calls).toHaveLength(2);
+    expect(calls[0]).toContain('--cache=none');
+    expect(calls[1]).toContain('--cache=writeback');
+    expect(await compare(source, dest)).toBe('identical');
+    expect((await imageContentDigest(dest, SIZE)).sha256).toBe(pulled.content.sha256);
+  });
+
+  test('any other failure to open the image is not retried with the page cache', async () => {
+    const shim = join(dir, 'eacces-shim');
+    await mkdir(shim, { recursive: true });
+    const log = join(shim, 'calls.log');
+    await writeFile(
+      join(shim, 'qemu-nbd'),
+      `#!/bin/sh\necho "$*" >> '${log}'\necho "qemu-nbd: Failed to blk_new_open: Could not open: Permission denied" >&2\nexit 1\n`,
+      { mode: 0o755 },
+    );
+    const s = await exportSource();
+    const path = process.env.PATH;
+    process.env.PATH = `${shim}:${path}`;
+    try {
+      await expect(
+        writePulledImage({
+          source: { socketPath: s.socket, exportName: 'vda' },
+          context: 'base:allocation',
+          virtualSize: SIZE,
+          dest: join(dir, 'eacces.qcow2'),
+        }),
+      ).rejects.toThrow(/Permission denied/);
+    } finally {
+      process.env.PATH = path;
+      await stopSource();
+    }
+    expect((await readFile(log, 'utf8')).trim().split('\n')).toHaveLength(1);
   });
 
   test('image trees on nfs:// and s3:// are refused with one sentence; file:// is written in place', () => {
