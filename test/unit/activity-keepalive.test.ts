@@ -59,7 +59,8 @@ test('the worker keeps alive exactly the short steps, each of which it runs', as
       throw new Error('no target in this test');
     },
   });
-  for (const name of KEEPALIVE_STEPS) expect(typeof (activities as unknown as Record<string, unknown>)[name]).toBe('function');
+  for (const name of KEEPALIVE_STEPS)
+    expect(typeof (activities as unknown as Record<string, unknown>)[name]).toBe('function');
   // through the worker's wrapper: a kept-alive step beats, another step does not
   const { env, beats } = counting({ heartbeatTimeoutMs: 300 });
   const wrapped = withAttemptDeadlines({
