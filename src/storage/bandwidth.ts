@@ -1,6 +1,7 @@
 /**
- * Bandwidth limit as a wrapper around any target: it only supplies `pace`, which every driver
- * awaits before reading the next chunk of the source, so the limit is not copied into drivers.
+ * Bandwidth limit as a wrapper around any target: for images it only supplies `pace`, which every driver awaits
+ * before reading the next chunk of the source, so the limit is not copied into drivers; a small object (a chunk of a
+ * chunk repository, an index, a manifest) waits for its whole length before it is sent.
  */
 import type { PutImageOptions, PutImageResult, StorageTarget } from './contract';
 
@@ -50,8 +51,15 @@ export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number
         },
       });
     },
-    putManifest: (key, body) => target.putManifest(key, body),
-    putBatched: (key, body) => target.putBatched(key, body),
+    // chunks, indexes and manifests count too: a chunk repository sends all of its data through putBatched
+    putManifest: async (key, body) => {
+      await pace(body.length);
+      return target.putManifest(key, body);
+    },
+    putBatched: async (key, body) => {
+      await pace(body.length);
+      return target.putBatched(key, body);
+    },
     flush: () => target.flush(),
     get: (key, range) => target.get(key, range),
     getBuffer: (key, opts) => target.getBuffer(key, opts),
