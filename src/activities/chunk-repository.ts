@@ -50,6 +50,8 @@ import type { HostPaths } from './host-paths';
 import { offlineGuard, sourceStamp, startedDuringCopy } from './offline-guard';
 import { withTarget } from './storage';
 import type { StorageActivityDeps } from './storage';
+import { withUploadPlace } from './upload-slots';
+import type { UploadSlots } from './upload-slots';
 
 export interface ChunkRepositoryDeps {
   openTarget: StorageActivityDeps['openTarget'];
@@ -69,6 +71,11 @@ export interface ChunkRepositoryDeps {
    * report that fails is dropped. Undefined: the workflow sees the bytes only once the target is done.
    */
   reportProgress?: StoreProgressReporter;
+  /**
+   * this worker's upload places per target (`--max-concurrent-uploads`), shared with shipImage: a store into a chunk
+   * repository holds one of its target's places while it stores; none: no cap
+   */
+  uploads?: UploadSlots;
 }
 
 /** Sends `progress` to the workflow run the activity belongs to (a signal on the worker's Temporal client). */
@@ -117,6 +124,8 @@ export interface ChunkStoreHeartbeat {
   bytesTotal: number;
   uploadedChunks: number;
   knownChunks: number;
+  /** true while the store waits for a place on its target (`--max-concurrent-uploads`) */
+  waitingForUpload?: boolean;
 }
 
 const PASSWORD_HINT =
@@ -291,7 +300,18 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
       );
       // a slow upload must not look like a dead worker
       const keepAlive = setInterval(() => ctx.heartbeat(beat), 5_000);
+      const waiting = (waits: boolean) => {
+        if (waits) beat.waitingForUpload = true;
+        else delete beat.waitingForUpload;
+        ctx.heartbeat(beat);
+      };
       try {
+        return await withUploadPlace(deps.uploads, input.target, ctx.cancellationSignal, waiting, () => storeAll());
+      } finally {
+        clearInterval(keepAlive);
+        await report.flush();
+      }
+      async function storeAll(): Promise<StoredChunkImages> {
         for (const image of images) {
           beat.disk = image.name;
           const { index, stats } = await image
@@ -334,9 +354,6 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
           stored.set(f.name, put.sha256);
         }
         return { disks, vm: indexedVmRecord(input.vm.vm, stored), vmStats };
-      } finally {
-        clearInterval(keepAlive);
-        await report.flush();
       }
     });
   }

@@ -73,6 +73,8 @@ export type HostWorkerActivities = HostActivities & ScheduleActivities & Instant
 export function createActivities(deps: ActivityDeps): HostWorkerActivities {
   const backupStates = deps.backupStates ?? cannotTellBackupStates;
   // One view of this host's roots and allowed targets for every activity: none trusts a path or target it is given.
+  // one set of upload places per target for every step that writes a backup's data to a target
+  const uploads = deps.maxConcurrentUploads ? uploadSlots(deps.maxConcurrentUploads) : undefined;
   const paths = new HostPaths({
     stateDir: deps.stateDir,
     qemuStateDir: deps.qemuStateDir,
@@ -92,7 +94,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       openTarget: deps.openTarget,
       manifestKey: deps.manifestKey,
       paths,
-      ...(deps.maxConcurrentUploads ? { uploads: uploadSlots(deps.maxConcurrentUploads) } : {}),
+      ...(uploads ? { uploads } : {}),
     }),
     ...createChunkGcActivities({
       openTarget: deps.openTarget,
@@ -106,6 +108,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       paths,
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
       ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),
+      ...(uploads ? { uploads } : {}),
     }),
     ...createPullActivities({
       hypervisor: deps.hypervisor,
@@ -114,6 +117,7 @@ export function createActivities(deps: ActivityDeps): HostWorkerActivities {
       ...(deps.pullWindowBytes ? { pullWindowBytes: deps.pullWindowBytes } : {}),
       ...(deps.repositoryPassword !== undefined ? { repositoryPassword: deps.repositoryPassword } : {}),
       ...(deps.reportStoreProgress ? { reportProgress: deps.reportStoreProgress } : {}),
+      ...(uploads ? { uploads } : {}),
     }),
     ...createVmFileActivities({ hypervisor: deps.hypervisor, openTarget: deps.openTarget, paths }),
     ...createChainActivities({

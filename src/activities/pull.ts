@@ -57,6 +57,7 @@ import { hypervisorFailure, permanent } from './failures';
 import type { HostPaths } from './host-paths';
 import { pullSocketDir, scratchFile, SHORT_SOCKET_ROOT, SOCKET_NAME } from './pull-paths';
 import { withTarget } from './storage';
+import { withUploadPlace } from './upload-slots';
 
 export interface PullDeps extends ChunkRepositoryDeps {
   hypervisor: Hypervisor;
@@ -92,6 +93,8 @@ export interface PullHeartbeat {
   bytesDone: number;
   bytesTotal: number;
   scratchPeakBytes: number;
+  /** true while it waits for a place on the target (`--max-concurrent-uploads`); the job and its scratch go on */
+  waitingForUpload?: boolean;
 }
 
 interface JournalDisk {
@@ -279,6 +282,11 @@ export function createPullActivities(deps: PullDeps) {
       ctx.heartbeat(beat);
     }, JOURNAL_EVERY_MS);
     const execution = ctx.info.workflowExecution;
+    const waiting = (waits: boolean) => {
+      if (waits) beat.waitingForUpload = true;
+      else delete beat.waitingForUpload;
+      ctx.heartbeat(beat);
+    };
     let before = 0;
     const results: PulledTarget[] = [];
     try {
@@ -287,59 +295,61 @@ export function createPullActivities(deps: PullDeps) {
         const done = (j.targets[target] ??= {});
         try {
           results.push(
-            await withTarget(deps, target, input.s3Options, async (t) => {
-              const repo = await openWorkerRepository(t, deps.repositoryPassword);
-              const store = new ChunkStore(repo, { concurrency: deps.chunkConcurrency ?? PULL_CHUNK_CONCURRENCY });
-              const disks: PullDiskResult[] = [];
-              for (const disk of l.disks) {
-                beat.disk = disk.name;
-                const parentIndex = input.parent?.disks.find((d) => d.name === disk.name)?.index;
-                const dirty = input.job.incremental !== undefined && !(input.job.fullDisks ?? []).includes(disk.name);
-                const resumed = done[disk.name];
-                const out = await pullDisk({
-                  socket: l.socket,
-                  disk,
-                  store,
-                  dirtyBitmap: dirty && parentIndex ? `qemu:dirty-bitmap:backup-${disk.name}` : undefined,
-                  parentIndex: dirty ? parentIndex : undefined,
-                  resume: resumed,
-                  signal: ctx.cancellationSignal,
-                  onProgress: (p) => {
-                    done[disk.name] = { chunks: p.settledChunks, entries: p.entries.slice(0, p.settledChunks) };
-                    dirtyJournal = true;
-                    beat.offset = Math.min(p.settledChunks * repo.config.chunkSize, disk.virtualSize);
-                    beat.bytesDone = before + p.bytesDone;
-                    ctx.heartbeat(beat);
-                    if (deps.reportProgress && execution)
-                      void deps
-                        .reportProgress(
-                          { workflowId: execution.workflowId, runId: execution.runId },
-                          { target, bytesDone: beat.bytesDone },
-                        )
-                        .catch(() => undefined);
-                  },
-                });
-                const id = await store.putIndex(out.index);
-                await holdChunkObjects(t, await chunkBackupKeys([id], () => Promise.resolve(out.index)));
-                done[disk.name] = { chunks: out.index.entries.length, entries: out.index.entries };
-                dirtyJournal = true;
-                disks.push({
-                  name: disk.name,
-                  virtualSize: disk.virtualSize,
-                  index: id,
-                  stats: out.stats,
-                  pull: {
-                    readChunks: out.readChunks,
-                    carriedChunks: out.carriedChunks,
-                    readBytes: out.readBytes,
-                    resumedFrom: resumed ? Math.min(resumed.chunks * repo.config.chunkSize, disk.virtualSize) : 0,
-                  },
-                });
-                before += disk.virtualSize;
-              }
-              const stored = input.vm ? await storeVmFiles(store, t, input, paths) : undefined;
-              return { target, ok: true as const, disks, ...(stored ?? {}) };
-            }),
+            await withUploadPlace(deps.uploads, target, ctx.cancellationSignal, waiting, () =>
+              withTarget(deps, target, input.s3Options, async (t) => {
+                const repo = await openWorkerRepository(t, deps.repositoryPassword);
+                const store = new ChunkStore(repo, { concurrency: deps.chunkConcurrency ?? PULL_CHUNK_CONCURRENCY });
+                const disks: PullDiskResult[] = [];
+                for (const disk of l.disks) {
+                  beat.disk = disk.name;
+                  const parentIndex = input.parent?.disks.find((d) => d.name === disk.name)?.index;
+                  const dirty = input.job.incremental !== undefined && !(input.job.fullDisks ?? []).includes(disk.name);
+                  const resumed = done[disk.name];
+                  const out = await pullDisk({
+                    socket: l.socket,
+                    disk,
+                    store,
+                    dirtyBitmap: dirty && parentIndex ? `qemu:dirty-bitmap:backup-${disk.name}` : undefined,
+                    parentIndex: dirty ? parentIndex : undefined,
+                    resume: resumed,
+                    signal: ctx.cancellationSignal,
+                    onProgress: (p) => {
+                      done[disk.name] = { chunks: p.settledChunks, entries: p.entries.slice(0, p.settledChunks) };
+                      dirtyJournal = true;
+                      beat.offset = Math.min(p.settledChunks * repo.config.chunkSize, disk.virtualSize);
+                      beat.bytesDone = before + p.bytesDone;
+                      ctx.heartbeat(beat);
+                      if (deps.reportProgress && execution)
+                        void deps
+                          .reportProgress(
+                            { workflowId: execution.workflowId, runId: execution.runId },
+                            { target, bytesDone: beat.bytesDone },
+                          )
+                          .catch(() => undefined);
+                    },
+                  });
+                  const id = await store.putIndex(out.index);
+                  await holdChunkObjects(t, await chunkBackupKeys([id], () => Promise.resolve(out.index)));
+                  done[disk.name] = { chunks: out.index.entries.length, entries: out.index.entries };
+                  dirtyJournal = true;
+                  disks.push({
+                    name: disk.name,
+                    virtualSize: disk.virtualSize,
+                    index: id,
+                    stats: out.stats,
+                    pull: {
+                      readChunks: out.readChunks,
+                      carriedChunks: out.carriedChunks,
+                      readBytes: out.readBytes,
+                      resumedFrom: resumed ? Math.min(resumed.chunks * repo.config.chunkSize, disk.virtualSize) : 0,
+                    },
+                  });
+                  before += disk.virtualSize;
+                }
+                const stored = input.vm ? await storeVmFiles(store, t, input, paths) : undefined;
+                return { target, ok: true as const, disks, ...(stored ?? {}) };
+              }),
+            ),
           );
         } catch (err) {
           // the export or the job failed: the step is retried (resuming from the journal); a target's own failure
@@ -417,6 +427,11 @@ export function createPullActivities(deps: PullDeps) {
         .catch(() => undefined);
     }, JOURNAL_EVERY_MS);
     const execution = ctx.info.workflowExecution;
+    const waiting = (waits: boolean) => {
+      if (waits) beat.waitingForUpload = true;
+      else delete beat.waitingForUpload;
+      ctx.heartbeat(beat);
+    };
     const results: PulledTree[] = [];
     let done = 0;
     try {
@@ -425,83 +440,94 @@ export function createPullActivities(deps: PullDeps) {
         const progress = (beat.targets[target] ??= {});
         let temp: string | undefined;
         try {
-          const disks = await withTarget(deps, target, input.s3Options, async (t) => {
-            const support = pullImageTreeSupport(t);
-            if (!support.supported) throw permanent(support.reason, ErrorType.InvalidInput);
-            const dir = await backupDirOn(support.localPath, domain, backupId, t.displayUrl);
-            const out: PulledTreeDisk[] = [];
-            for (const disk of l.disks) {
-              beat.disk = disk.name;
-              const key = imageKey(domain, backupId, disk.name, 'qcow2');
-              const had = progress[disk.name];
-              const committed = had?.committed;
-              if (committed) {
-                const there = await t.stat(key);
-                if (there?.size === committed.size && there.metadata?.content === committed.content.sha256) {
-                  out.push(committed);
-                  done += disk.virtualSize;
-                  continue;
+          const disks = await withUploadPlace(deps.uploads, target, ctx.cancellationSignal, waiting, () =>
+            withTarget(deps, target, input.s3Options, async (t) => {
+              const support = pullImageTreeSupport(t);
+              if (!support.supported) throw permanent(support.reason, ErrorType.InvalidInput);
+              const dir = await backupDirOn(support.localPath, domain, backupId, t.displayUrl);
+              const out: PulledTreeDisk[] = [];
+              for (const disk of l.disks) {
+                beat.disk = disk.name;
+                const key = imageKey(domain, backupId, disk.name, 'qcow2');
+                const had = progress[disk.name];
+                const committed = had?.committed;
+                if (committed) {
+                  const there = await t.stat(key);
+                  if (there?.size === committed.size && there.metadata?.content === committed.content.sha256) {
+                    out.push(committed);
+                    done += disk.virtualSize;
+                    continue;
+                  }
                 }
+                temp = join(dir, tempName(`${disk.name}.qcow2`, tempSuffix(backupId)));
+                // resumed only where the image of that window is still there (else written anew from 0)
+                const from =
+                  !committed && had && Number.isSafeInteger(had.resumeFrom) && (await exists(temp))
+                    ? had.resumeFrom
+                    : 0;
+                const increment =
+                  input.job.incremental !== undefined && !(input.job.fullDisks ?? []).includes(disk.name);
+                const backing = increment
+                  ? await parentImage(t, support.localPath, input, disk.name, activity)
+                  : undefined;
+                const img = await writePulledImage({
+                  source: { socketPath: l.socket, exportName: disk.name },
+                  context: backing ? `qemu:dirty-bitmap:backup-${disk.name}` : ALLOCATION_CONTEXT,
+                  virtualSize: disk.virtualSize,
+                  dest: temp,
+                  ...(backing ? { backing } : {}),
+                  from,
+                  ...(deps.pullWindowBytes ? { window: deps.pullWindowBytes } : {}),
+                  signal: ctx.cancellationSignal,
+                  onProgress: (p) => {
+                    progress[disk.name] = { resumeFrom: p.resumeFrom };
+                    beat.bytesDone = done + p.resumeFrom;
+                    ctx.heartbeat(beat);
+                    if (deps.reportProgress && execution)
+                      void deps
+                        .reportProgress(
+                          { workflowId: execution.workflowId, runId: execution.runId },
+                          { target, bytesDone: beat.bytesDone },
+                        )
+                        .catch(() => undefined);
+                  },
+                });
+                // committed by a rename: the sidecar holds the content digest taken while writing, no file SHA-256
+                await t.putImage(key, temp, {
+                  allowMove: true,
+                  sourceStamp: fileStamp(await stat(temp)),
+                  metadata: {
+                    content: img.content.sha256,
+                    domain,
+                    backupid: backupId,
+                    disk: disk.name,
+                    format: 'qcow2',
+                  },
+                });
+                temp = undefined;
+                const record: PulledTreeDisk = {
+                  name: disk.name,
+                  virtualSize: disk.virtualSize,
+                  key,
+                  size: img.size,
+                  content: {
+                    sha256: img.content.sha256,
+                    scheme: 'content-v1',
+                    chunkSize: img.content.chunkSize,
+                    chunks: img.content.chunks,
+                    zeroChunks: img.content.zeroChunks,
+                  },
+                  pull: { readBytes: img.copiedBytes, zeroedBytes: img.zeroedBytes, resumedFrom: from },
+                };
+                progress[disk.name] = { resumeFrom: disk.virtualSize, committed: record };
+                done += disk.virtualSize;
+                beat.bytesDone = done;
+                ctx.heartbeat(beat);
+                out.push(record);
               }
-              temp = join(dir, tempName(`${disk.name}.qcow2`, tempSuffix(backupId)));
-              // resumed only where the image of that window is still there (else written anew from 0)
-              const from =
-                !committed && had && Number.isSafeInteger(had.resumeFrom) && (await exists(temp)) ? had.resumeFrom : 0;
-              const increment = input.job.incremental !== undefined && !(input.job.fullDisks ?? []).includes(disk.name);
-              const backing = increment
-                ? await parentImage(t, support.localPath, input, disk.name, activity)
-                : undefined;
-              const img = await writePulledImage({
-                source: { socketPath: l.socket, exportName: disk.name },
-                context: backing ? `qemu:dirty-bitmap:backup-${disk.name}` : ALLOCATION_CONTEXT,
-                virtualSize: disk.virtualSize,
-                dest: temp,
-                ...(backing ? { backing } : {}),
-                from,
-                ...(deps.pullWindowBytes ? { window: deps.pullWindowBytes } : {}),
-                signal: ctx.cancellationSignal,
-                onProgress: (p) => {
-                  progress[disk.name] = { resumeFrom: p.resumeFrom };
-                  beat.bytesDone = done + p.resumeFrom;
-                  ctx.heartbeat(beat);
-                  if (deps.reportProgress && execution)
-                    void deps
-                      .reportProgress(
-                        { workflowId: execution.workflowId, runId: execution.runId },
-                        { target, bytesDone: beat.bytesDone },
-                      )
-                      .catch(() => undefined);
-                },
-              });
-              // committed by a rename: the sidecar holds the content digest taken while writing, no file SHA-256
-              await t.putImage(key, temp, {
-                allowMove: true,
-                sourceStamp: fileStamp(await stat(temp)),
-                metadata: { content: img.content.sha256, domain, backupid: backupId, disk: disk.name, format: 'qcow2' },
-              });
-              temp = undefined;
-              const record: PulledTreeDisk = {
-                name: disk.name,
-                virtualSize: disk.virtualSize,
-                key,
-                size: img.size,
-                content: {
-                  sha256: img.content.sha256,
-                  scheme: 'content-v1',
-                  chunkSize: img.content.chunkSize,
-                  chunks: img.content.chunks,
-                  zeroChunks: img.content.zeroChunks,
-                },
-                pull: { readBytes: img.copiedBytes, zeroedBytes: img.zeroedBytes, resumedFrom: from },
-              };
-              progress[disk.name] = { resumeFrom: disk.virtualSize, committed: record };
-              done += disk.virtualSize;
-              beat.bytesDone = done;
-              ctx.heartbeat(beat);
-              out.push(record);
-            }
-            return out;
-          });
+              return out;
+            }),
+          );
           results.push({ target, ok: true, disks });
         } catch (err) {
           // cancelled, or this target failed for good: its temp image goes (a retry would begin it anew)
@@ -555,6 +581,8 @@ export interface PullTreeHeartbeat {
   bytesDone: number;
   bytesTotal: number;
   scratchPeakBytes: number;
+  /** true while it waits for a place on the target (`--max-concurrent-uploads`); the job and its scratch go on */
+  waitingForUpload?: boolean;
 }
 
 /** The temp name's suffix of a backup's pulled images: the same in every attempt, so a retry finds its image. */

@@ -31,6 +31,7 @@ import {
 } from '../repository/manifest';
 import type { HostPaths } from './host-paths';
 import type { UploadSlots } from './upload-slots';
+import { withUploadPlace } from './upload-slots';
 
 export interface StorageActivityDeps {
   openTarget: (url: string, options?: { s3?: S3TargetOptions }) => StorageTarget;
@@ -155,25 +156,13 @@ export function createStorageActivities(
         };
         // Drivers report progress per part or chunk; a slow part must not look like a dead worker.
         const keepAlive = setInterval(() => ctx.heartbeat(beat), 5_000);
-        let release: (() => void) | undefined;
-        if (deps.uploads) {
-          const waitedForPlace = () => {
-            beat.waitingForUpload = true;
-            ctx.heartbeat(beat);
-          };
-          release = await deps.uploads
-            .acquire(input.target, ctx.cancellationSignal, waitedForPlace)
-            .catch((err: unknown) => {
-              clearInterval(keepAlive);
-              throw err;
-            });
-          if (beat.waitingForUpload) {
-            delete beat.waitingForUpload;
-            ctx.heartbeat(beat);
-          }
-        }
-        const result = await target
-          .putImage(key, disk.path, {
+        const waiting = (waits: boolean) => {
+          if (waits) beat.waitingForUpload = true;
+          else delete beat.waitingForUpload;
+          ctx.heartbeat(beat);
+        };
+        const result = await withUploadPlace(deps.uploads, input.target, ctx.cancellationSignal, waiting, () =>
+          target.putImage(key, disk.path, {
             ...(beat.checkpoint ? { resume: beat.checkpoint } : {}),
             signal: ctx.cancellationSignal,
             allowMove: Boolean(input.allowMove),
@@ -188,11 +177,8 @@ export function createStorageActivities(
               beat.bytesDone = bytesDone;
               ctx.heartbeat(beat);
             },
-          })
-          .finally(() => {
-            clearInterval(keepAlive);
-            release?.();
-          });
+          }),
+        ).finally(() => clearInterval(keepAlive));
         if (result.sha256 !== disk.sha256 || result.size !== disk.size) {
           throw ApplicationFailure.nonRetryable(
             `Disk ${disk.name} of ${domain} was stored on ${target.displayUrl} with SHA-256 ${result.sha256} (${result.size} bytes) instead of ${disk.sha256} (${disk.size} bytes); the image changed while it was shipped, run the backup again.`,

@@ -67,3 +67,29 @@ export function uploadSlots(max: number | undefined): UploadSlots {
     },
   };
 }
+
+/**
+ * Runs `fn` holding one of this worker's places on `target` (`fn` at once when there is no cap). When the place is
+ * not free now, `waiting(true)` is called, and `waiting(false)` once it is granted: the step heartbeats it, so
+ * `vmbackup status` says the step waits for an upload place. A cancel while waiting rejects and takes no place.
+ */
+export async function withUploadPlace<T>(
+  slots: UploadSlots | undefined,
+  target: string,
+  signal: AbortSignal | undefined,
+  waiting: (waits: boolean) => void,
+  fn: () => Promise<T>,
+): Promise<T> {
+  if (!slots) return fn();
+  let waited = false;
+  const release = await slots.acquire(target, signal, () => {
+    waited = true;
+    waiting(true);
+  });
+  try {
+    if (waited) waiting(false);
+    return await fn();
+  } finally {
+    release();
+  }
+}

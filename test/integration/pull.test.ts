@@ -11,7 +11,7 @@
 import { chmod, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Client } from '@temporalio/client';
-import { startBackup } from '../../src/client/backups';
+import { backupStatus, startBackup } from '../../src/client/backups';
 import { ChunkStore, initRepository } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
@@ -315,6 +315,50 @@ describe('pull backups into chunk repositories (real stack)', () => {
     const result: BackupResult = await handle.result();
     expect(result.status).toBe('completed');
     await expectRestoresTo(repo, await manifestOf(target, dom, result.backupId), expected);
+  });
+
+  it('--max-concurrent-uploads 1: a second pull into the same repository waits for the place (status says so) while its job runs, then completes', async () => {
+    const { url, target, repo } = await s3Repository();
+    const h = uniqueHost('pl');
+    const w = await startWorkerProcess(h, {
+      env: cliEnv({ AWS_ENDPOINT_URL: proxy.url }),
+      args: ['--password-file', passwordFile, '--max-concurrent-uploads', '1'],
+    });
+    let hold: ReturnType<S3FaultProxy['hold']> | undefined;
+    try {
+      const [a, b] = [
+        await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }] }),
+        await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 16, randomMiB: 8 }] }),
+      ];
+      const [atA, atB] = [await snapshotOf(a, 'place'), await snapshotOf(b, 'place')];
+      // the first pull holds the place: its uploads are held by the proxy
+      const held = proxy.hold(chunkPut);
+      hold = held;
+      const first = await start(a, [url], 'full', h);
+      await waitFor('the first pull to upload', async () => held.held() > 0);
+      const second = await start(b, [url], 'full', h);
+      await waitFor(
+        'the second pull to say it waits for an upload place',
+        async () => {
+          const view = await backupStatus(client, second.handle, second.backupId);
+          return view.activity?.name === 'pullIntoRepositories' && view.activity.waitingForUpload === true;
+        },
+        { timeoutMs: 60_000 },
+      );
+      // its job runs meanwhile: QEMU keeps the point in time while the pull waits
+      expect(await jobType(b)).not.toBe('None');
+      held.release();
+      const [ra, rb] = (await Promise.all([first.handle.result(), second.handle.result()])) as [
+        BackupResult,
+        BackupResult,
+      ];
+      expect([ra.status, rb.status]).toEqual(['completed', 'completed']);
+      await expectRestoresTo(repo, await manifestOf(target, a, ra.backupId), atA);
+      await expectRestoresTo(repo, await manifestOf(target, b, rb.backupId), atB);
+    } finally {
+      hold?.release(); // a failed wait must not leave the worker's stop waiting on held uploads
+      await w.stop();
+    }
   });
 
   it('a pull backup to an image tree on S3 is refused with one sentence, before anything is created', async () => {

@@ -1,7 +1,8 @@
 /**
  * `vmbackup worker --max-concurrent-uploads N`, as shipImage runs under Temporal: with one place per target, a second
  * upload to the same target heartbeats that it waits and sends nothing until the first put ended; an upload to
- * another target does not wait; a cancelled waiter takes no place. Real local targets, real images.
+ * another target does not wait; a cancelled waiter takes no place. Stores into chunk repositories (and pulls, which
+ * use the same places) share them with shipImage. Real local targets, real images.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -9,13 +10,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CancelledFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { createActivities } from '../../src/activities';
 import { createStorageActivities, type ShipHeartbeat } from '../../src/activities/storage';
 import { uploadSlots } from '../../src/activities/upload-slots';
-import type { ShippedImage } from '../../src/shared/activities';
+import { initRepository } from '../../src/repository/chunks';
+import type { ShippedImage, StoredChunkImages } from '../../src/shared/activities';
 import type { DiskImage } from '../../src/shared/types';
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
-import { stageImage, testHostPaths } from '../storage/backups';
+import { stageImage, testHostPaths, testStateDir } from '../storage/backups';
 import { localTarget } from '../storage/fixtures';
 
 const MiB = 1 << 20;
@@ -141,4 +144,88 @@ test('an upload cancelled while it waits for a place sends nothing and takes no 
   // the place is free again: the cancelled backup's upload, run again, goes through at once
   const again: ShippedImage = await new MockActivityEnvironment().run(acts.shipImage, second);
   expect(again.sha256).toBe(second.disk.sha256);
+});
+
+/**
+ * The worker's activities as `vmbackup worker --max-concurrent-uploads 1` builds them, over real local targets; each
+ * target an activity opens records when its first write began and its last one ended (the first waits 300 ms, long
+ * enough that a write that did not wait would overlap it).
+ */
+function workerActivities(writes: Array<{ url: string; start: number; end: number }>) {
+  return createActivities({
+    hypervisor: {} as never,
+    stateDir: testStateDir(),
+    maxConcurrentUploads: 1,
+    openTarget: (url, options) => {
+      const target = openTarget(url, { ...options, env: {} });
+      let span: { url: string; start: number; end: number } | undefined;
+      const timed =
+        <A extends unknown[], R>(fn: (...a: A) => Promise<R>) =>
+        async (...a: A): Promise<R> => {
+          if (!span) {
+            span = { url, start: Date.now(), end: Date.now() };
+            writes.push(span);
+            await new Promise((r) => setTimeout(r, 300));
+          }
+          try {
+            return await fn(...a);
+          } finally {
+            span.end = Date.now();
+          }
+        };
+      return Object.assign(Object.create(target) as StorageTarget, {
+        putImage: timed(target.putImage.bind(target)),
+        putBatched: timed(target.putBatched.bind(target)),
+        putManifest: timed(target.putManifest.bind(target)),
+      });
+    },
+  });
+}
+
+test('chunk repositories share the places: a store waits (and says so) for a store or an upload on its target, not for another target', async () => {
+  const [t1, t2] = [await localTarget(), await localTarget()];
+  targets.push(t1, t2);
+  for (const t of [t1, t2]) {
+    const target = openTarget(t.url, { env: {} });
+    await initRepository(target, { encryption: 'none', compression: 'none' });
+    await target.close();
+  }
+  const writes: Array<{ url: string; start: number; end: number }> = [];
+  const acts = workerActivities(writes);
+  const store = async (n: number, url: string) => {
+    const backupId = `vm${n}-20261130T000000Z-000${n}`;
+    return { backupId, domain: `vm${n}`, target: url, images: [await image(backupId)] };
+  };
+  const [s0, s1, s2] = [await store(7, t1.url), await store(8, t1.url), await store(9, t2.url)];
+  const ship = {
+    backupId: 'vm4-20261130T000000Z-0004',
+    domain: 'vm4',
+    target: t1.url,
+    disk: await image('vm4-20261130T000000Z-0004'),
+  };
+  const waited = [false, false, false, false];
+  const env = (i: number) => {
+    const e = new MockActivityEnvironment({ heartbeatTimeoutMs: 30_000 });
+    e.on('heartbeat', (d: { waitingForUpload?: boolean }) => {
+      if (d?.waitingForUpload) waited[i] = true;
+    });
+    return e;
+  };
+  const [r0, r1, r2, r3] = await Promise.all([
+    env(0).run(acts.storeChunkImages, s0),
+    env(1).run(acts.storeChunkImages, s1),
+    env(2).run(acts.storeChunkImages, s2),
+    env(3).run(acts.shipImage, ship),
+  ]);
+  for (const r of [r0, r1, r2] as StoredChunkImages[]) expect(r.disks[0]!.stats.chunks).toBeGreaterThan(0);
+  expect((r3 as ShippedImage).sha256).toBe(ship.disk.sha256);
+  const onT1 = writes.filter((w) => w.url === t1.url).sort((a, b) => a.start - b.start);
+  const onT2 = writes.filter((w) => w.url === t2.url);
+  expect(onT1).toHaveLength(3);
+  expect(onT2).toHaveLength(1);
+  // one at a time on t1, the upload among them
+  for (let i = 1; i < onT1.length; i++) expect(onT1[i]!.start).toBeGreaterThanOrEqual(onT1[i - 1]!.end);
+  // two of the three on t1 waited and said so; the one on t2 found its place free
+  expect([waited[0], waited[1], waited[3]].filter(Boolean)).toHaveLength(2);
+  expect(waited[2]).toBe(false);
 });
