@@ -110,6 +110,15 @@ interface Journal {
   scratchPeakBytes: number;
 }
 
+/** Tells the running backup's workflow how far a target is: best effort, a report that fails is dropped. */
+function progressReport(deps: PullDeps, ctx: Context): (target: string, bytesDone: number) => void {
+  const execution = ctx.info.workflowExecution;
+  const send = deps.reportProgress;
+  if (!send || !execution) return () => undefined;
+  const run = { workflowId: execution.workflowId, runId: execution.runId };
+  return (target, bytesDone) => void send(run, { target, bytesDone }).catch(() => undefined);
+}
+
 export function createPullActivities(deps: PullDeps) {
   const { paths } = deps;
   const hv = deps.hypervisor;
@@ -281,7 +290,7 @@ export function createPullActivities(deps: PullDeps) {
       beat.scratchPeakBytes = j.scratchPeakBytes;
       ctx.heartbeat(beat);
     }, JOURNAL_EVERY_MS);
-    const execution = ctx.info.workflowExecution;
+    const report = progressReport(deps, ctx);
     const waiting = (waits: boolean) => {
       if (waits) beat.waitingForUpload = true;
       else delete beat.waitingForUpload;
@@ -319,13 +328,7 @@ export function createPullActivities(deps: PullDeps) {
                       beat.offset = Math.min(p.settledChunks * repo.config.chunkSize, disk.virtualSize);
                       beat.bytesDone = before + p.bytesDone;
                       ctx.heartbeat(beat);
-                      if (deps.reportProgress && execution)
-                        void deps
-                          .reportProgress(
-                            { workflowId: execution.workflowId, runId: execution.runId },
-                            { target, bytesDone: beat.bytesDone },
-                          )
-                          .catch(() => undefined);
+                      report(target, beat.bytesDone);
                     },
                   });
                   const id = await store.putIndex(out.index);
@@ -426,7 +429,7 @@ export function createPullActivities(deps: PullDeps) {
         .then(() => ctx.heartbeat(beat))
         .catch(() => undefined);
     }, JOURNAL_EVERY_MS);
-    const execution = ctx.info.workflowExecution;
+    const report = progressReport(deps, ctx);
     const waiting = (waits: boolean) => {
       if (waits) beat.waitingForUpload = true;
       else delete beat.waitingForUpload;
@@ -483,13 +486,7 @@ export function createPullActivities(deps: PullDeps) {
                     progress[disk.name] = { resumeFrom: p.resumeFrom };
                     beat.bytesDone = done + p.resumeFrom;
                     ctx.heartbeat(beat);
-                    if (deps.reportProgress && execution)
-                      void deps
-                        .reportProgress(
-                          { workflowId: execution.workflowId, runId: execution.runId },
-                          { target, bytesDone: beat.bytesDone },
-                        )
-                        .catch(() => undefined);
+                    report(target, beat.bytesDone);
                   },
                 });
                 // committed by a rename: the sidecar holds the content digest taken while writing, no file SHA-256

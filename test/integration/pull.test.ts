@@ -12,6 +12,7 @@ import { chmod, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/pro
 import { join } from 'node:path';
 import type { Client } from '@temporalio/client';
 import { backupStatus, startBackup } from '../../src/client/backups';
+import { progressQuery } from '../../src/shared/queries';
 import { ChunkStore, initRepository } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
 import type { StorageTarget } from '../../src/storage/contract';
@@ -229,6 +230,14 @@ describe('pull backups into chunk repositories (real stack)', () => {
         }
         return undefined;
       });
+      // the step tells the workflow how far it is while it reads (the progress query `status` shows; one read feeds
+      // the targets in turn, so the bytes are the backup's, not a target's)
+      const told = await waitFor('the progress query to show the bytes read', async () => {
+        const p = await handle.query(progressQuery).catch(() => undefined);
+        const bytes = p?.bytesDone ?? 0;
+        return bytes > 0 ? bytes : undefined;
+      });
+      expect(told).toBeLessThanOrEqual(128 * MiB);
       await w.kill9();
       hold.release();
       expect(await jobType(dom)).not.toBe('None'); // the job outlives the worker
@@ -244,6 +253,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
       expect(await jobType(dom)).toBe('None');
       expect(await anyPresent(stagingDirs(backupId))).toBeUndefined();
     } finally {
+      proxy.releaseAll(); // a failed wait must not leave the worker's stop waiting on held uploads
       await w.stop();
     }
   });
