@@ -56,9 +56,9 @@ export function withBandwidthLimit(target: StorageTarget, bytesPerSecond: number
       await pace(body.length);
       return target.putManifest(key, body);
     },
-    putBatched: async (key, body) => {
+    putBatched: async (key, body, opts) => {
       await pace(body.length);
-      return target.putBatched(key, body);
+      return target.putBatched(key, body, opts);
     },
     flush: () => target.flush(),
     get: (key, range) => target.get(key, range),

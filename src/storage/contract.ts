@@ -20,6 +20,19 @@ export interface TargetCapabilities {
   localPath?: string;
   /** a directory tree backs this target (local, NFS): listing a prefix costs a readdir per directory, not a request per 1000 objects */
   fileTree?: boolean;
+  /**
+   * a put signs the SHA-256 of its body (S3 SigV4), which the server checks: putBatched takes it precomputed
+   * (`PutBatchedOptions.sha256`), so it need not be hashed again on the caller's thread
+   */
+  signsPayloadHash?: boolean;
+}
+
+export interface PutBatchedOptions {
+  /**
+   * the hex SHA-256 of `body`, computed by the caller (a codec thread) from these very bytes; a target that signs
+   * its payload's hash sends this one, and the server refuses a body that does not match it
+   */
+  sha256?: string;
 }
 
 export interface ObjectInfo {
@@ -129,7 +142,7 @@ export interface StorageTarget {
    * before its name is visible, so after a crash it is there whole, or not at all; never a name whose data was
    * lost. Readers see it when this returns. Idempotent.
    */
-  putBatched(key: string, body: Buffer): Promise<void>;
+  putBatched(key: string, body: Buffer, opts?: PutBatchedOptions): Promise<void>;
   /**
    * Makes every putBatched that returned before this call durable, name included. Call it before writing what names
    * those objects (a chunk repository's index). Idempotent; a no-op on a target where each put is durable when it

@@ -217,6 +217,19 @@ export function describeConformance(
       await t.flush(); // a directory emptied since is no error
     });
 
+    test("putBatched with the body's SHA-256: stored as put; a target that signs its payload's hash refuses a body the hash does not match", async () => {
+      const body = randomBytes(50_000);
+      const sha256 = createHash('sha256').update(body).digest('hex');
+      await t.putBatched('c/ef/ef03', body, { sha256 });
+      expect((await t.getBuffer('c/ef/ef03')).equals(body)).toBe(true);
+      if (t.capabilities.signsPayloadHash) {
+        // S3: the hash is what SigV4 signs, and the server hashes what it receives
+        await expect(t.putBatched('c/ef/ef04', randomBytes(50_000), { sha256 })).rejects.toThrow();
+        expect(await t.stat('c/ef/ef04')).toBeUndefined();
+        await expect(t.putBatched('c/ef/ef05', body, { sha256: 'not a hash' })).rejects.toThrow();
+      }
+    });
+
     test('getBuffer with maxBytes reads an object up to the limit and refuses a larger one as permanent', async () => {
       const body = randomBytes(100_000);
       await t.putManifest('d/b/manifest.json', body);

@@ -31,12 +31,14 @@ export interface CodecReply {
   data?: Uint8Array;
   /** encodeInto's object, decodeInto's plaintext: a view of the job's `out` (moved back) */
   body?: Uint8Array;
+  /** encodeInto with `bodySha256`: the hex SHA-256 of the object */
+  bodySha256?: string;
   error?: { message: string; kind?: ChunkFormatErrorKind; objectId?: string | undefined };
 }
 
 type JobBody =
   | { op: 'id' }
-  | { op: 'encode'; type: ObjectType; id: string }
+  | { op: 'encode'; type: ObjectType; id: string; bodySha256?: boolean }
   | { op: 'decode'; type: ObjectType; id: string; checkId: boolean };
 
 interface Pending {
@@ -114,9 +116,15 @@ export class CodecPool {
     id: string,
     plaintext: Uint8Array,
     out: Uint8Array,
-  ): Promise<{ body: Buffer; plaintext: Buffer }> {
-    const r = await this.run(codec, { op: 'encode', type, id }, plaintext, true, out);
-    return { body: asBuffer(r.body!), plaintext: asBuffer(r.data!) };
+    opts: { sha256?: boolean } = {},
+  ): Promise<{ body: Buffer; plaintext: Buffer; sha256?: string }> {
+    const job = { op: 'encode' as const, type, id, ...(opts.sha256 ? { bodySha256: true } : {}) };
+    const r = await this.run(codec, job, plaintext, true, out);
+    return {
+      body: asBuffer(r.body!),
+      plaintext: asBuffer(r.data!),
+      ...(r.bodySha256 !== undefined ? { sha256: r.bodySha256 } : {}),
+    };
   }
 
   /** The verified plaintext of a stored object (decodeObject in a thread; `opts` as decodeObject's). */

@@ -3,6 +3,7 @@
  * the main thread. Each job carries what its repository's codec needs (config, keys, which zstd); buffers come and go
  * as transfers. A failure goes back as its message (and ChunkFormatError's kind and object id).
  */
+import { createHash } from 'node:crypto';
 import { parentPort } from 'node:worker_threads';
 import { chunkId, decodeObject, encodeObject } from './codec';
 import type { ChunkCodec } from './codec';
@@ -45,8 +46,10 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
         const out = Buffer.from(job.out.buffer, job.out.byteOffset, job.out.byteLength);
         const { body } = encodeObject(codec, job.type, job.id, data, out);
         if (body.buffer !== out.buffer) throw new Error(`the ${job.type} ${job.id} does not fit the buffer given`);
+        // the hash a target that signs its payload sends (S3 SigV4), taken here rather than on the main thread
+        const bodySha256 = job.bodySha256 ? createHash('sha256').update(body).digest('hex') : undefined;
         return {
-          reply: { seq: job.seq, data: job.data, body },
+          reply: { seq: job.seq, data: job.data, body, ...(bodySha256 ? { bodySha256 } : {}) },
           transfer: [job.data.buffer as ArrayBuffer, job.out.buffer as ArrayBuffer],
         };
       }

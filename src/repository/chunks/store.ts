@@ -206,17 +206,19 @@ export class ChunkStore {
    */
   private async uploadOwned(id: string, plaintext: Buffer): Promise<{ bytes: number; plaintext: Buffer }> {
     this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2);
-    const encoded = await this.pool.encodeInto(this.repo, 'chunk', id, plaintext, this.bodies.take());
-    await this.store(id, encoded.body);
+    const encoded = await this.pool.encodeInto(this.repo, 'chunk', id, plaintext, this.bodies.take(), {
+      sha256: this.repo.target.capabilities.signsPayloadHash === true,
+    });
+    await this.store(id, encoded.body, encoded.sha256);
     // only now: the write has returned, nothing reads the body any more (a failed write drops the buffer)
     this.bodies.give(encoded.body);
     return { bytes: encoded.body.length, plaintext: encoded.plaintext };
   }
 
-  private async store(id: string, body: Buffer): Promise<void> {
+  private async store(id: string, body: Buffer, sha256?: string): Promise<void> {
     const now = this.now();
     // durable (directory synced) by the flush in putIndex, before any index can name it
-    await this.repo.target.putBatched(chunkKey(id), body);
+    await this.repo.target.putBatched(chunkKey(id), body, sha256 !== undefined ? { sha256 } : undefined);
     this.fresh.set(id, now);
   }
 

@@ -43,6 +43,7 @@ import type {
   ObjectVersion,
   PutCheckpoint,
   PutImageOptions,
+  PutBatchedOptions,
   PutImageResult,
   StorageTarget,
   TargetCapabilities,
@@ -110,7 +111,12 @@ interface SdkError {
 }
 
 export class S3Target implements StorageTarget {
-  readonly capabilities: TargetCapabilities = { atomicReplace: true, multipart: true, rangeReads: true };
+  readonly capabilities: TargetCapabilities = {
+    atomicReplace: true,
+    multipart: true,
+    rangeReads: true,
+    signsPayloadHash: true,
+  };
   private readonly client: S3Client;
   private readonly bucket: string;
   private readonly prefix: string;
@@ -670,31 +676,44 @@ export class S3Target implements StorageTarget {
     }
   }
 
-  async putManifest(key: string, body: Buffer): Promise<void> {
+  async putManifest(key: string, body: Buffer, opts: PutBatchedOptions = {}): Promise<void> {
     await this.requireObjectLock(`write ${key}`);
     try {
-      await this.client.send(
-        new PutObjectCommand({
-          Bucket: this.bucket,
-          Key: this.fullKey(key),
-          Body: body,
-          ContentLength: body.length,
-          // the SDK signs a buffer body's SHA-256 (SigV4 x-amz-content-sha256), which the server checks: Content-MD5
-          // would check the same bytes again. It is sent only where Object Lock requires it. Measured on a pull of
-          // 2 GiB into an S3 chunk repository: MD5 was 19% of the worker's CPU, all on its main thread.
-          ...(this.lock ? { ContentMD5: createHash('md5').update(body).digest('base64') } : {}),
-          ContentType: 'application/json',
-          ...this.storageOptions(),
-        }),
-      );
+      const command = new PutObjectCommand({
+        Bucket: this.bucket,
+        Key: this.fullKey(key),
+        Body: body,
+        ContentLength: body.length,
+        // the SDK signs a buffer body's SHA-256 (SigV4 x-amz-content-sha256), which the server checks: Content-MD5
+        // would check the same bytes again. It is sent only where Object Lock requires it. Measured on a pull of
+        // 2 GiB into an S3 chunk repository: MD5 was 19% of the worker's CPU, all on its main thread.
+        ...(this.lock ? { ContentMD5: createHash('md5').update(body).digest('base64') } : {}),
+        ContentType: 'application/json',
+        ...this.storageOptions(),
+      });
+      const sha256 = opts.sha256;
+      if (sha256 !== undefined) {
+        if (!/^[0-9a-f]{64}$/.test(sha256)) throw new TypeError(`not a hex SHA-256: ${JSON.stringify(sha256)}`);
+        // SigV4 signs the payload hash this header carries instead of hashing the body again (on this thread); the
+        // server hashes what it receives and refuses the put when the two differ (XAmzContentSHA256Mismatch)
+        command.middlewareStack.add(
+          (next) => async (args) => {
+            const request = args.request as { headers?: Record<string, string> };
+            if (request.headers) request.headers['x-amz-content-sha256'] = sha256;
+            return next(args);
+          },
+          { step: 'build', name: 'vmbackupPayloadSha256' },
+        );
+      }
+      await this.client.send(command);
     } catch (err) {
       throw this.error(err, `write ${key}`);
     }
   }
 
-  /** A PUT is durable when S3 answers: the same as putManifest. */
-  putBatched(key: string, body: Buffer): Promise<void> {
-    return this.putManifest(key, body);
+  /** A PUT is durable when S3 answers: the same as putManifest (with the body's SHA-256 when the caller has it). */
+  putBatched(key: string, body: Buffer, opts?: PutBatchedOptions): Promise<void> {
+    return this.putManifest(key, body, opts);
   }
 
   /** Nothing to do: every put was durable when it returned. */
