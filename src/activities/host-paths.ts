@@ -283,20 +283,23 @@ function show(value: unknown): string {
   return typeof value === 'string' ? value : (JSON.stringify(value) ?? String(value));
 }
 
-/** realpath, for a path that may not exist yet: its nearest existing ancestor resolved, the rest appended. */
-export async function realpathLoose(path: string): Promise<string> {
+/**
+ * realpath, for a path that may not exist yet: its nearest existing ancestor resolved, the rest appended. Another
+ * backup may create or remove a shared directory meanwhile (a target's `.staging`, made by one backup's
+ * prepareStaging and removed by another's cleanupStaging once empty): a path that appears between the realpath and
+ * the lstat is resolved again, and only a real symlink to nowhere is refused.
+ */
+export async function realpathLoose(path: string, tries = 5): Promise<string> {
   try {
     return await realpath(path);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    const st = await lstat(path).catch(() => undefined);
     // a symlink to nowhere: writing through it would create its target
-    if (
-      await lstat(path).then(
-        () => true,
-        () => false,
-      )
-    ) {
-      throw new Error(`${path} is a symbolic link to a missing file`);
+    if (st?.isSymbolicLink()) throw new Error(`${path} is a symbolic link to a missing file`);
+    if (st) {
+      if (tries <= 1) throw new Error(`${path} keeps appearing and disappearing`);
+      return realpathLoose(path, tries - 1); // it appeared after the realpath: resolve it as it is now
     }
     const parent = dirname(path);
     if (parent === path) return path;
