@@ -149,7 +149,7 @@ export function createChainActivities(deps: ChainDeps) {
       },
     );
     if (!head.ok) return full(head.reason);
-    const { parent, base } = head;
+    const { parent, base, depth } = head;
     for (const { target, catalog } of catalogs) {
       const { links } = await chainOf(parent, catalog.entries, catalog.target);
       const problem = await withTarget(deps, target, input.s3Options, (t) =>
@@ -212,13 +212,15 @@ export function createChainActivities(deps: ChainDeps) {
         ? { reason: 'inc: a chunk repository stores every backup whole, so a differential is taken as an increment' }
         : {}),
       base: base.backupId,
+      depth,
+      ...(head.baseStartedAt ? { baseStartedAt: head.baseStartedAt } : {}),
       incremental: parentCheckpoint,
       parent: {
         backupId: parent.backupId,
         checkpoint: parentCheckpoint,
         disks: parent.disks.map((d) => ({ name: d.name, key: d.key, sha256: d.sha256, format: d.format })),
       },
-      baseCheckpoint: base.chain.checkpoint,
+      ...(base.checkpoint ? { baseCheckpoint: base.checkpoint } : {}),
       fullDisks,
       checkpoint: { name: checkpointName(backupId), disks: bitmapDisks },
       ...inRepository(),

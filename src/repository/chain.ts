@@ -80,6 +80,9 @@ export async function walkChain(top: Manifest, lookup: ManifestLookup, where: st
     child = parent;
   }
   const full = child;
+  // a backup in a chunk repository is a complete point: reading it needs nothing below it (its `base` names the full
+  // of its checkpoint chain, which prune may have removed)
+  if (full === top && isChunkManifest(top)) return { links: [top] };
   if (top.chain.base !== full.backupId) {
     return {
       links: newestFirst.reverse(),

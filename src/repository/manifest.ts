@@ -83,6 +83,10 @@ export const ManifestChainSchema = z
     parent: Segment.optional(),
     /** the chain's full (its own id for a full; filled in when a full leaves it out) */
     base: Segment.optional(),
+    /** inc/diff: the increments since the chain's full, this one included (recorded since chains in chunk repositories) */
+    depth: z.number().int().min(1).max(100_000).optional(),
+    /** inc/diff: when the chain's full started (--full-every), for when prune removed the full's own manifest */
+    baseStartedAt: z.string().datetime({ offset: true }).optional(),
     /** what the user asked for */
     requested: z.enum(['auto', 'full', 'inc', 'diff']).optional(),
     /** one sentence: why the level differs from the one asked for */

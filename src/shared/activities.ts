@@ -90,6 +90,10 @@ export interface BackupPlan {
   parent?: { backupId: string; checkpoint: string; disks: ParentDisk[] };
   /** the checkpoint of the chain's full (kept for differentials) */
   baseCheckpoint?: string;
+  /** inc/diff: the increments since the chain's full, this one included (recorded in the manifest) */
+  depth?: number;
+  /** inc/diff: when the chain's full started (recorded in the manifest: prune may remove the full's) */
+  baseStartedAt?: string;
   /** inc/diff: disks copied whole (new to the chain, raw, or without a bitmap) */
   fullDisks: string[];
   /**

@@ -1361,7 +1361,12 @@ function chainInfo(plan: BackupPlan): BackupChainInfo {
 
 /** ... and as its manifest records it, with what a redefinition of its checkpoint needs. */
 function manifestChain(plan: BackupPlan, checkpointXml: string | undefined): ManifestInput['manifest']['chain'] {
-  return { ...chainInfo(plan), ...(checkpointXml ? { checkpointXml } : {}) };
+  return {
+    ...chainInfo(plan),
+    ...(plan.depth !== undefined ? { depth: plan.depth } : {}),
+    ...(plan.baseStartedAt !== undefined ? { baseStartedAt: plan.baseStartedAt } : {}),
+    ...(checkpointXml ? { checkpointXml } : {}),
+  };
 }
 
 /** Undo of the upload phase: every target loses what this backup stored there unless its manifest was written. */

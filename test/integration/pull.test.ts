@@ -24,9 +24,9 @@ import { startS3FaultProxy } from '../helpers/s3-fault-proxy';
 import type { S3FaultProxy } from '../helpers/s3-fault-proxy';
 import { anyPresent, checkpoints, jobType, stagingDirs } from '../helpers/pull-jobs';
 import { requireLibvirt, requireS3, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
+import { cliEnv, runCli, startWorkerProcess, temporalClient, uniqueHost, waitFor } from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
-import { s3Target } from '../storage/fixtures';
+import { localTarget, s3Target } from '../storage/fixtures';
 
 jest.setTimeout(20 * 60_000);
 
@@ -39,7 +39,7 @@ const QEMU_REACHABLE_ROOT = '/var/lib/libvirt/images';
 interface ManifestJson {
   backupId: string;
   method: string;
-  chain: { level: string; parent?: string; checkpoint?: string };
+  chain: { level: string; parent?: string; base?: string; checkpoint?: string; depth?: number };
   disks: Array<{ name: string; virtualSize: number; sha256: string }>;
 }
 
@@ -85,16 +85,19 @@ describe('pull backups into chunk repositories (real stack)', () => {
     });
   }
 
-  async function s3Repository(): Promise<{ url: string; target: StorageTarget; repo: OpenRepository }> {
-    const s3 = await s3Target();
-    cleanups.push(() => s3.cleanup());
-    const repo = await initRepository(s3.target, {
+  /** An encrypted, compressed repository on a fresh S3 prefix (or local directory), removed after the suite. */
+  async function newRepository(
+    where: 's3' | 'local' = 's3',
+  ): Promise<{ url: string; target: StorageTarget; repo: OpenRepository }> {
+    const t = where === 's3' ? await s3Target() : await localTarget();
+    cleanups.push(() => t.cleanup());
+    const repo = await initRepository(t.target, {
       encryption: 'aes-256-gcm',
       compression: 'zstd',
       password: PASSWORD,
       scrypt: SCRYPT,
     });
-    return { url: s3.url, target: s3.target, repo };
+    return { url: t.url, target: t.target, repo };
   }
 
   function start(dom: FixtureDomain, targets: string[], level: 'full' | 'inc' | 'auto', onHost = host) {
@@ -148,7 +151,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
   }
 
   it('pull full, then pull incremental after writes, of a running two-disk domain into S3: each restore equals the disks at its job start; the increment reads only the changed chunks', async () => {
-    const { url, target, repo } = await s3Repository();
+    const { url, target, repo } = await newRepository();
     const dom = await newDomain({
       prefix: 'pl',
       disks: [
@@ -206,10 +209,75 @@ describe('pull backups into chunk repositories (real stack)', () => {
     // whole and restorable alone: the unchanged chunks are the full's
     await expectRestoresTo(repo, m2, atInc);
     expect(await checkpoints(dom)).toContain(inc.chain!.checkpoint);
+
+    // an increment on the increment (the nightly case): it continues the chain (it used to be taken for broken, and
+    // every second night was a full read), reads the chunks dirty since the increment's checkpoint (vda 5, written
+    // during that job, and vda 7), and `vmbackup restore` gives back the disks at its job start
+    await dom.writeThroughDevice('vda', 0x17, 28, 1);
+    const atInc2 = await snapshotOf(dom, 'inc2');
+    const inc2: BackupResult = await (await start(dom, [url], 'auto')).handle.result();
+    expect(inc2.status).toBe('completed');
+    expect(inc2.chain).toMatchObject({ level: 'inc', parent: inc.backupId, base: full.backupId });
+    expect(inc2.pull!.disks).toMatchObject({
+      vda: { readChunks: 2, carriedChunks: 6 },
+      vdb: { readChunks: 0, carriedChunks: 4 },
+    });
+    const m3 = await manifestOf(target, dom, inc2.backupId);
+    expect(m3.chain).toMatchObject({ level: 'inc', parent: inc.backupId, base: full.backupId, depth: 2 });
+    for (const [id, expected] of [
+      [inc.backupId, atInc],
+      [inc2.backupId, atInc2],
+    ] as const) {
+      const to = join(work, `restored-${id}`);
+      const restored = await runCli(['restore', id, '--target', url, '--to', to, '--format', 'raw'], {
+        env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }),
+      });
+      // stderr may carry the AWS SDK's warning about Node 20; nothing of vmbackup's own
+      expect([id, restored.code, restored.stderr.match(/vmbackup:.*/)?.[0]]).toEqual([id, 0, undefined]);
+      for (const dev of ['vda', 'vdb'])
+        expect(`${id} ${dev}: ${String(await identical(join(to, `${dev}.raw`), expected[dev]!))}`).toBe(
+          `${id} ${dev}: true`,
+        );
+      const verified = await runCli(['verify', id, '--target', url], { env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }) });
+      expect([id, verified.code, verified.stderr.match(/vmbackup:.*/)?.[0]]).toEqual([id, 0, undefined]);
+    }
+  });
+
+  it("prune removes the chain's full from a local repository: the next pull increment still continues the chain, retires the full's checkpoint, and restores exactly", async () => {
+    const { url, target, repo } = await newRepository('local');
+    const dom = await newDomain({
+      prefix: 'pl',
+      disks: [{ format: 'qcow2', sizeMiB: 32, randomMiB: 16 }],
+    });
+    await dom.resolveDevices();
+    const full: BackupResult = await (await start(dom, [url], 'full')).handle.result();
+    expect(full.chain?.level).toBe('full');
+    await dom.writeThroughDevice('vda', 0x21, 1, 1);
+    const inc1: BackupResult = await (await start(dom, [url], 'auto')).handle.result();
+    expect(inc1.chain).toMatchObject({ level: 'inc', parent: full.backupId, base: full.backupId });
+
+    const pruned = await runCli(['prune', '--target', url, '--domain', dom.name, '--keep-last', '1', '--json'], {
+      env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }),
+    });
+    expect([pruned.code, pruned.stderr.match(/vmbackup:.*/)?.[0]]).toEqual([0, undefined]);
+    expect(await target.stat(`${dom.name}/${full.backupId}/manifest.json`)).toBeUndefined();
+
+    await dom.writeThroughDevice('vda', 0x22, 13, 1);
+    const atInc2 = await snapshotOf(dom, 'after-prune');
+    const inc2: BackupResult = await (await start(dom, [url], 'auto')).handle.result();
+    expect(inc2.status).toBe('completed');
+    // the chain goes on from inc1; its full is gone from the repository but still named, and counted
+    expect(inc2.chain).toMatchObject({ level: 'inc', parent: inc1.backupId, base: full.backupId });
+    expect(inc2.pull!.disks['vda']).toMatchObject({ readChunks: 1, carriedChunks: 7 });
+    const m = await manifestOf(target, dom, inc2.backupId);
+    expect(m.chain).toMatchObject({ level: 'inc', parent: inc1.backupId, base: full.backupId, depth: 2 });
+    await expectRestoresTo(repo, m, atInc2);
+    // the pruned full's checkpoint is retired: libvirt keeps only what the next increment builds on
+    expect(await checkpoints(dom)).toEqual([inc2.chain!.checkpoint]);
   });
 
   it('kill -9 of the worker mid-read: a new worker attaches to the same job and resumes from the journal, not from 0', async () => {
-    const { url, target, repo } = await s3Repository();
+    const { url, target, repo } = await newRepository();
     const h = uniqueHost('pl');
     let w = await startPullWorker(h);
     try {
@@ -259,7 +327,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
   });
 
   it('libvirt lost the job mid-read (ended behind our back): the retried step begins a new job cleanly and reads from 0', async () => {
-    const { url, target, repo } = await s3Repository();
+    const { url, target, repo } = await newRepository();
     // 128 MiB: more than the read holds in flight and in its upload queue when the job goes (about 60 MiB)
     const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 128, randomMiB: 128 }] });
     const expected = await snapshotOf(dom, 'lost');
@@ -281,7 +349,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
   });
 
   it('cancel mid-read: the job ends, scratch and socket are removed, nothing is committed and no checkpoint is left', async () => {
-    const { url, target } = await s3Repository();
+    const { url, target } = await newRepository();
     const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 32, randomMiB: 24 }] });
     const before = await checkpoints(dom);
     const hold = proxy.hold(chunkPut);
@@ -302,7 +370,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
   });
 
   it('a domain whose QEMU runs as libvirt-qemu: the socket directory admits only root and QEMU, and the backup completes', async () => {
-    const { url, target, repo } = await s3Repository();
+    const { url, target, repo } = await newRepository();
     const parent = await mkdtemp(join(QEMU_REACHABLE_ROOT, 'vmbt-pl-'));
     cleanups.push(() => rm(parent, { recursive: true, force: true }));
     await chmod(parent, 0o711);
@@ -328,7 +396,7 @@ describe('pull backups into chunk repositories (real stack)', () => {
   });
 
   it('--max-concurrent-uploads 1: a second pull into the same repository waits for the place (status says so) while its job runs, then completes', async () => {
-    const { url, target, repo } = await s3Repository();
+    const { url, target, repo } = await newRepository();
     const h = uniqueHost('pl');
     const w = await startWorkerProcess(h, {
       env: cliEnv({ AWS_ENDPOINT_URL: proxy.url }),

@@ -127,3 +127,92 @@ test('a newest backup without a checkpoint (snapshot method) cannot be built on'
   });
   expect(r).toEqual({ ok: false, reason: 'the newest backup b9 (snapshot) left no checkpoint to build on' });
 });
+
+describe('in a chunk repository (every backup whole; pull increments name their checkpoint chain)', () => {
+  const IDX = 'c'.repeat(64);
+  function chunkLink(
+    id: string,
+    parent?: Manifest,
+    recorded: { depth?: number; baseStartedAt?: string } = {},
+  ): Manifest {
+    clock += 3_600_000;
+    const at = new Date(clock).toISOString();
+    const base = parent ? (parent.chain.level === 'full' ? parent.backupId : parent.chain.base) : id;
+    return buildManifest({
+      backupId: id,
+      domain: 'vm1',
+      host: 'h1',
+      method: 'pull',
+      startedAt: at,
+      finishedAt: at,
+      quiesced: false,
+      libvirtVersion: '9.0.0',
+      qemuVersion: '7.2.0',
+      repository: { id: 'd'.repeat(64), chunkSize: 4 << 20, encryption: 'aes-256-gcm', compression: 'none' },
+      chain: parent
+        ? { level: 'inc', checkpoint: `vmbackup.${id}`, parent: parent.backupId, base, ...recorded }
+        : { level: 'full', checkpoint: `vmbackup.${id}`, base: id },
+      disks: [
+        {
+          name: 'vda',
+          format: 'chunks',
+          virtualSize: 1 << 30,
+          size: 4096,
+          sha256: IDX,
+          key: `@chunk-repo/indexes/${IDX}`,
+          chunks: { chunkSize: 4 << 20, count: 256, zeroChunks: 250, uploadedChunks: 1 },
+        },
+      ],
+    });
+  }
+  const c0 = chunkLink('c0');
+  const c1 = chunkLink('c1', c0, { depth: 1, baseStartedAt: c0.startedAt });
+  const c2 = chunkLink('c2', c1, { depth: 2, baseStartedAt: c0.startedAt });
+  const inc = { domain: 'vm1', host: 'h1', level: 'inc' as const, maxChain: 14 };
+
+  it('an increment on an increment continues the chain (it was taken as broken: its walk stopped at itself)', async () => {
+    const r = await findChainHead([{ target: 't', entries: entries(c0, c1, c2) }], inc);
+    expect(r).toEqual({
+      ok: true,
+      parent: c2,
+      base: { backupId: 'c0', checkpoint: 'vmbackup.c0' },
+      depth: 3,
+      baseStartedAt: c0.startedAt,
+    });
+  });
+
+  it('reads alone: the walk of an increment is the increment itself', async () => {
+    const walk = await chainOf(c2, entries(c2), 't');
+    expect(walk).toEqual({ links: [c2] });
+  });
+
+  it('continues after prune removed the full and the links between (what the manifest recorded counts)', async () => {
+    const r = await findChainHead([{ target: 't', entries: entries(c2) }], inc);
+    expect(r).toEqual({ ok: true, parent: c2, base: { backupId: 'c0' }, depth: 3, baseStartedAt: c0.startedAt });
+    expect(await findChainHead([{ target: 't', entries: entries(c2) }], { ...inc, maxChain: 2 })).toEqual({
+      ok: false,
+      reason: 'the chain since c0 already has 2 increments (--max-chain 2)',
+    });
+    const young = await findChainHead([{ target: 't', entries: entries(c2) }], {
+      ...inc,
+      fullNotBefore: new Date(Date.parse(c0.startedAt) + 1).toISOString(),
+    });
+    expect(young.ok).toBe(false);
+    if (!young.ok) expect(young.reason).toMatch(/the chain's full backup c0 is from .* older than --full-every allows/);
+  });
+
+  it('counts the parents still there for a manifest that recorded no depth, and refuses an unknown age', async () => {
+    const d1 = chunkLink('d1', c0);
+    const d2 = chunkLink('d2', d1);
+    const r = await findChainHead([{ target: 't', entries: entries(c0, d1, d2) }], inc);
+    expect(r.ok && [r.depth, r.base.backupId]).toEqual([3, 'c0']);
+    const alone = await findChainHead([{ target: 't', entries: entries(d2) }], {
+      ...inc,
+      fullNotBefore: '2020-01-01T00:00:00.000Z',
+    });
+    expect(alone).toEqual({
+      ok: false,
+      reason: "the chain's full backup c0 is no longer in the repository, so its age (--full-every) is unknown",
+    });
+  });
+});
