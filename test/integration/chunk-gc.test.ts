@@ -41,9 +41,18 @@ import { chunkGcWorkflowId } from '../../src/shared/chunk-gc';
 import { hostTaskQueue } from '../../src/shared/names';
 import { manifestKey } from '../../src/storage/keys';
 import { initTestRepository, keysUnder, readDiskToBuffer } from '../helpers/chunk-repo';
-import { requireNfs, requireS3 } from '../helpers/stack';
+import { requireNfs, requireS3, requireTemporal } from '../helpers/stack';
 import type { ConformanceTarget } from '../storage/conformance';
-import { embeddedEnv, runCli, temporalClient, uniqueHost } from '../helpers/vmbackup';
+import {
+  cliEnv,
+  embeddedEnv,
+  runCli,
+  startWorkerProcess,
+  temporalClient,
+  uniqueHost,
+  waitFor,
+} from '../helpers/vmbackup';
+import { hostWorkerSeen } from '../../src/client/workers';
 import { localTarget, nfsTarget, s3Target } from '../storage/fixtures';
 
 const KiB = 1024;
@@ -351,6 +360,59 @@ describe('vmbackup gc on a chunk repository (the gcChunkRepository workflow, one
         `vmbackup: The password does not open any key of the chunk repository on ${t.url}.`,
       );
       expect(wrong.stderr).not.toMatch(/\n\s+at /); // no stack trace
+    } finally {
+      await close();
+    }
+  });
+  test('with TEMPORAL_ADDRESS (a cluster): a host without a worker is refused at once, nothing is queued; --host names the worker that runs it', async () => {
+    await requireTemporal(); // the stack's server (a cluster), not the embedded default
+    const store = new ChunkStore(repo);
+    const orphan = (await store.put(randomBytes(CHUNK))).id as string;
+    for (const key of await keysUnder(t.target, `${REPOSITORY_ROOT}/`)) await age(key, 48);
+    const { client, close } = await temporalClient();
+    const nobody = uniqueHost('cgnone');
+    try {
+      // it used to start the workflow on vmbackup-host-<nobody> and wait there for ever
+      const started = Date.now();
+      const refused = await runCli(['gc', '--target', t.url, '--json'], {
+        env: cliEnv({ VMBACKUP_HOST: nobody, VMBACKUP_PASSWORD: PASSWORD }),
+        timeoutMs: 120_000,
+      });
+      expect(refused.code).toBe(1);
+      expect(Date.now() - started).toBeLessThan(60_000);
+      expect(refused.stderr.trim().split('\n').pop()).toMatch(
+        new RegExp(
+          `^vmbackup: No vmbackup worker for host ${nobody} is connected to Temporal at [^ ]+ \\(nothing polls task queue ${hostTaskQueue(nobody)}\\): run gc where a worker runs, or name a host whose worker runs with --host; the chunk repository's gc was not started\\.$`,
+        ),
+      );
+      await expect(client.workflow.getHandle(chunkGcWorkflowId(repositoryId)).describe()).rejects.toThrow(/not found/i);
+      expect(await store.has(orphan)).toBe(true);
+
+      // a bad --host is refused before anything is removed
+      const bad = await runCli(['gc', '--target', t.url, '--host', '../x'], { env: cliEnv() });
+      expect([bad.code, bad.stderr.trim()]).toEqual([
+        1,
+        'vmbackup: "../x" is not a valid host name; nothing was removed.',
+      ]);
+
+      // a worker for host H runs it when the command names H (the command's own host has none)
+      const h = uniqueHost('cgw');
+      const worker = await startWorkerProcess(h, { env: cliEnv({ VMBACKUP_PASSWORD: PASSWORD }) });
+      try {
+        // a worker that has started but not polled yet is not seen: wait for its first poll, as a user would see it
+        await waitFor(
+          `the worker of ${h} to poll its task queue`,
+          async () => (await hostWorkerSeen(client, h)) || undefined,
+        );
+        const res = await runCli(['gc', '--target', t.url, '--host', h, '--grace', '1d', '--json'], {
+          env: cliEnv({ VMBACKUP_HOST: nobody }),
+        });
+        expect([res.code, res.stderr.match(/vmbackup:.*/)?.[0]]).toEqual([0, undefined]);
+        const out = JSON.parse(res.stdout) as { chunkRepository: { removedKeys: string[] } };
+        expect(out.chunkRepository.removedKeys).toEqual([chunkKey(orphan)]);
+      } finally {
+        await worker.stop();
+      }
     } finally {
       await close();
     }

@@ -10,7 +10,16 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { useFixtureDomains } from '../fixtures/domains';
 import { requireLibvirt, requireTemporal, stackEnv } from '../helpers/stack';
-import { cliEnv, REPO_ROOT, runCli, startWorkerProcess, uniqueHost } from '../helpers/vmbackup';
+import { hostWorkerSeen } from '../../src/client/workers';
+import {
+  cliEnv,
+  REPO_ROOT,
+  runCli,
+  startWorkerProcess,
+  temporalClient,
+  uniqueHost,
+  waitFor,
+} from '../helpers/vmbackup';
 import type { WorkerProcess } from '../helpers/vmbackup';
 
 const run = promisify(execFile);
@@ -103,6 +112,43 @@ describe('vmbackup CLI', () => {
     expect(lines).toHaveLength(1);
     expect(lines[0]).toMatch(pattern);
     expect(res.stderr).not.toMatch(/\n\s+at /); // no stack trace
+  });
+
+  test('a backup for a host whose worker is not connected says so on stderr, stays queued, and runs once a worker for that host starts', async () => {
+    const later = uniqueHost('cliq');
+    const dom = await newDomain({
+      prefix: 'cli',
+      disks: [{ format: 'qcow2', sizeMiB: 32, patterns: [{ byte: 0x44, offsetMiB: 0, lengthMiB: 1 }] }],
+    });
+    const target = pathToFileURL(join(work, 'queued')).href;
+    const res = await runCli(['backup', dom.name, '--host', later, '--target', target, '--json']);
+    expect(res.code).toBe(0);
+    expect(res.stderr.trim()).toMatch(
+      new RegExp(
+        `^vmbackup: no vmbackup worker for host ${later} is connected to Temporal at \\S+ \\(nothing polls task queue vmbackup-host-${later}\\): the backup waits in that queue until \`vmbackup worker --host ${later}\` runs \\(\`vmbackup cancel\` removes it\\)$`,
+      ),
+    );
+    const { backupId, status } = JSON.parse(res.stdout) as { backupId: string; status: string };
+    expect(status).toBe('running');
+    const w = await startWorkerProcess(later);
+    try {
+      const done = await runCli(['status', backupId, '--wait', '--json']);
+      expect([done.code, (JSON.parse(done.stdout) as { status: string }).status]).toEqual([0, 'completed']);
+    } finally {
+      await w.stop();
+    }
+    // with the worker connected, nothing is said
+    const again = await startWorkerProcess(later);
+    const { client, close } = await temporalClient();
+    try {
+      // a worker that has started but not polled yet is not seen: wait for its first poll
+      await waitFor(`the worker of ${later} to poll`, async () => (await hostWorkerSeen(client, later)) || undefined);
+      const second = await runCli(['backup', dom.name, '--host', later, '--target', target, '--wait', '--json']);
+      expect([second.code, second.stderr]).toEqual([0, '']);
+    } finally {
+      await close();
+      await again.stop();
+    }
   });
 
   test('libvirt unreachable on the host: the backup fails with one sentence naming libvirt, not a hang', async () => {

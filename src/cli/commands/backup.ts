@@ -7,6 +7,7 @@ import {
   DEFAULT_MAX_CHAIN,
   DOMAIN_NAME_RE,
   HOST_NAME_RE,
+  hostTaskQueue,
   MAX_HEARTBEAT_SECONDS,
   MIN_HEARTBEAT_SECONDS,
 } from '../../shared/names';
@@ -26,7 +27,7 @@ import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
 import { signalExitCode, watchInterrupts } from '../interrupt';
 import type { InterruptWatch } from '../interrupt';
-import { action, CliError, printJson } from '../output';
+import { action, CliError, printJson, printWarning } from '../output';
 import { addS3Options, s3OptionsFrom } from './s3-options';
 import { temporalFlagsFrom } from './temporal-options';
 
@@ -178,10 +179,11 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
   requireLockTarget(options, targets);
 
   // The Temporal client loads only for a command that talks to Temporal (help and --version stay instant).
-  const [{ openSession }, { startBackup }, { watchBackup }] = await Promise.all([
+  const [{ openSession }, { startBackup }, { watchBackup }, { hostWorkerSeen }] = await Promise.all([
     import('../../client/connect'),
     import('../../client/backups'),
     import('../watch'),
+    import('../../client/workers'),
   ]);
   const session = await openSession(config, { log });
   let stopWorker: (() => Promise<void>) | undefined;
@@ -208,6 +210,12 @@ async function runBackup(domain: string, flags: BackupFlags): Promise<void> {
           ...(flags.passwordFile ? { passwordFile: resolve(flags.passwordFile) } : {}),
         },
         session.address,
+      );
+    }
+    if (!ownWorker && (await hostWorkerSeen(session.client, host)) === false) {
+      // queued for a host whose worker is down (it runs once the worker is back), or a host name with a typo
+      printWarning(
+        `no vmbackup worker for host ${host} is connected to Temporal at ${session.address} (nothing polls task queue ${hostTaskQueue(host)}): the backup waits in that queue until \`vmbackup worker --host ${host}\` runs (\`vmbackup cancel\` removes it)`,
       );
     }
     interrupts = watchInterrupts();

@@ -14,7 +14,7 @@ import { WorkflowExecutionAlreadyStartedError, WorkflowIdConflictPolicy } from '
 import { ChunkGcError, checkGrace, chunkRepositoryId, collectGarbage, parseAge, type GcReport } from '../../repository';
 import { isChunkFormatError, isChunkRepository, openRepository, passwordFrom } from '../../repository/chunks';
 import { chunkGcWorkflowId, type ChunkGcInput, type ChunkGcResult } from '../../shared/chunk-gc';
-import { hostTaskQueue } from '../../shared/names';
+import { HOST_NAME_RE, hostTaskQueue } from '../../shared/names';
 import { loadConfig } from '../../worker/config';
 import { startInProcessWorker } from '../in-process-worker';
 import { action, CliError, formatBytes, printJson, printTable, printWarning } from '../output';
@@ -23,6 +23,7 @@ import { addTargetOptions, withCliTarget, type TargetFlags } from './target-opti
 import { temporalFlagsFrom } from './temporal-options';
 
 interface GcFlags extends TargetFlags {
+  host?: string;
   olderThan: string;
   grace: string;
   passwordFile?: string;
@@ -45,6 +46,10 @@ export function register(program: Command): void {
       '--password-file <file>',
       "chunk repository: the file whose first line is its password (else VMBACKUP_PASSWORD_FILE, VMBACKUP_PASSWORD); used by this command's own worker",
     )
+    .option(
+      '--host <name>',
+      "chunk repository, with TEMPORAL_ADDRESS: the host whose worker runs the repository's gc (it needs the target and its password); default VMBACKUP_HOST or this machine's name",
+    )
     .option('--dry-run', 'only show what would be removed')
     .option('--json', 'print one JSON object');
   addTargetOptions(cmd, { required: true });
@@ -66,6 +71,15 @@ async function runGc(flags: GcFlags): Promise<void> {
     if (err instanceof ChunkGcError) throw new CliError(err.message.replace(/^The gc grace period/, '--grace'));
     throw err;
   }
+  // --host before anything is removed
+  const config = loadConfig(process.env, temporalFlagsFrom(flags));
+  if (!config.temporalAddress && flags.host !== undefined && flags.host !== config.host) {
+    throw new CliError(
+      '--host is for a cluster (TEMPORAL_ADDRESS): on the embedded default this command is the worker that runs the gc; nothing was removed.',
+    );
+  }
+  const host = flags.host ?? config.host;
+  if (!HOST_NAME_RE.test(host)) throw new CliError(`"${host}" is not a valid host name; nothing was removed.`);
   const running = await runningCheck(flags);
   let report: GcReport | undefined;
   let repositoryId: string | undefined;
@@ -94,10 +108,12 @@ async function runGc(flags: GcFlags): Promise<void> {
 async function runChunkGc(flags: GcFlags, repositoryId: string, graceSeconds: number): Promise<ChunkGcResult> {
   const base = loadConfig(process.env, temporalFlagsFrom(flags));
   const config = { ...base, ...(flags.passwordFile ? { passwordFile: flags.passwordFile } : {}) };
-  const [{ openSession }, { failureMessage }] = await Promise.all([
+  const [{ openSession }, { failureMessage }, { hostWorkerSeen }] = await Promise.all([
     import('../../client/connect'),
     import('../../client/backups'),
+    import('../../client/workers'),
   ]);
+  const host = flags.host ?? config.host;
   const session = await openSession(config, { log: (line) => process.stderr.write(`${line}\n`) });
   let stopWorker: (() => Promise<void>) | undefined;
   const workflowId = chunkGcWorkflowId(repositoryId);
@@ -112,10 +128,15 @@ async function runChunkGc(flags: GcFlags, repositoryId: string, graceSeconds: nu
         throw err;
       });
       stopWorker = await startInProcessWorker(config, session.address);
+    } else if ((await hostWorkerSeen(session.client, host)) === false) {
+      // started there, the gc would wait for a worker that may never come, and this command with it
+      throw new CliError(
+        `No vmbackup worker for host ${host} is connected to Temporal at ${session.address} (nothing polls task queue ${hostTaskQueue(host)}): run gc where a worker runs, or name a host whose worker runs with --host; the chunk repository's gc was not started.`,
+      );
     }
     const s3Options = s3OptionsFrom(flags as unknown as Record<string, unknown>);
     const input: ChunkGcInput = {
-      host: config.host,
+      host,
       target: flags.target as string,
       graceSeconds,
       dryRun: Boolean(flags.dryRun),
@@ -124,7 +145,7 @@ async function runChunkGc(flags: GcFlags, repositoryId: string, graceSeconds: nu
     let handle;
     try {
       handle = await session.client.workflow.start('gcChunkRepository', {
-        taskQueue: hostTaskQueue(config.host),
+        taskQueue: hostTaskQueue(host),
         workflowId,
         // Temporal refuses a second running workflow with this id: one gc per repository at a time
         workflowIdConflictPolicy: WorkflowIdConflictPolicy.FAIL,
