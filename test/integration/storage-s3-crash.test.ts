@@ -140,8 +140,13 @@ test('radosgw restarted mid-upload: retrying from the last checkpoint completes 
     expect(result?.sha256).toBe(imageSha);
     expect((await target.stat(key))?.metadata?.sha256).toBe(imageSha);
   } finally {
-    await restart?.catch(() => undefined);
-    await requireS3();
+    // a restart that failed says why (stack.sh's own sentence, e.g. ceph-mon refusing a nearly full disk): the S3
+    // probe below would only say that nothing answers
+    const restartFailure: unknown = await restart?.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    await requireS3().catch((err: unknown) => Promise.reject(restartFailure ?? err));
     await target.close();
     await t.cleanup();
     await t.target.close();
