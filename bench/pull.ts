@@ -20,7 +20,8 @@
  * 2. Incremental, after 64 MiB (4 MiB with a disk under 1 GiB) written through the running domain's virtio device in
  *    1 MiB pieces at scatteredOffsets (bench/incremental.ts; qemu-io cannot write a running domain's image):
  *    - vmbackup: `--method pull --level inc` into the repository of 1., cold cache; the result must say inc on that
- *      full;
+ *      full; then 64 MiB more at other offsets and `--level inc` again, which must say inc on the first increment
+ *      (the nightly case: a chain of increments);
  *    - virtnbdbackup: its own chain, as bench/incremental.ts runs it (vmbackup's checkpoints deleted first: it refuses
  *      foreign ones, bench/lib/checkpoints.ts), `-l full`, the same offsets written again (other bytes), then `-l inc`
  *      timed, cold cache, ending `sync -f`. Its checkpoints are deleted afterwards (the next repetition's vmbackup
@@ -139,6 +140,16 @@ export function pullRatioDefs(ids: string[]): RatioDef[] {
         den: c(`inc-${m[1]}m-virtnbd`),
         metric: 'wallMs',
         goal: { op: '<=', value: 0.25 },
+      });
+    }
+    for (const id of ids) {
+      const m = new RegExp(`^${sz}/pull-inc2-(\\d+)m$`).exec(id);
+      if (!m) continue;
+      add({
+        name: `pull incremental on an incremental after ${m[1]} MiB scattered / virtnbdbackup -l inc (${sz})`,
+        num: id,
+        den: c(`inc-${m[1]}m-virtnbd`),
+        metric: 'wallMs',
       });
     }
     add({
@@ -502,6 +513,26 @@ export class PullGroup {
         writeMs,
       },
       inc.extra,
+    );
+
+    // the nightly case: an increment on that increment continues the chain (its parent is the increment; until
+    // 2026-12-01 it was taken as a broken chain and read the whole disk as a full)
+    const offsets2 = scatteredOffsets(this.diskMiB, mib, 17_000 + rep);
+    const write2Ms = await this.write(offsets2, patternByte(rep, 2));
+    await dropCaches();
+    const inc2 = await this.backup(['--method', 'pull', '--level', 'inc', '--target', this.pullRepoUrl!], {
+      syncDir: repo,
+    });
+    this.expect(inc2.json, 'pull', 'inc', String(inc.json.backupId));
+    this.rec(
+      `inc2-${mib}m`,
+      `vmbackup pull --level inc on that increment, after ${mib} MiB more in 1 MiB pieces, local chunk repository`,
+      {
+        ...inc2.sample,
+        changedMiB: mib,
+        writeMs: write2Ms,
+      },
+      inc2.extra,
     );
     await rm(repo, { recursive: true, force: true });
 
