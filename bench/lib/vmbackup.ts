@@ -17,7 +17,7 @@ import type { RunResult } from './measure';
 
 /** bench/run.sh runs the compiled bench from the repository root (the build itself lives in a temp dir) */
 export const REPO = process.cwd();
-const BIN = join(REPO, 'bin', 'vmbackup');
+export const BIN = join(REPO, 'bin', 'vmbackup');
 
 export function benchHost(): string {
   return `bench-${randomBytes(3).toString('hex')}`;

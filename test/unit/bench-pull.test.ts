@@ -50,11 +50,13 @@ describe('pull ratios in the report', () => {
   const cases = [
     one('4g/pull-qemu-img-convert', [{ wallMs: 20_000 }]),
     one('4g/pull-full-repo', [{ wallMs: 21_000 }]),
+    one('4g/pull-full-floor', [{ wallMs: 30_000 }]),
     one('4g/pull-push-full-repo', [{ wallMs: 42_000 }]),
     one('4g/pull-push-full-tree', [{ wallMs: 30_000 }]),
     one('4g/pull-inc-64m', [{ wallMs: 3000 }]),
     one('4g/pull-inc-64m-virtnbd', [{ wallMs: 10_000 }]),
     one('4g/pull-inc2-64m', [{ wallMs: 4000 }]),
+    one('4g/pull-inc-floor', [{ wallMs: 2600 }]),
     one('4g/pull-full-s3', [{ wallMs: 40_000 }]),
     one('4g/pull-s3-sdk-upload', [{ wallMs: 32_000 }]),
     one('4g/pull-s3-local-disk', [{ localPeakMiB: 300, allowedMiB: 320 }]),
@@ -70,6 +72,14 @@ describe('pull ratios in the report', () => {
     expect(byName.get('push full, local image tree / qemu-img convert (4g)')?.value).toBeCloseTo(1.5);
   });
 
+  test('the floor of a pull full (job + reading with SHA-256) beside qemu-img convert, no goal', () => {
+    const r = byName.get(
+      'floor of a pull full (libvirt job + src/nbd reading with SHA-256, nothing written) / qemu-img convert (4g)',
+    );
+    expect(r?.value).toBeCloseTo(1.5);
+    expect(r?.met).toBeUndefined();
+  });
+
   test('pull incremental against virtnbdbackup -l inc of the same change, goal <= 0.25x', () => {
     expect(byName.get('pull incremental after 64 MiB scattered / virtnbdbackup -l inc (4g)')).toMatchObject({
       value: 0.3,
@@ -80,6 +90,14 @@ describe('pull ratios in the report', () => {
   test('the increment on an increment (the nightly case) beside virtnbdbackup, no goal of its own', () => {
     const r = byName.get('pull incremental on an incremental after 64 MiB scattered / virtnbdbackup -l inc (4g)');
     expect(r?.value).toBeCloseTo(0.4);
+    expect(r?.met).toBeUndefined();
+  });
+
+  test('the floor of an increment (CLI start + libvirt job) beside virtnbdbackup, no goal: it bounds the goal above', () => {
+    const r = byName.get(
+      'floor of a pull increment (CLI start + libvirt job, nothing read) / virtnbdbackup -l inc (4g)',
+    );
+    expect(r?.value).toBeCloseTo(0.26);
     expect(r?.met).toBeUndefined();
   });
 
