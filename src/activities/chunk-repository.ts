@@ -48,6 +48,7 @@ import { manifestKey } from '../storage/keys';
 import { permanent } from './failures';
 import type { HostPaths } from './host-paths';
 import { offlineGuard, sourceStamp, startedDuringCopy } from './offline-guard';
+import { spacedProgress } from './progress-report';
 import { withTarget } from './storage';
 import type { StorageActivityDeps } from './storage';
 import { withUploadPlace } from './upload-slots';
@@ -83,39 +84,6 @@ export type StoreProgressReporter = (
   execution: { workflowId: string; runId: string },
   progress: StoreProgress,
 ) => Promise<void>;
-
-/**
- * Reports are spaced: at least this long apart, and once this long has passed only when the bytes moved by 1% of the
- * total or REPORT_MAX_MS went by. A report is one event in the backup's history: a day-long store sends a few hundred.
- */
-const REPORT_MIN_MS = 2_000;
-const REPORT_MAX_MS = 60_000;
-
-/** Calls `send` with the latest bytes, spaced as above. */
-function progressReporter(send: ((bytesDone: number) => Promise<void>) | undefined, total: number) {
-  let lastAt = Date.now();
-  let lastBytes = 0;
-  let inFlight: Promise<void> | undefined;
-  return {
-    update(bytesDone: number): void {
-      if (!send || inFlight) return;
-      const now = Date.now();
-      const since = now - lastAt;
-      if (since < REPORT_MIN_MS || (bytesDone - lastBytes < total / 100 && since < REPORT_MAX_MS)) return;
-      lastAt = now;
-      lastBytes = bytesDone;
-      inFlight = send(bytesDone)
-        .catch(() => undefined)
-        .finally(() => (inFlight = undefined));
-    },
-    /** waits for a report in flight, at most 5 s: a report never holds the step up */
-    flush: async (): Promise<void> => {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([inFlight, new Promise((r) => (timer = setTimeout(r, 5_000)))]);
-      clearTimeout(timer);
-    },
-  };
-}
 
 /** What storeChunkImages heartbeats: where it is, for `status` and for a person reading the history. */
 export interface ChunkStoreHeartbeat {
@@ -288,7 +256,7 @@ export function createChunkRepositoryActivities(deps: ChunkRepositoryDeps) {
       };
       const execution = ctx.info.workflowExecution;
       const { reportProgress } = deps;
-      const report = progressReporter(
+      const report = spacedProgress(
         reportProgress && execution
           ? (bytesDone) =>
               reportProgress(

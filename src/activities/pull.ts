@@ -57,6 +57,7 @@ import { hypervisorFailure, permanent } from './failures';
 import type { HostPaths } from './host-paths';
 import { pullSocketDir, scratchFile, SHORT_SOCKET_ROOT, SOCKET_NAME } from './pull-paths';
 import { withTarget } from './storage';
+import { spacedProgress } from './progress-report';
 import { withUploadPlace } from './upload-slots';
 
 export interface PullDeps extends ChunkRepositoryDeps {
@@ -110,13 +111,33 @@ interface Journal {
   scratchPeakBytes: number;
 }
 
-/** Tells the running backup's workflow how far a target is: best effort, a report that fails is dropped. */
-function progressReport(deps: PullDeps, ctx: Context): (target: string, bytesDone: number) => void {
+/**
+ * Tells the running backup's workflow how far each target is: best effort (a report that fails is dropped), and
+ * spaced per target (progress-report.ts): never one history event per chunk or window read.
+ */
+function progressReport(
+  deps: PullDeps,
+  ctx: Context,
+  total: number,
+): { update(target: string, bytesDone: number): void; flush(): Promise<void> } {
   const execution = ctx.info.workflowExecution;
   const send = deps.reportProgress;
-  if (!send || !execution) return () => undefined;
-  const run = { workflowId: execution.workflowId, runId: execution.runId };
-  return (target, bytesDone) => void send(run, { target, bytesDone }).catch(() => undefined);
+  const run = execution ? { workflowId: execution.workflowId, runId: execution.runId } : undefined;
+  const perTarget = new Map<string, ReturnType<typeof spacedProgress>>();
+  return {
+    update(target, bytesDone) {
+      if (!send || !run) return;
+      let r = perTarget.get(target);
+      if (!r) {
+        r = spacedProgress((bytes) => send(run, { target, bytesDone: bytes }), total);
+        perTarget.set(target, r);
+      }
+      r.update(bytesDone);
+    },
+    flush: async () => {
+      await Promise.all([...perTarget.values()].map((r) => r.flush()));
+    },
+  };
 }
 
 export function createPullActivities(deps: PullDeps) {
@@ -290,7 +311,7 @@ export function createPullActivities(deps: PullDeps) {
       beat.scratchPeakBytes = j.scratchPeakBytes;
       ctx.heartbeat(beat);
     }, JOURNAL_EVERY_MS);
-    const report = progressReport(deps, ctx);
+    const report = progressReport(deps, ctx, total);
     const waiting = (waits: boolean) => {
       if (waits) beat.waitingForUpload = true;
       else delete beat.waitingForUpload;
@@ -328,7 +349,7 @@ export function createPullActivities(deps: PullDeps) {
                       beat.offset = Math.min(p.settledChunks * repo.config.chunkSize, disk.virtualSize);
                       beat.bytesDone = before + p.bytesDone;
                       ctx.heartbeat(beat);
-                      report(target, beat.bytesDone);
+                      report.update(target, beat.bytesDone);
                     },
                   });
                   const id = await store.putIndex(out.index);
@@ -372,6 +393,7 @@ export function createPullActivities(deps: PullDeps) {
       throw err;
     } finally {
       clearInterval(timer);
+      await report.flush();
     }
     await measureScratch();
     await saveJournal();
@@ -429,7 +451,7 @@ export function createPullActivities(deps: PullDeps) {
         .then(() => ctx.heartbeat(beat))
         .catch(() => undefined);
     }, JOURNAL_EVERY_MS);
-    const report = progressReport(deps, ctx);
+    const report = progressReport(deps, ctx, beat.bytesTotal);
     const waiting = (waits: boolean) => {
       if (waits) beat.waitingForUpload = true;
       else delete beat.waitingForUpload;
@@ -486,7 +508,7 @@ export function createPullActivities(deps: PullDeps) {
                     progress[disk.name] = { resumeFrom: p.resumeFrom };
                     beat.bytesDone = done + p.resumeFrom;
                     ctx.heartbeat(beat);
-                    report(target, beat.bytesDone);
+                    report.update(target, beat.bytesDone);
                   },
                 });
                 // committed by a rename: the sidecar holds the content digest taken while writing, no file SHA-256
@@ -546,6 +568,7 @@ export function createPullActivities(deps: PullDeps) {
       throw err;
     } finally {
       clearInterval(timer);
+      await report.flush();
     }
     await measureScratch();
     return { targets: results, scratchPeakBytes: beat.scratchPeakBytes, attached, attempt: ctx.info.attempt };

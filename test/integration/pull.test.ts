@@ -12,6 +12,7 @@ import { chmod, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/pro
 import { join } from 'node:path';
 import type { Client } from '@temporalio/client';
 import { backupStatus, startBackup } from '../../src/client/backups';
+import { REPORT_MIN_MS } from '../../src/activities/progress-report';
 import { progressQuery } from '../../src/shared/queries';
 import { ChunkStore, initRepository } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
@@ -274,6 +275,24 @@ describe('pull backups into chunk repositories (real stack)', () => {
     await expectRestoresTo(repo, m, atInc2);
     // the pruned full's checkpoint is retired: libvirt keeps only what the next increment builds on
     expect(await checkpoints(dom)).toEqual([inc2.chain!.checkpoint]);
+  });
+
+  it("a pull reports its progress spaced, not once per chunk: a bounded number of storeProgress events in the backup's history", async () => {
+    const { url } = await newRepository('local');
+    // 128 MiB of random data: 32 chunks, each of which sent a signal (one history event) before the spacing
+    const dom = await newDomain({ prefix: 'pl', disks: [{ format: 'qcow2', sizeMiB: 128, randomMiB: 128 }] });
+    const { handle } = await start(dom, [url], 'full');
+    const result: BackupResult = await handle.result();
+    expect(result.status).toBe('completed');
+    expect(result.pull!.disks['vda']!.readChunks).toBe(32);
+    const events = (await handle.fetchHistory()).events ?? [];
+    const reports = events.filter((e) => e.workflowExecutionSignaledEventAttributes?.signalName === 'storeProgress');
+    const at = (e: (typeof events)[number]) =>
+      Number(e.eventTime?.seconds ?? 0) * 1000 + (e.eventTime?.nanos ?? 0) / 1e6;
+    const spanMs = at(events[events.length - 1]!) - at(events[0]!);
+    // at most one per REPORT_MIN_MS (2 s) over the workflow's whole run
+    expect(reports.length).toBeLessThanOrEqual(Math.floor(spanMs / REPORT_MIN_MS) + 1);
+    expect(reports.length).toBeLessThan(32);
   });
 
   it('kill -9 of the worker mid-read: a new worker attaches to the same job and resumes from the journal, not from 0', async () => {
