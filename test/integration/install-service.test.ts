@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { requireTemporal, stackEnv } from '../helpers/stack';
 import { parseUnit } from '../helpers/systemd-unit';
-import { REPO_ROOT, runCli } from '../helpers/vmbackup';
+import { REPO_ROOT, runCli, temporalClient } from '../helpers/vmbackup';
 
 function systemdAnalyzeVerify(unitPath: string): Promise<{ code: number; stderr: string }> {
   return new Promise((resolve, reject) => {
@@ -178,6 +178,17 @@ describe('vmbackup install-service', () => {
     // systemd counts exit 0 (or death by SIGTERM) as a clean stop: no restart after `systemctl stop`
     const stopped = await worker.exited;
     expect(stopped.code === 0 || stopped.signal === 'SIGTERM').toBe(true);
+    // the worker started its host's recovery workflow (src/worker/index.ts), which waits for that host's worker to
+    // come back; this one-off host never does, so end it rather than leave it running in the dev server
+    const { client, close } = await temporalClient();
+    try {
+      await client.workflow
+        .getHandle(`vmbackup-recover-${host}`)
+        .terminate('install-service test: its one-off host is gone')
+        .catch(() => undefined);
+    } finally {
+      await close();
+    }
 
     // No cluster: a failure, which Restart=on-failure retries every RestartSec
     await writeFile(envFile, `TEMPORAL_ADDRESS=127.0.0.1:1\nVMBACKUP_STATE_DIR=${join(dir, 'state')}\n`);
