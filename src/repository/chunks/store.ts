@@ -88,6 +88,8 @@ export class ChunkStore {
   private readonly pool: CodecPool;
   /** buffers the encoded chunks are written into (made on the first upload) */
   private bodies: BufferPool | undefined;
+  /** id -> its upload while it runs: a second chunk with the same id waits for it instead of uploading it again */
+  private readonly uploading = new Map<string, Promise<unknown>>();
 
   constructor(
     readonly repo: OpenRepository,
@@ -188,9 +190,36 @@ export class ChunkStore {
         objectId: id,
       });
     const back = opts.handOver ? { data: hashed.data } : {};
-    if (await this.has(hashed.id)) return { id: hashed.id, uploadedBytes: 0, ...back };
-    const up = await this.uploadOwned(hashed.id, hashed.data);
+    const up = await this.storeOnce(hashed.id, () => this.uploadOwned(hashed.id, hashed.data));
+    if (up === undefined) return { id: hashed.id, uploadedBytes: 0, ...back };
     return { id: hashed.id, uploadedBytes: up.bytes, ...(opts.handOver ? { data: up.plaintext } : {}) };
+  }
+
+  /**
+   * Runs `upload` of chunk `id` unless it is stored (undefined then). While one upload of `id` runs, another caller
+   * waits for it and then asks again (stored once it succeeded; its own upload when it failed): two equal chunks in
+   * flight at once (a disk holding the same 4 MiB twice) are uploaded once.
+   */
+  private async storeOnce<T>(id: string, upload: () => Promise<T>): Promise<T | undefined> {
+    for (;;) {
+      const running = this.uploading.get(id);
+      if (running !== undefined) {
+        await running.then(
+          () => undefined,
+          () => undefined,
+        );
+        continue;
+      }
+      if (await this.has(id)) return undefined;
+      if (this.uploading.has(id)) continue; // started while `has` looked
+      const task = upload();
+      this.uploading.set(id, task);
+      try {
+        return await task;
+      } finally {
+        if (this.uploading.get(id) === task) this.uploading.delete(id);
+      }
+    }
   }
 
   /** Encodes and stores a chunk whose id the caller computed from this very data. */
@@ -279,10 +308,13 @@ export class ChunkStore {
           entries[n] = id;
           stats.chunks++;
           if (id === 'zero') stats.zeroChunks++;
-          else if (await this.has(id)) stats.knownChunks++;
           else {
-            stats.uploadedBytes += await this.upload(id, chunk);
-            stats.uploadedChunks++;
+            const bytes = await this.storeOnce(id, () => this.upload(id, chunk));
+            if (bytes === undefined) stats.knownChunks++;
+            else {
+              stats.uploadedBytes += bytes;
+              stats.uploadedChunks++;
+            }
           }
         } catch (err) {
           failure ??= err;
