@@ -142,7 +142,8 @@ export function pooledReads(
   client: NbdClient,
   opts: { inFlight?: number } = {},
 ): { read(ranges: AsyncIterable<ByteRange>): AsyncGenerator<RangeData>; release(data: Buffer): void } {
-  const pool = new BufferPool(Math.min(READ_REQUEST_BYTES, client.requestLimit));
+  // shared: every piece goes to the codec threads and back (see BufferPool)
+  const pool = new BufferPool(Math.min(READ_REQUEST_BYTES, client.requestLimit), 64, { shared: true });
   return {
     read: (ranges) => readRanges(client, ranges, { inFlight: opts.inFlight ?? 8, requestSize: pool.size, pool }),
     release: (data) => pool.give(data),

@@ -8,17 +8,28 @@
  * quarter of the worker's CPU, and the page faults of fresh buffers (the worker maps each large buffer on its own,
  * bin/vmbackup) a good part of the rest of the overhead.
  *
- * Plain ArrayBuffers, not SharedArrayBuffers: V8 copies into and out of shared memory with a slower relaxed-atomic
- * memmove (measured: 9% of a pull's CPU). A buffer moved to a codec thread and back (a transfer: the memory moves,
- * the ArrayBuffer object does not) comes back as another ArrayBuffer object over the same memory, so `give` takes
- * any unshared buffer of the pool's size, not only the objects `take` made.
+ * Two kinds, chosen by the data's path:
+ * - plain ArrayBuffers (the default) for buffers that stay on this thread: V8 copies into and out of shared memory
+ *   with a slower relaxed-atomic memmove (measured: 9% of a pull's CPU). A plain buffer moved to a thread and back (a
+ *   transfer: the memory moves, the ArrayBuffer object does not) comes back as another ArrayBuffer object over the
+ *   same memory, so such a pool's `give` takes any unshared buffer of its size, not only the objects `take` made.
+ * - SharedArrayBuffers (`shared: true`) for buffers that go to the codec threads and back with every chunk (the NBD
+ *   reads and chunk objects of a chunk backup). Each transfer back makes a new ArrayBuffer, which V8 counts as 4 MiB of
+ *   new external memory on the main isolate: measured, a 2 GiB pull into a chunk repository ran ~55 full mark-compacts,
+ *   about 30% of the worker's CPU. Shared memory is not counted so, and is not moved: the codec pool hands back the
+ *   very object it was given (CodecPool rebinds the reply), so a shared pool knows its buffers by identity: `give`
+ *   keeps only buffers it made, each once; anything else (a copy, another thread's view) is dropped.
  *
  * Ownership: `take()` hands a buffer out; the taker gives it back with `give()` only once nothing (a socket write, a
  * thread, an upload) can still read or write it. A buffer whose use failed is simply dropped (the garbage collector
  * frees it). A buffer given twice is kept once; a detached one (moved to a thread meanwhile) is ignored.
  */
+import { isArrayBuffer } from 'node:util/types';
+
 export class BufferPool {
-  private readonly free: ArrayBuffer[] = [];
+  private readonly free: ArrayBufferLike[] = [];
+  /** shared pools: the buffers this pool made (the only ones it takes back) */
+  private readonly made = new WeakSet<ArrayBufferLike>();
   /** buffers made since the pool was created (tests; diagnostics) */
   allocated = 0;
 
@@ -29,6 +40,7 @@ export class BufferPool {
   constructor(
     readonly size: number,
     readonly keep = 64,
+    readonly opts: { shared?: boolean } = {},
   ) {
     if (!Number.isSafeInteger(size) || size <= 0)
       throw new RangeError(`A buffer pool needs a positive size, not ${size}.`);
@@ -40,8 +52,13 @@ export class BufferPool {
       throw new RangeError(`A buffer of ${length} bytes does not fit this pool's ${this.size}.`);
     let ab = this.free.pop();
     if (!ab) {
-      // its own ArrayBuffer (allocUnsafe may slice Node's shared 8 KiB pool for small sizes)
-      ab = Buffer.allocUnsafeSlow(this.size).buffer as ArrayBuffer;
+      if (this.opts.shared) {
+        ab = new SharedArrayBuffer(this.size);
+        this.made.add(ab);
+      } else {
+        // its own ArrayBuffer (allocUnsafe may slice Node's shared 8 KiB pool for small sizes)
+        ab = Buffer.allocUnsafeSlow(this.size).buffer as ArrayBuffer;
+      }
       this.allocated++;
     }
     return Buffer.from(ab, 0, length);
@@ -50,7 +67,7 @@ export class BufferPool {
   /** Takes back a buffer (any view of one whole pool-sized ArrayBuffer) once its user is done with it. */
   give(b: Uint8Array): void {
     const ab = b.buffer;
-    if (!(ab instanceof ArrayBuffer) || ab.byteLength !== this.size) return;
+    if (this.opts.shared ? !this.made.has(ab) : !isArrayBuffer(ab) || ab.byteLength !== this.size) return;
     if (this.free.length >= this.keep || this.free.includes(ab)) return;
     this.free.push(ab);
   }
@@ -59,4 +76,11 @@ export class BufferPool {
   get idle(): number {
     return this.free.length;
   }
+}
+
+/** The transfer list of a message holding these views: their unshared memory (shared memory is never moved). */
+export function movable(views: Array<Uint8Array | undefined>): ArrayBuffer[] {
+  const list: ArrayBuffer[] = [];
+  for (const v of views) if (v && isArrayBuffer(v.buffer) && !list.includes(v.buffer)) list.push(v.buffer);
+  return list;
 }

@@ -1,6 +1,7 @@
 /**
  * BufferPool (src/shared/buffer-pool.ts): buffers come back for reuse only once given, never twice to two takers, and
- * a buffer moved to a thread and back (another ArrayBuffer object over the same memory) is taken back too.
+ * a buffer moved to a thread and back (another ArrayBuffer object over the same memory) is taken back too; a shared
+ * pool takes back only the objects it made, each once.
  */
 import { MessageChannel } from 'node:worker_threads';
 import { BufferPool } from '../../src/shared/buffer-pool';
@@ -60,4 +61,32 @@ test('a buffer moved to another thread and back is taken back (same memory, new 
   const again = pool.take();
   expect(pool.allocated).toBe(1);
   expect(again[0]).toBe(7);
+});
+
+test('a shared pool makes shared memory and takes back only its own objects, each once', async () => {
+  const pool = new BufferPool(4096, 8, { shared: true });
+  const a = pool.take();
+  expect(a.buffer).toBeInstanceOf(SharedArrayBuffer);
+  // another thread's view of the same memory is another object: not taken (CodecPool hands back the caller's own)
+  const { port1, port2 } = new MessageChannel();
+  const echoed = new Promise<SharedArrayBuffer>((resolve) =>
+    port2.once('message', (m: SharedArrayBuffer) => resolve(m)),
+  );
+  port1.postMessage(a.buffer);
+  const theirs = await echoed;
+  port1.close();
+  expect(theirs).not.toBe(a.buffer);
+  pool.give(Buffer.from(theirs));
+  pool.give(new Uint8Array(new SharedArrayBuffer(4096)));
+  pool.give(Buffer.allocUnsafeSlow(4096));
+  expect(pool.idle).toBe(0);
+  // its own, given twice (once as a sub-view): kept once, so two takers never share it
+  pool.give(a);
+  pool.give(a.subarray(16));
+  expect(pool.idle).toBe(1);
+  const x = pool.take();
+  const y = pool.take();
+  expect(x.buffer).toBe(a.buffer);
+  expect(y.buffer).not.toBe(a.buffer);
+  expect(pool.allocated).toBe(2);
 });

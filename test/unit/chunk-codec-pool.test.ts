@@ -15,6 +15,7 @@ import {
   maxObjectBytes,
 } from '../../src/repository/chunks';
 import type { OpenRepository } from '../../src/repository/chunks';
+import { BufferPool } from '../../src/shared/buffer-pool';
 import type { StorageTarget } from '../../src/storage/contract';
 import { openTarget } from '../../src/storage/registry';
 
@@ -94,6 +95,42 @@ describe('chunk codec pool', () => {
       /does not fit the buffer given/,
     );
     await expect(pool.encodeInto(repo, 'chunk', id, plain, out.subarray(1))).rejects.toThrow(/whole buffer of its own/);
+  });
+
+  test('buffers over shared memory are lent, not moved: id, encodeInto and decodeInto hand back the very objects given', async () => {
+    const plainPool = new BufferPool(CHUNK, 4, { shared: true });
+    const bodyPool = new BufferPool(maxObjectBytes(repo, 'chunk'), 4, { shared: true });
+    for (const source of [randomBytes(CHUNK), Buffer.alloc(CHUNK, 'compressible ')]) {
+      const mine = plainPool.take();
+      source.copy(mine);
+      const hashed = await pool.id(repo, mine, true);
+      expect(hashed.id).toBe(chunkId(repo, source));
+      expect(hashed.data.buffer).toBe(mine.buffer); // the caller's object, not the thread's view of it
+      expect(mine.length).toBe(CHUNK); // still usable here: nothing was detached
+      const out = bodyPool.take();
+      const r = await pool.encodeInto(repo, 'chunk', hashed.id, hashed.data, out);
+      expect(r.plaintext.buffer).toBe(mine.buffer);
+      expect(r.body.buffer).toBe(out.buffer);
+      expect(decodeObject(repo, 'chunk', hashed.id, r.body).equals(source)).toBe(true);
+      // back into the pools by identity: the next take is the same memory, nothing new is made
+      plainPool.give(r.plaintext);
+      bodyPool.give(r.body);
+      const into = plainPool.take();
+      expect(into.buffer).toBe(mine.buffer);
+      into.fill(0);
+      const back = await pool.decodeInto(repo, 'chunk', hashed.id, Buffer.from(r.body), into, { checkId: false });
+      expect(back.buffer).toBe(into.buffer);
+      expect(back.equals(source)).toBe(true);
+      plainPool.give(back);
+    }
+    expect(plainPool.allocated).toBe(1);
+    expect(bodyPool.allocated).toBe(1);
+    // a shared buffer that is not handed over is copied: the thread never sees the caller's memory
+    const lent = plainPool.take();
+    randomBytes(CHUNK).copy(lent);
+    const copied = await pool.id(repo, lent, false);
+    expect(copied.data.buffer).not.toBe(lent.buffer);
+    expect(copied.data.buffer).toBeInstanceOf(ArrayBuffer);
   });
 
   test('decodeInto writes the plaintext into the buffer given (compressed or not) and hands it back', async () => {

@@ -2,14 +2,18 @@
  * A small pool of worker threads for the chunk codec (SHA-256/HMAC ids, zstd, AES-256-GCM): a backup or restore then
  * uses every core instead of one, while the main thread reads the disk and talks to the target. One pool per process
  * (`codecPool()`), as many threads as cores, started on first use and stopped after a while without work. Buffers
- * are moved to and from the threads, not copied, when the caller hands them over. At most `maxQueued` jobs wait:
+ * are moved to and from the threads, not copied, when the caller hands them over; a buffer over shared memory
+ * (BufferPool's shared pools) is not moved but lent, and the caller gets back views of the very objects it gave
+ * (the reply is rebound to them), so that a pool can know its buffers by identity. At most `maxQueued` jobs wait:
  * `run` waits for room beyond that. A thread that dies rejects the job it ran with one sentence (and the pool
  * starts another for the next job): nothing hangs.
  */
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
+import { isAnyArrayBuffer, isSharedArrayBuffer } from 'node:util/types';
 import { Worker } from 'node:worker_threads';
+import { movable } from '../../shared/buffer-pool';
 import type { ChunkCodec, DecodeOptions, ObjectType } from './codec';
 import type { RepositoryConfig } from './config';
 import { ChunkFormatError } from './errors';
@@ -185,6 +189,10 @@ export class CodecPool {
       this.queue.push({ job, resolve, reject });
       this.dispatch();
     });
+    // shared memory came back as the thread's own objects over it: hand out views of the caller's (reply.data derives
+    // from the job's data, reply.body from its out: the thread checks that; it never makes shared memory of its own)
+    if (reply.data) reply.data = rebind(reply.data, own);
+    if (reply.body && out) reply.body = rebind(reply.body, out);
     if (reply.error) {
       const e = reply.error;
       if (e.kind)
@@ -204,9 +212,7 @@ export class CodecPool {
       this.roomWaiters.shift()?.();
       thread.busy = next;
       thread.worker.ref();
-      const moved = [next.job.data.buffer as ArrayBuffer];
-      if (next.job.out) moved.push(next.job.out.buffer as ArrayBuffer);
-      thread.worker.postMessage(next.job, moved);
+      thread.worker.postMessage(next.job, movable([next.job.data, next.job.out]));
     }
     if (this.queue.length === 0 && this.threads.every((t) => !t.busy)) {
       this.idle = setTimeout(() => void this.close(), IDLE_MS);
@@ -255,9 +261,19 @@ function params(codec: ChunkCodec): CodecParams {
   };
 }
 
-/** A view of the whole of an unshared ArrayBuffer: what can be moved to a thread. */
+/** A view of the whole of its memory: what can be moved to a thread (or, over shared memory, lent). */
 function isWhole(u: Uint8Array): boolean {
-  return u.buffer instanceof ArrayBuffer && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength;
+  return isAnyArrayBuffer(u.buffer) && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength;
+}
+
+/** `view` (from a thread) as a view of `mine` when both are over shared memory of one size: the same memory. */
+function rebind(view: Uint8Array, mine: Uint8Array): Uint8Array {
+  const theirs = view.buffer;
+  const ours = mine.buffer;
+  if (!isSharedArrayBuffer(theirs) || !isSharedArrayBuffer(ours)) return view;
+  if (theirs.byteLength !== ours.byteLength)
+    throw new Error('The chunk codec thread answered with shared memory it was not given.');
+  return new Uint8Array(ours, view.byteOffset, view.byteLength);
 }
 
 function asBuffer(u: Uint8Array): Buffer {

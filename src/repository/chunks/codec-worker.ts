@@ -4,12 +4,14 @@
  * as transfers. A failure goes back as its message (and ChunkFormatError's kind and object id).
  */
 import { createHash } from 'node:crypto';
+import { isArrayBuffer } from 'node:util/types';
 import { parentPort } from 'node:worker_threads';
 import { chunkId, decodeObject, encodeObject } from './codec';
 import type { ChunkCodec } from './codec';
 import { isChunkFormatError } from './errors';
 import { loadZstd } from './zstd';
 import type { Zstd } from './zstd';
+import { movable } from '../../shared/buffer-pool';
 import type { CodecJob, CodecReply } from './codec-pool';
 
 const zstds = new Map<string, Promise<Zstd>>();
@@ -38,7 +40,7 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
       // the data goes back with its id: the caller encodes it next when the repository does not hold it
       return {
         reply: { seq: job.seq, id: chunkId(codec, data), data: job.data },
-        transfer: [job.data.buffer as ArrayBuffer],
+        transfer: movable([job.data]),
       };
     case 'encode': {
       if (job.out) {
@@ -50,7 +52,7 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
         const bodySha256 = job.bodySha256 ? createHash('sha256').update(body).digest('hex') : undefined;
         return {
           reply: { seq: job.seq, data: job.data, body, ...(bodySha256 ? { bodySha256 } : {}) },
-          transfer: [job.data.buffer as ArrayBuffer, job.out.buffer as ArrayBuffer],
+          transfer: movable([job.data, job.out]),
         };
       }
       const { body } = encodeObject(codec, job.type, job.id, data);
@@ -61,7 +63,9 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
         // decodeInto: the plaintext goes into the caller's buffer, which goes back (the body stays here)
         const out = Buffer.from(job.out.buffer, job.out.byteOffset, job.out.byteLength);
         const plain = decodeObject(codec, job.type, job.id, data, { checkId: job.checkId }, out);
-        return { reply: { seq: job.seq, body: plain }, transfer: [job.out.buffer as ArrayBuffer] };
+        if (plain.buffer !== out.buffer)
+          throw new Error(`the ${job.type} ${job.id} was not decoded into the buffer given`);
+        return { reply: { seq: job.seq, body: plain }, transfer: movable([job.out]) };
       }
       const plain = decodeObject(codec, job.type, job.id, data, { checkId: job.checkId });
       return { reply: { seq: job.seq, data: plain }, transfer: whole(plain) };
@@ -69,11 +73,9 @@ async function handle(job: CodecJob): Promise<{ reply: CodecReply; transfer: Arr
   }
 }
 
-/** A buffer that is the whole of its ArrayBuffer can be moved instead of copied. */
+/** A buffer that is the whole of its (unshared) ArrayBuffer can be moved instead of copied. */
 function whole(b: Uint8Array): ArrayBuffer[] {
-  return b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.buffer instanceof ArrayBuffer
-    ? [b.buffer]
-    : [];
+  return b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && isArrayBuffer(b.buffer) ? [b.buffer] : [];
 }
 
 parentPort?.on('message', (job: CodecJob) => {

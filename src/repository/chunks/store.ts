@@ -234,7 +234,7 @@ export class ChunkStore {
    * reused buffer, given back once the target has it; the plaintext comes back for the caller to reuse.
    */
   private async uploadOwned(id: string, plaintext: Buffer): Promise<{ bytes: number; plaintext: Buffer }> {
-    this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2);
+    this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2, { shared: true });
     const encoded = await this.pool.encodeInto(this.repo, 'chunk', id, plaintext, this.bodies.take(), {
       sha256: this.repo.target.capabilities.signsPayloadHash === true,
     });
