@@ -20,11 +20,34 @@
  *   very object it was given (CodecPool rebinds the reply), so a shared pool knows its buffers by identity: `give`
  *   keeps only buffers it made, each once; anything else (a copy, another thread's view) is dropped.
  *
+ * - page-aligned memory (`aligned: true`) for buffers written to files with O_DIRECT (a chunk object on a local
+ *   target, storage/local/tree.ts): the kernel reads them straight from this memory, so they must start on a page.
+ *   Node's own buffers are malloc'd (16 bytes into a page), so an aligned buffer is a WebAssembly.Memory's, which
+ *   starts on a 64 KiB boundary. Each reserves address space (not memory) for its guard regions: only for pools of
+ *   a few buffers.
+ *
  * Ownership: `take()` hands a buffer out; the taker gives it back with `give()` only once nothing (a socket write, a
  * thread, an upload) can still read or write it. A buffer whose use failed is simply dropped (the garbage collector
  * frees it). A buffer given twice is kept once; a detached one (moved to a thread meanwhile) is ignored.
  */
 import { isArrayBuffer } from 'node:util/types';
+
+/** WebAssembly.Memory (not in @types/node): memory that starts on a 64 KiB boundary. */
+interface WasmMemory {
+  readonly buffer: ArrayBufferLike;
+}
+const { Memory } = (
+  globalThis as unknown as {
+    WebAssembly: { Memory: new (d: { initial: number; maximum: number; shared?: boolean }) => WasmMemory };
+  }
+).WebAssembly;
+const WASM_PAGE = 64 * 1024;
+
+/** SIZE bytes (rounded up to 64 KiB) of zeroed memory that starts on a 64 KiB boundary, shared or not. */
+export function alignedArrayBuffer(size: number, shared: boolean): ArrayBufferLike {
+  const pages = Math.max(1, Math.ceil(size / WASM_PAGE));
+  return new Memory({ initial: pages, maximum: pages, shared }).buffer;
+}
 
 export class BufferPool {
   private readonly free: ArrayBufferLike[] = [];
@@ -32,6 +55,8 @@ export class BufferPool {
   private readonly made = new WeakSet<ArrayBufferLike>();
   /** buffers made since the pool was created (tests; diagnostics) */
   allocated = 0;
+  /** each buffer's ArrayBuffer's length: `size`, or more when aligned (whole 64 KiB pages) */
+  private readonly byteLength: number;
 
   /**
    * @param size bytes of each buffer
@@ -40,19 +65,26 @@ export class BufferPool {
   constructor(
     readonly size: number,
     readonly keep = 64,
-    readonly opts: { shared?: boolean } = {},
+    readonly opts: { shared?: boolean; aligned?: boolean } = {},
   ) {
     if (!Number.isSafeInteger(size) || size <= 0)
       throw new RangeError(`A buffer pool needs a positive size, not ${size}.`);
+    this.byteLength = opts.aligned ? Math.max(1, Math.ceil(size / WASM_PAGE)) * WASM_PAGE : size;
   }
 
-  /** A buffer of `length` bytes (the first bytes of a pooled one; its content is whatever was there before). */
-  take(length = this.size): Buffer {
-    if (!Number.isSafeInteger(length) || length < 0 || length > this.size)
+  /**
+   * A buffer of `length` bytes (the first bytes of a pooled one), or without `length` a whole pooled one (`size`
+   * bytes; an aligned one may be up to 64 KiB longer). Its content is whatever was there before.
+   */
+  take(length?: number): Buffer {
+    if (length !== undefined && (!Number.isSafeInteger(length) || length < 0 || length > this.size))
       throw new RangeError(`A buffer of ${length} bytes does not fit this pool's ${this.size}.`);
     let ab = this.free.pop();
     if (!ab) {
-      if (this.opts.shared) {
+      if (this.opts.aligned) {
+        ab = alignedArrayBuffer(this.size, this.opts.shared === true);
+        if (this.opts.shared) this.made.add(ab);
+      } else if (this.opts.shared) {
         ab = new SharedArrayBuffer(this.size);
         this.made.add(ab);
       } else {
@@ -61,13 +93,13 @@ export class BufferPool {
       }
       this.allocated++;
     }
-    return Buffer.from(ab, 0, length);
+    return Buffer.from(ab, 0, length ?? ab.byteLength);
   }
 
   /** Takes back a buffer (any view of one whole pool-sized ArrayBuffer) once its user is done with it. */
   give(b: Uint8Array): void {
     const ab = b.buffer;
-    if (this.opts.shared ? !this.made.has(ab) : !isArrayBuffer(ab) || ab.byteLength !== this.size) return;
+    if (this.opts.shared ? !this.made.has(ab) : !isArrayBuffer(ab) || ab.byteLength !== this.byteLength) return;
     if (this.free.length >= this.keep || this.free.includes(ab)) return;
     this.free.push(ab);
   }

@@ -3,6 +3,7 @@
  * a buffer moved to a thread and back (another ArrayBuffer object over the same memory) is taken back too; a shared
  * pool takes back only the objects it made, each once.
  */
+import { isArrayBuffer, isSharedArrayBuffer } from 'node:util/types';
 import { MessageChannel } from 'node:worker_threads';
 import { BufferPool } from '../../src/shared/buffer-pool';
 
@@ -89,4 +90,26 @@ test('a shared pool makes shared memory and takes back only its own objects, eac
   expect(x.buffer).toBe(a.buffer);
   expect(y.buffer).not.toBe(a.buffer);
   expect(pool.allocated).toBe(2);
+});
+
+test('an aligned pool makes whole 64 KiB pages (shared or not) and takes them back', () => {
+  const shared = new BufferPool(4 * 1024 * 1024 + 40, 2, { shared: true, aligned: true });
+  const a = shared.take();
+  expect(isSharedArrayBuffer(a.buffer)).toBe(true);
+  // the whole buffer without a length: at least `size`, in whole pages (what CodecPool's encodeInto needs)
+  expect(a.length).toBe(4 * 1024 * 1024 + 64 * 1024);
+  expect(a.buffer.byteLength % (64 * 1024)).toBe(0);
+  expect(shared.take(100)).toHaveLength(100);
+  shared.give(a);
+  expect(shared.take().buffer).toBe(a.buffer);
+  expect(shared.allocated).toBe(2);
+
+  const plain = new BufferPool(100_000, 2, { aligned: true });
+  const b = plain.take();
+  expect(isArrayBuffer(b.buffer)).toBe(true);
+  expect(b.length).toBe(128 * 1024);
+  plain.give(b);
+  plain.give(Buffer.allocUnsafeSlow(100_000)); // not of the pool's memory size
+  expect(plain.idle).toBe(1);
+  expect(plain.take().buffer).toBe(b.buffer);
 });

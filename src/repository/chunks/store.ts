@@ -234,7 +234,11 @@ export class ChunkStore {
    * reused buffer, given back once the target has it; the plaintext comes back for the caller to reuse.
    */
   private async uploadOwned(id: string, plaintext: Buffer): Promise<{ bytes: number; plaintext: Buffer }> {
-    this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2, { shared: true });
+    // on a local path, page-aligned: the local target writes them with O_DIRECT (storage/local/tree.ts)
+    this.bodies ??= new BufferPool(maxObjectBytes(this.repo, 'chunk'), this.concurrency * 2, {
+      shared: true,
+      aligned: this.repo.target.capabilities.localPath !== undefined,
+    });
     const encoded = await this.pool.encodeInto(this.repo, 'chunk', id, plaintext, this.bodies.take(), {
       sha256: this.repo.target.capabilities.signsPayloadHash === true,
     });
