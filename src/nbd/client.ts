@@ -155,9 +155,9 @@ export class NbdClient {
     const server = where(options);
     const exportName = options.exportName ?? '';
     const reader = new SocketReader();
-    // every read lands in this one buffer and is copied out synchronously (reader.feed): no allocation per read
+    // each read lands where the reader says: a waiting READ's own buffer, or its scratch buffer (reader.ts)
     const onread = {
-      buffer: Buffer.allocUnsafe(1 << 20),
+      buffer: () => reader.nextBuffer(),
       callback: (n: number, b: Buffer) => reader.feed(b.subarray(0, n)),
     };
     const socket = await new Promise<Socket>((resolve, reject) => {
