@@ -42,6 +42,15 @@ export interface QemuNbdServer {
 
 const QEMU_NBD = 'qemu-nbd';
 
+/**
+ * glibc's malloc for qemu-nbd: keep the request buffers (up to 32 MiB each) in the heap and the freed heap mapped, so
+ * that each request reuses memory instead of mapping fresh pages. By default a 4 MiB buffer freed at the top of the
+ * heap is returned to the system and the next request faults 1,024 new pages in (measured with `perf` on a 2 GiB pull
+ * into an image tree: page faults, zeroing and unmapping were about a third of qemu-nbd's CPU). What it keeps is about
+ * its requests in flight (a few 4 MiB buffers), for the life of one backup's export.
+ */
+const QEMU_NBD_MALLOC = { MALLOC_MMAP_THRESHOLD_: String(32 << 20), MALLOC_TRIM_THRESHOLD_: String(512 << 20) };
+
 export async function startQemuNbd(image: ImageSpec, opts: QemuNbdOptions): Promise<QemuNbdServer> {
   const dir = await mkdtemp(join(opts.runDir ?? tmpdir(), 'vmbackup-nbd-')); // mkdtemp makes it 0700
   const socketPath = join(dir, 'nbd.sock');
@@ -62,12 +71,10 @@ export async function startQemuNbd(image: ImageSpec, opts: QemuNbdOptions): Prom
   // It dies with the worker: a qemu-nbd left behind by a worker killed mid-write would keep the image's write lock
   // (the retried step could not reopen it) and, closed later, write its stale qcow2 metadata cache over the image.
   const deathSig = await parentDeathSignal();
+  const env = toolEnv(QEMU_NBD_MALLOC);
   const child = deathSig
-    ? spawn(deathSig, ['--pdeathsig', 'KILL', '--', QEMU_NBD, ...args], {
-        env: toolEnv(),
-        stdio: ['ignore', 'ignore', 'pipe'],
-      })
-    : spawn(QEMU_NBD, args, { env: toolEnv(), stdio: ['ignore', 'ignore', 'pipe'] });
+    ? spawn(deathSig, ['--pdeathsig', 'KILL', '--', QEMU_NBD, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] })
+    : spawn(QEMU_NBD, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (s: string) => {

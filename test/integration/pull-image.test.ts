@@ -386,6 +386,38 @@ describe('writePulledImage into a local image tree', () => {
     expect((await readFile(log, 'utf8')).trim().split('\n')).toHaveLength(1);
   });
 
+  test("qemu-nbd runs with glibc's malloc keeping its request buffers (no fresh pages per 4 MiB write)", async () => {
+    const shim = join(dir, 'env-shim');
+    await mkdir(shim, { recursive: true });
+    const log = join(shim, 'env.log');
+    const real = (await run('sh', ['-c', 'command -v qemu-nbd'])).stdout.trim();
+    await writeFile(
+      join(shim, 'qemu-nbd'),
+      `#!/bin/sh\nenv | grep '^MALLOC_' | sort >> '${log}'\nexec '${real}' "$@"\n`,
+      { mode: 0o755 },
+    );
+    const s = await exportSource();
+    const path = process.env.PATH;
+    process.env.PATH = `${shim}:${path}`;
+    const dest = join(dir, 'env.qcow2');
+    try {
+      await writePulledImage({
+        source: { socketPath: s.socket, exportName: 'vda' },
+        context: 'base:allocation',
+        virtualSize: SIZE,
+        dest,
+      });
+    } finally {
+      process.env.PATH = path;
+      await stopSource();
+    }
+    expect((await readFile(log, 'utf8')).trim().split('\n')).toEqual([
+      `MALLOC_MMAP_THRESHOLD_=${32 * MiB}`,
+      `MALLOC_TRIM_THRESHOLD_=${512 * MiB}`,
+    ]);
+    expect(await compare(source, dest)).toBe('identical');
+  });
+
   test('image trees on nfs:// and s3:// are refused with one sentence; file:// is written in place', () => {
     expect(pullImageTreeSupport({ displayUrl: 'file:///backups', capabilities: { localPath: '/backups' } })).toEqual({
       supported: true,
