@@ -95,6 +95,13 @@ export function register(program: Command): void {
           await metrics?.close();
           throw err;
         });
+        // before the ready line: whoever waits for that line has the warning too (one stream, in order)
+        if (!allowTargets) {
+          // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
+          process.stderr.write(
+            "vmbackup worker: warning: every target is allowed: anyone who can reach this Temporal server can have this host's VMs backed up anywhere; restrict with --allow-target or VMBACKUP_ALLOW_TARGETS\n",
+          );
+        }
         process.stderr.write(
           `vmbackup worker for host ${host} on ${address} (task queue ${hostTaskQueue(host)}; ` +
             `${slots} backup slot(s) on ${hostSlotTaskQueue(host)}` +
@@ -104,12 +111,6 @@ export function register(program: Command): void {
         if (metrics) {
           metrics.attach(hostWorker.client);
           process.stderr.write(`metrics on http://${metrics.address}/metrics\n`);
-        }
-        if (!allowTargets) {
-          // Anyone who can start a workflow on that Temporal chooses where this root worker sends a VM's disks.
-          process.stderr.write(
-            "vmbackup worker: warning: every target is allowed: anyone who can reach this Temporal server can have this host's VMs backed up anywhere; restrict with --allow-target or VMBACKUP_ALLOW_TARGETS\n",
-          );
         }
         const running = hostWorker.run();
         if (flags.recover) {
