@@ -31,6 +31,8 @@ export interface Hold {
   held(): number;
   /** forwards every waiting request and holds no more */
   release(): void;
+  /** forwards the request that has waited longest and keeps holding the others; false when none waits */
+  releaseOldest(): boolean;
 }
 
 export interface S3FaultProxy {
@@ -113,6 +115,11 @@ export async function startS3FaultProxy(upstream: string): Promise<S3FaultProxy>
         release: () => {
           h.on = false;
           for (const go of h.waiting.splice(0)) go();
+        },
+        releaseOldest: () => {
+          const go = h.waiting.shift();
+          go?.();
+          return go !== undefined;
         },
       };
     },
