@@ -85,6 +85,30 @@ async function stopSource(): Promise<void> {
   server = undefined;
 }
 
+/**
+ * writePulledImage of the source's export into `dest` with `script` as the first `qemu-nbd` on PATH (a shim in
+ * `<dir>/<name>/`, which may log there and run the real one), PATH restored and the source stopped after.
+ */
+async function pullThroughShim(name: string, script: string, dest: string): Promise<PulledImage> {
+  const shim = join(dir, name);
+  await mkdir(shim, { recursive: true });
+  await writeFile(join(shim, 'qemu-nbd'), script, { mode: 0o755 });
+  const s = await exportSource();
+  const path = process.env.PATH;
+  process.env.PATH = `${shim}:${path}`;
+  try {
+    return await writePulledImage({
+      source: { socketPath: s.socket, exportName: 'vda' },
+      context: 'base:allocation',
+      virtualSize: SIZE,
+      dest,
+    });
+  } finally {
+    process.env.PATH = path;
+    await stopSource();
+  }
+}
+
 beforeAll(async () => {
   for (const tool of ['qemu-img', 'qemu-nbd', 'qemu-io']) {
     await run('sh', ['-c', `command -v ${tool}`]).catch(() => {
@@ -313,12 +337,11 @@ describe('writePulledImage into a local image tree', () => {
     // No file system on this host refuses O_DIRECT (tmpfs and FUSE take it on Linux 6.6+), so a qemu-nbd first on
     // PATH answers --cache=none as qemu-nbd does on such a file system (EINVAL from open) and runs the real one
     // otherwise; every call is logged.
-    const shim = join(dir, 'odirect-shim');
-    await mkdir(shim, { recursive: true });
     const real = (await run('sh', ['-c', 'command -v qemu-nbd'])).stdout.trim();
-    const log = join(shim, 'calls.log');
-    await writeFile(
-      join(shim, 'qemu-nbd'),
+    const log = join(dir, 'odirect-shim', 'calls.log');
+    const dest = join(dir, 'odirect.qcow2');
+    const pulled = await pullThroughShim(
+      'odirect-shim',
       [
         '#!/bin/sh',
         `echo "$*" >> '${log}'`,
@@ -332,24 +355,8 @@ describe('writePulledImage into a local image tree', () => {
         `exec '${real}' "$@"`,
         '',
       ].join('\n'),
-      { mode: 0o755 },
+      dest,
     );
-    const dest = join(dir, 'odirect.qcow2');
-    const s = await exportSource();
-    const path = process.env.PATH;
-    process.env.PATH = `${shim}:${path}`;
-    let pulled: PulledImage;
-    try {
-      pulled = await writePulledImage({
-        source: { socketPath: s.socket, exportName: 'vda' },
-        context: 'base:allocation',
-        virtualSize: SIZE,
-        dest,
-      });
-    } finally {
-      process.env.PATH = path;
-      await stopSource();
-    }
     const calls = (await readFile(log, 'utf8')).trim().split('\n');
     expect(calls).toHaveLength(2);
     expect(calls[0]).toContain('--cache=none');
@@ -359,58 +366,26 @@ describe('writePulledImage into a local image tree', () => {
   });
 
   test('any other failure to open the image is not retried with the page cache', async () => {
-    const shim = join(dir, 'eacces-shim');
-    await mkdir(shim, { recursive: true });
-    const log = join(shim, 'calls.log');
-    await writeFile(
-      join(shim, 'qemu-nbd'),
-      `#!/bin/sh\necho "$*" >> '${log}'\necho "qemu-nbd: Failed to blk_new_open: Could not open: Permission denied" >&2\nexit 1\n`,
-      { mode: 0o755 },
-    );
-    const s = await exportSource();
-    const path = process.env.PATH;
-    process.env.PATH = `${shim}:${path}`;
-    try {
-      await expect(
-        writePulledImage({
-          source: { socketPath: s.socket, exportName: 'vda' },
-          context: 'base:allocation',
-          virtualSize: SIZE,
-          dest: join(dir, 'eacces.qcow2'),
-        }),
-      ).rejects.toThrow(/Permission denied/);
-    } finally {
-      process.env.PATH = path;
-      await stopSource();
-    }
+    const log = join(dir, 'eacces-shim', 'calls.log');
+    await expect(
+      pullThroughShim(
+        'eacces-shim',
+        `#!/bin/sh\necho "$*" >> '${log}'\necho "qemu-nbd: Failed to blk_new_open: Could not open: Permission denied" >&2\nexit 1\n`,
+        join(dir, 'eacces.qcow2'),
+      ),
+    ).rejects.toThrow(/Permission denied/);
     expect((await readFile(log, 'utf8')).trim().split('\n')).toHaveLength(1);
   });
 
   test("qemu-nbd runs with glibc's malloc keeping its request buffers (no fresh pages per 4 MiB write)", async () => {
-    const shim = join(dir, 'env-shim');
-    await mkdir(shim, { recursive: true });
-    const log = join(shim, 'env.log');
+    const log = join(dir, 'env-shim', 'env.log');
     const real = (await run('sh', ['-c', 'command -v qemu-nbd'])).stdout.trim();
-    await writeFile(
-      join(shim, 'qemu-nbd'),
-      `#!/bin/sh\nenv | grep '^MALLOC_' | sort >> '${log}'\nexec '${real}' "$@"\n`,
-      { mode: 0o755 },
-    );
-    const s = await exportSource();
-    const path = process.env.PATH;
-    process.env.PATH = `${shim}:${path}`;
     const dest = join(dir, 'env.qcow2');
-    try {
-      await writePulledImage({
-        source: { socketPath: s.socket, exportName: 'vda' },
-        context: 'base:allocation',
-        virtualSize: SIZE,
-        dest,
-      });
-    } finally {
-      process.env.PATH = path;
-      await stopSource();
-    }
+    await pullThroughShim(
+      'env-shim',
+      `#!/bin/sh\nenv | grep '^MALLOC_' | sort >> '${log}'\nexec '${real}' "$@"\n`,
+      dest,
+    );
     expect((await readFile(log, 'utf8')).trim().split('\n')).toEqual([
       `MALLOC_MMAP_THRESHOLD_=${32 * MiB}`,
       `MALLOC_TRIM_THRESHOLD_=${512 * MiB}`,
